@@ -1,0 +1,36 @@
+"""lowbit: a quantizing compiler and runtime for transformer language models.
+
+    import lowbit
+    lowbit.compile("demo", recipe="rtn-w4g64", out="out/smollm2-w4")
+    engine = lowbit.load("out/smollm2-w4")
+    print(engine.generate("The capital of France is", max_new_tokens=16))
+"""
+
+__version__ = "0.1.0"
+
+from lowbit.errors import LowbitError  # noqa: E402
+
+
+def compile(model: str, recipe="rtn-w4g128", out=None, target: str = "torch", force: bool = False, quiet: bool = False):
+    """Compile a model folder (or 'demo') with a recipe (name, .toml path or Recipe) into an artifact folder."""
+    from lowbit.compiler.pipeline import compile_model
+
+    return compile_model(model, recipe=recipe, target=target, out=out, force=force, quiet=quiet)
+
+
+def load(path, backend: str = "auto", **kw):
+    """Load an artifact folder; returns a runtime Engine (forward, generate, embed)."""
+    from lowbit.runtime.engine import Engine
+
+    return Engine.load(path, backend=backend, **kw)
+
+
+def __getattr__(name):
+    if name == "Recipe":
+        from lowbit.compiler.recipe import Recipe
+
+        return Recipe
+    raise AttributeError(name)
+
+
+__all__ = ["compile", "load", "Recipe", "LowbitError", "__version__"]

@@ -1,0 +1,148 @@
+"""The ``lowbit`` command: compile | run | eval | inspect | recipes | assets.
+
+User errors (LowbitError) print one line on stderr and exit 2 with no traceback; progress goes to
+stderr so ``--json`` output on stdout can be piped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_compile(a) -> int:
+    from lowbit.compiler.pipeline import compile_model
+
+    out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet)
+    print(out)
+    return 0
+
+
+def _cmd_run(a) -> int:
+    from lowbit.runtime.engine import Engine
+
+    eng = Engine.load(a.artifact, backend=a.backend)
+    texts = eng.generate(a.prompt, max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
+                         top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    for prompt, text in zip(a.prompt, texts):
+        if a.json:
+            print(json.dumps({"prompt": prompt, "completion": text}))
+        else:
+            print(f"{prompt}{text}")
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from lowbit.eval import evaluate_perplexity
+
+    result = evaluate_perplexity(a.target, a.text, seq_len=a.seq_len, max_windows=a.max_windows,
+                                 batch_size=a.batch_size, show_progress=not a.quiet)
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens in {result['windows']} windows "
+              f"of {result['seq_len']}")
+    return 0
+
+
+def _cmd_inspect(a) -> int:
+    from lowbit.runtime.inspect_artifact import describe
+
+    print(describe(a.artifact, as_json=a.json))
+    return 0
+
+
+def _cmd_recipes(a) -> int:
+    from lowbit.compiler.recipe import BUILTIN
+
+    for name, r in BUILTIN.items():
+        what = "float, no quantization" if r.method == "fp" else (
+            f"{r.method}: {r.bits}-bit, " + ("per-channel" if r.group_size <= 0 else f"group {r.group_size}")
+            + (", symmetric" if r.sym else ", asymmetric"))
+        print(f"{name:14s} {what}")
+    return 0
+
+
+def _cmd_assets(a) -> int:
+    from lowbit.assets import main_assets
+
+    return main_assets(a.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantizing compiler and runtime for transformer LMs.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="quantize a model into an artifact folder")
+    c.add_argument("model", help="local transformers model folder, or 'demo'")
+    c.add_argument("--recipe", "-r", default="rtn-w4g128", help="built-in recipe name or .toml file (see 'lowbit recipes')")
+    c.add_argument("--target", "-t", default="torch", help="what to emit: torch (default)")
+    c.add_argument("--output", "-o", required=True, help="artifact folder to create")
+    c.add_argument("--force", action="store_true", help="replace an existing output folder")
+    c.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    c.set_defaults(fn=_cmd_compile)
+
+    r = sub.add_parser("run", help="generate text with an artifact")
+    r.add_argument("artifact")
+    r.add_argument("--prompt", "-p", action="append", required=True, help="prompt text; repeat for a batch")
+    r.add_argument("--max-new-tokens", "-n", type=int, default=32)
+    r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--backend", default="auto", help="auto | torch")
+    r.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    r.set_defaults(fn=_cmd_run)
+
+    e = sub.add_parser("eval", help="perplexity of an artifact or a model folder on a text")
+    e.add_argument("target", help="artifact folder, model folder, or 'demo' (the float demo model)")
+    e.add_argument("--text", default="demo", help="UTF-8 text file, or 'demo' (eval.txt); default demo")
+    e.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
+    e.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--json", action="store_true", help="print {ppl, tokens, windows, ...} as JSON")
+    e.add_argument("--quiet", "-q", action="store_true")
+    e.set_defaults(fn=_cmd_eval)
+
+    i = sub.add_parser("inspect", help="describe an artifact: recipe, layers, sizes, hashes")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_inspect)
+
+    rc = sub.add_parser("recipes", help="list the built-in recipes")
+    rc.set_defaults(fn=_cmd_recipes)
+
+    s = sub.add_parser("assets", help="fetch and convert the demo model, encoder and text (cached)")
+    s.add_argument("--json", action="store_true", help='print {"model", "encoder", "calib", "eval"} paths')
+    s.set_defaults(fn=_cmd_assets)
+    return p
+
+
+def main(argv=None) -> int:
+    from lowbit.errors import LowbitError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from lowbit import __version__
+
+        print(__version__)
+        return 0
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.fn(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Recipes: what to quantize and how, by built-in name or TOML file.
+
+A recipe is a method (``fp``, ``rtn``), default weight settings (bits, group size, symmetric), and
+per-layer overrides matched by module-name glob (``*.mlp.down_proj``), first match wins. ``lm_head`` stays
+float unless ``quantize_lm_head = true``. Example TOML::
+
+    name = "my-w4"
+    method = "rtn"
+    bits = 4
+    group_size = 64          # <= 0: per output channel
+    sym = false
+    quantize_lm_head = false
+
+    [[overrides]]
+    pattern = "*.mlp.down_proj"
+    bits = 8
+
+    [[overrides]]
+    pattern = "model.layers.0.*"
+    skip = true              # keep these float
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+from lowbit.errors import LowbitError
+from lowbit.passes.quantize import MAX_BITS, MIN_BITS, QuantSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+METHODS = ("fp", "rtn")
+HEAD_NAMES = ("lm_head",)
+
+
+@dataclass
+class Override:
+    pattern: str
+    bits: Optional[int] = None
+    group_size: Optional[int] = None
+    sym: Optional[bool] = None
+    skip: bool = False
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    quantize_lm_head: bool = False
+    overrides: list[Override] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise LowbitError(f"recipe '{self.name}': unknown method '{self.method}'; valid: {', '.join(METHODS)}")
+        for who, bits, group in [("recipe", self.bits, self.group_size)] + [
+                (f"override '{o.pattern}'", o.bits, o.group_size) for o in self.overrides]:
+            if bits is not None and not (MIN_BITS <= bits <= MAX_BITS):
+                raise LowbitError(f"{who} in '{self.name}': bits={bits} is out of range; valid: {MIN_BITS}..{MAX_BITS}")
+            if group is not None and group > 0 and group < 8:
+                raise LowbitError(f"{who} in '{self.name}': group_size={group} is too small; use >= 8, "
+                                  "or <= 0 for per-channel")
+
+    @property
+    def quantizes(self) -> bool:
+        return self.method != "fp"
+
+    def spec_for(self, layer: str) -> Optional[QuantSpec]:
+        """The QuantSpec for a layer name, or None when it stays float."""
+        if not self.quantizes:
+            return None
+        if layer in HEAD_NAMES and not self.quantize_lm_head:
+            return None
+        spec = QuantSpec(self.bits, self.group_size, self.sym)
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(layer, o.pattern):
+                if o.skip:
+                    return None
+                return replace(spec, **{k: v for k, v in (("bits", o.bits), ("group_size", o.group_size),
+                                                          ("sym", o.sym)) if v is not None})
+        return spec
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _builtin() -> dict[str, Recipe]:
+    r = {"fp": Recipe("fp", method="fp")}
+    for bits, group in [(8, 0), (8, 128), (4, 128), (4, 64), (4, 32), (3, 128), (3, 64), (2, 64)]:
+        name = f"rtn-w{bits}" + (f"g{group}" if group else "")
+        r[name] = Recipe(name, "rtn", bits, group)
+    return r
+
+
+BUILTIN = _builtin()
+_FIELDS = {f for f in Recipe.__dataclass_fields__}
+_OVERRIDE_FIELDS = {f for f in Override.__dataclass_fields__}
+_TYPES = {"name": str, "method": str, "bits": int, "group_size": int, "sym": bool, "quantize_lm_head": bool,
+          "pattern": str, "skip": bool}
+
+
+def _check_types(where: str, table: dict):
+    for key, value in table.items():
+        want = _TYPES.get(key)
+        if want is not None and (type(value) is not want):
+            raise LowbitError(f"{where}: field '{key}' must be {want.__name__}, got {value!r}")
+
+
+def from_toml(path: Path) -> Recipe:
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise LowbitError(f"malformed recipe file '{path}': {e}") from None
+    except OSError as e:
+        raise LowbitError(f"cannot read recipe file '{path}': {e.strerror}") from None
+    unknown = set(data) - _FIELDS
+    if unknown:
+        raise LowbitError(f"recipe file '{path}': unknown field(s) {', '.join(sorted(unknown))}; valid: "
+                          f"{', '.join(sorted(_FIELDS))}")
+    _check_types(f"recipe file '{path}'", {k: v for k, v in data.items() if k != "overrides"})
+    overrides = []
+    raw_overrides = data.pop("overrides", [])
+    if not isinstance(raw_overrides, list):
+        raise LowbitError(f"recipe file '{path}': 'overrides' must be an array of tables ([[overrides]])")
+    for i, o in enumerate(raw_overrides):
+        bad = set(o) - _OVERRIDE_FIELDS
+        if bad or "pattern" not in o:
+            raise LowbitError(f"recipe file '{path}': override #{i + 1} needs 'pattern' and only fields "
+                              f"{', '.join(sorted(_OVERRIDE_FIELDS))} (got {', '.join(sorted(o))})")
+        _check_types(f"recipe file '{path}', override #{i + 1}", o)
+        overrides.append(Override(**o))
+    data.setdefault("name", path.stem)
+    return Recipe(**data, overrides=overrides)
+
+
+def load_recipe(arg) -> Recipe:
+    """A Recipe from a Recipe, a built-in name or a path to a .toml file."""
+    if isinstance(arg, Recipe):
+        return arg
+    if arg in BUILTIN:
+        return replace(BUILTIN[arg], overrides=[])
+    path = Path(arg)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise LowbitError(f"recipe file '{arg}' does not exist")
+        return from_toml(path)
+    raise LowbitError(f"unknown recipe '{arg}'; built-in recipes: {', '.join(BUILTIN)} (or a path to a .toml file)")

@@ -1,0 +1,105 @@
+"""Evaluation: perplexity over non-overlapping windows; sentence-embedding helpers for encoders.
+
+Perplexity protocol (kept simple so anyone can reproduce it with plain transformers): tokenize the whole
+text once without special tokens, cut it into consecutive non-overlapping windows of ``seq_len`` tokens
+(the tail shorter than a window is dropped), score every window independently, predict tokens 2..seq_len
+of each window, and report exp(mean negative log-likelihood) over all predicted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.compiler.progress import progress_bar
+from lowbit.errors import LowbitError
+
+
+def read_text(arg: str, which: str = "eval") -> str:
+    """Text from a file, or the demo split ('demo' -> eval.txt / calib.txt)."""
+    if arg == "demo":
+        from lowbit.assets import ensure_assets
+
+        arg = ensure_assets()[which]
+    path = Path(arg)
+    if not path.is_file():
+        raise LowbitError(f"text file '{arg}' does not exist; pass a UTF-8 text file or 'demo'")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LowbitError(f"text file '{arg}' is not UTF-8 text") from None
+
+
+def windows(tokenizer, text: str, seq_len: int, max_windows: Optional[int] = None) -> torch.Tensor:
+    """[W, seq_len] token windows; a clear error when the text is too short for one."""
+    if seq_len < 2:
+        raise LowbitError(f"--seq-len must be at least 2, got {seq_len}")
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0] if text.strip() else torch.empty(0, dtype=torch.long)
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise LowbitError(f"text has {ids.numel()} tokens, too short for one window of --seq-len {seq_len}; "
+                          "give a longer text or a smaller --seq-len")
+    if max_windows is not None and max_windows > 0:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.inference_mode()
+def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], wins: torch.Tensor, batch_size: int = 1,
+               show_progress: bool = True) -> dict:
+    """{'ppl', 'tokens', 'windows', 'nll'} for ``logits_fn(ids [B, T]) -> logits [B, T, V]``."""
+    nll, count = 0.0, 0
+    for i in progress_bar(range(0, wins.shape[0], batch_size), desc="ppl", disable=not show_progress):
+        batch = wins[i:i + batch_size]
+        logits = logits_fn(batch).float()
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                               reduction="sum")
+        nll += float(loss)
+        count += batch[:, 1:].numel()
+    return {"ppl": math.exp(nll / count), "tokens": count, "windows": int(wins.shape[0]), "nll": nll / count}
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def scorer(target: str):
+    """(logits_fn, tokenizer, max_positions, label) for an artifact folder or a model folder / 'demo'."""
+    from lowbit.compiler.artifact import is_artifact
+
+    if target != "demo" and is_artifact(target):
+        from lowbit.runtime.engine import Engine
+
+        eng = Engine.load(target)
+        if eng.task != "causal-lm":
+            raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder")
+        if eng.tokenizer is None:
+            raise LowbitError(f"artifact '{target}' has no tokenizer; cannot tokenize text")
+        mp = getattr(eng.config, "max_position_embeddings", None) or getattr(eng.config, "n_positions", None)
+        return (lambda ids: eng.forward(ids)), eng.tokenizer, mp, f"artifact {target}"
+    from lowbit.compiler.frontend import load_model
+
+    loaded = load_model(target)
+    if loaded.task != "causal-lm":
+        raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder")
+    if loaded.tokenizer is None:
+        raise LowbitError(f"model folder '{target}' has no tokenizer; cannot tokenize text")
+    model = loaded.model
+    return (lambda ids: model(input_ids=ids, use_cache=False).logits), loaded.tokenizer, loaded.max_positions, \
+        f"model {target}"
+
+
+def evaluate_perplexity(target: str, text: str, seq_len: int = 512, max_windows: Optional[int] = None,
+                        batch_size: int = 1, show_progress: bool = True) -> dict:
+    fn, tok, max_pos, _ = scorer(target)
+    if max_pos and seq_len > max_pos:
+        raise LowbitError(f"--seq-len {seq_len} is longer than the model's context of {max_pos} tokens")
+    wins = windows(tok, read_text(text), seq_len, max_windows)
+    result = perplexity(fn, wins, batch_size, show_progress)
+    result["seq_len"] = seq_len
+    return result

@@ -1,0 +1,185 @@
+"""Shared quantization math: the single source of truth for lowbit's weight formats.
+
+Every pass (RTN, GPTQ, ZeroQuant) produces the same thing: integer codes, per-group scales and per-group
+integer zero points for a weight in [out_features N, in_features K] orientation. Every kernel (CPU
+reference, Triton, ONNX translation) reads the same thing. Keeping the math in one module is what makes
+"quantize here, dequantize there" bit-exact.
+
+Conventions
+-----------
+- Groups run along K: group j covers columns [j*g, min((j+1)*g, K)); the last group may be ragged
+  (SmolLM2 has K=576, so g=128 leaves a group of 64). g = K (``group_size <= 0`` in recipes) is
+  per-channel.
+- Codes are unsigned, ``q in [0, 2^bits - 1]``; ``w ~= (q - z) * s``.
+- Asymmetric: the range [min(w,0), max(w,0)] maps onto [0, 2^bits-1]; z is an integer in that range.
+- Symmetric: z = 2^(bits-1) fixed and s = max|w| / (2^(bits-1) - 1), so +-max|w| land exactly on
+  codes z +- (2^(bits-1)-1); this is the signed [-2^(b-1), 2^(b-1)-1] grid TensorRT/ONNX use, shifted.
+- Scales are stored in float16 (the format GPU kernels and the GPTQ checkpoint read); codes are
+  computed *against the float16-rounded scale* so that stored codes + stored scales reproduce the
+  dequantized weight the pass measured.
+- Packed codes: a little-endian bitstream per output row, uint8 [N, ceil(K*bits/8)]. For 4 bits this is
+  two codes per byte, low nibble first; for 8 bits it is the codes themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SCALE_DTYPE = torch.float16
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one weight is quantized. ``group_size <= 0`` means per output channel (one group = K)."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+
+    def __post_init__(self):
+        if not (MIN_BITS <= self.bits <= MAX_BITS):
+            raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
+
+    @property
+    def maxq(self) -> int:
+        return (1 << self.bits) - 1
+
+    def group(self, k: int) -> int:
+        """The effective group size for a weight with ``k`` input columns."""
+        return k if self.group_size <= 0 or self.group_size >= k else self.group_size
+
+    def describe(self) -> str:
+        g = "ch" if self.group_size <= 0 else f"g{self.group_size}"
+        return f"w{self.bits}{g}{'-sym' if self.sym else ''}"
+
+
+def num_groups(k: int, group: int) -> int:
+    return math.ceil(k / group)
+
+
+def expand_groups(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """[N, G] per-group values -> [N, K] per-column values (handles the ragged last group)."""
+    return t.repeat_interleave(group, dim=1)[:, :k]
+
+
+def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (float16 [N, G]) and integer zero points (uint8 [N, G]) for weight w [N, K], by min/max."""
+    n, k = w.shape
+    g = spec.group(k)
+    ng = num_groups(k, g)
+    pad = ng * g - k
+    wf = w.detach().float()
+    if pad:
+        # Pad the ragged group with its own first column so padding never widens the range.
+        wf = torch.cat([wf, wf[:, (ng - 1) * g:][:, :1].expand(n, pad)], dim=1)
+    wg = wf.view(n, ng, g)
+    return qparams_from_range(wg.amin(dim=2), wg.amax(dim=2), spec)
+
+
+def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec):
+    """Scale and zero from per-group min/max (any shape); shared by RTN and the GPTQ group scan."""
+    maxq = spec.maxq
+    if spec.sym:
+        half = 1 << (spec.bits - 1)
+        amax = torch.maximum(wmin.abs(), wmax.abs())
+        scale = amax / (half - 1)
+        scale = _safe_scale(scale)
+        zero = torch.full_like(scale, float(half))
+    else:
+        lo = torch.clamp(wmin, max=0.0)
+        hi = torch.clamp(wmax, min=0.0)
+        scale = _safe_scale((hi - lo) / maxq)
+        zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    return scale.to(SCALE_DTYPE), zero.to(torch.uint8)
+
+
+def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
+    # An all-zero group has range 0; any positive scale represents it exactly (code == zero). Round to
+    # float16 here, clamped to its normal range, so codes are computed against the stored scale.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.clamp(min=2.0**-14, max=65504.0).to(SCALE_DTYPE).float()
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes uint8 [N, K] for w [N, K] against per-group scale/zero [N, G]."""
+    k = w.shape[1]
+    g = spec.group(k)
+    s = expand_groups(scale.float(), k, g)
+    z = expand_groups(zero.float(), k, g)
+    q = torch.clamp(torch.round(w.detach().float() / s) + z, 0, spec.maxq)
+    return q.to(torch.uint8)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q - z) * s over groups of ``group`` columns -> [N, K] in ``dtype``."""
+    k = q.shape[1]
+    s = expand_groups(scale.to(dtype), k, group)
+    z = expand_groups(zero.to(dtype), k, group)
+    return (q.to(dtype) - z) * s
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec):
+    """Round-to-nearest quantization of w [N, K]: returns (codes uint8 [N,K], scale f16 [N,G], zero u8 [N,G])."""
+    scale, zero = compute_qparams(w, spec)
+    return quantize_codes(w, scale, zero, spec), scale, zero
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize then dequantize (the float weight the quantized layer effectively uses)."""
+    q, s, z = quantize_weight(w, spec)
+    return dequantize_codes(q, s, z, spec.group(w.shape[1]), dtype=w.dtype)
+
+
+def packed_cols(k: int, bits: int) -> int:
+    return math.ceil(k * bits / 8)
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [N, K] -> little-endian bitstream per row, uint8 [N, ceil(K*bits/8)]."""
+    n, k = q.shape
+    q = q.to(torch.uint8)
+    if bits == 8:
+        return q.contiguous()
+    if 8 % bits == 0:
+        per = 8 // bits
+        pad = (-k) % per
+        if pad:
+            q = torch.cat([q, q.new_zeros(n, pad)], dim=1)
+        q = q.view(n, -1, per).to(torch.int32)
+        shifts = torch.arange(per, dtype=torch.int32) * bits
+        return (q << shifts).sum(dim=2).to(torch.uint8)
+    bitplanes = (q.unsqueeze(-1).to(torch.int32) >> torch.arange(bits, dtype=torch.int32)) & 1
+    stream = bitplanes.reshape(n, k * bits)
+    pad = (-stream.shape[1]) % 8
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(n, pad)], dim=1)
+    stream = stream.view(n, -1, 8)
+    return (stream << torch.arange(8, dtype=torch.int32)).sum(dim=2).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of pack_codes: uint8 [N, ceil(K*bits/8)] -> uint8 codes [N, K]."""
+    n = packed.shape[0]
+    if bits == 8:
+        return packed[:, :k]
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
+        q = (packed.unsqueeze(-1) >> shifts) & mask
+        return q.reshape(n, -1)[:, :k]
+    bitsout = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    stream = bitsout.reshape(n, -1)[:, : k * bits].view(n, k, bits).to(torch.int32)
+    weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int32, device=packed.device)
+    return (stream * weights).sum(dim=2).to(torch.uint8)
+
+
+def storage_bytes(n: int, k: int, spec: QuantSpec) -> int:
+    """Bytes of a quantized weight as stored: packed codes + float16 scales + uint8 zeros."""
+    g = spec.group(k)
+    return n * packed_cols(k, spec.bits) + n * num_groups(k, g) * (2 + 1)

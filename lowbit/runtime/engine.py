@@ -1,0 +1,171 @@
+"""Engine: load an artifact and run it (forward, generate with a KV cache, embed for encoders)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from lowbit.compiler import artifact
+from lowbit.errors import LowbitError
+
+BACKENDS = ("auto", "torch")
+
+
+class Engine:
+    """A loaded artifact. ``Engine.load(dir)``; then ``forward``, ``generate`` or ``embed``."""
+
+    def __init__(self, path: Path, manifest: dict, model: torch.nn.Module, tokenizer, backend: str):
+        self.path, self.manifest, self.model, self.tokenizer, self.backend = path, manifest, model, tokenizer, backend
+        self.task = manifest["source"]["task"]
+        self.config = model.config
+
+    @classmethod
+    def load(cls, path, backend: str = "auto", dtype: torch.dtype = torch.float32, verify: bool = True) -> "Engine":
+        from lowbit.runtime.torch_backend import build_model
+
+        path = Path(path)
+        if backend not in BACKENDS:
+            raise LowbitError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+        manifest = artifact.read_manifest(path, verify=verify)
+        target = manifest.get("target")
+        if target != "torch":
+            raise LowbitError(f"artifact '{path}' was compiled for target '{target}', which backend "
+                              f"'{backend}' cannot run; recompile with --target torch")
+        model = build_model(path, dtype=dtype)
+        return cls(path, manifest, model, load_tokenizer(path / "tokenizer"), "torch")
+
+    # ---- forward ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                past_key_values=None, position_ids: Optional[torch.Tensor] = None):
+        """Logits [B, T, V] for a causal LM (hidden states for an encoder); with a cache, returns (logits, cache)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.task == "encoder":
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if past_key_values is None and position_ids is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        # transformers renamed past_key_values -> cache (5.x); pass whichever this version takes.
+        kw = {self._cache_kw: past_key_values}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **kw)
+        cache = getattr(out, "past_key_values", None)
+        return out.logits, cache if cache is not None else getattr(out, "cache", None)
+
+    @property
+    def _cache_kw(self) -> str:
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    __call__ = forward
+
+    # ---- generation ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 32,
+                     do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: Optional[int] = None, stop_at_eos: bool = True) -> torch.Tensor:
+        """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token."""
+        from transformers import DynamicCache
+
+        if self.task != "causal-lm":
+            raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
+        max_pos = int(getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", 0) or 0)
+        if max_pos and input_ids.shape[1] + max_new_tokens > max_pos:
+            raise LowbitError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                              f"model's context of {max_pos} tokens; shorten the prompt or generate fewer tokens")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        eos = _eos_ids(self.config, self.tokenizer)
+        mask = attention_mask.clone()
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        cache = DynamicCache(config=self.config)
+        logits, cache = self.forward(input_ids, mask, cache, positions)
+        out = input_ids
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            nxt = pick_next(logits[:, -1, :].float(), do_sample, temperature, top_k, top_p, gen)
+            if eos and stop_at_eos:
+                nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)
+                done |= torch.isin(nxt, torch.tensor(eos))
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if stop_at_eos and eos and bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+            positions = positions[:, -1:] + 1
+            logits, cache = self.forward(nxt[:, None], mask, cache, positions)
+        return out
+
+    def generate(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 32, **kw) -> Union[str, list[str]]:
+        """Text continuations (only the new text) for one prompt or a batch of prompts."""
+        single = isinstance(prompts, str)
+        batch = [prompts] if single else list(prompts)
+        if self.tokenizer is None:
+            raise LowbitError(f"artifact '{self.path}' has no tokenizer; use generate_ids() with token ids")
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        enc = tok(batch, return_tensors="pt", padding=True)
+        if enc["input_ids"].shape[1] == 0:
+            raise LowbitError("empty prompt; give some text to continue")
+        ids = self.generate_ids(enc["input_ids"], enc["attention_mask"], max_new_tokens, **kw)
+        texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return texts[0] if single else texts
+
+    # ---- encoders --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def embed(self, sentences: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """Mean-pooled sentence embeddings [S, H] (encoders)."""
+        from lowbit.eval import mean_pool
+
+        if self.task != "encoder":
+            raise LowbitError("embed needs an encoder artifact; this one is a causal LM")
+        out = []
+        for i in range(0, len(sentences), batch_size):
+            enc = self.tokenizer(list(sentences[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True)
+            out.append(mean_pool(self.forward(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]))
+        return torch.cat(out)
+
+
+def load_tokenizer(path: Path):
+    if not path.is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _eos_ids(config, tokenizer) -> list[int]:
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+              gen: Optional[torch.Generator]) -> torch.Tensor:
+    """Greedy argmax, or sampling with temperature / top-k / top-p (nucleus)."""
+    if not do_sample or temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p (always keeps the first).
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
+
+
+def load(path, backend: str = "auto", **kw) -> Engine:
+    """``lowbit.load(dir)``: the Engine for an artifact folder."""
+    return Engine.load(path, backend=backend, **kw)

@@ -1,0 +1,41 @@
+"""``lowbit inspect``: what an artifact holds (recipe, per-layer formats, sizes, hashes), without loading it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lowbit.compiler.artifact import read_manifest
+from lowbit.compiler.lower_torch import GRAPH_FILE
+
+
+def _mib(n) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def describe(path, as_json: bool = False) -> str:
+    path = Path(path)
+    m = read_manifest(path, verify=True)        # hashes checked: inspect doubles as an integrity check
+    layers = json.loads((path / GRAPH_FILE).read_text())["layers"] if (path / GRAPH_FILE).is_file() else {}
+    if as_json:
+        return json.dumps({"manifest": m, "layers": layers}, indent=2)
+    r, s, src = m["recipe"], m.get("sizes", {}), m["source"]
+    out = [f"artifact   {path}",
+           f"format     {m['format']} v{m['format_version']}, target {m['target']}",
+           f"source     {src['model_type']} {','.join(src.get('architectures', []))} ({src['task']})",
+           f"           {src['path']}  sha256 {src['sha256'][:16]}...",
+           f"recipe     {r['name']}: method {r['method']}, bits {r['bits']}, group {r['group_size']}, "
+           f"{'sym' if r['sym'] else 'asym'}" + (f", {len(r['overrides'])} overrides" if r.get("overrides") else ""),
+           f"size       matmul weights {_mib(s.get('matmul_bytes_before', 0))} -> {_mib(s.get('matmul_bytes_after', 0))}; "
+           f"model {_mib(s.get('model_bytes_before', 0))} -> weights file {_mib(s.get('weights_file_bytes', 0))}",
+           "timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()),
+           "tools      " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()),
+           f"layers     {len(layers)} quantized of {s.get('matmul_layers', '?')} matmuls"]
+    for name, l in layers.items():
+        group = "ch" if l["group_size"] >= l["in_features"] else l["group_size"]
+        out.append(f"  {name:48s} {l['in_features']:>6d}x{l['out_features']:<6d} w{l['bits']} g{group} "
+                   f"{'sym' if l['sym'] else 'asym'} {l['method']}")
+    out.append("files")
+    for name, digest in m["files"].items():
+        out.append(f"  {name:40s} {(path / name).stat().st_size:>12d} B  sha256 {digest[:16]}...")
+    return "\n".join(out)

@@ -1,0 +1,81 @@
+"""Torch backend: rebuild the transformers model from an artifact, quantized layers as lowbit ops.
+
+The architecture comes from the artifact's config.json (transformers' own modeling code gives attention,
+KV cache and position handling); every layer in graph.json becomes a ``QuantLinear`` whose forward is
+the layer's ``lowbit::`` op, so the packed weights are what runs, never a float copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lowbit.compiler.frontend import build_empty, quiet_transformers
+from lowbit.compiler.lower_torch import GRAPH_FILE, WEIGHTS_FILE
+from lowbit.errors import LowbitError
+from lowbit.plugins import ops  # noqa: F401  (registers torch.ops.lowbit.*)
+from lowbit.passes.quantize import packed_cols, num_groups
+
+
+class QuantLinear(torch.nn.Module):
+    """``y = x @ W.T + b`` with W held packed (lowbit layout) and applied by ``lowbit::wna16_linear``."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, has_bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        g = num_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.empty(out_features, packed_cols(in_features, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(out_features, g, dtype=torch.float16))
+        self.register_buffer("zeros", torch.empty(out_features, g, dtype=torch.uint8))
+        self.register_buffer("bias", torch.empty(out_features) if has_bias else None)
+
+    def forward(self, x):
+        return torch.ops.lowbit.wna16_linear(x, self.qweight, self.scales, self.zeros, self.bias,
+                                             self.bits, self.group_size, self.in_features)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+
+
+def _swap(model: torch.nn.Module, name: str, module: torch.nn.Module):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def build_model(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoConfig
+
+    quiet_transformers()
+    config = AutoConfig.from_pretrained(path)
+    layers = json.loads((path / GRAPH_FILE).read_text())["layers"]
+    model = build_empty(config, dtype=dtype)
+    for name, spec in layers.items():
+        if spec["op"] != "wna16_linear":
+            raise LowbitError(f"artifact '{path}': layer {name} uses op {spec['op']}, unknown to this lowbit")
+        _swap(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
+                                       spec["group_size"], spec["has_bias"]))
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    # Float weights in the runtime dtype; packed codes/scales/zeros exactly as stored.
+    tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v)
+               for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise LowbitError(f"artifact '{path}': weights file has tensors the model does not: {unexpected[:3]}")
+    shared = _tied_names(model)
+    really_missing = [k for k in missing if k not in shared]
+    if really_missing:
+        raise LowbitError(f"artifact '{path}': weights file lacks {really_missing[:3]}; recompile it")
+    return model.eval()
+
+
+def _tied_names(model) -> set:
+    """Parameter names that share storage with another parameter (restored by tying, not loading)."""
+    by_ptr: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_ptr.setdefault(p.data_ptr(), []).append(name)
+    return {n for names in by_ptr.values() if len(names) > 1 for n in names}
