@@ -96,10 +96,11 @@ def scorer(target: str):
 
 def evaluate_perplexity(target: str, text: str, seq_len: int = 512, max_windows: Optional[int] = None,
                         batch_size: int = 1, show_progress: bool = True) -> dict:
+    text = read_text(text)               # cheap checks first: a missing file fails before a model loads
     fn, tok, max_pos, _ = scorer(target)
     if max_pos and seq_len > max_pos:
         raise LowbitError(f"--seq-len {seq_len} is longer than the model's context of {max_pos} tokens")
-    wins = windows(tok, read_text(text), seq_len, max_windows)
+    wins = windows(tok, text, seq_len, max_windows)
     result = perplexity(fn, wins, batch_size, show_progress)
     result["seq_len"] = seq_len
     return result

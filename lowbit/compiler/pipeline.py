@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from lowbit.compiler import artifact
-from lowbit.compiler.frontend import hash_model_folder, load_model, trace
+from lowbit.compiler.frontend import hash_model_folder, load_model, read_config, resolve_model_path, trace
 from lowbit.compiler.lower_torch import write_torch_target
 from lowbit.compiler.progress import say, timed
 from lowbit.compiler.recipe import load_recipe
@@ -35,10 +35,13 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     out = Path(out)
     recipe = load_recipe(recipe)
     artifact.check_output_dir(out, force)
+    # Validate the model folder before any progress output, so a bad path is one clean error line.
+    model_path = resolve_model_path(model)
+    read_config(model_path)
     timings: dict = {}
     t0 = time.perf_counter()
     with timed(timings, "load", quiet, f"loading {model}"):
-        loaded = load_model(model)
+        loaded = load_model(str(model_path))
         source_hash = hash_model_folder(loaded.path)
     with timed(timings, "trace", quiet, "tracing with torch.export"):
         graph = trace(loaded)

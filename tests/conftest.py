@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random-weight models (Llama, Qwen2, OPT, GPT-2, BERT) saved as local folders.
+
+Each folder carries a small byte-level BPE tokenizer trained here on generated text, so the text paths
+(eval, run, generate) are exercised without downloading anything.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+VOCAB = 320
+ARCHS = ("llama", "qwen2", "opt", "gpt2", "bert")
+CAUSAL = ("llama", "qwen2", "opt", "gpt2")
+WORDS = ("the model reads every weight once per step so four bit weights stream faster than sixteen bit "
+         "ones quantization maps each group of columns onto a small integer grid with one scale and zero "
+         "point perplexity measures how surprised a language model is by real text").split()
+
+
+def sample_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines, line = [], []
+    for _ in range(n_words):
+        line.append(rng.choice(WORDS))
+        if len(line) >= rng.randint(6, 14):
+            lines.append(" ".join(line).capitalize() + ".")
+            line = []
+    return "\n".join(lines) + "\n"
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 2, special_tokens=["<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([sample_text(3000, 0)], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def make_config(arch: str):
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, eos_token_id=0, bos_token_id=0, pad_token_id=1)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **common)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=256, word_embed_proj_dim=64, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "bert":
+        return tf.BertConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=256, pad_token_id=1, vocab_size=VOCAB)
+    raise ValueError(arch)
+
+
+def make_model(arch: str, seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cls = tf.AutoModel if arch == "bert" else tf.AutoModelForCausalLM
+    model = cls.from_config(make_config(arch)).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, tokenizer):
+    """{arch: folder} of saved tiny models with tokenizers."""
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for arch in ARCHS:
+        d = root / arch
+        make_model(arch).save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        out[arch] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "eval.txt"
+    p.write_text(sample_text(4000, 1))
+    return p

@@ -1,0 +1,104 @@
+"""The lowbit command end to end, and every bad input: one line, exit 2, no traceback, nothing left behind."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lowbit.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compile_run_eval_inspect(model_dirs, text_file, tmp_path, capsys):
+    art = tmp_path / "art"
+    code, out, _ = run_cli(capsys, "compile", model_dirs["llama"], "--recipe", "rtn-w4g64", "-o", art, "-q")
+    assert code == 0 and out.strip() == str(art)
+    code, out, _ = run_cli(capsys, "run", art, "--prompt", "the model reads", "-p", "four bit", "-n", "5", "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [d["prompt"] for d in lines] == ["the model reads", "four bit"]
+    code, out, _ = run_cli(capsys, "eval", art, "--text", text_file, "--seq-len", "32", "--max-windows", "3",
+                           "--json", "-q")
+    res = json.loads(out)
+    assert code == 0 and res["windows"] == 3 and res["tokens"] == 3 * 31 and res["ppl"] > 1
+    code, out, _ = run_cli(capsys, "eval", model_dirs["llama"], "--text", text_file, "--seq-len", "32",
+                           "--max-windows", "3", "--json", "-q")
+    assert code == 0 and abs(json.loads(out)["ppl"] / res["ppl"] - 1) < 0.2
+    code, out, _ = run_cli(capsys, "inspect", art)
+    assert code == 0 and "rtn-w4g64" in out and "model.layers.1.mlp.down_proj" in out and "sha256" in out
+    code, out, _ = run_cli(capsys, "inspect", art, "--json")
+    assert code == 0 and json.loads(out)["manifest"]["recipe"]["bits"] == 4
+
+
+def _bad(capsys, tmp_path, *args, needle):
+    before = set(tmp_path.iterdir())
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lowbit: error:") and needle in lines[0], err
+    assert "Traceback" not in err
+    assert set(tmp_path.iterdir()) == before       # no output folder, no temp folder
+
+
+def test_bad_inputs(model_dirs, text_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    _bad(capsys, tmp_path, "compile", tmp_path / "nope", "-o", out, needle="does not exist")
+    notmodel = tmp_path / "notmodel"
+    notmodel.mkdir()
+    (notmodel / "readme.txt").write_text("hi")
+    _bad(capsys, tmp_path, "compile", notmodel, "-o", out, needle="not a transformers model folder")
+    weird = tmp_path / "weird"
+    weird.mkdir()
+    (weird / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
+    _bad(capsys, tmp_path, "compile", weird, "-o", out, needle="unsupported architecture MambaForCausalLM")
+    _bad(capsys, tmp_path, "compile", model_dirs["llama"], "-r", "rtn-w5", "-o", out, needle="unknown recipe")
+    bad_recipe = tmp_path / "bad.toml"
+    bad_recipe.write_text("bits = = 4\n")
+    _bad(capsys, tmp_path, "compile", model_dirs["llama"], "-r", bad_recipe, "-o", out, needle="malformed recipe")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    _bad(capsys, tmp_path, "eval", model_dirs["llama"], "--text", empty, "--seq-len", "64", needle="too short")
+    _bad(capsys, tmp_path, "eval", model_dirs["llama"], "--text", empty, needle="longer than the model's context")
+    short = tmp_path / "short.txt"
+    short.write_text("the model reads every weight")
+    _bad(capsys, tmp_path, "eval", model_dirs["llama"], "--text", short, "--seq-len", "64", needle="too short")
+    _bad(capsys, tmp_path, "eval", model_dirs["llama"], "--text", tmp_path / "none.txt", needle="does not exist")
+    _bad(capsys, tmp_path, "compile", model_dirs["llama"], "-t", "tflite", "-o", out, needle="unknown target")
+
+
+def test_bad_artifacts(model_dirs, tmp_path, capsys):
+    art = tmp_path / "art"
+    assert main(["compile", str(model_dirs["gpt2"]), "-r", "rtn-w8", "-o", str(art), "-q"]) == 0
+    capsys.readouterr()
+    _bad(capsys, tmp_path, "compile", model_dirs["gpt2"], "-o", art, needle="already exists; pass --force")
+    w = art / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    w.write_bytes(bytes(data))
+    _bad(capsys, tmp_path, "run", art, "-p", "hello", needle="weights.safetensors is corrupted")
+    _bad(capsys, tmp_path, "eval", art, "--text", model_dirs["gpt2"] / "config.json", needle="corrupted")
+    m = json.loads((art / "manifest.json").read_text())
+    m["format_version"] = 99
+    (art / "manifest.json").write_text(json.dumps(m))
+    _bad(capsys, tmp_path, "inspect", art, needle="format version 99, newer")
+    _bad(capsys, tmp_path, "run", tmp_path, "-p", "x", needle="not a lowbit artifact")
+
+
+def test_prompt_longer_than_context(model_dirs, tmp_path, capsys):
+    art = tmp_path / "a"
+    assert main(["compile", str(model_dirs["opt"]), "-o", str(art), "-q"]) == 0
+    capsys.readouterr()
+    _bad(capsys, tmp_path, "run", art, "-p", "the model " * 200, "-n", "8", needle="exceeds the model's context")
+
+
+def test_console_script_exit_code(tmp_path):
+    """The real process: exit status 2 and a single stderr line for a user error."""
+    r = subprocess.run([sys.executable, "-m", "lowbit.cli", "compile", str(tmp_path / "missing"), "-o",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,139 @@
+"""End to end on tiny random-weight Llama, Qwen2, OPT, GPT-2 and BERT: trace, RTN, artifact, runtime, generate."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowbit
+from lowbit.compiler.frontend import load_model, trace
+from lowbit.compiler.recipe import Recipe
+from lowbit.passes.rtn import rtn_pass
+
+from conftest import ARCHS, CAUSAL, VOCAB
+
+EXPECTED_SITES = {"llama": 2 * 7 + 1, "qwen2": 2 * 7 + 1, "opt": 2 * 6 + 1, "gpt2": 2 * 4 + 1, "bert": 2 * 6 + 1}
+
+
+def _reference(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None \
+        else out.logits
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(123)
+    ids = torch.randint(2, VOCAB, (3, 17), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0                      # a left-padded row
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_trace_finds_every_matmul_and_block(arch, model_dirs, inputs):
+    loaded = load_model(str(model_dirs[arch]))
+    graph = trace(loaded)
+    assert len(graph.sites) == EXPECTED_SITES[arch]
+    blocks = [b for b in graph.blocks if b]
+    assert len(blocks) == 2
+    for site in graph.sites.values():
+        # Every site names a real module, and the IR weight is that module's [out, in] weight.
+        mod = loaded.model.get_submodule(site.name)
+        w = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight
+        assert torch.equal(graph.weight(site), w.detach())
+    ids, mask = inputs
+    with torch.no_grad():                # dynamic shapes: another batch and length than traced
+        assert torch.allclose(graph(ids, mask), _reference(loaded.model, ids, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rtn8_in_graph_and_runtime_close_to_float(arch, model_dirs, inputs, tmp_path):
+    ids, mask = inputs
+    recipe = Recipe("w8g32", "rtn", bits=8, group_size=32)
+    loaded = load_model(str(model_dirs[arch]))
+    with torch.no_grad():
+        ref = _reference(loaded.model, ids, mask)
+    graph = trace(loaded)
+    rtn_pass(graph, recipe, show_progress=False)
+    assert len(graph.quantized) == EXPECTED_SITES[arch] - (0 if arch == "bert" else 1)   # lm_head float
+    assert not any(n.target == torch.ops.aten.linear.default and n.args[1].op == "get_attr"
+                   and "lm_head" not in n.args[1].target for n in graph.gm.graph.nodes if n.op == "call_function")
+    with torch.no_grad():
+        in_graph = graph(ids, mask)
+    assert 0 < _rel(in_graph, ref) < 1e-2
+
+    out = lowbit.compile(str(model_dirs[arch]), recipe, out=tmp_path / "art", quiet=True)
+    eng = lowbit.load(out)
+    got = eng.forward(ids, mask)
+    assert 0 < _rel(got, ref) < 1e-2
+    # Artifact round trip: the runtime computes exactly what the quantized graph computes.
+    assert torch.allclose(got, in_graph, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rtn4_runs_and_stays_correlated(arch, model_dirs, inputs, tmp_path):
+    ids, mask = inputs
+    out = lowbit.compile(str(model_dirs[arch]), "rtn-w4g64", out=tmp_path / "a4", quiet=True)
+    eng = lowbit.load(out)
+    loaded = load_model(str(model_dirs[arch]))
+    with torch.no_grad():
+        ref = _reference(loaded.model, ids, mask)
+    got = eng.forward(ids, mask)
+    assert torch.isfinite(got).all()
+    err8 = _rel(lowbit.load(lowbit.compile(str(model_dirs[arch]), "rtn-w8", out=tmp_path / "a8", quiet=True))
+                .forward(ids, mask), ref)
+    assert err8 < _rel(got, ref) < 0.5         # 4-bit is worse than 8-bit but still the same function
+    layers = json.loads((out / "graph.json").read_text())["layers"]
+    tensors = load_file(str(out / "weights.safetensors"))
+    for name, spec in layers.items():
+        assert spec["bits"] == 4 and tensors[f"{name}.qweight"].dtype == torch.uint8
+        assert tensors[f"{name}.qweight"].shape == (spec["out_features"], (spec["in_features"] * 4 + 7) // 8)
+        assert f"{name}.weight" not in tensors
+
+
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_generate_with_kv_cache_matches_full_recompute(arch, model_dirs, tmp_path):
+    eng = lowbit.load(lowbit.compile(str(model_dirs[arch]), "rtn-w4g64", out=tmp_path / "a", quiet=True))
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(2, VOCAB, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 1, 0        # left padding in a batch of prompts
+    gen = eng.generate_ids(ids, mask, max_new_tokens=8, stop_at_eos=False)
+    assert gen.shape == (2, 17)
+    seq, m = ids, mask
+    for _ in range(8):                   # no cache: every step recomputes the whole sequence
+        pos = (m.cumsum(-1) - 1).clamp_min(0)
+        logits = eng.model(input_ids=seq, attention_mask=m, position_ids=pos, use_cache=False).logits
+        nxt = logits[:, -1].argmax(-1)
+        seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(nxt[:, None])], 1)
+    assert torch.equal(gen, seq)
+
+
+def test_generate_text_batch_and_sampling(model_dirs, tmp_path):
+    eng = lowbit.load(lowbit.compile(str(model_dirs["llama"]), "rtn-w4g64", out=tmp_path / "a", quiet=True))
+    texts = eng.generate(["the model reads", "four bit weights stream faster than"], max_new_tokens=6)
+    assert isinstance(texts, list) and len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    a = eng.generate("the model", max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, seed=3)
+    b = eng.generate("the model", max_new_tokens=6, do_sample=True, top_k=20, top_p=0.9, seed=3)
+    assert a == b                         # seeded sampling is reproducible
+
+
+def test_lm_head_quantized_when_asked(model_dirs, tmp_path, inputs):
+    r = Recipe("head", "rtn", bits=8, group_size=32, quantize_lm_head=True)
+    out = lowbit.compile(str(model_dirs["llama"]), r, out=tmp_path / "a", quiet=True)   # tied embeddings
+    layers = json.loads((out / "graph.json").read_text())["layers"]
+    assert "lm_head" in layers
+    eng = lowbit.load(out)
+    ids, mask = inputs
+    loaded = load_model(str(model_dirs["llama"]))
+    with torch.no_grad():
+        ref = _reference(loaded.model, ids, mask)
+    assert _rel(eng.forward(ids, mask), ref) < 1e-2
+    # The embedding stays float and exact although lm_head shared its weight.
+    assert torch.equal(eng.model.get_input_embeddings().weight, loaded.model.get_input_embeddings().weight)

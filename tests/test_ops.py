@@ -1,0 +1,53 @@
+"""lowbit:: custom ops: reference kernel against float math, fake kernel under torch.export."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.passes.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight
+
+
+def _layer(n, k, bits, group, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    spec = QuantSpec(bits, group)
+    q, s, z = quantize_weight(w, spec)
+    b = torch.randn(n, generator=g) if bias else None
+    return pack_codes(q, bits), s, z, b, dequantize_codes(q, s, z, spec.group(k)), spec.group(k)
+
+
+@pytest.mark.parametrize("bits,group,k", [(4, 128, 576), (4, 64, 100), (3, 64, 576), (8, 0, 96), (2, 32, 70)])
+def test_wna16_linear_matches_float_reference(bits, group, k):
+    qw, s, z, b, w_ref, g = _layer(48, k, bits, group, seed=bits * 7 + k)
+    x = torch.randn(3, 5, k)
+    y = torch.ops.lowbit.wna16_linear(x, qw, s, z, b, bits, g, k)
+    ref = F.linear(x.double(), w_ref.double(), b.double()).float()
+    assert y.shape == (3, 5, 48)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-4)
+    # The tolerance is tight enough that a neighbouring code in one column fails it.
+    w_bad = w_ref.clone()
+    w_bad[:, 0] += s[:, 0].float()
+    assert not torch.allclose(F.linear(x, w_bad, b), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_wna16_linear_half_precision_input():
+    qw, s, z, b, w_ref, g = _layer(32, 128, 4, 64, seed=3)
+    x = torch.randn(4, 128)
+    y = torch.ops.lowbit.wna16_linear(x.to(torch.bfloat16), qw, s, z, b, 4, g, 128)
+    assert y.dtype == torch.bfloat16
+    ref = F.linear(x.to(torch.bfloat16).float(), w_ref, b)
+    assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_wna16_linear_traces_with_export():
+    qw, s, z, b, w_ref, g = _layer(16, 64, 4, 32, seed=5)
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.lowbit.wna16_linear(x, qw, s, z, b, 4, g, 64)
+
+    ep = torch.export.export(M(), (torch.randn(2, 64),),
+                             dynamic_shapes=({0: torch.export.Dim("b", max=1024)},))
+    assert any("wna16_linear" in str(n.target) for n in ep.graph.nodes)
+    x = torch.randn(7, 64)
+    assert torch.allclose(ep.module()(x), F.linear(x, w_ref, b), atol=1e-4)
