@@ -493,6 +493,7 @@ _SKIP_SECTIONS = {"see also", "references", "external links", "further reading",
                   "works cited", "gallery", "other uses"}
 _HEADING = "\x01"  # marks heading lines between strip_code and line cleaning (levels 1-6: one digit)
 _MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|\{\||\|\}|\||<ref|</ref|<[a-z]+[ />]|&[a-z]+;|&#\d+;|__[A-Z]+__")
+_EMPTY_PARENS = re.compile(r" ?\((?:\s|[,;])*\)")
 _REF_RESIDUE = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S)
 
 
@@ -562,8 +563,16 @@ def _clean_lines(text: str) -> list[str]:
             if skip_below is None and title:
                 lines.append(line[:2] + title)
         elif skip_below is None and _is_prose(line):
-            lines.append(line)
+            lines.append(_tidy(line))
     return _drop_empty_sections(lines)
+
+
+def _tidy(line: str) -> str:
+    """Close the gaps that removed templates (pronunciations, conversions) leave: "Alabama () is", "Greek , i.e."."""
+    line = _EMPTY_PARENS.sub("", line)
+    line = re.sub(r"\(\s*[,;]\s*", "(", line)
+    line = re.sub(r"\s*[,;]\s*\)", ")", line)
+    return re.sub(r" +([,;])", r"\1", line)
 
 
 def _is_prose(line: str) -> bool:

@@ -104,23 +104,31 @@ def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(min=2.0**-14, max=65504.0).to(SCALE_DTYPE).float()
 
 
+def _grouped(t: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group] view, the ragged tail zero-padded (callers slice back to K)."""
+    n, k = t.shape
+    pad = (-k) % group
+    if pad:
+        t = torch.nn.functional.pad(t, (0, pad))
+    return t.view(n, -1, group)
+
+
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer codes uint8 [N, K] for w [N, K] against per-group scale/zero [N, G]."""
-    k = w.shape[1]
+    n, k = w.shape
     g = spec.group(k)
-    s = expand_groups(scale.float(), k, g)
-    z = expand_groups(zero.float(), k, g)
-    q = torch.clamp(torch.round(w.detach().float() / s) + z, 0, spec.maxq)
-    return q.to(torch.uint8)
+    wg = _grouped(w.detach().float(), g)
+    q = torch.round(wg / scale.float().unsqueeze(-1)).add_(zero.float().unsqueeze(-1)).clamp_(0, spec.maxq)
+    return q.view(n, -1)[:, :k].to(torch.uint8)
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(q - z) * s over groups of ``group`` columns -> [N, K] in ``dtype``."""
-    k = q.shape[1]
-    s = expand_groups(scale.to(dtype), k, group)
-    z = expand_groups(zero.to(dtype), k, group)
-    return (q.to(dtype) - z) * s
+    n, k = q.shape
+    qg = _grouped(q.to(dtype), group)
+    w = (qg - zero.to(dtype).unsqueeze(-1)).mul_(scale.to(dtype).unsqueeze(-1))
+    return w.view(n, -1)[:, :k]
 
 
 def quantize_weight(w: torch.Tensor, spec: QuantSpec):
@@ -150,9 +158,10 @@ def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
         pad = (-k) % per
         if pad:
             q = torch.cat([q, q.new_zeros(n, pad)], dim=1)
-        q = q.view(n, -1, per).to(torch.int32)
-        shifts = torch.arange(per, dtype=torch.int32) * bits
-        return (q << shifts).sum(dim=2).to(torch.uint8)
+        out = q[:, 0::per].clone()
+        for i in range(1, per):
+            out |= q[:, i::per] << (i * bits)
+        return out
     bitplanes = (q.unsqueeze(-1).to(torch.int32) >> torch.arange(bits, dtype=torch.int32)) & 1
     stream = bitplanes.reshape(n, k * bits)
     pad = (-stream.shape[1]) % 8

@@ -1,0 +1,29 @@
+# Every target does its own set-up on a fresh machine: a venv, torch pinned to the local CPU build first
+# (an unpinned torch pulls a multi-GB CUDA build), the project, then the demo assets (cached).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.lowbit-installed
+
+.PHONY: setup assets test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+assets: setup
+	$(VENV)/bin/lowbit assets
+
+test: assets
+	$(PY) -m pytest -q tests
+
+demo: assets
+	$(PY) bench/demo.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
