@@ -78,4 +78,5 @@ def size_report(graph: Graph, model, weights_path: Path) -> dict:
             "weights_file_bytes": weights_path.stat().st_size,
             "matmul_bytes_before": matmul_float,
             "matmul_bytes_after": matmul_float - quantized_float + quantized_bytes,
+            "quantized_bytes_before": quantized_float, "quantized_bytes_after": quantized_bytes,
             "quantized_layers": len(graph.quantized), "matmul_layers": len(graph.sites)}

@@ -1,0 +1,66 @@
+"""The real demo model (SmolLM2-135M) and text: perplexity protocol and RTN 4-bit quality.
+
+These need the demo assets (`lowbit assets`, done by `make test`); without them they skip.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.eval import evaluate_perplexity
+
+SEQ, WINDOWS = 512, 4
+
+
+def _assets():
+    from lowbit.assets import lowbit_home
+
+    if not (lowbit_home() / "assets.json").is_file():
+        return None
+    from lowbit.assets import ensure_assets
+
+    paths = ensure_assets(quiet=True)
+    return paths if all(os.path.exists(p) for p in paths.values()) else None
+
+
+ASSETS = _assets()
+pytestmark = pytest.mark.skipif(ASSETS is None, reason="demo assets missing: run 'lowbit assets' (make test does)")
+
+
+@pytest.fixture(scope="module")
+def fp_result():
+    return evaluate_perplexity("demo", "demo", seq_len=SEQ, max_windows=WINDOWS, show_progress=False)
+
+
+def test_fp_perplexity_equals_independent_transformers(fp_result):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ASSETS["model"])
+    model = AutoModelForCausalLM.from_pretrained(ASSETS["model"]).eval()
+    with open(ASSETS["eval"], encoding="utf-8") as f:
+        ids = tok(f.read(), add_special_tokens=False)["input_ids"]
+    losses = []
+    for w in range(WINDOWS):
+        chunk = torch.tensor([ids[w * SEQ:(w + 1) * SEQ]])
+        with torch.no_grad():
+            losses.append(float(model(input_ids=chunk, labels=chunk).loss))
+    ref = math.exp(sum(losses) / len(losses))
+    assert fp_result["windows"] == WINDOWS and fp_result["tokens"] == WINDOWS * (SEQ - 1)
+    assert abs(fp_result["ppl"] / ref - 1) < 0.005
+    assert 5 < ref < 60                     # a real small LM on real English text
+
+
+def test_rtn_w4g64_quality_and_generation(fp_result, tmp_path):
+    art = lowbit.compile("demo", "rtn-w4g64", out=tmp_path / "w4", quiet=True)
+    q = evaluate_perplexity(str(art), "demo", seq_len=SEQ, max_windows=WINDOWS, show_progress=False)
+    ratio = q["ppl"] / fp_result["ppl"]
+    assert 1.0 < ratio < 1.6, ratio         # 4-bit costs a little, never a collapse
+    eng = lowbit.load(art)
+    text = eng.generate("The capital of France is", max_new_tokens=12)
+    assert len(text.split()) >= 2
+    sizes = lowbit.compiler.artifact.read_manifest(art)["sizes"]
+    assert sizes["quantized_bytes_after"] < sizes["quantized_bytes_before"] / 6   # fp32 -> ~4.4 bits
+    assert sizes["matmul_bytes_after"] < sizes["matmul_bytes_before"] / 2         # lm_head stays float
