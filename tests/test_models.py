@@ -137,3 +137,49 @@ def test_lm_head_quantized_when_asked(model_dirs, tmp_path, inputs):
     assert _rel(eng.forward(ids, mask), ref) < 1e-2
     # The embedding stays float and exact although lm_head shared its weight.
     assert torch.equal(eng.model.get_input_embeddings().weight, loaded.model.get_input_embeddings().weight)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_embedding_quantized_when_asked(arch, model_dirs, inputs, tmp_path):
+    r = Recipe("emb", "rtn", bits=8, group_size=32, quantize_embeddings=True)
+    out = lowbit.compile(str(model_dirs[arch]), r, out=tmp_path / "a", quiet=True)
+    layers = json.loads((out / "graph.json").read_text())["layers"]
+    emb_name = {"llama": "model.embed_tokens", "gpt2": "transformer.wte", "bert": "embeddings.word_embeddings"}[arch]
+    assert layers[emb_name]["op"] == "wna16_embedding" and layers[emb_name]["out_features"] == VOCAB
+    tensors = load_file(str(out / "weights.safetensors"))
+    assert f"{emb_name}.weight" not in tensors and f"{emb_name}.qweight" in tensors
+    ids, mask = inputs
+    loaded = load_model(str(model_dirs[arch]))
+    with torch.no_grad():
+        ref = _reference(loaded.model, ids, mask)
+    eng = lowbit.load(out)
+    assert 0 < _rel(eng.forward(ids, mask), ref) < 1e-2
+    if arch != "bert":                  # the float lm_head keeps its (formerly tied) weight exactly
+        assert torch.equal(eng.model.get_output_embeddings().weight, loaded.model.get_output_embeddings().weight)
+
+
+MORE = {
+    "mistral": lambda tf, c: tf.MistralConfig(**c),
+    "qwen3": lambda tf, c: tf.Qwen3Config(**c, head_dim=16),
+    "phi3": lambda tf, c: tf.Phi3Config(**c),
+    "gemma": lambda tf, c: tf.GemmaConfig(**c, head_dim=16),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MORE))
+def test_more_causal_architectures(arch, tmp_path):
+    """Mistral, Qwen3, Phi-3 (fused QKV and gate/up) and Gemma: trace, RTN 8-bit, generate."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=0, bos_token_id=0, pad_token_id=1)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(MORE[arch](tf, common)).eval()
+    model.save_pretrained(tmp_path / "m")
+    eng = lowbit.load(lowbit.compile(str(tmp_path / "m"), Recipe("w8", "rtn", 8, 32), out=tmp_path / "a", quiet=True))
+    ids = torch.randint(2, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    assert 0 < _rel(eng.forward(ids), ref) < 1e-2
+    assert eng.generate_ids(ids[:, :4], torch.ones(2, 4, dtype=torch.long), 4, stop_at_eos=False).shape == (2, 8)

@@ -159,7 +159,10 @@ def trace(loaded: LoadedModel) -> Graph:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise LowbitError(f"cannot trace architecture {arch} with torch.export ({msg}); supported model "
                           f"types: {', '.join(SUPPORTED)}") from None
-    return Graph(ep.module(), loaded.model_type, loaded.task)
+    graph = Graph(ep.module(), loaded.model_type, loaded.task)
+    emb = loaded.model.get_input_embeddings()
+    graph.input_embedding = next((n for n, m in loaded.model.named_modules() if m is emb), None)
+    return graph
 
 
 def hash_model_folder(path: Path) -> str:

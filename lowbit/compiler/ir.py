@@ -52,11 +52,25 @@ class MatmulSite:
 
 
 @dataclass
-class QuantizedLinear:
-    """A matmul after a weight pass: what lowering writes and the runtime rebuilds."""
+class EmbeddingSite:
+    """A token-embedding lookup ``W[ids]`` with W [num_embeddings, dim] a constant of the model."""
+
+    name: str                     # owning module path, e.g. "model.embed_tokens"
+    node: fx.Node
+    weight_attr: str
+    num_embeddings: int
+    dim: int
+
+
+@dataclass
+class QuantizedLayer:
+    """A matmul or embedding after a weight pass: what lowering writes and the runtime rebuilds.
+
+    For an embedding, ``out_features`` is the number of rows (vocabulary) and ``in_features`` the row size.
+    """
 
     name: str
-    op: str                       # "wna16_linear"
+    op: str                       # "wna16_linear" | "wna16_embedding"
     spec: QuantSpec
     in_features: int
     out_features: int
@@ -111,8 +125,10 @@ class Graph:
         self.gm = gm
         self.model_type = model_type
         self.task = task                      # "causal-lm" | "encoder"
-        self.quantized: OrderedDict[str, QuantizedLinear] = OrderedDict()
+        self.quantized: OrderedDict[str, QuantizedLayer] = OrderedDict()
         self.sites: OrderedDict[str, MatmulSite] = OrderedDict()
+        self.embeddings: OrderedDict[str, EmbeddingSite] = OrderedDict()
+        self.input_embedding: Optional[str] = None    # set by the frontend: the token embedding's name
         self._find_sites()
 
     # ---- discovery -------------------------------------------------------------------------
@@ -166,6 +182,14 @@ class Graph:
             self.sites[name] = MatmulSite(name, node, kind, weight_attr, kn, bias_attr, k, n,
                                           block_of(name), typ)
 
+        for node in self.gm.graph.nodes:
+            if node.op == "call_function" and node.target is _aten.embedding.default:
+                attr = self._const_attr(node.args[0])
+                path, _ = _owner(node)
+                if attr is not None and path and path not in self.embeddings:
+                    v, d = self.attr(attr).shape
+                    self.embeddings[path] = EmbeddingSite(path, node, attr, v, d)
+
     # ---- access ----------------------------------------------------------------------------
     def attr(self, target: str) -> torch.Tensor:
         obj = self.gm
@@ -189,7 +213,7 @@ class Graph:
         return out
 
     # ---- rewrite ---------------------------------------------------------------------------
-    def replace_with_quantized(self, site: MatmulSite, q: QuantizedLinear):
+    def replace_with_quantized(self, site: MatmulSite, q: QuantizedLayer):
         """Swap the site's matmul for ``lowbit::wna16_linear`` reading ``q``'s packed buffers."""
         prefix = "lowbit_" + re.sub(r"[^0-9a-zA-Z_]", "_", site.name)
         g = self.gm.graph
@@ -204,6 +228,23 @@ class Graph:
             new = g.call_function(torch.ops.lowbit.wna16_linear.default,
                                   (x, get["qweight"], get["scales"], get["zeros"], get.get("bias"),
                                    q.spec.bits, q.group_size, q.in_features))
+        new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
+        site.node.replace_all_uses_with(new)
+        g.erase_node(site.node)
+        site.node = new
+        self.quantized[site.name] = q
+
+    def replace_embedding(self, site: EmbeddingSite, q: QuantizedLayer):
+        """Swap the site's table lookup for ``lowbit::wna16_embedding`` over packed rows."""
+        prefix = "lowbit_" + re.sub(r"[^0-9a-zA-Z_]", "_", site.name)
+        g = self.gm.graph
+        dtype = self.attr(site.weight_attr).dtype
+        for key, t in q.tensors().items():
+            self.gm.register_buffer(f"{prefix}_{key}", t)
+        with g.inserting_before(site.node):
+            qw, sc, zr = (g.get_attr(f"{prefix}_{k}") for k in ("qweight", "scales", "zeros"))
+            new = g.call_function(torch.ops.lowbit.wna16_embedding.default,
+                                  (site.node.args[1], qw, sc, zr, q.spec.bits, q.group_size, q.in_features, dtype))
         new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)

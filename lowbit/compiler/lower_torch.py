@@ -67,6 +67,8 @@ def size_report(graph: Graph, model, weights_path: Path) -> dict:
     matmul_float = sum(s.in_features * s.out_features * elem for s in graph.sites.values())
     quantized_float = sum(q.in_features * q.out_features * elem for q in graph.quantized.values())
     quantized_bytes = sum(q.nbytes for q in graph.quantized.values())
+    matmuls = [q for q in graph.quantized.values() if q.op == "wna16_linear"]
+    matmul_after = matmul_float - sum(q.in_features * q.out_features * elem - q.nbytes for q in matmuls)
     seen, model_bytes = set(), 0
     for t in model.state_dict().values():
         ptr = t.untyped_storage().data_ptr()
@@ -77,6 +79,7 @@ def size_report(graph: Graph, model, weights_path: Path) -> dict:
             "model_bytes_before": model_bytes,
             "weights_file_bytes": weights_path.stat().st_size,
             "matmul_bytes_before": matmul_float,
-            "matmul_bytes_after": matmul_float - quantized_float + quantized_bytes,
+            "matmul_bytes_after": matmul_after,
             "quantized_bytes_before": quantized_float, "quantized_bytes_after": quantized_bytes,
-            "quantized_layers": len(graph.quantized), "matmul_layers": len(graph.sites)}
+            "quantized_layers": len(graph.quantized), "quantized_matmuls": len(matmuls),
+            "matmul_layers": len(graph.sites)}

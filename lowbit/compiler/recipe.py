@@ -2,7 +2,7 @@
 
 A recipe is a method (``fp``, ``rtn``), default weight settings (bits, group size, symmetric), and
 per-layer overrides matched by module-name glob (``*.mlp.down_proj``), first match wins. ``lm_head`` stays
-float unless ``quantize_lm_head = true``. Example TOML::
+float unless ``quantize_lm_head = true``, the token embedding unless ``quantize_embeddings = true``. Example TOML::
 
     name = "my-w4"
     method = "rtn"
@@ -10,6 +10,7 @@ float unless ``quantize_lm_head = true``. Example TOML::
     group_size = 64          # <= 0: per output channel
     sym = false
     quantize_lm_head = false
+    quantize_embeddings = false  # the token embedding table, same format, rows = vocabulary
 
     [[overrides]]
     pattern = "*.mlp.down_proj"
@@ -57,6 +58,7 @@ class Recipe:
     group_size: int = 128
     sym: bool = False
     quantize_lm_head: bool = False
+    quantize_embeddings: bool = False
     overrides: list[Override] = field(default_factory=list)
 
     def __post_init__(self):
@@ -74,9 +76,9 @@ class Recipe:
     def quantizes(self) -> bool:
         return self.method != "fp"
 
-    def spec_for(self, layer: str) -> Optional[QuantSpec]:
-        """The QuantSpec for a layer name, or None when it stays float."""
-        if not self.quantizes:
+    def spec_for(self, layer: str, embedding: bool = False) -> Optional[QuantSpec]:
+        """The QuantSpec for a layer name (a matmul, or the token embedding), or None when it stays float."""
+        if not self.quantizes or (embedding and not self.quantize_embeddings):
             return None
         if layer in HEAD_NAMES and not self.quantize_lm_head:
             return None
@@ -104,7 +106,7 @@ def _builtin() -> dict[str, Recipe]:
 BUILTIN = _builtin()
 _FIELDS = {f for f in Recipe.__dataclass_fields__}
 _OVERRIDE_FIELDS = {f for f in Override.__dataclass_fields__}
-_TYPES = {"name": str, "method": str, "bits": int, "group_size": int, "sym": bool, "quantize_lm_head": bool,
+_TYPES = {"name": str, "method": str, "bits": int, "group_size": int, "sym": bool, "quantize_lm_head": bool, "quantize_embeddings": bool,
           "pattern": str, "skip": bool}
 
 

@@ -19,6 +19,10 @@ def write_report(path: Path, body: dict, graph) -> None:
              f"- weights file: {mib(s['weights_file_bytes'])} (model before: {mib(s['model_bytes_before'])})",
              "- timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in body["timings"].items()), "",
              "| layer | K | N | format | method | weight rel. error |", "|---|---|---|---|---|---|"]
+    for name, q in graph.quantized.items():
+        if q.op == "wna16_embedding":
+            lines.append(f"| {name} (embedding) | {q.in_features} | {q.out_features} | {q.spec.describe()} | "
+                         f"{q.method} | {q.stats.get('weight_rel_err', '')} |")
     for site in graph.sites.values():
         q = graph.quantized.get(site.name)
         if q is None:

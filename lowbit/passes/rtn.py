@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.compiler.ir import Graph, QuantizedLinear
+from lowbit.compiler.ir import Graph, QuantizedLayer
 from lowbit.compiler.progress import progress_bar
 from lowbit.passes.quantize import dequantize_codes, pack_codes, quantize_weight
 
@@ -22,18 +22,27 @@ def quantizable(graph: Graph, recipe):
             yield site, spec
 
 
+def quantize_layer(name: str, op: str, w: torch.Tensor, spec, bias, method: str = "rtn") -> QuantizedLayer:
+    """RTN-quantize one weight w [N, K] into the stored layout, with its relative weight error."""
+    w = w.float()
+    q, scale, zero = quantize_weight(w, spec)
+    group = spec.group(w.shape[1])
+    err = (dequantize_codes(q, scale, zero, group) - w).norm() / w.norm().clamp_min(1e-12)
+    return QuantizedLayer(name=name, op=op, spec=spec, in_features=w.shape[1], out_features=w.shape[0],
+                          group_size=group, qweight=pack_codes(q, spec.bits), scales=scale, zeros=zero,
+                          bias=None if bias is None else bias.clone(), method=method,
+                          stats={"weight_rel_err": round(float(err), 6)})
+
+
 def rtn_pass(graph: Graph, recipe, show_progress: bool = True) -> dict:
     todo = list(quantizable(graph, recipe))
+    emb = graph.embeddings.get(graph.input_embedding) if graph.input_embedding else None
+    emb_spec = recipe.spec_for(emb.name, embedding=True) if emb is not None else None
+    if emb_spec is not None:
+        w = graph.attr(emb.weight_attr).detach()
+        graph.replace_embedding(emb, quantize_layer(emb.name, "wna16_embedding", w, emb_spec, None))
     for site, spec in progress_bar(todo, desc="rtn", disable=not show_progress):
-        w = graph.weight(site).float()
-        q, scale, zero = quantize_weight(w, spec)
-        group = spec.group(site.in_features)
-        err = (dequantize_codes(q, scale, zero, group) - w).norm() / w.norm().clamp_min(1e-12)
-        bias = graph.bias(site)
-        graph.replace_with_quantized(site, QuantizedLinear(
-            name=site.name, op="wna16_linear", spec=spec, in_features=site.in_features,
-            out_features=site.out_features, group_size=group, qweight=pack_codes(q, spec.bits),
-            scales=scale, zeros=zero, bias=None if bias is None else bias.clone(), method="rtn",
-            stats={"weight_rel_err": round(float(err), 6)}))
+        graph.replace_with_quantized(site, quantize_layer(site.name, "wna16_linear", graph.weight(site), spec,
+                                                          graph.bias(site)))
     graph.finalize()
-    return {"layers": len(todo)}
+    return {"layers": len(todo) + (emb_spec is not None)}

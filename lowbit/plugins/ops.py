@@ -11,6 +11,10 @@ Ops
     layout of ``lowbit.passes.quantize`` (codes uint8 [N, ceil(K*bits/8)], scales f16 [N, G], zeros u8
     [N, G]). Activations stay in float ("a16"); ``group_size`` is the effective group (K when
     per-channel).
+
+``lowbit::wna16_embedding(ids, qweight, scales, zeros, bits, group_size, dim, dtype)``
+    Quantized embedding table lookup: the rows of W [V, dim] selected by ``ids``, dequantized to
+    ``dtype``. Only the gathered rows are unpacked.
 """
 
 from __future__ import annotations
@@ -43,3 +47,17 @@ def dequantized_weight(qweight, scales, zeros, bits: int, group_size: int, in_fe
                        dtype=torch.float32) -> torch.Tensor:
     """The float weight [N, K] a wna16_linear computes with (for tests, export and inspection)."""
     return dequantize_codes(unpack_codes(qweight, bits, in_features), scales, zeros, group_size, dtype)
+
+
+@torch.library.custom_op("lowbit::wna16_embedding", mutates_args=())
+def wna16_embedding(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    bits: int, group_size: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    flat = ids.reshape(-1)
+    rows = dequantize_codes(unpack_codes(qweight[flat], bits, dim), scales[flat], zeros[flat], group_size,
+                            dtype=torch.float32)
+    return rows.to(dtype).reshape(*ids.shape, dim)
+
+
+@wna16_embedding.register_fake
+def _wna16_embedding_fake(ids, qweight, scales, zeros, bits, group_size, dim, dtype):
+    return torch.empty((*ids.shape, dim), dtype=dtype, device=ids.device)

@@ -41,6 +41,36 @@ class QuantLinear(torch.nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
 
 
+class QuantEmbedding(torch.nn.Module):
+    """Token embedding with its table held packed; ``lowbit::wna16_embedding`` dequantizes the looked-up rows."""
+
+    def __init__(self, num_embeddings: int, dim: int, bits: int, group_size: int, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, dim
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        g = num_groups(dim, group_size)
+        self.register_buffer("qweight", torch.empty(num_embeddings, packed_cols(dim, bits), dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(num_embeddings, g, dtype=torch.float16))
+        self.register_buffer("zeros", torch.empty(num_embeddings, g, dtype=torch.uint8))
+
+    def forward(self, ids):
+        return torch.ops.lowbit.wna16_embedding(ids, self.qweight, self.scales, self.zeros, self.bits,
+                                                self.group_size, self.embedding_dim, self.dtype)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group_size}"
+
+
+def quant_module(name: str, spec: dict, dtype: torch.dtype, path: Path) -> torch.nn.Module:
+    """The runtime module for one graph.json layer entry."""
+    if spec["op"] == "wna16_linear":
+        return QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
+                           spec["has_bias"])
+    if spec["op"] == "wna16_embedding":
+        return QuantEmbedding(spec["out_features"], spec["in_features"], spec["bits"], spec["group_size"], dtype)
+    raise LowbitError(f"artifact '{path}': layer {name} uses op {spec['op']}, unknown to this lowbit; upgrade lowbit")
+
+
 def _swap(model: torch.nn.Module, name: str, module: torch.nn.Module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -55,10 +85,7 @@ def build_model(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
     layers = json.loads((path / GRAPH_FILE).read_text())["layers"]
     model = build_empty(config, dtype=dtype)
     for name, spec in layers.items():
-        if spec["op"] != "wna16_linear":
-            raise LowbitError(f"artifact '{path}': layer {name} uses op {spec['op']}, unknown to this lowbit")
-        _swap(model, name, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"],
-                                       spec["group_size"], spec["has_bias"]))
+        _swap(model, name, quant_module(name, spec, dtype, path))
     tensors = load_file(str(path / WEIGHTS_FILE))
     # Float weights in the runtime dtype; packed codes/scales/zeros exactly as stored.
     tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v)
