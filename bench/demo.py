@@ -14,7 +14,7 @@ import time
 import lowbit
 from lowbit.assets import ensure_assets
 from lowbit.compiler.artifact import read_manifest
-from lowbit.errors import LowbitError
+from lowbit.cli import run_script
 from lowbit.eval import evaluate_perplexity
 
 
@@ -48,8 +48,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except LowbitError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, "demo")

@@ -144,5 +144,16 @@ def main(argv=None) -> int:
         return 130
 
 
+def run_script(main_fn, prog: str):
+    """Entry point for bench/ scripts: a LowbitError is one line on stderr and exit 2, like the CLI."""
+    from lowbit.errors import LowbitError
+
+    try:
+        sys.exit(main_fn())
+    except LowbitError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     sys.exit(main())

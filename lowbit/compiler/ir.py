@@ -213,43 +213,36 @@ class Graph:
         return out
 
     # ---- rewrite ---------------------------------------------------------------------------
-    def replace_with_quantized(self, site: MatmulSite, q: QuantizedLayer):
-        """Swap the site's matmul for ``lowbit::wna16_linear`` reading ``q``'s packed buffers."""
-        prefix = "lowbit_" + re.sub(r"[^0-9a-zA-Z_]", "_", site.name)
+    def _register(self, layer: str, tensors: dict) -> dict:
+        """Attach a layer's packed tensors to the module as buffers; returns get_attr nodes by key."""
+        prefix = "lowbit_" + re.sub(r"[^0-9a-zA-Z_]", "_", layer)
+        for key, t in tensors.items():
+            self.gm.register_buffer(f"{prefix}_{key}", t)
+        return {key: self.gm.graph.get_attr(f"{prefix}_{key}") for key in tensors}
+
+    def _swap_node(self, site, op, make_args, q: QuantizedLayer):
+        """Insert ``op(*make_args(attrs))`` before the site's node, reroute its users, drop the old node."""
         g = self.gm.graph
-        attrs = {}
-        for key, t in q.tensors().items():
-            attr = f"{prefix}_{key}"
-            self.gm.register_buffer(attr, t)
-            attrs[key] = attr
         with g.inserting_before(site.node):
-            get = {k: g.get_attr(a) for k, a in attrs.items()}
-            x = site.input_node
-            new = g.call_function(torch.ops.lowbit.wna16_linear.default,
-                                  (x, get["qweight"], get["scales"], get["zeros"], get.get("bias"),
-                                   q.spec.bits, q.group_size, q.in_features))
+            new = g.call_function(op, make_args(self._register(site.name, q.tensors())))
         new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)
         site.node = new
         self.quantized[site.name] = q
 
+    def replace_with_quantized(self, site: MatmulSite, q: QuantizedLayer):
+        """Swap the site's matmul for ``lowbit::wna16_linear`` reading ``q``'s packed buffers."""
+        self._swap_node(site, torch.ops.lowbit.wna16_linear.default, lambda a: (
+            site.input_node, a["qweight"], a["scales"], a["zeros"], a.get("bias"), q.spec.bits, q.group_size,
+            q.in_features), q)
+
     def replace_embedding(self, site: EmbeddingSite, q: QuantizedLayer):
         """Swap the site's table lookup for ``lowbit::wna16_embedding`` over packed rows."""
-        prefix = "lowbit_" + re.sub(r"[^0-9a-zA-Z_]", "_", site.name)
-        g = self.gm.graph
         dtype = self.attr(site.weight_attr).dtype
-        for key, t in q.tensors().items():
-            self.gm.register_buffer(f"{prefix}_{key}", t)
-        with g.inserting_before(site.node):
-            qw, sc, zr = (g.get_attr(f"{prefix}_{k}") for k in ("qweight", "scales", "zeros"))
-            new = g.call_function(torch.ops.lowbit.wna16_embedding.default,
-                                  (site.node.args[1], qw, sc, zr, q.spec.bits, q.group_size, q.in_features, dtype))
-        new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
-        site.node.replace_all_uses_with(new)
-        g.erase_node(site.node)
-        site.node = new
-        self.quantized[site.name] = q
+        self._swap_node(site, torch.ops.lowbit.wna16_embedding.default, lambda a: (
+            site.node.args[1], a["qweight"], a["scales"], a["zeros"], q.spec.bits, q.group_size, q.in_features,
+            dtype), q)
 
     def finalize(self):
         """Drop dead nodes and unused float weights after rewrites, then recompile the module."""

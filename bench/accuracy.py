@@ -1,0 +1,81 @@
+"""Perplexity table on the demo model (SmolLM2-135M) and the demo eval.txt, 512-token windows.
+
+    python bench/accuracy.py                      # FP and every RTN setting, the whole eval.txt
+    python bench/accuracy.py --recipes rtn-w4g64 --max-windows 40 --json out/acc.json
+
+Each row: recipe, perplexity, ratio to FP, quantization (compile) time, size of the quantized layers
+and of the whole weights file. The FP row uses the float model folder itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lowbit
+from lowbit.assets import ensure_assets
+from lowbit.compiler.artifact import read_manifest
+from lowbit.cli import run_script
+from lowbit.eval import evaluate_perplexity
+
+DEFAULT = ["rtn-w8", "rtn-w4g128", "rtn-w4g64", "rtn-w3g64"]
+
+
+def run(recipes, seq_len: int, max_windows, workdir: Path) -> list[dict]:
+    paths = ensure_assets()
+    rows = []
+    t0 = time.perf_counter()
+    fp = evaluate_perplexity("demo", paths["eval"], seq_len=seq_len, max_windows=max_windows)
+    model_bytes = sum(f.stat().st_size for f in Path(paths["model"]).glob("*.safetensors"))
+    rows.append({"recipe": "fp", "ppl": fp["ppl"], "ratio": 1.0, "quant_s": 0.0, "layers_mib": None,
+                 "file_mib": model_bytes / 2**20, "eval_s": time.perf_counter() - t0, "tokens": fp["tokens"]})
+    for name in recipes:
+        art = workdir / name
+        lowbit.compile("demo", recipe=name, out=art, force=True, quiet=True)
+        m = read_manifest(art)
+        quant_s = sum(v for k, v in m["timings"].items() if k.startswith("pass_"))
+        t0 = time.perf_counter()
+        r = evaluate_perplexity(str(art), paths["eval"], seq_len=seq_len, max_windows=max_windows)
+        rows.append({"recipe": name, "ppl": r["ppl"], "ratio": r["ppl"] / fp["ppl"], "quant_s": quant_s,
+                     "layers_mib": m["sizes"]["quantized_bytes_after"] / 2**20,
+                     "layers_before_mib": m["sizes"]["quantized_bytes_before"] / 2**20,
+                     "file_mib": m["sizes"]["weights_file_bytes"] / 2**20,
+                     "eval_s": time.perf_counter() - t0, "tokens": r["tokens"]})
+        print(f"{name}: ppl {r['ppl']:.3f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def markdown(rows) -> str:
+    out = ["| recipe | perplexity | vs FP | quantize time | quantized layers | weights file |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        layers = "float" if r["layers_mib"] is None else f"{r['layers_before_mib']:.1f} -> {r['layers_mib']:.1f} MiB"
+        out.append(f"| {r['recipe']} | {r['ppl']:.3f} | {r['ratio']:.3f}x | {r['quant_s']:.1f}s | {layers} | "
+                   f"{r['file_mib']:.1f} MiB |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", nargs="*", default=DEFAULT)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=0, help="0 = the whole eval.txt")
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--workdir", help="keep the artifacts here (default: a temp folder)")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run(a.recipes, a.seq_len, a.max_windows or None, Path(a.workdir or tmp))
+    print(f"\nSmolLM2-135M-Instruct, demo eval.txt, {rows[0]['tokens']} predicted tokens in {a.seq_len}-token windows\n")
+    print(markdown(rows))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main, "accuracy")
