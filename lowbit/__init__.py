@@ -11,11 +11,16 @@ __version__ = "0.1.0"
 from lowbit.errors import LowbitError  # noqa: E402
 
 
-def compile(model: str, recipe="rtn-w4g128", out=None, target: str = "torch", force: bool = False, quiet: bool = False):
-    """Compile a model folder (or 'demo') with a recipe (name, .toml path or Recipe) into an artifact folder."""
+def compile(model: str, recipe="rtn-w4g128", out=None, target: str = "torch", force: bool = False,
+            quiet: bool = False, **kw):
+    """Compile a model folder (or 'demo') with a recipe (name, .toml path or Recipe) into an artifact folder.
+
+    Keyword options (see ``lowbit.compiler.pipeline.compile_model``): ``calib`` (CalibrationArgs: text,
+    samples, seq_len, seed), ``device``, ``resume``, ``eval_text``, ``eval_windows``, ``eval_seq_len``.
+    """
     from lowbit.compiler.pipeline import compile_model
 
-    return compile_model(model, recipe=recipe, target=target, out=out, force=force, quiet=quiet)
+    return compile_model(model, recipe=recipe, target=target, out=out, force=force, quiet=quiet, **kw)
 
 
 def load(path, backend: str = "auto", **kw):

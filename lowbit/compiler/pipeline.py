@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+import torch
 
 from lowbit.compiler import artifact
 from lowbit.compiler.frontend import hash_model_folder, load_model, read_config, resolve_model_path, trace
@@ -12,41 +16,107 @@ from lowbit.compiler.progress import say, timed
 from lowbit.compiler.recipe import load_recipe
 from lowbit.compiler.report import write_report
 from lowbit.errors import LowbitError
-from lowbit.passes.rtn import rtn_pass
+from lowbit.passes.gptq import gptq_pass
+from lowbit.passes.rtn import quantizable, rtn_pass
 
 TARGETS = ("torch",)
-PASSES = {"rtn": rtn_pass}
+PASSES = {"rtn": rtn_pass, "gptq": gptq_pass}
 
 
-def run_passes(graph, recipe, timings: dict, quiet: bool = False):
-    if recipe.method in PASSES:
-        with timed(timings, f"pass_{recipe.method}", quiet, f"{recipe.method} quantization"):
-            PASSES[recipe.method](graph, recipe, show_progress=not quiet)
-    return graph
+@dataclass
+class CalibrationArgs:
+    text: str = "demo"            # file or 'demo' (calib.txt)
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    chunk: int = 8                # samples run together through one node
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LowbitError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise LowbitError(f"unknown --device '{device}'; valid: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def check_groups(graph, recipe):
+    for site, spec in quantizable(graph, recipe):
+        if spec.group_size > site.in_features:
+            raise LowbitError(f"group_size {spec.group_size} is larger than layer {site.name}'s input size "
+                              f"K={site.in_features}; use a group <= K, or group_size = 0 for per-channel")
 
 
 def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=None, force: bool = False,
-                  quiet: bool = False) -> Path:
+                  quiet: bool = False, calib: Optional[CalibrationArgs] = None, device: str = "auto",
+                  resume: bool = False, eval_text: Optional[str] = None, eval_windows: int = 40,
+                  eval_seq_len: int = 512) -> Path:
     """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``."""
+    from lowbit.compiler.checkpoint import Checkpoint
+
     if target not in TARGETS:
         raise LowbitError(f"unknown target '{target}'; available targets: {', '.join(TARGETS)}")
     if out is None:
         raise LowbitError("no output folder given; pass -o DIR")
     out = Path(out)
     recipe = load_recipe(recipe)
+    calib = calib or CalibrationArgs()
+    device = pick_device(device)
     artifact.check_output_dir(out, force)
-    # Validate the model folder before any progress output, so a bad path is one clean error line.
+    # Validate the model folder and texts before any progress output, so a bad input is one clean line.
     model_path = resolve_model_path(model)
     read_config(model_path)
+    from lowbit.eval import read_text
+
+    calib_text = read_text(calib.text, "calib") if recipe.needs_calibration else None
+    eval_body = read_text(eval_text, "eval") if eval_text else None
     timings: dict = {}
     t0 = time.perf_counter()
     with timed(timings, "load", quiet, f"loading {model}"):
         loaded = load_model(str(model_path))
         source_hash = hash_model_folder(loaded.path)
+    if recipe.needs_calibration and loaded.tokenizer is None:
+        raise LowbitError(f"'{model_path}' has no tokenizer; calibration needs one to tokenize the text")
+    calib_ids = None
+    if calib_text is not None:
+        from lowbit.compiler.calibration import calibration_windows
+
+        calib_ids = calibration_windows(loaded.tokenizer, calib_text, calib.samples, calib.seq_len, calib.seed,
+                                        loaded.max_positions)
+    metrics: dict = {}
+    eval_wins = None
+    if eval_body is not None:
+        from lowbit.eval import perplexity, windows
+
+        eval_wins = windows(loaded.tokenizer, eval_body, eval_seq_len, eval_windows)
+        with timed(timings, "eval_before", quiet, "perplexity before quantization"):
+            metrics["ppl_before"] = perplexity(lambda ids: loaded.model(input_ids=ids, use_cache=False).logits,
+                                               eval_wins, show_progress=not quiet)
     with timed(timings, "trace", quiet, "tracing with torch.export"):
         graph = trace(loaded)
     say(f"{len(graph.sites)} quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", quiet)
-    run_passes(graph, recipe, timings, quiet)
+    check_groups(graph, recipe)
+    pass_info: dict = {}
+    if recipe.method in PASSES:
+        ckpt = None
+        if recipe.needs_calibration:
+            ckpt = Checkpoint(out, {"source": source_hash, "recipe": recipe.to_dict(), "calib": calib.to_dict()},
+                              resume, quiet)
+        with timed(timings, f"pass_{recipe.method}", quiet, f"{recipe.method} quantization on {device}"):
+            pass_info = PASSES[recipe.method](graph, recipe, calib_ids=calib_ids, device=device,
+                                              show_progress=not quiet, checkpoint=ckpt, chunk=calib.chunk)
+    if eval_wins is not None:
+        from lowbit.eval import perplexity
+
+        with timed(timings, "eval_after", quiet, "perplexity after quantization"):
+            metrics["ppl_after"] = perplexity(lambda ids: graph(ids, torch.ones_like(ids)), eval_wins,
+                                              show_progress=not quiet)
+        say(f"perplexity {metrics['ppl_before']['ppl']:.3f} -> {metrics['ppl_after']['ppl']:.3f}", quiet)
 
     def fill(tmp: Path) -> dict:
         with timed(timings, "write", quiet, f"writing artifact {out}"):
@@ -56,8 +126,15 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
                 "source": {"path": str(loaded.path.resolve()), "model_type": loaded.model_type,
                            "architectures": list(getattr(loaded.config, "architectures", None) or []),
                            "task": loaded.task, "sha256": source_hash},
-                "recipe": recipe.to_dict(), "timings": timings, "sizes": sizes, "metrics": {}}
+                "recipe": recipe.to_dict(), "timings": timings, "sizes": sizes, "metrics": metrics,
+                "device": device}
+        if recipe.needs_calibration:
+            body["calibration"] = {**calib.to_dict(), "tokens": pass_info.get("calib_tokens"),
+                                   "peak_activation_bytes": pass_info.get("peak_activation_bytes")}
         write_report(tmp / "report.md", body, graph)
         return body
 
-    return artifact.write_artifact(out, fill, force=force)
+    path = artifact.write_artifact(out, fill, force=force)
+    if recipe.needs_calibration:
+        ckpt.discard()
+    return path

@@ -11,6 +11,13 @@ float unless ``quantize_lm_head = true``, the token embedding unless ``quantize_
     sym = false
     quantize_lm_head = false
     quantize_embeddings = false  # the token embedding table, same format, rows = vocabulary
+    mse = false                # clipping search for scales
+    # method = "gptq" only:
+    act_order = true           # with static_groups = true (contiguous groups, no g_idx)
+    static_groups = true
+    damp = 0.01
+    block = 128
+    hessian_dtype = "float32"  # or "float64"
 
     [[overrides]]
     pattern = "*.mlp.down_proj"
@@ -37,7 +44,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-METHODS = ("fp", "rtn")
+METHODS = ("fp", "rtn", "gptq")
+HESSIAN_DTYPES = ("float32", "float64")
 HEAD_NAMES = ("lm_head",)
 
 
@@ -59,6 +67,13 @@ class Recipe:
     sym: bool = False
     quantize_lm_head: bool = False
     quantize_embeddings: bool = False
+    mse: bool = False                 # clipping search for group scales (RTN and GPTQ)
+    # GPTQ only
+    act_order: bool = True            # columns by decreasing Hessian diagonal
+    static_groups: bool = True        # group params fixed up front: contiguous groups, no g_idx
+    damp: float = 0.01                # dampening, fraction of the Hessian's mean diagonal
+    block: int = 128                  # lazy batch width
+    hessian_dtype: str = "float32"
     overrides: list[Override] = field(default_factory=list)
 
     def __post_init__(self):
@@ -71,6 +86,20 @@ class Recipe:
             if group is not None and group > 0 and group < 8:
                 raise LowbitError(f"{who} in '{self.name}': group_size={group} is too small; use >= 8, "
                                   "or <= 0 for per-channel")
+        if not (0 < self.damp < 10):
+            raise LowbitError(f"recipe '{self.name}': damp={self.damp} is out of range; valid: 0 < damp < 10")
+        if self.block < 1:
+            raise LowbitError(f"recipe '{self.name}': block={self.block} must be >= 1")
+        if self.hessian_dtype not in HESSIAN_DTYPES:
+            raise LowbitError(f"recipe '{self.name}': hessian_dtype '{self.hessian_dtype}'; valid: "
+                              f"{', '.join(HESSIAN_DTYPES)}")
+        if self.method == "gptq" and self.act_order and not self.static_groups:
+            raise LowbitError(f"recipe '{self.name}': act_order without static_groups would need a g_idx gather "
+                              "at run time, which lowbit's formats avoid; set static_groups = true")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
 
     @property
     def quantizes(self) -> bool:
@@ -100,19 +129,32 @@ def _builtin() -> dict[str, Recipe]:
     for bits, group in [(8, 0), (8, 128), (4, 128), (4, 64), (4, 32), (3, 128), (3, 64), (2, 64)]:
         name = f"rtn-w{bits}" + (f"g{group}" if group else "")
         r[name] = Recipe(name, "rtn", bits, group)
+    for bits, group in [(4, 64), (3, 64)]:
+        r[f"rtn-w{bits}g{group}-mse"] = Recipe(f"rtn-w{bits}g{group}-mse", "rtn", bits, group, mse=True)
+    # GPTQ: act-order + static groups by default (without act-order GPTQ can lose to RTN on Llama-family
+    # models); "-noact" is the paper's plain column order with groups computed on the fly.
+    for bits, group in [(8, 128), (4, 128), (4, 64), (3, 64), (2, 64)]:
+        base = f"gptq-w{bits}g{group}"
+        r[base] = Recipe(base, "gptq", bits, group)
+        r[f"{base}-noact"] = Recipe(f"{base}-noact", "gptq", bits, group, act_order=False, static_groups=False)
+        r[f"{base}-mse"] = Recipe(f"{base}-mse", "gptq", bits, group, mse=True)
     return r
 
 
 BUILTIN = _builtin()
 _FIELDS = {f for f in Recipe.__dataclass_fields__}
 _OVERRIDE_FIELDS = {f for f in Override.__dataclass_fields__}
-_TYPES = {"name": str, "method": str, "bits": int, "group_size": int, "sym": bool, "quantize_lm_head": bool, "quantize_embeddings": bool,
+_TYPES = {"name": str, "method": str, "bits": int, "group_size": int, "sym": bool, "quantize_lm_head": bool,
+          "quantize_embeddings": bool, "mse": bool, "act_order": bool, "static_groups": bool, "damp": float,
+          "block": int, "hessian_dtype": str,
           "pattern": str, "skip": bool}
 
 
 def _check_types(where: str, table: dict):
     for key, value in table.items():
         want = _TYPES.get(key)
+        if want is float and type(value) is int:
+            value = float(value)
         if want is not None and (type(value) is not want):
             raise LowbitError(f"{where}: field '{key}' must be {want.__name__}, got {value!r}")
 

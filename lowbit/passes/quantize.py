@@ -66,8 +66,13 @@ def expand_groups(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
     return t.repeat_interleave(group, dim=1)[:, :k]
 
 
-def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales (float16 [N, G]) and integer zero points (uint8 [N, G]) for weight w [N, K], by min/max."""
+def compute_qparams(w: torch.Tensor, spec: QuantSpec, mse: bool = False, grid: int = 100,
+                    max_shrink: float = 0.8, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (float16 [N, G]) and integer zero points (uint8 [N, G]) for weight w [N, K].
+
+    By min/max; with ``mse`` the range of each group is shrunk by the factor in (1 - max_shrink, 1] (steps
+    of 1/grid) that minimizes sum |w - deq(q(w))|^norm over the group (the GPTQ reference's clipping search).
+    """
     n, k = w.shape
     g = spec.group(k)
     ng = num_groups(k, g)
@@ -77,7 +82,25 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
         # Pad the ragged group with its own first column so padding never widens the range.
         wf = torch.cat([wf, wf[:, (ng - 1) * g:][:, :1].expand(n, pad)], dim=1)
     wg = wf.view(n, ng, g)
-    return qparams_from_range(wg.amin(dim=2), wg.amax(dim=2), spec)
+    wmin, wmax = wg.amin(dim=2), wg.amax(dim=2)
+    scale, zero = qparams_from_range(wmin, wmax, spec)
+    if not mse:
+        return scale, zero
+    valid = torch.ones(ng, g, device=w.device)
+    if pad:
+        valid[-1, g - pad:] = 0          # padding columns do not count in the error
+    best = torch.full((n, ng), float("inf"), device=w.device)
+    for i in range(int(max_shrink * grid)):
+        p = 1 - i / grid
+        s1, z1 = qparams_from_range(p * wmin, p * wmax, spec)
+        sf, zf = s1.float().unsqueeze(-1), z1.float().unsqueeze(-1)
+        q = torch.clamp(torch.round(wg / sf) + zf, 0, spec.maxq)
+        err = (((q - zf) * sf - wg).abs_().pow_(norm) * valid).sum(-1)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s1, scale)
+        zero = torch.where(better, z1, zero)
+    return scale, zero
 
 
 def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec):
@@ -131,9 +154,9 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g
     return w.view(n, -1)[:, :k]
 
 
-def quantize_weight(w: torch.Tensor, spec: QuantSpec):
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, mse: bool = False):
     """Round-to-nearest quantization of w [N, K]: returns (codes uint8 [N,K], scale f16 [N,G], zero u8 [N,G])."""
-    scale, zero = compute_qparams(w, spec)
+    scale, zero = compute_qparams(w, spec, mse=mse)
     return quantize_codes(w, scale, zero, spec), scale, zero
 
 

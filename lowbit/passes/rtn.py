@@ -22,10 +22,11 @@ def quantizable(graph: Graph, recipe):
             yield site, spec
 
 
-def quantize_layer(name: str, op: str, w: torch.Tensor, spec, bias, method: str = "rtn") -> QuantizedLayer:
+def quantize_layer(name: str, op: str, w: torch.Tensor, spec, bias, method: str = "rtn",
+                   mse: bool = False) -> QuantizedLayer:
     """RTN-quantize one weight w [N, K] into the stored layout, with its relative weight error."""
     w = w.float()
-    q, scale, zero = quantize_weight(w, spec)
+    q, scale, zero = quantize_weight(w, spec, mse=mse)
     group = spec.group(w.shape[1])
     err = (dequantize_codes(q, scale, zero, group) - w).norm() / w.norm().clamp_min(1e-12)
     return QuantizedLayer(name=name, op=op, spec=spec, in_features=w.shape[1], out_features=w.shape[0],
@@ -34,15 +35,22 @@ def quantize_layer(name: str, op: str, w: torch.Tensor, spec, bias, method: str 
                           stats={"weight_rel_err": round(float(err), 6)})
 
 
-def rtn_pass(graph: Graph, recipe, show_progress: bool = True) -> dict:
-    todo = list(quantizable(graph, recipe))
+def quantize_embedding(graph: Graph, recipe) -> int:
+    """RTN for the token embedding when the recipe asks (every method: a lookup has no Hessian)."""
     emb = graph.embeddings.get(graph.input_embedding) if graph.input_embedding else None
-    emb_spec = recipe.spec_for(emb.name, embedding=True) if emb is not None else None
-    if emb_spec is not None:
-        w = graph.attr(emb.weight_attr).detach()
-        graph.replace_embedding(emb, quantize_layer(emb.name, "wna16_embedding", w, emb_spec, None))
+    spec = recipe.spec_for(emb.name, embedding=True) if emb is not None else None
+    if spec is None:
+        return 0
+    w = graph.attr(emb.weight_attr).detach()
+    graph.replace_embedding(emb, quantize_layer(emb.name, "wna16_embedding", w, spec, None, mse=recipe.mse))
+    return 1
+
+
+def rtn_pass(graph: Graph, recipe, show_progress: bool = True, **_) -> dict:
+    todo = list(quantizable(graph, recipe))
+    n_emb = quantize_embedding(graph, recipe)
     for site, spec in progress_bar(todo, desc="rtn", disable=not show_progress):
         graph.replace_with_quantized(site, quantize_layer(site.name, "wna16_linear", graph.weight(site), spec,
-                                                          graph.bias(site)))
+                                                          graph.bias(site), mse=recipe.mse))
     graph.finalize()
-    return {"layers": len(todo) + (emb_spec is not None)}
+    return {"layers": len(todo) + n_emb}
