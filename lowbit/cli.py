@@ -12,9 +12,12 @@ import sys
 
 
 def _cmd_compile(a) -> int:
-    from lowbit.compiler.pipeline import compile_model
+    from lowbit.compiler.pipeline import CalibrationArgs, compile_model
 
-    out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet)
+    calib = CalibrationArgs(a.calib, a.calib_samples, a.calib_seq_len, a.seed)
+    out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet,
+                        calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
+                        eval_seq_len=a.eval_seq_len)
     print(out)
     return 0
 
@@ -57,10 +60,7 @@ def _cmd_recipes(a) -> int:
     from lowbit.compiler.recipe import BUILTIN
 
     for name, r in BUILTIN.items():
-        what = "float, no quantization" if r.method == "fp" else (
-            f"{r.method}: {r.bits}-bit, " + ("per-channel" if r.group_size <= 0 else f"group {r.group_size}")
-            + (", symmetric" if r.sym else ", asymmetric"))
-        print(f"{name:14s} {what}")
+        print(f"{name:18s} {r.describe()}")
     return 0
 
 
@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", "-o", required=True, help="artifact folder to create")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    c.add_argument("--calib", default="demo", help="calibration text file, or 'demo' (calib.txt); GPTQ only")
+    c.add_argument("--calib-samples", type=int, default=128, help="random windows of calibration text (default 128)")
+    c.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
+    c.add_argument("--device", default="auto", help="where passes run: auto (CUDA if present), cpu, cuda[:N]")
+    c.add_argument("--resume", action="store_true", help="continue a killed compile from its last finished block")
+    c.add_argument("--eval", default=None, metavar="TEXT", help="also measure perplexity before/after on TEXT (file or demo)")
+    c.add_argument("--eval-windows", type=int, default=40, help="windows for --eval (default 40)")
+    c.add_argument("--eval-seq-len", type=int, default=512, help="window length for --eval (default 512)")
     c.set_defaults(fn=_cmd_compile)
 
     r = sub.add_parser("run", help="generate text with an artifact")

@@ -91,7 +91,7 @@ def test_bad_artifacts(model_dirs, tmp_path, capsys):
 
 def test_prompt_longer_than_context(model_dirs, tmp_path, capsys):
     art = tmp_path / "a"
-    assert main(["compile", str(model_dirs["opt"]), "-o", str(art), "-q"]) == 0
+    assert main(["compile", str(model_dirs["opt"]), "-r", "rtn-w4g64", "-o", str(art), "-q"]) == 0
     capsys.readouterr()
     _bad(capsys, tmp_path, "run", art, "-p", "the model " * 200, "-n", "8", needle="exceeds the model's context")
 

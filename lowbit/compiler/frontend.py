@@ -40,8 +40,22 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> int:
-        c = self.config
-        return int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048)
+        return max_positions(self.config)
+
+
+def max_positions(config) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
+
+
+def load_tokenizer(path: Path):
+    """The folder's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # a folder without tokenizer files is still a model; callers that need one say so
+        return None
 
 
 def quiet_transformers():
@@ -102,7 +116,7 @@ def build_empty(config, dtype=torch.float32) -> torch.nn.Module:
 
 def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
     """Load a model folder (or 'demo') with its tokenizer, in eval mode on CPU."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM
 
     quiet_transformers()
     path = resolve_model_path(arg)
@@ -116,11 +130,7 @@ def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
         model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise LowbitError(f"cannot load model from '{path}': {str(e).splitlines()[0]}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception:  # a folder without tokenizer files is still a model; eval/run will say so
-        tokenizer = None
-    return LoadedModel(model, tokenizer, config, path, task)
+    return LoadedModel(model, load_tokenizer(path), config, path, task)
 
 
 class _TraceRoot(torch.nn.Module):

@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from lowbit.compiler import artifact
-from lowbit.compiler.frontend import hash_model_folder, load_model, read_config, resolve_model_path, trace
+from lowbit.compiler.frontend import (hash_model_folder, load_model, load_tokenizer, max_positions, read_config,
+                                     resolve_model_path, trace)
 from lowbit.compiler.lower_torch import write_torch_target
 from lowbit.compiler.progress import say, timed
 from lowbit.compiler.recipe import load_recipe
@@ -70,37 +71,45 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     artifact.check_output_dir(out, force)
     # Validate the model folder and texts before any progress output, so a bad input is one clean line.
     model_path = resolve_model_path(model)
-    read_config(model_path)
-    from lowbit.eval import read_text
+    config = read_config(model_path)
+    from lowbit.eval import read_text, windows
 
     calib_text = read_text(calib.text, "calib") if recipe.needs_calibration else None
     eval_body = read_text(eval_text, "eval") if eval_text else None
+    calib_ids = eval_wins = None
+    if calib_text is not None or eval_body is not None:
+        tokenizer = load_tokenizer(model_path)
+        if tokenizer is None:
+            raise LowbitError(f"'{model_path}' has no tokenizer; calibration and --eval need one to tokenize text")
+        if calib_text is not None:
+            from lowbit.compiler.calibration import calibration_windows
+
+            calib_ids = calibration_windows(tokenizer, calib_text, calib.samples, calib.seq_len, calib.seed,
+                                            max_positions(config))
+        if eval_body is not None:
+            if eval_seq_len > max_positions(config):
+                raise LowbitError(f"--eval-seq-len {eval_seq_len} is longer than the model's context of "
+                                  f"{max_positions(config)} tokens")
+            eval_wins = windows(tokenizer, eval_body, eval_seq_len, eval_windows)
     timings: dict = {}
     t0 = time.perf_counter()
-    with timed(timings, "load", quiet, f"loading {model}"):
+    # Load and trace silently, then validate against the real layer shapes: a bad recipe for this model is
+    # still a single error line. Progress starts once the inputs are known to be good.
+    with timed(timings, "load"):
         loaded = load_model(str(model_path))
         source_hash = hash_model_folder(loaded.path)
-    if recipe.needs_calibration and loaded.tokenizer is None:
-        raise LowbitError(f"'{model_path}' has no tokenizer; calibration needs one to tokenize the text")
-    calib_ids = None
-    if calib_text is not None:
-        from lowbit.compiler.calibration import calibration_windows
-
-        calib_ids = calibration_windows(loaded.tokenizer, calib_text, calib.samples, calib.seq_len, calib.seed,
-                                        loaded.max_positions)
+    with timed(timings, "trace"):
+        graph = trace(loaded)
+    check_groups(graph, recipe)
+    say(f"loaded {model} in {timings['load']:.1f}s, traced in {timings['trace']:.1f}s: {len(graph.sites)} "
+        f"quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", quiet)
     metrics: dict = {}
-    eval_wins = None
-    if eval_body is not None:
-        from lowbit.eval import perplexity, windows
+    if eval_wins is not None:
+        from lowbit.eval import perplexity
 
-        eval_wins = windows(loaded.tokenizer, eval_body, eval_seq_len, eval_windows)
         with timed(timings, "eval_before", quiet, "perplexity before quantization"):
             metrics["ppl_before"] = perplexity(lambda ids: loaded.model(input_ids=ids, use_cache=False).logits,
                                                eval_wins, show_progress=not quiet)
-    with timed(timings, "trace", quiet, "tracing with torch.export"):
-        graph = trace(loaded)
-    say(f"{len(graph.sites)} quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", quiet)
-    check_groups(graph, recipe)
     pass_info: dict = {}
     if recipe.method in PASSES:
         ckpt = None

@@ -120,6 +120,15 @@ class Recipe:
                                                           ("sym", o.sym)) if v is not None})
         return spec
 
+    def describe(self) -> str:
+        if self.method == "fp":
+            return "float, no quantization"
+        out = (f"{self.method}: {self.bits}-bit, " + ("per-channel" if self.group_size <= 0 else f"group {self.group_size}")
+               + (", symmetric" if self.sym else ", asymmetric"))
+        if self.method == "gptq":
+            out += ", act-order + static groups" if self.act_order else ", column order"
+        return out + (", MSE clipping" if self.mse else "")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

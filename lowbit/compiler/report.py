@@ -17,17 +17,28 @@ def write_report(path: Path, body: dict, graph) -> None:
              f"- matmul weights: {mib(s['matmul_bytes_before'])} -> {mib(s['matmul_bytes_after'])} "
              f"({s['quantized_layers']}/{s['matmul_layers']} layers quantized)",
              f"- weights file: {mib(s['weights_file_bytes'])} (model before: {mib(s['model_bytes_before'])})",
-             "- timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in body["timings"].items()), "",
-             "| layer | K | N | format | method | weight rel. error |", "|---|---|---|---|---|---|"]
+             "- timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in body["timings"].items())]
+    if "calibration" in body:
+        c = body["calibration"]
+        lines.append(f"- calibration: {c['samples']} x {c['seq_len']} tokens of {c['text']} (seed {c['seed']}), "
+                     f"peak activation memory {mib(c.get('peak_activation_bytes') or 0)}")
+    for key, label in (("ppl_before", "perplexity before"), ("ppl_after", "perplexity after")):
+        if key in body.get("metrics", {}):
+            m = body["metrics"][key]
+            lines.append(f"- {label}: {m['ppl']:.3f} ({m['windows']} windows, {m['tokens']} tokens)")
+    lines += ["", "| layer | K | N | format | method | weight rel. error | GPTQ loss | time |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, q in graph.quantized.items():
         if q.op == "wna16_embedding":
             lines.append(f"| {name} (embedding) | {q.in_features} | {q.out_features} | {q.spec.describe()} | "
-                         f"{q.method} | {q.stats.get('weight_rel_err', '')} |")
+                         f"{q.method} | {q.stats.get('weight_rel_err', '')} | - | - |")
     for site in graph.sites.values():
         q = graph.quantized.get(site.name)
         if q is None:
-            lines.append(f"| {site.name} | {site.in_features} | {site.out_features} | float | - | - |")
+            lines.append(f"| {site.name} | {site.in_features} | {site.out_features} | float | - | - | - | - |")
         else:
-            err = q.stats.get("weight_rel_err", "")
-            lines.append(f"| {site.name} | {q.in_features} | {q.out_features} | {q.spec.describe()} | {q.method} | {err} |")
+            st = q.stats
+            t = f"{st['seconds']:.2f}s" if "seconds" in st else "-"
+            lines.append(f"| {site.name} | {q.in_features} | {q.out_features} | {q.spec.describe()} | {q.method} | "
+                         f"{st.get('weight_rel_err', '')} | {st.get('loss', '-')} | {t} |")
     path.write_text("\n".join(lines) + "\n")
