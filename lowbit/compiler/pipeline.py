@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +12,7 @@ import torch
 from lowbit.compiler import artifact
 from lowbit.compiler.frontend import (hash_model_folder, load_model, load_tokenizer, max_positions, read_config,
                                      resolve_model_path, trace)
+from lowbit.compiler.lower_hf_gptq import check_exportable, write_hf_gptq
 from lowbit.compiler.lower_torch import write_torch_target
 from lowbit.compiler.progress import say, timed
 from lowbit.compiler.recipe import load_recipe
@@ -20,7 +21,7 @@ from lowbit.errors import LowbitError
 from lowbit.passes.gptq import gptq_pass
 from lowbit.passes.rtn import quantizable, rtn_pass
 
-TARGETS = ("torch",)
+TARGETS = ("torch", "hf-gptq")
 PASSES = {"rtn": rtn_pass, "gptq": gptq_pass}
 
 
@@ -66,6 +67,9 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         raise LowbitError("no output folder given; pass -o DIR")
     out = Path(out)
     recipe = load_recipe(recipe)
+    if target == "hf-gptq":
+        # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.
+        recipe = replace(recipe, min_zero=1)
     calib = calib or CalibrationArgs()
     device = pick_device(device)
     artifact.check_output_dir(out, force)
@@ -101,6 +105,8 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     with timed(timings, "trace"):
         graph = trace(loaded)
     check_groups(graph, recipe)
+    if target == "hf-gptq":
+        check_exportable(graph, recipe)
     say(f"loaded {model} in {timings['load']:.1f}s, traced in {timings['trace']:.1f}s: {len(graph.sites)} "
         f"quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", quiet)
     metrics: dict = {}
@@ -129,7 +135,8 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
 
     def fill(tmp: Path) -> dict:
         with timed(timings, "write", quiet, f"writing artifact {out}"):
-            sizes = write_torch_target(tmp, graph, loaded)
+            sizes = write_torch_target(tmp, graph, loaded) if target == "torch" else \
+                write_hf_gptq(tmp, graph, loaded, recipe)
         timings["total"] = round(time.perf_counter() - t0, 3)
         body = {"target": target,
                 "source": {"path": str(loaded.path.resolve()), "model_type": loaded.model_type,

@@ -74,6 +74,7 @@ class Recipe:
     damp: float = 0.01                # dampening, fraction of the Hessian's mean diagonal
     block: int = 128                  # lazy batch width
     hessian_dtype: str = "float32"
+    min_zero: int = 0                 # set by targets whose format cannot store a zero point below it
     overrides: list[Override] = field(default_factory=list)
 
     def __post_init__(self):
@@ -111,7 +112,7 @@ class Recipe:
             return None
         if layer in HEAD_NAMES and not self.quantize_lm_head:
             return None
-        spec = QuantSpec(self.bits, self.group_size, self.sym)
+        spec = QuantSpec(self.bits, self.group_size, self.sym, self.min_zero)
         for o in self.overrides:
             if fnmatch.fnmatchcase(layer, o.pattern):
                 if o.skip:

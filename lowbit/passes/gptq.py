@@ -21,7 +21,7 @@ lowbit's choices beyond the reference code
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -144,7 +144,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
                 if end > i2:
                     pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
                     cur = torch.cat([cur, pending], dim=1)
-                s, z = compute_qparams(cur, QuantSpec(spec.bits, 0, spec.sym), mse=opts.mse)
+                s, z = compute_qparams(cur, replace(spec, group_size=0), mse=opts.mse)
                 cur_s, cur_z = s[:, 0].to(dtype), z[:, 0].to(dtype)
                 scales[:, col // g], zeros[:, col // g] = cur_s, cur_z
             code = torch.clamp(torch.round(w / cur_s) + cur_z, 0, maxq)
