@@ -130,8 +130,9 @@ class StreamingCalibrator:
                     del env[a]
             if node not in last_use:                 # a value nobody we run reads (a target's output)
                 env.pop(node, None)
+            # Activations only: constants (weights read by get_attr) are not part of the frontier.
             self.stats.peak_frontier_bytes = max(self.stats.peak_frontier_bytes,
-                                                 sum(_nbytes(v) for v in env.values()))
+                                                 sum(_nbytes(v) for n, v in env.items() if n.op != "get_attr"))
         g.finalize()
         g.gm.to("cpu")
         return self.stats
