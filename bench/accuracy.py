@@ -1,10 +1,12 @@
-"""Perplexity table on the demo model (SmolLM2-135M) and the demo eval.txt, 512-token windows.
+"""Perplexity table on the demo model (SmolLM2-135M) and the demo eval.txt, 512-token windows: FP, RTN, GPTQ.
 
     python bench/accuracy.py                      # FP and every RTN setting, the whole eval.txt
     python bench/accuracy.py --recipes rtn-w4g64 --max-windows 40 --json out/acc.json
 
-Each row: recipe, perplexity, ratio to FP, quantization (compile) time, size of the quantized layers
-and of the whole weights file. The FP row uses the float model folder itself.
+Each row: recipe, perplexity, ratio to FP, quantization time (the pass, calibration forward included),
+size of the quantized layers and of the whole weights file. The FP row uses the float model folder.
+GPTQ rows calibrate on --calib-samples random 512-token windows of calib.txt (seed 0); "-noact" is the
+paper's column order, "-mse" adds the clipping search for scales.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from pathlib import Path
 import lowbit
 from lowbit.assets import ensure_assets
 from lowbit.compiler.artifact import read_manifest
+from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.cli import run_script
 from lowbit.eval import evaluate_perplexity
 
-DEFAULT = ["rtn-w8", "rtn-w4g128", "rtn-w4g64", "rtn-w3g64"]
+DEFAULT = ["rtn-w8", "rtn-w4g128", "gptq-w4g128", "gptq-w4g128-noact",
+           "rtn-w4g64", "rtn-w4g64-mse", "gptq-w4g64", "gptq-w4g64-noact", "gptq-w4g64-mse",
+           "rtn-w3g64", "rtn-w3g64-mse", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-mse"]
 
 
-def run(recipes, seq_len: int, max_windows, workdir: Path) -> list[dict]:
+def run(recipes, seq_len: int, max_windows, workdir: Path, calib) -> list[dict]:
     paths = ensure_assets()
     rows = []
     t0 = time.perf_counter()
@@ -35,7 +40,7 @@ def run(recipes, seq_len: int, max_windows, workdir: Path) -> list[dict]:
                  "file_mib": model_bytes / 2**20, "eval_s": time.perf_counter() - t0, "tokens": fp["tokens"]})
     for name in recipes:
         art = workdir / name
-        lowbit.compile("demo", recipe=name, out=art, force=True, quiet=True)
+        lowbit.compile("demo", recipe=name, out=art, force=True, quiet=True, calib=calib)
         m = read_manifest(art)
         quant_s = sum(v for k, v in m["timings"].items() if k.startswith("pass_"))
         t0 = time.perf_counter()
@@ -66,10 +71,14 @@ def main() -> int:
     ap.add_argument("--max-windows", type=int, default=0, help="0 = the whole eval.txt")
     ap.add_argument("--json", help="also write the rows as JSON here")
     ap.add_argument("--workdir", help="keep the artifacts here (default: a temp folder)")
+    ap.add_argument("--calib-samples", type=int, default=128, help="GPTQ calibration windows of calib.txt")
+    ap.add_argument("--calib-seq-len", type=int, default=512)
     a = ap.parse_args()
+    calib = CalibrationArgs("demo", a.calib_samples, a.calib_seq_len, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run(a.recipes, a.seq_len, a.max_windows or None, Path(a.workdir or tmp))
-    print(f"\nSmolLM2-135M-Instruct, demo eval.txt, {rows[0]['tokens']} predicted tokens in {a.seq_len}-token windows\n")
+        rows = run(a.recipes, a.seq_len, a.max_windows or None, Path(a.workdir or tmp), calib)
+    print(f"\nSmolLM2-135M-Instruct, demo eval.txt, {rows[0]['tokens']} predicted tokens in {a.seq_len}-token "
+          f"windows; GPTQ calibrated on {a.calib_samples} x {a.calib_seq_len} tokens of calib.txt\n")
     print(markdown(rows))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,7 @@ class StreamingCalibrator:
             stack.extend(n.all_input_nodes)
         return needed
 
+    @torch.no_grad()    # weights require grad: without this every activation would stay alive in autograd
     def run(self, targets: list[str], quantize: QuantizeFn, on_layer: Optional[Callable] = None):
         """Quantize the sites named in ``targets`` (graph order); ``on_layer(site, q)`` after each one."""
         g = self.graph
