@@ -141,3 +141,18 @@ def test_bad_calibration_inputs(model_dirs, calib_file, tmp_path, capsys):
     ao.write_text('method = "gptq"\nact_order = true\nstatic_groups = false\n')
     _bad(capsys, tmp_path, ["compile", model_dirs["llama"], "-o", out, "-r", ao], "set static_groups = true")
     _bad(capsys, tmp_path, base + ["--device", "tpu"], "unknown --device")
+
+
+def test_checkpoint_refuses_a_different_command(tmp_path):
+    from lowbit.compiler.checkpoint import Checkpoint, checkpoint_dir
+    from lowbit.errors import LowbitError
+
+    out = tmp_path / "art"
+    Checkpoint(out, {"recipe": "a"}, resume=False, quiet=True)
+    assert checkpoint_dir(out).is_dir()
+    with pytest.raises(LowbitError, match="different command"):
+        Checkpoint(out, {"recipe": "b"}, resume=True, quiet=True)
+    fresh = Checkpoint(out, {"recipe": "b"}, resume=False, quiet=True)     # without --resume: start over
+    assert fresh.layers == {} and checkpoint_dir(out).is_dir()
+    fresh.discard()
+    assert not checkpoint_dir(out).exists()
