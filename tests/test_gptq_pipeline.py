@@ -16,7 +16,7 @@ from lowbit.compiler.recipe import load_recipe
 from lowbit.passes.gptq import Hessian
 from lowbit.passes.rtn import quantize_layer
 
-from conftest import VOCAB, sample_text
+from conftest import sample_text
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,6 @@ def test_calibration_is_true_sequential(model_dirs, calib_file):
         return hs.value()
 
     name = "model.layers.1.mlp.down_proj"
-    quantized_model = lowbit.runtime.torch_backend.QuantLinear  # noqa: F841  (the runtime's module type)
     # Reference: rebuild the quantized model by swapping quantized layers into a float copy.
     from lowbit.runtime.torch_backend import _swap, quant_module
 

@@ -31,10 +31,11 @@ def describe(path, as_json: bool = False) -> str:
            "timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()),
            "tools      " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()),
            f"layers     {len(layers)} quantized of {s.get('matmul_layers', '?')} matmuls"]
-    for name, l in layers.items():
-        group = "ch" if l["group_size"] >= l["in_features"] else l["group_size"]
-        out.append(f"  {name:48s} {l['in_features']:>6d}x{l['out_features']:<6d} w{l['bits']} g{group} "
-                   f"{'sym' if l['sym'] else 'asym'} {l['method']}")
+    for name, layer in layers.items():
+        group = "ch" if layer["group_size"] >= layer["in_features"] else layer["group_size"]
+        kind = " embedding" if layer["op"] == "wna16_embedding" else ""
+        out.append(f"  {name:48s} {layer['in_features']:>6d}x{layer['out_features']:<6d} w{layer['bits']} g{group} "
+                   f"{'sym' if layer['sym'] else 'asym'} {layer['method']}{kind}")
     out.append("files")
     for name, digest in m["files"].items():
         out.append(f"  {name:40s} {(path / name).stat().st_size:>12d} B  sha256 {digest[:16]}...")
