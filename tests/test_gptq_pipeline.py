@@ -137,8 +137,8 @@ def test_bad_calibration_inputs(model_dirs, calib_file, tmp_path, capsys):
     bits.write_text('method = "gptq"\nbits = 1\n')
     _bad(capsys, tmp_path, ["compile", model_dirs["llama"], "-o", out, "-r", bits], "bits=1 is out of range")
     ao = tmp_path / "ao.toml"
-    ao.write_text('method = "gptq"\nact_order = true\nstatic_groups = false\n')
-    _bad(capsys, tmp_path, ["compile", model_dirs["llama"], "-o", out, "-r", ao], "set static_groups = true")
+    ao.write_text('method = "gptq"\ndamp = 0.0\n')
+    _bad(capsys, tmp_path, ["compile", model_dirs["llama"], "-o", out, "-r", ao], "damp=0.0 is out of range")
     _bad(capsys, tmp_path, base + ["--device", "tpu"], "unknown --device")
 
 

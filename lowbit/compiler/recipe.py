@@ -94,9 +94,7 @@ class Recipe:
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise LowbitError(f"recipe '{self.name}': hessian_dtype '{self.hessian_dtype}'; valid: "
                               f"{', '.join(HESSIAN_DTYPES)}")
-        if self.method == "gptq" and self.act_order and not self.static_groups:
-            raise LowbitError(f"recipe '{self.name}': act_order without static_groups would need a g_idx gather "
-                              "at run time, which lowbit's formats avoid; set static_groups = true")
+
 
     @property
     def needs_calibration(self) -> bool:

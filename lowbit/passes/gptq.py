@@ -8,12 +8,12 @@ inverse updates.
 
 lowbit's choices beyond the reference code
 ------------------------------------------
-- act-order with *static groups*: columns are processed in order of decreasing H_ii, but each column
-  uses the scale/zero of its own contiguous group (computed before any update), so the stored weight has
-  ordinary contiguous groups and the runtime needs no ``g_idx`` gather.
-- Without static groups, a group's scale/zero is computed from the *current* (already error-updated)
-  values of its columns, including the pending lazy-batch updates; the reference code reads stale
-  columns when a group starts inside a lazy block.
+- Groups are always contiguous in K, so the stored weight never needs a ``g_idx`` gather, act-order
+  (columns processed by decreasing H_ii) included. A group's scale/zero is either *static* (from the
+  original weight, before any update) or fixed when the group's first column comes up, from the
+  *current* (error-updated) values of all its columns, including the lazy-batch updates still pending
+  for columns past the block; the reference code reads stale columns when a group starts inside a
+  lazy block.
 - Dampening grows (x10, with a warning) until the Cholesky factorization succeeds.
 - Optional MSE clipping search for the scales (``mse=True``), shared with RTN via ``passes.quantize``.
 """
@@ -94,8 +94,6 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
     g = spec.group(k)
     grouped = g < k
     maxq = spec.maxq
-    if opts.act_order and grouped and not opts.static_groups:
-        raise ValueError("act_order with groups needs static_groups: lowbit stores contiguous groups (no g_idx)")
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -121,8 +119,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         scales, zeros = static
     cols = orig_col.tolist()
     group_of = [c // g for c in cols]
+    # Permuted positions of every contiguous group's columns (for groups fixed at first touch).
+    pos_of = torch.empty(k, dtype=torch.long, device=W.device)
+    pos_of[orig_col] = torch.arange(k, device=W.device)
+    group_pos = [pos_of[j * g:min((j + 1) * g, k)] for j in range(num_groups(k, g))]
+    have = [static is not None] * num_groups(k, g)
     loss = 0.0
-    cur_s = cur_z = None
     for i1 in range(0, k, opts.block):
         i2 = min(i1 + opts.block, k)
         W1 = W[:, i1:i2].clone()
@@ -133,20 +135,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, 
         for i in range(i2 - i1):
             col = i1 + i
             w = W1[:, i]
-            if static is not None:
-                gi = group_of[col]
-                cur_s, cur_z = scales[:, gi], zeros[:, gi]
-            elif col % g == 0:
-                # Dynamic groups (no act-order): params from the group's current values, the columns past
-                # this lazy block included with the updates still pending for them.
-                end = min(col + g, k)
-                cur = W1[:, i:min(end - i1, i2 - i1)]
-                if end > i2:
-                    pending = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
-                    cur = torch.cat([cur, pending], dim=1)
+            gi = group_of[col]
+            if not have[gi]:
+                # Dynamic groups: fixed when the group's first column comes up, from the current values
+                # of all its columns (none quantized yet), including the lazy-batch updates still pending
+                # for columns past this block. Groups stay contiguous in K, act-order or not.
+                pos = group_pos[gi]
+                in_block = pos < i2
+                cur = torch.empty(n, pos.numel(), dtype=dtype, device=W.device)
+                cur[:, in_block] = W1[:, pos[in_block] - i1]
+                later = pos[~in_block]
+                if later.numel():
+                    cur[:, ~in_block] = W[:, later] - Err1[:, :i] @ Hinv[i1:col][:, later]
                 s, z = compute_qparams(cur, replace(spec, group_size=0), mse=opts.mse)
-                cur_s, cur_z = s[:, 0].to(dtype), z[:, 0].to(dtype)
-                scales[:, col // g], zeros[:, col // g] = cur_s, cur_z
+                scales[:, gi], zeros[:, gi] = s[:, 0].to(dtype), z[:, 0].to(dtype)
+                have[gi] = True
+            cur_s, cur_z = scales[:, gi], zeros[:, gi]
             code = torch.clamp(torch.round(w / cur_s) + cur_z, 0, maxq)
             q = (code - cur_z) * cur_s
             C1[:, i], Q1[:, i] = code, q
