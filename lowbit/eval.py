@@ -80,8 +80,9 @@ def scorer(target: str):
             raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder")
         if eng.tokenizer is None:
             raise LowbitError(f"artifact '{target}' has no tokenizer; cannot tokenize text")
-        mp = getattr(eng.config, "max_position_embeddings", None) or getattr(eng.config, "n_positions", None)
-        return (lambda ids: eng.forward(ids)), eng.tokenizer, mp, f"artifact {target}"
+        from lowbit.compiler.frontend import max_positions
+
+        return (lambda ids: eng.forward(ids)), eng.tokenizer, max_positions(eng.config), f"artifact {target}"
     from lowbit.compiler.frontend import load_model
 
     loaded = load_model(target)

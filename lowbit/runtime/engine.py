@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -20,6 +22,9 @@ class Engine:
         self.path, self.manifest, self.model, self.tokenizer, self.backend = path, manifest, model, tokenizer, backend
         self.task = manifest["source"]["task"]
         self.config = model.config
+        # transformers renamed past_key_values -> cache (5.x); look the name up once, not per decode step.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def load(cls, path, backend: str = "auto", dtype: torch.dtype = torch.float32, verify: bool = True) -> "Engine":
@@ -47,19 +52,11 @@ class Engine:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         if past_key_values is None and position_ids is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        # transformers renamed past_key_values -> cache (5.x); pass whichever this version takes.
         kw = {self._cache_kw: past_key_values}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **kw)
         cache = getattr(out, "past_key_values", None)
         return out.logits, cache if cache is not None else getattr(out, "cache", None)
-
-    @property
-    def _cache_kw(self) -> str:
-        import inspect
-
-        params = inspect.signature(self.model.forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
 
     __call__ = forward
 
@@ -71,10 +68,12 @@ class Engine:
         """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token."""
         from transformers import DynamicCache
 
+        from lowbit.compiler.frontend import max_positions
+
         if self.task != "causal-lm":
             raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
-        max_pos = int(getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", 0) or 0)
-        if max_pos and input_ids.shape[1] + max_new_tokens > max_pos:
+        max_pos = max_positions(self.config)
+        if input_ids.shape[1] + max_new_tokens > max_pos:
             raise LowbitError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                               f"model's context of {max_pos} tokens; shorten the prompt or generate fewer tokens")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
