@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
