@@ -17,7 +17,7 @@ def _cmd_compile(a) -> int:
     calib = CalibrationArgs(a.calib, a.calib_samples, a.calib_seq_len, a.seed)
     out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet,
                         calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
-                        eval_seq_len=a.eval_seq_len)
+                        eval_seq_len=a.eval_seq_len, onnx_accuracy_level=a.onnx_accuracy_level)
     print(out)
     return 0
 
@@ -25,7 +25,7 @@ def _cmd_compile(a) -> int:
 def _cmd_run(a) -> int:
     from lowbit.runtime.engine import Engine
 
-    eng = Engine.load(a.artifact, backend=a.backend)
+    eng = Engine.load(a.artifact, backend=a.backend, provider=a.provider)
     texts = eng.generate(a.prompt, max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
                          top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     for prompt, text in zip(a.prompt, texts):
@@ -40,7 +40,8 @@ def _cmd_eval(a) -> int:
     from lowbit.eval import evaluate_perplexity
 
     result = evaluate_perplexity(a.target, a.text, seq_len=a.seq_len, max_windows=a.max_windows,
-                                 batch_size=a.batch_size, show_progress=not a.quiet)
+                                 batch_size=a.batch_size, show_progress=not a.quiet, backend=a.backend,
+                                 provider=a.provider)
     if a.json:
         print(json.dumps(result))
     else:
@@ -78,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="quantize a model into an artifact folder")
     c.add_argument("model", help="local transformers model folder, or 'demo'")
     c.add_argument("--recipe", "-r", default="rtn-w4g128", help="built-in recipe name or .toml file (see 'lowbit recipes')")
-    c.add_argument("--target", "-t", default="torch", help="what to emit: torch (default)")
+    c.add_argument("--target", "-t", default="torch",
+                   help="what to emit: torch (default), onnx (ONNX Runtime; also runs on torch), hf-gptq")
+    c.add_argument("--onnx-accuracy-level", type=int, default=0, metavar="N",
+                   help="MatMulNBits accuracy_level for --target onnx: 0 exact float math (default), "
+                        "4 int8 activations inside the kernel (faster on CPU, less exact)")
     c.add_argument("--output", "-o", required=True, help="artifact folder to create")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -102,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--backend", default="auto", help="auto | torch")
+    r.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts) | torch | ort")
+    r.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
     r.add_argument("--json", action="store_true", help="one JSON object per prompt")
     r.set_defaults(fn=_cmd_run)
 
@@ -112,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     e.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--backend", default="auto", help="for artifacts: auto (ort for onnx artifacts) | torch | ort")
+    e.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
     e.add_argument("--json", action="store_true", help="print {ppl, tokens, windows, ...} as JSON")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(fn=_cmd_eval)

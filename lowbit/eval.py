@@ -68,14 +68,14 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def scorer(target: str):
+def scorer(target: str, backend: str = "auto", provider: str = "auto"):
     """(logits_fn, tokenizer, max_positions, label) for an artifact folder or a model folder / 'demo'."""
     from lowbit.compiler.artifact import is_artifact
 
     if target != "demo" and is_artifact(target):
         from lowbit.runtime.engine import Engine
 
-        eng = Engine.load(target)
+        eng = Engine.load(target, backend=backend, provider=provider)
         if eng.task != "causal-lm":
             raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder")
         if eng.tokenizer is None:
@@ -85,6 +85,8 @@ def scorer(target: str):
         return (lambda ids: eng.forward(ids)), eng.tokenizer, max_positions(eng.config), f"artifact {target}"
     from lowbit.compiler.frontend import load_model
 
+    if backend != "auto":
+        raise LowbitError(f"--backend {backend} applies to compiled artifacts; '{target}' is a model folder")
     loaded = load_model(target)
     if loaded.task != "causal-lm":
         raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder")
@@ -96,9 +98,10 @@ def scorer(target: str):
 
 
 def evaluate_perplexity(target: str, text: str, seq_len: int = 512, max_windows: Optional[int] = None,
-                        batch_size: int = 1, show_progress: bool = True) -> dict:
+                        batch_size: int = 1, show_progress: bool = True, backend: str = "auto",
+                        provider: str = "auto") -> dict:
     text = read_text(text)               # cheap checks first: a missing file fails before a model loads
-    fn, tok, max_pos, _ = scorer(target)
+    fn, tok, max_pos, _ = scorer(target, backend, provider)
     if max_pos and seq_len > max_pos:
         raise LowbitError(f"--seq-len {seq_len} is longer than the model's context of {max_pos} tokens")
     wins = windows(tok, text, seq_len, max_windows)

@@ -70,7 +70,7 @@ class QuantizedLayer:
     """
 
     name: str
-    op: str                       # "wna16_linear" | "wna16_embedding"
+    op: str                       # "wna16_linear" | "w8a8_linear" | "wna16_embedding"
     spec: QuantSpec
     in_features: int
     out_features: int
@@ -232,8 +232,8 @@ class Graph:
         self.quantized[site.name] = q
 
     def replace_with_quantized(self, site: MatmulSite, q: QuantizedLayer):
-        """Swap the site's matmul for ``lowbit::wna16_linear`` reading ``q``'s packed buffers."""
-        self._swap_node(site, torch.ops.lowbit.wna16_linear.default, lambda a: (
+        """Swap the site's matmul for ``q``'s op (``lowbit::wna16_linear`` / ``w8a8_linear``) on packed buffers."""
+        self._swap_node(site, getattr(torch.ops.lowbit, q.op).default, lambda a: (
             site.input_node, a["qweight"], a["scales"], a["zeros"], a.get("bias"), q.spec.bits, q.group_size,
             q.in_features), q)
 

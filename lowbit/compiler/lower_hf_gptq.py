@@ -49,6 +49,9 @@ def check_exportable(graph, recipe):
         raise LowbitError("target hf-gptq cannot store a quantized embedding; set quantize_embeddings = false")
     first_site, first = planned[0]
     for site, spec in planned:
+        if spec.act_bits:
+            raise LowbitError(f"target hf-gptq is weight-only; layer {site.name} has INT{spec.act_bits} activations "
+                              "(use --target torch or onnx for W8A8 recipes)")
         if spec.bits not in SUPPORTED_BITS:
             raise LowbitError(f"target hf-gptq supports {' and '.join(map(str, SUPPORTED_BITS))}-bit weights; "
                               f"layer {site.name} would have {spec.bits} bits")

@@ -67,7 +67,7 @@ def size_report(graph: Graph, model, weights_path: Path) -> dict:
     matmul_float = sum(s.in_features * s.out_features * elem for s in graph.sites.values())
     quantized_float = sum(q.in_features * q.out_features * elem for q in graph.quantized.values())
     quantized_bytes = sum(q.nbytes for q in graph.quantized.values())
-    matmuls = [q for q in graph.quantized.values() if q.op == "wna16_linear"]
+    matmuls = [q for q in graph.quantized.values() if q.op.endswith("_linear")]
     matmul_after = matmul_float - sum(q.in_features * q.out_features * elem - q.nbytes for q in matmuls)
     seen, model_bytes = set(), 0
     for t in model.state_dict().values():

@@ -21,7 +21,7 @@ from lowbit.errors import LowbitError
 from lowbit.passes.gptq import gptq_pass
 from lowbit.passes.rtn import quantizable, rtn_pass
 
-TARGETS = ("torch", "hf-gptq")
+TARGETS = ("torch", "onnx", "hf-gptq")
 PASSES = {"rtn": rtn_pass, "gptq": gptq_pass}
 
 
@@ -57,7 +57,7 @@ def check_groups(graph, recipe):
 def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=None, force: bool = False,
                   quiet: bool = False, calib: Optional[CalibrationArgs] = None, device: str = "auto",
                   resume: bool = False, eval_text: Optional[str] = None, eval_windows: int = 40,
-                  eval_seq_len: int = 512) -> Path:
+                  eval_seq_len: int = 512, onnx_accuracy_level: int = 0) -> Path:
     """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``."""
     from lowbit.compiler.checkpoint import Checkpoint
 
@@ -70,6 +70,10 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     if target == "hf-gptq":
         # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.
         recipe = replace(recipe, min_zero=1)
+    if target == "onnx":
+        from lowbit.compiler.lower_onnx import check_accuracy_level
+
+        check_accuracy_level(onnx_accuracy_level)
     calib = calib or CalibrationArgs()
     device = pick_device(device)
     artifact.check_output_dir(out, force)
@@ -107,6 +111,10 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     check_groups(graph, recipe)
     if target == "hf-gptq":
         check_exportable(graph, recipe)
+    if target == "onnx":
+        from lowbit.compiler.lower_onnx import check_onnx_exportable
+
+        check_onnx_exportable(graph, recipe)
     say(f"loaded {model} in {timings['load']:.1f}s, traced in {timings['trace']:.1f}s: {len(graph.sites)} "
         f"quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", quiet)
     metrics: dict = {}
@@ -135,8 +143,16 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
 
     def fill(tmp: Path) -> dict:
         with timed(timings, "write", quiet, f"writing artifact {out}"):
-            sizes = write_torch_target(tmp, graph, loaded) if target == "torch" else \
-                write_hf_gptq(tmp, graph, loaded, recipe)
+            sizes = write_hf_gptq(tmp, graph, loaded, recipe) if target == "hf-gptq" else \
+                write_torch_target(tmp, graph, loaded)
+        onnx_info = None
+        if target == "onnx":
+            from lowbit.compiler.lower_onnx import write_onnx_target
+
+            with timed(timings, "export_onnx", quiet, "exporting ONNX (torch.onnx, dynamo)"):
+                onnx_info = write_onnx_target(tmp, loaded.task, onnx_accuracy_level)
+            say(f"ONNX model: {onnx_info['bytes'] / 2**20:.1f} MiB, ops " + ", ".join(
+                f"{k} x{v}" for k, v in list(onnx_info["ops"].items())[:6]) + ", ...", quiet)
         timings["total"] = round(time.perf_counter() - t0, 3)
         body = {"target": target,
                 "source": {"path": str(loaded.path.resolve()), "model_type": loaded.model_type,
@@ -144,6 +160,8 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
                            "task": loaded.task, "sha256": source_hash},
                 "recipe": recipe.to_dict(), "timings": timings, "sizes": sizes, "metrics": metrics,
                 "device": device}
+        if onnx_info is not None:
+            body["onnx"] = onnx_info
         if recipe.needs_calibration:
             body["calibration"] = {**calib.to_dict(), "tokens": pass_info.get("calib_tokens"),
                                    "peak_activation_bytes": pass_info.get("peak_activation_bytes")}

@@ -12,6 +12,7 @@ float unless ``quantize_lm_head = true``, the token embedding unless ``quantize_
     quantize_lm_head = false
     quantize_embeddings = false  # the token embedding table, same format, rows = vocabulary
     mse = false                # clipping search for scales
+    act_bits = 0               # 8: per-token INT8 activations (W8A8); needs sym = true
     # method = "gptq" only:
     act_order = true           # with static_groups = true (contiguous groups, no g_idx)
     static_groups = true
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from lowbit.errors import LowbitError
-from lowbit.passes.quantize import MAX_BITS, MIN_BITS, QuantSpec
+from lowbit.passes.quantize import ACT_BITS, MAX_BITS, MIN_BITS, QuantSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,6 +56,7 @@ class Override:
     bits: Optional[int] = None
     group_size: Optional[int] = None
     sym: Optional[bool] = None
+    act_bits: Optional[int] = None
     skip: bool = False
 
 
@@ -68,6 +70,7 @@ class Recipe:
     quantize_lm_head: bool = False
     quantize_embeddings: bool = False
     mse: bool = False                 # clipping search for group scales (RTN and GPTQ)
+    act_bits: int = 0                 # 8: per-token dynamic INT8 activations (W8A8); needs sym weights
     # GPTQ only
     act_order: bool = True            # columns by decreasing Hessian diagonal
     static_groups: bool = True        # group params fixed up front: contiguous groups, no g_idx
@@ -87,6 +90,15 @@ class Recipe:
             if group is not None and group > 0 and group < 8:
                 raise LowbitError(f"{who} in '{self.name}': group_size={group} is too small; use >= 8, "
                                   "or <= 0 for per-channel")
+        for who, act, sym in [("recipe", self.act_bits, self.sym)] + [
+                (f"override '{o.pattern}'", self.act_bits if o.act_bits is None else o.act_bits,
+                 self.sym if o.sym is None else o.sym) for o in self.overrides if not o.skip]:
+            if act not in ACT_BITS:
+                raise LowbitError(f"{who} in '{self.name}': act_bits={act}; valid: "
+                                  f"{', '.join(map(str, ACT_BITS))} (0 keeps activations float)")
+            if act and not sym:
+                raise LowbitError(f"{who} in '{self.name}': act_bits={act} needs symmetric weights (sym = true) "
+                                  "so both matmul operands are plain integers")
         if not (0 < self.damp < 10):
             raise LowbitError(f"recipe '{self.name}': damp={self.damp} is out of range; valid: 0 < damp < 10")
         if self.block < 1:
@@ -110,13 +122,14 @@ class Recipe:
             return None
         if layer in HEAD_NAMES and not self.quantize_lm_head:
             return None
-        spec = QuantSpec(self.bits, self.group_size, self.sym, self.min_zero)
+        spec = QuantSpec(self.bits, self.group_size, self.sym, self.min_zero, self.act_bits)
         for o in self.overrides:
             if fnmatch.fnmatchcase(layer, o.pattern):
                 if o.skip:
                     return None
                 return replace(spec, **{k: v for k, v in (("bits", o.bits), ("group_size", o.group_size),
-                                                          ("sym", o.sym)) if v is not None})
+                                                          ("sym", o.sym), ("act_bits", o.act_bits))
+                                                   if v is not None})
         return spec
 
     def describe(self) -> str:
@@ -126,6 +139,7 @@ class Recipe:
                + (", symmetric" if self.sym else ", asymmetric"))
         if self.method == "gptq":
             out += ", act-order + static groups" if self.act_order else ", column order"
+        out += f", INT{self.act_bits} per-token activations" if self.act_bits else ""
         return out + (", MSE clipping" if self.mse else "")
 
     def to_dict(self) -> dict:
@@ -146,6 +160,8 @@ def _builtin() -> dict[str, Recipe]:
         r[base] = Recipe(base, "gptq", bits, group)
         r[f"{base}-noact"] = Recipe(f"{base}-noact", "gptq", bits, group, act_order=False, static_groups=False)
         r[f"{base}-mse"] = Recipe(f"{base}-mse", "gptq", bits, group, mse=True)
+    # W8A8: symmetric per-channel INT8 weights, per-token dynamic INT8 activations (ZeroQuant's W8A8).
+    r["zq-w8a8"] = Recipe("zq-w8a8", "rtn", 8, 0, sym=True, act_bits=8)
     return r
 
 
@@ -153,7 +169,7 @@ BUILTIN = _builtin()
 _FIELDS = {f for f in Recipe.__dataclass_fields__}
 _OVERRIDE_FIELDS = {f for f in Override.__dataclass_fields__}
 _TYPES = {"name": str, "method": str, "bits": int, "group_size": int, "sym": bool, "quantize_lm_head": bool,
-          "quantize_embeddings": bool, "mse": bool, "act_order": bool, "static_groups": bool, "damp": float,
+          "quantize_embeddings": bool, "mse": bool, "act_bits": int, "act_order": bool, "static_groups": bool, "damp": float,
           "block": int, "hessian_dtype": str,
           "pattern": str, "skip": bool}
 

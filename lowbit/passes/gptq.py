@@ -210,7 +210,7 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
         bias = None if bias is None else bias.detach().cpu().clone()      # the graph may live on the GPU
         stats = {"loss": round(r.loss, 6), "weight_rel_err": round(float((deq - w).norm() / w.norm().clamp_min(1e-12)), 6),
                  "seconds": round(time.perf_counter() - t0, 3), "damp": r.damp, "dead_inputs": r.dead}
-        return QuantizedLayer(name=site.name, op="wna16_linear", spec=spec, in_features=site.in_features,
+        return QuantizedLayer(name=site.name, op=spec.linear_op, spec=spec, in_features=site.in_features,
                               out_features=site.out_features, group_size=group, qweight=pack_codes(r.codes, spec.bits),
                               scales=r.scales, zeros=r.zeros, bias=bias,
                               method="gptq", stats=stats)

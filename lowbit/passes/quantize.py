@@ -30,6 +30,7 @@ import torch
 
 SCALE_DTYPE = torch.float16
 MIN_BITS, MAX_BITS = 2, 8
+ACT_BITS = (0, 8)          # activation bits: float, or per-token INT8
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,20 @@ class QuantSpec:
     sym: bool = False
     # Smallest allowed asymmetric zero point: 1 for formats that store "zero - 1" (the GPTQ checkpoint).
     min_zero: int = 0
+    # Activations at this matmul's input: 0 keeps them float (weight-only, "a16"); 8 quantizes them per token
+    # to symmetric INT8 at run time (W8A8), which needs symmetric weights so both operands are integers.
+    act_bits: int = 0
 
     def __post_init__(self):
         if not (MIN_BITS <= self.bits <= MAX_BITS):
             raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
+        if self.act_bits not in ACT_BITS:
+            raise ValueError(f"act_bits must be one of {ACT_BITS}, got {self.act_bits}")
+
+    @property
+    def linear_op(self) -> str:
+        """The ``lowbit::`` op a matmul with this spec lowers to."""
+        return "w8a8_linear" if self.act_bits else "wna16_linear"
 
     @property
     def maxq(self) -> int:
@@ -56,7 +67,7 @@ class QuantSpec:
 
     def describe(self) -> str:
         g = "ch" if self.group_size <= 0 else f"g{self.group_size}"
-        return f"w{self.bits}{g}{'-sym' if self.sym else ''}"
+        return f"w{self.bits}{g}{'-sym' if self.sym else ''}" + (f"-a{self.act_bits}" if self.act_bits else "")
 
 
 def num_groups(k: int, group: int) -> int:

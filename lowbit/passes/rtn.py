@@ -50,7 +50,7 @@ def rtn_pass(graph: Graph, recipe, show_progress: bool = True, **_) -> dict:
     todo = list(quantizable(graph, recipe))
     n_emb = quantize_embedding(graph, recipe)
     for site, spec in progress_bar(todo, desc="rtn", disable=not show_progress):
-        graph.replace_with_quantized(site, quantize_layer(site.name, "wna16_linear", graph.weight(site), spec,
+        graph.replace_with_quantized(site, quantize_layer(site.name, spec.linear_op, graph.weight(site), spec,
                                                           graph.bias(site), mse=recipe.mse))
     graph.finalize()
     return {"layers": len(todo) + n_emb}

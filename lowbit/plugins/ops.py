@@ -12,6 +12,12 @@ Ops
     [N, G]). Activations stay in float ("a16"); ``group_size`` is the effective group (K when
     per-channel).
 
+``lowbit::w8a8_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)``
+    Both operands integer: the weight as stored above but symmetric (``code - zero`` is its signed value,
+    within int8 for any bits <= 8), the activations quantized per token (row) to symmetric INT8 at run
+    time by ``quantize_rows_int8``. Products are summed in int32 per weight group, then scaled:
+    ``y[m, n] = sx[m] * sum_g acc_g[m, n] * sw[n, g] + bias[n]``: what an INT8 tensor-core kernel computes.
+
 ``lowbit::wna16_embedding(ids, qweight, scales, zeros, bits, group_size, dim, dtype)``
     Quantized embedding table lookup: the rows of W [V, dim] selected by ``ids``, dequantized to
     ``dtype``. Only the gathered rows are unpacked.
@@ -24,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lowbit.passes.quantize import dequantize_codes, unpack_codes
+from lowbit.passes.quantize import dequantize_codes, expand_groups, unpack_codes
 
 
 @torch.library.custom_op("lowbit::wna16_linear", mutates_args=())
@@ -47,6 +53,58 @@ def dequantized_weight(qweight, scales, zeros, bits: int, group_size: int, in_fe
                        dtype=torch.float32) -> torch.Tensor:
     """The float weight [N, K] a wna16_linear computes with (for tests, export and inspection)."""
     return dequantize_codes(unpack_codes(qweight, bits, in_features), scales, zeros, group_size, dtype)
+
+
+ACT_QMAX = 127          # symmetric INT8: codes in [-127, 127], so -x quantizes to -q exactly
+ACT_EPS = 1e-10         # smallest row scale: an all-zero row quantizes to zeros instead of NaN
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric INT8: (int8 codes [..., K], float32 scales [..., 1]) with x ~ codes * scale.
+
+    The same float32 steps (max|x| / 127, floor at ACT_EPS, divide, round half to even, clip) as the ONNX
+    lowering and the GPU kernels, so every backend gets bit-identical codes.
+    """
+    x = x.float()
+    scale = (x.abs().amax(dim=-1, keepdim=True) / ACT_QMAX).clamp_min(ACT_EPS)
+    return torch.round(x / scale).clamp(-ACT_QMAX, ACT_QMAX).to(torch.int8), scale
+
+
+def signed_weight(qweight, zeros, bits: int, in_features: int, group_size: int) -> torch.Tensor:
+    """The int8 weight [N, K] (``code - zero``) of a symmetric layer stored in the packed layout."""
+    codes = unpack_codes(qweight, bits, in_features).to(torch.int16)
+    z = expand_groups(zeros.to(torch.int16), in_features, group_size)
+    return (codes - z).to(torch.int8)
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int32 a [M, K] @ b [N, K].T: torch's int8 GEMM on CPU, float64 (exact for these sizes) elsewhere."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b.t())
+    return (a.double() @ b.double().t()).to(torch.int32)
+
+
+@torch.library.custom_op("lowbit::w8a8_linear", mutates_args=())
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    lead = x.shape[:-1]
+    xq, sx = quantize_rows_int8(x.reshape(-1, in_features))
+    w = signed_weight(qweight, zeros, bits, in_features, group_size)
+    sw = scales.float()
+    y = None
+    for g, k0 in enumerate(range(0, in_features, group_size)):
+        part = int8_matmul(xq[:, k0:k0 + group_size].contiguous(), w[:, k0:k0 + group_size].contiguous()).float()
+        part = part * sw[:, g]
+        y = part if y is None else y + part
+    y = y * sx
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, -1)
+
+
+@w8a8_linear.register_fake
+def _w8a8_linear_fake(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 @torch.library.custom_op("lowbit::wna16_embedding", mutates_args=())

@@ -11,51 +11,94 @@ import torch
 from lowbit.compiler import artifact
 from lowbit.errors import LowbitError
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "ort")
 
 
-class Engine:
-    """A loaded artifact. ``Engine.load(dir)``; then ``forward``, ``generate`` or ``embed``."""
+class TorchRunner:
+    """The torch backend's runner: the rebuilt transformers model with lowbit ops (``torch_backend``)."""
 
-    def __init__(self, path: Path, manifest: dict, model: torch.nn.Module, tokenizer, backend: str):
-        self.path, self.manifest, self.model, self.tokenizer, self.backend = path, manifest, model, tokenizer, backend
-        self.task = manifest["source"]["task"]
-        self.config = model.config
+    def __init__(self, model: torch.nn.Module, task: str):
+        self.model, self.task = model, task
         # transformers renamed past_key_values -> cache (5.x); look the name up once, not per decode step.
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
-    @classmethod
-    def load(cls, path, backend: str = "auto", dtype: torch.dtype = torch.float32, verify: bool = True) -> "Engine":
-        from lowbit.runtime.torch_backend import build_model
+    def start(self, batch: int):
+        from transformers import DynamicCache
 
+        return DynamicCache(config=self.model.config)
+
+    def step(self, input_ids, attention_mask, position_ids, cache):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, **{self._cache_kw: cache})
+        new = getattr(out, "past_key_values", None)
+        return out.logits, new if new is not None else getattr(out, "cache", None)
+
+    def full(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.task == "encoder":
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class Engine:
+    """A loaded artifact. ``Engine.load(dir)``; then ``forward``, ``generate`` or ``embed``.
+
+    The backend is a runner with ``full(ids, mask)`` (logits or hidden states of whole sequences),
+    ``start(batch)`` (an empty KV cache) and ``step(ids, mask, positions, cache)`` (logits, cache).
+    """
+
+    def __init__(self, path: Path, manifest: dict, runner, tokenizer, backend: str, config):
+        self.path, self.manifest, self.runner, self.tokenizer, self.backend = path, manifest, runner, tokenizer, backend
+        self.task = manifest["source"]["task"]
+        self.config = config
+        self.model = getattr(runner, "model", None)      # the torch module (torch backend only)
+
+    @classmethod
+    def load(cls, path, backend: str = "auto", dtype: torch.dtype = torch.float32, verify: bool = True,
+             provider: str = "auto", threads: int = 0) -> "Engine":
+        """Load an artifact. ``backend``: torch, ort (ONNX Runtime; ``provider`` auto/cpu/cuda), or auto (ort
+        for artifacts compiled with --target onnx, torch otherwise)."""
         path = Path(path)
         if backend not in BACKENDS:
             raise LowbitError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
         manifest = artifact.read_manifest(path, verify=verify)
         target = manifest.get("target")
-        if target != "torch":
-            raise LowbitError(f"artifact '{path}' was compiled for target '{target}', which backend "
-                              f"'{backend}' cannot run; recompile with --target torch")
-        model = build_model(path, dtype=dtype)
-        return cls(path, manifest, model, load_tokenizer(path / "tokenizer"), "torch")
+        if target not in ("torch", "onnx"):
+            raise LowbitError(f"artifact '{path}' was compiled for target '{target}', which lowbit's runtime cannot "
+                              f"run; recompile with --target torch or --target onnx")
+        if backend == "auto":
+            backend = "ort" if target == "onnx" else "torch"
+        if backend == "ort":
+            from transformers import AutoConfig
+
+            from lowbit.runtime.ort_backend import OrtRunner
+
+            runner = OrtRunner(path, manifest, provider=provider, threads=threads)
+            config = AutoConfig.from_pretrained(path)
+        else:
+            from lowbit.runtime.torch_backend import build_model
+
+            model = build_model(path, dtype=dtype)
+            runner, config = TorchRunner(model, manifest["source"]["task"]), model.config
+        return cls(path, manifest, runner, load_tokenizer(path / "tokenizer"), backend, config)
 
     # ---- forward ---------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 past_key_values=None, position_ids: Optional[torch.Tensor] = None):
-        """Logits [B, T, V] for a causal LM (hidden states for an encoder); with a cache, returns (logits, cache)."""
+        """Logits [B, T, V] for a causal LM (hidden states for an encoder); with a cache or positions, returns
+        (logits, cache): pass the cache back for the next step."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if self.task == "encoder":
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if past_key_values is None and position_ids is None:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        kw = {self._cache_kw: past_key_values}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **kw)
-        cache = getattr(out, "past_key_values", None)
-        return out.logits, cache if cache is not None else getattr(out, "cache", None)
+        if self.task == "encoder" or (past_key_values is None and position_ids is None):
+            return self.runner.full(input_ids, attention_mask)
+        if past_key_values is None:
+            past_key_values = self.runner.start(input_ids.shape[0])
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]
+        return self.runner.step(input_ids, attention_mask, position_ids, past_key_values)
 
     __call__ = forward
 
@@ -65,8 +108,6 @@ class Engine:
                      do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      seed: Optional[int] = None, stop_at_eos: bool = True) -> torch.Tensor:
         """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token."""
-        from transformers import DynamicCache
-
         from lowbit.compiler.frontend import max_positions
 
         if self.task != "causal-lm":
@@ -79,8 +120,7 @@ class Engine:
         eos = _eos_ids(self.config, self.tokenizer)
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        cache = DynamicCache(config=self.config)
-        logits, cache = self.forward(input_ids, mask, cache, positions)
+        logits, cache = self.runner.step(input_ids, mask, positions, self.runner.start(input_ids.shape[0]))
         out = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         for _ in range(max_new_tokens):
@@ -93,7 +133,7 @@ class Engine:
                 break
             mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
             positions = positions[:, -1:] + 1
-            logits, cache = self.forward(nxt[:, None], mask, cache, positions)
+            logits, cache = self.runner.step(nxt[:, None], mask, positions, cache)
         return out
 
     def generate(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 32, **kw) -> Union[str, list[str]]:

@@ -20,13 +20,19 @@ from lowbit.plugins import ops  # noqa: F401  (registers torch.ops.lowbit.*)
 from lowbit.passes.quantize import packed_cols, num_groups
 
 
-class QuantLinear(torch.nn.Module):
-    """``y = x @ W.T + b`` with W held packed (lowbit layout) and applied by ``lowbit::wna16_linear``."""
+LINEAR_OPS = ("wna16_linear", "w8a8_linear")
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, has_bias: bool):
+
+class QuantLinear(torch.nn.Module):
+    """``y = x @ W.T + b`` with W held packed (lowbit layout), applied by ``lowbit::wna16_linear`` (float
+    activations) or ``lowbit::w8a8_linear`` (per-token INT8 activations)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, has_bias: bool,
+                 op: str = "wna16_linear"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.op = bits, group_size, op
+        self._op = getattr(torch.ops.lowbit, op)
         g = num_groups(in_features, group_size)
         self.register_buffer("qweight", torch.empty(out_features, packed_cols(in_features, bits), dtype=torch.uint8))
         self.register_buffer("scales", torch.empty(out_features, g, dtype=torch.float16))
@@ -34,11 +40,12 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", torch.empty(out_features) if has_bias else None)
 
     def forward(self, x):
-        return torch.ops.lowbit.wna16_linear(x, self.qweight, self.scales, self.zeros, self.bias,
+        return self._op(x, self.qweight, self.scales, self.zeros, self.bias,
                                              self.bits, self.group_size, self.in_features)
 
     def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+        return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+                + (", int8 activations" if self.op == "w8a8_linear" else ""))
 
 
 class QuantEmbedding(torch.nn.Module):
@@ -63,15 +70,15 @@ class QuantEmbedding(torch.nn.Module):
 
 def quant_module(name: str, spec: dict, dtype: torch.dtype, path: Path) -> torch.nn.Module:
     """The runtime module for one graph.json layer entry."""
-    if spec["op"] == "wna16_linear":
+    if spec["op"] in LINEAR_OPS:
         return QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
-                           spec["has_bias"])
+                           spec["has_bias"], op=spec["op"])
     if spec["op"] == "wna16_embedding":
         return QuantEmbedding(spec["out_features"], spec["in_features"], spec["bits"], spec["group_size"], dtype)
     raise LowbitError(f"artifact '{path}': layer {name} uses op {spec['op']}, unknown to this lowbit; upgrade lowbit")
 
 
-def _swap(model: torch.nn.Module, name: str, module: torch.nn.Module):
+def swap_module(model: torch.nn.Module, name: str, module: torch.nn.Module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -85,7 +92,7 @@ def build_model(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Modu
     layers = json.loads((path / GRAPH_FILE).read_text())["layers"]
     model = build_empty(config, dtype=dtype)
     for name, spec in layers.items():
-        _swap(model, name, quant_module(name, spec, dtype, path))
+        swap_module(model, name, quant_module(name, spec, dtype, path))
     tensors = load_file(str(path / WEIGHTS_FILE))
     # Float weights in the runtime dtype; packed codes/scales/zeros exactly as stored.
     tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v)

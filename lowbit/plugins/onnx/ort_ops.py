@@ -1,0 +1,315 @@
+"""``lowbit::ort_*`` ops: ONNX Runtime operators as torch ops (reference + fake kernels + ONNX translation).
+
+Layouts (ONNX Runtime contrib-op specs):
+
+MatMulNBits, for a weight W [N, K] with ``bits`` in {4, 8} ("container" bits) and ``block_size`` a power of
+two >= 16: ``B`` uint8 [N, n_blocks, block_size * bits / 8], K padded with zeros up to n_blocks * block_size,
+codes low-nibble first for 4 bits; ``scales`` [N * n_blocks] in the activation dtype; ``zero_points`` uint8
+[N * ceil(n_blocks * bits / 8)], again low nibble first. 2- and 3-bit codes are stored in 4-bit
+containers, 5- to 7-bit codes in 8-bit ones: the math ``(q - z) * s`` is the same, so this is exact.
+lowbit groups that are not a power of two split into power-of-two blocks sharing their group's scale.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import LowbitError
+from lowbit.plugins.ops import ACT_EPS, ACT_QMAX, signed_weight
+from lowbit.passes.quantize import expand_groups, unpack_codes
+
+MIN_BLOCK = 16
+
+
+# ---- layout conversion (compile time) ----------------------------------------------------------------
+def container_bits(bits: int) -> int:
+    return 4 if bits <= 4 else 8
+
+
+def block_size_for(group: int, k: int) -> Optional[int]:
+    """The MatMulNBits block for a lowbit group: the group itself when a power of two, else its largest
+    power-of-two divisor; per-channel (group == K) is one block covering K. None when no block fits."""
+    if group >= k:
+        return max(MIN_BLOCK, 1 << (k - 1).bit_length())
+    block = group & -group            # largest power of two dividing group
+    return block if block >= MIN_BLOCK else None
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 2n] values < 16 -> uint8 [..., n], element 2i in the low nibble."""
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
+
+
+def to_matmul_nbits(qweight, scales, zeros, bits: int, group: int, k: int, dtype=torch.float32) -> dict:
+    """lowbit packed layer -> MatMulNBits tensors and attributes (raises when the group has no block)."""
+    block = block_size_for(group, k)
+    if block is None:
+        raise LowbitError(f"ONNX MatMulNBits needs blocks of a power of two >= {MIN_BLOCK}; group size {group} "
+                          "has none (use a group of 16, 32, 64, 128, ... or per-channel)")
+    cb = container_bits(bits)
+    codes = unpack_codes(qweight, bits, k)                                   # [N, K]
+    n = codes.shape[0]
+    n_blocks = -(-k // block)
+    codes = F.pad(codes, (0, n_blocks * block - k)).view(n, n_blocks, block)
+    b = _pack_nibbles(codes) if cb == 4 else codes.clone()
+    # Which lowbit group each block belongs to (blocks never straddle groups: block divides group).
+    owner = torch.clamp(torch.arange(n_blocks) * block // group, max=scales.shape[1] - 1)
+    s = scales[:, owner].to(dtype)
+    z = zeros[:, owner]
+    if cb == 4:
+        z = _pack_nibbles(F.pad(z, (0, n_blocks % 2)))
+    return {"b": b.contiguous(), "scales": s.reshape(-1).contiguous(), "zero_points": z.reshape(-1).contiguous(),
+            "bits": cb, "block_size": block}
+
+
+def to_matmul_a8(qweight, scales, zeros, bits: int, group: int, k: int) -> dict:
+    """lowbit symmetric packed layer -> int8 weight and float32 scales for ``MatMulInteger``: [K, N] and [N]
+    per-channel, else [G, group, N] (K zero-padded) and [G, 1, N], one int32 product per group."""
+    w = signed_weight(qweight, zeros, bits, k, group)                          # [N, K] int8
+    n, g = w.shape[0], scales.shape[1]
+    if g == 1:
+        return {"w": w.t().contiguous(), "scales": scales.float().reshape(n).contiguous()}
+    w = F.pad(w, (0, g * group - k)).view(n, g, group).permute(1, 2, 0)    # [G, group, N]
+    return {"w": w.contiguous(), "scales": scales.float().t().reshape(g, 1, n).contiguous()}
+
+
+def gather_block_ok(group: int, dim: int) -> bool:
+    """GatherBlockQuantized blocks: a power of two >= 16 that divides the row (no ragged or split groups)."""
+    return group >= MIN_BLOCK and group & (group - 1) == 0 and dim % group == 0
+
+
+def to_gather_nbits(qweight, scales, zeros, bits: int, group: int, dim: int, dtype=torch.float32) -> dict:
+    """lowbit packed embedding table -> GatherBlockQuantized tensors (uint8 data, 4- or 8-bit)."""
+    if not gather_block_ok(group, dim):
+        raise LowbitError(f"ONNX GatherBlockQuantized needs the embedding group ({group}) to be a power of two "
+                          f">= {MIN_BLOCK} that divides the embedding size {dim}; change the recipe's group_size "
+                          "or set quantize_embeddings = false")
+    cb = container_bits(bits)
+    codes = unpack_codes(qweight, bits, dim)
+    data = _pack_nibbles(codes) if cb == 4 else codes.clone()
+    z = _pack_nibbles(F.pad(zeros, (0, zeros.shape[1] % 2))) if cb == 4 else zeros.clone()
+    return {"data": data.contiguous(), "scales": scales.to(dtype).contiguous(), "zero_points": z.contiguous(),
+            "bits": cb, "block_size": group}
+
+
+# ---- torch ops with ONNX Runtime semantics ----------------------------------------------------------
+def _unpack_container(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    return _unpack_nibbles(packed) if bits == 4 else packed
+
+
+@torch.library.custom_op("lowbit::ort_matmul_nbits", mutates_args=())
+def ort_matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                     bias: Optional[torch.Tensor], K: int, N: int, bits: int, block_size: int,
+                     accuracy_level: int) -> torch.Tensor:
+    n_blocks = b.shape[1]
+    codes = _unpack_container(b, bits).reshape(N, n_blocks * block_size)[:, :K].float()
+    z = _unpack_container(zero_points.view(N, -1), bits)[:, :n_blocks].float()
+    s = scales.view(N, n_blocks).float()
+    w = (codes - expand_groups(z, K, block_size)) * expand_groups(s, K, block_size)
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+@ort_matmul_nbits.register_fake
+def _(x, b, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.custom_op("lowbit::ort_matmul_a8", mutates_args=())
+def ort_matmul_a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                  K: int, N: int, group: int) -> torch.Tensor:
+    x32 = x.float()
+    sx = (x32.abs().amax(-1, keepdim=True) / ACT_QMAX).clamp_min(ACT_EPS)
+    q = torch.round(x32 / sx).clamp(-ACT_QMAX, ACT_QMAX)
+    g = -(-K // group)
+    if g == 1:
+        y = (q.double() @ w.double()).float() * scales                       # exact int32 sums
+    else:
+        q = F.pad(q, (0, g * group - K)).reshape(-1, g, group).transpose(0, 1)   # [G, M, group]
+        acc = torch.bmm(q.double(), w.double())                                   # [G, M, N]
+        y = (acc.float() * scales).sum(0).reshape(*x.shape[:-1], N)
+    y = y * sx
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@ort_matmul_a8.register_fake
+def _(x, w, scales, bias, K, N, group):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.custom_op("lowbit::ort_gather_nbits", mutates_args=())
+def ort_gather_nbits(ids: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                     bits: int, block_size: int, dim: int) -> torch.Tensor:
+    flat = ids.reshape(-1)
+    codes = _unpack_container(data[flat], bits)[:, :dim].float()
+    z = _unpack_container(zero_points[flat], bits)[:, :scales.shape[1]].float()
+    rows = (codes - expand_groups(z, dim, block_size)) * expand_groups(scales[flat].float(), dim, block_size)
+    return rows.to(scales.dtype).reshape(*ids.shape, dim)
+
+
+@ort_gather_nbits.register_fake
+def _(ids, data, scales, zero_points, bits, block_size, dim):
+    return scales.new_empty((*ids.shape, dim))
+
+
+# ---- export modules ----------------------------------------------------------------------------------
+class OrtMatMulNBits(torch.nn.Module):
+    def __init__(self, layer, accuracy_level: int, dtype):
+        super().__init__()
+        t = to_matmul_nbits(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
+                            layer.in_features, dtype)
+        for name in ("b", "scales", "zero_points"):
+            self.register_buffer(name, t[name])
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.to(dtype))
+        self.k, self.n, self.bits, self.block_size = layer.in_features, layer.out_features, t["bits"], t["block_size"]
+        self.accuracy_level = accuracy_level
+
+    def forward(self, x):
+        return torch.ops.lowbit.ort_matmul_nbits(x, self.b, self.scales, self.zero_points, self.bias, self.k,
+                                                 self.n, self.bits, self.block_size, self.accuracy_level)
+
+
+class OrtMatMulA8(torch.nn.Module):
+    def __init__(self, layer, dtype):
+        super().__init__()
+        t = to_matmul_a8(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, layer.in_features)
+        self.register_buffer("w", t["w"])
+        self.register_buffer("scales", t["scales"])
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.to(dtype))
+        self.k, self.n, self.group = layer.in_features, layer.out_features, layer.group_size
+
+    def forward(self, x):
+        return torch.ops.lowbit.ort_matmul_a8(x, self.w, self.scales, self.bias, self.k, self.n, self.group)
+
+
+class OrtGatherNBits(torch.nn.Module):
+    def __init__(self, emb, dtype):
+        super().__init__()
+        t = to_gather_nbits(emb.qweight, emb.scales, emb.zeros, emb.bits, emb.group_size, emb.embedding_dim, dtype)
+        for name in ("data", "scales", "zero_points"):
+            self.register_buffer(name, t[name])
+        self.bits, self.block_size, self.dim = t["bits"], t["block_size"], emb.embedding_dim
+
+    def forward(self, ids):
+        return torch.ops.lowbit.ort_gather_nbits(ids, self.data, self.scales, self.zero_points, self.bits,
+                                                 self.block_size, self.dim)
+
+
+def for_onnx(model: torch.nn.Module, accuracy_level: int = 0, dtype=torch.float32) -> dict:
+    """Swap the runtime's quantized modules for their ONNX Runtime forms in place; returns counts by op."""
+    from lowbit.runtime.torch_backend import QuantEmbedding, QuantLinear, swap_module
+
+    counts: dict = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear):
+            new = OrtMatMulA8(mod, dtype) if mod.op == "w8a8_linear" else OrtMatMulNBits(mod, accuracy_level, dtype)
+        elif isinstance(mod, QuantEmbedding):
+            new = OrtGatherNBits(mod, dtype)
+        else:
+            continue
+        swap_module(model, name, new)
+        counts[type(new).__name__] = counts.get(type(new).__name__, 0) + 1
+    return counts
+
+
+# ---- ONNX translations (onnxscript, used by torch.onnx.export's custom_translation_table) -------------
+def _translations() -> dict:
+    from onnxscript import opset18 as op
+    from onnxscript.values import Opset
+
+    register_contrib_schemas()
+    ms = Opset("com.microsoft", 1)
+    matmul_nbits_op, gather_block_quantized_op = ms.MatMulNBits, ms.GatherBlockQuantized
+    INT8, FLOAT = 3, 1               # onnx.TensorProto element types
+
+    def matmul_nbits(x, b, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
+        return matmul_nbits_op(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
+                              accuracy_level=accuracy_level)
+
+    def matmul_a8(x, w, scales, bias, K, N, group):
+        # ONNX Runtime's fused DynamicQuantizeMatMul uses one scale per tensor, not per token, so the
+        # per-token semantics need this standard-op subgraph (all of it runs on ONNX Runtime's CPU EP).
+        amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+        sx = op.Max(op.Div(amax, op.Constant(value_float=float(ACT_QMAX))), op.Constant(value_float=ACT_EPS))
+        q = op.Clip(op.Round(op.Div(x, sx)), op.Constant(value_float=-float(ACT_QMAX)),
+                    op.Constant(value_float=float(ACT_QMAX)))
+        q = op.Cast(q, to=INT8)
+        g = -(-K // group)
+        if g == 1:
+            # int8 x int8 -> int32; ONNX Runtime's CPU EP runs it on MLAS's integer GEMM.
+            acc = op.MatMulInteger(q, w)
+            y = op.Mul(op.Cast(acc, to=FLOAT), scales)
+        else:
+            flat = op.Reshape(q, op.Constant(value_ints=[-1, K]))
+            if g * group != K:
+                flat = op.Pad(flat, op.Constant(value_ints=[0, 0, 0, g * group - K]))
+            grouped = op.Transpose(op.Reshape(flat, op.Constant(value_ints=[-1, g, group])), perm=[1, 0, 2])
+            acc = op.MatMulInteger(grouped, w)                                # [G, M, N] int32
+            y = op.ReduceSum(op.Mul(op.Cast(acc, to=FLOAT), scales), op.Constant(value_ints=[0]), keepdims=0)
+            y = op.Reshape(y, op.Concat(op.Shape(x, start=0, end=-1), op.Constant(value_ints=[N]), axis=0))
+        y = op.Mul(y, sx)
+        return y if bias is None else op.Add(y, bias)
+
+    def gather_nbits(ids, data, scales, zero_points, bits, block_size, dim):
+        return gather_block_quantized_op(data, ids, scales, zero_points, gather_axis=0, quantize_axis=1,
+                                       block_size=block_size, bits=bits)
+
+    return {torch.ops.lowbit.ort_matmul_nbits.default: matmul_nbits,
+            torch.ops.lowbit.ort_matmul_a8.default: matmul_a8,
+            torch.ops.lowbit.ort_gather_nbits.default: gather_nbits}
+
+
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+def register_contrib_schemas():
+    """Register the schemas of the ONNX Runtime contrib ops lowbit emits with onnx (which ships none), so
+    onnxscript can build the nodes and onnx.checker can check them. Signatures follow ONNX Runtime's
+    ContribOperators documentation."""
+    from onnx import defs
+
+    P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    opt = defs.OpSchema.FormalParameterOption.Optional
+    INT = defs.OpSchema.AttrType.INT
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    schemas = [
+        defs.OpSchema(
+            "MatMulNBits", CONTRIB_DOMAIN, 1, "Y = A @ dequant(B).T + bias; B blockwise quantized along K.",
+            inputs=[P("A", "T1", "activations"), P("B", "T2", "packed weight"), P("scales", "T1", "block scales"),
+                    P("zero_points", "T3", "block zero points", param_option=opt),
+                    P("g_idx", "T4", "group of each column", param_option=opt),
+                    P("bias", "T1", "bias", param_option=opt)],
+            outputs=[P("Y", "T1", "output")],
+            type_constraints=[("T1", floats, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+                              ("T3", ["tensor(uint8)", "tensor(int32)", *floats], ""), ("T4", ["tensor(int32)"], "")],
+            attributes=[A("K", INT, "", required=True), A("N", INT, "", required=True),
+                        A("bits", INT, "", required=False), A("block_size", INT, "", required=True),
+                        A("accuracy_level", INT, "", required=False)]),
+        defs.OpSchema(
+            "GatherBlockQuantized", CONTRIB_DOMAIN, 1, "Gather rows of a blockwise quantized table, dequantized.",
+            inputs=[P("data", "T1", "packed table"), P("indices", "Tind", "indices"), P("scales", "T2", "scales"),
+                    P("zero_points", "T1", "zero points", param_option=opt)],
+            outputs=[P("output", "T2", "rows")],
+            type_constraints=[("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"], ""), ("T2", floats, ""),
+                              ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
+            attributes=[A("gather_axis", INT, "", required=False), A("quantize_axis", INT, "", required=False),
+                        A("block_size", INT, "", required=False), A("bits", INT, "", required=False)]),
+    ]
+    for schema in schemas:
+        try:
+            defs.get_schema(schema.name, schema.since_version, schema.domain)
+        except defs.SchemaError:
+            defs.register_schema(schema)
+
+
+def translations() -> dict:
+    """The ``custom_translation_table`` for ``torch.onnx.export`` (imports onnxscript on first use)."""
+    return _translations()
