@@ -10,6 +10,7 @@ import torch
 
 from lowbit.compiler import artifact
 from lowbit.errors import LowbitError
+from lowbit.runtime.ort_backend import mask_positions
 
 BACKENDS = ("auto", "torch", "ort")
 
@@ -39,7 +40,8 @@ class TorchRunner:
             attention_mask = torch.ones_like(input_ids)
         if self.task == "encoder":
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=mask_positions(attention_mask),
+                          use_cache=False).logits
 
 
 class Engine:
@@ -97,7 +99,7 @@ class Engine:
         if past_key_values is None:
             past_key_values = self.runner.start(input_ids.shape[0])
         if position_ids is None:
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]
+            position_ids = mask_positions(attention_mask)[:, -input_ids.shape[1]:]
         return self.runner.step(input_ids, attention_mask, position_ids, past_key_values)
 
     __call__ = forward
@@ -119,7 +121,7 @@ class Engine:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = _eos_ids(self.config, self.tokenizer)
         mask = attention_mask.clone()
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        positions = mask_positions(mask)
         logits, cache = self.runner.step(input_ids, mask, positions, self.runner.start(input_ids.shape[0]))
         out = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)

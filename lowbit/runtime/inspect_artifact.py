@@ -25,15 +25,20 @@ def describe(path, as_json: bool = False) -> str:
            f"source     {src['model_type']} {','.join(src.get('architectures', []))} ({src['task']})",
            f"           {src['path']}  sha256 {src['sha256'][:16]}...",
            f"recipe     {r['name']}: method {r['method']}, bits {r['bits']}, group {r['group_size']}, "
-           f"{'sym' if r['sym'] else 'asym'}" + (f", {len(r['overrides'])} overrides" if r.get("overrides") else ""),
+           f"{'sym' if r['sym'] else 'asym'}" + (f", INT{r['act_bits']} activations" if r.get("act_bits") else "")
+           + (f", {len(r['overrides'])} overrides" if r.get("overrides") else ""),
            f"size       matmul weights {_mib(s.get('matmul_bytes_before', 0))} -> {_mib(s.get('matmul_bytes_after', 0))}; "
            f"model {_mib(s.get('model_bytes_before', 0))} -> weights file {_mib(s.get('weights_file_bytes', 0))}",
            "timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()),
            "tools      " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()),
            f"layers     {len(layers)} quantized of {s.get('matmul_layers', '?')} matmuls"]
+    if "onnx" in m:
+        o = m["onnx"]
+        out.insert(-1, f"onnx       onnx/{o['file']} {_mib(o['bytes'])}, opset {o['opset']}, accuracy_level "
+                       f"{o['accuracy_level']}; ops " + ", ".join(f"{k} x{v}" for k, v in list(o["ops"].items())[:8]))
     for name, layer in layers.items():
         group = "ch" if layer["group_size"] >= layer["in_features"] else layer["group_size"]
-        kind = " embedding" if layer["op"] == "wna16_embedding" else ""
+        kind = {"wna16_embedding": " embedding", "w8a8_linear": " int8-activations"}.get(layer["op"], "")
         out.append(f"  {name:48s} {layer['in_features']:>6d}x{layer['out_features']:<6d} w{layer['bits']} g{group} "
                    f"{'sym' if layer['sym'] else 'asym'} {layer['method']}{kind}")
     out.append("files")

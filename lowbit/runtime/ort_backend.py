@@ -107,10 +107,13 @@ class OrtRunner:
             self._check_inputs(["input_ids", "attention_mask"])
             outs = self._run({"input_ids": _np(input_ids), "attention_mask": _np(attention_mask)})
             return torch.from_numpy(outs[0].numpy())
-        # Positions 0..S-1 as transformers uses without a cache, so both backends agree on padded rows too.
-        positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
-        logits, _ = self.step(input_ids, attention_mask, positions, self.start(input_ids.shape[0]))
+        logits, _ = self.step(input_ids, attention_mask, mask_positions(attention_mask), self.start(input_ids.shape[0]))
         return logits
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: 0 at each row's first real token."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
