@@ -271,3 +271,15 @@ def test_eval_cli_backends_agree(model_dirs, text_file, tmp_path, capsys):
     code, _, err = _cli(capsys, "eval", model_dirs["gpt2"], "--text", text_file, "--backend", "ort", "-q")
     assert code == 2 and "model folder" in err
     assert np.isfinite(res["ort"])
+
+
+def test_external_data_when_large(model_dirs, tokenizer, tmp_path, monkeypatch):
+    """Over the protobuf limit the weights go to an external data file, which the manifest hashes too."""
+    import lowbit.compiler.lower_onnx as lower_onnx
+
+    monkeypatch.setattr(lower_onnx, "EXTERNAL_DATA_BYTES", 0)
+    art = _compile_onnx(model_dirs["llama"], "rtn-w4g64", tmp_path / "x")
+    m = read_manifest(art)
+    data = [f for f in m["files"] if f.startswith("onnx/") and f not in ("onnx/model.onnx", "onnx/io.json")]
+    assert m["onnx"]["external_data"] and data and (art / data[0]).stat().st_size > 100_000
+    _check_parity(art, tokenizer)

@@ -228,7 +228,9 @@ def _translations() -> dict:
     register_contrib_schemas()
     ms = Opset("com.microsoft", 1)
     matmul_nbits_op, gather_block_quantized_op = ms.MatMulNBits, ms.GatherBlockQuantized
-    INT8, FLOAT = 3, 1               # onnx.TensorProto element types
+    import onnx
+
+    UINT8, FLOAT = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
 
     def matmul_nbits(x, b, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
         return matmul_nbits_op(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
@@ -241,18 +243,21 @@ def _translations() -> dict:
         sx = op.Max(op.Div(amax, op.Constant(value_float=float(ACT_QMAX))), op.Constant(value_float=ACT_EPS))
         q = op.Clip(op.Round(op.Div(x, sx)), op.Constant(value_float=-float(ACT_QMAX)),
                     op.Constant(value_float=float(ACT_QMAX)))
-        q = op.Cast(q, to=INT8)
+        # Shift to uint8 with a zero point of 128: the same integers, and ONNX Runtime's u8 x s8 GEMM is an
+        # order of magnitude faster on CPU than its s8 x s8 path (measured: 37 us vs 475 us at 1x576x1536).
+        q = op.Cast(op.Add(q, op.Constant(value_float=128.0)), to=UINT8)
+        zero = op.Constant(value=onnx.helper.make_tensor("a_zero_point", UINT8, [], [128]))
         g = -(-K // group)
         if g == 1:
-            # int8 x int8 -> int32; ONNX Runtime's CPU EP runs it on MLAS's integer GEMM.
-            acc = op.MatMulInteger(q, w)
+            acc = op.MatMulInteger(q, w, zero)
             y = op.Mul(op.Cast(acc, to=FLOAT), scales)
         else:
             flat = op.Reshape(q, op.Constant(value_ints=[-1, K]))
             if g * group != K:
-                flat = op.Pad(flat, op.Constant(value_ints=[0, 0, 0, g * group - K]))
+                # pad with code 128 (= 0 after the zero point) so the padding adds nothing
+                flat = op.Pad(flat, op.Constant(value_ints=[0, 0, 0, g * group - K]), zero)
             grouped = op.Transpose(op.Reshape(flat, op.Constant(value_ints=[-1, g, group])), perm=[1, 0, 2])
-            acc = op.MatMulInteger(grouped, w)                                # [G, M, N] int32
+            acc = op.MatMulInteger(grouped, w, zero)                          # [G, M, N] int32
             y = op.ReduceSum(op.Mul(op.Cast(acc, to=FLOAT), scales), op.Constant(value_ints=[0]), keepdims=0)
             y = op.Reshape(y, op.Concat(op.Shape(x, start=0, end=-1), op.Constant(value_ints=[N]), axis=0))
         y = op.Mul(y, sx)
