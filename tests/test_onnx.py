@@ -183,13 +183,14 @@ def test_rtn_w4_parity(arch, model_dirs, tokenizer, tmp_path):
     assert m["files"]["onnx/model.onnx"]
 
 
-def test_gptq_act_order_parity(model_dirs, tokenizer, calib_file, tmp_path):
-    art = _compile_onnx(model_dirs["llama"], "gptq-w4g64", tmp_path / "g",
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
+def test_gptq_act_order_parity(arch, model_dirs, tokenizer, calib_file, tmp_path):
+    art = _compile_onnx(model_dirs[arch], "gptq-w4g64", tmp_path / "g",
                         calib=CalibrationArgs(str(calib_file), samples=8, seq_len=64))
     _check_parity(art, tokenizer)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
 def test_w8a8_parity(arch, model_dirs, tokenizer, tmp_path):
     art = _compile_onnx(model_dirs[arch], "zq-w8a8", tmp_path / "w")
     _check_parity(art, tokenizer)

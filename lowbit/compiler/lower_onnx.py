@@ -36,16 +36,11 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "com.microsoft::MatMulNBits"}
 
 
-def cache_kwarg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.x); the name this model's forward takes."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def kv_shapes(model) -> list[tuple[int, int]]:
     """(kv heads, head dim) per decoder layer, read from a real forward so every architecture agrees."""
     from transformers import DynamicCache
+
+    from lowbit.runtime.torch_backend import cache_kwarg
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -63,6 +58,8 @@ class DecoderStep(torch.nn.Module):
     """One prefill or decode step with the KV cache as flat tensors (what ONNX Runtime feeds and returns)."""
 
     def __init__(self, model, n_layers: int):
+        from lowbit.runtime.torch_backend import cache_kwarg
+
         super().__init__()
         self.model, self.n_layers, self.cache_kw = model, n_layers, cache_kwarg(model)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -10,19 +9,23 @@ import torch
 
 from lowbit.compiler import artifact
 from lowbit.errors import LowbitError
-from lowbit.runtime.ort_backend import mask_positions
 
 BACKENDS = ("auto", "torch", "ort")
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (0 at each row's first real token), as transformers' generate."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
 class TorchRunner:
     """The torch backend's runner: the rebuilt transformers model with lowbit ops (``torch_backend``)."""
 
     def __init__(self, model: torch.nn.Module, task: str):
+        from lowbit.runtime.torch_backend import cache_kwarg
+
         self.model, self.task = model, task
-        # transformers renamed past_key_values -> cache (5.x); look the name up once, not per decode step.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model)       # looked up once, not per decode step
 
     def start(self, batch: int):
         from transformers import DynamicCache
@@ -40,8 +43,8 @@ class TorchRunner:
             attention_mask = torch.ones_like(input_ids)
         if self.task == "encoder":
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=mask_positions(attention_mask),
-                          use_cache=False).logits
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=mask_positions(attention_mask), use_cache=False).logits
 
 
 class Engine:

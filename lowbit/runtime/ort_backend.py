@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.engine import mask_positions
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -109,11 +110,6 @@ class OrtRunner:
             return torch.from_numpy(outs[0].numpy())
         logits, _ = self.step(input_ids, attention_mask, mask_positions(attention_mask), self.start(input_ids.shape[0]))
         return logits
-
-
-def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: 0 at each row's first real token."""
-    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
