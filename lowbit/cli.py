@@ -17,7 +17,9 @@ def _cmd_compile(a) -> int:
     calib = CalibrationArgs(a.calib, a.calib_samples, a.calib_seq_len, a.seed)
     out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet,
                         calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
-                        eval_seq_len=a.eval_seq_len, onnx_accuracy_level=a.onnx_accuracy_level)
+                        eval_seq_len=a.eval_seq_len, onnx_accuracy_level=a.onnx_accuracy_level,
+                        lkd={"steps": a.lkd_steps, "lr": a.lkd_lr, "batch": a.lkd_batch, "data": a.lkd_data,
+                             "samples": a.lkd_samples, "seq_len": a.lkd_seq_len})
     print(out)
     return 0
 
@@ -37,7 +39,14 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    from lowbit.eval import evaluate_perplexity
+    from lowbit.eval import evaluate_embeddings, evaluate_perplexity
+
+    if a.embeddings:
+        result = evaluate_embeddings(a.target, a.embeddings, max_sentences=a.max_sentences, show_progress=not a.quiet,
+                                     backend=a.backend, provider=a.provider)
+        print(json.dumps(result) if a.json else f"mean cosine {result['cosine_mean']:.5f} (min "
+                                                 f"{result['cosine_min']:.5f}) over {result['sentences']} sentences")
+        return 0
 
     result = evaluate_perplexity(a.target, a.text, seq_len=a.seq_len, max_windows=a.max_windows,
                                  batch_size=a.batch_size, show_progress=not a.quiet, backend=a.backend,
@@ -96,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval", default=None, metavar="TEXT", help="also measure perplexity before/after on TEXT (file or demo)")
     c.add_argument("--eval-windows", type=int, default=40, help="windows for --eval (default 40)")
     c.add_argument("--eval-seq-len", type=int, default=512, help="window length for --eval (default 512)")
+    c.add_argument("--lkd-steps", type=int, default=None, help="LKD: Adam steps per block (-lkd recipes; default 100)")
+    c.add_argument("--lkd-lr", type=float, default=None, help="LKD: learning rate (default 1e-5)")
+    c.add_argument("--lkd-batch", type=int, default=None, help="LKD: sequences per step (default 4)")
+    c.add_argument("--lkd-data", default=None, help="LKD data: calib (the --calib text, default) or random tokens")
+    c.add_argument("--lkd-samples", type=int, default=None, help="LKD: sequences distilled on (default 32)")
+    c.add_argument("--lkd-seq-len", type=int, default=None, help="LKD: tokens per sequence (default 256)")
     c.set_defaults(fn=_cmd_compile)
 
     r = sub.add_parser("run", help="generate text with an artifact")
@@ -118,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
     e.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
     e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--embeddings", default=None, metavar="TEXT",
+                   help="encoders: mean cosine of sentence embeddings vs the float source over TEXT's sentences "
+                        "(file or demo)")
+    e.add_argument("--max-sentences", type=int, default=256, help="sentences for --embeddings (default 256)")
     e.add_argument("--backend", default="auto", help="for artifacts: auto (ort for onnx artifacts) | torch | ort")
     e.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
     e.add_argument("--json", action="store_true", help="print {ppl, tokens, windows, ...} as JSON")

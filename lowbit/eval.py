@@ -77,7 +77,7 @@ def scorer(target: str, backend: str = "auto", provider: str = "auto"):
 
         eng = Engine.load(target, backend=backend, provider=provider)
         if eng.task != "causal-lm":
-            raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder")
+            raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder (use --embeddings TEXT)")
         if eng.tokenizer is None:
             raise LowbitError(f"artifact '{target}' has no tokenizer; cannot tokenize text")
         from lowbit.compiler.frontend import max_positions
@@ -108,3 +108,52 @@ def evaluate_perplexity(target: str, text: str, seq_len: int = 512, max_windows:
     result = perplexity(fn, wins, batch_size, show_progress)
     result["seq_len"] = seq_len
     return result
+
+
+def sentences(text: str, limit: Optional[int] = None, min_words: int = 5, max_words: int = 64) -> list[str]:
+    """Sentences of a text (split after . ! ? and at line ends), 5 to 64 words each, in order."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        for s in re.split(r"(?<=[.!?])\s+", line.strip()):
+            if min_words <= len(s.split()) <= max_words:
+                out.append(s)
+                if limit and len(out) >= limit:
+                    return out
+    return out
+
+
+@torch.inference_mode()
+def evaluate_embeddings(target: str, text: str, max_sentences: int = 256, batch_size: int = 32,
+                        show_progress: bool = True, backend: str = "auto", provider: str = "auto") -> dict:
+    """Mean cosine similarity between an encoder artifact's sentence embeddings (mean pooling) and those of
+    its float source model, over the sentences of ``text``."""
+    from lowbit.compiler.artifact import is_artifact
+    from lowbit.compiler.frontend import load_model
+    from lowbit.runtime.engine import Engine
+
+    body = read_text(text)
+    if not is_artifact(target):
+        raise LowbitError(f"--embeddings compares a compiled encoder with its float source; '{target}' is not an "
+                          "artifact (compile it first)")
+    eng = Engine.load(target, backend=backend, provider=provider)
+    if eng.task != "encoder":
+        raise LowbitError(f"--embeddings needs an encoder artifact; '{target}' is a causal LM (use --text for "
+                          "perplexity)")
+    source = eng.manifest["source"]["path"]
+    if not Path(source).is_dir():
+        raise LowbitError(f"the artifact's float source model '{source}' is gone; --embeddings compares against it")
+    sents = sentences(body, max_sentences)
+    if not sents:
+        raise LowbitError("the text has no sentences of 5 to 64 words; give a longer text")
+    ref_model = load_model(source).model
+    cos = []
+    for i in progress_bar(range(0, len(sents), batch_size), desc="embed", disable=not show_progress):
+        enc = eng.tokenizer(sents[i:i + batch_size], return_tensors="pt", padding=True, truncation=True)
+        q = mean_pool(eng.forward(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"])
+        f = mean_pool(ref_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state,
+                      enc["attention_mask"])
+        cos.append(F.cosine_similarity(q.float(), f.float(), dim=-1))
+    c = torch.cat(cos)
+    return {"cosine_mean": float(c.mean()), "cosine_min": float(c.min()), "sentences": len(sents)}

@@ -72,13 +72,13 @@ def quiet_transformers():
 
 
 def resolve_model_path(arg: str) -> Path:
-    if arg == "demo":
+    if arg in ("demo", "demo-encoder"):
         from lowbit.assets import ensure_assets
 
-        return Path(ensure_assets()["model"])
+        return Path(ensure_assets()["model" if arg == "demo" else "encoder"])
     path = Path(arg).expanduser()
     if not path.exists():
-        raise LowbitError(f"model path '{arg}' does not exist; pass a local transformers model folder or 'demo'")
+        raise LowbitError(f"model path '{arg}' does not exist; pass a local transformers model folder, 'demo' or 'demo-encoder'")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise LowbitError(f"'{arg}' is not a transformers model folder (no config.json); "
                           "pass a folder written by save_pretrained() or 'demo'")

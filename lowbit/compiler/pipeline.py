@@ -11,7 +11,7 @@ import torch
 
 from lowbit.compiler import artifact
 from lowbit.compiler.frontend import (hash_model_folder, load_model, load_tokenizer, max_positions, read_config,
-                                     resolve_model_path, trace)
+                                     resolve_model_path, task_of, trace)
 from lowbit.compiler.lower_hf_gptq import check_exportable, write_hf_gptq
 from lowbit.compiler.lower_torch import write_torch_target
 from lowbit.compiler.progress import say, timed
@@ -47,6 +47,31 @@ def pick_device(device: str) -> str:
     return device
 
 
+def lkd_options(recipe, lkd):
+    """The LKD options for this compile, or None: the recipe's steps/lr/batch, then ``lkd`` (an LKDOptions, or
+    a dict of fields from the command line) over them."""
+    from dataclasses import replace as dc_replace
+
+    from lowbit.passes.lkd import LKDOptions
+
+    if isinstance(lkd, dict):
+        lkd = {k: v for k, v in lkd.items() if v is not None}
+    if not recipe.lkd:
+        if lkd:
+            raise LowbitError(f"LKD options were given but recipe '{recipe.name}' does not distil; use a '-lkd' recipe "
+                              "(e.g. zq-w4a8-mixed-lkd) or set lkd = true in the recipe file")
+        return None
+    if not recipe.quantizes:
+        raise LowbitError(f"LKD needs quantized weights; recipe '{recipe.name}' keeps the model float")
+    opts = LKDOptions(steps=recipe.lkd_steps, lr=recipe.lkd_lr, batch=recipe.lkd_batch)
+    if isinstance(lkd, LKDOptions):
+        opts = lkd
+    elif lkd:
+        opts = dc_replace(opts, **lkd)
+    opts.check()
+    return opts
+
+
 def check_groups(graph, recipe):
     for site, spec in quantizable(graph, recipe):
         if spec.group_size > site.in_features:
@@ -57,8 +82,12 @@ def check_groups(graph, recipe):
 def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=None, force: bool = False,
                   quiet: bool = False, calib: Optional[CalibrationArgs] = None, device: str = "auto",
                   resume: bool = False, eval_text: Optional[str] = None, eval_windows: int = 40,
-                  eval_seq_len: int = 512, onnx_accuracy_level: int = 0) -> Path:
-    """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``."""
+                  eval_seq_len: int = 512, onnx_accuracy_level: int = 0, lkd=None) -> Path:
+    """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``.
+
+    ``lkd`` (``passes.lkd.LKDOptions``) sets the distillation data and overrides the recipe's LKD steps, lr
+    and batch; it needs a recipe with ``lkd = true``.
+    """
     from lowbit.compiler.checkpoint import Checkpoint
 
     if target not in TARGETS:
@@ -82,18 +111,28 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     config = read_config(model_path)
     from lowbit.eval import read_text, windows
 
-    calib_text = read_text(calib.text, "calib") if recipe.needs_calibration else None
+    lkd_opts = lkd_options(recipe, lkd)
+    needs_text = recipe.needs_calibration or (lkd_opts is not None and lkd_opts.data == "calib")
+    calib_text = read_text(calib.text, "calib") if needs_text else None
+    if eval_text and task_of(config) != "causal-lm":
+        raise LowbitError("--eval measures perplexity, which needs a causal LM; this model is an encoder (use "
+                          "'lowbit eval ARTIFACT --embeddings TEXT' after compiling)")
     eval_body = read_text(eval_text, "eval") if eval_text else None
-    calib_ids = eval_wins = None
+    calib_ids = eval_wins = lkd_ids = None
     if calib_text is not None or eval_body is not None:
         tokenizer = load_tokenizer(model_path)
         if tokenizer is None:
             raise LowbitError(f"'{model_path}' has no tokenizer; calibration and --eval need one to tokenize text")
-        if calib_text is not None:
+        if calib_text is not None and recipe.needs_calibration:
             from lowbit.compiler.calibration import calibration_windows
 
             calib_ids = calibration_windows(tokenizer, calib_text, calib.samples, calib.seq_len, calib.seed,
                                             max_positions(config))
+        if lkd_opts is not None and lkd_opts.data == "calib":
+            from lowbit.compiler.calibration import calibration_windows
+
+            lkd_ids = calibration_windows(tokenizer, calib_text, lkd_opts.samples, lkd_opts.seq_len, lkd_opts.seed,
+                                          max_positions(config))
         if eval_body is not None:
             if eval_seq_len > max_positions(config):
                 raise LowbitError(f"--eval-seq-len {eval_seq_len} is longer than the model's context of "
@@ -109,6 +148,8 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     with timed(timings, "trace"):
         graph = trace(loaded)
     check_groups(graph, recipe)
+    if lkd_opts is not None and not any(site.block for site, _ in quantizable(graph, recipe)):
+        raise LowbitError(f"LKD needs quantized weights in the model's blocks; recipe '{recipe.name}' quantizes none")
     if target == "hf-gptq":
         check_exportable(graph, recipe)
     if target == "onnx":
@@ -124,6 +165,19 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         with timed(timings, "eval_before", quiet, "perplexity before quantization"):
             metrics["ppl_before"] = perplexity(lambda ids: loaded.model(input_ids=ids, use_cache=False).logits,
                                                eval_wins, show_progress=not quiet)
+    if lkd_opts is not None:
+        from lowbit.passes.lkd import lkd_pass
+
+        if lkd_ids is None:          # --lkd-data random: uniform random token sequences, no text needed
+            gen = torch.Generator().manual_seed(lkd_opts.seed)
+            lkd_ids = torch.randint(0, loaded.config.vocab_size, (lkd_opts.samples, lkd_opts.seq_len), generator=gen)
+        with timed(timings, "lkd", quiet, f"layer-by-layer distillation, {lkd_opts.steps} steps per block"):
+            lkd_info = lkd_pass(loaded.model, graph, recipe, lkd_ids, lkd_opts, show_progress=not quiet)
+        kept = [b for b in lkd_info["blocks"].values() if b["kept"]]
+        say(f"LKD: block MSE reduced in {len(kept)} of {len(lkd_info['blocks'])} blocks; mean "
+            f"{sum(b['loss_before'] for b in lkd_info['blocks'].values()) / len(lkd_info['blocks']):.4g} -> "
+            f"{sum(min(b['loss_after'], b['loss_before']) for b in lkd_info['blocks'].values()) / len(lkd_info['blocks']):.4g}",
+            quiet)
     pass_info: dict = {}
     if recipe.method in PASSES:
         ckpt = None
@@ -162,6 +216,8 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
                 "device": device}
         if onnx_info is not None:
             body["onnx"] = onnx_info
+        if lkd_opts is not None:
+            body["lkd"] = lkd_info
         if recipe.needs_calibration:
             body["calibration"] = {**calib.to_dict(), "tokens": pass_info.get("calib_tokens"),
                                    "peak_activation_bytes": pass_info.get("peak_activation_bytes")}

@@ -13,6 +13,10 @@ float unless ``quantize_lm_head = true``, the token embedding unless ``quantize_
     quantize_embeddings = false  # the token embedding table, same format, rows = vocabulary
     mse = false                # clipping search for scales
     act_bits = 0               # 8: per-token INT8 activations (W8A8); needs sym = true
+    lkd = false                # layer-by-layer distillation before quantizing (ZeroQuant LKD)
+    lkd_steps = 100
+    lkd_lr = 1e-5
+    lkd_batch = 4
     # method = "gptq" only:
     act_order = true           # with static_groups = true (contiguous groups, no g_idx)
     static_groups = true
@@ -48,6 +52,7 @@ else:  # pragma: no cover
 METHODS = ("fp", "rtn", "gptq")
 HESSIAN_DTYPES = ("float32", "float64")
 HEAD_NAMES = ("lm_head",)
+ATTENTION_PATTERNS = ("*.self_attn.*", "*.attn.*", "*.attention.*")
 
 
 @dataclass
@@ -71,6 +76,11 @@ class Recipe:
     quantize_embeddings: bool = False
     mse: bool = False                 # clipping search for group scales (RTN and GPTQ)
     act_bits: int = 0                 # 8: per-token dynamic INT8 activations (W8A8); needs sym weights
+    # Layer-by-layer knowledge distillation before the weight pass (passes/lkd.py)
+    lkd: bool = False
+    lkd_steps: int = 100              # Adam steps per block
+    lkd_lr: float = 1e-5
+    lkd_batch: int = 4                # sequences per step
     # GPTQ only
     act_order: bool = True            # columns by decreasing Hessian diagonal
     static_groups: bool = True        # group params fixed up front: contiguous groups, no g_idx
@@ -103,6 +113,10 @@ class Recipe:
             raise LowbitError(f"recipe '{self.name}': damp={self.damp} is out of range; valid: 0 < damp < 10")
         if self.block < 1:
             raise LowbitError(f"recipe '{self.name}': block={self.block} must be >= 1")
+        if self.lkd and self.lkd_steps <= 0:
+            raise LowbitError(f"recipe '{self.name}': lkd_steps={self.lkd_steps} must be >= 1")
+        if self.lkd and not self.lkd_lr > 0:
+            raise LowbitError(f"recipe '{self.name}': lkd_lr={self.lkd_lr} must be > 0")
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise LowbitError(f"recipe '{self.name}': hessian_dtype '{self.hessian_dtype}'; valid: "
                               f"{', '.join(HESSIAN_DTYPES)}")
@@ -140,6 +154,8 @@ class Recipe:
         if self.method == "gptq":
             out += ", act-order + static groups" if self.act_order else ", column order"
         out += f", INT{self.act_bits} per-token activations" if self.act_bits else ""
+        out += "".join(f", {o.pattern}: w{o.bits}" for o in self.overrides if o.bits and not o.skip)
+        out += f", + LKD ({self.lkd_steps} steps/block)" if self.lkd else ""
         return out + (", MSE clipping" if self.mse else "")
 
     def to_dict(self) -> dict:
@@ -160,8 +176,16 @@ def _builtin() -> dict[str, Recipe]:
         r[base] = Recipe(base, "gptq", bits, group)
         r[f"{base}-noact"] = Recipe(f"{base}-noact", "gptq", bits, group, act_order=False, static_groups=False)
         r[f"{base}-mse"] = Recipe(f"{base}-mse", "gptq", bits, group, mse=True)
-    # W8A8: symmetric per-channel INT8 weights, per-token dynamic INT8 activations (ZeroQuant's W8A8).
-    r["zq-w8a8"] = Recipe("zq-w8a8", "rtn", 8, 0, sym=True, act_bits=8)
+    # ZeroQuant. W8A8: symmetric per-channel INT8 weights, per-token dynamic INT8 activations. Mixed:
+    # symmetric INT4 g64 for the MLP/FC matmuls, INT8 g64 for the attention projections (by module name:
+    # Llama-family self_attn, GPT-2 attn, BERT attention), with float or per-token INT8 activations.
+    # Each has an "-lkd" variant with layer-by-layer distillation first.
+    attention = [Override(p, bits=8) for p in ATTENTION_PATTERNS]
+    for name, kw in [("zq-w8a8", dict(bits=8, group_size=0, act_bits=8)),
+                     ("zq-w4a16-mixed", dict(bits=4, group_size=64, act_bits=0, overrides=attention)),
+                     ("zq-w4a8-mixed", dict(bits=4, group_size=64, act_bits=8, overrides=attention))]:
+        for suffix, lkd in (("", False), ("-lkd", True)):
+            r[name + suffix] = Recipe(name + suffix, "rtn", sym=True, lkd=lkd, **kw)
     return r
 
 
@@ -169,7 +193,8 @@ BUILTIN = _builtin()
 _FIELDS = {f for f in Recipe.__dataclass_fields__}
 _OVERRIDE_FIELDS = {f for f in Override.__dataclass_fields__}
 _TYPES = {"name": str, "method": str, "bits": int, "group_size": int, "sym": bool, "quantize_lm_head": bool,
-          "quantize_embeddings": bool, "mse": bool, "act_bits": int, "act_order": bool, "static_groups": bool, "damp": float,
+          "quantize_embeddings": bool, "mse": bool, "act_bits": int, "lkd": bool, "lkd_steps": int,
+          "lkd_lr": float, "lkd_batch": int, "act_order": bool, "static_groups": bool, "damp": float,
           "block": int, "hessian_dtype": str,
           "pattern": str, "skip": bool}
 
@@ -215,7 +240,7 @@ def load_recipe(arg) -> Recipe:
     if isinstance(arg, Recipe):
         return arg
     if arg in BUILTIN:
-        return replace(BUILTIN[arg], overrides=[])
+        return replace(BUILTIN[arg], overrides=[replace(o) for o in BUILTIN[arg].overrides])
     path = Path(arg)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():

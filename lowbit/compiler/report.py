@@ -41,4 +41,12 @@ def write_report(path: Path, body: dict, graph) -> None:
             t = f"{st['seconds']:.2f}s" if "seconds" in st else "-"
             lines.append(f"| {site.name} | {q.in_features} | {q.out_features} | {q.spec.describe()} | {q.method} | "
                          f"{st.get('weight_rel_err', '')} | {st.get('loss', '-')} | {t} |")
+    if "lkd" in body:
+        o = body["lkd"]["options"]
+        lines += ["", f"## LKD: {o['steps']} Adam steps per block, lr {o['lr']}, batch {o['batch']}, {o['samples']} x "
+                      f"{o['seq_len']} tokens of {o['data']} data ({body['lkd']['seconds']:.1f}s)", "",
+                  "| block | MSE before | MSE after | kept | time |", "|---|---|---|---|---|"]
+        for name, b in body["lkd"]["blocks"].items():
+            lines.append(f"| {name} | {b['loss_before']:.4g} | {b['loss_after']:.4g} | {'yes' if b['kept'] else 'no'} | "
+                         f"{b['seconds']:.1f}s |")
     path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,170 @@
+"""Layer-by-layer knowledge distillation (ZeroQuant's LKD), block by block, without the training data.
+
+For each block of the model: the float block is the teacher; the student is a copy whose quantized
+matmuls fake-quantize their weights (and, for W8A8 layers, their input activations per token) with a
+straight-through estimator. Both see the same block input (the float model's activations on calibration
+text, or on random token sequences when no text is available); Adam minimises the MSE between their
+outputs. The student's weights then replace the block's float weights, and the recipe's weight pass
+(RTN) quantizes them into the final format, so LKD changes what is quantized, never the format.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.compiler.progress import progress_bar
+from lowbit.errors import LowbitError
+from lowbit.passes.quantize import QuantSpec, fake_quantize
+from lowbit.plugins.ops import quantize_rows_int8
+
+LKD_DATA = ("calib", "random")
+
+
+@dataclass
+class LKDOptions:
+    steps: int = 100            # Adam steps per block
+    lr: float = 1e-5
+    batch: int = 4              # sequences per step
+    data: str = "calib"         # calib (the calibration text) | random (uniform random token ids)
+    samples: int = 32           # sequences distilled on
+    seq_len: int = 256
+    seed: int = 0
+
+    def check(self):
+        if self.steps <= 0:
+            raise LowbitError(f"--lkd-steps {self.steps}: LKD needs at least one step per block")
+        if not self.lr > 0:
+            raise LowbitError(f"--lkd-lr {self.lr}: the learning rate must be > 0")
+        if self.batch <= 0 or self.samples <= 0 or self.seq_len < 2:
+            raise LowbitError(f"LKD needs batch > 0, samples > 0 and seq_len >= 2 (got {self.batch}, {self.samples}, "
+                              f"{self.seq_len})")
+        if self.data not in LKD_DATA:
+            raise LowbitError(f"--lkd-data {self.data}: valid: {', '.join(LKD_DATA)}")
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q in the forward pass, identity gradient to x in the backward pass."""
+    return x + (q - x).detach()
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """The student's matmul: ``x @ Q(W).T + b`` with Q the recipe's weight quantizer under an STE."""
+
+    def __init__(self, weight: torch.Tensor, bias, spec: QuantSpec):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight.detach().float().clone())          # [N, K]
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone())
+        self.spec = spec
+
+    def forward(self, x):
+        w = _ste(self.weight, fake_quantize(self.weight.detach(), self.spec))
+        if self.spec.act_bits:
+            q, s = quantize_rows_int8(x.detach())
+            x = _ste(x, (q.float() * s).to(x.dtype))
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class _StopForward(Exception):
+    pass
+
+
+def block_inputs(model, first_block: torch.nn.Module, ids: torch.Tensor, batch: int) -> list[tuple]:
+    """(hidden_states, other args, kwargs) at the first block's input for each batch of ``ids``."""
+    captured = []
+
+    def grab(_module, args, kwargs):
+        captured.append((args[0].detach(), args[1:], kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(0, ids.shape[0], batch):
+            try:
+                with torch.no_grad():
+                    model(input_ids=ids[i:i + batch], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run(block, hidden, args, kwargs):
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKDOptions,
+             show_progress: bool = True) -> dict:
+    """Distil every block that holds quantized matmuls; updates ``model``'s float weights in place."""
+    from lowbit.passes.rtn import quantizable
+    from lowbit.runtime.torch_backend import swap_module
+
+    plan: dict[str, list] = {}
+    for site, spec in quantizable(graph, recipe):
+        if site.block:
+            plan.setdefault(site.block, []).append((site, spec))
+    if not plan:
+        raise LowbitError(f"LKD needs quantized weights in the model's blocks; recipe '{recipe.name}' quantizes none "
+                          "(use a recipe with bits < 16, e.g. zq-w4a8-mixed-lkd)")
+    blocks = [b for b in graph.blocks if b in plan]
+    torch.manual_seed(opts.seed)
+    t0 = time.perf_counter()
+    data = block_inputs(model, model.get_submodule(blocks[0]), ids, opts.batch)
+    stats: dict = {}
+    bar = progress_bar(blocks, desc="lkd", disable=not show_progress)
+    for name in bar:
+        block = model.get_submodule(name)
+        tb = time.perf_counter()
+        with torch.no_grad():
+            targets = [_run(block, h, a, k) for h, a, k in data]
+        student = copy.deepcopy(block).float()
+        fq = {}
+        for site, spec in plan[name]:
+            rel = site.name[len(name) + 1:]
+            w = model.get_submodule(site.name).weight
+            fq[site.name] = FakeQuantLinear(w.t() if site.weight_is_kn else w, graph.bias(site), spec)
+            swap_module(student, rel, fq[site.name])
+        for p in student.parameters():
+            p.requires_grad_(False)
+        params = [p for m in fq.values() for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=opts.lr)
+
+        def loss_of(i):
+            h, a, k = data[i]
+            return F.mse_loss(_run(student, h, a, k), targets[i])
+
+        with torch.no_grad():
+            before = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
+        with torch.enable_grad():
+            for step in range(opts.steps):
+                opt.zero_grad(set_to_none=True)
+                loss = loss_of(step % len(data))
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
+            kept = after < before
+            if kept:               # a block LKD did not improve keeps its original weights
+                for site, _ in plan[name]:
+                    mod = model.get_submodule(site.name)
+                    w = fq[site.name].weight
+                    mod.weight.copy_((w.t() if site.weight_is_kn else w).to(mod.weight.dtype))
+                    if fq[site.name].bias is not None:
+                        mod.bias.copy_(fq[site.name].bias.to(mod.bias.dtype))
+            # The next block learns on the float model's activations: the teacher's outputs.
+            data = [(t, a, k) for t, (_, a, k) in zip(targets, data)]
+        stats[name] = {"loss_before": before, "loss_after": after, "kept": kept,
+                       "seconds": round(time.perf_counter() - tb, 2)}
+        bar.set_postfix_str(f"{name} mse {before:.3g} -> {after:.3g}")
+    return {"blocks": stats, "seconds": round(time.perf_counter() - t0, 2), "options": opts.to_dict()}

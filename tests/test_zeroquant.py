@@ -1,0 +1,145 @@
+"""ZeroQuant: W8A8 / mixed INT4-INT8 recipes, the integer W4A8 kernel, LKD, encoder embedding eval, bad inputs."""
+
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.cli import main
+from lowbit.compiler.artifact import read_manifest
+from lowbit.compiler.frontend import load_model
+from lowbit.compiler.pipeline import CalibrationArgs
+from lowbit.passes.quantize import QuantSpec, pack_codes, quantize_weight
+from lowbit.plugins.ops import int8_matmul, quantize_rows_int8, signed_weight
+
+from conftest import sample_text
+
+
+def _cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("zq") / "calib.txt"
+    p.write_text(sample_text(6000, 11))
+    return p
+
+
+def test_w8a8_kernel_is_exact_integer_arithmetic():
+    """int8 x int8 products summed in int32 equal exact integer math; the float rescale is within 1e-6."""
+    for k, group in [(96, 96), (100, 32), (64, 16)]:
+        w0 = torch.randn(20, k, generator=torch.Generator().manual_seed(k))
+        q, scales, zeros = quantize_weight(w0, QuantSpec(8, group, True, act_bits=8))
+        qweight, eff = pack_codes(q, 8), QuantSpec(8, group).group(k)
+        x = torch.randn(7, k) * torch.rand(7, 1) * 10
+        xq, sx = quantize_rows_int8(x)
+        assert xq.dtype == torch.int8 and int(xq.abs().max()) == 127
+        assert float(((xq.float() * sx - x).abs() / sx).max()) <= 0.5 + 1e-4     # round to nearest
+        w = signed_weight(qweight, zeros, 8, k, eff)
+        y64 = torch.zeros(7, 20, dtype=torch.float64)
+        for gi, k0 in enumerate(range(0, k, eff)):
+            acc = int8_matmul(xq[:, k0:k0 + eff].contiguous(), w[:, k0:k0 + eff].contiguous())
+            exact = xq[:, k0:k0 + eff].long() @ w[:, k0:k0 + eff].long().t()
+            assert acc.dtype == torch.int32 and torch.equal(acc.long(), exact)
+            y64 += exact.double() * scales[:, gi].double()
+        y64 = y64 * sx.double()
+        y = torch.ops.lowbit.w8a8_linear(x, qweight, scales, zeros, None, 8, eff, k)
+        assert float(((y.double() - y64).abs() / y64.abs().max()).max()) < 1e-6
+
+
+def test_w4a8_kernel_is_exact_integer_arithmetic():
+    """4-bit symmetric weights widen to int8 in [-7, 7]; the products are exact int32 sums per group."""
+    k, n, group = 96, 16, 32
+    w = torch.randn(n, k)
+    q, s, z = quantize_weight(w, QuantSpec(4, group, True, act_bits=8))
+    qweight = pack_codes(q, 4)
+    sw = signed_weight(qweight, z, 4, k, group)
+    assert sw.dtype == torch.int8 and int(sw.abs().max()) == 7
+    x = torch.randn(5, k)
+    xq, sx = quantize_rows_int8(x)
+    y64 = torch.zeros(5, n, dtype=torch.float64)
+    for g, k0 in enumerate(range(0, k, group)):
+        acc = int8_matmul(xq[:, k0:k0 + group].contiguous(), sw[:, k0:k0 + group].contiguous())
+        assert torch.equal(acc.long(), xq[:, k0:k0 + group].long() @ sw[:, k0:k0 + group].long().t())
+        y64 += acc.double() * s[:, g].double()
+    y = torch.ops.lowbit.w8a8_linear(x, qweight, s, z, None, 4, group, k)
+    assert float((y.double() - y64 * sx.double()).abs().max() / y64.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("arch,attn,mlp", [("llama", "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"),
+                                           ("gpt2", "transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"),
+                                           ("opt", "model.decoder.layers.0.self_attn.k_proj",
+                                            "model.decoder.layers.0.fc1"),
+                                           ("bert", "encoder.layer.0.attention.output.dense",
+                                            "encoder.layer.0.intermediate.dense")])
+def test_mixed_recipes_put_int8_on_attention_int4_on_mlp(arch, attn, mlp, model_dirs, tmp_path):
+    for recipe, op in (("zq-w4a16-mixed", "wna16_linear"), ("zq-w4a8-mixed", "w8a8_linear")):
+        art = lowbit.compile(str(model_dirs[arch]), recipe, out=tmp_path / recipe, quiet=True)
+        layers = json.loads((art / "graph.json").read_text())["layers"]
+        assert layers[attn]["bits"] == 8 and layers[mlp]["bits"] == 4
+        assert all(v["sym"] and v["op"] == op for v in layers.values())
+        assert "lm_head" not in layers
+
+
+def _logit_err(art, loaded, ids):
+    with torch.no_grad():
+        ref = loaded.model(input_ids=ids).logits
+    return float((lowbit.load(art).forward(ids) - ref).norm() / ref.norm())
+
+
+def test_lkd_reduces_block_error_and_model_error(model_dirs, calib_file, tmp_path):
+    calib = CalibrationArgs(str(calib_file))
+    plain = lowbit.compile(str(model_dirs["llama"]), "zq-w4a8-mixed", out=tmp_path / "p", quiet=True)
+    lkd = lowbit.compile(str(model_dirs["llama"]), "zq-w4a8-mixed-lkd", out=tmp_path / "l", quiet=True, calib=calib,
+                         lkd={"steps": 40, "lr": 1e-4, "samples": 8, "seq_len": 64})
+    info = read_manifest(lkd)["lkd"]
+    assert info["options"]["data"] == "calib" and len(info["blocks"]) == 2
+    assert all(b["kept"] and b["loss_after"] < 0.9 * b["loss_before"] for b in info["blocks"].values())
+    assert "## LKD" in (lkd / "report.md").read_text()
+    loaded = load_model(str(model_dirs["llama"]))
+    ids = loaded.tokenizer(sample_text(400, 5), return_tensors="pt")["input_ids"][:, :64]
+    assert _logit_err(lkd, loaded, ids) < _logit_err(plain, loaded, ids)
+    # Without text: random token sequences; an encoder distils the same way.
+    rnd = lowbit.compile(str(model_dirs["bert"]), "zq-w4a8-mixed-lkd", out=tmp_path / "b", quiet=True,
+                         lkd={"steps": 10, "data": "random", "samples": 4, "seq_len": 32})
+    assert read_manifest(rnd)["lkd"]["options"]["data"] == "random"
+
+
+def test_encoder_embedding_cosine(model_dirs, text_file, tmp_path, capsys):
+    art = lowbit.compile(str(model_dirs["bert"]), "zq-w8a8", out=tmp_path / "b", quiet=True)
+    code, out, _ = _cli(capsys, "eval", art, "--embeddings", text_file, "--max-sentences", "40", "--json", "-q")
+    res = json.loads(out)
+    assert code == 0 and res["sentences"] == 40 and 0.99 < res["cosine_mean"] <= 1.0 + 1e-6
+    assert res["cosine_min"] <= res["cosine_mean"]
+
+
+def test_bad_inputs(model_dirs, text_file, tmp_path, capsys):
+    def fails(*args, match):
+        code, _, err = _cli(capsys, *args)
+        assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
+
+    llama, bert = model_dirs["llama"], model_dirs["bert"]
+    fp_lkd = tmp_path / "fp.toml"
+    fp_lkd.write_text('method = "fp"\nlkd = true\n')
+    fails("compile", llama, "-r", fp_lkd, "-o", tmp_path / "x", "-q", match="LKD needs quantized weights")
+    fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-steps", "0",
+          match="--lkd-steps 0")
+    fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-data", "web",
+          match="--lkd-data web")
+    fails("compile", llama, "-r", "zq-w4a8-mixed", "-o", tmp_path / "x", "-q", "--lkd-steps", "5",
+          match="does not distil")
+    asym = tmp_path / "asym.toml"
+    asym.write_text('bits = 8\nsym = false\nact_bits = 8\n')
+    fails("compile", llama, "-r", asym, "-o", tmp_path / "x", "-q", match="symmetric")
+    # An encoder where only a causal LM makes sense, and the other way round.
+    fails("compile", bert, "-r", "zq-w8a8", "-o", tmp_path / "x", "-q", "--eval", text_file, match="causal LM")
+    enc = lowbit.compile(str(bert), "zq-w8a8", out=tmp_path / "enc", quiet=True)
+    fails("eval", enc, "--text", text_file, "-q", match="--embeddings")
+    fails("run", enc, "-p", "hello", match="causal LM")
+    dec = lowbit.compile(str(llama), "zq-w8a8", out=tmp_path / "dec", quiet=True)
+    fails("eval", dec, "--embeddings", text_file, "-q", match="needs an encoder")
