@@ -1,12 +1,16 @@
-"""Perplexity table on the demo model (SmolLM2-135M) and the demo eval.txt, 512-token windows: FP, RTN, GPTQ.
+"""Accuracy tables on the demo assets: LM perplexity (FP, RTN, GPTQ, ZeroQuant) and encoder embedding cosine.
 
-    python bench/accuracy.py                      # FP and every RTN setting, the whole eval.txt
+    python bench/accuracy.py                      # every LM recipe and the encoder rows, the whole eval.txt
+    python bench/accuracy.py --set zeroquant      # only the ZeroQuant rows (LM and encoder)
     python bench/accuracy.py --recipes rtn-w4g64 --max-windows 40 --json out/acc.json
 
 Each row: recipe, perplexity, ratio to FP, quantization time (the pass, calibration forward included),
 size of the quantized layers and of the whole weights file. The FP row uses the float model folder.
 GPTQ rows calibrate on --calib-samples random 512-token windows of calib.txt (seed 0); "-noact" is the
-paper's column order, "-mse" adds the clipping search for scales.
+paper's column order, "-mse" adds the clipping search for scales. ZeroQuant "-lkd" rows distil with the
+recipe's defaults on calib.txt; their LKD time is its own column. Encoder rows compile the demo encoder
+(MiniLM-L6) and report the mean cosine similarity of mean-pooled sentence embeddings to the float encoder
+over --sentences sentences of eval.txt.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.cli import run_script
 from lowbit.eval import evaluate_perplexity
 
-DEFAULT = ["rtn-w8", "rtn-w4g128", "gptq-w4g128", "gptq-w4g128-noact",
-           "rtn-w4g64", "rtn-w4g64-mse", "gptq-w4g64", "gptq-w4g64-noact", "gptq-w4g64-mse",
-           "rtn-w3g64", "rtn-w3g64-mse", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-mse"]
+SETS = {
+    "gptq": ["rtn-w8", "rtn-w4g128", "gptq-w4g128", "gptq-w4g128-noact",
+             "rtn-w4g64", "rtn-w4g64-mse", "gptq-w4g64", "gptq-w4g64-noact", "gptq-w4g64-mse",
+             "rtn-w3g64", "rtn-w3g64-mse", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-mse"],
+    "zeroquant": ["zq-w8a8", "zq-w8a8-lkd", "zq-w4a16-mixed", "zq-w4a16-mixed-lkd", "zq-w4a8-mixed",
+                  "zq-w4a8-mixed-lkd"],
+}
+ENCODER_SETS = {"gptq": [], "zeroquant": ["rtn-w8", "zq-w8a8", "zq-w4a16-mixed", "zq-w4a8-mixed",
+                                          "zq-w4a8-mixed-lkd"]}
 
 
 def run(recipes, seq_len: int, max_windows, workdir: Path, calib) -> list[dict]:
@@ -43,9 +53,11 @@ def run(recipes, seq_len: int, max_windows, workdir: Path, calib) -> list[dict]:
         lowbit.compile("demo", recipe=name, out=art, force=True, quiet=True, calib=calib)
         m = read_manifest(art)
         quant_s = sum(v for k, v in m["timings"].items() if k.startswith("pass_"))
+        lkd_s = m["timings"].get("lkd", 0.0)
         t0 = time.perf_counter()
         r = evaluate_perplexity(str(art), paths["eval"], seq_len=seq_len, max_windows=max_windows)
         rows.append({"recipe": name, "ppl": r["ppl"], "ratio": r["ppl"] / fp["ppl"], "quant_s": quant_s,
+                     "lkd_s": lkd_s,
                      "layers_mib": m["sizes"]["quantized_bytes_after"] / 2**20,
                      "layers_before_mib": m["sizes"]["quantized_bytes_before"] / 2**20,
                      "file_mib": m["sizes"]["weights_file_bytes"] / 2**20,
@@ -54,19 +66,50 @@ def run(recipes, seq_len: int, max_windows, workdir: Path, calib) -> list[dict]:
     return rows
 
 
+def run_encoder(recipes, workdir: Path, sentences: int) -> list[dict]:
+    from lowbit.eval import evaluate_embeddings
+
+    paths = ensure_assets()
+    rows = []
+    for name in recipes:
+        art = workdir / f"encoder-{name}"
+        lowbit.compile("demo-encoder", recipe=name, out=art, force=True, quiet=True)
+        m = read_manifest(art)
+        r = evaluate_embeddings(str(art), paths["eval"], max_sentences=sentences, show_progress=False)
+        rows.append({"recipe": name, **r, "lkd_s": m["timings"].get("lkd", 0.0),
+                     "layers_mib": m["sizes"]["quantized_bytes_after"] / 2**20,
+                     "layers_before_mib": m["sizes"]["quantized_bytes_before"] / 2**20})
+        print(f"encoder {name}: cosine {r['cosine_mean']:.5f}", file=sys.stderr, flush=True)
+    return rows
+
+
 def markdown(rows) -> str:
-    out = ["| recipe | perplexity | vs FP | quantize time | quantized layers | weights file |",
-           "|---|---|---|---|---|---|"]
+    out = ["| recipe | perplexity | vs FP | quantize time | LKD time | quantized layers | weights file |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         layers = "float" if r["layers_mib"] is None else f"{r['layers_before_mib']:.1f} -> {r['layers_mib']:.1f} MiB"
-        out.append(f"| {r['recipe']} | {r['ppl']:.3f} | {r['ratio']:.3f}x | {r['quant_s']:.1f}s | {layers} | "
+        lkd = f"{r['lkd_s']:.0f}s" if r.get("lkd_s") else "-"
+        out.append(f"| {r['recipe']} | {r['ppl']:.3f} | {r['ratio']:.3f}x | {r['quant_s']:.1f}s | {lkd} | {layers} | "
                    f"{r['file_mib']:.1f} MiB |")
+    return "\n".join(out)
+
+
+def markdown_encoder(rows) -> str:
+    out = ["| recipe | mean cosine to FP | min cosine | sentences | LKD time | quantized layers |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        lkd = f"{r['lkd_s']:.0f}s" if r.get("lkd_s") else "-"
+        out.append(f"| {r['recipe']} | {r['cosine_mean']:.5f} | {r['cosine_min']:.5f} | {r['sentences']} | {lkd} | "
+                   f"{r['layers_before_mib']:.1f} -> {r['layers_mib']:.1f} MiB |")
     return "\n".join(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", nargs="*", default=DEFAULT)
+    ap.add_argument("--set", choices=[*SETS, "all"], default="all", help="which rows (default all)")
+    ap.add_argument("--recipes", nargs="*", default=None, help="LM recipes (default: the --set's)")
+    ap.add_argument("--encoder-recipes", nargs="*", default=None, help="encoder recipes (default: the --set's)")
+    ap.add_argument("--sentences", type=int, default=256, help="eval.txt sentences for the encoder cosine")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=0, help="0 = the whole eval.txt")
     ap.add_argument("--json", help="also write the rows as JSON here")
@@ -75,14 +118,22 @@ def main() -> int:
     ap.add_argument("--calib-seq-len", type=int, default=512)
     a = ap.parse_args()
     calib = CalibrationArgs("demo", a.calib_samples, a.calib_seq_len, seed=0)
+    sets = list(SETS) if a.set == "all" else [a.set]
+    recipes = a.recipes if a.recipes is not None else [r for s in sets for r in SETS[s]]
+    enc_recipes = a.encoder_recipes if a.encoder_recipes is not None else [r for s in sets for r in ENCODER_SETS[s]]
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run(a.recipes, a.seq_len, a.max_windows or None, Path(a.workdir or tmp), calib)
+        rows = run(recipes, a.seq_len, a.max_windows or None, Path(a.workdir or tmp), calib)
+        enc_rows = run_encoder(enc_recipes, Path(a.workdir or tmp), a.sentences)
     print(f"\nSmolLM2-135M-Instruct, demo eval.txt, {rows[0]['tokens']} predicted tokens in {a.seq_len}-token "
           f"windows; GPTQ calibrated on {a.calib_samples} x {a.calib_seq_len} tokens of calib.txt\n")
     print(markdown(rows))
+    if enc_rows:
+        print(f"\nMiniLM-L6 (demo encoder): cosine of mean-pooled sentence embeddings to the float encoder, "
+              f"{enc_rows[0]['sentences']} sentences of eval.txt\n")
+        print(markdown_encoder(enc_rows))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rows, indent=1))
+        Path(a.json).write_text(json.dumps({"lm": rows, "encoder": enc_rows}, indent=1))
     return 0
 
 
