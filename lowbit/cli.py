@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-windows", type=int, default=40, help="windows for --eval (default 40)")
     c.add_argument("--eval-seq-len", type=int, default=512, help="window length for --eval (default 512)")
     c.add_argument("--lkd-steps", type=int, default=None, help="LKD: Adam steps per block (-lkd recipes; default 100)")
-    c.add_argument("--lkd-lr", type=float, default=None, help="LKD: learning rate (default 1e-5)")
+    c.add_argument("--lkd-lr", type=float, default=None, help="LKD: learning rate (default 1e-4)")
     c.add_argument("--lkd-batch", type=int, default=None, help="LKD: sequences per step (default 4)")
     c.add_argument("--lkd-data", default=None, help="LKD data: calib (the --calib text, default) or random tokens")
     c.add_argument("--lkd-samples", type=int, default=None, help="LKD: sequences distilled on (default 32)")

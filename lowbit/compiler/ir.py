@@ -123,6 +123,8 @@ class Graph:
 
     def __init__(self, gm: fx.GraphModule, model_type: str, task: str):
         self.gm = gm
+        # Scales/zero points a pass before the weight pass fixed per layer (LKD): {layer: (scale, zero)}.
+        self.fixed_qparams: dict = {}
         self.model_type = model_type
         self.task = task                      # "causal-lm" | "encoder"
         self.quantized: OrderedDict[str, QuantizedLayer] = OrderedDict()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lowbit.compiler.progress import progress_bar
 from lowbit.errors import LowbitError
-from lowbit.passes.quantize import QuantSpec, fake_quantize
+from lowbit.passes.quantize import QuantSpec, compute_qparams, dequantize_codes, quantize_codes
 from lowbit.plugins.ops import quantize_rows_int8
 
 LKD_DATA = ("calib", "random")
@@ -28,7 +28,7 @@ LKD_DATA = ("calib", "random")
 @dataclass
 class LKDOptions:
     steps: int = 100            # Adam steps per block
-    lr: float = 1e-5
+    lr: float = 1e-4
     batch: int = 4              # sequences per step
     data: str = "calib"         # calib (the calibration text) | random (uniform random token ids)
     samples: int = 32           # sequences distilled on
@@ -56,16 +56,25 @@ def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 class FakeQuantLinear(torch.nn.Module):
-    """The student's matmul: ``x @ Q(W).T + b`` with Q the recipe's weight quantizer under an STE."""
+    """The student's matmul: ``x @ Q(W).T + b`` with Q the recipe's weight quantizer under an STE.
 
-    def __init__(self, weight: torch.Tensor, bias, spec: QuantSpec):
+    Scales and zero points are computed once from the starting weights (with the recipe's MSE clipping
+    search when it has one) and held fixed, so the weights learn against a stable grid.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias, spec: QuantSpec, mse: bool = False):
         super().__init__()
         self.weight = torch.nn.Parameter(weight.detach().float().clone())          # [N, K]
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float().clone())
-        self.spec = spec
+        self.spec, self.group = spec, spec.group(weight.shape[1])
+        scale, zero = compute_qparams(self.weight.detach(), spec, mse=mse)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
 
     def forward(self, x):
-        w = _ste(self.weight, fake_quantize(self.weight.detach(), self.spec))
+        w0 = self.weight.detach()
+        q = quantize_codes(w0, self.scale, self.zero, self.spec)
+        w = _ste(self.weight, dequantize_codes(q, self.scale, self.zero, self.group))
         if self.spec.act_bits:
             q, s = quantize_rows_int8(x.detach())
             x = _ste(x, (q.float() * s).to(x.dtype))
@@ -104,7 +113,8 @@ def _run(block, hidden, args, kwargs):
 
 def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKDOptions,
              show_progress: bool = True) -> dict:
-    """Distil every block that holds quantized matmuls; updates ``model``'s float weights in place."""
+    """Distil every block that holds quantized matmuls: updates ``model``'s float weights in place and records
+    each distilled layer's scales and zero points in ``graph.fixed_qparams`` for the weight pass."""
     from lowbit.passes.rtn import quantizable
     from lowbit.runtime.torch_backend import swap_module
 
@@ -120,6 +130,7 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
     t0 = time.perf_counter()
     data = block_inputs(model, model.get_submodule(blocks[0]), ids, opts.batch)
     stats: dict = {}
+    qparams: dict = {}
     bar = progress_bar(blocks, desc="lkd", disable=not show_progress)
     for name in bar:
         block = model.get_submodule(name)
@@ -131,9 +142,9 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
         for site, spec in plan[name]:
             rel = site.name[len(name) + 1:]
             w = model.get_submodule(site.name).weight
-            fq[site.name] = FakeQuantLinear(w.t() if site.weight_is_kn else w, graph.bias(site), spec)
+            fq[site.name] = FakeQuantLinear(w.t() if site.weight_is_kn else w, graph.bias(site), spec, recipe.mse)
             swap_module(student, rel, fq[site.name])
-        for p in student.parameters():
+        for p in student.parameters():       # only the quantized matmuls' weights and biases learn
             p.requires_grad_(False)
         params = [p for m in fq.values() for p in m.parameters()]
         for p in params:
@@ -162,9 +173,12 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
                     mod.weight.copy_((w.t() if site.weight_is_kn else w).to(mod.weight.dtype))
                     if fq[site.name].bias is not None:
                         mod.bias.copy_(fq[site.name].bias.to(mod.bias.dtype))
+                    # The weight pass must quantize onto the grid the student learned against, not a new one.
+                    qparams[site.name] = (fq[site.name].scale.clone(), fq[site.name].zero.clone())
             # The next block learns on the float model's activations: the teacher's outputs.
             data = [(t, a, k) for t, (_, a, k) in zip(targets, data)]
         stats[name] = {"loss_before": before, "loss_after": after, "kept": kept,
                        "seconds": round(time.perf_counter() - tb, 2)}
         bar.set_postfix_str(f"{name} mse {before:.3g} -> {after:.3g}")
+    graph.fixed_qparams.update(qparams)
     return {"blocks": stats, "seconds": round(time.perf_counter() - t0, 2), "options": opts.to_dict()}

@@ -10,7 +10,7 @@ import torch
 
 from lowbit.compiler.ir import Graph, QuantizedLayer
 from lowbit.compiler.progress import progress_bar
-from lowbit.passes.quantize import dequantize_codes, pack_codes, quantize_weight
+from lowbit.passes.quantize import dequantize_codes, pack_codes, quantize_codes, quantize_weight
 
 
 def quantizable(graph: Graph, recipe):
@@ -23,10 +23,15 @@ def quantizable(graph: Graph, recipe):
 
 
 def quantize_layer(name: str, op: str, w: torch.Tensor, spec, bias, method: str = "rtn",
-                   mse: bool = False) -> QuantizedLayer:
-    """RTN-quantize one weight w [N, K] into the stored layout, with its relative weight error."""
+                   mse: bool = False, qparams=None) -> QuantizedLayer:
+    """RTN-quantize one weight w [N, K] into the stored layout, with its relative weight error. ``qparams``
+    (scale, zero) fixes the grid instead of computing it from w."""
     w = w.float()
-    q, scale, zero = quantize_weight(w, spec, mse=mse)
+    if qparams is None:
+        q, scale, zero = quantize_weight(w, spec, mse=mse)
+    else:
+        scale, zero = qparams
+        q = quantize_codes(w, scale, zero, spec)
     group = spec.group(w.shape[1])
     err = (dequantize_codes(q, scale, zero, group) - w).norm() / w.norm().clamp_min(1e-12)
     return QuantizedLayer(name=name, op=op, spec=spec, in_features=w.shape[1], out_features=w.shape[0],
@@ -51,6 +56,7 @@ def rtn_pass(graph: Graph, recipe, show_progress: bool = True, **_) -> dict:
     n_emb = quantize_embedding(graph, recipe)
     for site, spec in progress_bar(todo, desc="rtn", disable=not show_progress):
         graph.replace_with_quantized(site, quantize_layer(site.name, spec.linear_op, graph.weight(site), spec,
-                                                          graph.bias(site), mse=recipe.mse))
+                                                          graph.bias(site), mse=recipe.mse,
+                                                          qparams=graph.fixed_qparams.get(site.name)))
     graph.finalize()
     return {"layers": len(todo) + n_emb}
