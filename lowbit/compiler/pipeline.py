@@ -173,11 +173,11 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
             lkd_ids = torch.randint(0, loaded.config.vocab_size, (lkd_opts.samples, lkd_opts.seq_len), generator=gen)
         with timed(timings, "lkd", quiet, f"layer-by-layer distillation, {lkd_opts.steps} steps per block"):
             lkd_info = lkd_pass(loaded.model, graph, recipe, lkd_ids, lkd_opts, show_progress=not quiet)
-        kept = [b for b in lkd_info["blocks"].values() if b["kept"]]
-        say(f"LKD: block MSE reduced in {len(kept)} of {len(lkd_info['blocks'])} blocks; mean "
-            f"{sum(b['loss_before'] for b in lkd_info['blocks'].values()) / len(lkd_info['blocks']):.4g} -> "
-            f"{sum(min(b['loss_after'], b['loss_before']) for b in lkd_info['blocks'].values()) / len(lkd_info['blocks']):.4g}",
-            quiet)
+        blocks = list(lkd_info["blocks"].values())
+        before = sum(b["loss_before"] for b in blocks) / len(blocks)
+        after = sum(min(b["loss_after"], b["loss_before"]) for b in blocks) / len(blocks)
+        say(f"LKD: block MSE reduced in {sum(b['kept'] for b in blocks)} of {len(blocks)} blocks; mean "
+            f"{before:.4g} -> {after:.4g}", quiet)
     pass_info: dict = {}
     if recipe.method in PASSES:
         ckpt = None

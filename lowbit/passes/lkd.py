@@ -5,7 +5,8 @@ matmuls fake-quantize their weights (and, for W8A8 layers, their input activatio
 straight-through estimator. Both see the same block input (the float model's activations on calibration
 text, or on random token sequences when no text is available); Adam minimises the MSE between their
 outputs. The student's weights then replace the block's float weights, and the recipe's weight pass
-(RTN) quantizes them into the final format, so LKD changes what is quantized, never the format.
+(RTN) quantizes them onto the same fixed grid (``graph.fixed_qparams``) into the final format: LKD
+changes what is quantized, never the format.
 """
 
 from __future__ import annotations
