@@ -123,14 +123,12 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         tokenizer = load_tokenizer(model_path)
         if tokenizer is None:
             raise LowbitError(f"'{model_path}' has no tokenizer; calibration and --eval need one to tokenize text")
-        if calib_text is not None and recipe.needs_calibration:
-            from lowbit.compiler.calibration import calibration_windows
+        from lowbit.compiler.calibration import calibration_windows
 
+        if calib_text is not None and recipe.needs_calibration:
             calib_ids = calibration_windows(tokenizer, calib_text, calib.samples, calib.seq_len, calib.seed,
                                             max_positions(config))
         if lkd_opts is not None and lkd_opts.data == "calib":
-            from lowbit.compiler.calibration import calibration_windows
-
             lkd_ids = calibration_windows(tokenizer, calib_text, lkd_opts.samples, lkd_opts.seq_len, lkd_opts.seed,
                                           max_positions(config))
         if eval_body is not None:

@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.plugins.ops import ACT_EPS, ACT_QMAX, signed_weight
-from lowbit.passes.quantize import expand_groups, unpack_codes
+from lowbit.plugins.ops import ACT_EPS, ACT_QMAX, quantize_rows_int8, signed_weight
+from lowbit.passes.quantize import dequantize_codes, pack_codes, unpack_codes
 
 MIN_BLOCK = 16
+CONTRIB_DOMAIN = "com.microsoft"
 
 
 # ---- layout conversion (compile time) ----------------------------------------------------------------
@@ -38,35 +39,22 @@ def block_size_for(group: int, k: int) -> Optional[int]:
     return block if block >= MIN_BLOCK else None
 
 
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 2n] values < 16 -> uint8 [..., n], element 2i in the low nibble."""
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
-
-
-def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)
-
-
 def to_matmul_nbits(qweight, scales, zeros, bits: int, group: int, k: int, dtype=torch.float32) -> dict:
     """lowbit packed layer -> MatMulNBits tensors and attributes (raises when the group has no block)."""
     block = block_size_for(group, k)
     if block is None:
         raise LowbitError(f"ONNX MatMulNBits needs blocks of a power of two >= {MIN_BLOCK}; group size {group} "
                           "has none (use a group of 16, 32, 64, 128, ... or per-channel)")
+    # lowbit's own packing (a little-endian bitstream per row, low nibble first) is MatMulNBits' for 4 and 8 bits.
     cb = container_bits(bits)
-    codes = unpack_codes(qweight, bits, k)                                   # [N, K]
-    n = codes.shape[0]
+    n = qweight.shape[0]
     n_blocks = -(-k // block)
-    codes = F.pad(codes, (0, n_blocks * block - k)).view(n, n_blocks, block)
-    b = _pack_nibbles(codes) if cb == 4 else codes.clone()
+    codes = F.pad(unpack_codes(qweight, bits, k), (0, n_blocks * block - k))     # [N, n_blocks * block]
+    b = pack_codes(codes, cb).view(n, n_blocks, block * cb // 8)
     # Which lowbit group each block belongs to (blocks never straddle groups: block divides group).
     owner = torch.clamp(torch.arange(n_blocks) * block // group, max=scales.shape[1] - 1)
-    s = scales[:, owner].to(dtype)
-    z = zeros[:, owner]
-    if cb == 4:
-        z = _pack_nibbles(F.pad(z, (0, n_blocks % 2)))
-    return {"b": b.contiguous(), "scales": s.reshape(-1).contiguous(), "zero_points": z.reshape(-1).contiguous(),
-            "bits": cb, "block_size": block}
+    return {"b": b.contiguous(), "scales": scales[:, owner].to(dtype).reshape(-1).contiguous(),
+            "zero_points": pack_codes(zeros[:, owner], cb).reshape(-1).contiguous(), "bits": cb, "block_size": block}
 
 
 def to_matmul_a8(qweight, scales, zeros, bits: int, group: int, k: int) -> dict:
@@ -92,27 +80,20 @@ def to_gather_nbits(qweight, scales, zeros, bits: int, group: int, dim: int, dty
                           f">= {MIN_BLOCK} that divides the embedding size {dim}; change the recipe's group_size "
                           "or set quantize_embeddings = false")
     cb = container_bits(bits)
-    codes = unpack_codes(qweight, bits, dim)
-    data = _pack_nibbles(codes) if cb == 4 else codes.clone()
-    z = _pack_nibbles(F.pad(zeros, (0, zeros.shape[1] % 2))) if cb == 4 else zeros.clone()
-    return {"data": data.contiguous(), "scales": scales.to(dtype).contiguous(), "zero_points": z.contiguous(),
+    return {"data": pack_codes(unpack_codes(qweight, bits, dim), cb).contiguous(),
+            "scales": scales.to(dtype).contiguous(), "zero_points": pack_codes(zeros, cb).contiguous(),
             "bits": cb, "block_size": group}
 
 
 # ---- torch ops with ONNX Runtime semantics ----------------------------------------------------------
-def _unpack_container(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    return _unpack_nibbles(packed) if bits == 4 else packed
-
-
 @torch.library.custom_op("lowbit::ort_matmul_nbits", mutates_args=())
 def ort_matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                      bias: Optional[torch.Tensor], K: int, N: int, bits: int, block_size: int,
                      accuracy_level: int) -> torch.Tensor:
     n_blocks = b.shape[1]
-    codes = _unpack_container(b, bits).reshape(N, n_blocks * block_size)[:, :K].float()
-    z = _unpack_container(zero_points.view(N, -1), bits)[:, :n_blocks].float()
-    s = scales.view(N, n_blocks).float()
-    w = (codes - expand_groups(z, K, block_size)) * expand_groups(s, K, block_size)
+    codes = unpack_codes(b.reshape(N, -1), bits, K)
+    z = unpack_codes(zero_points.view(N, -1), bits, n_blocks)
+    w = dequantize_codes(codes, scales.view(N, n_blocks), z, block_size)
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
@@ -124,15 +105,14 @@ def _(x, b, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
 @torch.library.custom_op("lowbit::ort_matmul_a8", mutates_args=())
 def ort_matmul_a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
                   K: int, N: int, group: int) -> torch.Tensor:
-    x32 = x.float()
-    sx = (x32.abs().amax(-1, keepdim=True) / ACT_QMAX).clamp_min(ACT_EPS)
-    q = torch.round(x32 / sx).clamp(-ACT_QMAX, ACT_QMAX)
+    q, sx = quantize_rows_int8(x)
+    q = q.double()
     g = -(-K // group)
     if g == 1:
-        y = (q.double() @ w.double()).float() * scales                       # exact int32 sums
+        y = (q @ w.double()).float() * scales                                 # exact int32 sums
     else:
         q = F.pad(q, (0, g * group - K)).reshape(-1, g, group).transpose(0, 1)   # [G, M, group]
-        acc = torch.bmm(q.double(), w.double())                                   # [G, M, N]
+        acc = torch.bmm(q, w.double())                                            # [G, M, N]
         y = (acc.float() * scales).sum(0).reshape(*x.shape[:-1], N)
     y = y * sx
     if bias is not None:
@@ -149,9 +129,9 @@ def _(x, w, scales, bias, K, N, group):
 def ort_gather_nbits(ids: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
                      bits: int, block_size: int, dim: int) -> torch.Tensor:
     flat = ids.reshape(-1)
-    codes = _unpack_container(data[flat], bits)[:, :dim].float()
-    z = _unpack_container(zero_points[flat], bits)[:, :scales.shape[1]].float()
-    rows = (codes - expand_groups(z, dim, block_size)) * expand_groups(scales[flat].float(), dim, block_size)
+    codes = unpack_codes(data[flat], bits, dim)
+    z = unpack_codes(zero_points[flat], bits, scales.shape[1])
+    rows = dequantize_codes(codes, scales[flat], z, block_size)
     return rows.to(scales.dtype).reshape(*ids.shape, dim)
 
 
@@ -221,15 +201,15 @@ def for_onnx(model: torch.nn.Module, accuracy_level: int = 0, dtype=torch.float3
 
 
 # ---- ONNX translations (onnxscript, used by torch.onnx.export's custom_translation_table) -------------
-def _translations() -> dict:
+def translations() -> dict:
+    """The ``custom_translation_table`` for ``torch.onnx.export`` (imports onnxscript on first use)."""
+    import onnx
     from onnxscript import opset18 as op
     from onnxscript.values import Opset
 
     register_contrib_schemas()
-    ms = Opset("com.microsoft", 1)
+    ms = Opset(CONTRIB_DOMAIN, 1)
     matmul_nbits_op, gather_block_quantized_op = ms.MatMulNBits, ms.GatherBlockQuantized
-    import onnx
-
     UINT8, FLOAT = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
 
     def matmul_nbits(x, b, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
@@ -272,9 +252,6 @@ def _translations() -> dict:
             torch.ops.lowbit.ort_gather_nbits.default: gather_nbits}
 
 
-CONTRIB_DOMAIN = "com.microsoft"
-
-
 def register_contrib_schemas():
     """Register the schemas of the ONNX Runtime contrib ops lowbit emits with onnx (which ships none), so
     onnxscript can build the nodes and onnx.checker can check them. Signatures follow ONNX Runtime's
@@ -313,8 +290,3 @@ def register_contrib_schemas():
             defs.get_schema(schema.name, schema.since_version, schema.domain)
         except defs.SchemaError:
             defs.register_schema(schema)
-
-
-def translations() -> dict:
-    """The ``custom_translation_table`` for ``torch.onnx.export`` (imports onnxscript on first use)."""
-    return _translations()
