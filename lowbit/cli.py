@@ -19,7 +19,8 @@ def _cmd_compile(a) -> int:
                         calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
                         eval_seq_len=a.eval_seq_len, onnx_accuracy_level=a.onnx_accuracy_level,
                         lkd={"steps": a.lkd_steps, "lr": a.lkd_lr, "batch": a.lkd_batch, "data": a.lkd_data,
-                             "samples": a.lkd_samples, "seq_len": a.lkd_seq_len})
+                             "samples": a.lkd_samples, "seq_len": a.lkd_seq_len, "loss": a.lkd_loss,
+                             "inputs": a.lkd_inputs})
     print(out)
     return 0
 
@@ -111,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lkd-data", default=None, help="LKD data: calib (the --calib text, default) or random tokens")
     c.add_argument("--lkd-samples", type=int, default=None, help="LKD: sequences distilled on (default 32)")
     c.add_argument("--lkd-seq-len", type=int, default=None, help="LKD: tokens per sequence (default 256)")
+    c.add_argument("--lkd-inputs", default=None, help="LKD: the student's block input: quantized (the distilled "
+                   "blocks' output, default) or float (the float model's)")
+    c.add_argument("--lkd-loss", default=None, help="LKD loss: token (each token's squared error relative to its "
+                   "energy, default) or mse")
     c.set_defaults(fn=_cmd_compile)
 
     r = sub.add_parser("run", help="generate text with an artifact")

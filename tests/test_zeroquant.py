@@ -10,6 +10,7 @@ from lowbit.cli import main
 from lowbit.compiler.artifact import read_manifest
 from lowbit.compiler.frontend import load_model
 from lowbit.compiler.pipeline import CalibrationArgs
+from lowbit.passes.lkd import block_loss
 from lowbit.passes.quantize import QuantSpec, pack_codes, quantize_weight
 from lowbit.plugins.ops import int8_matmul, quantize_rows_int8, signed_weight
 
@@ -104,9 +105,25 @@ def test_lkd_reduces_block_error_and_model_error(model_dirs, calib_file, tmp_pat
     ids = loaded.tokenizer(sample_text(400, 5), return_tensors="pt")["input_ids"][:, :64]
     assert _logit_err(lkd, loaded, ids) < _logit_err(plain, loaded, ids)
     # Without text: random token sequences; an encoder distils the same way.
+    # ... and the student fed the float model's block inputs instead of its own chain's, with the plain MSE.
     rnd = lowbit.compile(str(model_dirs["bert"]), "zq-w4a8-mixed-lkd", out=tmp_path / "b", quiet=True,
-                         lkd={"steps": 10, "data": "random", "samples": 4, "seq_len": 32})
-    assert read_manifest(rnd)["lkd"]["options"]["data"] == "random"
+                         lkd={"steps": 10, "data": "random", "samples": 4, "seq_len": 32, "inputs": "float",
+                              "loss": "token"})
+    opts = read_manifest(rnd)["lkd"]["options"]
+    assert (opts["data"], opts["inputs"], opts["loss"]) == ("random", "float", "token")
+
+
+def test_lkd_token_loss_ignores_each_tokens_scale():
+    gen = torch.Generator().manual_seed(3)
+    t = torch.randn(2, 5, 16, generator=gen)
+    err = 0.1 * torch.randn(2, 5, 16, generator=gen)
+    big = torch.ones(2, 5, 1)
+    big[:, 0] = 100.0                       # an attention-sink token 100x the others
+    plain, scaled = block_loss(t + err, t, "token"), block_loss((t + err) * big, t * big, "token")
+    assert torch.allclose(plain, scaled, rtol=1e-5)
+    assert float(block_loss(t + err, t, "mse")) == pytest.approx(float((err ** 2).mean()), rel=1e-5)
+    # Under plain MSE the sink token's error is 10^4 times the others' and swamps them.
+    assert block_loss((t + err) * big, t * big, "mse") > 1000 * block_loss(t + err, t, "mse")
 
 
 def test_encoder_embedding_cosine(model_dirs, text_file, tmp_path, capsys):
@@ -131,6 +148,10 @@ def test_bad_inputs(model_dirs, text_file, tmp_path, capsys):
           match="--lkd-steps 0")
     fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-data", "web",
           match="--lkd-data web")
+    fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-inputs", "teacher",
+          match="--lkd-inputs teacher")
+    fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-loss", "l1",
+          match="--lkd-loss l1")
     fails("compile", llama, "-r", "zq-w4a8-mixed", "-o", tmp_path / "x", "-q", "--lkd-steps", "5",
           match="does not distil")
     asym = tmp_path / "asym.toml"
