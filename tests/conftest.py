@@ -14,6 +14,10 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU the Triton kernels (lowbit.plugins.triton) run in Triton's CPU interpreter. Triton reads this
+# when a kernel is decorated, so it must be set before anything imports triton: conftest loads first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 320
 ARCHS = ("llama", "qwen2", "opt", "gpt2", "bert")

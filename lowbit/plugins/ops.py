@@ -21,6 +21,14 @@ Ops
 ``lowbit::wna16_embedding(ids, qweight, scales, zeros, bits, group_size, dim, dtype)``
     Quantized embedding table lookup: the rows of W [V, dim] selected by ``ids``, dequantized to
     ``dtype``. Only the gathered rows are unpacked.
+
+``lowbit::rmsnorm_quant_int8(x, weight, eps) -> (codes, scales)``
+    LlamaRMSNorm followed by the per-token INT8 quantization of ``w8a8_linear``, as one op: what a fusion pass
+    substitutes for ``norm -> quantize`` so the normalized activations never travel through memory in float.
+
+CUDA kernels: ``wna16_linear``, ``w8a8_linear`` and ``rmsnorm_quant_int8`` run Triton kernels
+(``lowbit.plugins.triton``) when Triton is installed and the format is supported, and the reference math
+otherwise. Triton is imported on the first CUDA call, never at ``import lowbit``.
 """
 
 from __future__ import annotations
@@ -33,15 +41,47 @@ import torch.nn.functional as F
 from lowbit.passes.quantize import dequantize_codes, expand_groups, unpack_codes
 
 
-@torch.library.custom_op("lowbit::wna16_linear", mutates_args=())
-def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_kernels(name: str):
+    """The Triton kernel module ``lowbit.plugins.triton.<name>``, or None without Triton (imported lazily)."""
+    from lowbit.plugins.triton import load
+
+    return load(name)
+
+
+def wna16_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """``wna16_linear`` in plain PyTorch: unpack, dequantize, F.linear (any device)."""
     codes = unpack_codes(qweight, bits, in_features)
     # Dequantize in float32 at least: fp16 (q - z) * s rounds differently from the reference math.
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu" else x.dtype
     w = dequantize_codes(codes, scales, zeros, group_size, dtype=compute)
     y = F.linear(x.to(compute), w, None if bias is None else bias.to(compute))
     return y.to(x.dtype)
+
+
+@torch.library.custom_op("lowbit::wna16_linear", mutates_args=())
+def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    return wna16_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+
+
+def wna16_linear_triton(x, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int):
+    """The CUDA kernel: Triton's fused dequant-GEMM where it applies, else the reference.
+
+    Only shapes, dtypes and formats steer it (no values, no host sync), so it is safe under CUDA graphs.
+    """
+    kern = _triton_kernels("w4a16")
+    if kern is None or x.dtype not in FLOAT_DTYPES or x.numel() == 0 or not kern.supports(bits, group_size,
+                                                                                        in_features):
+        return wna16_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+    y = kern.wna16_matmul(x.reshape(-1, in_features), qweight, scales, zeros, bias, bits, group_size, in_features)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+wna16_linear.register_kernel("cuda")(wna16_linear_triton)
 
 
 @wna16_linear.register_fake
@@ -84,9 +124,9 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double().t()).to(torch.int32)
 
 
-@torch.library.custom_op("lowbit::w8a8_linear", mutates_args=())
-def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
+def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    """``w8a8_linear`` in plain PyTorch: per-token INT8, exact int32 sums per group, float rescale."""
     lead = x.shape[:-1]
     xq, sx = quantize_rows_int8(x.reshape(-1, in_features))
     w = signed_weight(qweight, zeros, bits, in_features, group_size)
@@ -100,6 +140,25 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*lead, -1)
+
+
+@torch.library.custom_op("lowbit::w8a8_linear", mutates_args=())
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
+    return w8a8_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+
+
+def w8a8_linear_triton(x, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int):
+    """The CUDA kernel: Triton activation quantization + INT8 GEMM where it applies, else the reference."""
+    kern = _triton_kernels("w8a8")
+    if kern is None or x.dtype not in FLOAT_DTYPES or x.numel() == 0 or not kern.supports(bits, group_size,
+                                                                                        in_features):
+        return w8a8_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+    y = kern.w8a8_linear(x.reshape(-1, in_features), qweight, scales, zeros, bias, bits, group_size, in_features)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+w8a8_linear.register_kernel("cuda")(w8a8_linear_triton)
 
 
 @w8a8_linear.register_fake
@@ -119,3 +178,31 @@ def wna16_embedding(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 @wna16_embedding.register_fake
 def _wna16_embedding_fake(ids, qweight, scales, zeros, bits, group_size, dim, dtype):
     return torch.empty((*ids.shape, dim), dtype=dtype, device=ids.device)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalize in float32, round to x's dtype, times the weight (promoted dtype)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@torch.library.custom_op("lowbit::rmsnorm_quant_int8", mutates_args=())
+def rmsnorm_quant_int8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows_int8(rms_norm_reference(x, weight, eps))
+
+
+def rmsnorm_quant_int8_triton(x, weight, eps: float):
+    """The CUDA kernel: the fused Triton row kernel (one program per token), else the reference."""
+    kern = _triton_kernels("act_quant")
+    if kern is None or x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES or x.numel() == 0:
+        return quantize_rows_int8(rms_norm_reference(x, weight, eps))
+    return kern.rmsnorm_quantize(x, weight, eps)
+
+
+rmsnorm_quant_int8.register_kernel("cuda")(rmsnorm_quant_int8_triton)
+
+
+@rmsnorm_quant_int8.register_fake
+def _rmsnorm_quant_int8_fake(x, weight, eps):
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)

@@ -1,0 +1,181 @@
+"""Per-token (row) symmetric INT8 activation quantization, alone or fused behind RMSNorm / LayerNorm.
+
+Bit-identical to ``lowbit.plugins.ops.quantize_rows_int8`` (every backend must produce the same codes):
+in float32, ``scale = max(max|x| / 127, 1e-10)``, ``code = clip(round_half_even(x / scale), -127, 127)``.
+Two details make that hold on a GPU:
+
+- Division is ``div_rn`` (IEEE round-to-nearest); ``/`` lowers to a faster division that is not correctly
+  rounded on NVIDIA GPUs.
+- Round half to even by the magic-number trick: adding then subtracting 1.5 * 2^23 leaves the float32 sum
+  with no fraction bits, so the hardware's round-to-nearest-even does the rounding. It is exact for
+  |v| < 2^22, and |x / scale| <= 127 (up to rounding) here. (libdevice ``rint`` is not available in the
+  interpreter, which the tests run on.)
+
+One program per row; a row longer than BLOCK is walked in chunks, one pass per statistic (the row's re-reads
+come from L1/L2). The fused norms follow transformers / PyTorch exactly where it is cheap to: RMSNorm as
+LlamaRMSNorm (``x * 1/sqrt(mean(x^2) + eps)`` in float32, rounded to x's dtype, times the weight in the promoted
+dtype), LayerNorm as ``((x - mean) * rstd) * w + b`` in float32 rounded to x's dtype, then quantized like the
+unfused ``norm -> w8a8_linear`` sequence would. What differs from PyTorch is the order (and, on a GPU, FMA
+contraction) of the sums behind mean and variance: the normalizer can differ in its last bit, which moves a
+code by one where the scaled value lies within rounding of a .5 boundary (or, for fp16/bf16 x, where the last-bit
+change flips the rounding of a normalized value to x's dtype). Inputs whose sums are exact give identical codes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.plugins.triton import next_pow2
+
+QMAX = 127.0
+EPS = 1e-10
+MAX_BLOCK = 4096            # elements of a row held at once; longer rows loop
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _quantize(v, scale):
+    """int8 codes of float32 v against a float32 scale: round half to even, clip to [-127, 127]."""
+    r = tl.math.div_rn(v, scale)
+    r = (r + 12582912.0) - 12582912.0        # 1.5 * 2^23: rounds to an integer, ties to even
+    return tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+
+
+@triton.jit
+def _row_scale(amax):
+    return tl.maximum(tl.math.div_rn(amax, 127.0), 1e-10)
+
+
+@triton.jit
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+    scale = _row_scale(tl.max(amax, axis=0))
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        tl.store(q_row + k0 + cols, _quantize(v, scale), mask=k0 + cols < K)
+
+
+@triton.jit
+def _rms_normed(x_row, w_ptr, k0, cols, K, inv, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr):
+    """LlamaRMSNorm's output at columns k0+cols, as float32 (zero past K)."""
+    mask = k0 + cols < K
+    v = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+    h = (v * inv).to(X_DTYPE).to(tl.float32)
+    return (w * h).to(Y_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, KF, eps, stride_xm, stride_qm,
+                          X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    cols = tl.arange(0, BLOCK)
+    ss = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        ss += v * v
+    var = tl.math.div_rn(tl.sum(ss, axis=0), KF)        # mean = sum / K, as torch.mean computes it
+    # torch.rsqrt on CPU is 1 / sqrt, each correctly rounded; the PTX rsqrt is an approximation.
+    inv = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        amax = tl.maximum(amax, tl.abs(_rms_normed(x_row, w_ptr, k0, cols, K, inv, X_DTYPE, Y_DTYPE)))
+    scale = _row_scale(tl.max(amax, axis=0))
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        y = _rms_normed(x_row, w_ptr, k0, cols, K, inv, X_DTYPE, Y_DTYPE)
+        tl.store(q_row + k0 + cols, _quantize(y, scale), mask=k0 + cols < K)
+
+
+@triton.jit
+def _layer_normed(x_row, w_ptr, b_ptr, k0, cols, K, mean, rstd, X_DTYPE: tl.constexpr):
+    mask = k0 + cols < K
+    v = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+    return (((v - mean) * rstd) * w + b).to(X_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, K, KF, eps, stride_xm, stride_qm,
+                            X_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    cols = tl.arange(0, BLOCK)
+    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        s1 += tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+    mean = tl.math.div_rn(tl.sum(s1, axis=0), KF)
+    # Variance about the mean (a second pass), not E[x^2] - mean^2, which cancels badly for offset rows.
+    s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        d = tl.where(k0 + cols < K, v - mean, 0.0)
+        s2 += d * d
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(s2, axis=0), KF) + eps))
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        amax = tl.maximum(amax, tl.abs(_layer_normed(x_row, w_ptr, b_ptr, k0, cols, K, mean, rstd, X_DTYPE)))
+    scale = _row_scale(tl.max(amax, axis=0))
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        y = _layer_normed(x_row, w_ptr, b_ptr, k0, cols, K, mean, rstd, X_DTYPE)
+        tl.store(q_row + k0 + cols, _quantize(y, scale), mask=k0 + cols < K)
+
+
+def _launch(kernel, x: torch.Tensor, tensors: tuple, scalars: tuple, block: int | None, **consts):
+    """Run a row kernel ``(x, *tensors, q, s, K, *scalars, strides)`` over x [..., K] -> (codes, scales)."""
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)
+    if x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    m = x2d.shape[0]
+    q = torch.empty((m, k), device=x.device, dtype=torch.int8)
+    s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    blk = block or min(MAX_BLOCK, next_pow2(k))
+    if m:
+        kernel[(m,)](x2d, *tensors, q, s, k, *scalars, x2d.stride(0), q.stride(0), **consts, BLOCK=blk,
+                     num_warps=8 if blk >= 2048 else 4)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+
+
+def quantize_rows(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes [..., K], float32 scales [..., 1]), identical to ``ops.quantize_rows_int8(x)``.
+
+    ``block`` (a power of two) overrides the chunk of a row handled at once (tests use it to force chunking).
+    """
+    return _launch(_quant_rows_kernel, x, (), (), block)
+
+
+def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                     block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LlamaRMSNorm(x) quantized per row: ``quantize_rows_int8(weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype))``.
+
+    K and eps go in as float32 (as torch's fp32 mean and ``var + eps`` use them)."""
+    y_dtype = torch.promote_types(weight.dtype, x.dtype)
+    return _launch(_rmsnorm_quant_kernel, x, (weight.contiguous(),), (float(x.shape[-1]), float(eps)), block,
+                   X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[y_dtype])
+
+
+def layernorm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                       block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """nn.LayerNorm(x) (output in x's dtype) quantized per row, as ``quantize_rows_int8(layer_norm(x))``."""
+    if bias is None:
+        bias = torch.zeros_like(weight)
+    return _launch(_layernorm_quant_kernel, x, (weight.contiguous(), bias.contiguous()),
+                   (float(x.shape[-1]), float(eps)), block, X_DTYPE=_TL_DTYPES[x.dtype])

@@ -1,0 +1,96 @@
+"""Reading lowbit's packed weight layout from Triton, shared by the W4A16 and W8A8 kernels.
+
+The stored layout (``lowbit.passes.quantize``): codes uint8 [N, ceil(K*bits/8)], a little-endian bitstream per
+row, so code k of row n sits in byte ``k*bits // 8`` at bit ``k*bits % 8``. For bits dividing 8 no code
+straddles a byte, and reading the row as little-endian int32 words keeps the same rule: code k is in word
+``k // (32/bits)`` at bit ``(k % (32/bits)) * bits``. Kernels load a K tile of packed elements (words when
+every row starts on a 4-byte boundary, else bytes), then expand each element into its codes with one
+broadcast shift and mask; no repacking at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.plugins.triton import interpreting
+
+SUPPORTED_BITS = (2, 4, 8)      # bit widths that divide 8: no code crosses a byte (or word) boundary
+MIN_BK = 16                     # smallest K tile tl.dot takes for 16-bit operands
+
+
+def packed_view(qweight: torch.Tensor, bits: int) -> tuple[torch.Tensor, int]:
+    """(tensor the kernel loads, codes per loaded element): int32 words when every row is word-aligned."""
+    qweight = qweight.contiguous()
+    if qweight.shape[1] % 4 == 0 and qweight.data_ptr() % 4 == 0:
+        return qweight.view(torch.int32), 32 // bits
+    return qweight, 8 // bits
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes its output in: ``dtype``, except bf16 under the interpreter, whose float32 ->
+    bf16 conversion truncates instead of rounding to nearest even; there the kernel writes float32 and torch
+    rounds it (compiled kernels round correctly and write bf16 directly)."""
+    return torch.float32 if dtype == torch.bfloat16 and interpreting() else dtype
+
+
+def group_fits(bk: int, group: int, k: int) -> bool:
+    """A K tile of ``bk`` columns never straddles two groups: bk divides the group, or one group spans K."""
+    return group >= k or group % bk == 0
+
+
+def fit_bk(bk: int, group: int, k: int, min_bk: int = MIN_BK) -> int:
+    """The largest tile <= bk (halving, not below ``min_bk``) that fits the groups; ``min_bk`` if none."""
+    while bk > min_bk and not group_fits(bk, group, k):
+        bk //= 2
+    return bk
+
+
+def bk_pruner(min_bk: int = MIN_BK):
+    """Autotune pruning: shrink each config's BK until a K tile stays within one group, then drop duplicates."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        group, k = args["GROUP"], args["K"]
+        out, seen = [], set()
+        for c in configs:
+            kw = dict(c.kwargs)
+            kw["BK"] = fit_bk(kw["BK"], group, k, min_bk)
+            sig = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+            if sig not in seen:
+                seen.add(sig)
+                out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+        return out
+
+    return prune
+
+
+@triton.jit
+def swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) with GROUP_M row tiles visited together, so their weight tiles are reused from L2."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS: tl.constexpr, PER: tl.constexpr, BK: tl.constexpr,
+               BN: tl.constexpr):
+    """Unsigned codes int32 [BK, BN] of columns k0..k0+BK for output rows rn (k0 a multiple of PER).
+
+    Loads BK/PER packed elements per row (contiguous along K, so a row's bytes arrive in one transaction) and
+    splits each into its PER codes, lowest bits first, which is the order the bitstream stores them in.
+    """
+    re = k0 // PER + tl.arange(0, BK // PER)
+    ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + re[:, None]
+    raw = tl.load(ptrs, mask=n_mask[None, :] & (re[:, None] < KP), other=0).to(tl.int32)    # [BK/PER, BN]
+    shifts = tl.arange(0, PER) * BITS
+    # Arithmetic shift of a negative word drags sign bits in from the top; the mask removes them.
+    codes = (raw[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)                 # [BK/PER, PER, BN]
+    return tl.reshape(codes, (BK, BN))

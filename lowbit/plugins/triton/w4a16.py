@@ -1,0 +1,194 @@
+"""Weight-only quantized GEMM: ``y[M, N] = x[M, K] @ dequant(W).T + bias`` with W read as stored.
+
+W is lowbit's packed layout (codes uint8 [N, ceil(K*bits/8)], scales fp16 [N, G], zeros uint8 [N, G], group j =
+columns [j*g, min((j+1)*g, K))), bits 2, 4 or 8; activations fp16, bf16 or fp32, output in x's dtype.
+
+One kernel, two launch shapes:
+
+- split-K (decode, M <= 64): a [BM=16..64, BN] output tile per program and SPLIT_K programs along K, each
+  over a contiguous run of K tiles. At small M the kernel is a weight stream; splitting K puts enough programs
+  in flight to keep every SM reading. Partial sums meet in an fp32 buffer by ``tl.atomic_add``: the order of
+  those few fp32 additions (SPLIT_K per output) varies from run to run, so results agree to fp32 rounding
+  rather than bit for bit; the final cast to x's dtype absorbs it almost always.
+- tiled (prefill, M > 64): [BM, BN] tiles over the whole K, grouped along M so a weight tile is dequantized
+  for GROUP_M row tiles while it is in L2; bias and the cast fused in the epilogue.
+
+Dequantization is exact: ``q - z`` (an integer below 2^8) is exact in fp16 and bf16, so a tile computes
+``x @ (q - z)`` on tensor cores with fp32 accumulation, and the fp16 scale multiplies the fp32 partial sum of its
+group once, at the group's last tile (a K tile never straddles two groups: BK divides g). Per-channel weights
+(g >= K) scale once in the epilogue. Nothing is rounded to 16 bits before the accumulator, unlike kernels
+that form ``(q - z) * s`` in fp16.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.plugins.triton import interpreting, next_pow2
+from lowbit.plugins.triton.packed import SUPPORTED_BITS, bk_pruner, fit_bk, group_fits, load_codes, packed_view, \
+    store_dtype, swizzle
+
+SPLIT_K_MAX_M = 64          # M at or below this takes the split-K path
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def supports(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether these kernels can run a weight of this format (else the op falls back to the reference)."""
+    if bits not in SUPPORTED_BITS or in_features <= 0 or group_size <= 0:
+        return False
+    return group_size >= in_features or group_size % 16 == 0
+
+
+@triton.jit
+def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                  M, N, K, KP, GROUP, M_BUCKET,
+                  stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_ym,
+                  BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_mask = rm < M
+    n_mask = rn < N
+    rk = tl.arange(0, BK)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+
+    # This program's K tiles: a contiguous run, so each weight row is read as one stretch.
+    n_tiles = tl.cdiv(K, BK)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    t_lo = pid_k * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    part = tl.zeros((BM, BN), dtype=tl.float32)        # the current group's sum, before its scale
+    if ONE_GROUP:
+        z = tl.load(z_ptr + rn * stride_zn, mask=n_mask, other=0).to(tl.int32)
+    for t in range(t_lo, t_hi):
+        k0 = t * BK
+        rk0 = k0 + rk
+        a = tl.load(x_rows + rk0[None, :] * stride_xk, mask=m_mask[:, None] & (rk0[None, :] < K), other=0.0)
+        a = a.to(DOT_DTYPE)
+        if not ONE_GROUP:
+            z = tl.load(z_ptr + rn * stride_zn + k0 // GROUP, mask=n_mask, other=0).to(tl.int32)
+        q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN)
+        # Columns past K load x = 0, so whatever their codes decode to contributes nothing.
+        w = (q - z[None, :]).to(DOT_DTYPE)
+        part = tl.dot(a, w, part, input_precision=DOT_PRECISION)
+        if not ONE_GROUP:
+            # Scale the group's sum at its last tile (or the last tile of this split, mid-group).
+            if ((k0 + BK) % GROUP == 0) | (t == t_hi - 1):
+                s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+                acc += part * s[None, :]
+                part = tl.zeros((BM, BN), dtype=tl.float32)
+    if ONE_GROUP:
+        s = tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        acc = part * s[None, :]
+
+    if HAS_BIAS:
+        # Added once per output: by the first K split only.
+        bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _cfg(bn, bk, warps, stages, bm=None, split_k=None, group_m=8):
+    kw = {"BN": bn, "BK": bk, "GROUP_M": group_m}
+    if bm is not None:
+        kw["BM"] = bm
+    if split_k is not None:
+        kw["SPLIT_K"] = split_k
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+# Decode: weight-streaming, so wide K tiles (long coalesced row reads) and enough splits to fill the SMs.
+# BM is not tuned: the launcher sets it to the next power of two >= M (16..64).
+_SPLITK_CONFIGS = [
+    _cfg(32, 128, 4, 4, split_k=4), _cfg(64, 128, 4, 4, split_k=4), _cfg(64, 64, 4, 4, split_k=8),
+    _cfg(128, 64, 4, 3, split_k=4), _cfg(64, 128, 4, 3, split_k=2), _cfg(128, 128, 8, 3, split_k=2),
+    _cfg(32, 64, 2, 4, split_k=8), _cfg(64, 256, 4, 3, split_k=4), _cfg(64, 128, 4, 4, split_k=1),
+]
+# Prefill: compute-bound tiles.
+_TILED_CONFIGS = [
+    _cfg(128, 64, 8, 3, bm=128), _cfg(256, 64, 8, 3, bm=128), _cfg(128, 64, 4, 4, bm=64),
+    _cfg(64, 64, 4, 4, bm=128), _cfg(128, 128, 8, 3, bm=128), _cfg(128, 32, 4, 4, bm=128),
+    _cfg(256, 64, 8, 3, bm=64),
+]
+_KEY = ["M_BUCKET", "N", "K", "GROUP", "BITS", "PER"]
+_splitk_tuned = triton.autotune(_SPLITK_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": bk_pruner()},
+                                reset_to_zero=["y_ptr"])(_wna16_kernel)
+_tiled_tuned = triton.autotune(_TILED_CONFIGS, key=_KEY,
+                               prune_configs_by={"early_config_prune": bk_pruner()})(_wna16_kernel)
+
+# Under the interpreter: one fixed config per path (autotuning would time numpy).
+_INTERPRET_SPLITK = {"BN": 32, "BK": 64, "SPLIT_K": 2}
+_INTERPRET_TILED = {"BM": 32, "BN": 32, "BK": 64}
+
+
+def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                 config: dict | None = None) -> torch.Tensor:
+    """``x2d [M, K] @ dequant(W).T + bias`` -> [M, N] in x2d's dtype.
+
+    ``config`` forces one kernel config instead of autotuning: a dict of BN, BK, BM and optionally SPLIT_K,
+    GROUP_M, num_warps, num_stages. With SPLIT_K (any value) it runs the split-K path, else the tiled one.
+    BK is lowered where needed so a K tile stays within one group.
+    """
+    m, k = x2d.shape
+    n = qweight.shape[0]
+    if k != in_features or not supports(bits, group_size, in_features):
+        raise ValueError(f"wna16_matmul: unsupported bits={bits} group={group_size} K={in_features} (x K={k})")
+    if x2d.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"wna16_matmul: activations must be fp16, bf16 or fp32, got {x2d.dtype}")
+    if m == 0:
+        return x2d.new_empty((0, n))
+    wq, per = packed_view(qweight, bits)
+    scales, zeros = scales.contiguous(), zeros.contiguous()        # the kernel assumes unit stride along G
+    bias = None if bias is None else bias.contiguous()
+    one_group = group_size >= k
+    if config is None and interpreting():
+        config = dict(_INTERPRET_SPLITK if m <= SPLIT_K_MAX_M else _INTERPRET_TILED)
+    split = ("SPLIT_K" in config) if config is not None else m <= SPLIT_K_MAX_M
+    out = torch.zeros((m, n), device=x2d.device, dtype=torch.float32) if split else \
+        torch.empty((m, n), device=x2d.device, dtype=store_dtype(x2d.dtype))
+    args = (x2d, wq, scales, zeros, bias if bias is not None else scales, out,
+            m, n, k, wq.shape[1], group_size, next_pow2(m),
+            x2d.stride(0), x2d.stride(1), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
+    # Tensor-core dots in x's dtype. fp32 activations: full-precision products, not TF32 (tl.dot's default).
+    # The interpreter mishandles bf16 dots and int->bf16 casts, so there bf16 tiles are widened to fp32 (exact:
+    # bf16 values and small integers multiply exactly in fp32); compiled kernels keep bf16.
+    dot_dtype = tl.float32 if x2d.dtype == torch.float32 or (x2d.dtype == torch.bfloat16 and interpreting()) \
+        else _TL_DTYPES[x2d.dtype]
+    consts = dict(BITS=bits, PER=per, ONE_GROUP=one_group, HAS_BIAS=bias is not None, ATOMIC=split,
+                  DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32")
+    small_bm = max(16, next_pow2(m)) if m <= SPLIT_K_MAX_M else 64
+    if config is not None:
+        cfg = dict(config)
+        warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
+        cfg.setdefault("BM", small_bm if split else 64)
+        cfg.setdefault("SPLIT_K", 1)
+        cfg.setdefault("GROUP_M", 8)
+        cfg["BK"] = fit_bk(cfg["BK"], group_size, k)
+        grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), cfg["SPLIT_K"])
+        _wna16_kernel[grid](*args, **consts, **cfg, num_warps=warps, num_stages=stages)
+    elif split:
+        def grid(meta):
+            return triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"]
+        _splitk_tuned[grid](*args, **consts, BM=small_bm)
+    else:
+        def grid(meta):
+            return triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), 1
+        _tiled_tuned[grid](*args, **consts, SPLIT_K=1)
+    return out if out.dtype == x2d.dtype else out.to(x2d.dtype)
+
+
+__all__ = ["wna16_matmul", "supports", "group_fits"]

@@ -1,0 +1,146 @@
+"""INT8 x INT8 -> INT32 GEMM with the W8A8 dequantization fused in the epilogue.
+
+``y[m, n] = sx[m] * sum_g acc_g[m, n] * sw[n, g] + bias[n]``: exactly what ``ops.w8a8_linear`` computes,
+with ``acc_g`` the exact int32 sum of int8 products over weight group g. The weight is read from the stored
+layout (``lowbit.passes.quantize``): 8-bit codes minus their zero point (128 when symmetric), or 4-bit
+nibbles minus theirs (8; W4A8), widened to int8 in registers and fed to ``tl.dot(..., out_dtype=int32)``.
+
+Tiling: [BM, BN] output tiles over all of K, grouped along M for L2 reuse of the weight tile. The K loop
+is flat (so the loads pipeline across groups) and accumulates int32; at the last tile of each group the int32
+sum is converted, scaled by the group's fp16 scale and added to an fp32 accumulator, then restarted. A K
+tile never straddles two groups (BK divides g, and int8 tensor-core dots need BK >= 32, so grouped weights
+need g a multiple of 32). Per-channel weights keep one int32 sum over K and scale once in the epilogue.
+
+The float epilogue follows the reference's order (sum over groups, times sx, plus bias), so the result
+matches it to float rounding; the int32 sums match exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lowbit.plugins.triton import interpreting, next_pow2
+from lowbit.plugins.triton.act_quant import quantize_rows
+from lowbit.plugins.triton.packed import SUPPORTED_BITS, bk_pruner, fit_bk, load_codes, packed_view, store_dtype, \
+    swizzle
+
+MIN_BK = 32                 # int8 tl.dot needs K tiles of at least 32
+
+
+def supports(bits: int, group_size: int, in_features: int) -> bool:
+    """Whether this kernel can run a symmetric weight of this format (else the op uses the reference)."""
+    if bits not in SUPPORTED_BITS or in_features <= 0 or group_size <= 0:
+        return False
+    return group_size >= in_features or group_size % MIN_BK == 0
+
+
+@triton.jit
+def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+                 M, N, K, KP, GROUP, M_BUCKET,
+                 stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+                 BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_mask = rm < M
+    n_mask = rn < N
+    rk = tl.arange(0, BK)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc_i = tl.zeros((BM, BN), dtype=tl.int32)          # the current group's exact integer sum
+    if ONE_GROUP:
+        z = tl.load(z_ptr + rn * stride_zn, mask=n_mask, other=0).to(tl.int32)
+    n_tiles = tl.cdiv(K, BK)
+    for t in range(0, n_tiles):
+        k0 = t * BK
+        rk0 = k0 + rk
+        a = tl.load(x_rows + rk0[None, :], mask=m_mask[:, None] & (rk0[None, :] < K), other=0)
+        if not ONE_GROUP:
+            z = tl.load(z_ptr + rn * stride_zn + k0 // GROUP, mask=n_mask, other=0).to(tl.int32)
+        q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN)
+        # code - zero is the signed weight; the int8 cast wraps exactly like ops.signed_weight's .to(int8).
+        w = (q - z[None, :]).to(tl.int8)
+        acc_i = tl.dot(a, w, acc_i, out_dtype=tl.int32)
+        if not ONE_GROUP:
+            if ((k0 + BK) % GROUP == 0) | (t == n_tiles - 1):
+                s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+                acc += acc_i.to(tl.float32) * s[None, :]
+                acc_i = tl.zeros((BM, BN), dtype=tl.int32)
+    if ONE_GROUP:
+        s = tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
+        acc = acc_i.to(tl.float32) * s[None, :]
+
+    sx = tl.load(sx_ptr + rm, mask=m_mask, other=0.0)
+    y = acc * sx[:, None]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _cfg(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group_m}, num_warps=warps, num_stages=stages)
+
+
+_CONFIGS = [
+    _cfg(128, 128, 128, 8, 3), _cfg(128, 256, 128, 8, 3), _cfg(256, 128, 128, 8, 3), _cfg(128, 128, 64, 4, 4),
+    _cfg(64, 128, 128, 4, 4), _cfg(128, 64, 128, 4, 4), _cfg(64, 64, 128, 4, 3), _cfg(16, 64, 256, 4, 3),
+    _cfg(32, 128, 128, 4, 4),
+]
+_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "BITS", "PER"],
+                         prune_configs_by={"early_config_prune": bk_pruner(MIN_BK)})(_w8a8_kernel)
+_INTERPRET_CONFIG = {"BM": 32, "BN": 32, "BK": 64}
+
+
+def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                zeros: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """int8 xq [M, K] (row scales sx [M, 1] float32) times the stored weight -> [M, N] in ``out_dtype``.
+
+    ``config`` forces one kernel config (BM, BN, BK, optionally GROUP_M, num_warps, num_stages) instead of
+    autotuning; BK is lowered where needed so a K tile stays within one group.
+    """
+    m, k = xq.shape
+    n = qweight.shape[0]
+    if k != in_features or not supports(bits, group_size, in_features) or xq.dtype != torch.int8:
+        raise ValueError(f"w8a8_matmul: unsupported bits={bits} group={group_size} K={in_features} "
+                         f"(x K={k}, {xq.dtype})")
+    if m == 0:
+        return torch.empty((0, n), device=xq.device, dtype=out_dtype)
+    if xq.stride(1) != 1:
+        xq = xq.contiguous()
+    sx = sx.reshape(m).float().contiguous()
+    wq, per = packed_view(qweight, bits)
+    scales, zeros = scales.contiguous(), zeros.contiguous()        # the kernel assumes unit stride along G
+    bias = None if bias is None else bias.contiguous()
+    out = torch.empty((m, n), device=xq.device, dtype=store_dtype(out_dtype))
+    args = (xq, sx, wq, scales, zeros, bias if bias is not None else scales, out,
+            m, n, k, wq.shape[1], group_size, next_pow2(m),
+            xq.stride(0), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
+    consts = dict(BITS=bits, PER=per, ONE_GROUP=group_size >= k, HAS_BIAS=bias is not None)
+    if config is None and interpreting():
+        config = dict(_INTERPRET_CONFIG)
+    if config is not None:
+        cfg = dict(config)
+        warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
+        cfg.setdefault("GROUP_M", 8)
+        cfg["BK"] = fit_bk(cfg["BK"], group_size, k, MIN_BK)
+        grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
+        _w8a8_kernel[grid](*args, **consts, **cfg, num_warps=warps, num_stages=stages)
+    else:
+        def grid(meta):
+            return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+        _tuned[grid](*args, **consts)
+    return out.to(out_dtype)
+
+
+def w8a8_linear(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+                config: dict | None = None) -> torch.Tensor:
+    """``ops.w8a8_linear`` on a 2-D x: per-token INT8 quantization, then the fused integer GEMM."""
+    xq, sx = quantize_rows(x2d)
+    return w8a8_matmul(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, x2d.dtype, config)

@@ -1,0 +1,294 @@
+"""Triton kernels (lowbit.plugins.triton) against the reference ops of lowbit.plugins.ops.
+
+Without a GPU they run on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1); with one,
+on CUDA tensors, compiled. References are always computed on CPU. Shapes stay small: the interpreter runs
+every program instance in numpy.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from lowbit.passes.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight, unpack_codes  # noqa: E402
+from lowbit.plugins import ops  # noqa: E402
+from lowbit.plugins.triton import act_quant, w4a16, w8a8  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SPLITK = {"BN": 32, "BK": 32, "SPLIT_K": 3}     # BK 32 with g128: a split ends mid-group; K=256: one split idle
+TILED = {"BM": 16, "BN": 32, "BK": 64}
+MS = (1, 3, 17, 33)
+
+
+def _layer(n, k, bits, group, seed, sym=False, bias=True):
+    """Packed random weight (rows of varied scale and offset, so zero points spread over the code range)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * (0.2 + torch.rand(n, 1, generator=gen))
+    if not sym:
+        w = w + (torch.rand(n, 1, generator=gen) - 0.5)
+    spec = QuantSpec(bits, group, sym)
+    q, s, z = quantize_weight(w, spec)
+    b = torch.randn(n, generator=gen) if bias else None
+    return pack_codes(q, bits), s, z, b, spec.group(k)
+
+
+def _x(m, k, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=gen) * (0.5 + torch.rand(m, 1, generator=gen))).to(dtype)
+
+
+def _dev(*ts):
+    return [None if t is None else t.to(DEVICE) for t in ts]
+
+
+def _errors(y, ref):
+    """(relative Frobenius error, max abs error / max |ref|) of y against a float64 reference."""
+    d = y.double().cpu() - ref
+    return float(d.norm() / ref.norm()), float(d.abs().max() / ref.abs().max())
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _wna16_ref(x, qw, s, z, b, bits, g, k):
+    w = dequantize_codes(unpack_codes(qw, bits, k), s, z, g, torch.float64)
+    return F.linear(x.double(), w, None if b is None else b.double())
+
+
+# ---- W4A16 ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,group,n,k", [
+    (4, 32, 40, 256), (4, 64, 72, 200),     # 200 = 3*64 + 8: a ragged last group
+    (4, 128, 40, 256), (4, 0, 72, 200),     # per-channel
+    (8, 64, 40, 200), (8, 0, 72, 256),
+    (4, 32, 40, 101),                       # odd K: 51 bytes a row, not word-aligned, read as bytes
+    (2, 64, 40, 192),
+])
+def test_wna16_matches_reference(bits, group, n, k):
+    qw, s, z, b, g = _layer(n, k, bits, group, seed=bits * 1000 + k + group)
+    assert w4a16.supports(bits, g, k)
+    for m in MS:
+        x = _x(m, k, seed=m)
+        bias = b if m in (1, 17) else None
+        ref = _wna16_ref(x, qw, s, z, bias, bits, g, k)
+        for cfg in (SPLITK, TILED):
+            y = w4a16.wna16_matmul(*_dev(x, qw, s, z, bias), bits, g, k, config=cfg)
+            assert y.shape == (m, n) and y.dtype == torch.float32
+            frob, mx = _errors(y, ref)
+            assert frob < 1e-5 and mx < 1e-5, (m, cfg, frob, mx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_wna16_half_precision(dtype):
+    qw, s, z, b, g = _layer(72, 256, 4, 128, seed=11)
+    for m in (1, 33):
+        x = _x(m, 256, seed=m + 5, dtype=dtype)
+        ref = _wna16_ref(x, qw, s, z, b, 4, g, 256)
+        for cfg in (SPLITK, TILED):
+            y = w4a16.wna16_matmul(*_dev(x, qw, s, z, b), 4, g, 256, config=cfg)
+            assert y.dtype == dtype
+            frob, mx = _errors(y, ref)
+            assert frob < TOL[dtype] / 4 and mx < TOL[dtype], (m, cfg, frob, mx)
+
+
+def test_wna16_default_configs():
+    """No forced config: the split-K path for small M, the tiled one above 64 rows (autotuned on a GPU)."""
+    qw, s, z, b, g = _layer(40, 128, 4, 64, seed=21)
+    for m in (5, 80):
+        x = _x(m, 128, seed=m)
+        frob, mx = _errors(w4a16.wna16_matmul(*_dev(x, qw, s, z, b), 4, g, 128), _wna16_ref(x, qw, s, z, b, 4, g, 128))
+        assert frob < 1e-5 and mx < 1e-5
+
+
+def test_wna16_wrong_weight_fails_tolerance():
+    """Negative control: zero points off by one in one group must fail the tolerance used above."""
+    qw, s, z, b, g = _layer(40, 256, 4, 64, seed=31)
+    x = _x(17, 256, seed=3)
+    ref = _wna16_ref(x, qw, s, z, b, 4, g, 256)
+    z_bad = z.clone()
+    z_bad[:, 1] += 1
+    for cfg in (SPLITK, TILED):
+        frob, mx = _errors(w4a16.wna16_matmul(*_dev(x, qw, s, z_bad, b), 4, g, 256, config=cfg), ref)
+        assert frob > 1e-3 and mx > 1e-3
+    # One code off in one row is caught by the max-error bound even when the Frobenius norm barely moves.
+    q = unpack_codes(qw, 4, 256)
+    q[5, 7] = (q[5, 7] + 1) % 16
+    _, mx = _errors(w4a16.wna16_matmul(*_dev(x, pack_codes(q, 4), s, z, b), 4, g, 256, config=TILED), ref)
+    assert mx > TOL[torch.float16]
+
+
+def test_wna16_supports_and_op_fallback():
+    """Formats the kernel cannot run are refused by supports(); the op's CUDA kernel then uses the reference."""
+    assert not w4a16.supports(3, 64, 576)        # codes straddle bytes
+    assert not w4a16.supports(4, 24, 96)         # a K tile of >= 16 would straddle groups
+    assert w4a16.supports(4, 24, 24) and w4a16.supports(4, 48, 96)
+    for bits, group, k in [(3, 64, 192), (4, 24, 96), (4, 64, 128)]:
+        qw, s, z, b, g = _layer(40, k, bits, group, seed=k + bits)
+        x = _x(2, 3 * k, seed=1).reshape(2, 3, k)
+        # On CPU tensors the CUDA kernel's body runs the interpreted Triton kernel; on a GPU, the dispatcher.
+        fn = ops.wna16_linear_triton if DEVICE == "cpu" else torch.ops.lowbit.wna16_linear
+        y = fn(*_dev(x, qw, s, z, b), bits, g, k)
+        assert y.shape == (2, 3, 40)
+        ref = _wna16_ref(x.reshape(6, k), qw, s, z, b, bits, g, k).reshape(2, 3, 40)
+        frob, mx = _errors(y, ref)
+        assert frob < 1e-5 and mx < 1e-5
+
+
+# ---- per-token INT8 quantization ---------------------------------------------------------------------------
+
+def _same_codes(q, s, x):
+    q_ref, s_ref = ops.quantize_rows_int8(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_rows_bit_identical(dtype):
+    x = (_x(9, 300, seed=4) * 7).to(dtype)
+    x[2] = 0                                                     # all-zero row: scale floor 1e-10, codes 0
+    for block in (None, 64):                                     # 64: rows walked in five chunks
+        _same_codes(*act_quant.quantize_rows(x.to(DEVICE), block=block), x)
+    x3 = x[:8].reshape(2, 4, 300)
+    q, s = act_quant.quantize_rows(x3.to(DEVICE))
+    assert q.shape == (2, 4, 300) and s.shape == (2, 4, 1)
+
+
+def test_quantize_rows_rounds_half_to_even():
+    # max|x| = 127 (and 254): scale 1 (and 2) exactly, so these land exactly on .5 after scaling.
+    halves = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -126.5, 127.0])
+    x = torch.stack([halves, halves * 2])
+    x[1, -1] = 254.0
+    q, s = act_quant.quantize_rows(x.to(DEVICE))
+    expect = torch.tensor([0, 2, 2, 0, -2, -2, 126, 126, -126, 127], dtype=torch.int8)
+    assert torch.equal(q.cpu(), torch.stack([expect, expect])) and s.flatten().tolist() == [1.0, 2.0]
+    _same_codes(q, s, x)
+
+
+def _close_codes(q, s, y_ref, scale_tol, v_tol=1e-4):
+    """Codes equal to quantize_rows_int8(y_ref) except by one where y_ref / scale is within rounding (relative
+    ``v_tol``) of a .5 boundary: the kernel sums mean and variance in another order than PyTorch, and in half
+    precision a last-bit change of the normalizer can flip the rounding of a normalized value to fp16."""
+    q_ref, s_ref = ops.quantize_rows_int8(y_ref)
+    q, s = q.cpu(), s.cpu()
+    assert float(((s - s_ref).abs() / s_ref).max()) <= scale_tol
+    diff = (q.int() - q_ref.int()).abs()
+    assert int(diff.max()) <= 1
+    v = y_ref.float() / s_ref
+    near_half = ((v - v.floor()) - 0.5).abs() < v_tol * v.abs().clamp_min(1)
+    assert bool((near_half | (diff == 0)).all())
+    assert int((diff != 0).sum()) <= max(1, q.numel() // 100)
+
+
+# bf16 on a GPU only: the interpreter converts float32 to bf16 by truncation, not rounding to nearest even.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_rmsnorm_quantize_exact_on_exact_sums(dtype):
+    """Integer-valued inputs make every sum exact in any order: then the fused kernel is bit-identical."""
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randint(-64, 65, (6, 256), generator=gen).float() / 4).to(dtype)
+    w = (1 + torch.randn(256, generator=gen) * 0.1).to(dtype)
+    for block in (None, 64):
+        q, s = act_quant.rmsnorm_quantize(x.to(DEVICE), w.to(DEVICE), 1e-6, block=block)
+        _same_codes(q, s, ops.rms_norm_reference(x, w, 1e-6))
+
+
+@pytest.mark.parametrize("dtype,scale_tol,v_tol", [(torch.float32, 1e-6, 1e-4), (torch.float16, 2**-10, 2**-9)])
+def test_rmsnorm_quantize_random(dtype, scale_tol, v_tol):
+    x = (_x(16, 200, seed=9) * 3 + 0.5).to(dtype)
+    w = (1 + _x(1, 200, seed=10)[0] * 0.2).to(dtype)
+    q, s = act_quant.rmsnorm_quantize(x.to(DEVICE), w.to(DEVICE), 1e-5, block=64)
+    _close_codes(q, s, ops.rms_norm_reference(x, w, 1e-5), scale_tol, v_tol)
+
+
+def test_layernorm_quantize_random():
+    x = _x(16, 200, seed=12) * 3 + 2.0                  # offset rows: the mean matters
+    w, b = 1 + _x(1, 200, seed=13)[0] * 0.2, _x(1, 200, seed=14)[0] * 0.1
+    ref = F.layer_norm(x, (200,), w, b, 1e-5)
+    for block in (None, 64):
+        q, s = act_quant.layernorm_quantize(x.to(DEVICE), w.to(DEVICE), b.to(DEVICE), 1e-5, block=block)
+        _close_codes(q, s, ref, 1e-5)
+    q, s = act_quant.layernorm_quantize(x.to(DEVICE), w.to(DEVICE), None, 1e-5)
+    _close_codes(q, s, F.layer_norm(x, (200,), w, None, 1e-5), 1e-5)
+
+
+def test_rmsnorm_quant_int8_op():
+    x = (_x(6, 128, seed=15) * 2).reshape(2, 3, 128)
+    w = 1 + _x(1, 128, seed=16)[0] * 0.1
+    q_ref, s_ref = torch.ops.lowbit.rmsnorm_quant_int8(x, w, 1e-6)      # CPU: the reference kernel
+    assert q_ref.shape == (2, 3, 128) and s_ref.shape == (2, 3, 1) and q_ref.dtype == torch.int8
+    fn = ops.rmsnorm_quant_int8_triton if DEVICE == "cpu" else torch.ops.lowbit.rmsnorm_quant_int8
+    q, s = fn(*_dev(x, w), 1e-6)
+    _close_codes(q.reshape(6, 128), s.reshape(6, 1), ops.rms_norm_reference(x, w, 1e-6).reshape(6, 128), 1e-6)
+    torch.library.opcheck(torch.ops.lowbit.rmsnorm_quant_int8.default, (x, w, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- W8A8 / W4A8 -------------------------------------------------------------------------------------------
+
+def _signed(qw, z, bits, k, g):
+    return ops.signed_weight(qw, z, bits, k, g).long()
+
+
+@pytest.mark.parametrize("bits,group,k", [(8, 0, 256), (8, 64, 256), (4, 32, 192), (4, 0, 200)])
+def test_w8a8_int32_accumulators_exact(bits, group, k):
+    """Scales of one: the fp32 output is the sum of the int32 group accumulators, exact below 2^24."""
+    qw, _, z, _, g = _layer(40, k, bits, group, seed=k + bits, sym=True)
+    gen = torch.Generator().manual_seed(2)
+    xq = torch.randint(-127, 128, (17, k), generator=gen, dtype=torch.int8)
+    ones = torch.ones(40, z.shape[1], dtype=torch.float16)
+    y = w8a8.w8a8_matmul(*_dev(xq, torch.ones(17, 1), qw, ones, z, None), bits, g, k, torch.float32, config=TILED)
+    exact = (xq.long() @ _signed(qw, z, bits, k, g).t()).double()
+    assert exact.abs().max() < 2**24 and torch.equal(y.cpu().double(), exact)
+
+
+@pytest.mark.parametrize("bits,group,n,k", [(8, 0, 40, 256), (8, 32, 72, 256), (8, 64, 40, 200),
+                                            (8, 128, 72, 256), (4, 32, 40, 192), (4, 0, 72, 100)])
+def test_w8a8_matches_reference(bits, group, n, k):
+    qw, s, z, b, g = _layer(n, k, bits, group, seed=bits * 100 + k + group, sym=True)
+    assert w8a8.supports(bits, g, k)
+    for m in MS:
+        x = _x(m, k, seed=m + 40) * 4
+        bias = b if m in (1, 17) else None
+        ref = ops.w8a8_linear_reference(x, qw, s, z, bias, bits, g, k).double()
+        for cfg in (TILED, {"BM": 32, "BN": 64, "BK": 128}):
+            y = w8a8.w8a8_linear(*_dev(x, qw, s, z, bias), bits, g, k, config=cfg)
+            assert y.dtype == torch.float32
+            assert float((y.cpu().double() - ref).abs().max() / ref.abs().max()) < 1e-6, (m, cfg)
+
+
+def test_w8a8_half_output_and_default_config():
+    qw, s, z, b, g = _layer(72, 256, 8, 64, seed=51, sym=True)
+    x = _x(33, 256, seed=52).half()
+    ref = ops.w8a8_linear_reference(x, qw, s, z, b, 8, g, 256)
+    y = w8a8.w8a8_linear(*_dev(x, qw, s, z, b), 8, g, 256)
+    assert y.dtype == torch.float16
+    assert float((y.cpu().float() - ref.float()).abs().max() / ref.float().abs().max()) < 2e-3
+
+
+def test_w8a8_wrong_weight_fails_and_fallback():
+    qw, s, z, b, g = _layer(40, 128, 8, 32, seed=61, sym=True)
+    x = _x(3, 128, seed=62)
+    ref = ops.w8a8_linear_reference(x, qw, s, z, b, 8, g, 128).double()
+    z_bad = z.clone()
+    z_bad[:, 2] += 1
+    y = w8a8.w8a8_linear(*_dev(x, qw, s, z_bad, b), 8, g, 128, config=TILED)
+    assert float((y.cpu().double() - ref).abs().max() / ref.abs().max()) > 1e-4
+    # Groups of 16 are too small for an int8 dot's K tile: refused, and the op computes the reference instead.
+    assert not w8a8.supports(8, 16, 64) and not w8a8.supports(8, 48, 96) and w8a8.supports(8, 16, 16)
+    for group, k in [(16, 64), (32, 128)]:
+        qw, s, z, b, g = _layer(40, k, 8, group, seed=63, sym=True)
+        x = _x(4, k, seed=64).reshape(2, 2, k)
+        fn = ops.w8a8_linear_triton if DEVICE == "cpu" else torch.ops.lowbit.w8a8_linear
+        y = fn(*_dev(x, qw, s, z, b), 8, g, k)
+        ref = ops.w8a8_linear_reference(x, qw, s, z, b, 8, g, k).double()
+        assert y.shape == (2, 2, 40)
+        assert float((y.cpu().double() - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+def test_import_lowbit_does_not_import_triton():
+    code = "import sys, lowbit, lowbit.plugins.ops, lowbit.plugins.triton; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
