@@ -28,7 +28,7 @@ def _cmd_compile(a) -> int:
 def _cmd_run(a) -> int:
     from lowbit.runtime.engine import Engine
 
-    eng = Engine.load(a.artifact, backend=a.backend, provider=a.provider)
+    eng = Engine.load(a.artifact, backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype)
     texts = eng.generate(a.prompt, max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
                          top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     for prompt, text in zip(a.prompt, texts):
@@ -44,14 +44,14 @@ def _cmd_eval(a) -> int:
 
     if a.embeddings:
         result = evaluate_embeddings(a.target, a.embeddings, max_sentences=a.max_sentences, show_progress=not a.quiet,
-                                     backend=a.backend, provider=a.provider)
+                                     backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype)
         print(json.dumps(result) if a.json else f"mean cosine {result['cosine_mean']:.5f} (min "
                                                  f"{result['cosine_min']:.5f}) over {result['sentences']} sentences")
         return 0
 
     result = evaluate_perplexity(a.target, a.text, seq_len=a.seq_len, max_windows=a.max_windows,
                                  batch_size=a.batch_size, show_progress=not a.quiet, backend=a.backend,
-                                 provider=a.provider)
+                                 provider=a.provider, device=a.device, dtype=a.dtype)
     if a.json:
         print(json.dumps(result))
     else:
@@ -79,6 +79,12 @@ def _cmd_assets(a) -> int:
     from lowbit.assets import main_assets
 
     return main_assets(a.json)
+
+
+def _runtime_device_args(p):
+    p.add_argument("--device", default="cpu", help="torch backend: cpu (default) | cuda[:N] (Triton kernels) | auto")
+    p.add_argument("--dtype", default="auto", help="torch backend: auto (float32 on CPU, float16 on CUDA) | "
+                   "float32 | float16 | bfloat16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts) | torch | ort")
     r.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
+    _runtime_device_args(r)
     r.add_argument("--json", action="store_true", help="one JSON object per prompt")
     r.set_defaults(fn=_cmd_run)
 
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-sentences", type=int, default=256, help="sentences for --embeddings (default 256)")
     e.add_argument("--backend", default="auto", help="for artifacts: auto (ort for onnx artifacts) | torch | ort")
     e.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
+    _runtime_device_args(e)
     e.add_argument("--json", action="store_true", help="print {ppl, tokens, windows, ...} as JSON")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(fn=_cmd_eval)

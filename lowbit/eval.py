@@ -56,8 +56,8 @@ def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], wins: torch.Te
     for i in progress_bar(range(0, wins.shape[0], batch_size), desc="ppl", disable=not show_progress):
         batch = wins[i:i + batch_size]
         logits = logits_fn(batch).float()
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                               reduction="sum")
+        targets = batch[:, 1:].to(logits.device)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
         nll += float(loss)
         count += batch[:, 1:].numel()
     return {"ppl": math.exp(nll / count), "tokens": count, "windows": int(wins.shape[0]), "nll": nll / count}
@@ -68,14 +68,15 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def scorer(target: str, backend: str = "auto", provider: str = "auto"):
-    """(logits_fn, tokenizer, max_positions, label) for an artifact folder or a model folder / 'demo'."""
+def scorer(target: str, backend: str = "auto", provider: str = "auto", device: str = "cpu", dtype=None):
+    """(logits_fn, tokenizer, max_positions, label) for an artifact folder or a model folder / 'demo'; the model
+    runs on ``device`` in ``dtype`` (see ``Engine.load``)."""
     from lowbit.compiler.artifact import is_artifact
 
     if target != "demo" and is_artifact(target):
         from lowbit.runtime.engine import Engine
 
-        eng = Engine.load(target, backend=backend, provider=provider)
+        eng = Engine.load(target, backend=backend, provider=provider, device=device, dtype=dtype)
         if eng.task != "causal-lm":
             raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder (use --embeddings TEXT)")
         if eng.tokenizer is None:
@@ -92,16 +93,19 @@ def scorer(target: str, backend: str = "auto", provider: str = "auto"):
         raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder")
     if loaded.tokenizer is None:
         raise LowbitError(f"model folder '{target}' has no tokenizer; cannot tokenize text")
-    model = loaded.model
-    return (lambda ids: model(input_ids=ids, use_cache=False).logits), loaded.tokenizer, loaded.max_positions, \
-        f"model {target}"
+    from lowbit.device import pick_device, pick_dtype
+
+    device = pick_device(device)
+    model = loaded.model.to(device, pick_dtype(dtype, device))
+    return (lambda ids: model(input_ids=ids.to(device), use_cache=False).logits), loaded.tokenizer, \
+        loaded.max_positions, f"model {target}"
 
 
 def evaluate_perplexity(target: str, text: str, seq_len: int = 512, max_windows: Optional[int] = None,
                         batch_size: int = 1, show_progress: bool = True, backend: str = "auto",
-                        provider: str = "auto") -> dict:
+                        provider: str = "auto", device: str = "cpu", dtype=None) -> dict:
     text = read_text(text)               # cheap checks first: a missing file fails before a model loads
-    fn, tok, max_pos, _ = scorer(target, backend, provider)
+    fn, tok, max_pos, _ = scorer(target, backend, provider, device, dtype)
     if max_pos and seq_len > max_pos:
         raise LowbitError(f"--seq-len {seq_len} is longer than the model's context of {max_pos} tokens")
     wins = windows(tok, text, seq_len, max_windows)
@@ -126,7 +130,8 @@ def sentences(text: str, limit: Optional[int] = None, min_words: int = 5, max_wo
 
 @torch.inference_mode()
 def evaluate_embeddings(target: str, text: str, max_sentences: int = 256, batch_size: int = 32,
-                        show_progress: bool = True, backend: str = "auto", provider: str = "auto") -> dict:
+                        show_progress: bool = True, backend: str = "auto", provider: str = "auto",
+                        device: str = "cpu", dtype=None) -> dict:
     """Mean cosine similarity between an encoder artifact's sentence embeddings (mean pooling) and those of
     its float source model, over the sentences of ``text``."""
     from lowbit.compiler.artifact import is_artifact
@@ -137,7 +142,7 @@ def evaluate_embeddings(target: str, text: str, max_sentences: int = 256, batch_
     if not is_artifact(target):
         raise LowbitError(f"--embeddings compares a compiled encoder with its float source; '{target}' is not an "
                           "artifact (compile it first)")
-    eng = Engine.load(target, backend=backend, provider=provider)
+    eng = Engine.load(target, backend=backend, provider=provider, device=device, dtype=dtype)
     if eng.task != "encoder":
         raise LowbitError(f"--embeddings needs an encoder artifact; '{target}' is a causal LM (use --text for "
                           "perplexity)")

@@ -101,3 +101,36 @@ def test_console_script_exit_code(tmp_path):
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "does not exist" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_runtime_device_and_dtype(model_dirs, text_file, tmp_path, capsys):
+    """--device/--dtype for the torch backend: bf16 on CPU tracks float32; CUDA runs the Triton kernels when a GPU
+    is present and is refused with one line when not; ONNX Runtime takes neither."""
+    import torch
+
+    import lowbit
+
+    art = tmp_path / "a"
+    assert main(["compile", str(model_dirs["llama"]), "-r", "rtn-w4g64", "-o", str(art), "-q"]) == 0
+    capsys.readouterr()
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 300, (2, 24), generator=gen)
+    ref = lowbit.load(art).forward(ids)
+    bf16 = lowbit.load(art, dtype="bfloat16").forward(ids)
+    assert bf16.dtype == torch.bfloat16
+    assert float((bf16.float() - ref).norm() / ref.norm()) < 3e-2
+    code, out, _ = run_cli(capsys, "eval", art, "--text", text_file, "--seq-len", "32", "--max-windows", "2",
+                           "--dtype", "bfloat16", "--json", "-q")
+    assert code == 0 and json.loads(out)["windows"] == 2
+    if torch.cuda.is_available():
+        y = lowbit.load(art, device="cuda").forward(ids)
+        assert y.device.type == "cuda" and y.dtype == torch.float16
+        assert float((y.float().cpu() - ref).norm() / ref.norm()) < 1e-2
+        code, out, _ = run_cli(capsys, "run", art, "-p", "the model", "-n", "4", "--device", "cuda")
+        assert code == 0
+    else:
+        _bad(capsys, tmp_path, "run", art, "-p", "the model", "--device", "cuda", needle="no CUDA device")
+    _bad(capsys, tmp_path, "run", art, "-p", "the model", "--dtype", "float8", needle="unknown --dtype 'float8'")
+    _bad(capsys, tmp_path, "eval", art, "--text", text_file, "--device", "tpu", needle="unknown --device 'tpu'")
+    _bad(capsys, tmp_path, "run", art, "-p", "the model", "--backend", "ort", "--dtype", "float16",
+         needle="apply to the torch backend")

@@ -17,6 +17,7 @@ from lowbit.compiler.lower_torch import write_torch_target
 from lowbit.compiler.progress import say, timed
 from lowbit.compiler.recipe import load_recipe
 from lowbit.compiler.report import write_report
+from lowbit.device import pick_device
 from lowbit.errors import LowbitError
 from lowbit.passes.gptq import gptq_pass
 from lowbit.passes.rtn import quantizable, rtn_pass
@@ -35,16 +36,6 @@ class CalibrationArgs:
 
     def to_dict(self) -> dict:
         return {"text": self.text, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LowbitError(f"--device {device} was asked for but no CUDA device is available; use --device cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise LowbitError(f"unknown --device '{device}'; valid: auto, cpu, cuda, cuda:N")
-    return device
 
 
 def lkd_options(recipe, lkd):

@@ -68,17 +68,26 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return wna16_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
 
 
-def wna16_linear_triton(x, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int):
-    """The CUDA kernel: Triton's fused dequant-GEMM where it applies, else the reference.
+def _linear_triton(module: str, launcher: str, reference, x, qweight, scales, zeros, bias, bits: int,
+                   group_size: int, in_features: int):
+    """A quantized linear's CUDA kernel: ``lowbit.plugins.triton.<module>.<launcher>`` on x flattened to 2-D where
+    Triton is installed and supports the format, else ``reference``.
 
     Only shapes, dtypes and formats steer it (no values, no host sync), so it is safe under CUDA graphs.
     """
-    kern = _triton_kernels("w4a16")
+    kern = _triton_kernels(module)
     if kern is None or x.dtype not in FLOAT_DTYPES or x.numel() == 0 or not kern.supports(bits, group_size,
                                                                                         in_features):
-        return wna16_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
-    y = kern.wna16_matmul(x.reshape(-1, in_features), qweight, scales, zeros, bias, bits, group_size, in_features)
+        return reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+    y = getattr(kern, launcher)(x.reshape(-1, in_features), qweight, scales, zeros, bias, bits, group_size,
+                                in_features)
     return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def wna16_linear_triton(x, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int):
+    """The CUDA kernel of wna16_linear: Triton's fused dequant-GEMM where it applies, else the reference."""
+    return _linear_triton("w4a16", "wna16_matmul", wna16_linear_reference, x, qweight, scales, zeros, bias, bits,
+                          group_size, in_features)
 
 
 wna16_linear.register_kernel("cuda")(wna16_linear_triton)
@@ -149,13 +158,10 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
 
 def w8a8_linear_triton(x, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int):
-    """The CUDA kernel: Triton activation quantization + INT8 GEMM where it applies, else the reference."""
-    kern = _triton_kernels("w8a8")
-    if kern is None or x.dtype not in FLOAT_DTYPES or x.numel() == 0 or not kern.supports(bits, group_size,
-                                                                                        in_features):
-        return w8a8_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
-    y = kern.w8a8_linear(x.reshape(-1, in_features), qweight, scales, zeros, bias, bits, group_size, in_features)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+    """The CUDA kernel of w8a8_linear: Triton activation quantization + INT8 GEMM where it applies, else the
+    reference."""
+    return _linear_triton("w8a8", "w8a8_linear", w8a8_linear_reference, x, qweight, scales, zeros, bias, bits,
+                          group_size, in_features)
 
 
 w8a8_linear.register_kernel("cuda")(w8a8_linear_triton)

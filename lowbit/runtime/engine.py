@@ -21,10 +21,10 @@ def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class TorchRunner:
     """The torch backend's runner: the rebuilt transformers model with lowbit ops (``torch_backend``)."""
 
-    def __init__(self, model: torch.nn.Module, task: str):
+    def __init__(self, model: torch.nn.Module, task: str, device: str = "cpu"):
         from lowbit.runtime.torch_backend import cache_kwarg
 
-        self.model, self.task = model, task
+        self.model, self.task, self.device = model, task, torch.device(device)
         self._cache_kw = cache_kwarg(model)       # looked up once, not per decode step
 
     def start(self, batch: int):
@@ -33,6 +33,9 @@ class TorchRunner:
         return DynamicCache(config=self.model.config)
 
     def step(self, input_ids, attention_mask, position_ids, cache):
+        # Token ids, masks and positions arrive on the CPU; logits and the cache stay on the model's device.
+        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask,
+                                                                                position_ids))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=True, **{self._cache_kw: cache})
         new = getattr(out, "past_key_values", None)
@@ -41,6 +44,7 @@ class TorchRunner:
     def full(self, input_ids, attention_mask=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.task == "encoder":
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.model(input_ids=input_ids, attention_mask=attention_mask,
@@ -61,13 +65,20 @@ class Engine:
         self.model = getattr(runner, "model", None)      # the torch module (torch backend only)
 
     @classmethod
-    def load(cls, path, backend: str = "auto", dtype: torch.dtype = torch.float32, verify: bool = True,
-             provider: str = "auto", threads: int = 0) -> "Engine":
+    def load(cls, path, backend: str = "auto", dtype=None, verify: bool = True, provider: str = "auto",
+             threads: int = 0, device: str = "cpu") -> "Engine":
         """Load an artifact. ``backend``: torch, ort (ONNX Runtime; ``provider`` auto/cpu/cuda), or auto (ort
-        for artifacts compiled with --target onnx, torch otherwise)."""
+        for artifacts compiled with --target onnx, torch otherwise). The torch backend runs on ``device``
+        (cpu, the default; cuda[:N], where the lowbit ops run Triton kernels; or auto) in ``dtype`` (default
+        float32 on CPU, float16 on CUDA)."""
+        from lowbit.device import pick_device, pick_dtype
+
         path = Path(path)
         if backend not in BACKENDS:
             raise LowbitError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+        device = pick_device(device)
+        explicit_dtype = dtype not in (None, "auto")
+        dtype = pick_dtype(dtype, device)
         manifest = artifact.read_manifest(path, verify=verify)
         target = manifest.get("target")
         if target not in ("torch", "onnx"):
@@ -76,6 +87,9 @@ class Engine:
         if backend == "auto":
             backend = "ort" if target == "onnx" else "torch"
         if backend == "ort":
+            if device != "cpu" or (explicit_dtype and dtype != torch.float32):
+                raise LowbitError("--device and --dtype apply to the torch backend; ONNX Runtime runs the exported "
+                                  "graph's dtype where its --provider says (cpu or cuda)")
             from transformers import AutoConfig
 
             from lowbit.runtime.ort_backend import OrtRunner
@@ -85,8 +99,8 @@ class Engine:
         else:
             from lowbit.runtime.torch_backend import build_model
 
-            model = build_model(path, dtype=dtype)
-            runner, config = TorchRunner(model, manifest["source"]["task"]), model.config
+            model = build_model(path, dtype=dtype).to(device)
+            runner, config = TorchRunner(model, manifest["source"]["task"], device), model.config
         return cls(path, manifest, runner, load_tokenizer(path / "tokenizer"), backend, config)
 
     # ---- forward ---------------------------------------------------------------------------
@@ -129,7 +143,8 @@ class Engine:
         out = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         for _ in range(max_new_tokens):
-            nxt = pick_next(logits[:, -1, :].float(), do_sample, temperature, top_k, top_p, gen)
+            # The next token is picked on the CPU (where the sampling generator lives) whatever the device.
+            nxt = pick_next(logits[:, -1, :].float().cpu(), do_sample, temperature, top_k, top_p, gen)
             if eos and stop_at_eos:
                 nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)
                 done |= torch.isin(nxt, torch.tensor(eos))
@@ -169,7 +184,8 @@ class Engine:
         out = []
         for i in range(0, len(sentences), batch_size):
             enc = self.tokenizer(list(sentences[i:i + batch_size]), return_tensors="pt", padding=True, truncation=True)
-            out.append(mean_pool(self.forward(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"]))
+            hidden = self.forward(enc["input_ids"], enc["attention_mask"]).float().cpu()
+            out.append(mean_pool(hidden, enc["attention_mask"]))
         return torch.cat(out)
 
 
