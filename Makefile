@@ -1,9 +1,11 @@
 # Every target does its own set-up on a fresh machine: a venv, torch pinned to the local CPU build first
-# (an unpinned torch pulls a multi-GB CUDA build), the project, then the demo assets (cached).
+# (an unpinned torch pulls a multi-GB CUDA build), the project, then the demo assets (cached). Triton is
+# pinned too: the kernel tests run in its CPU interpreter, whose behaviour moves between releases.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
+TRITON ?= triton==3.9.0
 STAMP  := $(VENV)/.lowbit-installed
 
 .PHONY: setup assets test demo clean
@@ -12,7 +14,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(TORCH) $(TRITON)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
