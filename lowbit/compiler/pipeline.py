@@ -165,8 +165,8 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         blocks = list(lkd_info["blocks"].values())
         before = sum(b["loss_before"] for b in blocks) / len(blocks)
         after = sum(min(b["loss_after"], b["loss_before"]) for b in blocks) / len(blocks)
-        say(f"LKD: block MSE reduced in {sum(b['kept'] for b in blocks)} of {len(blocks)} blocks; mean "
-            f"{before:.4g} -> {after:.4g}", quiet)
+        say(f"LKD ({lkd_opts.loss} loss): block loss reduced in {sum(b['kept'] for b in blocks)} of {len(blocks)} "
+            f"blocks; mean {before:.4g} -> {after:.4g}", quiet)
     pass_info: dict = {}
     if recipe.method in PASSES:
         ckpt = None

@@ -44,8 +44,9 @@ def write_report(path: Path, body: dict, graph) -> None:
     if "lkd" in body:
         o = body["lkd"]["options"]
         lines += ["", f"## LKD: {o['steps']} Adam steps per block, lr {o['lr']}, batch {o['batch']}, {o['samples']} x "
-                      f"{o['seq_len']} tokens of {o['data']} data ({body['lkd']['seconds']:.1f}s)", "",
-                  "| block | MSE before | MSE after | kept | time |", "|---|---|---|---|---|"]
+                      f"{o['seq_len']} tokens of {o['data']} data, student on {o.get('inputs', 'float')} inputs, "
+                      f"{o.get('loss', 'mse')} loss ({body['lkd']['seconds']:.1f}s)", "",
+                  "| block | loss before | loss after | kept | time |", "|---|---|---|---|---|"]
         for name, b in body["lkd"]["blocks"].items():
             lines.append(f"| {name} | {b['loss_before']:.4g} | {b['loss_after']:.4g} | {'yes' if b['kept'] else 'no'} | "
                          f"{b['seconds']:.1f}s |")

@@ -224,6 +224,6 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
             data = [(t, a, k) for t, (_, a, k) in zip(targets, data)]
         stats[name] = {"loss_before": before, "loss_after": after, "kept": kept,
                        "seconds": round(time.perf_counter() - tb, 2)}
-        bar.set_postfix_str(f"{name} mse {before:.3g} -> {after:.3g}")
+        bar.set_postfix_str(f"{name} loss {before:.3g} -> {after:.3g}")
     graph.fixed_qparams.update(qparams)
     return {"blocks": stats, "seconds": round(time.perf_counter() - t0, 2), "options": opts.to_dict()}
