@@ -1,0 +1,141 @@
+"""Compile every Triton kernel variant for real GPU architectures, without a GPU.
+
+Triton lowers a kernel to PTX and a cubin (LLVM and ptxas ship in the triton wheel) for any target named
+by ``GPUTarget``, no device needed. The interpreter tests check what the kernels compute; this checks that
+the compiler accepts them for sm80 (A100), sm86 (A6000) and sm90 (H100/H200) with every autotuning config,
+and reports the shared memory each config needs, so a config no supported GPU can launch is caught here
+rather than on the first machine that has one.
+
+    python -m lowbit.plugins.triton.compile_check [--arch 80,86,90] [--quick]
+
+Must run with TRITON_INTERPRET unset: interpreted kernels are not compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from lowbit.plugins.triton import act_quant, interpreting, w4a16, w8a8
+
+# Largest dynamic shared memory one block may use (bytes), per compute capability.
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+ARCHS = (80, 86, 90)
+
+
+def compile_kernel(fn, arch: int, pointers: dict, floats: tuple, consts: dict, num_warps: int = 4,
+                   num_stages: int = 3):
+    """Compile ``fn`` for sm``arch``: ``pointers`` maps pointer args to Triton types ("*fp16"), ``floats`` names
+    the fp32 scalars, every other runtime arg is i32; returns the compiled kernel (``.metadata.shared``)."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def _config_cases(configs, **fixed):
+    for c in configs:
+        yield {**fixed, **c.kwargs}, c.num_warps, c.num_stages
+
+
+def cases(quick: bool = False):
+    """(label, kernel, pointer types, float args, constexprs, num_warps, num_stages) for every variant to check.
+
+    Every autotuning config of the hot paths (4-bit g128 fp16 weight-only; per-channel W8A8), then one config
+    of each other variant: 8-bit and byte-packed weights, per-channel, no bias, bf16/fp32 activations, W4A8,
+    and the activation quantization kernels in fp16/bf16.
+    """
+    w4p = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp32"}
+    base = {"BITS": 4, "PER": 8, "ONE_GROUP": False, "HAS_BIAS": True, "DOT_DTYPE": tl.float16,
+            "DOT_PRECISION": "tf32", "GROUP_M": 8}
+    split = list(_config_cases(w4a16._SPLITK_CONFIGS, **base, ATOMIC=True, BM=16))
+    tiled = list(_config_cases(w4a16._TILED_CONFIGS, **base, ATOMIC=False, SPLIT_K=1))
+    if quick:
+        split, tiled = split[:2], tiled[:2]
+    for consts, warps, stages in split:
+        yield "w4a16 split-K", w4a16._wna16_kernel, w4p, (), consts, warps, stages
+    for consts, warps, stages in tiled:
+        yield "w4a16 tiled", w4a16._wna16_kernel, {**w4p, "y_ptr": "*fp16"}, (), consts, warps, stages
+    one = dict(split[0][0])
+    variants = [("w4a16 8-bit", {}, {"BITS": 8, "PER": 4}),
+                ("w4a16 bytes", {"w_ptr": "*u8"}, {"PER": 2}),
+                ("w4a16 per-channel, no bias", {}, {"ONE_GROUP": True, "HAS_BIAS": False}),
+                ("w4a16 bf16", {"x_ptr": "*bf16", "b_ptr": "*bf16"}, {"DOT_DTYPE": tl.bfloat16}),
+                ("w4a16 fp32", {"x_ptr": "*fp32", "b_ptr": "*fp32"}, {"DOT_DTYPE": tl.float32,
+                                                                      "DOT_PRECISION": "ieee"})]
+    for label, ptrs, over in variants:
+        yield label, w4a16._wna16_kernel, {**w4p, **ptrs}, (), {**one, **over}, 4, 3
+
+    w8p = {"x_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16",
+           "y_ptr": "*fp16"}
+    w8 = list(_config_cases(w8a8._CONFIGS, BITS=8, PER=4, ONE_GROUP=True, HAS_BIAS=True))
+    for consts, warps, stages in (w8[:2] if quick else w8):
+        yield "w8a8", w8a8._w8a8_kernel, w8p, (), consts, warps, stages
+    for label, over in (("w8a8 grouped", {"ONE_GROUP": False, "BK": 64}), ("w4a8", {"BITS": 4, "PER": 8})):
+        yield label, w8a8._w8a8_kernel, w8p, (), {**w8[0][0], **over}, w8[0][1], w8[0][2]
+
+    for x, tx in (("*fp16", tl.float16), ("*bf16", tl.bfloat16)):
+        yield (f"quantize_rows {x[1:]}", act_quant._quant_rows_kernel, {"x_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"},
+               (), {"BLOCK": 4096}, 8, 3)
+        yield (f"rmsnorm_quantize {x[1:]}", act_quant._rmsnorm_quant_kernel,
+               {"x_ptr": x, "w_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"}, ("KF", "eps"),
+               {"X_DTYPE": tx, "Y_DTYPE": tx, "BLOCK": 4096}, 8, 3)
+        yield (f"layernorm_quantize {x[1:]}", act_quant._layernorm_quant_kernel,
+               {"x_ptr": x, "w_ptr": x, "b_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"}, ("KF", "eps"),
+               {"X_DTYPE": tx, "BLOCK": 4096}, 8, 3)
+
+
+def check(archs=ARCHS, quick: bool = False, log=None) -> list[dict]:
+    """Compile every case for every arch; rows of {label, arch, config, shared, fits, error}."""
+    if interpreting():
+        raise RuntimeError("compile_check needs TRITON_INTERPRET unset (interpreted kernels are not compiled)")
+    rows = []
+    for label, fn, ptrs, floats, consts, warps, stages in cases(quick):
+        cfg = {k: v for k, v in consts.items() if k in ("BM", "BN", "BK", "SPLIT_K", "BLOCK")}
+        for arch in archs:
+            row = {"label": label, "arch": arch, "config": {**cfg, "num_warps": warps, "num_stages": stages}}
+            try:
+                out = compile_kernel(fn, arch, ptrs, floats, consts, warps, stages)
+                row["shared"] = out.metadata.shared
+                row["fits"] = out.metadata.shared <= SMEM_LIMIT[arch]
+            except Exception as e:          # a compiler error is the finding: report it, go on with the rest
+                row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
+            rows.append(row)
+            if log:
+                log(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities (default 80,86,90)")
+    ap.add_argument("--quick", action="store_true", help="two autotuning configs per hot path")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+
+    def log(r):
+        what = r.get("error") or f"{r['shared']} B shared{'' if r['fits'] else ' (OVER the limit)'}"
+        print(f"sm{r['arch']} {r['label']} {r['config']}: {what}", flush=True)
+
+    rows = check([int(x) for x in a.arch.split(",")], a.quick, log)
+    errors = [r for r in rows if "error" in r]
+    print(f"{len(rows)} compilations in {time.perf_counter() - t0:.0f}s: {len(errors)} failed, "
+          f"{sum(1 for r in rows if not r.get('fits', True))} over the shared-memory limit")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
