@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lowbit.plugins.ops  # noqa: F401  (registers the lowbit:: ops)
 from lowbit.passes.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight
 
 
@@ -51,3 +52,27 @@ def test_wna16_linear_traces_with_export():
     assert any("wna16_linear" in str(n.target) for n in ep.graph.nodes)
     x = torch.randn(7, 64)
     assert torch.allclose(ep.module()(x), F.linear(x, w_ref, b), atol=1e-4)
+
+
+def test_linear_ops_pass_opcheck_and_compile():
+    """The ops' schemas, fake kernels and dispatch registrations hold up (torch.library.opcheck), and a function
+    calling them compiles with torch.compile(fullgraph=True) to the same result: the contract the CUDA kernels
+    plug into."""
+    torch._dynamo.reset()
+    qw, s, z, b, _, g = _layer(40, 96, 4, 32, seed=5)
+    x = torch.randn(2, 7, 96)
+    sym = QuantSpec(8, 32, sym=True)
+    q8, s8, z8 = quantize_weight(torch.randn(40, 96), sym)
+    cases = [(torch.ops.lowbit.wna16_linear, (x, qw, s, z, b, 4, g, 96)),
+             (torch.ops.lowbit.w8a8_linear, (x, pack_codes(q8, 8), s8, z8, b, 8, 32, 96))]
+    for op, args in cases:
+        torch.library.opcheck(op.default, args, test_utils=("test_schema", "test_faketensor",
+                                                            "test_aot_dispatch_dynamic"))
+
+        def f(t, op=op, args=args):
+            return op(t * 2.0, *args[1:]).relu()
+
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+        assert torch.equal(compiled(x), f(x))
+        x2 = torch.randn(3, 5, 96)              # another shape: the dynamic graph, no recompile needed
+        assert torch.equal(compiled(x2), f(x2))
