@@ -50,96 +50,71 @@ def _row_scale(amax):
     return tl.maximum(tl.math.div_rn(amax, 127.0), 1e-10)
 
 
-@triton.jit
-def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    cols = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    scale = _row_scale(tl.max(amax, axis=0))
-    tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
-        v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-        tl.store(q_row + k0 + cols, _quantize(v, scale), mask=k0 + cols < K)
+# The norm in front of the quantization (the kernel's NORM); constexpr so the kernels can read them.
+NONE, RMS, LAYER = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def _rms_normed(x_row, w_ptr, k0, cols, K, inv, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr):
-    """LlamaRMSNorm's output at columns k0+cols, as float32 (zero past K)."""
+def _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM: tl.constexpr, X_DTYPE: tl.constexpr,
+            Y_DTYPE: tl.constexpr):
+    """The value to quantize at columns k0+cols, as float32 (zero past K): x itself; LlamaRMSNorm's output
+    (``mul`` = 1/rms); or nn.LayerNorm's (``shift`` = mean, ``mul`` = 1/std)."""
     mask = k0 + cols < K
     v = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-    h = (v * inv).to(X_DTYPE).to(tl.float32)
-    return (w * h).to(Y_DTYPE).to(tl.float32)
+    if NORM == RMS:
+        w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (v * mul).to(X_DTYPE).to(tl.float32)
+        v = (w * h).to(Y_DTYPE).to(tl.float32)
+    elif NORM == LAYER:
+        w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+        v = (((v - shift) * mul) * w + b).to(X_DTYPE).to(tl.float32)
+    return v
 
 
 @triton.jit
-def _rmsnorm_quant_kernel(x_ptr, w_ptr, q_ptr, s_ptr, K, KF, eps, stride_xm, stride_qm,
-                          X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, K, KF, eps, stride_xm, stride_qm, NORM: tl.constexpr,
+                      X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: the norm's statistics (if any), then the max of |value| for the scale, then the codes."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
     cols = tl.arange(0, BLOCK)
-    ss = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-        ss += v * v
-    var = tl.math.div_rn(tl.sum(ss, axis=0), KF)        # mean = sum / K, as torch.mean computes it
-    # torch.rsqrt on CPU is 1 / sqrt, each correctly rounded; the PTX rsqrt is an approximation.
-    inv = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+    shift = 0.0
+    mul = 1.0
+    if NORM == RMS:
+        ss = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            ss += v * v
+        var = tl.math.div_rn(tl.sum(ss, axis=0), KF)        # mean = sum / K, as torch.mean computes it
+        # torch.rsqrt on CPU is 1 / sqrt, each correctly rounded; the PTX rsqrt is an approximation.
+        mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+    elif NORM == LAYER:
+        s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            s1 += tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        shift = tl.math.div_rn(tl.sum(s1, axis=0), KF)
+        # Variance about the mean (a second pass), not E[x^2] - mean^2, which cancels badly for offset rows.
+        s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            d = tl.where(k0 + cols < K, v - shift, 0.0)
+            s2 += d * d
+        mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(s2, axis=0), KF) + eps))
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
-        amax = tl.maximum(amax, tl.abs(_rms_normed(x_row, w_ptr, k0, cols, K, inv, X_DTYPE, Y_DTYPE)))
+        amax = tl.maximum(amax, tl.abs(_normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE,
+                                               Y_DTYPE)))
     scale = _row_scale(tl.max(amax, axis=0))
     tl.store(s_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
-        y = _rms_normed(x_row, w_ptr, k0, cols, K, inv, X_DTYPE, Y_DTYPE)
+        y = _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
         tl.store(q_row + k0 + cols, _quantize(y, scale), mask=k0 + cols < K)
 
 
-@triton.jit
-def _layer_normed(x_row, w_ptr, b_ptr, k0, cols, K, mean, rstd, X_DTYPE: tl.constexpr):
-    mask = k0 + cols < K
-    v = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
-    return (((v - mean) * rstd) * w + b).to(X_DTYPE).to(tl.float32)
-
-
-@triton.jit
-def _layernorm_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, K, KF, eps, stride_xm, stride_qm,
-                            X_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    cols = tl.arange(0, BLOCK)
-    s1 = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        s1 += tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-    mean = tl.math.div_rn(tl.sum(s1, axis=0), KF)
-    # Variance about the mean (a second pass), not E[x^2] - mean^2, which cancels badly for offset rows.
-    s2 = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-        d = tl.where(k0 + cols < K, v - mean, 0.0)
-        s2 += d * d
-    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(s2, axis=0), KF) + eps))
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        amax = tl.maximum(amax, tl.abs(_layer_normed(x_row, w_ptr, b_ptr, k0, cols, K, mean, rstd, X_DTYPE)))
-    scale = _row_scale(tl.max(amax, axis=0))
-    tl.store(s_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
-        y = _layer_normed(x_row, w_ptr, b_ptr, k0, cols, K, mean, rstd, X_DTYPE)
-        tl.store(q_row + k0 + cols, _quantize(y, scale), mask=k0 + cols < K)
-
-
-def _launch(kernel, x: torch.Tensor, tensors: tuple, scalars: tuple, block: int | None, **consts):
-    """Run a row kernel ``(x, *tensors, q, s, K, *scalars, strides)`` over x [..., K] -> (codes, scales)."""
+def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block: int | None):
+    """Run the row kernel over x [..., K] -> (int8 codes [..., K], float32 scales [..., 1])."""
     k = x.shape[-1]
     x2d = x.reshape(-1, k)
     if x2d.stride(1) != 1:
@@ -147,10 +122,16 @@ def _launch(kernel, x: torch.Tensor, tensors: tuple, scalars: tuple, block: int 
     m = x2d.shape[0]
     q = torch.empty((m, k), device=x.device, dtype=torch.int8)
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    # The norm's output dtype: x's (LayerNorm), or the promoted x/weight one (LlamaRMSNorm's weight * h).
+    y_dtype = torch.promote_types(weight.dtype, x.dtype) if norm == RMS else x.dtype
     blk = block or min(MAX_BLOCK, next_pow2(k))
     if m:
-        kernel[(m,)](x2d, *tensors, q, s, k, *scalars, x2d.stride(0), q.stride(0), **consts, BLOCK=blk,
-                     num_warps=8 if blk >= 2048 else 4)
+        # Pointers a norm does not read get x's: never dereferenced.
+        w = x2d if weight is None else weight.contiguous()
+        b = x2d if bias is None else bias.contiguous()
+        _row_quant_kernel[(m,)](x2d, w, b, q, s, k, float(k), float(eps), x2d.stride(0), q.stride(0), NORM=norm.value,
+                                X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[y_dtype], BLOCK=blk,
+                                num_warps=8 if blk >= 2048 else 4)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
@@ -159,7 +140,7 @@ def quantize_rows(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tens
 
     ``block`` (a power of two) overrides the chunk of a row handled at once (tests use it to force chunking).
     """
-    return _launch(_quant_rows_kernel, x, (), (), block)
+    return _launch(x, None, None, 0.0, NONE, block)
 
 
 def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -167,9 +148,7 @@ def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float,
     """LlamaRMSNorm(x) quantized per row: ``quantize_rows_int8(weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype))``.
 
     K and eps go in as float32 (as torch's fp32 mean and ``var + eps`` use them)."""
-    y_dtype = torch.promote_types(weight.dtype, x.dtype)
-    return _launch(_rmsnorm_quant_kernel, x, (weight.contiguous(),), (float(x.shape[-1]), float(eps)), block,
-                   X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[y_dtype])
+    return _launch(x, weight, None, eps, RMS, block)
 
 
 def layernorm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
@@ -177,5 +156,4 @@ def layernorm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """nn.LayerNorm(x) (output in x's dtype) quantized per row, as ``quantize_rows_int8(layer_norm(x))``."""
     if bias is None:
         bias = torch.zeros_like(weight)
-    return _launch(_layernorm_quant_kernel, x, (weight.contiguous(), bias.contiguous()),
-                   (float(x.shape[-1]), float(eps)), block, X_DTYPE=_TL_DTYPES[x.dtype])
+    return _launch(x, weight, bias, eps, LAYER, block)

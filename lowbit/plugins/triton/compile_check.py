@@ -88,14 +88,11 @@ def cases(quick: bool = False):
         yield label, w8a8._w8a8_kernel, w8p, (), {**w8[0][0], **over}, w8[0][1], w8[0][2]
 
     for x, tx in (("*fp16", tl.float16), ("*bf16", tl.bfloat16)):
-        yield (f"quantize_rows {x[1:]}", act_quant._quant_rows_kernel, {"x_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"},
-               (), {"BLOCK": 4096}, 8, 3)
-        yield (f"rmsnorm_quantize {x[1:]}", act_quant._rmsnorm_quant_kernel,
-               {"x_ptr": x, "w_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"}, ("KF", "eps"),
-               {"X_DTYPE": tx, "Y_DTYPE": tx, "BLOCK": 4096}, 8, 3)
-        yield (f"layernorm_quantize {x[1:]}", act_quant._layernorm_quant_kernel,
-               {"x_ptr": x, "w_ptr": x, "b_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"}, ("KF", "eps"),
-               {"X_DTYPE": tx, "BLOCK": 4096}, 8, 3)
+        for label, norm in (("quantize_rows", act_quant.NONE), ("rmsnorm_quantize", act_quant.RMS),
+                            ("layernorm_quantize", act_quant.LAYER)):
+            yield (f"{label} {x[1:]}", act_quant._row_quant_kernel,
+                   {"x_ptr": x, "w_ptr": x, "b_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"}, ("KF", "eps"),
+                   {"NORM": norm.value, "X_DTYPE": tx, "Y_DTYPE": tx, "BLOCK": 4096}, 8, 3)
 
 
 def check(archs=ARCHS, quick: bool = False, log=None) -> list[dict]:

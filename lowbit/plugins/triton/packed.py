@@ -67,8 +67,9 @@ def bk_pruner(min_bk: int = MIN_BK):
 
 
 @triton.jit
-def swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) with GROUP_M row tiles visited together, so their weight tiles are reused from L2."""
+def output_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows rm, columns rn, their in-bounds masks) of program ``pid``'s [BM, BN] output tile, with GROUP_M row
+    tiles visited together so their weight tiles are reused from L2."""
     num_m = tl.cdiv(M, BM)
     num_n = tl.cdiv(N, BN)
     per_group = GROUP_M * num_n
@@ -76,7 +77,9 @@ def swizzle(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr
     rows = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % rows
     pid_n = (pid % per_group) // rows
-    return pid_m, pid_n
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    return rm, rn, rm < M, rn < N
 
 
 @triton.jit

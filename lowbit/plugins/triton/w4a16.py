@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from lowbit.plugins.triton import interpreting, next_pow2
-from lowbit.plugins.triton.packed import SUPPORTED_BITS, bk_pruner, fit_bk, group_fits, load_codes, packed_view, \
-    store_dtype, swizzle
+from lowbit.plugins.triton.packed import SUPPORTED_BITS, bk_pruner, fit_bk, group_fits, load_codes, output_tile, \
+    packed_view, store_dtype
 
 SPLIT_K_MAX_M = 64          # M at or below this takes the split-K path
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -49,12 +49,8 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                   ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
-    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    rm, rn, m_mask, n_mask = output_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    m_mask = rm < M
-    n_mask = rn < N
     rk = tl.arange(0, BK)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
 

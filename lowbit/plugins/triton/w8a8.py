@@ -23,8 +23,8 @@ import triton.language as tl
 
 from lowbit.plugins.triton import interpreting, next_pow2
 from lowbit.plugins.triton.act_quant import quantize_rows
-from lowbit.plugins.triton.packed import SUPPORTED_BITS, bk_pruner, fit_bk, load_codes, packed_view, store_dtype, \
-    swizzle
+from lowbit.plugins.triton.packed import SUPPORTED_BITS, bk_pruner, fit_bk, load_codes, output_tile, packed_view, \
+    store_dtype
 
 MIN_BK = 32                 # int8 tl.dot needs K tiles of at least 32
 
@@ -42,11 +42,7 @@ def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                  BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BM, BN, GROUP_M)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    m_mask = rm < M
-    n_mask = rn < N
+    rm, rn, m_mask, n_mask = output_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rk = tl.arange(0, BK)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
 
