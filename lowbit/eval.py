@@ -85,18 +85,18 @@ def scorer(target: str, backend: str = "auto", provider: str = "auto", device: s
 
         return (lambda ids: eng.forward(ids)), eng.tokenizer, max_positions(eng.config), f"artifact {target}"
     from lowbit.compiler.frontend import load_model
+    from lowbit.device import pick_device, pick_dtype
 
     if backend != "auto":
         raise LowbitError(f"--backend {backend} applies to compiled artifacts; '{target}' is a model folder")
+    device = pick_device(device)          # a bad --device/--dtype fails before the model loads
+    dtype = pick_dtype(dtype, device)
     loaded = load_model(target)
     if loaded.task != "causal-lm":
         raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder")
     if loaded.tokenizer is None:
         raise LowbitError(f"model folder '{target}' has no tokenizer; cannot tokenize text")
-    from lowbit.device import pick_device, pick_dtype
-
-    device = pick_device(device)
-    model = loaded.model.to(device, pick_dtype(dtype, device))
+    model = loaded.model.to(device, dtype)
     return (lambda ids: model(input_ids=ids.to(device), use_cache=False).logits), loaded.tokenizer, \
         loaded.max_positions, f"model {target}"
 
