@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from lowbit.passes.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight, unpack_codes  # noqa: E402
 from lowbit.plugins import ops  # noqa: E402
@@ -102,6 +104,62 @@ def test_wna16_default_configs():
         x = _x(m, 128, seed=m)
         frob, mx = _errors(w4a16.wna16_matmul(*_dev(x, qw, s, z, b), 4, g, 128), _wna16_ref(x, qw, s, z, b, 4, g, 128))
         assert frob < 1e-5 and mx < 1e-5
+
+
+@triton.jit
+def _codes_minus_zero_kernel(q_ptr, z_ptr, o_ptr, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr, N: tl.constexpr):
+    r = tl.arange(0, N)
+    q = tl.load(q_ptr + r).to(tl.int32)
+    z = tl.load(z_ptr + r).to(tl.int32)
+    tl.store(o_ptr + r, w4a16._codes_minus_zero(q, z, BITS, DOT_DTYPE).to(tl.float32))
+
+
+# bf16 on a GPU only: the interpreter's bf16 arithmetic is wrong (see store_dtype).
+@pytest.mark.parametrize("dtype", [tl.float16] + ([tl.bfloat16] if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_codes_minus_zero_exact_for_every_pair(bits, dtype):
+    """The kernels' dequantization (magic-number floats for fp16, and bf16 below 8 bits) is exact for every
+    (code, zero) pair of the bit width."""
+    n = 1 << bits
+    q = torch.arange(n).repeat_interleave(n).to(torch.uint8)
+    z = torch.arange(n).repeat(n).to(torch.uint8)
+    out = torch.empty(n * n, dtype=torch.float32, device=DEVICE)
+    _codes_minus_zero_kernel[(1,)](*_dev(q, z), out, bits, dtype, n * n)
+    assert torch.equal(out.cpu(), q.float() - z.float())
+
+
+def test_magic_number_floats():
+    """The bit identities the dequantization relies on, checked in torch: 0x6400 | c is the fp16 1024 + c for
+    c < 1024, and 0x4300 | c is the bf16 128 + c for c < 128."""
+    c = torch.arange(256, dtype=torch.int32)
+    assert torch.equal((c | 0x6400).to(torch.int16).view(torch.float16).float(), 1024 + c.float())
+    c = torch.arange(128, dtype=torch.int32)
+    assert torch.equal((c | 0x4300).to(torch.int16).view(torch.bfloat16).float(), 128 + c.float())
+
+
+def test_wna16_split_k_paths():
+    """SPLIT_K = 1 stores into an output that is never zeroed; more splits than K tiles leave programs idle."""
+    qw, s, z, b, g = _layer(40, 256, 4, 64, seed=41)
+    x = _x(3, 256, seed=42)
+    ref = _wna16_ref(x, qw, s, z, b, 4, g, 256)
+    for cfg in ({"BN": 32, "BK": 64, "SPLIT_K": 1}, {"BN": 16, "BK": 64, "SPLIT_K": 8}):
+        frob, mx = _errors(w4a16.wna16_matmul(*_dev(x, qw, s, z, b), 4, g, 256, config=cfg), ref)
+        assert frob < 1e-5 and mx < 1e-5, cfg
+
+
+def test_split_k_configs_zero_their_output():
+    """Split-K configs add into the output, so each carries a pre-hook that zeroes it, and config pruning keeps
+    it. (The interpreter runs one fixed config, so only this catches a lost hook before a GPU does.)"""
+    from lowbit.plugins.triton.packed import bk_pruner
+
+    split = [c for c in w4a16._SPLITK_CONFIGS if c.kwargs["SPLIT_K"] > 1]
+    assert split and all(c.pre_hook is not None for c in split)
+    assert all(c.pre_hook is None for c in w4a16._SPLITK_CONFIGS if c.kwargs["SPLIT_K"] == 1)
+    pruned = bk_pruner()(w4a16._SPLITK_CONFIGS, {"GROUP": 32, "K": 4096})
+    assert all((c.pre_hook is not None) == (c.kwargs["SPLIT_K"] > 1) for c in pruned)
+    y = torch.randn(3, 5)
+    split[0].pre_hook({"y_ptr": y})
+    assert not y.any()
 
 
 def test_wna16_wrong_weight_fails_tolerance():
@@ -294,16 +352,28 @@ def test_import_lowbit_does_not_import_triton():
     assert out.stdout.strip() == "False"
 
 
-def test_kernels_compile_for_sm80_sm86_sm90():
+def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
     """Every kernel variant (two autotuning configs per hot path) compiles to a cubin for A100, A6000 and H100
     class GPUs and fits their shared memory: Triton's compiler needs no GPU for that, so CI catches what the
     interpreter cannot (lowering, layouts, resources). The full sweep: python -m lowbit.plugins.triton.compile_check
+
+    The decode kernel's main loop is also held to its machine-code budget: no int -> float conversions (a
+    quarter-rate pipe), no register spills, and at most 10.5 instructions per weight (about 7 to 10 as built;
+    the kernel before the magic-number dequantization and the transposed product took 11 plus a conversion per
+    weight). That is a static proxy for decode speed, not a timing.
     """
+    import json
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-m", "lowbit.plugins.triton.compile_check", "--quick"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    rows_json = tmp_path / "rows.json"
+    out = subprocess.run([sys.executable, "-m", "lowbit.plugins.triton.compile_check", "--quick", "--sass",
+                          "--json", str(rows_json)], env=env, capture_output=True, text=True, timeout=600)
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0 and "0 failed, 0 over the shared-memory limit" in last, out.stdout[-3000:] + out.stderr[-2000:]
+    decode = [r for r in json.loads(rows_json.read_text()) if r["label"] == "w4a16 split-K, M=1"]
+    assert len(decode) == 2 * 3
+    for r in decode:
+        p = r["sass"]
+        assert p["cvt"] < 0.1 and p["spill_bytes"] == 0 and p["per_weight"] < 10.5 and p["mma"] > 0, r

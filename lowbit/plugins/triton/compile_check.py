@@ -14,6 +14,7 @@ Must run with TRITON_INTERPRET unset: interpreted kernels are not compiled.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -23,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lowbit.plugins.triton import act_quant, interpreting, w4a16, w8a8
+from lowbit.plugins.triton.sass import loop_profile
 
 # Largest dynamic shared memory one block may use (bytes), per compute capability.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -30,10 +32,15 @@ ARCHS = (80, 86, 90)
 
 
 def compile_kernel(fn, arch: int, pointers: dict, floats: tuple, consts: dict, num_warps: int = 4,
-                   num_stages: int = 3):
+                   num_stages: int = 3, aligned: tuple = (), ones: tuple = ()):
     """Compile ``fn`` for sm``arch``: ``pointers`` maps pointer args to Triton types ("*fp16"), ``floats`` names
-    the fp32 scalars, every other runtime arg is i32; returns the compiled kernel (``.metadata.shared``)."""
-    sig = {}
+    the fp32 scalars, every other runtime arg is i32; returns the compiled kernel (``.metadata.shared``).
+
+    As Triton's launcher does at run time, ``aligned`` args (pointers 16-byte aligned, ints multiples of 16)
+    get the divisibility hint and ``ones`` (ints equal to 1, such as unit strides) become constants: without
+    them loads compile as scalar accesses, and the code is not what a real launch runs.
+    """
+    sig, consts = {}, {**consts, **{name: 1 for name in ones}}
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
@@ -41,7 +48,9 @@ def compile_kernel(fn, arch: int, pointers: dict, floats: tuple, consts: dict, n
             sig[name] = pointers[name]
         else:
             sig[name] = "fp32" if name in floats else "i32"
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
@@ -51,63 +60,105 @@ def _config_cases(configs, **fixed):
         yield {**fixed, **c.kwargs}, c.num_warps, c.num_stages
 
 
-def cases(quick: bool = False):
-    """(label, kernel, pointer types, float args, constexprs, num_warps, num_stages) for every variant to check.
+class Case:
+    """One kernel variant to compile: the kernel, its argument types and constants, launch options, and the
+    run-time specialization a typical launch gets (aligned pointers and sizes, unit strides)."""
 
-    Every autotuning config of the hot paths (4-bit g128 fp16 weight-only; per-channel W8A8), then one config
-    of each other variant: 8-bit and byte-packed weights, per-channel, no bias, bf16/fp32 activations, W4A8,
-    and the activation quantization kernels in fp16/bf16.
-    """
-    w4p = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp32"}
-    base = {"BITS": 4, "PER": 8, "ONE_GROUP": False, "HAS_BIAS": True, "DOT_DTYPE": tl.float16,
+    def __init__(self, label, fn, pointers, consts, warps, stages, floats=(), aligned=(), ones=(), per_weight=None):
+        self.label, self.fn, self.pointers, self.consts = label, fn, pointers, consts
+        self.warps, self.stages, self.floats = warps, stages, floats
+        self.aligned = tuple(pointers) + tuple(aligned)
+        self.ones = ones
+        self.per_weight = per_weight        # weights one loop iteration of one thread handles, for --sass
+
+    def compile(self, arch: int):
+        return compile_kernel(self.fn, arch, self.pointers, self.floats, self.consts, self.warps, self.stages,
+                              self.aligned, self.ones)
+
+
+# Sizes and strides that are multiples of 16 in the shapes these kernels run (hidden sizes, packed row lengths).
+_W_ALIGNED = ("N", "K", "KP", "GROUP", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_ym")
+
+
+def cases(quick: bool = False):
+    """Every variant to check: each autotuning config of the hot paths (4-bit g128 fp16 weight-only, at M = 1
+    and at a general M; per-channel W8A8), then one config of each other variant: 8-bit and byte-packed
+    weights, per-channel, no bias, a K that is not a multiple of the tile, bf16/fp32 activations, W4A8, and the
+    activation quantization kernels in fp16/bf16."""
+    w4p = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16"}
+    base = {"BITS": 4, "PER": 8, "ONE_GROUP": False, "HAS_BIAS": True, "EVEN_K": True, "DOT_DTYPE": tl.float16,
             "DOT_PRECISION": "tf32", "GROUP_M": 8}
-    split = list(_config_cases(w4a16._SPLITK_CONFIGS, **base, ATOMIC=True, BM=16))
-    tiled = list(_config_cases(w4a16._TILED_CONFIGS, **base, ATOMIC=False, SPLIT_K=1))
+    split = list(_config_cases(w4a16._SPLITK_CONFIGS, **base, BM=16))
+    tiled = list(_config_cases(w4a16._TILED_CONFIGS, **base, SPLIT_K=1))
     if quick:
         split, tiled = split[:2], tiled[:2]
+
+    def w4(label, consts, warps, stages, ptrs=None, ones=("stride_xk",)):
+        per = consts["BN"] * consts["BK"] / (32 * warps)
+        return Case(label, w4a16._wna16_kernel, {**w4p, **(ptrs or {})}, consts, warps, stages,
+                    aligned=_W_ALIGNED, ones=ones, per_weight=per)
+
     for consts, warps, stages in split:
-        yield "w4a16 split-K", w4a16._wna16_kernel, w4p, (), consts, warps, stages
+        yield w4("w4a16 split-K, M=1", consts, warps, stages, ones=("stride_xk", "M", "M_BUCKET"))
+    for consts, warps, stages in split[:1]:
+        yield w4("w4a16 split-K", consts, warps, stages)
     for consts, warps, stages in tiled:
-        yield "w4a16 tiled", w4a16._wna16_kernel, {**w4p, "y_ptr": "*fp16"}, (), consts, warps, stages
+        yield w4("w4a16 tiled", consts, warps, stages)
     one = dict(split[0][0])
     variants = [("w4a16 8-bit", {}, {"BITS": 8, "PER": 4}),
                 ("w4a16 bytes", {"w_ptr": "*u8"}, {"PER": 2}),
                 ("w4a16 per-channel, no bias", {}, {"ONE_GROUP": True, "HAS_BIAS": False}),
-                ("w4a16 bf16", {"x_ptr": "*bf16", "b_ptr": "*bf16"}, {"DOT_DTYPE": tl.bfloat16}),
-                ("w4a16 fp32", {"x_ptr": "*fp32", "b_ptr": "*fp32"}, {"DOT_DTYPE": tl.float32,
-                                                                      "DOT_PRECISION": "ieee"})]
+                ("w4a16 ragged K", {}, {"EVEN_K": False}),
+                ("w4a16 bf16", {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}, {"DOT_DTYPE": tl.bfloat16}),
+                ("w4a16 bf16 8-bit", {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
+                 {"DOT_DTYPE": tl.bfloat16, "BITS": 8, "PER": 4}),
+                ("w4a16 fp32", {"x_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32"},
+                 {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee"})]
     for label, ptrs, over in variants:
-        yield label, w4a16._wna16_kernel, {**w4p, **ptrs}, (), {**one, **over}, 4, 3
+        yield w4(label, {**one, **over}, 4, 3, ptrs)
 
     w8p = {"x_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16",
            "y_ptr": "*fp16"}
-    w8 = list(_config_cases(w8a8._CONFIGS, BITS=8, PER=4, ONE_GROUP=True, HAS_BIAS=True))
-    for consts, warps, stages in (w8[:2] if quick else w8):
-        yield "w8a8", w8a8._w8a8_kernel, w8p, (), consts, warps, stages
-    for label, over in (("w8a8 grouped", {"ONE_GROUP": False, "BK": 64}), ("w4a8", {"BITS": 4, "PER": 8})):
-        yield label, w8a8._w8a8_kernel, w8p, (), {**w8[0][0], **over}, w8[0][1], w8[0][2]
+    w8_aligned = ("N", "K", "KP", "GROUP", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_ym")
+
+    def w8(label, consts, warps, stages):
+        return Case(label, w8a8._w8a8_kernel, w8p, consts, warps, stages, aligned=w8_aligned,
+                    per_weight=consts["BN"] * consts["BK"] / (32 * warps))
+
+    w8s = list(_config_cases(w8a8._CONFIGS, BITS=8, PER=4, ONE_GROUP=True, HAS_BIAS=True, EVEN_K=True))
+    for consts, warps, stages in (w8s[:2] if quick else w8s):
+        yield w8("w8a8", consts, warps, stages)
+    for label, over in (("w8a8 grouped", {"ONE_GROUP": False, "BK": 64}), ("w4a8", {"BITS": 4, "PER": 8}),
+                        ("w8a8 ragged K", {"EVEN_K": False})):
+        yield w8(label, {**w8s[0][0], **over}, w8s[0][1], w8s[0][2])
 
     for x, tx in (("*fp16", tl.float16), ("*bf16", tl.bfloat16)):
         for label, norm in (("quantize_rows", act_quant.NONE), ("rmsnorm_quantize", act_quant.RMS),
                             ("layernorm_quantize", act_quant.LAYER)):
-            yield (f"{label} {x[1:]}", act_quant._row_quant_kernel,
-                   {"x_ptr": x, "w_ptr": x, "b_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"}, ("KF", "eps"),
-                   {"NORM": norm.value, "X_DTYPE": tx, "Y_DTYPE": tx, "BLOCK": 4096}, 8, 3)
+            yield Case(f"{label} {x[1:]}", act_quant._row_quant_kernel,
+                       {"x_ptr": x, "w_ptr": x, "b_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"},
+                       {"NORM": norm.value, "X_DTYPE": tx, "Y_DTYPE": tx, "BLOCK": 4096}, 8, 3, floats=("KF", "eps"),
+                       aligned=("K", "stride_xm", "stride_qm"))
 
 
-def check(archs=ARCHS, quick: bool = False, log=None) -> list[dict]:
-    """Compile every case for every arch; rows of {label, arch, config, shared, fits, error}."""
+def check(archs=ARCHS, quick: bool = False, log=None, sass: bool = False) -> list[dict]:
+    """Compile every case for every arch; rows of {label, arch, config, shared, fits, error} and, with ``sass``,
+    the GEMMs' main-loop profile (``lowbit.plugins.triton.sass.loop_profile``) under "sass"."""
     if interpreting():
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset (interpreted kernels are not compiled)")
     rows = []
-    for label, fn, ptrs, floats, consts, warps, stages in cases(quick):
-        cfg = {k: v for k, v in consts.items() if k in ("BM", "BN", "BK", "SPLIT_K", "BLOCK")}
+    for case in cases(quick):
+        cfg = {k: v for k, v in case.consts.items() if k in ("BM", "BN", "BK", "SPLIT_K", "BLOCK")}
         for arch in archs:
-            row = {"label": label, "arch": arch, "config": {**cfg, "num_warps": warps, "num_stages": stages}}
+            row = {"label": case.label, "arch": arch,
+                   "config": {**cfg, "num_warps": case.warps, "num_stages": case.stages}}
             try:
-                out = compile_kernel(fn, arch, ptrs, floats, consts, warps, stages)
+                out = case.compile(arch)
                 row["shared"] = out.metadata.shared
                 row["fits"] = out.metadata.shared <= SMEM_LIMIT[arch]
+                if sass and case.per_weight:
+                    prof = loop_profile(out.asm["cubin"], case.per_weight)
+                    row["sass"] = {k: v for k, v in prof.items() if k != "by_opcode"}
             except Exception as e:          # a compiler error is the finding: report it, go on with the rest
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
             rows.append(row)
@@ -120,14 +171,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities (default 80,86,90)")
     ap.add_argument("--quick", action="store_true", help="two autotuning configs per hot path")
+    ap.add_argument("--sass", action="store_true",
+                    help="also disassemble the GEMMs and print their main loop's instructions per weight")
+    ap.add_argument("--json", help="write the rows as JSON here")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
 
     def log(r):
         what = r.get("error") or f"{r['shared']} B shared{'' if r['fits'] else ' (OVER the limit)'}"
+        if "sass" in r:
+            p = r["sass"]
+            what += (f", {p['regs']} regs, {p['spill_bytes']} B spilled; loop {p['per_weight']:.2f} instr/weight"
+                     f" (int->float {p['cvt']:.2f}, smem stores {p['smem_stores']:.2f})")
         print(f"sm{r['arch']} {r['label']} {r['config']}: {what}", flush=True)
 
-    rows = check([int(x) for x in a.arch.split(",")], a.quick, log)
+    rows = check([int(x) for x in a.arch.split(",")], a.quick, log, a.sass)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
     errors = [r for r in rows if "error" in r]
     print(f"{len(rows)} compilations in {time.perf_counter() - t0:.0f}s: {len(errors)} failed, "
           f"{sum(1 for r in rows if not r.get('fits', True))} over the shared-memory limit")

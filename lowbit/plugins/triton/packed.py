@@ -60,10 +60,16 @@ def bk_pruner(min_bk: int = MIN_BK):
             sig = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
             if sig not in seen:
                 seen.add(sig)
-                out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+                out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=c.pre_hook))
         return out
 
     return prune
+
+
+def with_even_k(kernel):
+    """``kernel`` with its EVEN_K constant (BK divides K) set at launch from the config's BK, which the
+    autotuner picks: wrap it in this, then in ``triton.autotune``."""
+    return triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(kernel)
 
 
 @triton.jit
@@ -84,16 +90,28 @@ def output_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.const
 
 @triton.jit
 def load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS: tl.constexpr, PER: tl.constexpr, BK: tl.constexpr,
-               BN: tl.constexpr):
-    """Unsigned codes int32 [BK, BN] of columns k0..k0+BK for output rows rn (k0 a multiple of PER).
+               BN: tl.constexpr, EVEN_K: tl.constexpr):
+    """Unsigned codes int32 [BN, BK]: columns k0..k0+BK of weight rows rn (k0 a multiple of PER), K fastest.
 
     Loads BK/PER packed elements per row (contiguous along K, so a row's bytes arrive in one transaction) and
-    splits each into its PER codes, lowest bits first, which is the order the bitstream stores them in.
+    splits each into its PER codes, lowest bits first, which is the order the bitstream stores them in. The
+    tile keeps the stored orientation (K contiguous): the GEMMs use it as their dot's K-major operand, so no
+    transpose through shared memory is needed.
     """
     re = k0 // PER + tl.arange(0, BK // PER)
-    ptrs = w_ptr + rn.to(tl.int64)[None, :] * stride_wn + re[:, None]
-    raw = tl.load(ptrs, mask=n_mask[None, :] & (re[:, None] < KP), other=0).to(tl.int32)    # [BK/PER, BN]
-    shifts = tl.arange(0, PER) * BITS
-    # Arithmetic shift of a negative word drags sign bits in from the top; the mask removes them.
-    codes = (raw[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)                 # [BK/PER, PER, BN]
-    return tl.reshape(codes, (BK, BN))
+    ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + re[None, :]
+    # EVEN_K (BK divides K): no mask along K, so the loads vectorize (a bound that is not a compile-time
+    # constant makes every element's predicate different).
+    if EVEN_K:
+        v = tl.load(ptrs, mask=n_mask[:, None], other=0)
+    else:
+        v = tl.load(ptrs, mask=n_mask[:, None] & (re[None, :] < KP), other=0)
+    v = v.to(tl.uint32)                                                                     # [BN, BK/PER]
+    # Halve each element's bit field log2(PER) times: (low half, high half) joined along a new last axis each
+    # time. tl.join keeps the new axis in the same thread's registers, so the codes of one element stay where
+    # its load put them (a shift-by-arange broadcast instead lets layout propagation reload every code).
+    for i in tl.static_range(5):                        # PER <= 32 codes per element: at most 5 halvings
+        if (PER >> i) > 1:
+            v = tl.join(v & ((1 << ((BITS * PER) >> (i + 1))) - 1), v >> ((BITS * PER) >> (i + 1)))
+    return tl.reshape(v & ((1 << BITS) - 1), (BN, BK)).to(tl.int32)
+

@@ -7,17 +7,29 @@ One kernel, two launch shapes:
 
 - split-K (decode, M <= 64): a [BM=16..64, BN] output tile per program and SPLIT_K programs along K, each
   over a contiguous run of K tiles. At small M the kernel is a weight stream; splitting K puts enough programs
-  in flight to keep every SM reading. Partial sums meet in an fp32 buffer by ``tl.atomic_add``: the order of
-  those few fp32 additions (SPLIT_K per output) varies from run to run, so results agree to fp32 rounding
-  rather than bit for bit; the final cast to x's dtype absorbs it almost always.
+  in flight to keep every SM reading. With SPLIT_K > 1 the partial sums meet by ``tl.atomic_add`` in the
+  output itself (x's dtype), which the config's pre-hook zeroes first: no fp32 buffer and no cast kernel, so
+  a decode step is one kernel launch (or a memset and one), not three. The order of the SPLIT_K additions
+  varies from run to run, and each partial is rounded to x's dtype once before its addition, so results agree
+  with the reference to a few roundings of the output dtype rather than bit for bit. SPLIT_K = 1 configs
+  store directly, and the autotuner times each config with its memset included.
 - tiled (prefill, M > 64): [BM, BN] tiles over the whole K, grouped along M so a weight tile is dequantized
   for GROUP_M row tiles while it is in L2; bias and the cast fused in the epilogue.
 
-Dequantization is exact: ``q - z`` (an integer below 2^8) is exact in fp16 and bf16, so a tile computes
-``x @ (q - z)`` on tensor cores with fp32 accumulation, and the fp16 scale multiplies the fp32 partial sum of its
-group once, at the group's last tile (a K tile never straddles two groups: BK divides g). Per-channel weights
-(g >= K) scale once in the epilogue. Nothing is rounded to 16 bits before the accumulator, unlike kernels
-that form ``(q - z) * s`` in fp16.
+Both compute the product transposed, ``y.T = W @ x.T``: the dequantized weight tile is the dot's first operand,
+K-major as stored, which mma.sync and Hopper's wgmma take from registers, so only the small x tile is staged
+through shared memory. BM, the dot's N, can then be as small as 16 at decode.
+
+Dequantization is exact and cheap: ``q - z`` (an integer below 2^8) is formed in fp16 as (1024 + q) - (1024 + z)
+from the bit patterns 0x6400 | q and 0x6400 | z, an OR each instead of an int -> float conversion, which
+issues at a quarter of the integer rate or less and would otherwise bound the kernel at decode (bf16 uses
+0x4300 | c = 128 + c for 2- and 4-bit codes). A tile computes ``(q - z) @ x`` on tensor cores with fp32
+accumulation, and the fp16 scale multiplies the fp32 partial sum of its group once, at the group's last tile
+(a K tile never straddles two groups: BK divides g). Per-channel weights (g >= K) scale once in the epilogue.
+Nothing is rounded to 16 bits before the accumulator, unlike kernels that form ``(q - z) * s`` in fp16.
+
+``python -m lowbit.plugins.triton.compile_check --sass`` prints what the main loop costs per weight in
+machine instructions for every config, without a GPU.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import triton.language as tl
 
 from lowbit.plugins.triton import interpreting, next_pow2
 from lowbit.plugins.triton.packed import SUPPORTED_BITS, bk_pruner, fit_bk, group_fits, load_codes, output_tile, \
-    packed_view, store_dtype
+    packed_view, store_dtype, with_even_k
 
 SPLIT_K_MAX_M = 64          # M at or below this takes the split-K path
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -42,17 +54,42 @@ def supports(bits: int, group_size: int, in_features: int) -> bool:
 
 
 @triton.jit
+def _codes_minus_zero(q, z, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """``q - z`` (int32 codes and zero points, both below 2^BITS) as DOT_DTYPE, exactly.
+
+    int -> float conversions issue at a quarter of the integer rate or less, and at decode sizes every weight
+    needs one, so fp16 takes the magic-number route instead: the bits 0x6400 | c are the fp16 number 1024 + c
+    for any c < 1024, so one OR and a 16-bit reinterpretation make 1024 + q and 1024 + z, and their fp16
+    difference is q - z with no rounding. bf16 does the same with 0x4300 | c = 128 + c, exact for c < 128
+    (2- and 4-bit codes); 8-bit codes in bf16, and fp32, convert.
+    """
+    if DOT_DTYPE == tl.float16:
+        qf = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        zf = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return qf - zf
+    elif (DOT_DTYPE == tl.bfloat16) and (BITS <= 4):
+        qf = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        zf = (z | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        return qf - zf
+    else:
+        return (q - z).to(DOT_DTYPE)
+
+
+@triton.jit
 def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                   M, N, K, KP, GROUP, M_BUCKET,
                   stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_ym,
                   BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  ATOMIC: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
+    # The product is computed transposed, y.T tile [BN, BM] = W tile [BN, BK] @ x.T tile [BK, BM]: the
+    # dequantized weight is the dot's first operand, which tensor-core MMAs (wgmma included) take straight
+    # from registers, K-major as stored; only the small x tile goes through shared memory.
     rm, rn, m_mask, n_mask = output_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     pid_k = tl.program_id(1)
     rk = tl.arange(0, BK)
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    x_cols = x_ptr + rm.to(tl.int64)[None, :] * stride_xm
 
     # This program's K tiles: a contiguous run, so each weight row is read as one stretch.
     n_tiles = tl.cdiv(K, BK)
@@ -60,41 +97,53 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     t_lo = pid_k * per_split
     t_hi = tl.minimum(t_lo + per_split, n_tiles)
 
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    part = tl.zeros((BM, BN), dtype=tl.float32)        # the current group's sum, before its scale
+    acc = tl.zeros((BN, BM), dtype=tl.float32)
+    part = tl.zeros((BN, BM), dtype=tl.float32)        # the current group's sum, before its scale
     if ONE_GROUP:
         z = tl.load(z_ptr + rn * stride_zn, mask=n_mask, other=0).to(tl.int32)
     for t in range(t_lo, t_hi):
         k0 = t * BK
         rk0 = k0 + rk
-        a = tl.load(x_rows + rk0[None, :] * stride_xk, mask=m_mask[:, None] & (rk0[None, :] < K), other=0.0)
-        a = a.to(DOT_DTYPE)
+        if EVEN_K:
+            xt = tl.load(x_cols + rk0[:, None] * stride_xk, mask=m_mask[None, :], other=0.0)
+        else:
+            xt = tl.load(x_cols + rk0[:, None] * stride_xk, mask=m_mask[None, :] & (rk0[:, None] < K), other=0.0)
+        xt = xt.to(DOT_DTYPE)
         if not ONE_GROUP:
             z = tl.load(z_ptr + rn * stride_zn + k0 // GROUP, mask=n_mask, other=0).to(tl.int32)
-        q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN)
+        q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN, EVEN_K)
         # Columns past K load x = 0, so whatever their codes decode to contributes nothing.
-        w = (q - z[None, :]).to(DOT_DTYPE)
-        part = tl.dot(a, w, part, input_precision=DOT_PRECISION)
+        w = _codes_minus_zero(q, z[:, None], BITS, DOT_DTYPE)
+        part = tl.dot(w, xt, part, input_precision=DOT_PRECISION)
         if not ONE_GROUP:
             # Scale the group's sum at its last tile (or the last tile of this split, mid-group).
             if ((k0 + BK) % GROUP == 0) | (t == t_hi - 1):
                 s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-                acc += part * s[None, :]
-                part = tl.zeros((BM, BN), dtype=tl.float32)
+                acc += part * s[:, None]
+                part = tl.zeros((BN, BM), dtype=tl.float32)
     if ONE_GROUP:
         s = tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
-        acc = part * s[None, :]
+        acc = part * s[:, None]
 
     if HAS_BIAS:
         # Added once per output: by the first K split only.
         bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-    y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+        acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
+    y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
+    mask = m_mask[None, :] & n_mask[:, None]
+    out = acc.to(y_ptr.dtype.element_ty)
+    if SPLIT_K > 1:
+        # Splits add their partial sums into the zeroed output, in its dtype: one kernel, no fp32 buffer and no
+        # cast afterwards. Each partial is rounded once more than a single pass would round it; the order of
+        # the SPLIT_K additions varies from run to run.
+        tl.atomic_add(y_ptrs, out, mask=mask, sem="relaxed")
     else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptrs, out, mask=mask)
+
+
+def _zero_output(nargs):
+    """Autotuner pre-hook of split-K configs: their programs add into the output, so it starts at zero."""
+    nargs["y_ptr"].zero_()
 
 
 def _cfg(bn, bk, warps, stages, bm=None, split_k=None, group_m=8):
@@ -103,7 +152,8 @@ def _cfg(bn, bk, warps, stages, bm=None, split_k=None, group_m=8):
         kw["BM"] = bm
     if split_k is not None:
         kw["SPLIT_K"] = split_k
-    return triton.Config(kw, num_warps=warps, num_stages=stages)
+    return triton.Config(kw, num_warps=warps, num_stages=stages,
+                         pre_hook=_zero_output if (split_k or 1) > 1 else None)
 
 
 # Decode: weight-streaming, so wide K tiles (long coalesced row reads) and enough splits to fill the SMs.
@@ -116,14 +166,13 @@ _SPLITK_CONFIGS = [
 # Prefill: compute-bound tiles.
 _TILED_CONFIGS = [
     _cfg(128, 64, 8, 3, bm=128), _cfg(256, 64, 8, 3, bm=128), _cfg(128, 64, 4, 4, bm=64),
-    _cfg(64, 64, 4, 4, bm=128), _cfg(128, 128, 8, 3, bm=128), _cfg(128, 32, 4, 4, bm=128),
+    _cfg(64, 64, 4, 4, bm=128), _cfg(128, 128, 8, 2, bm=128), _cfg(128, 32, 4, 4, bm=128),
     _cfg(256, 64, 8, 3, bm=64),
 ]
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "BITS", "PER"]
-_splitk_tuned = triton.autotune(_SPLITK_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": bk_pruner()},
-                                reset_to_zero=["y_ptr"])(_wna16_kernel)
-_tiled_tuned = triton.autotune(_TILED_CONFIGS, key=_KEY,
-                               prune_configs_by={"early_config_prune": bk_pruner()})(_wna16_kernel)
+_wna16 = with_even_k(_wna16_kernel)
+_splitk_tuned = triton.autotune(_SPLITK_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": bk_pruner()})(_wna16)
+_tiled_tuned = triton.autotune(_TILED_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": bk_pruner()})(_wna16)
 
 # Under the interpreter: one fixed config per path (autotuning would time numpy).
 _INTERPRET_SPLITK = {"BN": 32, "BK": 64, "SPLIT_K": 2}
@@ -153,9 +202,9 @@ def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     one_group = group_size >= k
     if config is None and interpreting():
         config = dict(_INTERPRET_SPLITK if m <= SPLIT_K_MAX_M else _INTERPRET_TILED)
-    split = ("SPLIT_K" in config) if config is not None else m <= SPLIT_K_MAX_M
-    out = torch.zeros((m, n), device=x2d.device, dtype=torch.float32) if split else \
-        torch.empty((m, n), device=x2d.device, dtype=store_dtype(x2d.dtype))
+    # Split-K configs zero the output first (their own pre-hook when autotuned; here when forced).
+    zeroed = config is not None and config.get("SPLIT_K", 1) > 1
+    out = (torch.zeros if zeroed else torch.empty)((m, n), device=x2d.device, dtype=store_dtype(x2d.dtype))
     args = (x2d, wq, scales, zeros, bias if bias is not None else scales, out,
             m, n, k, wq.shape[1], group_size, next_pow2(m),
             x2d.stride(0), x2d.stride(1), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
@@ -164,19 +213,19 @@ def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     # bf16 values and small integers multiply exactly in fp32); compiled kernels keep bf16.
     dot_dtype = tl.float32 if x2d.dtype == torch.float32 or (x2d.dtype == torch.bfloat16 and interpreting()) \
         else _TL_DTYPES[x2d.dtype]
-    consts = dict(BITS=bits, PER=per, ONE_GROUP=one_group, HAS_BIAS=bias is not None, ATOMIC=split,
+    consts = dict(BITS=bits, PER=per, ONE_GROUP=one_group, HAS_BIAS=bias is not None,
                   DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32")
-    small_bm = max(16, next_pow2(m)) if m <= SPLIT_K_MAX_M else 64
+    small_bm = max(16, next_pow2(m))
     if config is not None:
         cfg = dict(config)
         warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
-        cfg.setdefault("BM", small_bm if split else 64)
+        cfg.setdefault("BM", small_bm if "SPLIT_K" in cfg else 64)
         cfg.setdefault("SPLIT_K", 1)
         cfg.setdefault("GROUP_M", 8)
         cfg["BK"] = fit_bk(cfg["BK"], group_size, k)
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), cfg["SPLIT_K"])
-        _wna16_kernel[grid](*args, **consts, **cfg, num_warps=warps, num_stages=stages)
-    elif split:
+        _wna16[grid](*args, **consts, **cfg, num_warps=warps, num_stages=stages)
+    elif m <= SPLIT_K_MAX_M:
         def grid(meta):
             return triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), meta["SPLIT_K"]
         _splitk_tuned[grid](*args, **consts, BM=small_bm)

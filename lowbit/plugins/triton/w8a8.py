@@ -24,7 +24,7 @@ import triton.language as tl
 from lowbit.plugins.triton import interpreting, next_pow2
 from lowbit.plugins.triton.act_quant import quantize_rows
 from lowbit.plugins.triton.packed import SUPPORTED_BITS, bk_pruner, fit_bk, load_codes, output_tile, packed_view, \
-    store_dtype
+    store_dtype, with_even_k
 
 MIN_BK = 32                 # int8 tl.dot needs K tiles of at least 32
 
@@ -41,7 +41,7 @@ def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  M, N, K, KP, GROUP, M_BUCKET,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                  BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     rm, rn, m_mask, n_mask = output_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rk = tl.arange(0, BK)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
@@ -54,13 +54,17 @@ def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     for t in range(0, n_tiles):
         k0 = t * BK
         rk0 = k0 + rk
-        a = tl.load(x_rows + rk0[None, :], mask=m_mask[:, None] & (rk0[None, :] < K), other=0)
+        if EVEN_K:
+            a = tl.load(x_rows + rk0[None, :], mask=m_mask[:, None], other=0)
+        else:
+            a = tl.load(x_rows + rk0[None, :], mask=m_mask[:, None] & (rk0[None, :] < K), other=0)
         if not ONE_GROUP:
             z = tl.load(z_ptr + rn * stride_zn + k0 // GROUP, mask=n_mask, other=0).to(tl.int32)
-        q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN)
+        q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN, EVEN_K)
         # code - zero is the signed weight; the int8 cast wraps exactly like ops.signed_weight's .to(int8).
-        w = (q - z[None, :]).to(tl.int8)
-        acc_i = tl.dot(a, w, acc_i, out_dtype=tl.int32)
+        # [BN, BK] as stored, so the dot's second operand is K-major, the layout int8 tensor-core MMAs take.
+        w = (q - z[:, None]).to(tl.int8)
+        acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
         if not ONE_GROUP:
             if ((k0 + BK) % GROUP == 0) | (t == n_tiles - 1):
                 s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
@@ -87,8 +91,9 @@ _CONFIGS = [
     _cfg(64, 128, 128, 4, 4), _cfg(128, 64, 128, 4, 4), _cfg(64, 64, 128, 4, 3), _cfg(16, 64, 256, 4, 3),
     _cfg(32, 128, 128, 4, 4),
 ]
+_w8a8 = with_even_k(_w8a8_kernel)
 _tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "BITS", "PER"],
-                         prune_configs_by={"early_config_prune": bk_pruner(MIN_BK)})(_w8a8_kernel)
+                         prune_configs_by={"early_config_prune": bk_pruner(MIN_BK)})(_w8a8)
 _INTERPRET_CONFIG = {"BM": 32, "BN": 32, "BK": 64}
 
 
@@ -126,7 +131,7 @@ def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scale
         cfg.setdefault("GROUP_M", 8)
         cfg["BK"] = fit_bk(cfg["BK"], group_size, k, MIN_BK)
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
-        _w8a8_kernel[grid](*args, **consts, **cfg, num_warps=warps, num_stages=stages)
+        _w8a8[grid](*args, **consts, **cfg, num_warps=warps, num_stages=stages)
     else:
         def grid(meta):
             return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)

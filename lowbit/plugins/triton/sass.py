@@ -1,0 +1,82 @@
+"""What a compiled kernel's hot loop costs, read from its machine code (SASS), without a GPU.
+
+At decode sizes a weight-only GEMM is meant to be a weight stream, and what keeps it from the memory
+bandwidth is the instructions each weight costs: unpacking codes, converting them to floats, staging tiles
+through shared memory. Those are fixed at compile time, so they can be counted from the cubin: nvdisasm (it
+ships in the triton wheel) disassembles it, the longest backward branch is the main loop, and its
+instructions are tallied per weight the loop iteration handles. ``python -m lowbit.plugins.triton.compile_check
+--sass`` prints this for every kernel variant. It is a model, not a measurement: it sees issue slots, not
+latency, bandwidth or occupancy.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+_INSTR = re.compile(r"/\*[0-9a-f]{4}\*/\s+(.*?);")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
+_RES = re.compile(r"REG:(\d+).*?LOCAL:(\d+)")
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _opcode(instr: str) -> str:
+    """The base opcode of one SASS instruction: predicate and modifiers dropped (``@!P0 LDG.E.128`` -> LDG)."""
+    return re.sub(r"^@!?U?P\w+\s+", "", instr).split()[0].split(".")[0]
+
+
+def disassemble(cubin: bytes) -> tuple[str, str]:
+    """(SASS text, resource usage text) of a cubin."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([_tool("nvdisasm"), "-c", path], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    return sass, res
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the longest loop (from a label to the furthest backward branch to it)."""
+    instrs, labels, best = [], {}, (0, -1)
+    for line in sass.splitlines():
+        m = _LABEL.match(line)
+        if m:
+            labels[m.group(1)] = len(instrs)
+            continue
+        m = _INSTR.search(line)
+        if not m:
+            continue
+        instrs.append(m.group(1))
+        b = _BRANCH.search(m.group(1))
+        if b and b.group(1) in labels and len(instrs) - 1 - labels[b.group(1)] > best[1] - best[0]:
+            best = (labels[b.group(1)], len(instrs) - 1)
+    return instrs[best[0]:best[1] + 1]
+
+
+def loop_profile(cubin: bytes, weights_per_iteration: float) -> dict:
+    """Registers, spill bytes and the main loop's instruction mix per weight (one thread's share of a tile).
+
+    Keys: ``regs``, ``spill_bytes``, ``loop`` (instructions per iteration), ``per_weight`` (all of them),
+    ``cvt`` (int -> float conversions, I2F, a quarter-rate pipe), ``smem_stores`` (STS), ``mma`` (HMMA,
+    HGMMA, IMMA), ``by_opcode`` (a Counter of the loop's opcodes).
+    """
+    sass, res = disassemble(cubin)
+    m = _RES.search(res)
+    loop = main_loop(sass)
+    ops = collections.Counter(_opcode(i) for i in loop)
+    per = max(weights_per_iteration, 1e-9)
+    return {"regs": int(m.group(1)) if m else None, "spill_bytes": int(m.group(2)) if m else None,
+            "loop": len(loop), "per_weight": len(loop) / per, "cvt": ops["I2F"] / per,
+            "smem_stores": ops["STS"] / per, "mma": sum(ops[k] for k in ("HMMA", "HGMMA", "IMMA")),
+            "by_opcode": ops}
