@@ -215,6 +215,13 @@ def test_quantize_rows_bit_identical(dtype):
     assert q.shape == (2, 4, 300) and s.shape == (2, 4, 1)
 
 
+def test_quantize_rows_with_sums():
+    x = _x(7, 300, seed=5) * 3
+    q, s, sums = act_quant.quantize_rows(x.to(DEVICE), block=64, with_sums=True)
+    _same_codes(q, s, x)
+    assert sums.dtype == torch.int32 and torch.equal(sums.cpu(), q.cpu().int().sum(1, dtype=torch.int32))
+
+
 def test_quantize_rows_rounds_half_to_even():
     # max|x| = 127 (and 254): scale 1 (and 2) exactly, so these land exactly on .5 after scaling.
     halves = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 125.5, 126.5, -126.5, 127.0])
@@ -302,6 +309,23 @@ def test_w8a8_int32_accumulators_exact(bits, group, k):
     assert exact.abs().max() < 2**24 and torch.equal(y.cpu().double(), exact)
 
 
+def test_w8a8_per_channel_zero_point_correction():
+    """8-bit per-channel weights go through the dot as code - 128 and get (128 - zero) * row sum back in the
+    epilogue: exact for any zero point for which code - zero fits int8 (the reference's domain)."""
+    gen = torch.Generator().manual_seed(71)
+    n, k = 40, 192
+    z = torch.randint(100, 156, (n, 1), generator=gen, dtype=torch.int16)
+    q = (z + torch.randint(-120, 121, (n, k), generator=gen, dtype=torch.int16)).clamp(0, 255).to(torch.uint8)
+    qw = pack_codes(q, 8)
+    xq = torch.randint(-127, 128, (9, k), generator=gen, dtype=torch.int8)
+    ones = torch.ones(n, 1, dtype=torch.float16)
+    exact = (xq.long() @ (q.long() - z.long()).t()).double()
+    for sums in (None, xq.int().sum(1)):            # the row sums computed by the launcher, or given
+        y = w8a8.w8a8_matmul(*_dev(xq, torch.ones(9, 1), qw, ones, z.to(torch.uint8), None), 8, k, k,
+                             torch.float32, config=TILED, x_sums=None if sums is None else sums.to(DEVICE))
+        assert torch.equal(y.cpu().double(), exact)
+
+
 @pytest.mark.parametrize("bits,group,n,k", [(8, 0, 40, 256), (8, 32, 72, 256), (8, 64, 40, 200),
                                             (8, 128, 72, 256), (4, 32, 40, 192), (4, 0, 72, 100)])
 def test_w8a8_matches_reference(bits, group, n, k):
@@ -357,10 +381,12 @@ def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
     class GPUs and fits their shared memory: Triton's compiler needs no GPU for that, so CI catches what the
     interpreter cannot (lowering, layouts, resources). The full sweep: python -m lowbit.plugins.triton.compile_check
 
-    The decode kernel's main loop is also held to its machine-code budget: no int -> float conversions (a
-    quarter-rate pipe), no register spills, and at most 10.5 instructions per weight (about 7 to 10 as built;
-    the kernel before the magic-number dequantization and the transposed product took 11 plus a conversion per
-    weight). That is a static proxy for decode speed, not a timing.
+    The hot loops are also held to their machine-code budgets, a static proxy for speed, not a timing:
+    - W4A16 at M = 1: no int -> float conversions (a quarter-rate pipe), no register spills, at most 10.5
+      instructions per weight (7 to 10 as built; 9.2 to 11.6 plus a conversion per weight before the
+      magic-number dequantization and the transposed product).
+    - W8A8 per-channel: at most 4 instructions per weight of the tile (2 to 3 as built, the loads, one xor per
+      four weights and the MMAs; 5 to 15 when every byte was unpacked, widened and repacked).
     """
     import json
     import os
@@ -377,3 +403,8 @@ def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
     for r in decode:
         p = r["sass"]
         assert p["cvt"] < 0.1 and p["spill_bytes"] == 0 and p["per_weight"] < 10.5 and p["mma"] > 0, r
+    prefill = [r for r in json.loads(rows_json.read_text()) if r["label"] == "w8a8"]
+    assert len(prefill) == 2 * 3
+    for r in prefill:
+        p = r["sass"]
+        assert p["spill_bytes"] == 0 and p["per_weight"] < 4 and p["mma"] > 0, r

@@ -73,8 +73,9 @@ def _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM: tl.constexpr, X_
 
 
 @triton.jit
-def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, K, KF, eps, stride_xm, stride_qm, NORM: tl.constexpr,
-                      X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, stride_xm, stride_qm,
+                      NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, WITH_SUM: tl.constexpr,
+                      BLOCK: tl.constexpr):
     """One row: the norm's statistics (if any), then the max of |value| for the scale, then the codes."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
@@ -108,13 +109,20 @@ def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, K, KF, eps, stride_xm, 
                                                Y_DTYPE)))
     scale = _row_scale(tl.max(amax, axis=0))
     tl.store(s_ptr + row, scale)
+    total = tl.zeros((BLOCK,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK):
         y = _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
-        tl.store(q_row + k0 + cols, _quantize(y, scale), mask=k0 + cols < K)
+        code = _quantize(y, scale)
+        tl.store(q_row + k0 + cols, code, mask=k0 + cols < K)
+        if WITH_SUM:
+            total += code.to(tl.int32)              # zero past K: _normed reads 0 there
+    if WITH_SUM:
+        tl.store(sum_ptr + row, tl.sum(total, axis=0))
 
 
-def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block: int | None):
-    """Run the row kernel over x [..., K] -> (int8 codes [..., K], float32 scales [..., 1])."""
+def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block: int | None, with_sums=False):
+    """Run the row kernel over x [..., K] -> (int8 codes [..., K], float32 scales [..., 1]), and with
+    ``with_sums`` the int32 row sums of the codes [...] as a third element."""
     k = x.shape[-1]
     x2d = x.reshape(-1, k)
     if x2d.stride(1) != 1:
@@ -122,6 +130,7 @@ def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block
     m = x2d.shape[0]
     q = torch.empty((m, k), device=x.device, dtype=torch.int8)
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
+    sums = torch.empty((m,), device=x.device, dtype=torch.int32) if with_sums else s
     # The norm's output dtype: x's (LayerNorm), or the promoted x/weight one (LlamaRMSNorm's weight * h).
     y_dtype = torch.promote_types(weight.dtype, x.dtype) if norm == RMS else x.dtype
     blk = block or min(MAX_BLOCK, next_pow2(k))
@@ -129,18 +138,20 @@ def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block
         # Pointers a norm does not read get x's: never dereferenced.
         w = x2d if weight is None else weight.contiguous()
         b = x2d if bias is None else bias.contiguous()
-        _row_quant_kernel[(m,)](x2d, w, b, q, s, k, float(k), float(eps), x2d.stride(0), q.stride(0), NORM=norm.value,
-                                X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[y_dtype], BLOCK=blk,
-                                num_warps=8 if blk >= 2048 else 4)
-    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+        _row_quant_kernel[(m,)](x2d, w, b, q, s, sums, k, float(k), float(eps), x2d.stride(0), q.stride(0),
+                                NORM=norm.value, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[y_dtype],
+                                WITH_SUM=with_sums, BLOCK=blk, num_warps=8 if blk >= 2048 else 4)
+    out = q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+    return (*out, sums.reshape(x.shape[:-1])) if with_sums else out
 
 
-def quantize_rows(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes [..., K], float32 scales [..., 1]), identical to ``ops.quantize_rows_int8(x)``.
+def quantize_rows(x: torch.Tensor, block: int | None = None, with_sums: bool = False) -> tuple[torch.Tensor, ...]:
+    """(int8 codes [..., K], float32 scales [..., 1]), identical to ``ops.quantize_rows_int8(x)``; with
+    ``with_sums`` also the int32 sum of each row's codes [...] (the W8A8 GEMM's zero-point correction).
 
     ``block`` (a power of two) overrides the chunk of a row handled at once (tests use it to force chunking).
     """
-    return _launch(x, None, None, 0.0, NONE, block)
+    return _launch(x, None, None, 0.0, NONE, block, with_sums)
 
 
 def rmsnorm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lowbit.plugins.triton import act_quant, interpreting, w4a16, w8a8
+from lowbit.plugins.triton.act_quant import NONE
 from lowbit.plugins.triton.sass import loop_profile
 
 # Largest dynamic shared memory one block may use (bytes), per compute capability.
@@ -117,27 +118,31 @@ def cases(quick: bool = False):
     for label, ptrs, over in variants:
         yield w4(label, {**one, **over}, 4, 3, ptrs)
 
-    w8p = {"x_ptr": "*i8", "sx_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16",
-           "y_ptr": "*fp16"}
+    w8p = {"x_ptr": "*i8", "sx_ptr": "*fp32", "xs_ptr": "*i32", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8",
+           "b_ptr": "*fp16", "y_ptr": "*fp16"}
     w8_aligned = ("N", "K", "KP", "GROUP", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_ym")
 
-    def w8(label, consts, warps, stages):
-        return Case(label, w8a8._w8a8_kernel, w8p, consts, warps, stages, aligned=w8_aligned,
-                    per_weight=consts["BN"] * consts["BK"] / (32 * warps))
+    def w8(label, consts, warps, stages, words=False):
+        return Case(label, w8a8._w8a8_kernel, {**w8p, "w_ptr": "*i32"} if words else w8p, consts, warps, stages,
+                    aligned=w8_aligned, per_weight=consts["BN"] * consts["BK"] / (32 * warps))
 
-    w8s = list(_config_cases(w8a8._CONFIGS, BITS=8, PER=4, ONE_GROUP=True, HAS_BIAS=True, EVEN_K=True))
+    # 8-bit per-channel weights are read as bytes (CENTERED); the other formats as packed int32 words.
+    w8s = list(_config_cases(w8a8._CONFIGS, BITS=8, PER=1, ONE_GROUP=True, HAS_BIAS=True, CENTERED=True,
+                             FLIP_ASM=True, EVEN_K=True))
     for consts, warps, stages in (w8s[:2] if quick else w8s):
         yield w8("w8a8", consts, warps, stages)
-    for label, over in (("w8a8 grouped", {"ONE_GROUP": False, "BK": 64}), ("w4a8", {"BITS": 4, "PER": 8}),
-                        ("w8a8 ragged K", {"EVEN_K": False})):
-        yield w8(label, {**w8s[0][0], **over}, w8s[0][1], w8s[0][2])
+    yield w8("w8a8 ragged K", {**w8s[0][0], "EVEN_K": False}, w8s[0][1], w8s[0][2])
+    for label, over in (("w8a8 grouped", {"ONE_GROUP": False, "BK": 64, "PER": 4}),
+                        ("w4a8", {"BITS": 4, "PER": 8})):
+        yield w8(label, {**w8s[0][0], **over, "CENTERED": False}, w8s[0][1], w8s[0][2], words=True)
 
     for x, tx in (("*fp16", tl.float16), ("*bf16", tl.bfloat16)):
         for label, norm in (("quantize_rows", act_quant.NONE), ("rmsnorm_quantize", act_quant.RMS),
                             ("layernorm_quantize", act_quant.LAYER)):
             yield Case(f"{label} {x[1:]}", act_quant._row_quant_kernel,
-                       {"x_ptr": x, "w_ptr": x, "b_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32"},
-                       {"NORM": norm.value, "X_DTYPE": tx, "Y_DTYPE": tx, "BLOCK": 4096}, 8, 3, floats=("KF", "eps"),
+                       {"x_ptr": x, "w_ptr": x, "b_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32", "sum_ptr": "*i32"},
+                       {"NORM": norm.value, "X_DTYPE": tx, "Y_DTYPE": tx, "WITH_SUM": norm.value == NONE.value,
+                        "BLOCK": 4096}, 8, 3, floats=("KF", "eps"),
                        aligned=("K", "stride_xm", "stride_qm"))
 
 

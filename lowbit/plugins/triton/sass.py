@@ -78,5 +78,5 @@ def loop_profile(cubin: bytes, weights_per_iteration: float) -> dict:
     per = max(weights_per_iteration, 1e-9)
     return {"regs": int(m.group(1)) if m else None, "spill_bytes": int(m.group(2)) if m else None,
             "loop": len(loop), "per_weight": len(loop) / per, "cvt": ops["I2F"] / per,
-            "smem_stores": ops["STS"] / per, "mma": sum(ops[k] for k in ("HMMA", "HGMMA", "IMMA")),
+            "smem_stores": ops["STS"] / per, "mma": sum(n for op, n in ops.items() if op.endswith("MMA")),
             "by_opcode": ops}

@@ -5,6 +5,13 @@ with ``acc_g`` the exact int32 sum of int8 products over weight group g. The wei
 layout (``lowbit.passes.quantize``): 8-bit codes minus their zero point (128 when symmetric), or 4-bit
 nibbles minus theirs (8; W4A8), widened to int8 in registers and fed to ``tl.dot(..., out_dtype=int32)``.
 
+8-bit per-channel weights (the W8A8 recipes) take a shorter road: the bytes go to the dot as code - 128, which
+is each byte with its top bit flipped (one xor per four weights), and the zero point is restored once per
+output in the epilogue, ``sum_k x (q - z) = sum_k x (q - 128) + (128 - z) * sum_k x``, from the row sums of
+the int8 activations that the quantization kernel adds up as it writes them. No code is unpacked and nothing
+is widened per weight, so the main loop is loads, one xor per register and the MMAs. The result is the exact
+integer sum whenever code - zero fits int8, which symmetric weights always satisfy.
+
 Tiling: [BM, BN] output tiles over all of K, grouped along M for L2 reuse of the weight tile. The K loop
 is flat (so the loads pipeline across groups) and accumulates int32; at the last tile of each group the int32
 sum is converted, scaled by the group's fp16 scale and added to an fp32 accumulator, then restarted. A K
@@ -37,11 +44,11 @@ def supports(bits: int, group_size: int, in_features: int) -> bool:
 
 
 @triton.jit
-def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  M, N, K, KP, GROUP, M_BUCKET,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                  BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 CENTERED: tl.constexpr, FLIP_ASM: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     rm, rn, m_mask, n_mask = output_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rk = tl.arange(0, BK)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
@@ -60,10 +67,27 @@ def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             a = tl.load(x_rows + rk0[None, :], mask=m_mask[:, None] & (rk0[None, :] < K), other=0)
         if not ONE_GROUP:
             z = tl.load(z_ptr + rn * stride_zn + k0 // GROUP, mask=n_mask, other=0).to(tl.int32)
-        q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN, EVEN_K)
-        # code - zero is the signed weight; the int8 cast wraps exactly like ops.signed_weight's .to(int8).
+        if CENTERED:
+            # 8-bit per-channel: the dot takes code - 128, the byte with its top bit flipped, and code - zero is
+            # restored once in the epilogue. Compiled, the flip is one xor per register of four bytes (inline
+            # PTX: Triton's own i8 xor unpacks, flips and repacks each byte in the mma operand layout of sm80);
+            # the interpreter, which cannot run PTX, flips bytes one by one.
+            # Rows past N read row N - 1 rather than a masked load: a mask per byte costs a select per byte.
+            w_ptrs = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[:, None] * stride_wn + rk0[None, :]
+            if EVEN_K:
+                raw = tl.load(w_ptrs)
+            else:
+                raw = tl.load(w_ptrs, mask=rk0[None, :] < K)      # past K: x is 0, any byte will do
+            if FLIP_ASM:
+                w = tl.inline_asm_elementwise("xor.b32 $0, $1, 0x80808080;", "=r,r", [raw], dtype=tl.int8,
+                                              is_pure=True, pack=4)
+            else:
+                w = (raw ^ 0x80).to(tl.int8, bitcast=True)
+        else:
+            q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN, EVEN_K)
+            # code - zero is the signed weight; the int8 cast wraps exactly like ops.signed_weight's .to(int8).
+            w = (q - z[:, None]).to(tl.int8)
         # [BN, BK] as stored, so the dot's second operand is K-major, the layout int8 tensor-core MMAs take.
-        w = (q - z[:, None]).to(tl.int8)
         acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
         if not ONE_GROUP:
             if ((k0 + BK) % GROUP == 0) | (t == n_tiles - 1):
@@ -71,6 +95,10 @@ def _w8a8_kernel(x_ptr, sx_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                 acc += acc_i.to(tl.float32) * s[None, :]
                 acc_i = tl.zeros((BM, BN), dtype=tl.int32)
     if ONE_GROUP:
+        if CENTERED:
+            # sum_k x (q - z) = sum_k x (q - 128) + (128 - z) * sum_k x, with the row sums of the codes.
+            xs = tl.load(xs_ptr + rm, mask=m_mask, other=0)
+            acc_i += xs[:, None] * (128 - z)[None, :]
         s = tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc_i.to(tl.float32) * s[None, :]
 
@@ -99,8 +127,11 @@ _INTERPRET_CONFIG = {"BM": 32, "BN": 32, "BK": 64}
 
 def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-                out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype, config: dict | None = None, x_sums: torch.Tensor | None = None) -> torch.Tensor:
     """int8 xq [M, K] (row scales sx [M, 1] float32) times the stored weight -> [M, N] in ``out_dtype``.
+
+    ``x_sums`` (int32 [M], the row sums of xq; ``quantize_rows(..., with_sums=True)`` gives them for free) is
+    used by 8-bit per-channel weights, and computed here when not given.
 
     ``config`` forces one kernel config (BM, BN, BK, optionally GROUP_M, num_warps, num_stages) instead of
     autotuning; BK is lowered where needed so a K tile stays within one group.
@@ -115,14 +146,20 @@ def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scale
     if xq.stride(1) != 1:
         xq = xq.contiguous()
     sx = sx.reshape(m).float().contiguous()
-    wq, per = packed_view(qweight, bits)
+    centered = bits == 8 and group_size >= k
+    if centered:
+        wq, per = qweight.contiguous(), 1            # bytes, one code each
+        x_sums = xq.sum(1, dtype=torch.int32) if x_sums is None else x_sums.reshape(m).to(torch.int32)
+    else:
+        wq, per = packed_view(qweight, bits)
     scales, zeros = scales.contiguous(), zeros.contiguous()        # the kernel assumes unit stride along G
     bias = None if bias is None else bias.contiguous()
     out = torch.empty((m, n), device=xq.device, dtype=store_dtype(out_dtype))
-    args = (xq, sx, wq, scales, zeros, bias if bias is not None else scales, out,
+    args = (xq, sx, x_sums if centered else sx, wq, scales, zeros, bias if bias is not None else scales, out,
             m, n, k, wq.shape[1], group_size, next_pow2(m),
             xq.stride(0), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
-    consts = dict(BITS=bits, PER=per, ONE_GROUP=group_size >= k, HAS_BIAS=bias is not None)
+    consts = dict(BITS=bits, PER=per, ONE_GROUP=group_size >= k, HAS_BIAS=bias is not None, CENTERED=centered,
+                  FLIP_ASM=not interpreting())
     if config is None and interpreting():
         config = dict(_INTERPRET_CONFIG)
     if config is not None:
@@ -143,5 +180,6 @@ def w8a8_linear(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                 bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                 config: dict | None = None) -> torch.Tensor:
     """``ops.w8a8_linear`` on a 2-D x: per-token INT8 quantization, then the fused integer GEMM."""
-    xq, sx = quantize_rows(x2d)
-    return w8a8_matmul(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, x2d.dtype, config)
+    xq, sx, x_sums = quantize_rows(x2d, with_sums=True)
+    return w8a8_matmul(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, x2d.dtype, config,
+                       x_sums)
