@@ -3,6 +3,8 @@
     python bench/kernels.py                          # full sweep (a few minutes: autotuning dominates)
     python bench/kernels.py --quick                  # W4A16 on 2 shapes x M in 1, 16, 64; W8A8 on 1 shape
     python bench/kernels.py --json out/kernels.json --markdown
+    python bench/kernels.py --dry-run                # no GPU: every code path on tiny shapes in Triton's
+                                                     # interpreter, timed by the wall clock (numbers mean nothing)
 
 W4A16 (g128, asymmetric): FP16 ``F.linear`` (cuBLAS), torch's built-in int4 kernel
 (``aten._weight_int4pack_mm``, bf16 activations, its own packed layout) and ``lowbit::wna16_linear``'s Triton
@@ -25,6 +27,9 @@ import argparse
 import itertools
 import json
 import math
+import os
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -38,35 +43,46 @@ W4_MS = [1, 2, 4, 8, 16, 32, 64, 128]
 W8_SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192)]
 W8_MS = [512, 2048, 8192]
 GROUP = 128
+DRY_SHAPES, DRY_MS = [(96, 256)], [1, 16, 80]        # --dry-run: both W4A16 paths, one tile or two
+
+DEV = "cuda"            # "cpu" under --dry-run
+
+
+def bench_ms(fn) -> float:
+    """Median milliseconds of ``fn()``: triton's do_bench (CUDA events, L2 flushed before each call) on a GPU;
+    the wall clock over three calls in a dry run."""
+    if DEV != "cuda":
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def timed(make, set_bytes: int, l2_bytes: int) -> float:
     """Median milliseconds of one call, cycling over copies from ``make()`` (each a zero-arg callable on its own
     buffers of ``set_bytes``) so that together they exceed 2x L2."""
-    from triton.testing import do_bench
-
     copies = min(64, max(2, math.ceil(2 * l2_bytes / max(set_bytes, 1)) + 1))
     calls = itertools.cycle([make() for _ in range(copies)])
-    return do_bench(lambda: next(calls)(), warmup=25, rep=100, return_mode="median")
+    return bench_ms(lambda: next(calls)())
 
 
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes/s (read + write): the practical ceiling for a weight stream."""
-    from triton.testing import do_bench
-
-    n = 1 << 30
-    src, dst = torch.empty(n, dtype=torch.uint8, device="cuda"), torch.empty(n, dtype=torch.uint8, device="cuda")
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    return 2 * n / (ms * 1e-3)
+    n = 1 << (30 if DEV == "cuda" else 20)
+    src, dst = torch.empty(n, dtype=torch.uint8, device=DEV), torch.empty(n, dtype=torch.uint8, device=DEV)
+    return 2 * n / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
 def fp16_tflops() -> float:
-    from triton.testing import do_bench
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    ms = do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+    n = 8192 if DEV == "cuda" else 256
+    a = torch.randn(n, n, device=DEV, dtype=torch.float16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.float16)
+    return 2 * n**3 / (bench_ms(lambda: a @ b) * 1e-3) / 1e12
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -81,7 +97,7 @@ def random_w4(n: int, k: int, gen: torch.Generator):
     qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=gen)
     scales = (torch.rand(n, g, generator=gen) * 0.01 + 0.002).half()
     zeros = torch.randint(0, 16, (n, g), dtype=torch.uint8, generator=gen)
-    return qweight.cuda(), scales.cuda(), zeros.cuda()
+    return qweight.to(DEV), scales.to(DEV), zeros.to(DEV)
 
 
 def torch_int4_weight(qweight, scales, zeros):
@@ -97,22 +113,21 @@ def torch_int4_weight(qweight, scales, zeros):
     return wp, sz
 
 
-def bench_w4a16(shapes, ms, l2: int, copy_bw: float, gen) -> list[dict]:
+def bench_w4a16(shapes, ms, l2: int, copy_bw: float, gen, rows: list, save=None) -> list[dict]:
     from lowbit.plugins.ops import dequantized_weight
     from lowbit.plugins.triton.w4a16 import wna16_matmul
 
-    rows = []
     for n, k in shapes:
         qweight, scales, zeros = random_w4(n, k, gen)
         w16 = dequantized_weight(qweight, scales, zeros, 4, GROUP, k, torch.float16)
         for m in sorted({ms[0], ms[-1]}):             # both paths (split-K and tiled), before timing anything
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            x = torch.randn(m, k, device=DEV, dtype=torch.float16)
             err = rel_err(wna16_matmul(x, qweight, scales, zeros, None, 4, GROUP, k), F.linear(x, w16))
             if err > 1e-2:
                 raise LowbitError(f"W4A16 {n}x{k} M={m}: relative error {err:.2e} against F.linear; not timing")
         try:
             t4 = torch_int4_weight(qweight, scales, zeros)
-            xb = torch.randn(ms[-1], k, device="cuda", dtype=torch.bfloat16)
+            xb = torch.randn(ms[-1], k, device=DEV, dtype=torch.bfloat16)
             t4_err = rel_err(torch.ops.aten._weight_int4pack_mm(xb, t4[0], GROUP, t4[1]), F.linear(xb, w16.bfloat16()))
         except Exception as e:      # this torch build or GPU lacks the kernel
             t4, t4_err = None, None
@@ -121,16 +136,16 @@ def bench_w4a16(shapes, ms, l2: int, copy_bw: float, gen) -> list[dict]:
         for m in ms:
             def ours():
                 q, s, z = qweight.clone(), scales.clone(), zeros.clone()
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                x = torch.randn(m, k, device=DEV, dtype=torch.float16)
                 return lambda: wna16_matmul(x, q, s, z, None, 4, GROUP, k)
 
             def fp16():
-                w, x = w16.clone(), torch.randn(m, k, device="cuda", dtype=torch.float16)
+                w, x = w16.clone(), torch.randn(m, k, device=DEV, dtype=torch.float16)
                 return lambda: F.linear(x, w)
 
             def int4():
                 wp, sz = t4[0].clone(), t4[1].clone()
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
                 return lambda: torch.ops.aten._weight_int4pack_mm(x, wp, GROUP, sz)
 
             moved = wbytes + m * k * 2
@@ -143,6 +158,8 @@ def bench_w4a16(shapes, ms, l2: int, copy_bw: float, gen) -> list[dict]:
                          "ours_GBps": moved / (t_ours * 1e-3) / 1e9,
                          "ours_frac_copy_bw": moved / (t_ours * 1e-3) / copy_bw, "torch_int4_rel_err": t4_err})
             print(f"  w4a16 {n}x{k} M={m}: fp16 {t_fp16 * 1e3:.1f} us, ours {t_ours * 1e3:.1f} us", flush=True)
+        if save:
+            save()
     return rows
 
 
@@ -153,21 +170,20 @@ def random_w8(n: int, k: int, gen: torch.Generator):
     qweight = torch.randint(1, 256, (n, k), dtype=torch.uint8, generator=gen)
     scales = (torch.rand(n, 1, generator=gen) * 0.01 + 0.002).half()
     zeros = torch.full((n, 1), 128, dtype=torch.uint8)
-    return qweight.cuda(), scales.cuda(), zeros.cuda()
+    return qweight.to(DEV), scales.to(DEV), zeros.to(DEV)
 
 
-def bench_w8a8(shapes, ms, l2: int, peak_fp16: float, gen) -> list[dict]:
+def bench_w8a8(shapes, ms, l2: int, peak_fp16: float, gen, rows: list, save=None) -> list[dict]:
     from lowbit.plugins.ops import dequantized_weight, quantize_rows_int8
     from lowbit.plugins.triton.act_quant import quantize_rows
     from lowbit.plugins.triton.w8a8 import w8a8_linear, w8a8_matmul
 
-    rows = []
     for n, k in shapes:
         qweight, scales, zeros = random_w8(n, k, gen)
         w16 = dequantized_weight(qweight, scales, zeros, 8, k, k, torch.float16)
         w_nk = (qweight.to(torch.int16) - 128).to(torch.int8)           # the signed weight [N, K]
         sw = scales.float().reshape(1, n)
-        x = torch.randn(ms[0], k, device="cuda", dtype=torch.float16)
+        x = torch.randn(ms[0], k, device=DEV, dtype=torch.float16)
         xq, sx = quantize_rows_int8(x)
         # Against F.linear on the dequantized weight and the dequantized INT8 activations (fp32 math): the same
         # product up to float rounding, so a kernel bug shows as a large error.
@@ -176,20 +192,20 @@ def bench_w8a8(shapes, ms, l2: int, peak_fp16: float, gen) -> list[dict]:
             raise LowbitError(f"W8A8 {n}x{k}: relative error {err:.2e} against F.linear; not timing")
         for m in ms:
             def fp16():
-                w, xx = w16.clone(), torch.randn(m, k, device="cuda", dtype=torch.float16)
+                w, xx = w16.clone(), torch.randn(m, k, device=DEV, dtype=torch.float16)
                 return lambda: F.linear(xx, w)
 
             def int_mm(layout):
                 def make():
                     b = w_nk.t().contiguous() if layout == "kn" else w_nk.clone().t()
-                    a = torch.randint(-127, 128, (m, k), device="cuda", dtype=torch.int8)
+                    a = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8)
                     return lambda: torch._int_mm(a, b)
                 return make
 
             def int_mm_full(layout):
                 def make():
                     b = w_nk.t().contiguous() if layout == "kn" else w_nk.clone().t()
-                    xx = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                    xx = torch.randn(m, k, device=DEV, dtype=torch.float16)
 
                     def run():
                         xq, sx = quantize_rows_int8(xx)
@@ -199,13 +215,13 @@ def bench_w8a8(shapes, ms, l2: int, peak_fp16: float, gen) -> list[dict]:
 
             def ours_full():
                 q, s, z = qweight.clone(), scales.clone(), zeros.clone()
-                xx = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                xx = torch.randn(m, k, device=DEV, dtype=torch.float16)
                 return lambda: w8a8_linear(xx, q, s, z, None, 8, k, k)
 
             def ours_gemm():
                 q, s, z = qweight.clone(), scales.clone(), zeros.clone()
-                xq, sx = quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.float16))
-                return lambda: w8a8_matmul(xq, sx, q, s, z, None, 8, k, k, torch.float16)
+                xq, sx, sums = quantize_rows(torch.randn(m, k, device=DEV, dtype=torch.float16), with_sums=True)
+                return lambda: w8a8_matmul(xq, sx, q, s, z, None, 8, k, k, torch.float16, x_sums=sums)
 
             set8 = n * k + m * k
             t_fp16 = timed(fp16, 2 * (n * k + m * k), l2)
@@ -227,7 +243,20 @@ def bench_w8a8(shapes, ms, l2: int, peak_fp16: float, gen) -> list[dict]:
                          "speedup_vs_fp16": t_fp16 / t_ours, "speedup_vs_int_mm_with_quant": t_mm_full / t_ours,
                          "ours_TOPs": tops, "ours_frac_fp16_peak": tops / peak_fp16})
             print(f"  w8a8 {n}x{k} M={m}: fp16 {t_fp16 * 1e3:.0f} us, ours {t_ours * 1e3:.0f} us", flush=True)
+        if save:
+            save()
     return rows
+
+
+def autotuned_configs() -> dict:
+    """The config each autotuned kernel picked, per tuning key: what to start from when tuning further."""
+    from lowbit.plugins.triton import w4a16, w8a8
+
+    out = {}
+    for name, tuner in (("w4a16 split-K", w4a16._splitk_tuned), ("w4a16 tiled", w4a16._tiled_tuned),
+                        ("w8a8", w8a8._tuned)):
+        out[name] = {str(key): str(cfg) for key, cfg in getattr(tuner, "cache", {}).items()}
+    return out
 
 
 # ---- output --------------------------------------------------------------------------------------------------
@@ -272,32 +301,49 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="2 W4A16 shapes x M in 1, 16, 64; 1 W8A8 shape")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--markdown", action="store_true", help="print markdown tables")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU needed: run every code path on tiny CPU shapes in Triton's interpreter (checks the "
+                         "script, not speed)")
     a = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise LowbitError("bench/kernels.py needs a CUDA GPU, and torch sees none")
+    global DEV
+    if a.dry_run:
+        DEV = "cpu"
+        os.environ["TRITON_INTERPRET"] = "1"        # read by triton when a kernel is launched
+    elif not torch.cuda.is_available():
+        raise LowbitError("bench/kernels.py needs a CUDA GPU, and torch sees none (--dry-run checks it on CPU)")
     try:
         import triton  # noqa: F401
     except ImportError as e:
         raise LowbitError(f"bench/kernels.py needs triton ({e}); install lowbit's dev extra") from e
     w4_shapes, w4_ms = (W4_SHAPES[:2], [1, 16, 64]) if a.quick else (W4_SHAPES, W4_MS)
     w8_shapes, w8_ms = (W8_SHAPES[:1], [512, 2048]) if a.quick else (W8_SHAPES, W8_MS)
+    if a.dry_run:
+        w4_shapes, w4_ms, w8_shapes, w8_ms = DRY_SHAPES, DRY_MS, DRY_SHAPES, DRY_MS[1:]
 
-    props = torch.cuda.get_device_properties(0)
-    l2 = getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)
+    props = torch.cuda.get_device_properties(0) if DEV == "cuda" else None
+    l2 = (getattr(props, "L2_cache_size", 50 << 20) or (50 << 20)) if props else 1 << 16
     gen = torch.Generator().manual_seed(0)
     copy_bw, peak = copy_bandwidth(), fp16_tflops()
-    info = {"device": props.name, "torch": torch.__version__, "triton": triton.__version__, "L2_MiB": l2 / 2**20,
+    name = props.name if props else "CPU (dry run: Triton interpreter, wall-clock timings)"
+    info = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "L2_MiB": l2 / 2**20,
             "copy_GBps": copy_bw / 1e9, "fp16_matmul_TFLOPs": peak}
-    print(f"{props.name}: L2 {l2 / 2**20:.0f} MiB, D2D copy {copy_bw / 1e9:.0f} GB/s, "
-          f"FP16 matmul {peak:.0f} TFLOP/s (8192^3), torch {torch.__version__}, triton {triton.__version__}")
-    w4 = bench_w4a16(w4_shapes, w4_ms, l2, copy_bw, gen)
-    w8 = bench_w8a8(w8_shapes, w8_ms, l2, peak, gen)
+    print(f"{name}: L2 {l2 / 2**20:.0f} MiB, D2D copy {copy_bw / 1e9:.0f} GB/s, "
+          f"FP16 matmul {peak:.0f} TFLOP/s, torch {torch.__version__}, triton {triton.__version__}")
+    w4, w8 = [], []
+
+    def save():
+        """Write what is measured so far (a run cut short by a time limit keeps its rows)."""
+        if a.json:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps({"info": info, "w4a16": w4, "w8a8": w8,
+                                                "autotuned": autotuned_configs()}, indent=1))
+
+    bench_w4a16(w4_shapes, w4_ms, l2, copy_bw, gen, w4, save)
+    bench_w8a8(w8_shapes, w8_ms, l2, peak, gen, w8, save)
     print(f"\nW4A16 g{GROUP} (fp16 activations; torch int4 uses bf16), median us per call\n" + w4_table(w4, a.markdown))
     print("\nW8A8 per-channel (fp16 in/out; ours and _int_mm+quant include activation quantization), median us"
           " per call; INT8 tensor-core peak is 2x the FP16 one\n" + w8_table(w8, a.markdown))
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"info": info, "w4a16": w4, "w8a8": w8}, indent=1))
+    save()
     return 0
 
 

@@ -76,3 +76,34 @@ def test_linear_ops_pass_opcheck_and_compile():
         assert torch.equal(compiled(x), f(x))
         x2 = torch.randn(3, 5, 96)              # another shape: the dynamic graph, no recompile needed
         assert torch.equal(compiled(x2), f(x2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_linear_ops_replay_in_cuda_graphs():
+    """On a GPU the ops run their Triton kernels; after one eager call (autotuning happens there) they capture
+    into a CUDA graph, and replays with new inputs copied in give the eager results: no host syncs, no
+    allocations outside the graph's pool, split-K outputs zeroed inside the graph."""
+    torch.manual_seed(0)
+    qw, s, z, b, _, g = _layer(96, 256, 4, 128, seed=7)
+    sym = QuantSpec(8, 0, sym=True)
+    q8, s8, z8 = quantize_weight(torch.randn(96, 256), sym)
+    cases = [(torch.ops.lowbit.wna16_linear, (qw, s, z, b, 4, g, 256)),
+             (torch.ops.lowbit.w8a8_linear, (pack_codes(q8, 8), s8, z8, b, 8, 256, 256))]
+    for op, args in cases:
+        cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        for m in (1, 80):                                       # the split-K and the tiled launch
+            static_x = torch.randn(m, 256, device="cuda", dtype=torch.float16)
+            op(static_x, *cuda_args)                             # autotune outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_y = op(static_x, *cuda_args)
+            for _ in range(2):
+                x = torch.randn(m, 256, device="cuda", dtype=torch.float16)
+                static_x.copy_(x)
+                graph.replay()
+                eager = op(x, *cuda_args)
+                ref = op(x.cpu().float(), *args).half()          # the CPU reference kernel
+                torch.cuda.synchronize()
+                assert torch.allclose(static_y, eager, rtol=2e-3, atol=2e-3), (op, m)
+                assert torch.allclose(static_y.cpu().float(), ref.float(), rtol=1e-2, atol=1e-2), (op, m)

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU half of the Triton kernels' checks, as one run on a lent machine (about 6 to 9 minutes on an H100):
+#   1. the kernel and op tests, compiled on the GPU (the same tests CI runs in Triton's interpreter), and the
+#      CUDA-graph replay test that only a GPU can run;
+#   2. bench/kernels.py: W4A16 and W8A8 against cuBLAS FP16 and torch's int4/int8 kernels.
+# Everything lands in $OUT (default out/gpu): env.txt, pytest.txt, kernels.txt, kernels.json. The benchmark
+# rewrites kernels.json after every shape, so a run cut short still returns what it measured.
+#
+#   OUT=out/gpu bash bench/gpu_check.sh            # QUICK=1: the --quick benchmark (2 W4A16 shapes, 1 W8A8)
+#
+# It needs the machine's python3 to hold torch (CUDA), triton and pytest; lowbit is imported from this checkout.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+{
+  date -u
+  nvidia-smi -L 2>&1 | head -2
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+} 2>&1 | tee "$OUT/env.txt"
+
+# -n 8: the tests compile a few hundred kernel variants; xdist spreads the compilation over the CPU cores.
+xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout 300 $PY -m pytest -q -x $xdist -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py \
+  2>&1 | tee "$OUT/pytest.txt" | tail -15
+tests=${PIPESTATUS[0]}
+
+timeout 420 $PY bench/kernels.py ${QUICK:+--quick} --markdown --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+bench=${PIPESTATUS[0]}
+echo "tests exit $tests, bench exit $bench" | tee -a "$OUT/env.txt"
+[ "$tests" = 0 ] && [ "$bench" = 0 ]
