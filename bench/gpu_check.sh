@@ -24,7 +24,8 @@ PY=${PYTHON:-python3}
 
 # -n 8: the tests compile a few hundred kernel variants; xdist spreads the compilation over the CPU cores.
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 300 $PY -m pytest -q -x $xdist -p no:cacheprovider tests/test_triton_kernels.py tests/test_ops.py \
+# The dry-run test is a CPU check (it runs the interpreter, whose behaviour differs between Triton releases).
+timeout 300 $PY -m pytest -q -x $xdist -p no:cacheprovider -k "not dry_run" tests/test_triton_kernels.py tests/test_ops.py \
   2>&1 | tee "$OUT/pytest.txt" | tail -15
 tests=${PIPESTATUS[0]}
 

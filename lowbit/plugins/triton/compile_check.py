@@ -86,9 +86,10 @@ def cases(quick: bool = False):
     and at a general M; per-channel W8A8), then one config of each other variant: 8-bit and byte-packed
     weights, per-channel, no bias, a K that is not a multiple of the tile, bf16/fp32 activations, W4A8, and the
     activation quantization kernels in fp16/bf16."""
-    w4p = {"x_ptr": "*fp16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16"}
-    base = {"BITS": 4, "PER": 8, "ONE_GROUP": False, "HAS_BIAS": True, "EVEN_K": True, "DOT_DTYPE": tl.float16,
-            "DOT_PRECISION": "tf32", "GROUP_M": 8}
+    # The hot path: 4-bit words read as int16 in the paired order, dequantized by inline PTX.
+    w4p = {"x_ptr": "*fp16", "w_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16"}
+    base = {"BITS": 4, "PER": 4, "ONE_GROUP": False, "HAS_BIAS": True, "EVEN_K": True, "PAIRED": True, "ASM": True,
+            "DOT_DTYPE": tl.float16, "DOT_PRECISION": "tf32", "GROUP_M": 8}
     split = list(_config_cases(w4a16._SPLITK_CONFIGS, **base, BM=16))
     tiled = list(_config_cases(w4a16._TILED_CONFIGS, **base, SPLIT_K=1))
     if quick:
@@ -106,15 +107,17 @@ def cases(quick: bool = False):
     for consts, warps, stages in tiled:
         yield w4("w4a16 tiled", consts, warps, stages)
     one = dict(split[0][0])
-    variants = [("w4a16 8-bit", {}, {"BITS": 8, "PER": 4}),
-                ("w4a16 bytes", {"w_ptr": "*u8"}, {"PER": 2}),
+    unpaired = {"PAIRED": False, "PER": 8}
+    variants = [("w4a16 8-bit", {"w_ptr": "*i32"}, {"BITS": 8, "PER": 4, "PAIRED": False}),
+                ("w4a16 bytes", {"w_ptr": "*u8"}, {"PER": 2, "PAIRED": False}),
+                ("w4a16 2-bit", {"w_ptr": "*i32"}, {"BITS": 2, "PER": 16, "PAIRED": False}),
                 ("w4a16 per-channel, no bias", {}, {"ONE_GROUP": True, "HAS_BIAS": False}),
                 ("w4a16 ragged K", {}, {"EVEN_K": False}),
                 ("w4a16 bf16", {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}, {"DOT_DTYPE": tl.bfloat16}),
-                ("w4a16 bf16 8-bit", {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"},
-                 {"DOT_DTYPE": tl.bfloat16, "BITS": 8, "PER": 4}),
-                ("w4a16 fp32", {"x_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32"},
-                 {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee"})]
+                ("w4a16 bf16 8-bit", {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*i32"},
+                 {"DOT_DTYPE": tl.bfloat16, "BITS": 8, "PER": 4, "PAIRED": False}),
+                ("w4a16 fp32", {"x_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "w_ptr": "*i32"},
+                 {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee", **unpaired})]
     for label, ptrs, over in variants:
         yield w4(label, {**one, **over}, 4, 3, ptrs)
 

@@ -23,7 +23,12 @@ through shared memory. BM, the dot's N, can then be as small as 16 at decode.
 Dequantization is exact and cheap: ``q - z`` (an integer below 2^8) is formed in fp16 as (1024 + q) - (1024 + z)
 from the bit patterns 0x6400 | q and 0x6400 | z, an OR each instead of an int -> float conversion, which
 issues at a quarter of the integer rate or less and would otherwise bound the kernel at decode (bf16 uses
-0x4300 | c = 128 + c for 2- and 4-bit codes). A tile computes ``(q - z) @ x`` on tensor cores with fp32
+0x4300 | c = 128 + c for 2- and 4-bit codes). 4-bit weights in fp16/bf16 (the decode hot path) go further,
+on the paired route: rows are read as int16, and one shift and one lop3 of inline PTX turn a 32-bit register
+into two floats, one from each int16 lane; the tile is laid out so those two sit side by side in K, which is
+the pair an MMA operand register holds, and the x tile is permuted to the same K order (a dot does not care
+about the order of K). That takes the decode loop from about 7-8 machine instructions per weight to about
+4.5, under what H100's memory bandwidth allows (about 5 at 3 TB/s and 132 SMs issuing 4 a clock). A tile computes ``(q - z) @ x`` on tensor cores with fp32
 accumulation, and the fp16 scale multiplies the fp32 partial sum of its group once, at the group's last tile
 (a K tile never straddles two groups: BK divides g). Per-channel weights (g >= K) scale once in the epilogue.
 Nothing is rounded to 16 bits before the accumulator, unlike kernels that form ``(q - z) * s`` in fp16.
@@ -76,11 +81,84 @@ def _codes_minus_zero(q, z, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _nibble_floats(v, P: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
+    """MAGIC + nibble P (bits 4P..4P+3) of each int16 of v, as fp16 (MAGIC 1024) or bf16 (MAGIC 128).
+
+    Compiled (ASM), two int16 lanes share a 32-bit register and one shift and one lop3, (t & 0x000F000F) |
+    0x64006400 (0x43004300 for bf16), make two floats at once: under half an instruction per weight. The lanes
+    never mix (the shift's spill from the high lane into the low one is masked off), so the result is
+    elementwise whichever two elements Triton packs together. The interpreter, which cannot run PTX, computes
+    the same per element.
+    """
+    if not ASM:
+        bits = ((v.to(tl.int32) >> (4 * P)) & 0xF) | (0x4300 if BF16 else 0x6400)
+        return bits.to(tl.int16).to(tl.bfloat16 if BF16 else tl.float16, bitcast=True)
+    elif BF16:
+        if P == 0:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;", "=r,r", [v],
+                                             dtype=tl.bfloat16, is_pure=True, pack=2)
+        elif P == 1:
+            return tl.inline_asm_elementwise(
+                "{.reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;}", "=r,r", [v],
+                dtype=tl.bfloat16, is_pure=True, pack=2)
+        elif P == 2:
+            return tl.inline_asm_elementwise(
+                "{.reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;}", "=r,r", [v],
+                dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(
+                "{.reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;}", "=r,r", [v],
+                dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        if P == 0:
+            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;", "=r,r", [v],
+                                             dtype=tl.float16, is_pure=True, pack=2)
+        elif P == 1:
+            return tl.inline_asm_elementwise(
+                "{.reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;}", "=r,r", [v],
+                dtype=tl.float16, is_pure=True, pack=2)
+        elif P == 2:
+            return tl.inline_asm_elementwise(
+                "{.reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;}", "=r,r", [v],
+                dtype=tl.float16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(
+                "{.reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;}", "=r,r", [v],
+                dtype=tl.float16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _load_nibbles_paired(w_ptr, rn, n_mask, k0, KP16, stride_wn, BN: tl.constexpr, BK: tl.constexpr,
+                         EVEN_K: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
+    """4-bit codes of columns k0..k0+BK as MAGIC + code floats [BN, BK], in the paired K order of
+    ``paired_k``: the row is read as int16 (four codes each), and each nibble position becomes a tensor of
+    floats whose registers already hold the two lanes of one 32-bit word; laying the tile out as
+    [word, nibble, lane] keeps those pairs adjacent, which is the pair an MMA operand register takes."""
+    re = k0 // 4 + tl.arange(0, BK // 4)
+    ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + re[None, :]
+    if EVEN_K:
+        v = tl.load(ptrs, mask=n_mask[:, None], other=0)
+    else:
+        v = tl.load(ptrs, mask=n_mask[:, None] & (re[None, :] < KP16), other=0)
+    f = tl.join(tl.join(_nibble_floats(v, 0, BF16, ASM), _nibble_floats(v, 2, BF16, ASM)),
+                tl.join(_nibble_floats(v, 1, BF16, ASM), _nibble_floats(v, 3, BF16, ASM)))     # [BN, BK/4, 4]
+    f = tl.permute(tl.reshape(f, (BN, BK // 8, 2, 4)), (0, 1, 3, 2))                         # [word, nibble, lane]
+    return tl.reshape(f, (BN, BK))
+
+
+@triton.jit
+def _paired_x(xt, BK: tl.constexpr, BM: tl.constexpr):
+    """The x tile [BK, BM] in the paired K order: position 8w + 2p + h holds column 8w + 4h + p (nibble p of
+    int16 lane h of word w). A dot over K does not care about the order, only that both operands share it."""
+    return tl.reshape(tl.permute(tl.reshape(xt, (BK // 8, 2, 4, BM)), (0, 2, 1, 3)), (BK, BM))
+
+
+@triton.jit
 def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                   M, N, K, KP, GROUP, M_BUCKET,
                   stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_ym,
                   BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
                   GROUP_M: tl.constexpr):
     # The product is computed transposed, y.T tile [BN, BM] = W tile [BN, BK] @ x.T tile [BK, BM]: the
@@ -111,9 +189,18 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         xt = xt.to(DOT_DTYPE)
         if not ONE_GROUP:
             z = tl.load(z_ptr + rn * stride_zn + k0 // GROUP, mask=n_mask, other=0).to(tl.int32)
-        q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN, EVEN_K)
-        # Columns past K load x = 0, so whatever their codes decode to contributes nothing.
-        w = _codes_minus_zero(q, z[:, None], BITS, DOT_DTYPE)
+        if PAIRED:
+            # 4-bit codes in fp16/bf16: MAGIC + code floats minus MAGIC + zero (see _codes_minus_zero), in the
+            # paired K order, so x takes the same order.
+            f = _load_nibbles_paired(w_ptr, rn, n_mask, k0, KP, stride_wn, BN, BK, EVEN_K,
+                                     DOT_DTYPE == tl.bfloat16, ASM)
+            zf = (z | (0x4300 if DOT_DTYPE == tl.bfloat16 else 0x6400)).to(tl.int16).to(DOT_DTYPE, bitcast=True)
+            w = f - zf[:, None]
+            xt = _paired_x(xt, BK, BM)
+        else:
+            q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN, EVEN_K)
+            # Columns past K load x = 0, so whatever their codes decode to contributes nothing.
+            w = _codes_minus_zero(q, z[:, None], BITS, DOT_DTYPE)
         part = tl.dot(w, xt, part, input_precision=DOT_PRECISION)
         if not ONE_GROUP:
             # Scale the group's sum at its last tile (or the last tile of this split, mid-group).
@@ -162,6 +249,9 @@ _SPLITK_CONFIGS = [
     _cfg(32, 128, 4, 4, split_k=4), _cfg(64, 128, 4, 4, split_k=4), _cfg(64, 64, 4, 4, split_k=8),
     _cfg(128, 64, 4, 3, split_k=4), _cfg(64, 128, 4, 3, split_k=2), _cfg(128, 128, 8, 3, split_k=2),
     _cfg(32, 64, 2, 4, split_k=8), _cfg(64, 256, 4, 3, split_k=4), _cfg(64, 128, 4, 4, split_k=1),
+    # No memset, deeper pipelines instead of splits (large N); and more splits for small N.
+    _cfg(128, 128, 8, 4, split_k=1), _cfg(64, 128, 4, 6, split_k=2), _cfg(128, 128, 8, 3, split_k=4),
+    _cfg(64, 128, 4, 4, split_k=8),
 ]
 # Prefill: compute-bound tiles.
 _TILED_CONFIGS = [
@@ -196,7 +286,16 @@ def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"wna16_matmul: activations must be fp16, bf16 or fp32, got {x2d.dtype}")
     if m == 0:
         return x2d.new_empty((0, n))
+    # Tensor-core dots in x's dtype. fp32 activations: full-precision products, not TF32 (tl.dot's default).
+    # The interpreter mishandles bf16 dots and int->bf16 casts, so there bf16 tiles are widened to fp32 (exact:
+    # bf16 values and small integers multiply exactly in fp32); compiled kernels keep bf16.
+    dot_dtype = tl.float32 if x2d.dtype == torch.float32 or (x2d.dtype == torch.bfloat16 and interpreting()) \
+        else _TL_DTYPES[x2d.dtype]
     wq, per = packed_view(qweight, bits)
+    # 4-bit words in fp16/bf16 dots take the paired route (_load_nibbles_paired), reading the rows as int16.
+    paired = bits == 4 and per == 8 and dot_dtype != tl.float32
+    if paired:
+        wq = wq.view(torch.int16)
     scales, zeros = scales.contiguous(), zeros.contiguous()        # the kernel assumes unit stride along G
     bias = None if bias is None else bias.contiguous()
     one_group = group_size >= k
@@ -208,12 +307,8 @@ def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     args = (x2d, wq, scales, zeros, bias if bias is not None else scales, out,
             m, n, k, wq.shape[1], group_size, next_pow2(m),
             x2d.stride(0), x2d.stride(1), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
-    # Tensor-core dots in x's dtype. fp32 activations: full-precision products, not TF32 (tl.dot's default).
-    # The interpreter mishandles bf16 dots and int->bf16 casts, so there bf16 tiles are widened to fp32 (exact:
-    # bf16 values and small integers multiply exactly in fp32); compiled kernels keep bf16.
-    dot_dtype = tl.float32 if x2d.dtype == torch.float32 or (x2d.dtype == torch.bfloat16 and interpreting()) \
-        else _TL_DTYPES[x2d.dtype]
-    consts = dict(BITS=bits, PER=per, ONE_GROUP=one_group, HAS_BIAS=bias is not None,
+    consts = dict(BITS=bits, PER=per, ONE_GROUP=one_group, HAS_BIAS=bias is not None, PAIRED=paired,
+                  ASM=not interpreting(),
                   DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32")
     small_bm = max(16, next_pow2(m))
     if config is not None:
