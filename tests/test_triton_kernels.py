@@ -151,6 +151,28 @@ def test_codes_minus_zero_exact_for_every_pair(bits, dtype):
     assert torch.equal(out.cpu(), q.float() - z.float())
 
 
+@triton.jit
+def _nibble_floats_kernel(v_ptr, o_ptr, P: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr, N: tl.constexpr):
+    r = tl.program_id(0) * N + tl.arange(0, N)
+    tl.store(o_ptr + r, w4a16._nibble_floats(tl.load(v_ptr + r), P, BF16, ASM).to(tl.float32))
+
+
+@pytest.mark.parametrize("bf16", [False] + ([True] if DEVICE == "cuda" else []))
+def test_nibble_floats_every_int16(bf16):
+    """The paired route's dequantization, over all 65536 int16 values and the four nibble positions: MAGIC +
+    nibble, exactly. Compiled this runs the inline PTX (two lanes per register); interpreted, its per-element
+    twin."""
+    from lowbit.plugins.triton import interpreting
+
+    v = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    magic = 128.0 if bf16 else 1024.0
+    for p in range(4):
+        out = torch.empty(v.numel(), dtype=torch.float32, device=DEVICE)
+        _nibble_floats_kernel[(64,)](v.to(DEVICE), out, p, bf16, not interpreting(), 1024)
+        expect = magic + ((v.int() >> (4 * p)) & 0xF).float()
+        assert torch.equal(out.cpu(), expect), p
+
+
 def test_magic_number_floats():
     """The bit identities the dequantization relies on, checked in torch: 0x6400 | c is the fp16 1024 + c for
     c < 1024, and 0x4300 | c is the bf16 128 + c for c < 128."""
