@@ -243,15 +243,18 @@ def _cfg(bn, bk, warps, stages, bm=None, split_k=None, group_m=8):
                          pre_hook=_zero_output if (split_k or 1) > 1 else None)
 
 
-# Decode: weight-streaming, so wide K tiles (long coalesced row reads) and enough splits to fill the SMs.
+# Decode: weight-streaming, so wide K tiles (long coalesced row reads) and enough programs to keep every SM
+# reading. 128 weights per thread per K tile (BN * BK / threads) halves the loop's per-weight overhead against
+# 64 (3.3 against 4.5 machine instructions per weight at M <= 16; compile_check --sass), so small-warp tiles
+# are offered beside the 4-warp ones, which keep their accumulators in registers up to BM = 64.
 # BM is not tuned: the launcher sets it to the next power of two >= M (16..64).
 _SPLITK_CONFIGS = [
+    _cfg(32, 128, 1, 4, split_k=4), _cfg(32, 128, 1, 4, split_k=8), _cfg(64, 128, 2, 4, split_k=2),
+    _cfg(64, 128, 2, 4, split_k=4), _cfg(128, 128, 4, 4, split_k=1), _cfg(128, 128, 4, 4, split_k=2),
+    _cfg(64, 128, 2, 6, split_k=1),
     _cfg(32, 128, 4, 4, split_k=4), _cfg(64, 128, 4, 4, split_k=4), _cfg(64, 64, 4, 4, split_k=8),
     _cfg(128, 64, 4, 3, split_k=4), _cfg(64, 128, 4, 3, split_k=2), _cfg(128, 128, 8, 3, split_k=2),
-    _cfg(32, 64, 2, 4, split_k=8), _cfg(64, 256, 4, 3, split_k=4), _cfg(64, 128, 4, 4, split_k=1),
-    # No memset, deeper pipelines instead of splits (large N); and more splits for small N.
-    _cfg(128, 128, 8, 4, split_k=1), _cfg(64, 128, 4, 6, split_k=2), _cfg(128, 128, 8, 3, split_k=4),
-    _cfg(64, 128, 4, 4, split_k=8),
+    _cfg(64, 128, 4, 4, split_k=1),
 ]
 # Prefill: compute-bound tiles.
 _TILED_CONFIGS = [
