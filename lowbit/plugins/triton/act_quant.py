@@ -11,8 +11,8 @@ Two details make that hold on a GPU:
   |v| < 2^22, and |x / scale| <= 127 (up to rounding) here. (libdevice ``rint`` is not available in the
   interpreter, which the tests run on.)
 
-One program per row; a row longer than BLOCK is walked in chunks, one pass per statistic (the row's re-reads
-come from L1/L2). The fused norms follow transformers / PyTorch exactly where it is cheap to: RMSNorm as
+One program per row. A row of at most BLOCK (16384) elements is read once and held in registers; a longer one
+is walked in chunks, one pass per statistic (the row's re-reads come from L1/L2). The fused norms follow transformers / PyTorch exactly where it is cheap to: RMSNorm as
 LlamaRMSNorm (``x * 1/sqrt(mean(x^2) + eps)`` in float32, rounded to x's dtype, times the weight in the promoted
 dtype), LayerNorm as ``((x - mean) * rstd) * w + b`` in float32 rounded to x's dtype, then quantized like the
 unfused ``norm -> w8a8_linear`` sequence would. What differs from PyTorch is the order (and, on a GPU, FMA
@@ -31,7 +31,7 @@ from lowbit.plugins.triton import next_pow2
 
 QMAX = 127.0
 EPS = 1e-10
-MAX_BLOCK = 4096            # elements of a row held at once; longer rows loop
+MAX_BLOCK = 16384           # elements of a row held at once (in registers); longer rows loop
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -55,12 +55,11 @@ NONE, RMS, LAYER = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
-def _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM: tl.constexpr, X_DTYPE: tl.constexpr,
-            Y_DTYPE: tl.constexpr):
-    """The value to quantize at columns k0+cols, as float32 (zero past K): x itself; LlamaRMSNorm's output
-    (``mul`` = 1/rms); or nn.LayerNorm's (``shift`` = mean, ``mul`` = 1/std)."""
+def _norm_values(v, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM: tl.constexpr, X_DTYPE: tl.constexpr,
+                 Y_DTYPE: tl.constexpr):
+    """The value to quantize, as float32, from x's values ``v`` (float32) at columns k0+cols: x itself;
+    LlamaRMSNorm's output (``mul`` = 1/rms); or nn.LayerNorm's (``shift`` = mean, ``mul`` = 1/std)."""
     mask = k0 + cols < K
-    v = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
     if NORM == RMS:
         w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
         h = (v * mul).to(X_DTYPE).to(tl.float32)
@@ -73,51 +72,81 @@ def _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM: tl.constexpr, X_
 
 
 @triton.jit
+def _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM: tl.constexpr, X_DTYPE: tl.constexpr,
+            Y_DTYPE: tl.constexpr):
+    """``_norm_values`` of the chunk of x at k0 (zero past K), loaded here."""
+    v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+    return _norm_values(v, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
+
+
+@triton.jit
 def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, stride_xm, stride_qm,
                       NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, WITH_SUM: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """One row: the norm's statistics (if any), then the max of |value| for the scale, then the codes."""
+                      SINGLE: tl.constexpr, BLOCK: tl.constexpr):
+    """One row: the norm's statistics (if any), then the max of |value| for the scale, then the codes.
+
+    SINGLE (K <= BLOCK): the row is read from memory once and every pass works on the registers; the sums run
+    in the same order as the chunked passes over one chunk, so the results are the same bits. Otherwise each
+    pass re-reads the row in chunks (from L1/L2)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
     cols = tl.arange(0, BLOCK)
     shift = 0.0
     mul = 1.0
-    if NORM == RMS:
-        ss = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            ss += v * v
-        var = tl.math.div_rn(tl.sum(ss, axis=0), KF)        # mean = sum / K, as torch.mean computes it
-        # torch.rsqrt on CPU is 1 / sqrt, each correctly rounded; the PTX rsqrt is an approximation.
-        mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
-    elif NORM == LAYER:
-        s1 = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            s1 += tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-        shift = tl.math.div_rn(tl.sum(s1, axis=0), KF)
-        # Variance about the mean (a second pass), not E[x^2] - mean^2, which cancels badly for offset rows.
-        s2 = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-            d = tl.where(k0 + cols < K, v - shift, 0.0)
-            s2 += d * d
-        mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(s2, axis=0), KF) + eps))
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        amax = tl.maximum(amax, tl.abs(_normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE,
-                                               Y_DTYPE)))
-    scale = _row_scale(tl.max(amax, axis=0))
-    tl.store(s_ptr + row, scale)
-    total = tl.zeros((BLOCK,), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK):
-        y = _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
+    if SINGLE:
+        mask = cols < K
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if NORM == RMS:
+            var = tl.math.div_rn(tl.sum(x * x, axis=0), KF)
+            mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+        elif NORM == LAYER:
+            shift = tl.math.div_rn(tl.sum(x, axis=0), KF)
+            d = tl.where(mask, x - shift, 0.0)
+            mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(d * d, axis=0), KF) + eps))
+        y = _norm_values(x, w_ptr, b_ptr, 0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
+        scale = _row_scale(tl.max(tl.abs(y), axis=0))
+        tl.store(s_ptr + row, scale)
         code = _quantize(y, scale)
-        tl.store(q_row + k0 + cols, code, mask=k0 + cols < K)
+        tl.store(q_row + cols, code, mask=mask)
         if WITH_SUM:
-            total += code.to(tl.int32)              # zero past K: _normed reads 0 there
-    if WITH_SUM:
-        tl.store(sum_ptr + row, tl.sum(total, axis=0))
+            tl.store(sum_ptr + row, tl.sum(code.to(tl.int32), axis=0))      # zero past K
+    else:
+        if NORM == RMS:
+            ss = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+                ss += v * v
+            var = tl.math.div_rn(tl.sum(ss, axis=0), KF)        # mean = sum / K, as torch.mean computes it
+            # torch.rsqrt on CPU is 1 / sqrt, each correctly rounded; the PTX rsqrt is an approximation.
+            mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+        elif NORM == LAYER:
+            s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                s1 += tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+            shift = tl.math.div_rn(tl.sum(s1, axis=0), KF)
+            # Variance about the mean (a second pass), not E[x^2] - mean^2, which cancels badly for offset rows.
+            s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+                d = tl.where(k0 + cols < K, v - shift, 0.0)
+                s2 += d * d
+            mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(s2, axis=0), KF) + eps))
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            amax = tl.maximum(amax, tl.abs(_normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE,
+                                                   Y_DTYPE)))
+        scale = _row_scale(tl.max(amax, axis=0))
+        tl.store(s_ptr + row, scale)
+        total = tl.zeros((BLOCK,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK):
+            y = _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
+            code = _quantize(y, scale)
+            tl.store(q_row + k0 + cols, code, mask=k0 + cols < K)
+            if WITH_SUM:
+                total += code.to(tl.int32)              # zero past K: _normed reads 0 there
+        if WITH_SUM:
+            tl.store(sum_ptr + row, tl.sum(total, axis=0))
 
 
 def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block: int | None, with_sums=False):
@@ -140,7 +169,8 @@ def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block
         b = x2d if bias is None else bias.contiguous()
         _row_quant_kernel[(m,)](x2d, w, b, q, s, sums, k, float(k), float(eps), x2d.stride(0), q.stride(0),
                                 NORM=norm.value, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[y_dtype],
-                                WITH_SUM=with_sums, BLOCK=blk, num_warps=8 if blk >= 2048 else 4)
+                                WITH_SUM=with_sums, SINGLE=k <= blk, BLOCK=blk,
+                                num_warps=4 if blk < 2048 else 8 if blk <= 4096 else 16)
     out = q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
     return (*out, sums.reshape(x.shape[:-1])) if with_sums else out
 
