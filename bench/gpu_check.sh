@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of the Triton kernels' checks, as one run on a lent machine (about 6 to 9 minutes on an H100):
 #   1. the kernel and op tests, compiled on the GPU (the same tests CI runs in Triton's interpreter), and the
-#      CUDA-graph replay test that only a GPU can run;
+#      CUDA-graph replay test that only a GPU can run; then a tiny model compiled and run with --device cuda;
 #   2. bench/kernels.py: W4A16 and W8A8 against cuBLAS FP16 and torch's int4/int8 kernels.
 # Everything lands in $OUT (default out/gpu): env.txt, pytest.txt, kernels.txt, kernels.json. The benchmark
 # rewrites kernels.json after every shape, so a run cut short still returns what it measured.
@@ -28,8 +28,11 @@ xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout 300 $PY -m pytest -q -x $xdist -p no:cacheprovider -k "not dry_run" tests/test_triton_kernels.py tests/test_ops.py \
   2>&1 | tee "$OUT/pytest.txt" | tail -15
 tests=${PIPESTATUS[0]}
+# End to end on the GPU: a tiny random Llama compiled (W4 g64, W8A8), loaded with --device cuda, against CPU.
+timeout 240 $PY -m pytest -q -p no:cacheprovider -k "runtime_device" tests/test_cli.py 2>&1 | tee -a "$OUT/pytest.txt" | tail -5
+e2e=${PIPESTATUS[0]}
 
 timeout 420 $PY bench/kernels.py ${QUICK:+--quick} --markdown --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
 bench=${PIPESTATUS[0]}
-echo "tests exit $tests, bench exit $bench" | tee -a "$OUT/env.txt"
-[ "$tests" = 0 ] && [ "$bench" = 0 ]
+echo "kernel tests exit $tests, end-to-end test exit $e2e, bench exit $bench" | tee -a "$OUT/env.txt"
+[ "$tests" = 0 ] && [ "$e2e" = 0 ] && [ "$bench" = 0 ]

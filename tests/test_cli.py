@@ -128,6 +128,13 @@ def test_runtime_device_and_dtype(model_dirs, text_file, tmp_path, capsys):
         assert float((y.float().cpu() - ref).norm() / ref.norm()) < 1e-2
         code, out, _ = run_cli(capsys, "run", art, "-p", "the model", "-n", "4", "--device", "cuda")
         assert code == 0
+        # W8A8 end to end: per-token INT8 activations of fp16 (GPU) and fp32 (CPU) hidden states differ where
+        # a value sits near a rounding boundary, so the bound is looser than weight-only's.
+        art8 = tmp_path / "a8"
+        assert main(["compile", str(model_dirs["llama"]), "-r", "zq-w8a8", "-o", str(art8), "-q"]) == 0
+        ref8 = lowbit.load(art8).forward(ids)
+        y8 = lowbit.load(art8, device="cuda").forward(ids)
+        assert float((y8.float().cpu() - ref8).norm() / ref8.norm()) < 3e-2
     else:
         _bad(capsys, tmp_path, "run", art, "-p", "the model", "--device", "cuda", needle="no CUDA device")
     _bad(capsys, tmp_path, "run", art, "-p", "the model", "--dtype", "float8", needle="unknown --dtype 'float8'")
