@@ -80,51 +80,44 @@ def _codes_minus_zero(q, z, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
         return (q - z).to(DOT_DTYPE)
 
 
-@triton.jit
-def _nibble_floats(v, P: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
-    """MAGIC + nibble P (bits 4P..4P+3) of each int16 of v, as fp16 (MAGIC 1024) or bf16 (MAGIC 128).
+def _nibbles_asm(magic: int) -> str:
+    """PTX for four nibble positions of two int16 lanes at once: (v >> 4p) & 0x000F000F | magic, p = 0..3."""
+    lop = "lop3.b32 {out}, {src}, 0x000F000F, " + f"0x{magic:08X}" + ", 0xea;"    # 0xea: (a & b) | c
+    body = [lop.format(out="$0", src="$4")]
+    for p in (1, 2, 3):
+        body += [f"shr.b32 t, $4, {4 * p};", lop.format(out=f"${p}", src="t")]
+    return "{.reg .b32 t; " + " ".join(body) + "}"
 
-    Compiled (ASM), two int16 lanes share a 32-bit register and one shift and one lop3, (t & 0x000F000F) |
-    0x64006400 (0x43004300 for bf16), make two floats at once: under half an instruction per weight. The lanes
-    never mix (the shift's spill from the high lane into the low one is masked off), so the result is
-    elementwise whichever two elements Triton packs together. The interpreter, which cannot run PTX, computes
-    the same per element.
+
+_NIBBLES_FP16 = tl.constexpr(_nibbles_asm(0x64006400))      # 0x6400 | c = fp16 1024 + c
+_NIBBLES_BF16 = tl.constexpr(_nibbles_asm(0x43004300))      # 0x4300 | c = bf16 128 + c
+
+
+@triton.jit
+def _nibble_floats(v, BF16: tl.constexpr, ASM: tl.constexpr):
+    """MAGIC + nibble p (bits 4p..4p+3) of each int16 of v, for p = 0..3: four tensors of fp16 (MAGIC 1024) or
+    bf16 (MAGIC 128).
+
+    Compiled (ASM), two int16 lanes share a 32-bit register, and one shift and one lop3 make two floats at
+    once: under half an instruction per weight. The lanes never mix (the shift's spill from the high lane
+    into the low one is masked off), so the result is elementwise whichever two elements Triton packs
+    together. The interpreter, which cannot run PTX, computes the same per element.
     """
-    if not ASM:
-        bits = ((v.to(tl.int32) >> (4 * P)) & 0xF) | (0x4300 if BF16 else 0x6400)
-        return bits.to(tl.int16).to(tl.bfloat16 if BF16 else tl.float16, bitcast=True)
-    elif BF16:
-        if P == 0:
-            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;", "=r,r", [v],
-                                             dtype=tl.bfloat16, is_pure=True, pack=2)
-        elif P == 1:
-            return tl.inline_asm_elementwise(
-                "{.reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;}", "=r,r", [v],
-                dtype=tl.bfloat16, is_pure=True, pack=2)
-        elif P == 2:
-            return tl.inline_asm_elementwise(
-                "{.reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;}", "=r,r", [v],
-                dtype=tl.bfloat16, is_pure=True, pack=2)
+    if ASM:
+        if BF16:
+            return tl.inline_asm_elementwise(_NIBBLES_BF16, "=r,=r,=r,=r,r", [v], is_pure=True, pack=2,
+                                             dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
         else:
-            return tl.inline_asm_elementwise(
-                "{.reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xea;}", "=r,r", [v],
-                dtype=tl.bfloat16, is_pure=True, pack=2)
+            return tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,r", [v], is_pure=True, pack=2,
+                                             dtype=(tl.float16, tl.float16, tl.float16, tl.float16))
     else:
-        if P == 0:
-            return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xea;", "=r,r", [v],
-                                             dtype=tl.float16, is_pure=True, pack=2)
-        elif P == 1:
-            return tl.inline_asm_elementwise(
-                "{.reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;}", "=r,r", [v],
-                dtype=tl.float16, is_pure=True, pack=2)
-        elif P == 2:
-            return tl.inline_asm_elementwise(
-                "{.reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;}", "=r,r", [v],
-                dtype=tl.float16, is_pure=True, pack=2)
-        else:
-            return tl.inline_asm_elementwise(
-                "{.reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xea;}", "=r,r", [v],
-                dtype=tl.float16, is_pure=True, pack=2)
+        w = v.to(tl.int32)
+        magic: tl.constexpr = 0x4300 if BF16 else 0x6400
+        dtype: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+        return ((w & 0xF | magic).to(tl.int16).to(dtype, bitcast=True),
+                ((w >> 4) & 0xF | magic).to(tl.int16).to(dtype, bitcast=True),
+                ((w >> 8) & 0xF | magic).to(tl.int16).to(dtype, bitcast=True),
+                ((w >> 12) & 0xF | magic).to(tl.int16).to(dtype, bitcast=True))
 
 
 @triton.jit
@@ -140,8 +133,8 @@ def _load_nibbles_paired(w_ptr, rn, n_mask, k0, KP16, stride_wn, BN: tl.constexp
         v = tl.load(ptrs, mask=n_mask[:, None], other=0)
     else:
         v = tl.load(ptrs, mask=n_mask[:, None] & (re[None, :] < KP16), other=0)
-    f = tl.join(tl.join(_nibble_floats(v, 0, BF16, ASM), _nibble_floats(v, 2, BF16, ASM)),
-                tl.join(_nibble_floats(v, 1, BF16, ASM), _nibble_floats(v, 3, BF16, ASM)))     # [BN, BK/4, 4]
+    f0, f1, f2, f3 = _nibble_floats(v, BF16, ASM)
+    f = tl.join(tl.join(f0, f2), tl.join(f1, f3))                                         # [BN, BK/4, 4]
     f = tl.permute(tl.reshape(f, (BN, BK // 8, 2, 4)), (0, 1, 3, 2))                         # [word, nibble, lane]
     return tl.reshape(f, (BN, BK))
 
