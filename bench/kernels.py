@@ -68,6 +68,11 @@ def timed(make, set_bytes: int, l2_bytes: int) -> float:
     buffers of ``set_bytes``) so that together they exceed 2x L2."""
     copies = min(64, max(2, math.ceil(2 * l2_bytes / max(set_bytes, 1)) + 1))
     calls = itertools.cycle([make() for _ in range(copies)])
+    # One call first: autotuning and compilation happen there. Inside do_bench they would inflate its estimate
+    # of a call's time, and with it cut the number of timed repetitions to one.
+    next(calls)()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
     return bench_ms(lambda: next(calls)())
 
 
