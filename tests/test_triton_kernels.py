@@ -354,9 +354,12 @@ def test_w8a8_int32_accumulators_exact(bits, group, k):
     gen = torch.Generator().manual_seed(2)
     xq = torch.randint(-127, 128, (17, k), generator=gen, dtype=torch.int8)
     ones = torch.ones(40, z.shape[1], dtype=torch.float16)
-    y = w8a8.w8a8_matmul(*_dev(xq, torch.ones(17, 1), qw, ones, z, None), bits, g, k, torch.float32, config=TILED)
     exact = (xq.long() @ _signed(qw, z, bits, k, g).t()).double()
-    assert exact.abs().max() < 2**24 and torch.equal(y.cpu().double(), exact)
+    assert exact.abs().max() < 2**24
+    for swap in (False, True):                  # the plain and the transposed (Hopper) product
+        y = w8a8.w8a8_matmul(*_dev(xq, torch.ones(17, 1), qw, ones, z, None), bits, g, k, torch.float32,
+                             config={**TILED, "SWAP": swap})
+        assert torch.equal(y.cpu().double(), exact), swap
 
 
 def test_w8a8_per_channel_zero_point_correction():
@@ -370,9 +373,10 @@ def test_w8a8_per_channel_zero_point_correction():
     xq = torch.randint(-127, 128, (9, k), generator=gen, dtype=torch.int8)
     ones = torch.ones(n, 1, dtype=torch.float16)
     exact = (xq.long() @ (q.long() - z.long()).t()).double()
-    for sums in (None, xq.int().sum(1)):            # the row sums computed by the launcher, or given
+    for sums, swap in ((None, False), (xq.int().sum(1), True)):     # row sums computed by the launcher, or given
         y = w8a8.w8a8_matmul(*_dev(xq, torch.ones(9, 1), qw, ones, z.to(torch.uint8), None), 8, k, k,
-                             torch.float32, config=TILED, x_sums=None if sums is None else sums.to(DEVICE))
+                             torch.float32, config={**TILED, "SWAP": swap},
+                             x_sums=None if sums is None else sums.to(DEVICE))
         assert torch.equal(y.cpu().double(), exact)
 
 
@@ -385,7 +389,7 @@ def test_w8a8_matches_reference(bits, group, n, k):
         x = _x(m, k, seed=m + 40) * 4
         bias = b if m in (1, 17) else None
         ref = ops.w8a8_linear_reference(x, qw, s, z, bias, bits, g, k).double()
-        for cfg in (TILED, {"BM": 32, "BN": 64, "BK": 128}):
+        for cfg in (TILED, {"BM": 32, "BN": 64, "BK": 128}, {"BM": 16, "BN": 32, "BK": 64, "SWAP": True}):
             y = w8a8.w8a8_linear(*_dev(x, qw, s, z, bias), bits, g, k, config=cfg)
             assert y.dtype == torch.float32
             assert float((y.cpu().double() - ref).abs().max() / ref.abs().max()) < 1e-6, (m, cfg)

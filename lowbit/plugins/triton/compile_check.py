@@ -65,15 +65,18 @@ class Case:
     """One kernel variant to compile: the kernel, its argument types and constants, launch options, and the
     run-time specialization a typical launch gets (aligned pointers and sizes, unit strides)."""
 
-    def __init__(self, label, fn, pointers, consts, warps, stages, floats=(), aligned=(), ones=(), per_weight=None):
+    def __init__(self, label, fn, pointers, consts, warps, stages, floats=(), aligned=(), ones=(), per_weight=None,
+                 arch_consts=None):
         self.label, self.fn, self.pointers, self.consts = label, fn, pointers, consts
+        self.arch_consts = arch_consts      # arch -> constants the launcher picks by architecture
         self.warps, self.stages, self.floats = warps, stages, floats
         self.aligned = tuple(pointers) + tuple(aligned)
         self.ones = ones
         self.per_weight = per_weight        # weights one loop iteration of one thread handles, for --sass
 
     def compile(self, arch: int):
-        return compile_kernel(self.fn, arch, self.pointers, self.floats, self.consts, self.warps, self.stages,
+        consts = {**self.consts, **(self.arch_consts(arch) if self.arch_consts else {})}
+        return compile_kernel(self.fn, arch, self.pointers, self.floats, consts, self.warps, self.stages,
                               self.aligned, self.ones)
 
 
@@ -127,7 +130,8 @@ def cases(quick: bool = False):
 
     def w8(label, consts, warps, stages, words=False):
         return Case(label, w8a8._w8a8_kernel, {**w8p, "w_ptr": "*i32"} if words else w8p, consts, warps, stages,
-                    aligned=w8_aligned, per_weight=consts["BN"] * consts["BK"] / (32 * warps))
+                    aligned=w8_aligned, per_weight=consts["BN"] * consts["BK"] / (32 * warps),
+                    arch_consts=lambda arch: {"SWAP": arch >= 90})        # as w8a8._swap picks it
 
     # 8-bit per-channel weights are read as bytes (CENTERED); the other formats as packed int32 words.
     w8s = list(_config_cases(w8a8._CONFIGS, BITS=8, PER=1, ONE_GROUP=True, HAS_BIAS=True, CENTERED=True,

@@ -48,13 +48,22 @@ def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  M, N, K, KP, GROUP, M_BUCKET,
                  stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                  BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 CENTERED: tl.constexpr, FLIP_ASM: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 CENTERED: tl.constexpr, FLIP_ASM: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # SWAP (Hopper): the product is computed transposed, y.T tile [BN, BM] = W [BN, BK] @ x.T [BK, BM], so the
+    # weight, transformed in registers (flipped or widened), is wgmma's register operand instead of being
+    # written back to shared memory for it (wgmma reads only its first operand from registers). On sm80/sm86
+    # (mma.sync, every operand from registers) the plain orientation compiles to about a third of the
+    # instructions. The accumulators stay in the dot's orientation; the epilogue transposes once.
     rm, rn, m_mask, n_mask = output_tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
     rk = tl.arange(0, BK)
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
-
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    acc_i = tl.zeros((BM, BN), dtype=tl.int32)          # the current group's exact integer sum
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+        acc_i = tl.zeros((BN, BM), dtype=tl.int32)      # the current group's exact integer sum
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_i = tl.zeros((BM, BN), dtype=tl.int32)
     if ONE_GROUP:
         z = tl.load(z_ptr + rn * stride_zn, mask=n_mask, other=0).to(tl.int32)
     n_tiles = tl.cdiv(K, BK)
@@ -87,20 +96,32 @@ def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN, EVEN_K)
             # code - zero is the signed weight; the int8 cast wraps exactly like ops.signed_weight's .to(int8).
             w = (q - z[:, None]).to(tl.int8)
-        # [BN, BK] as stored, so the dot's second operand is K-major, the layout int8 tensor-core MMAs take.
-        acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
+        # Both tiles are K-major ([rows, BK] as stored), the layout int8 tensor-core MMAs take.
+        if SWAP:
+            acc_i = tl.dot(w, tl.trans(a), acc_i, out_dtype=tl.int32)
+        else:
+            acc_i = tl.dot(a, tl.trans(w), acc_i, out_dtype=tl.int32)
         if not ONE_GROUP:
             if ((k0 + BK) % GROUP == 0) | (t == n_tiles - 1):
                 s = tl.load(s_ptr + rn * stride_sn + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-                acc += acc_i.to(tl.float32) * s[None, :]
-                acc_i = tl.zeros((BM, BN), dtype=tl.int32)
+                if SWAP:
+                    acc += acc_i.to(tl.float32) * s[:, None]
+                    acc_i = tl.zeros((BN, BM), dtype=tl.int32)
+                else:
+                    acc += acc_i.to(tl.float32) * s[None, :]
+                    acc_i = tl.zeros((BM, BN), dtype=tl.int32)
     if ONE_GROUP:
+        # The int32 sum's epilogue, [BM, BN] from here on.
+        if SWAP:
+            acc_i = tl.trans(acc_i)
         if CENTERED:
             # sum_k x (q - z) = sum_k x (q - 128) + (128 - z) * sum_k x, with the row sums of the codes.
             xs = tl.load(xs_ptr + rm, mask=m_mask, other=0)
             acc_i += xs[:, None] * (128 - z)[None, :]
         s = tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc_i.to(tl.float32) * s[None, :]
+    elif SWAP:
+        acc = tl.trans(acc)
 
     sx = tl.load(sx_ptr + rm, mask=m_mask, other=0.0)
     y = acc * sx[:, None]
@@ -125,6 +146,12 @@ _tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "BITS", "
 _INTERPRET_CONFIG = {"BM": 32, "BN": 32, "BK": 64}
 
 
+def _swap(device: torch.device) -> bool:
+    """The transposed product on Hopper and later (see _w8a8_kernel), the plain one before and in the
+    interpreter (a forced config's SWAP overrides)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                 out_dtype: torch.dtype, config: dict | None = None, x_sums: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,7 +160,7 @@ def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scale
     ``x_sums`` (int32 [M], the row sums of xq; ``quantize_rows(..., with_sums=True)`` gives them for free) is
     used by 8-bit per-channel weights, and computed here when not given.
 
-    ``config`` forces one kernel config (BM, BN, BK, optionally GROUP_M, num_warps, num_stages) instead of
+    ``config`` forces one kernel config (BM, BN, BK, optionally GROUP_M, SWAP, num_warps, num_stages) instead of
     autotuning; BK is lowered where needed so a K tile stays within one group.
     """
     m, k = xq.shape
@@ -166,13 +193,14 @@ def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scale
         cfg = dict(config)
         warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
         cfg.setdefault("GROUP_M", 8)
+        consts["SWAP"] = cfg.pop("SWAP", _swap(xq.device))
         cfg["BK"] = fit_bk(cfg["BK"], group_size, k, MIN_BK)
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
         _w8a8[grid](*args, **consts, **cfg, num_warps=warps, num_stages=stages)
     else:
         def grid(meta):
             return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
-        _tuned[grid](*args, **consts)
+        _tuned[grid](*args, **consts, SWAP=_swap(xq.device))
     return out.to(out_dtype)
 
 
