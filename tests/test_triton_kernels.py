@@ -234,12 +234,23 @@ def test_wna16_supports_and_op_fallback():
     assert not w4a16.supports(3, 64, 576)        # codes straddle bytes
     assert not w4a16.supports(4, 24, 96)         # a K tile of >= 16 would straddle groups
     assert w4a16.supports(4, 24, 24) and w4a16.supports(4, 48, 96)
+    import warnings
+
+    ops._FALLBACKS_WARNED.clear()
     for bits, group, k in [(3, 64, 192), (4, 24, 96), (4, 64, 128)]:
         qw, s, z, b, g = _layer(40, k, bits, group, seed=k + bits)
         x = _x(2, 3 * k, seed=1).reshape(2, 3, k)
         # On CPU tensors the CUDA kernel's body runs the interpreted Triton kernel; on a GPU, the dispatcher.
         fn = ops.wna16_linear_triton if DEVICE == "cpu" else torch.ops.lowbit.wna16_linear
-        y = fn(*_dev(x, qw, s, z, b), bits, g, k)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = fn(*_dev(x, qw, s, z, b), bits, g, k)
+            fn(*_dev(x, qw, s, z, b), bits, g, k)                   # said once per op and reason
+        said = [str(w.message) for w in caught if "reference math" in str(w.message)]
+        if bits == 3 or group == 24:
+            assert len(said) == 1 and f"{bits}-bit codes in groups of {group}" in said[0], said
+        else:
+            assert not said
         assert y.shape == (2, 3, 40)
         ref = _wna16_ref(x.reshape(6, k), qw, s, z, b, bits, g, k).reshape(2, 3, 40)
         frob, mx = _errors(y, ref)

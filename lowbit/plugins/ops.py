@@ -33,6 +33,7 @@ otherwise. Triton is imported on the first CUDA call, never at ``import lowbit``
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -68,6 +69,16 @@ def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     return wna16_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
 
 
+_FALLBACKS_WARNED: set = set()
+
+
+def _warn_fallback(op: str, why: str) -> None:
+    """Say once per op and reason that a CUDA call runs the (slow, unfused) reference math instead of a kernel."""
+    if (op, why) not in _FALLBACKS_WARNED:
+        _FALLBACKS_WARNED.add((op, why))
+        warnings.warn(f"lowbit: {op} on CUDA runs the reference math, not a Triton kernel: {why}", stacklevel=3)
+
+
 def _linear_triton(module: str, launcher: str, reference, x, qweight, scales, zeros, bias, bits: int,
                    group_size: int, in_features: int):
     """A quantized linear's CUDA kernel: ``lowbit.plugins.triton.<module>.<launcher>`` on x flattened to 2-D where
@@ -76,8 +87,14 @@ def _linear_triton(module: str, launcher: str, reference, x, qweight, scales, ze
     Only shapes, dtypes and formats steer it (no values, no host sync), so it is safe under CUDA graphs.
     """
     kern = _triton_kernels(module)
-    if kern is None or x.dtype not in FLOAT_DTYPES or x.numel() == 0 or not kern.supports(bits, group_size,
-                                                                                        in_features):
+    if x.numel() == 0:
+        return reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+    why = ("triton is not installed (pip install 'lowbit[dev]')" if kern is None
+           else f"activations are {x.dtype}" if x.dtype not in FLOAT_DTYPES
+           else f"no kernel for {bits}-bit codes in groups of {group_size} with K={in_features}"
+           if not kern.supports(bits, group_size, in_features) else None)
+    if why is not None:
+        _warn_fallback(launcher, why)
         return reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
     y = getattr(kern, launcher)(x.reshape(-1, in_features), qweight, scales, zeros, bias, bits, group_size,
                                 in_features)
@@ -202,6 +219,9 @@ def rmsnorm_quant_int8_triton(x, weight, eps: float):
     """The CUDA kernel: the fused Triton row kernel (one program per token), else the reference."""
     kern = _triton_kernels("act_quant")
     if kern is None or x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES or x.numel() == 0:
+        if x.numel():
+            _warn_fallback("rmsnorm_quant_int8", "triton is not installed (pip install 'lowbit[dev]')"
+                           if kern is None else f"inputs are {x.dtype} and {weight.dtype}")
         return quantize_rows_int8(rms_norm_reference(x, weight, eps))
     return kern.rmsnorm_quantize(x, weight, eps)
 
