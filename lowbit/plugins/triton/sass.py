@@ -20,7 +20,7 @@ import tempfile
 _INSTR = re.compile(r"/\*[0-9a-f]{4}\*/\s+(.*?);")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRANCH = re.compile(r"\bBRA\b.*?(\.L_x_\d+)")
-_RES = re.compile(r"REG:(\d+).*?LOCAL:(\d+)")
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+).*?LOCAL:(\d+)")      # spills land in the stack frame
 
 
 def _tool(name: str) -> str:
@@ -67,16 +67,18 @@ def main_loop(sass: str) -> list[str]:
 def loop_profile(cubin: bytes, weights_per_iteration: float) -> dict:
     """Registers, spill bytes and the main loop's instruction mix per weight (one thread's share of a tile).
 
-    Keys: ``regs``, ``spill_bytes``, ``loop`` (instructions per iteration), ``per_weight`` (all of them),
-    ``cvt`` (int -> float conversions, I2F, a quarter-rate pipe), ``smem_stores`` (STS), ``mma`` (HMMA,
-    HGMMA, IMMA), ``by_opcode`` (a Counter of the loop's opcodes).
+    Keys: ``regs``, ``spill_bytes`` (stack frame and local memory per thread: register spills), ``loop``
+    (instructions per iteration), ``per_weight`` (all of them), ``cvt`` (int -> float conversions, I2F, a
+    quarter-rate pipe), ``smem_stores`` (STS), ``mma`` (tensor-core instructions: HMMA, HGMMA, IMMA, IGMMA),
+    ``by_opcode`` (a Counter of the loop's opcodes).
     """
     sass, res = disassemble(cubin)
     m = _RES.search(res)
     loop = main_loop(sass)
     ops = collections.Counter(_opcode(i) for i in loop)
     per = max(weights_per_iteration, 1e-9)
-    return {"regs": int(m.group(1)) if m else None, "spill_bytes": int(m.group(2)) if m else None,
+    return {"regs": int(m.group(1)) if m else None,
+            "spill_bytes": int(m.group(2)) + int(m.group(3)) if m else None,
             "loop": len(loop), "per_weight": len(loop) / per, "cvt": ops["I2F"] / per,
             "smem_stores": ops["STS"] / per, "mma": sum(n for op, n in ops.items() if op.endswith("MMA")),
             "by_opcode": ops}
