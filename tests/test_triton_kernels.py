@@ -210,6 +210,12 @@ def test_split_k_configs_zero_their_output():
     y = torch.randn(3, 5)
     split[0].pre_hook({"y_ptr": y})
     assert not y.any()
+    # At BM = 64 the tiles that would spill (more than 32 accumulator values a thread) are pruned; at 16 none.
+    spill_aware = bk_pruner(max_acc_per_thread=32)
+    at16 = spill_aware(w4a16._SPLITK_CONFIGS, {"GROUP": 128, "K": 4096}, BM=16)
+    at64 = spill_aware(w4a16._SPLITK_CONFIGS, {"GROUP": 128, "K": 4096}, BM=64)
+    assert len(at16) == len(bk_pruner()(w4a16._SPLITK_CONFIGS, {"GROUP": 128, "K": 4096})) > len(at64) > 0
+    assert all(64 * c.kwargs["BN"] <= 32 * 32 * c.num_warps for c in at64)
 
 
 def test_wna16_wrong_weight_fails_tolerance():

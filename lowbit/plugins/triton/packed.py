@@ -47,8 +47,13 @@ def fit_bk(bk: int, group: int, k: int, min_bk: int = MIN_BK) -> int:
     return bk
 
 
-def bk_pruner(min_bk: int = MIN_BK):
-    """Autotune pruning: shrink each config's BK until a K tile stays within one group, then drop duplicates."""
+def bk_pruner(min_bk: int = MIN_BK, max_acc_per_thread: int | None = None):
+    """Autotune pruning: shrink each config's BK until a K tile stays within one group, then drop duplicates.
+
+    ``max_acc_per_thread``: where the launcher fixes BM (the split-K path), also drop configs whose [BM, BN]
+    accumulator tile puts more than this many elements on a thread (they spill registers), keeping at least
+    the config with the fewest.
+    """
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -61,6 +66,11 @@ def bk_pruner(min_bk: int = MIN_BK):
             if sig not in seen:
                 seen.add(sig)
                 out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=c.pre_hook))
+        if max_acc_per_thread is not None and "BM" in args:
+            def per_thread(c):
+                return args["BM"] * c.kwargs["BN"] / (32 * c.num_warps)
+            fits = [c for c in out if per_thread(c) <= max_acc_per_thread]
+            out = fits or [min(out, key=per_thread)]
         return out
 
     return prune

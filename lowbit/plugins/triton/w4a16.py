@@ -257,7 +257,10 @@ _TILED_CONFIGS = [
 ]
 _KEY = ["M_BUCKET", "N", "K", "GROUP", "BITS", "PER"]
 _wna16 = with_even_k(_wna16_kernel)
-_splitk_tuned = triton.autotune(_SPLITK_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": bk_pruner()})(_wna16)
+# Split-K tiles whose two fp32 accumulators would put more than 2 x 32 values on a thread at this M spill (the
+# 1- and 2-warp tiles at BM = 64): pruned per M bucket.
+_splitk_tuned = triton.autotune(_SPLITK_CONFIGS, key=_KEY,
+                                prune_configs_by={"early_config_prune": bk_pruner(max_acc_per_thread=32)})(_wna16)
 _tiled_tuned = triton.autotune(_TILED_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": bk_pruner()})(_wna16)
 
 # Under the interpreter: one fixed config per path (autotuning would time numpy).
