@@ -178,6 +178,66 @@ def test_nibble_floats_every_int16(bf16):
         assert torch.equal(out[p].cpu(), expect), p
 
 
+def _run_ptx(asm: str, inputs: dict) -> dict:
+    """A tiny PTX evaluator for the integer instructions the kernels' inline assembly uses (shr.b32, lop3.b32,
+    xor.b32) over uint32 numpy arrays: registers by name, immediates in hex."""
+    import numpy as np
+
+    regs = dict(inputs)
+
+    def val(tok):
+        return np.uint32(int(tok, 16)) if tok.startswith("0x") else regs[tok]
+
+    for ins in asm.replace("{", " ").replace("}", " ").split(";"):
+        parts = ins.replace(",", " ").split()
+        if not parts or parts[0] == ".reg":
+            continue
+        op, dst, args = parts[0], parts[1], parts[2:]
+        if op == "shr.b32":                         # logical shift of a 32-bit register
+            regs[dst] = (val(args[0]) >> np.uint32(int(args[1]))).astype(np.uint32)
+        elif op == "xor.b32":
+            regs[dst] = val(args[0]) ^ val(args[1])
+        elif op == "lop3.b32":                      # bit i = lut[(a_i << 2) | (b_i << 1) | c_i]
+            a, b, c, lut = val(args[0]), val(args[1]), val(args[2]), int(args[3], 16)
+            out = np.zeros_like(a)
+            for idx in range(8):
+                if (lut >> idx) & 1:
+                    sel = [(x if (idx >> (2 - j)) & 1 else ~x) for j, x in enumerate((a, b, c))]
+                    out |= sel[0] & sel[1] & sel[2]
+            regs[dst] = out
+        else:
+            raise AssertionError(f"unexpected PTX instruction {op}")
+    return regs
+
+
+def test_inline_ptx_text():
+    """The inline PTX itself, evaluated on the CPU (no GPU runs it in CI):
+    - the paired route's nibble floats, over random register pairs of int16 lanes, for fp16 and bf16;
+    - W8A8's byte flip, code - 128 as int8 for every byte value, four to a register."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    v = rng.integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    for asm, magic, dtype in ((w4a16._NIBBLES_FP16.value, 1024.0, np.float16),
+                              (w4a16._NIBBLES_BF16.value, 128.0, None)):
+        regs = _run_ptx(asm, {"$4": v})
+        for p in range(4):
+            for lane in (0, 1):
+                bits = ((regs[f"${p}"] >> np.uint32(16 * lane)) & np.uint32(0xFFFF)).astype(np.uint16)
+                if dtype is None:                   # bf16: the high half of a float32
+                    got = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+                else:
+                    got = bits.view(dtype).astype(np.float32)
+                want = magic + ((v >> np.uint32(16 * lane + 4 * p)) & np.uint32(0xF)).astype(np.float32)
+                assert np.array_equal(got, want), (asm, p, lane)
+    b = np.arange(256, dtype=np.uint32)
+    words = b | (b << 8) | (b << 16) | (b << 24)
+    flipped = _run_ptx(w8a8._FLIP_BYTES.value, {"$1": words})["$0"]
+    for byte in range(4):
+        got = ((flipped >> np.uint32(8 * byte)) & np.uint32(0xFF)).astype(np.uint8).view(np.int8)
+        assert np.array_equal(got.astype(np.int32), b.astype(np.int32) - 128)
+
+
 def test_magic_number_floats():
     """The bit identities the dequantization relies on, checked in torch: 0x6400 | c is the fp16 1024 + c for
     c < 1024, and 0x4300 | c is the bf16 128 + c for c < 128."""

@@ -43,6 +43,9 @@ def supports(bits: int, group_size: int, in_features: int) -> bool:
     return group_size >= in_features or group_size % MIN_BK == 0
 
 
+_FLIP_BYTES = tl.constexpr("xor.b32 $0, $1, 0x80808080;")       # four bytes' top bits: code - 128 as int8
+
+
 @triton.jit
 def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                  M, N, K, KP, GROUP, M_BUCKET,
@@ -88,8 +91,7 @@ def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             else:
                 raw = tl.load(w_ptrs, mask=rk0[None, :] < K)      # past K: x is 0, any byte will do
             if FLIP_ASM:
-                w = tl.inline_asm_elementwise("xor.b32 $0, $1, 0x80808080;", "=r,r", [raw], dtype=tl.int8,
-                                              is_pure=True, pack=4)
+                w = tl.inline_asm_elementwise(_FLIP_BYTES, "=r,r", [raw], dtype=tl.int8, is_pure=True, pack=4)
             else:
                 w = (raw ^ 0x80).to(tl.int8, bitcast=True)
         else:
