@@ -545,7 +545,8 @@ def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lowbit.plugins.triton.compile_check", "--quick", "--sass",
                           "--json", str(rows_json)], env=env, capture_output=True, text=True, timeout=600)
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    assert out.returncode == 0 and "0 failed, 0 over the shared-memory limit" in last, out.stdout[-3000:] + out.stderr[-2000:]
+    assert out.returncode == 0 and "0 failed, 0 over the shared-memory limit" in last, \
+        out.stdout[-3000:] + out.stderr[-2000:]
     decode = [r for r in json.loads(rows_json.read_text()) if r["label"] == "w4a16 split-K, M=1"]
     assert len(decode) == 2 * 3
     for r in decode:

@@ -11,14 +11,15 @@ Two details make that hold on a GPU:
   |v| < 2^22, and |x / scale| <= 127 (up to rounding) here. (libdevice ``rint`` is not available in the
   interpreter, which the tests run on.)
 
-One program per row. A row of at most BLOCK (16384) elements is read once and held in registers; a longer one
-is walked in chunks, one pass per statistic (the row's re-reads come from L1/L2). The fused norms follow transformers / PyTorch exactly where it is cheap to: RMSNorm as
-LlamaRMSNorm (``x * 1/sqrt(mean(x^2) + eps)`` in float32, rounded to x's dtype, times the weight in the promoted
-dtype), LayerNorm as ``((x - mean) * rstd) * w + b`` in float32 rounded to x's dtype, then quantized like the
-unfused ``norm -> w8a8_linear`` sequence would. What differs from PyTorch is the order (and, on a GPU, FMA
-contraction) of the sums behind mean and variance: the normalizer can differ in its last bit, which moves a
-code by one where the scaled value lies within rounding of a .5 boundary (or, for fp16/bf16 x, where the last-bit
-change flips the rounding of a normalized value to x's dtype). Inputs whose sums are exact give identical codes.
+One program per row. A row of at most BLOCK (16384) elements is read once and held in registers; a longer one is
+walked in chunks, one pass per statistic (the row's re-reads come from L1/L2). The fused norms follow transformers
+/ PyTorch exactly where it is cheap to: RMSNorm as LlamaRMSNorm (``x * 1/sqrt(mean(x^2) + eps)`` in float32,
+rounded to x's dtype, times the weight in the promoted dtype), LayerNorm as ``((x - mean) * rstd) * w + b`` in
+float32 rounded to x's dtype, then quantized like the unfused ``norm -> w8a8_linear`` sequence would. What differs
+from PyTorch is the order (and, on a GPU, FMA contraction) of the sums behind mean and variance: the normalizer
+can differ in its last bit, which moves a code by one where the scaled value lies within rounding of a .5 boundary
+(or, for fp16/bf16 x, where the last-bit change flips the rounding of a normalized value to x's dtype). Inputs
+whose sums are exact give identical codes.
 """
 
 from __future__ import annotations

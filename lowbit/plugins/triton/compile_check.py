@@ -152,7 +152,8 @@ def cases(quick: bool = False):
                         "SINGLE": tx == tl.float16, "BLOCK": 4096}, 8, 3, floats=("KF", "eps"),
                        aligned=("K", "stride_xm", "stride_qm"))
     yield Case("quantize_rows fp16, a 16384-wide row in registers", act_quant._row_quant_kernel,
-               {"x_ptr": "*fp16", "w_ptr": "*fp16", "b_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "sum_ptr": "*i32"},
+               {"x_ptr": "*fp16", "w_ptr": "*fp16", "b_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32",
+                "sum_ptr": "*i32"},
                {"NORM": NONE.value, "X_DTYPE": tl.float16, "Y_DTYPE": tl.float16, "WITH_SUM": True, "SINGLE": True,
                 "BLOCK": 16384}, 16, 3, floats=("KF", "eps"), aligned=("K", "stride_xm", "stride_qm"))
 

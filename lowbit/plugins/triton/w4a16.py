@@ -27,11 +27,14 @@ issues at a quarter of the integer rate or less and would otherwise bound the ke
 on the paired route: rows are read as int16, and one shift and one lop3 of inline PTX turn a 32-bit register
 into two floats, one from each int16 lane; the tile is laid out so those two sit side by side in K, which is
 the pair an MMA operand register holds, and the x tile is permuted to the same K order (a dot does not care
-about the order of K). That takes the decode loop from about 7-8 machine instructions per weight to about
-4.5, under what H100's memory bandwidth allows (about 5 at 3 TB/s and 132 SMs issuing 4 a clock). A tile computes ``(q - z) @ x`` on tensor cores with fp32
-accumulation, and the fp16 scale multiplies the fp32 partial sum of its group once, at the group's last tile
-(a K tile never straddles two groups: BK divides g). Per-channel weights (g >= K) scale once in the epilogue.
-Nothing is rounded to 16 bits before the accumulator, unlike kernels that form ``(q - z) * s`` in fp16.
+about the order of K). That takes the decode loop from about 9-11 machine instructions per weight to about
+3.3 with 128 weights per thread, under what H100's memory bandwidth allows (about 5 at 3 TB/s and 132 SMs
+issuing 4 a clock).
+
+A tile computes ``(q - z) @ x`` on tensor cores with fp32 accumulation, and the fp16 scale multiplies the fp32
+partial sum of its group once, at the group's last tile (a K tile never straddles two groups: BK divides g).
+Per-channel weights (g >= K) scale once in the epilogue. Nothing is rounded to 16 bits before the accumulator,
+unlike kernels that form ``(q - z) * s`` in fp16.
 
 ``python -m lowbit.plugins.triton.compile_check --sass`` prints what the main loop costs per weight in
 machine instructions for every config, without a GPU.
@@ -123,8 +126,8 @@ def _nibble_floats(v, BF16: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def _load_nibbles_paired(w_ptr, rn, n_mask, k0, KP16, stride_wn, BN: tl.constexpr, BK: tl.constexpr,
                          EVEN_K: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
-    """4-bit codes of columns k0..k0+BK as MAGIC + code floats [BN, BK], in the paired K order of
-    ``paired_k``: the row is read as int16 (four codes each), and each nibble position becomes a tensor of
+    """4-bit codes of columns k0..k0+BK as MAGIC + code floats [BN, BK], in the paired K order (see
+    ``_paired_x``): the row is read as int16 (four codes each), and each nibble position becomes a tensor of
     floats whose registers already hold the two lanes of one 32-bit word; laying the tile out as
     [word, nibble, lane] keeps those pairs adjacent, which is the pair an MMA operand register takes."""
     re = k0 // 4 + tl.arange(0, BK // 4)
@@ -134,7 +137,7 @@ def _load_nibbles_paired(w_ptr, rn, n_mask, k0, KP16, stride_wn, BN: tl.constexp
     else:
         v = tl.load(ptrs, mask=n_mask[:, None] & (re[None, :] < KP16), other=0)
     f0, f1, f2, f3 = _nibble_floats(v, BF16, ASM)
-    f = tl.join(tl.join(f0, f2), tl.join(f1, f3))                                         # [BN, BK/4, 4]
+    f = tl.join(tl.join(f0, f2), tl.join(f1, f3))               # [BN, BK/4, 2, 2]: nibble 2a + b at [.., a, b]
     f = tl.permute(tl.reshape(f, (BN, BK // 8, 2, 4)), (0, 1, 3, 2))                         # [word, nibble, lane]
     return tl.reshape(f, (BN, BK))
 
@@ -151,9 +154,9 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
                   M, N, K, KP, GROUP, M_BUCKET,
                   stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_ym,
                   BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                  GROUP_M: tl.constexpr):
+                  EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
     # The product is computed transposed, y.T tile [BN, BM] = W tile [BN, BK] @ x.T tile [BK, BM]: the
     # dequantized weight is the dot's first operand, which tensor-core MMAs (wgmma included) take straight
     # from registers, K-major as stored; only the small x tile goes through shared memory.
@@ -182,6 +185,7 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         xt = xt.to(DOT_DTYPE)
         if not ONE_GROUP:
             z = tl.load(z_ptr + rn * stride_zn + k0 // GROUP, mask=n_mask, other=0).to(tl.int32)
+        # Columns past K load x = 0, so whatever their codes decode to contributes nothing.
         if PAIRED:
             # 4-bit codes in fp16/bf16: MAGIC + code floats minus MAGIC + zero (see _codes_minus_zero), in the
             # paired K order, so x takes the same order.
@@ -192,7 +196,6 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             xt = _paired_x(xt, BK, BM)
         else:
             q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN, EVEN_K)
-            # Columns past K load x = 0, so whatever their codes decode to contributes nothing.
             w = _codes_minus_zero(q, z[:, None], BITS, DOT_DTYPE)
         part = tl.dot(w, xt, part, input_precision=DOT_PRECISION)
         if not ONE_GROUP:
