@@ -125,7 +125,7 @@ def bench_w4a16(shapes, ms, l2: int, copy_bw: float, gen, rows: list, save=None)
     for n, k in shapes:
         qweight, scales, zeros = random_w4(n, k, gen)
         w16 = dequantized_weight(qweight, scales, zeros, 4, GROUP, k, torch.float16)
-        for m in sorted({ms[0], ms[-1]}):             # both paths (split-K and tiled), before timing anything
+        for m in sorted({ms[0], ms[-1]}):     # the smallest and largest M (split-K; tiled above 64) before timing
             x = torch.randn(m, k, device=DEV, dtype=torch.float16)
             err = rel_err(wna16_matmul(x, qweight, scales, zeros, None, 4, GROUP, k), F.linear(x, w16))
             if err > 1e-2:

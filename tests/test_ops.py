@@ -105,5 +105,5 @@ def test_linear_ops_replay_in_cuda_graphs():
                 eager = op(x, *cuda_args)
                 ref = op(x.cpu().float(), *args).half()          # the CPU reference kernel
                 torch.cuda.synchronize()
-                assert torch.allclose(static_y, eager, rtol=2e-3, atol=2e-3), (op, m)
+                assert torch.allclose(static_y, eager, rtol=1e-2, atol=1e-2), (op, m)     # split-K order varies
                 assert torch.allclose(static_y.cpu().float(), ref.float(), rtol=1e-2, atol=1e-2), (op, m)
