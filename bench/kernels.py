@@ -200,16 +200,20 @@ def bench_w8a8(shapes, ms, l2: int, peak_fp16: float, gen, rows: list, save=None
                 w, xx = w16.clone(), torch.randn(m, k, device=DEV, dtype=torch.float16)
                 return lambda: F.linear(xx, w)
 
+            def weight_kn(layout):
+                """A copy of the signed weight as _int_mm's [K, N]: row-major, or the transpose of [N, K]."""
+                return w_nk.t().contiguous() if layout == "kn" else w_nk.clone().t()
+
             def int_mm(layout):
                 def make():
-                    b = w_nk.t().contiguous() if layout == "kn" else w_nk.clone().t()
+                    b = weight_kn(layout)
                     a = torch.randint(-127, 128, (m, k), device=DEV, dtype=torch.int8)
                     return lambda: torch._int_mm(a, b)
                 return make
 
             def int_mm_full(layout):
                 def make():
-                    b = w_nk.t().contiguous() if layout == "kn" else w_nk.clone().t()
+                    b = weight_kn(layout)
                     xx = torch.randn(m, k, device=DEV, dtype=torch.float16)
 
                     def run():

@@ -29,13 +29,9 @@ import triton
 import triton.language as tl
 
 from lowbit.plugins.triton import next_pow2
+from lowbit.plugins.triton.packed import TL_DTYPES
 
-QMAX = 127.0
-EPS = 1e-10
 MAX_BLOCK = 16384           # elements of a row held at once (in registers); longer rows loop
-
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -48,11 +44,19 @@ def _quantize(v, scale):
 
 @triton.jit
 def _row_scale(amax):
+    """max|x| / 127, floored at 1e-10: ops.ACT_QMAX and ops.ACT_EPS (literals here: a kernel reads constants)."""
     return tl.maximum(tl.math.div_rn(amax, 127.0), 1e-10)
 
 
 # The norm in front of the quantization (the kernel's NORM); constexpr so the kernels can read them.
 NONE, RMS, LAYER = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def _inv_root_mean(total, KF, eps):
+    """1 / sqrt(total / K + eps), each step correctly rounded: torch's mean is sum / K, and torch.rsqrt on CPU
+    is 1 / sqrt, each correctly rounded (the PTX rsqrt is an approximation)."""
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(total, KF) + eps))
 
 
 @triton.jit
@@ -99,12 +103,11 @@ def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, st
         mask = cols < K
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         if NORM == RMS:
-            var = tl.math.div_rn(tl.sum(x * x, axis=0), KF)
-            mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+            mul = _inv_root_mean(tl.sum(x * x, axis=0), KF, eps)
         elif NORM == LAYER:
             shift = tl.math.div_rn(tl.sum(x, axis=0), KF)
             d = tl.where(mask, x - shift, 0.0)
-            mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(d * d, axis=0), KF) + eps))
+            mul = _inv_root_mean(tl.sum(d * d, axis=0), KF, eps)
         y = _norm_values(x, w_ptr, b_ptr, 0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
         scale = _row_scale(tl.max(tl.abs(y), axis=0))
         tl.store(s_ptr + row, scale)
@@ -118,9 +121,7 @@ def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, st
             for k0 in range(0, K, BLOCK):
                 v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
                 ss += v * v
-            var = tl.math.div_rn(tl.sum(ss, axis=0), KF)        # mean = sum / K, as torch.mean computes it
-            # torch.rsqrt on CPU is 1 / sqrt, each correctly rounded; the PTX rsqrt is an approximation.
-            mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))
+            mul = _inv_root_mean(tl.sum(ss, axis=0), KF, eps)
         elif NORM == LAYER:
             s1 = tl.zeros((BLOCK,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK):
@@ -132,7 +133,7 @@ def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, st
                 v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
                 d = tl.where(k0 + cols < K, v - shift, 0.0)
                 s2 += d * d
-            mul = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(tl.sum(s2, axis=0), KF) + eps))
+            mul = _inv_root_mean(tl.sum(s2, axis=0), KF, eps)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             amax = tl.maximum(amax, tl.abs(_normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE,
@@ -169,7 +170,7 @@ def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block
         w = x2d if weight is None else weight.contiguous()
         b = x2d if bias is None else bias.contiguous()
         _row_quant_kernel[(m,)](x2d, w, b, q, s, sums, k, float(k), float(eps), x2d.stride(0), q.stride(0),
-                                NORM=norm.value, X_DTYPE=_TL_DTYPES[x.dtype], Y_DTYPE=_TL_DTYPES[y_dtype],
+                                NORM=norm.value, X_DTYPE=TL_DTYPES[x.dtype], Y_DTYPE=TL_DTYPES[y_dtype],
                                 WITH_SUM=with_sums, SINGLE=k <= blk, BLOCK=blk,
                                 num_warps=4 if blk < 2048 else 8 if blk <= 4096 else 16)
     out = q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)

@@ -126,11 +126,10 @@ def cases(quick: bool = False):
 
     w8p = {"x_ptr": "*i8", "sx_ptr": "*fp32", "xs_ptr": "*i32", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8",
            "b_ptr": "*fp16", "y_ptr": "*fp16"}
-    w8_aligned = ("N", "K", "KP", "GROUP", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_ym")
 
     def w8(label, consts, warps, stages, words=False):
         return Case(label, w8a8._w8a8_kernel, {**w8p, "w_ptr": "*i32"} if words else w8p, consts, warps, stages,
-                    aligned=w8_aligned, per_weight=consts["BN"] * consts["BK"] / (32 * warps),
+                    aligned=_W_ALIGNED, per_weight=consts["BN"] * consts["BK"] / (32 * warps),
                     arch_consts=lambda arch: {"SWAP": arch >= 90})        # as w8a8._swap picks it
 
     # 8-bit per-channel weights are read as bytes (CENTERED); the other formats as packed int32 words.

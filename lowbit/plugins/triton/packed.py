@@ -16,6 +16,7 @@ import triton.language as tl
 
 from lowbit.plugins.triton import interpreting
 
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 SUPPORTED_BITS = (2, 4, 8)      # bit widths that divide 8: no code crosses a byte (or word) boundary
 MIN_BK = 16                     # smallest K tile tl.dot takes for 16-bit operands
 

@@ -47,11 +47,10 @@ import triton
 import triton.language as tl
 
 from lowbit.plugins.triton import interpreting, next_pow2
-from lowbit.plugins.triton.packed import SUPPORTED_BITS, bk_pruner, fit_bk, group_fits, load_codes, output_tile, \
+from lowbit.plugins.triton.packed import SUPPORTED_BITS, TL_DTYPES, bk_pruner, fit_bk, load_codes, output_tile, \
     packed_view, store_dtype, with_even_k
 
 SPLIT_K_MAX_M = 64          # M at or below this takes the split-K path
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 def supports(bits: int, group_size: int, in_features: int) -> bool:
@@ -59,6 +58,16 @@ def supports(bits: int, group_size: int, in_features: int) -> bool:
     if bits not in SUPPORTED_BITS or in_features <= 0 or group_size <= 0:
         return False
     return group_size >= in_features or group_size % 16 == 0
+
+
+@triton.jit
+def _magic_floats(c, BF16: tl.constexpr):
+    """MAGIC + c from the bits MAGIC | c, with no int -> float conversion: fp16 0x6400 | c = 1024 + c (c < 1024)
+    or bf16 0x4300 | c = 128 + c (c < 128)."""
+    if BF16:
+        return (c | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
@@ -71,14 +80,8 @@ def _codes_minus_zero(q, z, BITS: tl.constexpr, DOT_DTYPE: tl.constexpr):
     difference is q - z with no rounding. bf16 does the same with 0x4300 | c = 128 + c, exact for c < 128
     (2- and 4-bit codes); 8-bit codes in bf16, and fp32, convert.
     """
-    if DOT_DTYPE == tl.float16:
-        qf = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        zf = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return qf - zf
-    elif (DOT_DTYPE == tl.bfloat16) and (BITS <= 4):
-        qf = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        zf = (z | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-        return qf - zf
+    if (DOT_DTYPE == tl.float16) or ((DOT_DTYPE == tl.bfloat16) and (BITS <= 4)):
+        return _magic_floats(q, DOT_DTYPE == tl.bfloat16) - _magic_floats(z, DOT_DTYPE == tl.bfloat16)
     else:
         return (q - z).to(DOT_DTYPE)
 
@@ -115,12 +118,8 @@ def _nibble_floats(v, BF16: tl.constexpr, ASM: tl.constexpr):
                                              dtype=(tl.float16, tl.float16, tl.float16, tl.float16))
     else:
         w = v.to(tl.int32)
-        magic: tl.constexpr = 0x4300 if BF16 else 0x6400
-        dtype: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
-        return ((w & 0xF | magic).to(tl.int16).to(dtype, bitcast=True),
-                ((w >> 4) & 0xF | magic).to(tl.int16).to(dtype, bitcast=True),
-                ((w >> 8) & 0xF | magic).to(tl.int16).to(dtype, bitcast=True),
-                ((w >> 12) & 0xF | magic).to(tl.int16).to(dtype, bitcast=True))
+        return (_magic_floats(w & 0xF, BF16), _magic_floats((w >> 4) & 0xF, BF16),
+                _magic_floats((w >> 8) & 0xF, BF16), _magic_floats((w >> 12) & 0xF, BF16))
 
 
 @triton.jit
@@ -191,8 +190,7 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
             # paired K order, so x takes the same order.
             f = _load_nibbles_paired(w_ptr, rn, n_mask, k0, KP, stride_wn, BN, BK, EVEN_K,
                                      DOT_DTYPE == tl.bfloat16, ASM)
-            zf = (z | (0x4300 if DOT_DTYPE == tl.bfloat16 else 0x6400)).to(tl.int16).to(DOT_DTYPE, bitcast=True)
-            w = f - zf[:, None]
+            w = f - _magic_floats(z, DOT_DTYPE == tl.bfloat16)[:, None]
             xt = _paired_x(xt, BK, BM)
         else:
             q = load_codes(w_ptr, rn, n_mask, k0, KP, stride_wn, BITS, PER, BK, BN, EVEN_K)
@@ -292,7 +290,7 @@ def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     # The interpreter mishandles bf16 dots and int->bf16 casts, so there bf16 tiles are widened to fp32 (exact:
     # bf16 values and small integers multiply exactly in fp32); compiled kernels keep bf16.
     dot_dtype = tl.float32 if x2d.dtype == torch.float32 or (x2d.dtype == torch.bfloat16 and interpreting()) \
-        else _TL_DTYPES[x2d.dtype]
+        else TL_DTYPES[x2d.dtype]
     wq, per = packed_view(qweight, bits)
     # 4-bit words in fp16/bf16 dots take the paired route (_load_nibbles_paired), reading the rows as int16.
     paired = bits == 4 and per == 8 and dot_dtype != tl.float32
@@ -333,4 +331,4 @@ def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return out if out.dtype == x2d.dtype else out.to(x2d.dtype)
 
 
-__all__ = ["wna16_matmul", "supports", "group_fits"]
+__all__ = ["wna16_matmul", "supports"]

@@ -188,21 +188,21 @@ def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scale
             m, n, k, wq.shape[1], group_size, next_pow2(m),
             xq.stride(0), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
     consts = dict(BITS=bits, PER=per, ONE_GROUP=group_size >= k, HAS_BIAS=bias is not None, CENTERED=centered,
-                  FLIP_ASM=not interpreting())
+                  FLIP_ASM=not interpreting(), SWAP=_swap(xq.device))
     if config is None and interpreting():
         config = dict(_INTERPRET_CONFIG)
     if config is not None:
         cfg = dict(config)
         warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
         cfg.setdefault("GROUP_M", 8)
-        consts["SWAP"] = cfg.pop("SWAP", _swap(xq.device))
+        consts["SWAP"] = cfg.pop("SWAP", consts["SWAP"])
         cfg["BK"] = fit_bk(cfg["BK"], group_size, k, MIN_BK)
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
         _w8a8[grid](*args, **consts, **cfg, num_warps=warps, num_stages=stages)
     else:
         def grid(meta):
             return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
-        _tuned[grid](*args, **consts, SWAP=_swap(xq.device))
+        _tuned[grid](*args, **consts)
     return out.to(out_dtype)
 
 
