@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from lowbit.cli import run_script
 from lowbit.errors import LowbitError
+from lowbit.plugins.triton import W4A16_SHAPES as W4_SHAPES         # (N, K)
 
-W4_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]     # (N, K)
 W4_MS = [1, 2, 4, 8, 16, 32, 64, 128]
 W8_SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192)]
 W8_MS = [512, 2048, 8192]

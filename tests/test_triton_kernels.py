@@ -524,6 +524,21 @@ def test_kernel_bench_dry_run(tmp_path):
     assert "| N | K | M |" in out.stdout
 
 
+def test_in_flight_model_parts():
+    """The pieces of compile_check's bytes-in-flight model: load widths read off SASS, and resident programs
+    as the tightest of an SM's registers (per-warp units of 256), shared memory (+1 KiB a block), warp and
+    block slots."""
+    from lowbit.plugins.triton.sass import _load_bytes, resident_programs
+
+    loop = ["LDGSTS.E.BYPASS.128 [R98+0x200], desc[UR12][R10.64], P5", "@!P4 LDG.E.U16 R40, desc[UR12][R44.64]",
+            "LDG.E R1, desc[UR4][R2.64]", "@P0 LDG.E.64 R4, desc[UR4][R6.64]", "LDS.128 R40, [R26+UR7+0x4800]"]
+    assert _load_bytes(loop, "LDGSTS") == 16 and _load_bytes(loop, "LDG") == 2 + 4 + 8
+    assert resident_programs(90, 168, 73728, 4) == 3            # registers and shared memory both allow 3
+    assert resident_programs(90, 32, 0, 1) == 32                # block slots
+    assert resident_programs(86, 32, 0, 4) == 12                # warp slots (48)
+    assert resident_programs(80, 255, 1024, 8) == 1             # 255 -> 256 registers a thread: 8 warps fill it
+
+
 def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
     """Every kernel variant (two autotuning configs per hot path) compiles to a cubin for A100, A6000 and H100
     class GPUs and fits their shared memory: Triton's compiler needs no GPU for that, so CI catches what the
@@ -535,6 +550,9 @@ def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
       conversion per weight before the magic-number floats, the transposed product and the paired route).
     - W8A8 per-channel: at most 4 instructions per weight of the tile (2 to 3 as built, the loads, one xor per
       four weights and the MMAs; 5 to 15 when every byte was unpacked, widened and repacked).
+    - W4A16 at M = 1 on sm90 keeps its weight stream fed: on each of the issue's shapes some config prefetches
+      (cp.async) at least 24 KiB per SM, about what an H100's 3.0 TB/s needs over an assumed 1 us of loaded
+      latency (Little's law: 3 MB in flight over 132 SMs). 47 to 66 KiB as built.
     """
     import json
     import os
@@ -554,6 +572,8 @@ def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
         assert p["cvt"] < 0.1 and p["spill_bytes"] == 0 and p["per_weight"] < 9 and p["mma"] > 0, r
     for arch in (80, 86, 90):
         assert min(r["sass"]["per_weight"] for r in decode if r["arch"] == arch) < 5, arch
+    for shape in decode[0]["in_flight_kib"]:
+        assert max(r["in_flight_kib"][shape] for r in decode if r["arch"] == 90) >= 24, (shape, decode)
     prefill = [r for r in json.loads(rows_json.read_text()) if r["label"] == "w8a8"]
     assert len(prefill) == 2 * 3
     for r in prefill:

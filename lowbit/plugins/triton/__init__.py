@@ -25,6 +25,10 @@ import functools
 import importlib.util
 import os
 
+# The (N, K) weight shapes the W4A16 kernels are held to (bench/kernels.py times them; compile_check --sass
+# models them): Llama-7B and -70B class projections.
+W4A16_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (no compilation, no autotuning)."""

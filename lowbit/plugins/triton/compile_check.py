@@ -6,7 +6,11 @@ the compiler accepts them for sm80 (A100), sm86 (A6000) and sm90 (H100/H200) wit
 and reports the shared memory each config needs, so a config no supported GPU can launch is caught here
 rather than on the first machine that has one.
 
-    python -m lowbit.plugins.triton.compile_check [--arch 80,86,90] [--quick]
+    python -m lowbit.plugins.triton.compile_check [--arch 80,86,90] [--quick] [--sass] [--json FILE]
+
+With ``--sass`` it also reads each GEMM's main loop from the machine code (``lowbit.plugins.triton.sass``):
+instructions per weight, and for the decode kernel the bytes each SM keeps in flight at M = 1 on the issue's
+W4A16 shapes (``W4A16_SHAPES``).
 
 Must run with TRITON_INTERPRET unset: interpreted kernels are not compiled.
 """
@@ -23,9 +27,9 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lowbit.plugins.triton import act_quant, interpreting, w4a16, w8a8
+from lowbit.plugins.triton import W4A16_SHAPES, act_quant, interpreting, w4a16, w8a8
 from lowbit.plugins.triton.act_quant import NONE
-from lowbit.plugins.triton.sass import loop_profile
+from lowbit.plugins.triton.sass import SM, loop_profile, resident_programs
 
 # Largest dynamic shared memory one block may use (bytes), per compute capability.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -66,13 +70,26 @@ class Case:
     run-time specialization a typical launch gets (aligned pointers and sizes, unit strides)."""
 
     def __init__(self, label, fn, pointers, consts, warps, stages, floats=(), aligned=(), ones=(), per_weight=None,
-                 arch_consts=None):
+                 arch_consts=None, programs=None):
         self.label, self.fn, self.pointers, self.consts = label, fn, pointers, consts
         self.arch_consts = arch_consts      # arch -> constants the launcher picks by architecture
         self.warps, self.stages, self.floats = warps, stages, floats
         self.aligned = tuple(pointers) + tuple(aligned)
         self.ones = ones
         self.per_weight = per_weight        # weights one loop iteration of one thread handles, for --sass
+        self.programs = programs            # (N, K) -> programs a launch runs, for the in-flight bytes of --sass
+
+    def in_flight(self, arch: int, prof: dict, shared: int) -> dict:
+        """KiB of weights one SM keeps in flight at each (N, K) of W4A16_SHAPES. A program whose loop prefetches
+        its weight tile with cp.async (LDGSTS bytes cover it) has num_stages - 1 tiles in flight, else one; an SM
+        holds as many programs as fit (``resident_programs``) or as the grid gives it. Activation tiles are left
+        out: at M = 1 they are one row, read from L2."""
+        tile = self.consts["BN"] * self.consts["BK"] * self.consts["BITS"] // 8
+        prefetched = prof["async_bytes"] * 32 * self.warps >= tile
+        per_program = (self.stages - 1 if prefetched else 1) * tile
+        fit = resident_programs(arch, prof["regs"], shared, self.warps)
+        return {f"{n}x{k}": min(fit, self.programs(n, k) / SM.COUNT[arch]) * per_program / 1024
+                for n, k in W4A16_SHAPES}
 
     def compile(self, arch: int):
         consts = {**self.consts, **(self.arch_consts(arch) if self.arch_consts else {})}
@@ -98,13 +115,15 @@ def cases(quick: bool = False):
     if quick:
         split, tiled = split[:2], tiled[:2]
 
-    def w4(label, consts, warps, stages, ptrs=None, ones=("stride_xk",)):
+    def w4(label, consts, warps, stages, ptrs=None, ones=("stride_xk",), programs=None):
         per = consts["BN"] * consts["BK"] / (32 * warps)
         return Case(label, w4a16._wna16_kernel, {**w4p, **(ptrs or {})}, consts, warps, stages,
-                    aligned=_W_ALIGNED, ones=ones, per_weight=per)
+                    aligned=_W_ALIGNED, ones=ones, per_weight=per, programs=programs)
 
     for consts, warps, stages in split:
-        yield w4("w4a16 split-K, M=1", consts, warps, stages, ones=("stride_xk", "M", "M_BUCKET"))
+        def programs(n, k, c=consts):       # one row tile at M = 1
+            return -(-n // c["BN"]) * c["SPLIT_K"]
+        yield w4("w4a16 split-K, M=1", consts, warps, stages, ones=("stride_xk", "M", "M_BUCKET"), programs=programs)
     for consts, warps, stages in split[:1]:
         yield w4("w4a16 split-K", consts, warps, stages)
     for consts, warps, stages in tiled:
@@ -175,6 +194,8 @@ def check(archs=ARCHS, quick: bool = False, log=None, sass: bool = False) -> lis
                 if sass and case.per_weight:
                     prof = loop_profile(out.asm["cubin"], case.per_weight)
                     row["sass"] = {k: v for k, v in prof.items() if k != "by_opcode"}
+                    if case.programs:
+                        row["in_flight_kib"] = case.in_flight(arch, prof, out.metadata.shared)
             except Exception as e:          # a compiler error is the finding: report it, go on with the rest
                 row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}"
             rows.append(row)
@@ -199,6 +220,8 @@ def main(argv=None) -> int:
             p = r["sass"]
             what += (f", {p['regs']} regs, {p['spill_bytes']} B spilled; loop {p['per_weight']:.2f} instr/weight"
                      f" (int->float {p['cvt']:.2f}, smem stores {p['smem_stores']:.2f})")
+        if "in_flight_kib" in r:
+            what += "; KiB in flight per SM " + "/".join(f"{v:.0f}" for v in r["in_flight_kib"].values())
         print(f"sm{r['arch']} {r['label']} {r['config']}: {what}", flush=True)
 
     rows = check([int(x) for x in a.arch.split(",")], a.quick, log, a.sass)
@@ -206,8 +229,14 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
     errors = [r for r in rows if "error" in r]
-    print(f"{len(rows)} compilations in {time.perf_counter() - t0:.0f}s: {len(errors)} failed, "
-          f"{sum(1 for r in rows if not r.get('fits', True))} over the shared-memory limit")
+    flights = [r for r in rows if "in_flight_kib" in r]
+    for arch in sorted({r["arch"] for r in flights}):
+        best = {shape: max(r["in_flight_kib"][shape] for r in flights if r["arch"] == arch)
+                for shape in flights[0]["in_flight_kib"]}
+        print(f"sm{arch} W4A16 M=1, most KiB in flight per SM of any config (of {SM.COUNT[arch]} SMs): "
+              + ", ".join(f"{shape} {v:.0f}" for shape, v in best.items()))
+    print(f"Triton {triton.__version__}: {len(rows)} compilations in {time.perf_counter() - t0:.0f}s: "
+          f"{len(errors)} failed, {sum(1 for r in rows if not r.get('fits', True))} over the shared-memory limit")
     return 1 if errors else 0
 
 
