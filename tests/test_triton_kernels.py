@@ -257,19 +257,34 @@ def test_wna16_split_k_paths():
         assert frob < 1e-5 and mx < 1e-5, cfg
 
 
-def test_split_k_configs_zero_their_output():
-    """Split-K configs add into the output, so each carries a pre-hook that zeroes it, and config pruning keeps
-    it. (The interpreter runs one fixed config, so only this catches a lost hook before a GPU does.)"""
+def test_split_k_reduction_by_the_last_split():
+    """Split-K programs leave fp32 partials and count in at their tile's counter; the last one sums the
+    partials in split order and resets the counter. So the counters are all zero after a call, a repeat call
+    gives the same bits, and a counter left non-zero (what a lost reset would leave behind) breaks the result:
+    the tile is then finished early, from missing partials, or never."""
+    qw, s, z, b, g = _layer(40, 256, 4, 64, seed=43)
+    x = _x(5, 256, seed=44)
+    ref = _wna16_ref(x, qw, s, z, b, 4, g, 256)
+    cfg = {"BN": 16, "BK": 32, "SPLIT_K": 4}
+    args = (*_dev(x, qw, s, z, b), 4, g, 256)
+    y = w4a16.wna16_matmul(*args, config=cfg)
+    counters = w4a16._COUNTERS[y.device]
+    assert counters.numel() >= 3 and not counters.any()
+    assert _errors(y, ref)[1] < 1e-5
+    assert torch.equal(w4a16.wna16_matmul(*args, config=cfg), y)
+    # New inputs, so stale partials of the last call cannot stand in for missing ones.
+    x2 = _x(5, 256, seed=45)
+    counters[1] = 2                                 # the second N tile: two splits "already arrived"
+    try:
+        bad = w4a16.wna16_matmul(*_dev(x2, qw, s, z, b), 4, g, 256, config=cfg)
+    finally:
+        counters.zero_()
+    assert _errors(bad, _wna16_ref(x2, qw, s, z, b, 4, g, 256))[1] > 1e-3
+
+
+def test_split_k_pruning():
     from lowbit.plugins.triton.packed import bk_pruner
 
-    split = [c for c in w4a16._SPLITK_CONFIGS if c.kwargs["SPLIT_K"] > 1]
-    assert split and all(c.pre_hook is not None for c in split)
-    assert all(c.pre_hook is None for c in w4a16._SPLITK_CONFIGS if c.kwargs["SPLIT_K"] == 1)
-    pruned = bk_pruner()(w4a16._SPLITK_CONFIGS, {"GROUP": 32, "K": 4096})
-    assert all((c.pre_hook is not None) == (c.kwargs["SPLIT_K"] > 1) for c in pruned)
-    y = torch.randn(3, 5)
-    split[0].pre_hook({"y_ptr": y})
-    assert not y.any()
     # At BM = 64 the tiles that would spill (more than 32 accumulator values a thread) are pruned; at 16 none.
     spill_aware = bk_pruner(max_acc_per_thread=32)
     at16 = spill_aware(w4a16._SPLITK_CONFIGS, {"GROUP": 128, "K": 4096}, BM=16)

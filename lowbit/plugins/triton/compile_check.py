@@ -107,7 +107,8 @@ def cases(quick: bool = False):
     weights, per-channel, no bias, a K that is not a multiple of the tile, bf16/fp32 activations, W4A8, and the
     activation quantization kernels in fp16/bf16."""
     # The hot path: 4-bit words read as int16 in the paired order, dequantized by inline PTX.
-    w4p = {"x_ptr": "*fp16", "w_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16"}
+    w4p = {"x_ptr": "*fp16", "w_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
+           "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
     base = {"BITS": 4, "PER": 4, "ONE_GROUP": False, "HAS_BIAS": True, "EVEN_K": True, "PAIRED": True, "ASM": True,
             "DOT_DTYPE": tl.float16, "DOT_PRECISION": "tf32", "GROUP_M": 8}
     split = list(_config_cases(w4a16._SPLITK_CONFIGS, **base, BM=16))
@@ -118,7 +119,7 @@ def cases(quick: bool = False):
     def w4(label, consts, warps, stages, ptrs=None, ones=("stride_xk",), programs=None):
         per = consts["BN"] * consts["BK"] / (32 * warps)
         return Case(label, w4a16._wna16_kernel, {**w4p, **(ptrs or {})}, consts, warps, stages,
-                    aligned=_W_ALIGNED, ones=ones, per_weight=per, programs=programs)
+                    aligned=_W_ALIGNED + ("stride_wsk",), ones=ones, per_weight=per, programs=programs)
 
     for consts, warps, stages in split:
         def programs(n, k, c=consts):       # one row tile at M = 1

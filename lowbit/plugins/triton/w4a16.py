@@ -7,12 +7,14 @@ One kernel, two launch shapes:
 
 - split-K (decode, M <= 64): a [BM=16..64, BN] output tile per program and SPLIT_K programs along K, each
   over a contiguous run of K tiles. At small M the kernel is a weight stream; splitting K puts enough programs
-  in flight to keep every SM reading. With SPLIT_K > 1 the partial sums meet by ``tl.atomic_add`` in the
-  output itself (x's dtype), which the config's pre-hook zeroes first: no fp32 buffer and no cast kernel, so
-  a decode step is one kernel launch (or a memset and one), not three. The order of the SPLIT_K additions
-  varies from run to run, and each partial is rounded to x's dtype once before its addition, so results agree
-  with the reference to a few roundings of the output dtype rather than bit for bit. SPLIT_K = 1 configs
-  store directly, and the autotuner times each config with its memset included.
+  (and bytes) in flight to keep every SM reading. With SPLIT_K > 1 each program writes its fp32 partial sum
+  to a workspace and counts itself in at its tile's counter; the last to arrive adds the SPLIT_K partials in
+  split order, adds the bias, rounds once to x's dtype and stores, then sets the counter back to zero for the
+  next launch. So a decode step is one kernel launch: no memset before it (at decode sizes a memset launch
+  would cost a good share of the GEMM's own time) and no cast after it. The result does not depend on which split finishes
+  first, so it is the same bits on every run. The counters live in one zeroed int32 buffer per device
+  (``_tile_counters``), made by the first call: split-K launches on two streams of one device at the same
+  time would share it, so they are meant for one stream (or one CUDA graph) at a time.
 - tiled (prefill, M > 64): [BM, BN] tiles over the whole K, grouped along M so a weight tile is dequantized
   for GROUP_M row tiles while it is in L2; bias and the cast fused in the epilogue.
 
@@ -149,9 +151,9 @@ def _paired_x(xt, BK: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
-def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                   M, N, K, KP, GROUP, M_BUCKET,
-                  stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_ym,
+                  stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_ym, stride_wsk,
                   BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                   EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -206,25 +208,32 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
         s = tl.load(s_ptr + rn * stride_sn, mask=n_mask, other=0.0).to(tl.float32)
         acc = part * s[:, None]
 
-    if HAS_BIAS:
-        # Added once per output: by the first K split only.
-        bias = tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
-        acc += tl.where(pid_k == 0, bias, 0.0)[:, None]
-    y_ptrs = y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None]
     mask = m_mask[None, :] & n_mask[:, None]
-    out = acc.to(y_ptr.dtype.element_ty)
     if SPLIT_K > 1:
-        # Splits add their partial sums into the zeroed output, in its dtype: one kernel, no fp32 buffer and no
-        # cast afterwards. Each partial is rounded once more than a single pass would round it; the order of
-        # the SPLIT_K additions varies from run to run.
-        tl.atomic_add(y_ptrs, out, mask=mask, sem="relaxed")
+        # Publish this split's partial, then count in at the tile's counter. The barrier puts every thread's
+        # stores before the (one) release of the counter; the last program to arrive acquires them all, reads
+        # them past L1 (.cg) and finishes the tile, in split order, so the sum is the same whoever is last.
+        ws_tile = ws_ptr + rm.to(tl.int64)[None, :] * N + rn[:, None]
+        tl.store(ws_tile + pid_k * stride_wsk, acc, mask=mask, cache_modifier=".cg")
+        tl.debug_barrier()
+        counter = cnt_ptr + tl.program_id(0)
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+            for j in tl.static_range(SPLIT_K):
+                acc += tl.load(ws_tile + j * stride_wsk, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_tile(acc, b_ptr, y_ptr, rm, rn, n_mask, mask, stride_ym, HAS_BIAS)
+            tl.store(counter, 0)                # zero again for the next launch
     else:
-        tl.store(y_ptrs, out, mask=mask)
+        _store_tile(acc, b_ptr, y_ptr, rm, rn, n_mask, mask, stride_ym, HAS_BIAS)
 
 
-def _zero_output(nargs):
-    """Autotuner pre-hook of split-K configs: their programs add into the output, so it starts at zero."""
-    nargs["y_ptr"].zero_()
+@triton.jit
+def _store_tile(acc, b_ptr, y_ptr, rm, rn, n_mask, mask, stride_ym, HAS_BIAS: tl.constexpr):
+    """The transposed tile acc [BN, BM] plus bias, rounded once to y's dtype, into y [M, N]."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _cfg(bn, bk, warps, stages, bm=None, split_k=None, group_m=8):
@@ -233,8 +242,7 @@ def _cfg(bn, bk, warps, stages, bm=None, split_k=None, group_m=8):
         kw["BM"] = bm
     if split_k is not None:
         kw["SPLIT_K"] = split_k
-    return triton.Config(kw, num_warps=warps, num_stages=stages,
-                         pre_hook=_zero_output if (split_k or 1) > 1 else None)
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 # Decode: weight-streaming, so wide K tiles (long coalesced row reads) and enough programs to keep every SM
@@ -269,6 +277,26 @@ _INTERPRET_SPLITK = {"BN": 32, "BK": 64, "SPLIT_K": 2}
 _INTERPRET_TILED = {"BM": 32, "BN": 32, "BK": 64}
 
 
+_SPLIT_K_MAX = max(c.kwargs["SPLIT_K"] for c in _SPLITK_CONFIGS)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The split-K tile counters of ``device``: int32, zero between launches (each launch's last program per
+    tile resets its counter), at least ``tiles`` of them.
+
+    One buffer per device, made zeroed by the first call, which is outside any CUDA graph: autotuning needs an
+    eager warm-up call before capture anyway. A capture that finds none, or too few, makes its own inside the
+    graph, so its memset is replayed with it, and does not keep it (its memory belongs to the graph).
+    """
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 1 << 16), dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _COUNTERS[device] = buf
+    return buf
+
+
 def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
                  config: dict | None = None) -> torch.Tensor:
@@ -301,12 +329,18 @@ def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     one_group = group_size >= k
     if config is None and interpreting():
         config = dict(_INTERPRET_SPLITK if m <= SPLIT_K_MAX_M else _INTERPRET_TILED)
-    # Split-K configs zero the output first (their own pre-hook when autotuned; here when forced).
-    zeroed = config is not None and config.get("SPLIT_K", 1) > 1
-    out = (torch.zeros if zeroed else torch.empty)((m, n), device=x2d.device, dtype=store_dtype(x2d.dtype))
-    args = (x2d, wq, scales, zeros, bias if bias is not None else scales, out,
+    out = torch.empty((m, n), device=x2d.device, dtype=store_dtype(x2d.dtype))
+    split_path = config.get("SPLIT_K", 1) > 1 if config is not None else m <= SPLIT_K_MAX_M
+    if split_path:
+        # fp32 partials of up to SPLIT_K splits, and a counter per output tile (BM and BN are at least 16).
+        splits = config["SPLIT_K"] if config is not None else _SPLIT_K_MAX
+        ws = torch.empty((splits, m, n), device=x2d.device, dtype=torch.float32)
+        counters = _tile_counters(x2d.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
+    else:
+        ws, counters = out, out         # not read: SPLIT_K = 1
+    args = (x2d, wq, scales, zeros, bias if bias is not None else scales, out, ws, counters,
             m, n, k, wq.shape[1], group_size, next_pow2(m),
-            x2d.stride(0), x2d.stride(1), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
+            x2d.stride(0), x2d.stride(1), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0), m * n)
     consts = dict(BITS=bits, PER=per, ONE_GROUP=one_group, HAS_BIAS=bias is not None, PAIRED=paired,
                   ASM=not interpreting(),
                   DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32")
