@@ -31,8 +31,6 @@ from lowbit.plugins.triton import W4A16_SHAPES, act_quant, interpreting, w4a16, 
 from lowbit.plugins.triton.act_quant import NONE
 from lowbit.plugins.triton.sass import SM, loop_profile, resident_programs
 
-# Largest dynamic shared memory one block may use (bytes), per compute capability.
-SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 ARCHS = (80, 86, 90)
 
 
@@ -191,7 +189,7 @@ def check(archs=ARCHS, quick: bool = False, log=None, sass: bool = False) -> lis
             try:
                 out = case.compile(arch)
                 row["shared"] = out.metadata.shared
-                row["fits"] = out.metadata.shared <= SMEM_LIMIT[arch]
+                row["fits"] = out.metadata.shared <= SM.SHARED_PER_BLOCK[arch]
                 if sass and case.per_weight:
                     prof = loop_profile(out.asm["cubin"], case.per_weight)
                     row["sass"] = {k: v for k, v in prof.items() if k != "by_opcode"}

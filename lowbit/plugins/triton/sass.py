@@ -11,8 +11,8 @@ Issue slots are half of the question; the other half is whether enough bytes are
 latency (Little's law: bandwidth x latency). Triton prefetches the tiles that feed a dot ``num_stages - 1``
 iterations ahead with cp.async (LDGSTS, counted by ``loop_profile``), so a program keeps that many weight tiles
 in flight, and an SM as many programs as its registers, shared memory, warp and block slots hold
-(``resident_programs``), or as many as the grid gives it (``compile_check`` multiplies the two). It is a model, not a measurement: the latency to
-cover is an assumption, and nothing here sees DRAM or cache behaviour.
+(``resident_programs``), or as many as the grid gives it (``compile_check`` multiplies the two). It is a model,
+not a measurement: the latency to cover is an assumption, and nothing here sees DRAM or cache behaviour.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ _WIDTH = re.compile(r"\.[US]?(8|16|32|64|128)\b")        # a load's width in bit
 
 
 class SM:
-    """One SM's limits on resident programs, and the SM count of the reference GPU of each architecture
-    (A100, A6000, H100/H200): registers, shared memory per SM (bytes; each block also takes 1 KiB the driver
-    reserves), warps, blocks."""
+    """One SM's limits per compute capability, and the SM count of each architecture's reference GPU (A100,
+    A6000, H100/H200): registers, shared memory per SM (bytes; each block also takes 1 KiB the driver
+    reserves) and the most one block may use, warps, blocks."""
 
     COUNT = {80: 108, 86: 84, 90: 132}
     REGS = 65536
     SHARED = {80: 167936, 86: 102400, 89: 102400, 90: 233472}
+    SHARED_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
     WARPS = {80: 64, 86: 48, 89: 48, 90: 64}
     BLOCKS = {80: 32, 86: 16, 89: 24, 90: 32}
 
@@ -109,8 +110,7 @@ def loop_profile(cubin: bytes, weights_per_iteration: float) -> dict:
     Keys: ``regs``, ``spill_bytes`` (stack frame and local memory per thread: register spills), ``loop``
     (instructions per iteration), ``per_weight`` (all of them), ``cvt`` (int -> float conversions, I2F, a
     quarter-rate pipe), ``smem_stores`` (STS), ``mma`` (tensor-core instructions: HMMA, HGMMA, IMMA, IGMMA),
-    ``async_bytes`` (bytes one thread prefetches per iteration with cp.async, LDGSTS), ``sync_bytes`` (bytes it
-    loads straight into registers, LDG, not prefetched), ``by_opcode`` (a Counter
+    ``async_bytes`` (bytes one thread prefetches per iteration with cp.async, LDGSTS), ``by_opcode`` (a Counter
     of the loop's opcodes).
     """
     sass, res = disassemble(cubin)
@@ -122,4 +122,4 @@ def loop_profile(cubin: bytes, weights_per_iteration: float) -> dict:
             "spill_bytes": int(m.group(2)) + int(m.group(3)) if m else None,
             "loop": len(loop), "per_weight": len(loop) / per, "cvt": ops["I2F"] / per,
             "smem_stores": ops["STS"] / per, "mma": sum(n for op, n in ops.items() if op.endswith("MMA")),
-            "async_bytes": _load_bytes(loop, "LDGSTS"), "sync_bytes": _load_bytes(loop, "LDG"), "by_opcode": ops}
+            "async_bytes": _load_bytes(loop, "LDGSTS"), "by_opcode": ops}

@@ -11,8 +11,8 @@ One kernel, two launch shapes:
   to a workspace and counts itself in at its tile's counter; the last to arrive adds the SPLIT_K partials in
   split order, adds the bias, rounds once to x's dtype and stores, then sets the counter back to zero for the
   next launch. So a decode step is one kernel launch: no memset before it (at decode sizes a memset launch
-  would cost a good share of the GEMM's own time) and no cast after it. The result does not depend on which split finishes
-  first, so it is the same bits on every run. The counters live in one zeroed int32 buffer per device
+  would cost a good share of the GEMM's own time) and no cast after it. The result does not depend on which
+  split finishes first, so it is the same bits on every run. The counters live in one zeroed int32 buffer per device
   (``_tile_counters``), made by the first call: split-K launches on two streams of one device at the same
   time would share it, so they are meant for one stream (or one CUDA graph) at a time.
 - tiled (prefill, M > 64): [BM, BN] tiles over the whole K, grouped along M so a weight tile is dequantized
