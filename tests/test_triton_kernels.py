@@ -279,7 +279,9 @@ def test_split_k_reduction_by_the_last_split():
         bad = w4a16.wna16_matmul(*_dev(x2, qw, s, z, b), 4, g, 256, config=cfg)
     finally:
         counters.zero_()
-    assert _errors(bad, _wna16_ref(x2, qw, s, z, b, 4, g, 256))[1] > 1e-3
+    # The early finish sums workspace memory no split wrote this call: stale values, or NaN from fresh memory.
+    err = _errors(bad, _wna16_ref(x2, qw, s, z, b, 4, g, 256))[1]
+    assert not err <= 1e-3, err
 
 
 def test_split_k_pruning():
