@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,25 @@ def sample_text(n_words: int, seed: int) -> str:
             lines.append(" ".join(line).capitalize() + ".")
             line = []
     return "\n".join(lines) + "\n"
+
+
+def non_vnni_matmul_integer(a: np.ndarray, b: np.ndarray, a_zero: int, b_zero: int) -> np.ndarray:
+    """What an integer GEMM computes on x86 without VNNI (ONNX Runtime's MLAS on AVX2 / AVX-512 core), for
+    a [..., M, K] and b [..., K, N]: uint8 x int8 multiplies raw codes with ``vpmaddubsw``, which adds each
+    adjacent pair of products (k = 2i, 2i + 1) into a saturating int16; the zero points are taken off
+    exactly afterwards from row and column sums. Other type pairs widen first and are exact. The oracle of
+    the exactness tests, checked bit for bit against ONNX Runtime on an AVX2 machine."""
+    a64, b64 = a.astype(np.int64), b.astype(np.int64)
+    k = a.shape[-1]
+    if a.dtype == np.uint8 and b.dtype == np.int8:
+        pad = k % 2
+        a2 = np.pad(a64, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+        b2 = np.pad(b64, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
+        prod = a2[..., :, :, None] * b2[..., None, :, :]                    # [..., M, K, N]
+        raw = np.clip(prod[..., 0::2, :] + prod[..., 1::2, :], -32768, 32767).sum(-2)
+    else:
+        raw = a64 @ b64
+    return raw - a_zero * b64.sum(-2, keepdims=True) - b_zero * a64.sum(-1, keepdims=True) + k * a_zero * b_zero
 
 
 def make_tokenizer():

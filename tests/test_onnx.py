@@ -16,6 +16,7 @@ from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.errors import LowbitError
 from lowbit.passes.quantize import QuantSpec, pack_codes, quantize_weight
 from lowbit.plugins.onnx.ort_ops import (block_size_for, to_gather_nbits, to_matmul_a8, to_matmul_nbits)
+from lowbit.runtime.inspect_artifact import describe
 
 from conftest import sample_text
 
@@ -81,7 +82,7 @@ def test_matmul_a8_in_onnxruntime_equals_w8a8(k, group, tmp_path):
     mod = OrtMatMulA8(layer, torch.float32)
     torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
     t = to_matmul_a8(qweight, scales, zeros, 8, eff, k)
-    assert t["w"].dtype == torch.int8
+    assert t["w"].dtype == torch.uint8 and t["w_zero"] == 128          # uint8 x uint8: exact on every CPU
     from lowbit.plugins.onnx import translations
 
     path = tmp_path / "a8.onnx"
@@ -172,7 +173,26 @@ def test_gptq_act_order_parity(arch, model_dirs, tokenizer, calib_file, tmp_path
 def test_w8a8_parity(arch, model_dirs, tokenizer, tmp_path):
     art = _compile_onnx(model_dirs[arch], "zq-w8a8", tmp_path / "w")
     _check_parity(art, tokenizer)
-    assert read_manifest(art)["onnx"]["ops"]["MatMulInteger"] >= 8
+    onnx_info = read_manifest(art)["onnx"]
+    assert onnx_info["ops"]["MatMulInteger"] >= 8
+    assert onnx_info["integer_matmuls"] == {"u8u8": onnx_info["ops"]["MatMulInteger"]}
+
+
+def test_w4a8_mixed_parity_and_old_artifacts_refused(model_dirs, tokenizer, tmp_path):
+    """INT4 MLP weights (|w| <= 8) keep ONNX Runtime's faster uint8 x int8 GEMM, INT8 attention weights go
+    uint8 x uint8. An artifact without the record of its integer matmul forms predates the exactness check
+    and is refused by the ORT backend rather than run with saturating GEMMs."""
+    art = _compile_onnx(model_dirs["llama"], "zq-w4a8-mixed", tmp_path / "m")
+    _check_parity(art, tokenizer)
+    info = read_manifest(art)["onnx"]
+    assert info["integer_matmuls"] == {"u8u8": 8, "u8s8-7bit": 6}
+    assert "MatMulInteger forms u8u8 x8, u8s8-7bit x6" in describe(art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    del manifest["onnx"]["integer_matmuls"]
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LowbitError, match="older lowbit.*without VNNI.*recompile"):
+        lowbit.load(art, backend="ort")
+    assert lowbit.load(art, backend="torch").backend == "torch"
 
 
 def test_fp_and_quantized_embedding_and_grouped_w8a8(model_dirs, tokenizer, tmp_path):

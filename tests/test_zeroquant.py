@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,9 +13,10 @@ from lowbit.compiler.frontend import load_model
 from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.passes.lkd import block_loss
 from lowbit.passes.quantize import QuantSpec, pack_codes, quantize_weight
+from lowbit.plugins import ops
 from lowbit.plugins.ops import int8_matmul, quantize_rows_int8, signed_weight
 
-from conftest import sample_text
+from conftest import non_vnni_matmul_integer, sample_text
 
 
 def _cli(capsys, *args):
@@ -50,6 +52,33 @@ def test_w8a8_kernel_is_exact_integer_arithmetic():
         y64 = y64 * sx.double()
         y = torch.ops.lowbit.w8a8_linear(x, qweight, scales, zeros, None, 8, eff, k)
         assert float(((y.double() - y64).abs() / y64.abs().max()).max()) < 1e-6
+
+
+def test_int8_matmul_exact_where_torch_int_mm_saturates(monkeypatch):
+    """The torch backend's int32 products do not depend on the CPU: a ``torch._int_mm`` that saturates like an
+    x86 GEMM without VNNI (int8 activations shifted to uint8, pairs summed in int16) fails the probe, and
+    ``int8_matmul`` falls back to exact math; on adversarial inputs it is exact either way."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.full((5, 96), 127, dtype=torch.int8)
+    a[1] = -127
+    b = (torch.randint(0, 2, (24, 24), generator=g) * 254 - 127).repeat_interleave(4, 1).to(torch.int8)   # [N, K]
+    exact = a.long() @ b.long().t()
+    assert torch.equal(int8_matmul(a, b).long(), exact)
+
+    def saturating_int_mm(x, w):
+        shifted = (x.numpy().astype(np.int16) + 128).astype(np.uint8)
+        return torch.from_numpy(non_vnni_matmul_integer(shifted, w.numpy(), 128, 0).astype(np.int32))
+
+    assert not torch.equal(saturating_int_mm(a, b.t()).long(), exact)      # the emulation does saturate here
+    monkeypatch.setattr(torch, "_int_mm", saturating_int_mm)
+    ops.int_mm_is_exact.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="not exact on this CPU"):
+            assert not ops.int_mm_is_exact()
+        assert torch.equal(int8_matmul(a, b).long(), exact)
+    finally:
+        monkeypatch.undo()
+        ops.int_mm_is_exact.cache_clear()
 
 
 def test_w4a8_kernel_is_exact_integer_arithmetic():

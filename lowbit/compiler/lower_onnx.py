@@ -174,15 +174,19 @@ def op_name(node) -> str:
 
 
 def check_and_describe(path: Path) -> dict:
-    """Run onnx's full checker on the saved model; its op histogram and matmul weight bytes."""
+    """Run onnx's full checker on the saved model and prove its integer matmuls exact on every CPU; its op
+    histogram, matmul weight bytes and integer matmul forms."""
     import onnx
     from onnx import numpy_helper
+
+    from lowbit.plugins.onnx.integer_matmul import check_integer_matmuls
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise LowbitError(f"the exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from None
     model = onnx.load(str(path), load_external_data=False)
+    integer_matmuls = check_integer_matmuls(model, str(path.parent))
     sizes = {}
     for init in model.graph.initializer:
         sizes[init.name] = (numpy_helper.to_array(init).nbytes if not init.external_data
@@ -198,7 +202,7 @@ def check_and_describe(path: Path) -> dict:
             matmul_bytes[op_name(n)] += sum(sizes.get(i, 0) for i in n.input)
     return {"bytes": sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file()),
             "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-            "matmul_weight_bytes": dict(matmul_bytes)}
+            "matmul_weight_bytes": dict(matmul_bytes), "integer_matmuls": integer_matmuls}
 
 
 def write_onnx_target(tmp: Path, task: str, accuracy_level: int = 0) -> dict:

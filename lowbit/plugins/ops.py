@@ -33,6 +33,7 @@ otherwise. Triton is imported on the first CUDA call, never at ``import lowbit``
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional
 
@@ -143,9 +144,32 @@ def signed_weight(qweight, zeros, bits: int, in_features: int, group_size: int) 
     return (codes - z).to(torch.int8)
 
 
+@functools.cache
+def int_mm_is_exact() -> bool:
+    """Whether ``torch._int_mm`` sums int8 products exactly in int32 on this CPU, probed once per process.
+
+    An int8 GEMM may shift one operand to uint8 and add pairs of u8 * s8 products in a saturating int16
+    (x86 without VNNI), or halve the weights to avoid that; either breaks exactness. The probe puts codes of
+    +-127 in runs of one sign along K, where both would show, at a decode and a prefill shape."""
+    k, n = 64, 16
+    g = torch.Generator().manual_seed(0)
+    b = (torch.randint(0, 2, (k // 4, n), generator=g) * 2 - 1).repeat_interleave(4, 0) * 127
+    b[::3] -= torch.sign(b[::3])                                         # odd codes too
+    for m in (1, 32):
+        a = torch.full((m, k), 127)
+        a[1::2] = torch.where(torch.rand(m // 2, k, generator=g) < 0.5, -127, 127)
+        a, w = a.to(torch.int8), b.to(torch.int8)
+        if not torch.equal(torch._int_mm(a, w).long(), a.long() @ w.long()):
+            warnings.warn("lowbit: torch._int_mm is not exact on this CPU; W8A8 layers on CPU use exact float64 "
+                          "matmuls instead (slower)", stacklevel=3)
+            return False
+    return True
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int32 a [M, K] @ b [N, K].T: torch's int8 GEMM on CPU, float64 (exact for these sizes) elsewhere."""
-    if a.device.type == "cpu":
+    """Exact int32 a [M, K] @ b [N, K].T: torch's int8 GEMM on CPU where it is exact, float64 (exact for these
+    sizes: |sum| <= K * 127^2 < 2^53) elsewhere."""
+    if a.device.type == "cpu" and int_mm_is_exact():
         return torch._int_mm(a, b.t())
     return (a.double() @ b.double().t()).to(torch.int32)
 

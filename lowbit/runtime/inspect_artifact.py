@@ -36,6 +36,10 @@ def describe(path, as_json: bool = False) -> str:
         o = m["onnx"]
         out.insert(-1, f"onnx       onnx/{o['file']} {_mib(o['bytes'])}, opset {o['opset']}, accuracy_level "
                        f"{o['accuracy_level']}; ops " + ", ".join(f"{k} x{v}" for k, v in list(o["ops"].items())[:8]))
+        if o.get("integer_matmuls"):
+            out.insert(-1, "           MatMulInteger forms " + ", ".join(f"{k} x{v}" for k, v in
+                                                                     o["integer_matmuls"].items())
+                       + " (int32 sums exact on every CPU)")
     for name, layer in layers.items():
         group = "ch" if layer["group_size"] >= layer["in_features"] else layer["group_size"]
         kind = {"wna16_embedding": " embedding", "w8a8_linear": " int8-activations"}.get(layer["op"], "")

@@ -46,6 +46,10 @@ class OrtRunner:
             raise LowbitError(f"artifact '{path}' was compiled for target '{manifest.get('target')}' and has no ONNX "
                               "model; recompile it with --target onnx to use --backend ort")
         file = path / "onnx" / info["file"]
+        if info.get("ops", {}).get("MatMulInteger") and "integer_matmuls" not in info:
+            # Compiled before the check in integer_matmul: its uint8 x int8 GEMMs saturate on x86 without VNNI.
+            raise LowbitError(f"artifact '{path}' has a W8A8 ONNX model from an older lowbit whose integer matmuls "
+                              "give wrong results on x86 CPUs without VNNI; recompile it with --target onnx")
         providers = pick_providers(provider)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -18,11 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.plugins.onnx.integer_matmul import U8S8_EXACT_MAX_ABS_B
 from lowbit.plugins.ops import ACT_EPS, ACT_QMAX, quantize_rows_int8, signed_weight
 from lowbit.passes.quantize import dequantize_codes, pack_codes, unpack_codes
 
 MIN_BLOCK = 16
 CONTRIB_DOMAIN = "com.microsoft"
+A_ZERO_U8 = 128         # W8A8 activations go to MatMulInteger as uint8 code + 128
+W_ZERO_U8 = 128         # 8-bit weights likewise (uint8 x uint8: exact on every CPU, see integer_matmul)
 
 
 # ---- layout conversion (compile time) ----------------------------------------------------------------
@@ -58,14 +61,21 @@ def to_matmul_nbits(qweight, scales, zeros, bits: int, group: int, k: int, dtype
 
 
 def to_matmul_a8(qweight, scales, zeros, bits: int, group: int, k: int) -> dict:
-    """lowbit symmetric packed layer -> int8 weight and float32 scales for ``MatMulInteger``: [K, N] and [N]
-    per-channel, else [G, group, N] (K zero-padded) and [G, 1, N], one int32 product per group."""
+    """lowbit symmetric packed layer -> weight and float32 scales for ``MatMulInteger``: [K, N] and [N]
+    per-channel, else [G, group, N] (K padded with zero weights) and [G, 1, N], one int32 product per group.
+
+    The weight's type picks the form that is exact on every CPU (``integer_matmul``): codes of at most 7 bits
+    (|w| <= 64) stay int8 for ONNX Runtime's uint8 x int8 GEMM, 8-bit ones become uint8 ``w + 128`` with zero
+    point ``w_zero = 128`` for its uint8 x uint8 GEMM."""
     w = signed_weight(qweight, zeros, bits, k, group)                          # [N, K] int8
+    w_zero = 0 if 1 << (bits - 1) <= U8S8_EXACT_MAX_ABS_B else W_ZERO_U8
+    if w_zero:
+        w = (w.to(torch.int16) + w_zero).to(torch.uint8)
     n, g = w.shape[0], scales.shape[1]
     if g == 1:
-        return {"w": w.t().contiguous(), "scales": scales.float().reshape(n).contiguous()}
-    w = F.pad(w, (0, g * group - k)).view(n, g, group).permute(1, 2, 0)    # [G, group, N]
-    return {"w": w.contiguous(), "scales": scales.float().t().reshape(g, 1, n).contiguous()}
+        return {"w": w.t().contiguous(), "scales": scales.float().reshape(n).contiguous(), "w_zero": w_zero}
+    w = F.pad(w, (0, g * group - k), value=w_zero).view(n, g, group).permute(1, 2, 0)    # [G, group, N]
+    return {"w": w.contiguous(), "scales": scales.float().t().reshape(g, 1, n).contiguous(), "w_zero": w_zero}
 
 
 def gather_block_ok(group: int, dim: int) -> bool:
@@ -104,15 +114,16 @@ def _(x, b, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
 
 @torch.library.custom_op("lowbit::ort_matmul_a8", mutates_args=())
 def ort_matmul_a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
-                  K: int, N: int, group: int) -> torch.Tensor:
+                  K: int, N: int, group: int, w_zero: int) -> torch.Tensor:
     q, sx = quantize_rows_int8(x)
     q = q.double()
+    w = w.double() - w_zero
     g = -(-K // group)
     if g == 1:
-        y = (q @ w.double()).float() * scales                                 # exact int32 sums
+        y = (q @ w).float() * scales                                             # exact int32 sums
     else:
         q = F.pad(q, (0, g * group - K)).reshape(-1, g, group).transpose(0, 1)   # [G, M, group]
-        acc = torch.bmm(q, w.double())                                            # [G, M, N]
+        acc = torch.bmm(q, w)                                                     # [G, M, N]
         y = (acc.float() * scales).sum(0).reshape(*x.shape[:-1], N)
     y = y * sx
     if bias is not None:
@@ -121,7 +132,7 @@ def ort_matmul_a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: 
 
 
 @ort_matmul_a8.register_fake
-def _(x, w, scales, bias, K, N, group):
+def _(x, w, scales, bias, K, N, group, w_zero):
     return x.new_empty((*x.shape[:-1], N))
 
 
@@ -164,10 +175,11 @@ class OrtMatMulA8(torch.nn.Module):
         self.register_buffer("w", t["w"])
         self.register_buffer("scales", t["scales"])
         self.register_buffer("bias", None if layer.bias is None else layer.bias.to(dtype))
-        self.k, self.n, self.group = layer.in_features, layer.out_features, layer.group_size
+        self.k, self.n, self.group, self.w_zero = layer.in_features, layer.out_features, layer.group_size, t["w_zero"]
 
     def forward(self, x):
-        return torch.ops.lowbit.ort_matmul_a8(x, self.w, self.scales, self.bias, self.k, self.n, self.group)
+        return torch.ops.lowbit.ort_matmul_a8(x, self.w, self.scales, self.bias, self.k, self.n, self.group,
+                                              self.w_zero)
 
 
 class OrtGatherNBits(torch.nn.Module):
@@ -216,28 +228,31 @@ def translations() -> dict:
         return matmul_nbits_op(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
                               accuracy_level=accuracy_level)
 
-    def matmul_a8(x, w, scales, bias, K, N, group):
+    def matmul_a8(x, w, scales, bias, K, N, group, w_zero):
         # ONNX Runtime's fused DynamicQuantizeMatMul uses one scale per tensor, not per token, so the
         # per-token semantics need this standard-op subgraph (all of it runs on ONNX Runtime's CPU EP).
         amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
         sx = op.Max(op.Div(amax, op.Constant(value_float=float(ACT_QMAX))), op.Constant(value_float=ACT_EPS))
         q = op.Clip(op.Round(op.Div(x, sx)), op.Constant(value_float=-float(ACT_QMAX)),
                     op.Constant(value_float=float(ACT_QMAX)))
-        # Shift to uint8 with a zero point of 128: the same integers, and ONNX Runtime's CPU GEMM for u8 x s8
-        # is much faster than its s8 x s8 path (bench/ort_cpu.py: W8A8 decode 0.50x FP32 with s8, 1.46x with u8).
-        q = op.Cast(op.Add(q, op.Constant(value_float=128.0)), to=UINT8)
-        zero = op.Constant(value=onnx.helper.make_tensor("a_zero_point", UINT8, [], [128]))
+        # uint8 activations with a zero point (the same integers): ONNX Runtime's u8 x s8 and u8 x u8 GEMMs
+        # are several times faster than its s8 x s8 one (bench/ort_int8_forms.py).
+        q = op.Cast(op.Add(q, op.Constant(value_float=float(A_ZERO_U8))), to=UINT8)
+        a_zero = op.Constant(value=onnx.helper.make_tensor("a_zero_point", UINT8, [], [A_ZERO_U8]))
+        # 8-bit weights come as uint8 with zero point 128: u8 x s8 would saturate on x86 without VNNI.
+        zeros = (a_zero, op.Constant(value=onnx.helper.make_tensor("b_zero_point", UINT8, [], [w_zero]))) \
+            if w_zero else (a_zero,)
         g = -(-K // group)
         if g == 1:
-            acc = op.MatMulInteger(q, w, zero)
+            acc = op.MatMulInteger(q, w, *zeros)
             y = op.Mul(op.Cast(acc, to=FLOAT), scales)
         else:
             flat = op.Reshape(q, op.Constant(value_ints=[-1, K]))
             if g * group != K:
-                # pad with code 128 (= 0 after the zero point) so the padding adds nothing
-                flat = op.Pad(flat, op.Constant(value_ints=[0, 0, 0, g * group - K]), zero)
+                # pad with the zero point so the padding adds nothing
+                flat = op.Pad(flat, op.Constant(value_ints=[0, 0, 0, g * group - K]), a_zero)
             grouped = op.Transpose(op.Reshape(flat, op.Constant(value_ints=[-1, g, group])), perm=[1, 0, 2])
-            acc = op.MatMulInteger(grouped, w, zero)                          # [G, M, N] int32
+            acc = op.MatMulInteger(grouped, w, *zeros)                        # [G, M, N] int32
             y = op.ReduceSum(op.Mul(op.Cast(acc, to=FLOAT), scales), op.Constant(value_ints=[0]), keepdims=0)
             y = op.Reshape(y, op.Concat(op.Shape(x, start=0, end=-1), op.Constant(value_ints=[N]), axis=0))
         y = op.Mul(y, sx)
