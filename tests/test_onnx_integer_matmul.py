@@ -134,7 +134,7 @@ def _u8s8_graph(w: np.ndarray, b_is_input: bool = False, a_type=TensorProto.UINT
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def test_saturating_form_is_caught_on_any_cpu():
+def test_saturating_form_is_caught_on_any_cpu(tmp_path):
     """Negative controls: the uint8 x int8 form with 8-bit weights (what lowbit emitted before) is wrong on
     the adversarial inputs in the non-VNNI kernel's arithmetic, and the form check refuses it."""
     layer, x = adversarial_layer(8, 24, 128, 0, seed=5)
@@ -158,6 +158,18 @@ def test_saturating_form_is_caught_on_any_cpu():
     # sums without it (which confirms the emulation models the real kernel).
     got = ort.InferenceSession(bad.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
     assert np.array_equal(got, exact) or np.array_equal(got, emulated)
+
+    # An exported uint8 x uint8 graph edited back to uint8 x int8 (its declared types left stale) is refused:
+    # the check traces operand types to their Cast and initializer.
+    path = export_a8(layer, tmp_path / "a8.onnx")
+    edited = onnx.load(path)
+    (node,) = [n for n in edited.graph.node if n.op_type == "MatMulInteger"]
+    init = next(i for i in edited.graph.initializer if i.name == node.input[1])
+    init.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(init).astype(np.int16) - 128).astype(np.int8),
+                                          init.name))
+    del node.input[3]
+    assert [f["form"] for f in integer_matmul_forms(onnx.load(path))] == ["u8u8"]
+    assert integer_matmul_forms(edited)[0]["form"] is None
 
     small = np.clip(w, -64, 64).astype(np.int8)
     assert [f["form"] for f in integer_matmul_forms(_u8s8_graph(small))] == ["u8s8-7bit"]

@@ -9,8 +9,8 @@ ONNX Runtime (MLAS) picks its integer GEMM by the operands' types and the CPU:
   on. With VNNI (``vpdpbusd``), AMX and on ARM64 the same form is exact, so a test on such a machine alone
   cannot see the problem.
 - uint8 x uint8 widens both operands to int16 and multiplies with ``vpmaddwd`` (int32 pair sums) on
-  SSE/AVX2/AVX-512, ``vpdpbuud`` with AVX-VNNI-INT8, and widening or dot-product instructions on ARM64:
-  exact everywhere, for any values.
+  SSE/AVX2/AVX-512, and uses int32-accumulating dot products with AVX-VNNI-INT8 and on ARM64: exact
+  everywhere, for any values.
 - int8 x int8 is exact everywhere too, but on x86 without AVX-VNNI-INT8 it runs MLAS's portable C kernel,
   about ten times slower than the others (``bench/ort_int8_forms.py``).
 
@@ -27,20 +27,30 @@ from lowbit.errors import LowbitError
 
 # |b| bound under which a saturating u8 x s8 pair sum cannot overflow int16: 2 * 255 * 64 = 32640.
 U8S8_EXACT_MAX_ABS_B = 64
-FORMS = {"u8u8": "uint8 x uint8", "s8s8": "int8 x int8", "u8s8-7bit": "uint8 x int8 with |b| <= 64"}
 
 
-def _elem_types(model) -> dict:
-    """value name -> onnx element type, for graph inputs, initializers and every inferred intermediate."""
-    import onnx
+# Ops whose output has their first input's element type: what may stand between a Cast and a MatMulInteger.
+_SAME_TYPE = {"Reshape", "Transpose", "Pad", "Identity", "Squeeze", "Unsqueeze", "Slice", "Flatten", "Expand",
+              "Concat", "Gather", "Split"}
 
-    inferred = onnx.shape_inference.infer_shapes(model)
-    g = inferred.graph
-    types = {init.name: init.data_type for init in g.initializer}
-    for vi in (*g.input, *g.value_info, *g.output):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-    return types
+
+def _elem_type(name: str, producers: dict, inits: dict, declared: dict):
+    """A value's onnx element type, traced back through its producers to a Cast, a constant or an
+    initializer (not from the model's declared types alone, which an edit can leave stale); the declared
+    type of a graph input or value_info otherwise; None when unknown."""
+    while True:
+        if name in inits:
+            return inits[name].data_type
+        node = producers.get(name)
+        if node is None or node.op_type not in _SAME_TYPE | {"Cast", "Constant"}:
+            break
+        if node.op_type == "Cast":
+            return next(a.i for a in node.attribute if a.name == "to")
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return None if value is None else value.data_type
+        name = node.input[0]
+    return declared.get(name)
 
 
 def _max_abs(init, base_dir: str) -> int:
@@ -50,21 +60,23 @@ def _max_abs(init, base_dir: str) -> int:
 
 
 def integer_matmul_forms(model, base_dir: str = "") -> list[dict]:
-    """One entry per ``MatMulInteger`` node: its name, operand types, form (a ``FORMS`` key, or None when
-    not provably exact on every CPU) and, for an inexact one, why. ``base_dir``: where the model's external
+    """One entry per ``MatMulInteger`` node: its name, operand types, form (``u8u8``, ``s8s8``, ``u8s8-7bit``,
+    or None when not provably exact on every CPU) and, for an inexact one, why. ``base_dir``: where the model's external
     data lies, if it has any."""
     from onnx import TensorProto
 
-    if not any(n.op_type == "MatMulInteger" for n in model.graph.node):
-        return []
-    types = _elem_types(model)
-    inits = {init.name: init for init in model.graph.initializer}
-    name = {TensorProto.UINT8: "uint8", TensorProto.INT8: "int8"}
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    declared = {vi.name: vi.type.tensor_type.elem_type for vi in (*graph.input, *graph.value_info)
+                if vi.type.HasField("tensor_type")}
+    type_names = {TensorProto.UINT8: "uint8", TensorProto.INT8: "int8"}
     forms = []
-    for node in model.graph.node:
+    for node in graph.node:
         if node.op_type != "MatMulInteger" or node.domain not in ("", "ai.onnx"):
             continue
-        a, b = (name.get(types.get(node.input[i]), f"type {types.get(node.input[i])}") for i in (0, 1))
+        a, b = (type_names.get(t, f"type {t}") for t in
+                (_elem_type(node.input[i], producers, inits, declared) for i in (0, 1)))
         form, why = None, None
         if (a, b) == ("uint8", "uint8"):
             form = "u8u8"
