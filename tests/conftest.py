@@ -6,6 +6,7 @@ Each folder carries a small byte-level BPE tokenizer trained here on generated t
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -89,7 +90,35 @@ def make_config(arch: str):
     if arch == "bert":
         return tf.BertConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=256, pad_token_id=1, vocab_size=VOCAB)
+    if arch in MORE_CAUSAL:
+        return MORE_CAUSAL[arch](tf, common)
     raise ValueError(arch)
+
+
+# More decoder families, one tiny config each: the seed papers' BLOOM and GPT-NeoX, fused QKV (Phi-3, Falcon,
+# GPT-NeoX, BLOOM), parallel attention + MLP blocks (GPT-NeoX, GPT-J, Falcon, Phi-2), ALiBi (BLOOM), partial
+# rotary (GPT-NeoX, GPT-J, StableLM, Phi-2), sliding-window attention shorter than the test sequences
+# (Mistral, Gemma-3), multi-query attention (Falcon).
+_LLAMA_LIKE = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256)
+MORE_CAUSAL = {
+    "mistral": lambda tf, c: tf.MistralConfig(**_LLAMA_LIKE, sliding_window=8, **c),
+    "qwen3": lambda tf, c: tf.Qwen3Config(**_LLAMA_LIKE, head_dim=16, **c),
+    "phi3": lambda tf, c: tf.Phi3Config(**_LLAMA_LIKE, **c),
+    "gemma": lambda tf, c: tf.GemmaConfig(**_LLAMA_LIKE, head_dim=16, **c),
+    "gemma3_text": lambda tf, c: tf.Gemma3TextConfig(**_LLAMA_LIKE, head_dim=16, sliding_window=8, **c),
+    "stablelm": lambda tf, c: tf.StableLmConfig(**_LLAMA_LIKE, **c),
+    "gpt_neox": lambda tf, c: tf.GPTNeoXConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                               num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25,
+                                               use_parallel_residual=True, **c),
+    "bloom": lambda tf, c: tf.BloomConfig(hidden_size=64, n_layer=2, n_head=4, **c),
+    "falcon": lambda tf, c: tf.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            multi_query=True, parallel_attn=True, **c),
+    "gptj": lambda tf, c: tf.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256, **c),
+    "phi": lambda tf, c: tf.PhiConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=256, partial_rotary_factor=0.5,
+                                      **c),
+}
 
 
 def make_model(arch: str, seed: int = 0):
@@ -117,6 +146,33 @@ def model_dirs(tmp_path_factory, tokenizer):
         tokenizer.save_pretrained(d)
         out[arch] = d
     return out
+
+
+@pytest.fixture(scope="session")
+def more_model_dirs(tmp_path_factory, tokenizer):
+    """{arch: folder} of the MORE_CAUSAL tiny models with tokenizers."""
+    root = tmp_path_factory.mktemp("more_models")
+    out = {}
+    for arch in MORE_CAUSAL:
+        make_model(arch).save_pretrained(root / arch)
+        tokenizer.save_pretrained(root / arch)
+        out[arch] = root / arch
+    return out
+
+
+def transformers_perplexity(model_dir, text: str, seq_len: int, max_windows: int) -> tuple[float, int]:
+    """Plain transformers: tokenize, cut non-overlapping windows, mean loss from labels= (lowbit's protocol)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    losses = []
+    for w in range(min(len(ids) // seq_len, max_windows)):
+        chunk = torch.tensor([ids[w * seq_len:(w + 1) * seq_len]])
+        with torch.no_grad():
+            losses.append(float(model(input_ids=chunk, labels=chunk).loss))
+    return math.exp(sum(losses) / len(losses)), len(losses)
 
 
 @pytest.fixture(scope="session")

@@ -53,8 +53,17 @@ def test_bad_inputs(model_dirs, text_file, tmp_path, capsys):
     _bad(capsys, tmp_path, "compile", notmodel, "-o", out, needle="not a transformers model folder")
     weird = tmp_path / "weird"
     weird.mkdir()
-    (weird / "config.json").write_text(json.dumps({"model_type": "mamba", "architectures": ["MambaForCausalLM"]}))
-    _bad(capsys, tmp_path, "compile", weird, "-o", out, needle="unsupported architecture MambaForCausalLM")
+    for config, needle in [({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"]},
+                            "T5ForConditionalGeneration is an encoder-decoder model"),
+                           ({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]},
+                            "LlavaForConditionalGeneration is a vision-language or sequence-to-sequence model"),
+                           ({"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]},
+                            "MixtralForCausalLM is a mixture-of-experts model"),
+                           ({"model_type": "no_such_model", "architectures": ["NoSuchForCausalLM"]},
+                            "transformers cannot read the config of NoSuchForCausalLM"),
+                           ({"model_type": "llama"}, "has a config.json but no weights")]:
+        (weird / "config.json").write_text(json.dumps(config))
+        _bad(capsys, tmp_path, "compile", weird, "-o", out, needle=needle)
     _bad(capsys, tmp_path, "compile", model_dirs["llama"], "-r", "rtn-w5", "-o", out, needle="unknown recipe")
     bad_recipe = tmp_path / "bad.toml"
     bad_recipe.write_text("bits = = 4\n")

@@ -1,34 +1,18 @@
 """Perplexity: our windows and numbers equal an independent transformers computation."""
 
-import math
-
 import pytest
-import torch
 
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.eval import evaluate_perplexity, windows
 
-
-def _independent_ppl(model_dir, text, seq_len, max_windows):
-    """Plain transformers: tokenize, cut non-overlapping windows, mean loss from labels=."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    losses = []
-    for w in range(min(len(ids) // seq_len, max_windows)):
-        chunk = torch.tensor([ids[w * seq_len:(w + 1) * seq_len]])
-        with torch.no_grad():
-            losses.append(float(model(input_ids=chunk, labels=chunk).loss))
-    return math.exp(sum(losses) / len(losses)), len(losses)
+from conftest import transformers_perplexity
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])
 def test_float_perplexity_equals_independent_transformers(arch, model_dirs, text_file):
     ours = evaluate_perplexity(str(model_dirs[arch]), str(text_file), seq_len=64, max_windows=6, show_progress=False)
-    ref, n = _independent_ppl(model_dirs[arch], text_file.read_text(), 64, 6)
+    ref, n = transformers_perplexity(model_dirs[arch], text_file.read_text(), 64, 6)
     assert ours["windows"] == n == 6 and ours["tokens"] == 6 * 63
     assert abs(ours["ppl"] / ref - 1) < 1e-4
 

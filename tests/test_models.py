@@ -1,4 +1,4 @@
-"""End to end on tiny random-weight Llama, Qwen2, OPT, GPT-2 and BERT: trace, RTN, artifact, runtime, generate."""
+"""End to end on tiny random-weight models: Llama, Qwen2, OPT, GPT-2 and BERT in depth (trace, RTN, artifact,\nruntime, generate), and eleven more decoder families through compile, eval and cached generation."""
 
 import json
 
@@ -11,7 +11,7 @@ from lowbit.compiler.frontend import load_model, trace
 from lowbit.compiler.recipe import Recipe
 from lowbit.passes.rtn import rtn_pass
 
-from conftest import ARCHS, CAUSAL, VOCAB
+from conftest import ARCHS, CAUSAL, MORE_CAUSAL, VOCAB, transformers_perplexity
 
 EXPECTED_SITES = {"llama": 2 * 7 + 1, "qwen2": 2 * 7 + 1, "opt": 2 * 6 + 1, "gpt2": 2 * 4 + 1, "bert": 2 * 6 + 1}
 
@@ -166,28 +166,32 @@ def test_embedding_quantized_when_asked(arch, model_dirs, inputs, tmp_path):
         assert torch.equal(eng.model.get_output_embeddings().weight, loaded.model.get_output_embeddings().weight)
 
 
-MORE = {
-    "mistral": lambda tf, c: tf.MistralConfig(**c),
-    "qwen3": lambda tf, c: tf.Qwen3Config(**c, head_dim=16),
-    "phi3": lambda tf, c: tf.Phi3Config(**c),
-    "gemma": lambda tf, c: tf.GemmaConfig(**c, head_dim=16),
-}
+@pytest.mark.parametrize("arch", sorted(MORE_CAUSAL))
+def test_more_architectures_compile_run_eval(arch, more_model_dirs, text_file, tmp_path):
+    """Any architecture that traces: the fp artifact's perplexity equals transformers' labels= computation;
+    RTN and GPTQ w4g64 compile, stay within a few percent of it, and generate with the KV cache exactly what
+    recomputing the whole sequence gives (sliding windows shorter than the sequence included)."""
+    from lowbit.compiler.pipeline import CalibrationArgs
+    from lowbit.eval import evaluate_perplexity
 
-
-@pytest.mark.parametrize("arch", sorted(MORE))
-def test_more_causal_architectures(arch, tmp_path):
-    """Mistral, Qwen3, Phi-3 (fused QKV and gate/up) and Gemma: trace, RTN 8-bit, generate."""
-    import transformers as tf
-
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  eos_token_id=0, bos_token_id=0, pad_token_id=1)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(MORE[arch](tf, common)).eval()
-    model.save_pretrained(tmp_path / "m")
-    eng = lowbit.load(lowbit.compile(str(tmp_path / "m"), Recipe("w8", "rtn", 8, 32), out=tmp_path / "a", quiet=True))
-    ids = torch.randint(2, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits
-    assert 0 < _rel(eng.forward(ids), ref) < 1e-2
-    assert eng.generate_ids(ids[:, :4], torch.ones(2, 4, dtype=torch.long), 4, stop_at_eos=False).shape == (2, 8)
+    d = str(more_model_dirs[arch])
+    fp_art = lowbit.compile(d, "fp", out=tmp_path / "fp", quiet=True)
+    fp = evaluate_perplexity(str(fp_art), str(text_file), seq_len=32, max_windows=3, show_progress=False)
+    ref, n = transformers_perplexity(d, text_file.read_text(), 32, 3)
+    assert fp["windows"] == n == 3 and abs(fp["ppl"] / ref - 1) < 1e-4
+    for recipe, kw in (("rtn-w4g64", {}),
+                       ("gptq-w4g64", {"calib": CalibrationArgs(str(text_file), samples=4, seq_len=32)})):
+        art = lowbit.compile(d, recipe, out=tmp_path / recipe, quiet=True, **kw)
+        q = evaluate_perplexity(str(art), str(text_file), seq_len=32, max_windows=3, show_progress=False)
+        assert q["tokens"] == fp["tokens"] and abs(q["ppl"] / fp["ppl"] - 1) < 0.05, (recipe, q["ppl"], fp["ppl"])
+    eng = lowbit.load(art)
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 1, 0
+    gen = eng.generate_ids(ids, mask, max_new_tokens=6, stop_at_eos=False)
+    seq, m = ids, mask
+    for _ in range(6):
+        pos = (m.cumsum(-1) - 1).clamp_min(0)
+        nxt = eng.model(input_ids=seq, attention_mask=m, position_ids=pos, use_cache=False).logits[:, -1].argmax(-1)
+        seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(nxt[:, None])], 1)
+    assert torch.equal(gen, seq)

@@ -195,6 +195,17 @@ def test_w4a8_mixed_parity_and_old_artifacts_refused(model_dirs, tokenizer, tmp_
     assert lowbit.load(art, backend="torch").backend == "torch"
 
 
+@pytest.mark.parametrize("arch", ["gpt_neox", "bloom"])
+def test_seed_paper_families_parity(arch, more_model_dirs, tokenizer, tmp_path):
+    """The ZeroQuant and GPTQ papers' GPT-NeoX (partial rotary, parallel residual) and BLOOM (ALiBi, eager
+    attention) through ONNX Runtime; sliding-window caches are refused for ONNX with the reason."""
+    _check_parity(_compile_onnx(more_model_dirs[arch], "rtn-w4g64", tmp_path / "a"), tokenizer)
+    if arch == "bloom":
+        with pytest.raises(LowbitError, match="sliding window.*--target torch"):
+            _compile_onnx(more_model_dirs["mistral"], "rtn-w4g64", tmp_path / "m")
+        assert not (tmp_path / "m").exists()
+
+
 def test_fp_and_quantized_embedding_and_grouped_w8a8(model_dirs, tokenizer, tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text('name = "mix"\nbits = 4\ngroup_size = 32\nquantize_embeddings = true\n'

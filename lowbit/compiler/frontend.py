@@ -19,9 +19,8 @@ import torch
 from lowbit.compiler.ir import Graph
 from lowbit.errors import LowbitError
 
-CAUSAL_LM_TYPES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "phi3", "gemma")
-ENCODER_TYPES = ("bert",)
-SUPPORTED = CAUSAL_LM_TYPES + ENCODER_TYPES
+# Config fields that mark a mixture-of-experts model (routed experts are not lowered yet).
+MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -86,38 +85,74 @@ def resolve_model_path(arg: str) -> Path:
 
 
 def read_config(path: Path):
+    """The folder's transformers config, refused with the reason when lowbit cannot compile its architecture."""
     from transformers import AutoConfig
 
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LowbitError(f"cannot read {path / 'config.json'}: {e}") from None
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED:
-        arch = ",".join(raw.get("architectures") or []) or "unknown"
-        raise LowbitError(f"unsupported architecture {arch} (model_type={model_type!r}); lowbit supports "
-                          f"model types: {', '.join(SUPPORTED)}")
-    return AutoConfig.from_pretrained(path)
+    arch = ",".join(raw.get("architectures") or []) or f"model_type={raw.get('model_type')!r}"
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        raise LowbitError(f"transformers cannot read the config of {arch} ({str(e).splitlines()[0][:160]}); "
+                          "a newer transformers may know it") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise LowbitError(f"{arch} is an encoder-decoder model; lowbit compiles decoder-only causal LMs and encoders")
+    names = raw.get("architectures") or []
+    if any(n.endswith("ForConditionalGeneration") for n in names) and task_of(config) != "causal-lm":
+        raise LowbitError(f"{arch} is a vision-language or sequence-to-sequence model; lowbit compiles decoder-only "
+                          "causal LMs (a *ForCausalLM checkpoint) and encoders")
+    moe = [f for f in MOE_FIELDS if (getattr(config, f, None) or 0) > 1]
+    if moe:
+        raise LowbitError(f"{arch} is a mixture-of-experts model ({moe[0]}={getattr(config, moe[0])}); lowbit does "
+                          "not compile routed experts yet")
+    model_class(config)                       # a task transformers has no class for fails here, in one line
+    return config
 
 
 def task_of(config) -> str:
-    return "encoder" if config.model_type in ENCODER_TYPES else "causal-lm"
+    """'causal-lm' when the checkpoint names a causal-LM head (or, without names, its model type has a causal LM
+    and no masked LM), else 'encoder'."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    names = getattr(config, "architectures", None) or []
+    if names:
+        return "causal-lm" if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names) else "encoder"
+    mt = config.model_type
+    return "causal-lm" if mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES \
+        else "encoder"
+
+
+def model_class(config):
+    """The transformers class that builds this config's model for its task (causal LM, or the bare encoder)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if task_of(config) == "causal-lm" else AutoModel
+    try:
+        return auto._model_mapping[type(config)]
+    except KeyError:
+        arch = ",".join(getattr(config, "architectures", None) or []) or config.model_type
+        raise LowbitError(f"transformers has no {'causal-LM' if auto is AutoModelForCausalLM else 'base'} model "
+                          f"class for {arch} (model_type={config.model_type!r})") from None
+
+
+def attn_implementation(config) -> str:
+    """'sdpa' where the model class supports it (one fused attention op in the traced graph), else 'eager'."""
+    return "sdpa" if getattr(model_class(config), "_supports_sdpa", False) else "eager"
 
 
 def build_empty(config, dtype=torch.float32) -> torch.nn.Module:
     """An architecture instance from a config (weights to be loaded by the caller)."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
     quiet_transformers()
-    cls = AutoModel if task_of(config) == "encoder" else AutoModelForCausalLM
-    config._attn_implementation = "sdpa"
-    return cls.from_config(config, dtype=dtype).eval()
+    config._attn_implementation = attn_implementation(config)
+    return model_class(config)._from_config(config, dtype=dtype).eval()
 
 
 def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
     """Load a model folder (or 'demo') with its tokenizer, in eval mode on CPU."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
     quiet_transformers()
     path = resolve_model_path(arg)
     config = read_config(path)
@@ -125,9 +160,9 @@ def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
         raise LowbitError(f"'{path}' has a config.json but no weights ({' or '.join(WEIGHT_FILES[:2])}); "
                           "pass a complete model folder")
     task = task_of(config)
-    cls = AutoModel if task == "encoder" else AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
+        model = model_class(config).from_pretrained(path, dtype=dtype,
+                                                    attn_implementation=attn_implementation(config)).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise LowbitError(f"cannot load model from '{path}': {str(e).splitlines()[0]}") from None
     return LoadedModel(model, load_tokenizer(path), config, path, task)
@@ -167,8 +202,7 @@ def trace(loaded: LoadedModel) -> Graph:
     except Exception as e:
         arch = ",".join(getattr(loaded.config, "architectures", None) or [loaded.model_type])
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise LowbitError(f"cannot trace architecture {arch} with torch.export ({msg}); supported model "
-                          f"types: {', '.join(SUPPORTED)}") from None
+        raise LowbitError(f"cannot trace architecture {arch} with torch.export: {msg}") from None
     graph = Graph(ep.module(), loaded.model_type, loaded.task)
     emb = loaded.model.get_input_embeddings()
     graph.input_embedding = next((n for n, m in loaded.model.named_modules() if m is emb), None)
