@@ -16,14 +16,13 @@ from conftest import ARCHS, CAUSAL, MORE_CAUSAL, VOCAB, transformers_perplexity
 EXPECTED_SITES = {"llama": 2 * 7 + 1, "qwen2": 2 * 7 + 1, "opt": 2 * 6 + 1, "gpt2": 2 * 4 + 1, "bert": 2 * 6 + 1}
 
 
-UNPADDED = [0, 2]                        # rows of `inputs` without left padding
 
 
-def _reference(model, ids, mask, mask_positions=True):
-    """The float model's output. Causal LMs get positions that skip left padding, as the Engine (and
-    transformers' generate) uses; the traced IR graph keeps transformers' default positions instead."""
+def _reference(model, ids, mask):
+    """The float model's output. Causal LMs get positions that skip left padding, as the traced step, the
+    Engine and transformers' generate use."""
     kw = {}
-    if mask_positions and model.config.model_type != "bert":
+    if model.config.model_type != "bert":
         kw["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, **kw)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None \
@@ -57,7 +56,7 @@ def test_trace_finds_every_matmul_and_block(arch, model_dirs, inputs):
         assert torch.equal(graph.weight(site), w.detach())
     ids, mask = inputs
     with torch.no_grad():                # dynamic shapes: another batch and length than traced
-        assert torch.allclose(graph(ids, mask), _reference(loaded.model, ids, mask, mask_positions=False), atol=1e-5)
+        assert torch.allclose(graph(ids, mask), _reference(loaded.model, ids, mask), atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -74,14 +73,14 @@ def test_rtn8_in_graph_and_runtime_close_to_float(arch, model_dirs, inputs, tmp_
                    and "lm_head" not in n.args[1].target for n in graph.gm.graph.nodes if n.op == "call_function")
     with torch.no_grad():
         in_graph = graph(ids, mask)
-    assert 0 < _rel(in_graph[UNPADDED], ref[UNPADDED]) < 1e-2
+    assert 0 < _rel(in_graph, ref) < 1e-2
 
     out = lowbit.compile(str(model_dirs[arch]), recipe, out=tmp_path / "art", quiet=True)
     eng = lowbit.load(out)
     got = eng.forward(ids, mask)
     assert 0 < _rel(got, ref) < 1e-2
     # Artifact round trip: the runtime computes exactly what the quantized graph computes.
-    assert torch.allclose(got[UNPADDED], in_graph[UNPADDED], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got, in_graph, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -71,7 +71,8 @@ class StreamingCalibrator:
         self.graph, self.device, self.hessian_dtype = graph, torch.device(device), hessian_dtype
         ids = ids.to(self.device)
         graph.gm.to(self.device)
-        self.chunks = [(c, torch.ones_like(c)) for c in ids.split(chunk)]
+        # Every placeholder of the graph per chunk: a prefill of the chunk over an empty cache.
+        self.chunks = [graph.flat_inputs(c, torch.ones_like(c)) for c in ids.split(chunk)]
         self.stats = StreamStats()
 
     def _needed(self, targets: set) -> set:
@@ -104,8 +105,8 @@ class StreamingCalibrator:
             sharing.setdefault(g.sites[name].input_node, []).append(name)
         hessians: dict[fx.Node, torch.Tensor] = {}
         env: dict[fx.Node, list] = {}
-        inputs = [[c[0] for c in self.chunks], [c[1] for c in self.chunks]]    # input_ids, attention_mask
-        placeholders = {n: inputs[j] for j, n in enumerate(x for x in g.gm.graph.nodes if x.op == "placeholder")}
+        placeholders = {n: [c[j] for c in self.chunks]
+                        for j, n in enumerate(x for x in g.gm.graph.nodes if x.op == "placeholder")}
         for i, node in enumerate(order):
             if node in sites_by_node:
                 site = sites_by_node[node]

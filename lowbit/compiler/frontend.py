@@ -1,11 +1,14 @@
 """Frontend: load a transformers model from a local folder and trace it to the graph IR.
 
-Only local folders (or the word ``demo``) are accepted: lowbit never downloads. Tracing uses
-``torch.export`` with dynamic batch and sequence dimensions, so one graph serves every input shape.
+Only local folders (or the word ``demo``) are accepted: lowbit never downloads. A causal LM is traced as
+the step a runtime executes (``CausalStep``: ids, mask, positions, past K/V -> logits, present K/V), an
+encoder as its forward; ``torch.export`` with every dimension dynamic, so one graph serves every batch,
+sequence and cache length (prefill is the step with an empty cache).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -168,45 +171,132 @@ def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
     return LoadedModel(model, load_tokenizer(path), config, path, task)
 
 
-class _TraceRoot(torch.nn.Module):
-    """Wraps the HF model so the traced graph takes tensors and returns one tensor."""
+def cache_kwarg(model) -> str:
+    """The KV-cache keyword of this model's forward: transformers 5 renamed ``past_key_values`` to ``cache``."""
+    import inspect
 
-    def __init__(self, model: torch.nn.Module, task: str):
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class CausalStep(torch.nn.Module):
+    """The step a runtime executes, with the KV cache as flat tensors::
+
+        (input_ids [B, S], attention_mask [B, P+S], position_ids [B, S], past [2L x [B, H_kv, P, D]])
+            -> (logits [B, S, V], present [2L x [B, H_kv, P+S, D]])
+
+    Prefill is the step with P = 0. Every layer keeps its whole past (sliding-window layers too: the mask
+    applies the window), so present = concat(past, this step's keys/values) for every architecture.
+    """
+
+    def __init__(self, model: torch.nn.Module, n_layers: int):
+        super().__init__()
+        self.hf, self.n_layers, self.cache_kw = model, n_layers, cache_kwarg(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list):
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=True, **{self.cache_kw: cache})
+        return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
+
+
+class EncoderForward(torch.nn.Module):
+    """(input_ids [B, S], attention_mask [B, S]) -> last hidden state [B, S, H]."""
+
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.hf = model
-        self.task = task
 
     def forward(self, input_ids, attention_mask):
-        if self.task == "encoder":
-            return self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
 
-def trace(loaded: LoadedModel) -> Graph:
-    """torch.export the model with dynamic batch and sequence; returns the IR Graph."""
-    from torch.export import Dim
+def kv_layout(model) -> list[tuple[int, int, int]]:
+    """(kv heads, key dim, value dim) per decoder layer, read from a real two-token forward."""
+    from transformers import DynamicCache
 
-    quiet_transformers()
-    max_len = loaded.max_positions
-    seq = min(16, max_len)
-    ids = torch.randint(0, int(loaded.config.vocab_size), (2, seq))
-    mask = torch.ones_like(ids)
-    batch_dim = Dim("batch", max=4096)
-    seq_dim = Dim("seq", min=2, max=max(3, max_len))
-    shapes = ({0: batch_dim, 1: seq_dim}, {0: batch_dim, 1: seq_dim})
-    root = _TraceRoot(loaded.model, loaded.task).eval()
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True, **{cache_kwarg(model): cache})
+    return [(layer.keys.shape[1], layer.keys.shape[3], layer.values.shape[3]) for layer in cache.layers]
+
+
+@contextlib.contextmanager
+def traced_attention(model):
+    """Run ``model`` with lowbit's traceable attention where its architecture allows (see hf_attention)."""
+    from lowbit.compiler import hf_attention
+
+    before = model.config._attn_implementation
+    if not hf_attention.supports(type(model), model.config):
+        yield before
+        return
+    hf_attention.register()
+    model.set_attn_implementation(hf_attention.NAME)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        yield hf_attention.NAME
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _export(root, args, dynamic, loaded):
+    import torch.fx.experimental._config as fx_config
+
+    # Size-oblivious tracing: sizes 0 and 1 (an empty cache, a one-token step) are not specialized away.
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=True):
             warnings.simplefilter("ignore")
-            ep = torch.export.export(root, (ids, mask), dynamic_shapes=shapes, strict=False)
+            return torch.export.export(root, args, dynamic_shapes=dynamic, strict=False)
     except Exception as e:
         arch = ",".join(getattr(loaded.config, "architectures", None) or [loaded.model_type])
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise LowbitError(f"cannot trace architecture {arch} with torch.export: {msg}") from None
-    graph = Graph(ep.module(), loaded.model_type, loaded.task)
+
+
+def trace(loaded: LoadedModel) -> Graph:
+    """torch.export the model's step (causal LMs) or forward (encoders), every dimension dynamic; the IR Graph."""
+    from torch.export import Dim
+
+    quiet_transformers()
+    g = torch.Generator().manual_seed(0)
+    vocab = int(loaded.config.vocab_size)
+    dyn = Dim.DYNAMIC
+    dtype = next(loaded.model.parameters()).dtype
+    with traced_attention(loaded.model) as attention:
+        if loaded.task == "causal-lm":
+            kv = kv_layout(loaded.model)
+            b, s, p = 2, 3, 4
+            past = [torch.randn(b, h, p, dk if j == 0 else dv, generator=g, dtype=dtype)
+                    for h, dk, dv in kv for j in range(2)]
+            args = (torch.randint(0, vocab, (b, s), generator=g), torch.ones(b, p + s, dtype=torch.long),
+                    torch.arange(p, p + s).expand(b, s), past)
+            dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn},
+                       "position_ids": {0: dyn, 1: dyn}, "past": [{0: dyn, 2: dyn}] * len(past)}
+            ep = _export(CausalStep(loaded.model, len(kv)).eval(), args, dynamic, loaded)
+        else:
+            kv = None
+            ids = torch.randint(0, vocab, (2, min(16, loaded.max_positions)), generator=g)
+            dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
+            ep = _export(EncoderForward(loaded.model).eval(), (ids, torch.ones_like(ids)), dynamic, loaded)
+    graph = Graph(ep.module(), loaded.model_type, loaded.task, kv=kv, dtype=dtype, attention=attention)
     emb = loaded.model.get_input_embeddings()
     graph.input_embedding = next((n for n, m in loaded.model.named_modules() if m is emb), None)
+    if kv is not None:
+        graph.decode_error = _decode_check(graph)
     return graph
+
+
+def _decode_check(graph: Graph):
+    """None when the traced step also runs one token over an empty cache (so it serves decode), else why not."""
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    try:
+        with torch.no_grad():
+            graph.gm(*graph.step_args(ids, torch.ones_like(ids)))
+    except Exception as e:
+        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return None
 
 
 def hash_model_folder(path: Path) -> str:

@@ -121,8 +121,15 @@ def block_of(path: str) -> Optional[str]:
 class Graph:
     """A traced model: ``gm`` (the GraphModule), its matmul ``sites``, ``blocks`` and ``quantized`` layers."""
 
-    def __init__(self, gm: fx.GraphModule, model_type: str, task: str):
+    def __init__(self, gm: fx.GraphModule, model_type: str, task: str, kv: Optional[list] = None,
+                 dtype: torch.dtype = torch.float32, attention: str = ""):
         self.gm = gm
+        # Causal LMs: (kv heads, key dim, value dim) per layer, the shapes of the step's past/present tensors.
+        self.kv = kv
+        self.dtype = dtype
+        self.attention = attention            # the transformers attention implementation that was traced
+        # Why the traced step cannot run a one-token step over an empty cache (None: it serves decode too).
+        self.decode_error: Optional[str] = None
         # Scales/zero points a pass before the weight pass fixed per layer (LKD): {layer: (scale, zero)}.
         self.fixed_qparams: dict = {}
         self.model_type = model_type
@@ -252,8 +259,29 @@ class Graph:
         self.gm.delete_all_unused_submodules()
         self.gm.recompile()
 
-    def __call__(self, *args):
-        return self.gm(*args)
+    # ---- running ---------------------------------------------------------------------------
+    def step_args(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: Optional[list] = None) -> tuple:
+        """The step graph's arguments for ``input_ids`` after ``past`` (default: an empty cache); positions skip
+        left padding."""
+        b, s = input_ids.shape
+        positions = ((attention_mask.cumsum(-1) - 1).clamp_min(0))[:, -s:]
+        if past is None:
+            past = [torch.empty(b, h, 0, d, dtype=self.dtype, device=input_ids.device)
+                    for h, dk, dv in self.kv for d in (dk, dv)]
+        return input_ids, attention_mask, positions, list(past)
+
+    def flat_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
+        """The graph's placeholders in order, for a prefill of ``input_ids`` (the whole input of an encoder)."""
+        if self.kv is None:
+            return [input_ids, attention_mask]
+        ids, mask, positions, past = self.step_args(input_ids, attention_mask)
+        return [ids, mask, positions, *past]
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits of a prefill of ``input_ids`` (causal LMs), last hidden states (encoders)."""
+        if self.kv is None:
+            return self.gm(input_ids, attention_mask)
+        return self.gm(*self.step_args(input_ids, attention_mask))[0]
 
     def summary(self) -> str:
         lines = [f"{self.model_type} ({self.task}): {len(self.sites)} quantizable matmuls in "

@@ -36,56 +36,6 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "com.microsoft::MatMulNBits"}
 
 
-def kv_shapes(model) -> list[tuple[int, int]]:
-    """(kv heads, head dim) per decoder layer, read from a real forward so every architecture agrees."""
-    from transformers import DynamicCache
-
-    from lowbit.runtime.torch_backend import cache_kwarg
-
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True, **{cache_kwarg(model): cache})
-    shapes = []
-    for layer in cache.layers:
-        if type(layer).__name__ != "DynamicLayer":
-            raise LowbitError(f"target onnx: this model's {type(layer).__name__} cache (sliding window) is not "
-                              "supported yet; use --target torch")
-        shapes.append((layer.keys.shape[1], layer.keys.shape[3]))
-    return shapes
-
-
-class DecoderStep(torch.nn.Module):
-    """One prefill or decode step with the KV cache as flat tensors (what ONNX Runtime feeds and returns)."""
-
-    def __init__(self, model, n_layers: int):
-        from lowbit.runtime.torch_backend import cache_kwarg
-
-        super().__init__()
-        self.model, self.n_layers, self.cache_kw = model, n_layers, cache_kwarg(model)
-
-    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        for i in range(self.n_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self.cache_kw: cache})
-        present = []
-        for layer in cache.layers:          # updated in place: past + this step's keys and values
-            present += [layer.keys, layer.values]
-        return (out.logits, *present)
-
-
-class EncoderForward(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
@@ -123,6 +73,7 @@ def export_onnx(model: torch.nn.Module, task: str, dest: Path, accuracy_level: i
     """Export a runtime model (``torch_backend.build_model``) to ``dest``; returns the manifest's onnx entry."""
     from torch.export import Dim
 
+    from lowbit.compiler.frontend import CausalStep, EncoderForward, kv_layout
     from lowbit.plugins.onnx import for_onnx, translations
 
     check_accuracy_level(accuracy_level)
@@ -131,18 +82,19 @@ def export_onnx(model: torch.nn.Module, task: str, dest: Path, accuracy_level: i
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     if task == "causal-lm":
-        shapes = kv_shapes(model)
+        shapes = kv_layout(model)
         n = len(shapes)
-        wrapper = DecoderStep(model, n)
+        wrapper = CausalStep(model, n)
         b, s, p = 2, 3, 4
         ids = torch.randint(0, vocab, (b, s), generator=g)
-        past = [torch.randn(b, h, p, d, generator=g) for h, d in shapes for _ in range(2)]
+        past = [torch.randn(b, h, p, dk if j == 0 else dv, generator=g) for h, dk, dv in shapes for j in range(2)]
         args = (ids, torch.ones(b, p + s, dtype=torch.long), torch.arange(p, p + s).expand(b, s), past)
         past_len, total = Dim("past_sequence"), Dim("total_sequence")
         dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
                    "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past_len}] * (2 * n)}
         inputs, outputs = io_names(n)
-        kv = {"layers": n, "kv_heads": [h for h, _ in shapes], "head_dim": [d for _, d in shapes]}
+        kv = {"layers": n, "kv_heads": [h for h, _, _ in shapes], "head_dim": [dk for _, dk, _ in shapes],
+              "value_dim": [dv for _, _, dv in shapes]}
     else:
         wrapper = EncoderForward(model)
         ids = torch.randint(0, vocab, (2, 5), generator=g)

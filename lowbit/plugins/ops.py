@@ -22,6 +22,13 @@ Ops
     Quantized embedding table lookup: the rows of W [V, dim] selected by ``ids``, dequantized to
     ``dtype``. Only the gathered rows are unpacked.
 
+``lowbit::attention(q, k, v, mask, scale, kv_groups) -> out``
+    Scaled dot-product attention of q [B, H, S, D] over k, v [B, H / kv_groups, T, D] (grouped-query when
+    kv_groups > 1), with a boolean or additive mask broadcastable to [B, H, S, T]; returns [B, S, H, Dv], the
+    layout the output projection reads. One opaque op in the traced step graph: its shapes are the same
+    for prefill and decode, so tracing adds no guard on sequence or cache length (transformers' own
+    attention code branches on ``q_len == 1``).
+
 ``lowbit::rmsnorm_quant_int8(x, weight, eps) -> (codes, scales)``
     LlamaRMSNorm followed by the per-token INT8 quantization of ``w8a8_linear``, as one op: what a fusion pass
     substitutes for ``norm -> quantize`` so the normalized activations never travel through memory in float.
@@ -225,6 +232,23 @@ def wna16_embedding(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 @wna16_embedding.register_fake
 def _wna16_embedding_fake(ids, qweight, scales, zeros, bits, group_size, dim, dtype):
     return torch.empty((*ids.shape, dim), dtype=dtype, device=ids.device)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                        scale: float, kv_groups: int) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=kv_groups > 1)
+    return out.transpose(1, 2).contiguous()
+
+
+@torch.library.custom_op("lowbit::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+              kv_groups: int) -> torch.Tensor:
+    return attention_reference(q, k, v, mask, scale, kv_groups)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, mask, scale, kv_groups):
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ class TorchRunner:
     """The torch backend's runner: the rebuilt transformers model with lowbit ops (``torch_backend``)."""
 
     def __init__(self, model: torch.nn.Module, task: str, device: str = "cpu"):
-        from lowbit.runtime.torch_backend import cache_kwarg
+        from lowbit.compiler.frontend import cache_kwarg
 
         self.model, self.task, self.device = model, task, torch.device(device)
         self._cache_kw = cache_kwarg(model)       # looked up once, not per decode step

@@ -93,8 +93,10 @@ class OrtRunner:
         """An empty KV cache (past length 0) for ``batch`` sequences."""
         import onnxruntime as ort
 
+        # Artifacts from before value_dim was recorded have values as wide as keys.
+        values = self.kv.get("value_dim", self.kv["head_dim"])
         return [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, 0, d), np.float32), self.device, 0)
-                for h, d in zip(self.kv["kv_heads"], self.kv["head_dim"]) for _ in range(2)]
+                for h, dk, dv in zip(self.kv["kv_heads"], self.kv["head_dim"], values) for d in (dk, dv)]
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
              cache: list) -> tuple[torch.Tensor, list]:

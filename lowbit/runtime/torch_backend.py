@@ -78,13 +78,6 @@ def quant_module(name: str, spec: dict, dtype: torch.dtype, path: Path) -> torch
     raise LowbitError(f"artifact '{path}': layer {name} uses op {spec['op']}, unknown to this lowbit; upgrade lowbit")
 
 
-def cache_kwarg(model) -> str:
-    """The KV-cache keyword of this model's forward: transformers 5 renamed ``past_key_values`` to ``cache``."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def swap_module(model: torch.nn.Module, name: str, module: torch.nn.Module):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
