@@ -81,9 +81,7 @@ def scorer(target: str, backend: str = "auto", provider: str = "auto", device: s
             raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder (use --embeddings TEXT)")
         if eng.tokenizer is None:
             raise LowbitError(f"artifact '{target}' has no tokenizer; cannot tokenize text")
-        from lowbit.compiler.frontend import max_positions
-
-        return (lambda ids: eng.forward(ids)), eng.tokenizer, max_positions(eng.config), f"artifact {target}"
+        return (lambda ids: eng.forward(ids)), eng.tokenizer, eng.max_positions, f"artifact {target}"
     from lowbit.compiler.frontend import load_model
     from lowbit.device import pick_device, pick_dtype
 

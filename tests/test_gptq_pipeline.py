@@ -77,14 +77,10 @@ def test_calibration_is_true_sequential(model_dirs, calib_file):
         return hs.value()
 
     name = "model.layers.1.mlp.down_proj"
-    # Reference: rebuild the quantized model by swapping quantized layers into a float copy.
-    from lowbit.runtime.torch_backend import quant_module, swap_module
+    # Reference: the quantized layers swapped into a float copy of the model.
+    from lowbit.compiler.hf_modules import quantize_modules
 
-    qmodel = load_model(str(model_dirs["llama"])).model
-    for lname, q in graph.quantized.items():
-        mod = quant_module(lname, q.layout(), torch.float32, None)
-        mod.load_state_dict({k: v for k, v in q.tensors().items()})
-        swap_module(qmodel, lname, mod)
+    qmodel = quantize_modules(load_model(str(model_dirs["llama"])).model, graph)
     h_seq = hessian_of_input(qmodel, name)
     h_float = hessian_of_input(loaded.model, name)
     assert torch.allclose(seen[name], h_seq, rtol=1e-4, atol=1e-5)

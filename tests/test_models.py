@@ -1,6 +1,8 @@
 """End to end on tiny random-weight models: Llama, Qwen2, OPT, GPT-2 and BERT in depth (trace, RTN, artifact,\nruntime, generate), and eleven more decoder families through compile, eval and cached generation."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from lowbit.passes.rtn import rtn_pass
 
 from conftest import ARCHS, CAUSAL, MORE_CAUSAL, VOCAB, transformers_perplexity
 
-EXPECTED_SITES = {"llama": 2 * 7 + 1, "qwen2": 2 * 7 + 1, "opt": 2 * 6 + 1, "gpt2": 2 * 4 + 1, "bert": 2 * 6 + 1}
+EXPECTED_SITES = {"llama": 2 * 7 + 1, "qwen2": 2 * 7 + 1, "opt": 2 * 6 + 1, "gpt2": 2 * 4 + 1, "bert": 2 * 6}
 
 
 
@@ -98,10 +100,19 @@ def test_rtn4_runs_and_stays_correlated(arch, model_dirs, inputs, tmp_path):
     assert err8 < _rel(got, ref) < 0.5         # 4-bit is worse than 8-bit but still the same function
     layers = json.loads((out / "graph.json").read_text())["layers"]
     tensors = load_file(str(out / "weights.safetensors"))
+    # A layer's codes are stored alone or, after the sibling merge, as rows of "<prefix>.q_proj+k_proj+v_proj".
+    merged = {}
+    for key in tensors:
+        if key.endswith(".qweight") and "+" in key:
+            prefix, _, names = key[:-len(".qweight")].rpartition(".")
+            merged.update({f"{prefix}.{n}": key for n in names.split("+")})
+    rows = {}
     for name, spec in layers.items():
-        assert spec["bits"] == 4 and tensors[f"{name}.qweight"].dtype == torch.uint8
-        assert tensors[f"{name}.qweight"].shape == (spec["out_features"], (spec["in_features"] * 4 + 7) // 8)
-        assert f"{name}.weight" not in tensors
+        assert spec["bits"] == 4 and f"{name}.weight" not in tensors
+        key = f"{name}.qweight" if f"{name}.qweight" in tensors else merged[name]
+        assert tensors[key].dtype == torch.uint8 and tensors[key].shape[1] == (spec["in_features"] * 4 + 7) // 8
+        rows[key] = rows.get(key, 0) + spec["out_features"]
+    assert all(tensors[key].shape[0] == n for key, n in rows.items())
 
 
 @pytest.mark.parametrize("arch", CAUSAL)
@@ -115,9 +126,7 @@ def test_generate_with_kv_cache_matches_full_recompute(arch, model_dirs, tmp_pat
     assert gen.shape == (2, 17)
     seq, m = ids, mask
     for _ in range(8):                   # no cache: every step recomputes the whole sequence
-        pos = (m.cumsum(-1) - 1).clamp_min(0)
-        logits = eng.model(input_ids=seq, attention_mask=m, position_ids=pos, use_cache=False).logits
-        nxt = logits[:, -1].argmax(-1)
+        nxt = eng.forward(seq, m)[:, -1].argmax(-1)
         seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(nxt[:, None])], 1)
     assert torch.equal(gen, seq)
 
@@ -143,7 +152,8 @@ def test_lm_head_quantized_when_asked(model_dirs, tmp_path, inputs):
         ref = _reference(loaded.model, ids, mask)
     assert _rel(eng.forward(ids, mask), ref) < 1e-2
     # The embedding stays float and exact although lm_head shared its weight.
-    assert torch.equal(eng.model.get_input_embeddings().weight, loaded.model.get_input_embeddings().weight)
+    tensors = load_file(str(out / "weights.safetensors"))
+    assert torch.equal(tensors["model.embed_tokens.weight"], loaded.model.get_input_embeddings().weight)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
@@ -162,7 +172,7 @@ def test_embedding_quantized_when_asked(arch, model_dirs, inputs, tmp_path):
     eng = lowbit.load(out)
     assert 0 < _rel(eng.forward(ids, mask), ref) < 1e-2
     if arch != "bert":                  # the float lm_head keeps its (formerly tied) weight exactly
-        assert torch.equal(eng.model.get_output_embeddings().weight, loaded.model.get_output_embeddings().weight)
+        assert torch.equal(tensors["lm_head.weight"], loaded.model.get_output_embeddings().weight)
 
 
 @pytest.mark.parametrize("arch", sorted(MORE_CAUSAL))
@@ -190,7 +200,28 @@ def test_more_architectures_compile_run_eval(arch, more_model_dirs, text_file, t
     gen = eng.generate_ids(ids, mask, max_new_tokens=6, stop_at_eos=False)
     seq, m = ids, mask
     for _ in range(6):
-        pos = (m.cumsum(-1) - 1).clamp_min(0)
-        nxt = eng.model(input_ids=seq, attention_mask=m, position_ids=pos, use_cache=False).logits[:, -1].argmax(-1)
+        nxt = eng.forward(seq, m)[:, -1].argmax(-1)
         seq, m = torch.cat([seq, nxt[:, None]], 1), torch.cat([m, torch.ones_like(nxt[:, None])], 1)
     assert torch.equal(gen, seq)
+
+
+_NO_MODELING = """
+import re, sys
+import lowbit
+eng = lowbit.load(sys.argv[1])
+print(eng.generate("the model reads", max_new_tokens=4))
+if len(sys.argv) > 2:                      # negative control: a transformers model in the same process
+    from lowbit.compiler.frontend import load_model
+    load_model(sys.argv[2])
+modeling = [m for m in sys.modules if re.match(r"transformers[.]models[.].*[.]modeling_", m)]
+assert not modeling, modeling
+"""
+
+
+def test_runtime_runs_the_shipped_graph_without_transformers_modeling(model_dirs, tmp_path):
+    art = lowbit.compile(str(model_dirs["llama"]), "rtn-w4g64", out=tmp_path / "a", quiet=True)
+    ok = subprocess.run([sys.executable, "-c", _NO_MODELING, str(art)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-c", _NO_MODELING, str(art), str(model_dirs["llama"])],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "modeling_llama" in bad.stderr

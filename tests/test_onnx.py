@@ -71,7 +71,7 @@ def test_block_sizes():
 def test_matmul_a8_in_onnxruntime_equals_w8a8(k, group, tmp_path):
     """The W8A8 subgraph (per-token quantize, MatMulInteger, rescale) as exported, run by ONNX Runtime."""
     from lowbit.plugins.onnx.ort_ops import OrtMatMulA8
-    from lowbit.runtime.torch_backend import QuantLinear
+    from lowbit.compiler.hf_modules import QuantLinear
 
     n = 24
     qweight, scales, zeros, eff = _layer(n, k, 8, group, sym=True)

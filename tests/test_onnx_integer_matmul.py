@@ -21,7 +21,7 @@ from lowbit.plugins.onnx import translations
 from lowbit.plugins.onnx.integer_matmul import check_integer_matmuls, integer_matmul_forms
 from lowbit.plugins.onnx.ort_ops import OrtMatMulA8, to_matmul_a8
 from lowbit.plugins.ops import quantize_rows_int8, signed_weight
-from lowbit.runtime.torch_backend import QuantLinear
+from lowbit.compiler.hf_modules import QuantLinear
 
 from conftest import non_vnni_matmul_integer
 

@@ -1,12 +1,14 @@
 """The artifact directory: written atomically, verified on load. JSON and safetensors only, never pickle.
 
-Layout (format version 1)::
+Layout (format version 2)::
 
-    manifest.json        format, source model + hash, recipe, target, timings, metrics, sizes, file hashes, tools
-    config.json          the source model's transformers config
-    graph.json           the quantized layers: name -> op, bits, group, sym, shapes, method, stats
-    weights.safetensors  float tensors under their transformers names; quantized layers as
+    manifest.json        format, source model + hash, recipe, target, timings, metrics, sizes, generation
+                         (context length, end-of-sequence ids), file hashes, tools
+    program.json         the shipped program: the traced, quantized graph (``format.graph``)
+    weights.safetensors  the program's tensors under their transformers names; quantized layers as
                          <layer>.qweight / .scales / .zeros (/ .bias)
+    graph.json           the quantized layers: name -> op, bits, group, sym, shapes, method, stats
+    config.json          the source model's transformers config
     tokenizer/           the source tokenizer, when it has one
     report.md            human summary
 
@@ -28,7 +30,7 @@ from typing import Callable
 from lowbit.errors import LowbitError
 
 FORMAT = "lowbit-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 

@@ -49,6 +49,11 @@ def max_positions(config) -> int:
     return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048)
 
 
+def eos_token_ids(config) -> list[int]:
+    eos = getattr(config, "eos_token_id", None)
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
 def load_tokenizer(path: Path):
     """The folder's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
@@ -281,6 +286,7 @@ def trace(loaded: LoadedModel) -> Graph:
             dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
             ep = _export(EncoderForward(loaded.model).eval(), (ids, torch.ones_like(ids)), dynamic, loaded)
     graph = Graph(ep.module(), loaded.model_type, loaded.task, kv=kv, dtype=dtype, attention=attention)
+    graph.vocab_size = vocab
     emb = loaded.model.get_input_embeddings()
     graph.input_embedding = next((n for n, m in loaded.model.named_modules() if m is emb), None)
     if kv is not None:

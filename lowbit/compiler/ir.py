@@ -64,7 +64,7 @@ class EmbeddingSite:
 
 @dataclass
 class QuantizedLayer:
-    """A matmul or embedding after a weight pass: what lowering writes and the runtime rebuilds.
+    """A matmul or embedding after a weight pass: its packed tensors and format, as lowering writes them.
 
     For an embedding, ``out_features`` is the number of rows (vocabulary) and ``in_features`` the row size.
     """
@@ -127,9 +127,12 @@ class Graph:
         # Causal LMs: (kv heads, key dim, value dim) per layer, the shapes of the step's past/present tensors.
         self.kv = kv
         self.dtype = dtype
+        self.vocab_size = 0                   # set by the frontend: the token ids the graph accepts
         self.attention = attention            # the transformers attention implementation that was traced
         # Why the traced step cannot run a one-token step over an empty cache (None: it serves decode too).
         self.decode_error: Optional[str] = None
+        # Constants added by rewrites (packed layers): attribute -> the name the artifact stores them under.
+        self.tensor_names: dict[str, str] = {}
         # Scales/zero points a pass before the weight pass fixed per layer (LKD): {layer: (scale, zero)}.
         self.fixed_qparams: dict = {}
         self.model_type = model_type
@@ -138,6 +141,9 @@ class Graph:
         self.sites: OrderedDict[str, MatmulSite] = OrderedDict()
         self.embeddings: OrderedDict[str, EmbeddingSite] = OrderedDict()
         self.input_embedding: Optional[str] = None    # set by the frontend: the token embedding's name
+        # What the outputs do not depend on (BERT's pooler under a last-hidden-state output) is not the program.
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
         self._find_sites()
 
     # ---- discovery -------------------------------------------------------------------------
@@ -222,18 +228,19 @@ class Graph:
         return out
 
     # ---- rewrite ---------------------------------------------------------------------------
-    def _register(self, layer: str, tensors: dict) -> dict:
+    def register_tensors(self, layer: str, tensors: dict) -> dict:
         """Attach a layer's packed tensors to the module as buffers; returns get_attr nodes by key."""
         prefix = "lowbit_" + re.sub(r"[^0-9a-zA-Z_]", "_", layer)
         for key, t in tensors.items():
             self.gm.register_buffer(f"{prefix}_{key}", t)
+            self.tensor_names[f"{prefix}_{key}"] = f"{layer}.{key}"
         return {key: self.gm.graph.get_attr(f"{prefix}_{key}") for key in tensors}
 
     def _swap_node(self, site, op, make_args, q: QuantizedLayer):
         """Insert ``op(*make_args(attrs))`` before the site's node, reroute its users, drop the old node."""
         g = self.gm.graph
         with g.inserting_before(site.node):
-            new = g.call_function(op, make_args(self._register(site.name, q.tensors())))
+            new = g.call_function(op, make_args(self.register_tensors(site.name, q.tensors())))
         new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "val", "stack_trace")})
         site.node.replace_all_uses_with(new)
         g.erase_node(site.node)
@@ -270,6 +277,14 @@ class Graph:
                     for h, dk, dv in self.kv for d in (dk, dv)]
         return input_ids, attention_mask, positions, list(past)
 
+    def stored_names(self) -> dict[str, str]:
+        """Every constant's attribute -> its name in the artifact (module paths as transformers names them)."""
+        names = {n.target: _strip(n.target) for n in self.gm.graph.nodes if n.op == "get_attr"}
+        # A tied table is one attribute that torch.export names after one of its users; name it the embedding.
+        names.update({e.weight_attr: f"{e.name}.weight" for e in self.embeddings.values()
+                      if e.weight_attr in names and e.name not in self.quantized})
+        return {**names, **self.tensor_names}
+
     def flat_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
         """The graph's placeholders in order, for a prefill of ``input_ids`` (the whole input of an encoder)."""
         if self.kv is None:
@@ -277,11 +292,14 @@ class Graph:
         ids, mask, positions, past = self.step_args(input_ids, attention_mask)
         return [ids, mask, positions, *past]
 
+    def call_args(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple:
+        """``gm``'s arguments for a prefill of ``input_ids`` (the whole input of an encoder)."""
+        return (input_ids, attention_mask) if self.kv is None else self.step_args(input_ids, attention_mask)
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of a prefill of ``input_ids`` (causal LMs), last hidden states (encoders)."""
-        if self.kv is None:
-            return self.gm(input_ids, attention_mask)
-        return self.gm(*self.step_args(input_ids, attention_mask))[0]
+        out = self.gm(*self.call_args(input_ids, attention_mask))
+        return out if self.kv is None else out[0]
 
     def summary(self) -> str:
         lines = [f"{self.model_type} ({self.task}): {len(self.sites)} quantizable matmuls in "

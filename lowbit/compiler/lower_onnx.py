@@ -1,8 +1,9 @@
-"""Lowering to ONNX for ONNX Runtime: the runtime model, with quantized layers as ONNX Runtime operators.
+"""Lowering to ONNX for ONNX Runtime: the quantized model, with quantized layers as ONNX Runtime operators.
 
-The ONNX target is the torch target plus ``onnx/model.onnx``: the torch runtime model is rebuilt from the
-staged artifact (so both backends run the very same packed weights), its quantized modules are swapped for
-``plugins.onnx`` forms, and ``torch.onnx.export(dynamo=True)`` translates the ``lowbit::ort_*`` ops.
+The ONNX target is the torch target plus ``onnx/model.onnx``: the loaded transformers model gets the
+quantized layers swapped in as lowbit modules (the very packed tensors the shipped program holds), then
+swapped for ``plugins.onnx`` forms, and ``torch.onnx.export(dynamo=True)`` translates the ``lowbit::ort_*``
+ops. The fusion rules' rewrites of the shipped graph do not reach this export yet.
 
 A causal LM becomes one graph for prefill and decode::
 
@@ -70,7 +71,8 @@ def check_onnx_exportable(graph, recipe):
 
 
 def export_onnx(model: torch.nn.Module, task: str, dest: Path, accuracy_level: int = 0) -> dict:
-    """Export a runtime model (``torch_backend.build_model``) to ``dest``; returns the manifest's onnx entry."""
+    """Export a transformers model with lowbit modules (``hf_modules.quantize_modules``) to ``dest``; returns the
+    manifest's onnx entry."""
     from torch.export import Dim
 
     from lowbit.compiler.frontend import CausalStep, EncoderForward, kv_layout
@@ -157,12 +159,13 @@ def check_and_describe(path: Path) -> dict:
             "matmul_weight_bytes": dict(matmul_bytes), "integer_matmuls": integer_matmuls}
 
 
-def write_onnx_target(tmp: Path, task: str, accuracy_level: int = 0) -> dict:
-    """Add ``onnx/model.onnx`` to a staged torch-target artifact in ``tmp``."""
-    from lowbit.runtime.torch_backend import build_model
+def write_onnx_target(tmp: Path, graph, loaded, accuracy_level: int = 0) -> dict:
+    """Add ``onnx/model.onnx`` to a staged torch-target artifact in ``tmp`` (``loaded.model`` gets the quantized
+    layers of ``graph`` swapped in)."""
+    from lowbit.compiler.hf_modules import quantize_modules
 
-    model = build_model(tmp, dtype=torch.float32)
-    info = export_onnx(model, task, tmp / ONNX_FILE, accuracy_level)
+    model = quantize_modules(loaded.model.float(), graph)
+    info = export_onnx(model, loaded.task, tmp / ONNX_FILE, accuracy_level)
     (tmp / "onnx" / "io.json").write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},
                                                     indent=1) + "\n")
     return info

@@ -1,8 +1,9 @@
-"""Lowering for the native torch runtime: the quantized IR -> weights.safetensors + graph.json.
+"""Lowering for the native torch runtime: the quantized IR itself -> program.json + weights.safetensors.
 
-The runtime rebuilds the transformers architecture from config.json and swaps every layer listed in
-graph.json for a module that calls the layer's ``lowbit::`` op, so the artifact stores tensors under the
-transformers names: float tensors as they were, quantized layers as ``<layer>.qweight/.scales/.zeros``.
+The artifact ships the traced, quantized graph (``format.graph``): the torch runtime runs it as it is.
+Tensors are stored under transformers' module names: float tensors as they were, quantized layers as
+``<layer>.qweight/.scales/.zeros``. ``graph.json`` describes each quantized layer (for ``lowbit inspect``,
+the report and the ONNX lowering).
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import torch
 from safetensors.torch import save_file
 
 from lowbit.compiler.ir import Graph
+from lowbit.format import graph as graph_format
 
 GRAPH_FILE = "graph.json"
+PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
 def artifact_tensors(graph: Graph, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor the runtime needs, by name, with tied (shared) tensors stored once."""
+    """Every tensor of the transformers model with its quantized layers packed, by transformers name, tied
+    (shared) tensors once: what a transformers-layout checkpoint (hf-gptq) holds."""
     replaced = {f"{name}.weight" for name in graph.quantized} | {f"{name}.bias" for name in graph.quantized}
     out: dict[str, torch.Tensor] = {}
     seen: set = set()
@@ -44,10 +48,23 @@ def graph_description(graph: Graph) -> dict:
             "layers": {name: q.layout() for name, q in graph.quantized.items()}}
 
 
+def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The shipped program document and its tensors."""
+    doc, tensors = graph_format.encode(graph.gm, graph.dtype, graph.stored_names())
+    doc.update({"task": graph.task, "model_type": graph.model_type,
+                "inputs": [n["name"] for n in doc["nodes"] if n["op"] == "placeholder"]})
+    if graph.kv is not None:
+        doc["kv"] = [list(layer) for layer in graph.kv]
+        # A step traced only for two or more tokens: the runner pads one-token steps (see torch_runner).
+        doc["min_step_tokens"] = 2 if graph.decode_error else 1
+    return doc, tensors
+
+
 def write_torch_target(tmp: Path, graph: Graph, loaded) -> dict:
     """Write the torch target files into ``tmp``; returns size accounting for the manifest."""
-    tensors = artifact_tensors(graph, loaded.model)
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "lowbit"})
+    doc, tensors = program(graph)
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": graph_format.FORMAT})
+    (tmp / PROGRAM_FILE).write_text(json.dumps(doc) + "\n")
     (tmp / GRAPH_FILE).write_text(json.dumps(graph_description(graph), indent=1) + "\n")
     loaded.config.save_pretrained(tmp)
     src_tok = [f for f in loaded.path.iterdir() if f.name.startswith(("tokenizer", "special_tokens", "vocab",

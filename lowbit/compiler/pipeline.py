@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 
 from lowbit.compiler import artifact
-from lowbit.compiler.frontend import (hash_model_folder, load_model, load_tokenizer, max_positions, read_config,
-                                     resolve_model_path, task_of, trace)
+from lowbit.compiler.frontend import (eos_token_ids, hash_model_folder, load_model, load_tokenizer, max_positions,
+                                     read_config, resolve_model_path, task_of, trace)
 from lowbit.compiler.lower_hf_gptq import check_exportable, write_hf_gptq
 from lowbit.compiler.lower_torch import write_torch_target
 from lowbit.compiler.progress import say, timed
@@ -184,6 +184,14 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
                                               show_progress=not quiet)
         say(f"perplexity {metrics['ppl_before']['ppl']:.3f} -> {metrics['ppl_after']['ppl']:.3f}", quiet)
 
+    rules_info = None
+    if recipe.fuse and target != "hf-gptq":        # the GPTQ checkpoint keeps transformers' layer layout
+        from lowbit.rules import apply_rules
+
+        with timed(timings, "fuse"):
+            rules_info = apply_rules(graph)
+        say("fusion rules: " + ", ".join(f"{k} fired {v['fired']}x" for k, v in rules_info.items()), quiet)
+
     def fill(tmp: Path) -> dict:
         with timed(timings, "write", quiet, f"writing artifact {out}"):
             sizes = write_hf_gptq(tmp, graph, loaded, recipe) if target == "hf-gptq" else \
@@ -193,7 +201,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
             from lowbit.compiler.lower_onnx import write_onnx_target
 
             with timed(timings, "export_onnx", quiet, "exporting ONNX (torch.onnx, dynamo)"):
-                onnx_info = write_onnx_target(tmp, loaded.task, onnx_accuracy_level)
+                onnx_info = write_onnx_target(tmp, graph, loaded, onnx_accuracy_level)
             say(f"ONNX model: {onnx_info['bytes'] / 2**20:.1f} MiB, ops " + ", ".join(
                 f"{k} x{v}" for k, v in list(onnx_info["ops"].items())[:6]) + ", ...", quiet)
         timings["total"] = round(time.perf_counter() - t0, 3)
@@ -202,7 +210,10 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
                            "architectures": list(getattr(loaded.config, "architectures", None) or []),
                            "task": loaded.task, "sha256": source_hash},
                 "recipe": recipe.to_dict(), "timings": timings, "sizes": sizes, "metrics": metrics,
-                "device": device}
+                "device": device,
+                "generation": {"max_positions": loaded.max_positions, "eos_token_ids": eos_token_ids(loaded.config)}}
+        if rules_info is not None:
+            body["rules"] = rules_info
         if onnx_info is not None:
             body["onnx"] = onnx_info
         if lkd_opts is not None:

@@ -88,6 +88,7 @@ class Recipe:
     block: int = 128                  # lazy batch width
     hessian_dtype: str = "float32"
     min_zero: int = 0                 # set by targets whose format cannot store a zero point below it
+    fuse: bool = True                 # run the fusion rules (lowbit.rules) on the quantized graph
     overrides: list[Override] = field(default_factory=list)
 
     def __post_init__(self):
@@ -196,7 +197,7 @@ _OVERRIDE_FIELDS = {f for f in Override.__dataclass_fields__}
 _TYPES = {"name": str, "method": str, "bits": int, "group_size": int, "sym": bool, "quantize_lm_head": bool,
           "quantize_embeddings": bool, "mse": bool, "act_bits": int, "lkd": bool, "lkd_steps": int,
           "lkd_lr": float, "lkd_batch": int, "act_order": bool, "static_groups": bool, "damp": float,
-          "block": int, "hessian_dtype": str,
+          "block": int, "hessian_dtype": str, "fuse": bool,
           "pattern": str, "skip": bool}
 
 

@@ -41,6 +41,12 @@ def write_report(path: Path, body: dict, graph) -> None:
             t = f"{st['seconds']:.2f}s" if "seconds" in st else "-"
             lines.append(f"| {site.name} | {q.in_features} | {q.out_features} | {q.spec.describe()} | {q.method} | "
                          f"{st.get('weight_rel_err', '')} | {st.get('loss', '-')} | {t} |")
+    if body.get("rules"):
+        lines += ["", "## Fusion rules", "", "| rule | fired | left alone | rewrites |", "|---|---|---|---|"]
+        for name, info in body["rules"].items():
+            skipped = "; ".join(f"{k} x{v}" for k, v in info["skipped"].items()) or "-"
+            shown = ", ".join(info["rewrites"][:4]) + (", ..." if len(info["rewrites"]) > 4 else "")
+            lines.append(f"| {name} | {info['fired']} | {skipped} | {shown or '-'} |")
     if "lkd" in body:
         o = body["lkd"]["options"]
         lines += ["", f"## LKD: {o['steps']} Adam steps per block, lr {o['lr']}, batch {o['batch']}, {o['samples']} x "

@@ -145,7 +145,7 @@ def _run(block, hidden, args, kwargs):
 def _student(model, name: str, plan: list, graph, recipe):
     """A float copy of block ``name`` whose quantized matmuls are FakeQuantLinear; only their weights and biases
     learn. Returns (student, {site name: FakeQuantLinear})."""
-    from lowbit.runtime.torch_backend import swap_module
+    from lowbit.compiler.hf_modules import swap_module
 
     student = copy.deepcopy(model.get_submodule(name)).float()
     for p in student.parameters():

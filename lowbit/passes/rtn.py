@@ -17,7 +17,8 @@ def quantizable(graph: Graph, recipe):
     """(site, spec) for every matmul the recipe quantizes, in graph order."""
     for site in graph.sites.values():
         spec = recipe.spec_for(site.name)
-        # A module traced twice ("name#1") has no single module to rebuild in the runtime: keep it float.
+        # A module traced twice ("name#1") has no single module for the ONNX and hf-gptq lowerings, which swap
+        # modules by name: keep it float.
         if spec is not None and "#" not in site.name:
             yield site, spec
 

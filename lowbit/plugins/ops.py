@@ -18,6 +18,10 @@ Ops
     time by ``quantize_rows_int8``. Products are summed in int32 per weight group, then scaled:
     ``y[m, n] = sx[m] * sum_g acc_g[m, n] * sw[n, g] + bias[n]``: what an INT8 tensor-core kernel computes.
 
+``lowbit::w8a8_linear_codes(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, dtype)``
+    ``w8a8_linear`` on activations quantized already (int8 codes, float32 row scales [..., 1]): what follows
+    a fused norm + quantize. Output in ``dtype``.
+
 ``lowbit::wna16_embedding(ids, qweight, scales, zeros, bits, group_size, dim, dtype)``
     Quantized embedding table lookup: the rows of W [V, dim] selected by ``ids``, dequantized to
     ``dtype``. Only the gathered rows are unpacked.
@@ -30,8 +34,9 @@ Ops
     attention code branches on ``q_len == 1``).
 
 ``lowbit::rmsnorm_quant_int8(x, weight, eps) -> (codes, scales)``
-    LlamaRMSNorm followed by the per-token INT8 quantization of ``w8a8_linear``, as one op: what a fusion pass
-    substitutes for ``norm -> quantize`` so the normalized activations never travel through memory in float.
+    LlamaRMSNorm followed by the per-token INT8 quantization of ``w8a8_linear``, as one op: what the fusion rule
+    ``norm_quant_int8`` substitutes for ``norm -> quantize`` so the normalized activations never travel through
+    memory in float. ``lowbit::layernorm_quant_int8(x, weight, bias, eps)`` is the same behind LayerNorm.
 
 CUDA kernels: ``wna16_linear``, ``w8a8_linear`` and ``rmsnorm_quant_int8`` run Triton kernels
 (``lowbit.plugins.triton``) when Triton is installed and the format is supported, and the reference math
@@ -184,8 +189,16 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
     """``w8a8_linear`` in plain PyTorch: per-token INT8, exact int32 sums per group, float rescale."""
-    lead = x.shape[:-1]
-    xq, sx = quantize_rows_int8(x.reshape(-1, in_features))
+    xq, sx = quantize_rows_int8(x)
+    return w8a8_linear_codes_reference(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, x.dtype)
+
+
+def w8a8_linear_codes_reference(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                                zeros: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group_size: int,
+                                in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """``w8a8_linear_codes``: the integer matmul and rescale of ``w8a8_linear`` on activations already quantized."""
+    lead = xq.shape[:-1]
+    xq, sx = xq.reshape(-1, in_features), sx.reshape(-1, 1)
     w = signed_weight(qweight, zeros, bits, in_features, group_size)
     sw = scales.float()
     y = None
@@ -196,7 +209,7 @@ def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.
     y = y * sx
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*lead, -1)
+    return y.to(dtype).reshape(*lead, -1)
 
 
 @torch.library.custom_op("lowbit::w8a8_linear", mutates_args=())
@@ -218,6 +231,18 @@ w8a8_linear.register_kernel("cuda")(w8a8_linear_triton)
 @w8a8_linear.register_fake
 def _w8a8_linear_fake(x, qweight, scales, zeros, bias, bits, group_size, in_features):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("lowbit::w8a8_linear_codes", mutates_args=())
+def w8a8_linear_codes(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      zeros: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    return w8a8_linear_codes_reference(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, dtype)
+
+
+@w8a8_linear_codes.register_fake
+def _w8a8_linear_codes_fake(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, dtype):
+    return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=dtype)
 
 
 @torch.library.custom_op("lowbit::wna16_embedding", mutates_args=())
@@ -279,4 +304,15 @@ rmsnorm_quant_int8.register_kernel("cuda")(rmsnorm_quant_int8_triton)
 
 @rmsnorm_quant_int8.register_fake
 def _rmsnorm_quant_int8_fake(x, weight, eps):
+    return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("lowbit::layernorm_quant_int8", mutates_args=())
+def layernorm_quant_int8(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows_int8(F.layer_norm(x, (x.shape[-1],), weight, bias, eps))
+
+
+@layernorm_quant_int8.register_fake
+def _layernorm_quant_int8_fake(x, weight, bias, eps):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)

@@ -9,46 +9,9 @@ import torch
 
 from lowbit.compiler import artifact
 from lowbit.errors import LowbitError
+from lowbit.runtime.torch_runner import mask_positions
 
 BACKENDS = ("auto", "torch", "ort")
-
-
-def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding (0 at each row's first real token), as transformers' generate."""
-    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
-
-
-class TorchRunner:
-    """The torch backend's runner: the rebuilt transformers model with lowbit ops (``torch_backend``)."""
-
-    def __init__(self, model: torch.nn.Module, task: str, device: str = "cpu"):
-        from lowbit.compiler.frontend import cache_kwarg
-
-        self.model, self.task, self.device = model, task, torch.device(device)
-        self._cache_kw = cache_kwarg(model)       # looked up once, not per decode step
-
-    def start(self, batch: int):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.config)
-
-    def step(self, input_ids, attention_mask, position_ids, cache):
-        # Token ids, masks and positions arrive on the CPU; logits and the cache stay on the model's device.
-        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask,
-                                                                                position_ids))
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, **{self._cache_kw: cache})
-        new = getattr(out, "past_key_values", None)
-        return out.logits, new if new is not None else getattr(out, "cache", None)
-
-    def full(self, input_ids, attention_mask=None):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        if self.task == "encoder":
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=mask_positions(attention_mask), use_cache=False).logits
 
 
 class Engine:
@@ -58,11 +21,11 @@ class Engine:
     ``start(batch)`` (an empty KV cache) and ``step(ids, mask, positions, cache)`` (logits, cache).
     """
 
-    def __init__(self, path: Path, manifest: dict, runner, tokenizer, backend: str, config):
+    def __init__(self, path: Path, manifest: dict, runner, tokenizer, backend: str, generation: dict):
         self.path, self.manifest, self.runner, self.tokenizer, self.backend = path, manifest, runner, tokenizer, backend
         self.task = manifest["source"]["task"]
-        self.config = config
-        self.model = getattr(runner, "model", None)      # the torch module (torch backend only)
+        self.max_positions = int(generation["max_positions"])
+        self._eos = list(generation.get("eos_token_ids") or [])
 
     @classmethod
     def load(cls, path, backend: str = "auto", dtype=None, verify: bool = True, provider: str = "auto",
@@ -90,18 +53,17 @@ class Engine:
             if device != "cpu" or (explicit_dtype and dtype != torch.float32):
                 raise LowbitError("--device and --dtype apply to the torch backend; ONNX Runtime runs the exported "
                                   "graph's dtype where its --provider says (cpu or cuda)")
-            from transformers import AutoConfig
-
             from lowbit.runtime.ort_backend import OrtRunner
 
             runner = OrtRunner(path, manifest, provider=provider, threads=threads)
-            config = AutoConfig.from_pretrained(path)
         else:
-            from lowbit.runtime.torch_backend import build_model
+            from lowbit.runtime.torch_runner import PROGRAM_FILE, TorchRunner
 
-            model = build_model(path, dtype=dtype).to(device)
-            runner, config = TorchRunner(model, manifest["source"]["task"], device), model.config
-        return cls(path, manifest, runner, load_tokenizer(path / "tokenizer"), backend, config)
+            if not (path / PROGRAM_FILE).is_file():
+                raise LowbitError(f"artifact '{path}' has no {PROGRAM_FILE} (compiled by a lowbit that shipped no "
+                                  "graph); recompile it")
+            runner = TorchRunner.load(path, device=device, dtype=dtype)
+        return cls(path, manifest, runner, load_tokenizer(path / "tokenizer"), backend, generation_info(path, manifest))
 
     # ---- forward ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -127,16 +89,15 @@ class Engine:
                      do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      seed: Optional[int] = None, stop_at_eos: bool = True) -> torch.Tensor:
         """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token."""
-        from lowbit.compiler.frontend import max_positions
-
         if self.task != "causal-lm":
             raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
-        max_pos = max_positions(self.config)
+        max_pos = self.max_positions
         if input_ids.shape[1] + max_new_tokens > max_pos:
             raise LowbitError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                               f"model's context of {max_pos} tokens; shorten the prompt or generate fewer tokens")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        eos = _eos_ids(self.config, self.tokenizer)
+        eos = self._eos or ([self.tokenizer.eos_token_id] if self.tokenizer is not None
+                            and self.tokenizer.eos_token_id is not None else [])
         mask = attention_mask.clone()
         positions = mask_positions(mask)
         logits, cache = self.runner.step(input_ids, mask, positions, self.runner.start(input_ids.shape[0]))
@@ -190,20 +151,30 @@ class Engine:
 
 
 def load_tokenizer(path: Path):
+    """The artifact's tokenizer. A tokenizer.json loads through the tokenizers backend directly: AutoTokenizer
+    would import transformers' model registry (``models.auto.modeling_auto``), which the runtime does not need."""
     if not path.is_dir():
         return None
+    if (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
 
 
-def _eos_ids(config, tokenizer) -> list[int]:
-    eos = getattr(config, "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
+def generation_info(path: Path, manifest: dict) -> dict:
+    """Context length and end-of-sequence ids: the manifest's record, or (artifacts written before it) the
+    transformers config."""
+    if "generation" in manifest:
+        return manifest["generation"]
+    from transformers import AutoConfig
+
+    from lowbit.compiler.frontend import eos_token_ids, max_positions
+
+    config = AutoConfig.from_pretrained(path)
+    return {"max_positions": max_positions(config), "eos_token_ids": eos_token_ids(config)}
 
 
 def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,

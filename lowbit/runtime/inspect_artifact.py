@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 from lowbit.compiler.artifact import read_manifest
-from lowbit.compiler.lower_torch import GRAPH_FILE
+from lowbit.compiler.lower_torch import GRAPH_FILE, PROGRAM_FILE
 
 
 def _mib(n) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+def program_line(doc: dict) -> str:
+    calls = [n["target"] for n in doc["nodes"] if n["op"] == "call"]
+    ops = Counter(t.split(".")[0] for t in calls if t.startswith("lowbit::"))
+    kv = doc.get("kv")
+    step = (f"step over a {len(kv)}-layer KV cache, one graph for prefill and decode"
+            + ("" if doc.get("min_step_tokens", 1) == 1 else " (one-token steps padded to two)")) if kv else "forward"
+    return (f"program    {PROGRAM_FILE}: {doc['task']} {step}; {len(calls)} ops, "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
 
 
 def describe(path, as_json: bool = False) -> str:
@@ -32,6 +44,13 @@ def describe(path, as_json: bool = False) -> str:
            "timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()),
            "tools      " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()),
            f"layers     {len(layers)} quantized of {s.get('matmul_layers', '?')} matmuls"]
+    if (path / PROGRAM_FILE).is_file():
+        out.insert(-1, program_line(json.loads((path / PROGRAM_FILE).read_text())))
+    for name, info in (m.get("rules") or {}).items():
+        kinds = Counter(re.sub(r"\S*\.", "", r) for r in info["rewrites"])      # module paths -> last names
+        out.insert(-1, f"rule       {name}: fired {info['fired']}x"
+                   + (" (" + ", ".join(f"{k} x{v}" for k, v in kinds.items()) + ")" if kinds else "")
+                   + "".join(f"; left alone {v}x: {k}" for k, v in info["skipped"].items()))
     if "onnx" in m:
         o = m["onnx"]
         out.insert(-1, f"onnx       onnx/{o['file']} {_mib(o['bytes'])}, opset {o['opset']}, accuracy_level "

@@ -197,7 +197,7 @@ class OrtGatherNBits(torch.nn.Module):
 
 def for_onnx(model: torch.nn.Module, accuracy_level: int = 0, dtype=torch.float32) -> dict:
     """Swap the runtime's quantized modules for their ONNX Runtime forms in place; returns counts by op."""
-    from lowbit.runtime.torch_backend import QuantEmbedding, QuantLinear, swap_module
+    from lowbit.compiler.hf_modules import QuantEmbedding, QuantLinear, swap_module
 
     counts: dict = {}
     for name, mod in list(model.named_modules()):

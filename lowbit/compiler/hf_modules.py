@@ -1,20 +1,14 @@
-"""Torch backend: rebuild the transformers model from an artifact, quantized layers as lowbit ops.
+"""The transformers model with its quantized layers as lowbit modules, for lowerings that export from a
+module (ONNX) and passes that work on blocks (LKD).
 
-The architecture comes from the artifact's config.json (transformers' own modeling code gives attention,
-KV cache and position handling); every layer in graph.json becomes a ``QuantLinear`` whose forward is
-the layer's ``lowbit::`` op, so the packed weights are what runs, never a float copy.
+Every quantized layer becomes a ``QuantLinear`` / ``QuantEmbedding`` whose forward is the layer's ``lowbit::``
+op on the packed tensors, so what is exported computes what the shipped program computes.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file
 
-from lowbit.compiler.frontend import build_empty, quiet_transformers
-from lowbit.compiler.lower_torch import GRAPH_FILE, WEIGHTS_FILE
 from lowbit.errors import LowbitError
 from lowbit.plugins import ops  # noqa: F401  (registers torch.ops.lowbit.*)
 from lowbit.passes.quantize import packed_cols, num_groups
@@ -68,14 +62,14 @@ class QuantEmbedding(torch.nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group_size}"
 
 
-def quant_module(name: str, spec: dict, dtype: torch.dtype, path: Path) -> torch.nn.Module:
+def quant_module(name: str, spec: dict, dtype: torch.dtype) -> torch.nn.Module:
     """The runtime module for one graph.json layer entry."""
     if spec["op"] in LINEAR_OPS:
         return QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"],
                            spec["has_bias"], op=spec["op"])
     if spec["op"] == "wna16_embedding":
         return QuantEmbedding(spec["out_features"], spec["in_features"], spec["bits"], spec["group_size"], dtype)
-    raise LowbitError(f"artifact '{path}': layer {name} uses op {spec['op']}, unknown to this lowbit; upgrade lowbit")
+    raise LowbitError(f"layer {name} uses op {spec['op']}, which has no module form")
 
 
 def swap_module(model: torch.nn.Module, name: str, module: torch.nn.Module):
@@ -84,32 +78,12 @@ def swap_module(model: torch.nn.Module, name: str, module: torch.nn.Module):
     setattr(parent, child, module)
 
 
-def build_model(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    from transformers import AutoConfig
-
-    quiet_transformers()
-    config = AutoConfig.from_pretrained(path)
-    layers = json.loads((path / GRAPH_FILE).read_text())["layers"]
-    model = build_empty(config, dtype=dtype)
-    for name, spec in layers.items():
-        swap_module(model, name, quant_module(name, spec, dtype, path))
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    # Float weights in the runtime dtype; packed codes/scales/zeros exactly as stored.
-    tensors = {k: (v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v)
-               for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected:
-        raise LowbitError(f"artifact '{path}': weights file has tensors the model does not: {unexpected[:3]}")
-    shared = _tied_names(model)
-    really_missing = [k for k in missing if k not in shared]
-    if really_missing:
-        raise LowbitError(f"artifact '{path}': weights file lacks {really_missing[:3]}; recompile it")
+def quantize_modules(model: torch.nn.Module, graph) -> torch.nn.Module:
+    """Swap every quantized layer of ``graph`` into ``model`` (in place) as its lowbit module."""
+    dtype = next(model.parameters()).dtype
+    for name, q in graph.quantized.items():
+        mod = quant_module(name, q.layout(), dtype)
+        for key, t in q.tensors().items():
+            setattr(mod, key, t.detach())
+        swap_module(model, name, mod)
     return model.eval()
-
-
-def _tied_names(model) -> set:
-    """Parameter names that share storage with another parameter (restored by tying, not loading)."""
-    by_ptr: dict = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_ptr.setdefault(p.data_ptr(), []).append(name)
-    return {n for names in by_ptr.values() if len(names) > 1 for n in names}

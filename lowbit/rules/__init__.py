@@ -1,0 +1,80 @@
+"""Fusion rewrite rules on the quantized graph: a pattern, its replacement, and a numeric check.
+
+A rule finds its pattern in the graph, rewrites every match (and counts the near-matches it left alone, with
+the reason), and ``apply_rules`` runs the rewritten graph against the graph before any rule on random tokens:
+a rule that changed what the graph computes fails the compile instead of shipping. Rules run after the
+quantization passes, on what the artifact ships, so a rewrite changes what every runtime of the graph runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from lowbit.errors import LowbitError
+
+# Largest output difference a rule may cause, relative to the output's largest magnitude: rules regroup exact
+# operations (concatenated weights, fused epilogues), so only float reassociation may differ.
+CHECK_TOLERANCE = 1e-4
+
+
+@dataclass
+class RuleResult:
+    fired: int = 0
+    rewrites: list = field(default_factory=list)      # what each firing replaced, e.g. "q_proj+k_proj+v_proj"
+    skipped: dict = field(default_factory=dict)       # reason -> count of near-matches left alone
+
+    def skip(self, reason: str):
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def to_dict(self) -> dict:
+        return {"fired": self.fired, "rewrites": self.rewrites, "skipped": self.skipped}
+
+
+def default_rules() -> list:
+    from lowbit.rules.norm_quant import NormQuantInt8
+    from lowbit.rules.siblings import MergeSiblingMatmuls
+
+    return [MergeSiblingMatmuls(), NormQuantInt8()]
+
+
+def check_inputs(graph, seed: int = 0) -> tuple:
+    """Random tokens as the graph's arguments: two sequences of eight, one left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, graph.vocab_size, (2, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    return graph.call_args(ids, mask)
+
+
+def _max_rel_diff(a, b) -> float:
+    worst = 0.0
+    a, b = (a, b) if isinstance(a, (tuple, list)) else ((a,), (b,))
+    for x, y in zip(a, b):
+        if x.is_floating_point() and x.numel():
+            worst = max(worst, float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+@torch.no_grad()
+def apply_rules(graph, rules: Optional[list] = None, check: bool = True) -> dict:
+    """Run ``rules`` (default: all) on ``graph`` in order; {rule name: fired, rewrites, skipped, max_rel_diff}."""
+    rules = default_rules() if rules is None else rules
+    inputs = check_inputs(graph) if check else None
+    reference = graph.gm(*inputs) if check else None
+    out = {}
+    for rule in rules:
+        result = rule.apply(graph)
+        graph.finalize()
+        info = result.to_dict()
+        if check and result.fired:
+            diff = _max_rel_diff(graph.gm(*inputs), reference)
+            info["max_rel_diff"] = diff
+            if not diff <= CHECK_TOLERANCE:
+                raise LowbitError(f"fusion rule {rule.name} changed the graph's outputs (relative difference "
+                                  f"{diff:.2e} > {CHECK_TOLERANCE}); compile with fuse = false in the recipe and "
+                                  "report this")
+        out[rule.name] = info
+    return out

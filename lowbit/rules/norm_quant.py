@@ -1,0 +1,121 @@
+"""Norm -> per-token INT8 quantization -> one op, for W8A8 consumers.
+
+Pattern: an RMSNorm (transformers' ``x.float() * rsqrt(mean(x², -1) + eps)``, cast back, times a constant
+weight) or an ``aten.layer_norm`` whose output only W8A8 matmuls (``lowbit::w8a8_linear``) read.
+Replacement: ``lowbit::rmsnorm_quant_int8`` / ``lowbit::layernorm_quant_int8`` (normalized and quantized
+per token in one pass, the float row never written) feeding ``lowbit::w8a8_linear_codes`` for each consumer.
+The norm computes the same float operations and each consumer quantized the same row the same way, so the
+rewrite is exact. Near-misses are counted: a norm output that a float op also reads, a norm whose weight is
+computed (Gemma's ``1 + w``).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from lowbit.rules import RuleResult
+
+aten = torch.ops.aten
+W8A8 = torch.ops.lowbit.w8a8_linear.default
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def _call(n, *targets) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
+
+
+def _skip_casts(n):
+    while _call(n, *_CASTS):
+        n = n.args[0]
+    return n
+
+
+def _rmsnorm(graph, out: fx.Node) -> tuple[Optional[tuple], Optional[str]]:
+    """((input, weight node, eps), None) when ``out`` is an RMSNorm's output, else (None, why not or None)."""
+    if not _call(out, aten.mul.Tensor):
+        return None, None
+    a, b = out.args
+    weight, h = (a, b) if _call(_skip_casts(b), aten.mul.Tensor) else (b, a)
+    h = _skip_casts(h)
+    if not _call(h, aten.mul.Tensor):
+        return None, None
+    x, r = h.args if _call(h.args[1], aten.rsqrt.default) else h.args[::-1]
+    if not _call(r, aten.rsqrt.default) or not _call(r.args[0], aten.add.Tensor):
+        return None, None
+    mean, eps = r.args[0].args
+    if not _call(mean, aten.mean.dim) or list(mean.args[1]) != [-1] or not (mean.args[2:] or [False])[0]:
+        return None, None
+    sq = mean.args[0]
+    if not (_call(sq, aten.pow.Tensor_Scalar) and sq.args[0] is x and sq.args[1] == 2 and isinstance(eps, float)):
+        return None, None
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None, "the norm's weight is computed, not a constant"
+    return (_skip_casts(x), weight, eps), None
+
+
+def _layernorm(out: fx.Node) -> Optional[tuple]:
+    if not _call(out, aten.layer_norm.default) or len(out.args[1]) != 1:
+        return None
+    args = list(out.args) + [None] * (5 - len(out.args))
+    return args[0], args[2], args[3], (args[4] if args[4] is not None else 1e-5)
+
+
+class NormQuantInt8:
+    name = "norm_quant_int8"
+
+    def apply(self, graph) -> RuleResult:
+        result = RuleResult()
+        inputs = {}
+        for n in graph.gm.graph.nodes:
+            if _call(n, W8A8) and isinstance(n.args[0], fx.Node):
+                inputs.setdefault(n.args[0], None)
+        site_of = {s.node: s for s in graph.sites.values()}
+        for x in inputs:
+            # A reshape that keeps the last dimension (GPT-2's Conv1D flattens tokens) commutes with the norm.
+            view = x if _call(x, *_VIEWS) and x.args[1][-1] in (-1, x.args[0].meta.get("val", x).shape[-1]) \
+                and len(x.args[0].users) == 1 else None
+            norm_out = view.args[0] if view is not None else x
+            rms, why = _rmsnorm(graph, norm_out)
+            ln = None if rms else _layernorm(norm_out)
+            if rms is None and ln is None:
+                if why:
+                    result.skip(why)
+                continue
+            if not all(_call(u, W8A8) and u.args[0] is x for u in x.users):
+                result.skip("the norm's output is also read by a float op")
+                continue
+            names = ", ".join(site_of[u].name if u in site_of else u.meta.get("lowbit_name", u.name) for u in x.users)
+            self._rewrite(graph, x, view, rms, ln, site_of)
+            result.fired += 1
+            result.rewrites.append(("rmsnorm" if rms else "layernorm") + " -> " + names)
+        return result
+
+    @staticmethod
+    def _rewrite(graph, x: fx.Node, view, rms, ln, site_of):
+        g = graph.gm.graph
+        args = list(rms if rms is not None else ln)
+        with g.inserting_after(x):
+            if view is not None:
+                args[0] = g.call_function(view.target, (args[0], *view.args[1:]), dict(view.kwargs))
+        with g.inserting_after(args[0] if view is not None else x):
+            op = torch.ops.lowbit.rmsnorm_quant_int8 if rms is not None else torch.ops.lowbit.layernorm_quant_int8
+            fused = g.call_function(op.default, tuple(args))
+        with g.inserting_after(fused):
+            codes = g.call_function(operator.getitem, (fused, 0))
+        with g.inserting_after(codes):
+            scales = g.call_function(operator.getitem, (codes.args[0], 1))
+        fused.meta.update({k: v for k, v in x.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        for user in list(x.users):
+            with g.inserting_before(user):
+                new = g.call_function(torch.ops.lowbit.w8a8_linear_codes.default,
+                                      (codes, scales, *user.args[1:8], graph.dtype))
+            new.meta.update({k: v for k, v in user.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            user.replace_all_uses_with(new)
+            if user in site_of:
+                site_of[user].node = new
+            g.erase_node(user)

@@ -1,0 +1,77 @@
+"""The torch backend: the artifact's program (``format.graph``) as an fx GraphModule, run as it was shipped.
+
+No transformers modeling code: the program is the traced, quantized step (causal LMs) or forward (encoders)
+itself, with lowbit's ops on the packed weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lowbit.format import graph as graph_format
+
+PROGRAM_FILE = "program.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (0 at each row's first real token), as transformers' generate."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
+class TorchRunner:
+    """``full(ids, mask)``, ``start(batch)`` and ``step(ids, mask, positions, cache)`` over the shipped program.
+
+    The KV cache is the list of per-layer key/value tensors the program takes and returns. A program traced
+    for steps of two or more tokens (``min_step_tokens``: architectures whose attention code branches on a
+    one-token query) runs a one-token step as two: a masked copy of the token first, dropped from the cache.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, program: dict, device="cpu", dtype=torch.float32):
+        self.gm, self.program, self.device, self.dtype = gm, program, torch.device(device), dtype
+        self.task = program["task"]
+        self.kv = program.get("kv")
+        self.min_step = int(program.get("min_step_tokens", 1))
+
+    @classmethod
+    def load(cls, path: Path, device="cpu", dtype=torch.float32) -> "TorchRunner":
+        program = json.loads((path / PROGRAM_FILE).read_text())
+        where = f"artifact '{path}': {PROGRAM_FILE}"
+        graph_format.check_document(program, where)
+        gm = graph_format.decode(program, load_file(str(path / WEIGHTS_FILE)), device=device, dtype=dtype,
+                                 where=where)
+        return cls(gm, program, device, dtype)
+
+    def start(self, batch: int) -> list:
+        return [torch.empty(batch, h, 0, d, dtype=self.dtype, device=self.device)
+                for h, dk, dv in self.kv for d in (dk, dv)]
+
+    @torch.no_grad()
+    def step(self, input_ids, attention_mask, position_ids, cache: list):
+        # Token ids, masks and positions arrive on the CPU; logits and the cache stay on the device.
+        input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask,
+                                                                                position_ids))
+        s = input_ids.shape[1]
+        if s >= self.min_step:
+            out = self.gm(input_ids, attention_mask, position_ids, *cache)
+            return out[0], list(out[1:])
+        # Too short for this program: prepend masked copies of the first token, then drop them again.
+        pad = self.min_step - s
+        first = lambda t: t[:, :1].expand(-1, pad)   # noqa: E731
+        mask = torch.cat([attention_mask[:, :-s], torch.zeros_like(first(attention_mask)), attention_mask[:, -s:]], 1)
+        out = self.gm(torch.cat([first(input_ids), input_ids], 1), mask,
+                      torch.cat([first(position_ids), position_ids], 1), *cache)
+        present = [torch.cat([t[:, :, :-s - pad], t[:, :, -s:]], 2) for t in out[1:]]
+        return out[0][:, pad:], present
+
+    @torch.no_grad()
+    def full(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.task == "encoder":
+            return self.gm(input_ids.to(self.device), attention_mask.to(self.device))[0]
+        return self.step(input_ids, attention_mask, mask_positions(attention_mask), self.start(input_ids.shape[0]))[0]
