@@ -111,3 +111,32 @@ def test_linear_ops_replay_in_cuda_graphs():
     from lowbit.plugins.triton import w4a16
 
     assert not w4a16._COUNTERS[static_x.device].any()
+
+
+def test_fusion_ops_equal_their_unfused_forms():
+    """The ops the fusion rules substitute compute exactly what they replace (and pass opcheck): norm + per-token
+    INT8 then ``w8a8_linear_codes`` == norm then ``w8a8_linear``; ``attention`` == sdpa with its heads grouped."""
+    from lowbit.plugins.ops import quantize_rows_int8, rms_norm_reference
+
+    g = torch.Generator().manual_seed(11)
+    x, w_norm, b_norm = torch.randn(2, 5, 96, generator=g), torch.randn(96, generator=g), torch.randn(96, generator=g)
+    q8, s8, z8 = quantize_weight(torch.randn(40, 96, generator=g), QuantSpec(8, 32, sym=True))
+    layer = (pack_codes(q8, 8), s8, z8, torch.randn(40, generator=g), 8, 32, 96)
+    for fused, normed in ((torch.ops.lowbit.rmsnorm_quant_int8(x, w_norm, 1e-6), rms_norm_reference(x, w_norm, 1e-6)),
+                          (torch.ops.lowbit.layernorm_quant_int8(x, w_norm, b_norm, 1e-5),
+                           F.layer_norm(x, (96,), w_norm, b_norm, 1e-5))):
+        assert all(torch.equal(a, b) for a, b in zip(fused, quantize_rows_int8(normed)))
+        y = torch.ops.lowbit.w8a8_linear_codes(*fused, *layer, torch.float32)
+        assert torch.equal(y, torch.ops.lowbit.w8a8_linear(normed, *layer))
+        # Negative control: codes of another row scale give another result.
+        assert not torch.equal(torch.ops.lowbit.w8a8_linear_codes(fused[0], fused[1] * 2, *layer, torch.float32), y)
+    torch.library.opcheck(torch.ops.lowbit.w8a8_linear_codes.default, (*fused, *layer, torch.float32),
+                          test_utils=("test_schema", "test_faketensor"))
+    q, k, v = torch.randn(2, 6, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    mask = torch.ones(3, 7, dtype=torch.bool).tril(4)[None, None]
+    out = torch.ops.lowbit.attention(q, k, v, mask, 0.25, 3)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask,
+                                         scale=0.25)
+    assert out.shape == (2, 3, 6, 16) and torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
+    torch.library.opcheck(torch.ops.lowbit.attention.default, (q, k, v, mask, 0.25, 3),
+                          test_utils=("test_schema", "test_faketensor"))

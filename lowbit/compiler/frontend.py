@@ -152,13 +152,6 @@ def attn_implementation(config) -> str:
     return "sdpa" if getattr(model_class(config), "_supports_sdpa", False) else "eager"
 
 
-def build_empty(config, dtype=torch.float32) -> torch.nn.Module:
-    """An architecture instance from a config (weights to be loaded by the caller)."""
-    quiet_transformers()
-    config._attn_implementation = attn_implementation(config)
-    return model_class(config)._from_config(config, dtype=dtype).eval()
-
-
 def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
     """Load a model folder (or 'demo') with its tokenizer, in eval mode on CPU."""
     quiet_transformers()
