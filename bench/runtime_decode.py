@@ -27,6 +27,7 @@ from lowbit.cli import run_script
 from lowbit.compiler.artifact import is_artifact
 from lowbit.compiler.frontend import cache_kwarg, load_model
 from lowbit.device import describe_cpu
+from lowbit.format.graph import mask_positions
 from lowbit.eval import read_text
 
 
@@ -51,7 +52,7 @@ def time_greedy(step, cache, ids, new_tokens):
     """(prefill seconds, median decode-step seconds, greedy tokens) with ``step(ids, mask, positions, cache)
     -> (logits, cache)``."""
     mask = torch.ones_like(ids)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    pos = mask_positions(mask)
     t0 = time.perf_counter()
     logits, cache = step(ids, mask, pos, cache)
     prefill, steps, out = time.perf_counter() - t0, [], []

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from lowbit.format.graph import mask_positions
 from lowbit.passes.quantize import QuantSpec, storage_bytes
 from lowbit.plugins import ops  # noqa: F401  (registers torch.ops.lowbit.*)
 
@@ -271,7 +272,7 @@ class Graph:
         """The step graph's arguments for ``input_ids`` after ``past`` (default: an empty cache); positions skip
         left padding."""
         b, s = input_ids.shape
-        positions = ((attention_mask.cumsum(-1) - 1).clamp_min(0))[:, -s:]
+        positions = mask_positions(attention_mask)[:, -s:]
         if past is None:
             past = [torch.empty(b, h, 0, d, dtype=self.dtype, device=input_ids.device)
                     for h, dk, dv in self.kv for d in (dk, dv)]

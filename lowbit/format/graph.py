@@ -34,6 +34,12 @@ _DROPPED = {torch.ops.aten._assert_tensor_metadata.default}
 _TAGS = {torch.dtype: "dtype", torch.layout: "layout", torch.memory_format: "memory_format"}
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The step's position ids: they skip left padding (0 at each row's first real token), as transformers'
+    generate does."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
 def _target_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}::{target._opname}.{target._overloadname}"

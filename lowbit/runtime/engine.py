@@ -9,7 +9,7 @@ import torch
 
 from lowbit.compiler import artifact
 from lowbit.errors import LowbitError
-from lowbit.runtime.torch_runner import mask_positions
+from lowbit.format.graph import mask_positions
 
 BACKENDS = ("auto", "torch", "ort")
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.engine import mask_positions
+from lowbit.format.graph import mask_positions
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 

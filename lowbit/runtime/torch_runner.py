@@ -13,14 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from lowbit.format import graph as graph_format
+from lowbit.format.graph import mask_positions
 
 PROGRAM_FILE = "program.json"
 WEIGHTS_FILE = "weights.safetensors"
-
-
-def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding (0 at each row's first real token), as transformers' generate."""
-    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
 class TorchRunner:
