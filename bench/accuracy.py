@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import lowbit
-from lowbit.assets import ensure_assets
-from lowbit.compiler.artifact import read_manifest
+from lowbit.demo.assets import ensure_assets
+from lowbit.format.artifact import read_manifest
 from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.cli import run_script
 from lowbit.eval import evaluate_perplexity

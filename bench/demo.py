@@ -11,8 +11,8 @@ import argparse
 import time
 
 import lowbit
-from lowbit.assets import ensure_assets
-from lowbit.compiler.artifact import read_manifest
+from lowbit.demo.assets import ensure_assets
+from lowbit.format.artifact import read_manifest
 from lowbit.cli import run_script
 from lowbit.eval import evaluate_perplexity
 

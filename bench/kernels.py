@@ -108,7 +108,7 @@ def random_w4(n: int, k: int, gen: torch.Generator):
 def torch_int4_weight(qweight, scales, zeros):
     """The same weight in torch's int4 layout: codes [N, K/2] with even k in the high nibble, converted by
     ``_convert_weight_to_int4pack``; scales_and_zeros [G, N, 2] with w = (q - 8) * s + zero, so zero = (8 - z) * s."""
-    from lowbit.passes.quantize import unpack_codes
+    from lowbit.format.quantize import unpack_codes
 
     codes = unpack_codes(qweight, 4, qweight.shape[1] * 2)
     packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)

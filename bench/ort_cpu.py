@@ -31,9 +31,9 @@ import onnxruntime as ort
 import torch
 
 import lowbit
-from lowbit.assets import ensure_assets
+from lowbit.demo.assets import ensure_assets
 from lowbit.cli import run_script
-from lowbit.compiler.artifact import is_artifact, read_manifest, sha256_file
+from lowbit.format.artifact import is_artifact, read_manifest, sha256_file
 from lowbit.compiler.recipe import Override, Recipe
 from lowbit.device import describe_cpu
 from lowbit.eval import evaluate_perplexity, read_text

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import lowbit
 from lowbit.cli import run_script
-from lowbit.compiler.artifact import is_artifact
+from lowbit.format.artifact import is_artifact
 from lowbit.compiler.frontend import cache_kwarg, load_model
 from lowbit.device import describe_cpu
 from lowbit.format.graph import mask_positions

@@ -76,7 +76,7 @@ def _cmd_recipes(a) -> int:
 
 
 def _cmd_assets(a) -> int:
-    from lowbit.assets import main_assets
+    from lowbit.demo.assets import main_assets
 
     return main_assets(a.json)
 
@@ -88,6 +88,8 @@ def _runtime_device_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lowbit.targets import TARGETS
+
     p = argparse.ArgumentParser(prog="lowbit", description="Quantizing compiler and runtime for transformer LMs.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -95,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="quantize a model into an artifact folder")
     c.add_argument("model", help="local transformers model folder, or 'demo'")
     c.add_argument("--recipe", "-r", default="rtn-w4g128", help="built-in recipe name or .toml file (see 'lowbit recipes')")
-    c.add_argument("--target", "-t", default="torch",
-                   help="what to emit: torch (default), onnx (ONNX Runtime; also runs on torch), hf-gptq")
+    c.add_argument("--target", "-t", default="torch", help="what to emit (default torch): " + "; ".join(
+        f"{t.name}: {t.summary}" for t in TARGETS.values()))
     c.add_argument("--onnx-accuracy-level", type=int, default=0, metavar="N",
                    help="MatMulNBits accuracy_level for --target onnx: 0 exact float math (default), "
                         "4 int8 activations inside the kernel (faster on CPU, less exact)")

@@ -15,14 +15,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from lowbit.compiler.progress import progress_bar
+from lowbit.progress import progress_bar
 from lowbit.errors import LowbitError
 
 
 def read_text(arg: str, which: str = "eval") -> str:
     """Text from a file, or the demo split ('demo' -> eval.txt / calib.txt)."""
     if arg == "demo":
-        from lowbit.assets import ensure_assets
+        from lowbit.demo.assets import ensure_assets
 
         arg = ensure_assets()[which]
     path = Path(arg)
@@ -63,15 +63,10 @@ def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], wins: torch.Te
     return {"ppl": math.exp(nll / count), "tokens": count, "windows": int(wins.shape[0]), "nll": nll / count}
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
-
-
 def scorer(target: str, backend: str = "auto", provider: str = "auto", device: str = "cpu", dtype=None):
     """(logits_fn, tokenizer, max_positions, label) for an artifact folder or a model folder / 'demo'; the model
     runs on ``device`` in ``dtype`` (see ``Engine.load``)."""
-    from lowbit.compiler.artifact import is_artifact
+    from lowbit.format.artifact import is_artifact
 
     if target != "demo" and is_artifact(target):
         from lowbit.runtime.engine import Engine
@@ -132,7 +127,7 @@ def evaluate_embeddings(target: str, text: str, max_sentences: int = 256, batch_
                         device: str = "cpu", dtype=None) -> dict:
     """Mean cosine similarity between an encoder artifact's sentence embeddings (mean pooling) and those of
     its float source model, over the sentences of ``text``."""
-    from lowbit.compiler.artifact import is_artifact
+    from lowbit.format.artifact import is_artifact
     from lowbit.compiler.frontend import load_model
     from lowbit.runtime.engine import Engine
 
@@ -152,6 +147,8 @@ def evaluate_embeddings(target: str, text: str, max_sentences: int = 256, batch_
         raise LowbitError("the text has no sentences of 5 to 64 words; give a longer text")
     ref_model = load_model(source).model
     cos = []
+    from lowbit.runtime.engine import mean_pool
+
     for i in progress_bar(range(0, len(sents), batch_size), desc="embed", disable=not show_progress):
         enc = eng.tokenizer(sents[i:i + batch_size], return_tensors="pt", padding=True, truncation=True)
         q = mean_pool(eng.forward(enc["input_ids"], enc["attention_mask"]), enc["attention_mask"])

@@ -180,3 +180,34 @@ def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("text") / "eval.txt"
     p.write_text(sample_text(4000, 1))
     return p
+
+
+class W8A8Layer:
+    """A symmetric W8A8 layer in lowbit's packed layout, callable as ``lowbit::w8a8_linear`` (the reference)."""
+
+    def __init__(self, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int):
+        self.qweight, self.scales, self.zeros, self.bias = qweight, scales, zeros, bias
+        self.bits, self.group_size, self.in_features = bits, group_size, in_features
+
+    def __call__(self, x):
+        return torch.ops.lowbit.w8a8_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits,
+                                            self.group_size, self.in_features)
+
+
+class OrtA8(torch.nn.Module):
+    """``layer`` (a W8A8Layer) as the ONNX lowering writes it: one ``lowbit::ort_matmul_a8`` on repacked tensors,
+    or, with ``norm_weight``, RMSNorm + INT8 quantize feeding ``lowbit::ort_matmul_a8_codes``."""
+
+    def __init__(self, layer, norm_weight=None):
+        from lowbit.plugins.onnx.ort_ops import to_matmul_a8
+
+        super().__init__()
+        t = to_matmul_a8(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, layer.in_features)
+        self.w, self.scales, self.bias, self.norm_weight = t["w"], t["scales"], layer.bias, norm_weight
+        self.args = (layer.in_features, layer.qweight.shape[0], layer.group_size, t["w_zero"])
+
+    def forward(self, x):
+        if self.norm_weight is None:
+            return torch.ops.lowbit.ort_matmul_a8(x, self.w, self.scales, self.bias, *self.args)
+        xq, sx = torch.ops.lowbit.rmsnorm_quant_int8(x, self.norm_weight, 1e-6)
+        return torch.ops.lowbit.ort_matmul_a8_codes(xq, sx, self.w, self.scales, self.bias, *self.args, torch.float32)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import lowbit
-from lowbit.compiler import artifact
+from lowbit.format import artifact
 from lowbit.errors import LowbitError
 
 

@@ -16,11 +16,11 @@ SEQ, WINDOWS = 512, 4
 
 
 def _assets():
-    from lowbit.assets import lowbit_home
+    from lowbit.demo.assets import lowbit_home
 
     if not (lowbit_home() / "assets.json").is_file():
         return None
-    from lowbit.assets import ensure_assets
+    from lowbit.demo.assets import ensure_assets
 
     paths = ensure_assets(quiet=True)
     return paths if all(os.path.exists(p) for p in paths.values()) else None
@@ -61,7 +61,7 @@ def test_rtn_w4g64_quality_and_generation(fp_result, tmp_path):
     eng = lowbit.load(art)
     text = eng.generate("The capital of France is", max_new_tokens=12)
     assert len(text.split()) >= 2
-    sizes = lowbit.compiler.artifact.read_manifest(art)["sizes"]
+    sizes = lowbit.format.artifact.read_manifest(art)["sizes"]
     assert sizes["quantized_bytes_after"] < sizes["quantized_bytes_before"] / 6   # fp32 -> ~4.4 bits
     assert sizes["matmul_bytes_after"] < sizes["matmul_bytes_before"] / 2         # lm_head stays float
 
@@ -76,5 +76,5 @@ def test_onnx_int4_parity_on_demo(fp_result, tmp_path):
     gen = {b: lowbit.load(art, backend=b).generate(prompts, max_new_tokens=32, stop_at_eos=False)
            for b in ("torch", "ort")}
     assert gen["torch"] == gen["ort"]
-    m = lowbit.compiler.artifact.read_manifest(art)
+    m = lowbit.format.artifact.read_manifest(art)
     assert m["onnx"]["ops"]["com.microsoft::MatMulNBits"] == 210

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowbit.passes.gptq import GPTQOptions, Hessian, gptq_quantize, output_error
-from lowbit.passes.quantize import QuantSpec, compute_qparams, dequantize_codes, quantize_weight
+from lowbit.format.quantize import QuantSpec, compute_qparams, dequantize_codes, quantize_weight
 
 
 def correlated_layer(n=64, k=192, tokens=2048, seed=0):

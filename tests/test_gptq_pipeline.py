@@ -40,7 +40,7 @@ def test_gptq_artifact_runs_and_beats_rtn(arch, model_dirs, calib_file, text_fil
     loaded = load_model(str(model_dirs[arch]))
     ids = loaded.tokenizer(text_file.read_text()[:3000], return_tensors="pt")["input_ids"][:, :96]
     assert _logit_error(g, loaded.model, ids) < _logit_error(r, loaded.model, ids)
-    m = lowbit.compiler.artifact.read_manifest(tmp_path / "g")
+    m = lowbit.format.artifact.read_manifest(tmp_path / "g")
     assert m["calibration"]["tokens"] == 16 * 64 and m["calibration"]["peak_activation_bytes"] > 0
     report = (tmp_path / "g" / "report.md").read_text()
     import json

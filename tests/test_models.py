@@ -215,6 +215,8 @@ if len(sys.argv) > 2:                      # negative control: a transformers mo
     load_model(sys.argv[2])
 modeling = [m for m in sys.modules if re.match(r"transformers[.]models[.].*[.]modeling_", m)]
 assert not modeling, modeling
+compiler = [m for m in sys.modules if re.match(r"lowbit[.](compiler|passes|rules)", m)]
+assert not compiler, compiler
 """
 
 

@@ -11,14 +11,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
 from lowbit.cli import main
-from lowbit.compiler.artifact import read_manifest
+from lowbit.format.artifact import read_manifest
 from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.errors import LowbitError
-from lowbit.passes.quantize import QuantSpec, pack_codes, quantize_weight
+from lowbit.format.quantize import QuantSpec, pack_codes, quantize_weight
 from lowbit.plugins.onnx.ort_ops import (block_size_for, to_gather_nbits, to_matmul_a8, to_matmul_nbits)
 from lowbit.runtime.inspect_artifact import describe
 
-from conftest import sample_text
+from conftest import OrtA8, W8A8Layer, sample_text
 
 REL = 1e-3       # the issue's parity bar: ORT logits vs torch logits, relative to the logits' scale
 
@@ -68,31 +68,37 @@ def test_block_sizes():
 
 
 @pytest.mark.parametrize("k,group", [(96, 96), (100, 32), (128, 64)])
-def test_matmul_a8_in_onnxruntime_equals_w8a8(k, group, tmp_path):
-    """The W8A8 subgraph (per-token quantize, MatMulInteger, rescale) as exported, run by ONNX Runtime."""
-    from lowbit.plugins.onnx.ort_ops import OrtMatMulA8
-    from lowbit.compiler.hf_modules import QuantLinear
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_matmul_a8_in_onnxruntime_equals_w8a8(k, group, fused_norm, tmp_path):
+    """The W8A8 subgraph (per-token quantize, MatMulInteger, rescale) as exported, run by ONNX Runtime; with
+    ``fused_norm``, the codes form behind the RMSNorm + quantize translation."""
+    from lowbit.plugins.onnx import translations
 
     n = 24
     qweight, scales, zeros, eff = _layer(n, k, 8, group, sym=True)
-    layer = QuantLinear(k, n, 8, eff, True, op="w8a8_linear")
-    layer.qweight, layer.scales, layer.zeros, layer.bias = qweight, scales, zeros, torch.randn(n)
-    x = torch.randn(2, 5, k)
-    ref = layer(x)
-    mod = OrtMatMulA8(layer, torch.float32)
-    torch.testing.assert_close(mod(x), ref, rtol=1e-5, atol=1e-5)
+    bias = torch.randn(n)
+    norm_weight = torch.rand(k) + 0.5 if fused_norm else None
+
+    def ref(x):
+        if fused_norm:
+            x = torch.ops.lowbit.rmsnorm_quant_int8(x, norm_weight, 1e-6)
+            return torch.ops.lowbit.w8a8_linear_codes(*x, qweight, scales, zeros, bias, 8, eff, k, torch.float32)
+        return torch.ops.lowbit.w8a8_linear(x, qweight, scales, zeros, bias, 8, eff, k)
+
     t = to_matmul_a8(qweight, scales, zeros, 8, eff, k)
     assert t["w"].dtype == torch.uint8 and t["w_zero"] == 128          # uint8 x uint8: exact on every CPU
-    from lowbit.plugins.onnx import translations
-
+    mod = OrtA8(W8A8Layer(qweight, scales, zeros, bias, 8, eff, k), norm_weight)
+    x = torch.randn(2, 5, k)
+    torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-5)
     path = tmp_path / "a8.onnx"
     torch.onnx.export(mod, (x,), str(path), dynamo=True, custom_translation_table=translations(),
                       dynamic_shapes={"x": {0: torch.export.Dim("b"), 1: torch.export.Dim("s")}})
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x2 = torch.randn(3, 4, k)
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x2.numpy()})[0])
-    exp = layer(x2)
-    assert float((got - exp).abs().max() / exp.abs().max()) < 1e-5
+    exp = ref(x2)
+    # The norm's 1/sqrt may round differently in ONNX Runtime: a code can move by one at a rounding boundary.
+    assert float((got - exp).abs().max() / exp.abs().max()) < (2e-2 if fused_norm else 1e-5)
 
 
 def test_gather_nbits_equals_wna16_embedding():
@@ -156,7 +162,12 @@ def test_rtn_w4_parity(arch, model_dirs, tokenizer, tmp_path):
     _check_parity(art, tokenizer)
     m = read_manifest(art)
     ops = m["onnx"]["ops"]
-    assert ops["com.microsoft::MatMulNBits"] == m["sizes"]["quantized_matmuls"]
+    # Lowered from the shipped program: one MatMulNBits per quantized matmul op in it, merged siblings included.
+    program = json.loads((art / "program.json").read_text())
+    in_program = sum(n.get("target") == "lowbit::wna16_linear.default" for n in program["nodes"])
+    assert ops["com.microsoft::MatMulNBits"] == in_program == m["onnx"]["lowered_ops"]["ort_matmul_nbits"]
+    if arch in ("llama", "qwen2"):         # Q/K/V and gate/up merged: 3 matmuls per block instead of 7
+        assert in_program == m["sizes"]["quantized_matmuls"] - 3 * 2
     assert m["onnx"]["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
     assert m["onnx"]["outputs"][1] == "present.0.key" and "past_key_values.0.key" in m["onnx"]["inputs"]
     assert m["files"]["onnx/model.onnx"]
@@ -185,8 +196,8 @@ def test_w4a8_mixed_parity_and_old_artifacts_refused(model_dirs, tokenizer, tmp_
     art = _compile_onnx(model_dirs["llama"], "zq-w4a8-mixed", tmp_path / "m")
     _check_parity(art, tokenizer)
     info = read_manifest(art)["onnx"]
-    assert info["integer_matmuls"] == {"u8u8": 8, "u8s8-7bit": 6}
-    assert "MatMulInteger forms u8u8 x8, u8s8-7bit x6" in describe(art)
+    assert info["integer_matmuls"] == {"u8u8": 4, "u8s8-7bit": 4}      # merged Q/K/V and gate/up
+    assert "MatMulInteger forms u8u8 x4, u8s8-7bit x4" in describe(art)
     manifest = json.loads((art / "manifest.json").read_text())
     del manifest["onnx"]["integer_matmuls"]
     (art / "manifest.json").write_text(json.dumps(manifest))
@@ -210,7 +221,7 @@ def test_fp_and_quantized_embedding_and_grouped_w8a8(model_dirs, tokenizer, tmp_
     art = _compile_onnx(model_dirs["llama"], str(recipe), tmp_path / "m")
     _check_parity(art, tokenizer)
     ops = read_manifest(art)["onnx"]["ops"]
-    assert ops["com.microsoft::GatherBlockQuantized"] == 1 and ops["MatMulInteger"] == 6
+    assert ops["com.microsoft::GatherBlockQuantized"] == 1 and ops["MatMulInteger"] == 4   # gate+up merged, down
     fp = _compile_onnx(model_dirs["qwen2"], "fp", tmp_path / "fp")
     _check_parity(fp, tokenizer)
 
@@ -240,7 +251,7 @@ def _cli(capsys, *args):
 def test_bad_inputs(model_dirs, tmp_path, capsys):
     torch_art = lowbit.compile(str(model_dirs["llama"]), "rtn-w4g64", out=tmp_path / "t", quiet=True)
     code, _, err = _cli(capsys, "run", torch_art, "-p", "hi", "--backend", "ort")
-    assert code == 2 and "no ONNX model" in err and "--target onnx" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "backend 'ort' cannot run" in err and "--target onnx" in err and len(err.strip().splitlines()) == 1
     code, _, err = _cli(capsys, "compile", model_dirs["llama"], "-r", "rtn-w4g64", "-t", "onnx", "-o", tmp_path / "x",
                         "--onnx-accuracy-level", "9", "-q")
     assert code == 2 and "accuracy" in err and not (tmp_path / "x").exists()

@@ -16,14 +16,13 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.errors import LowbitError
-from lowbit.passes.quantize import pack_codes
+from lowbit.format.quantize import pack_codes
 from lowbit.plugins.onnx import translations
 from lowbit.plugins.onnx.integer_matmul import check_integer_matmuls, integer_matmul_forms
-from lowbit.plugins.onnx.ort_ops import OrtMatMulA8, to_matmul_a8
+from lowbit.plugins.onnx.ort_ops import to_matmul_a8
 from lowbit.plugins.ops import quantize_rows_int8, signed_weight
-from lowbit.compiler.hf_modules import QuantLinear
 
-from conftest import non_vnni_matmul_integer
+from conftest import OrtA8, W8A8Layer, non_vnni_matmul_integer
 
 
 def exact_matmul_integer(a, b, a_zero, b_zero) -> np.ndarray:
@@ -42,11 +41,9 @@ def adversarial_layer(bits: int, n: int, k: int, group: int, seed: int):
     w[:, torch.randperm(k, generator=g)[: k // 8]] = torch.randint(-half, half, (n, k // 8), generator=g)
     codes = (w + half).to(torch.uint8)
     eff = min(group, k) if group > 0 else k
-    layer = QuantLinear(k, n, bits, eff, True, op="w8a8_linear")
-    layer.qweight = pack_codes(codes, bits)
-    layer.scales = (torch.rand(n, -(-k // eff), generator=g) * 0.02 + 0.001).half()
-    layer.zeros = torch.full_like(layer.scales, half, dtype=torch.uint8)
-    layer.bias = torch.randn(n, generator=g)
+    scales = (torch.rand(n, -(-k // eff), generator=g) * 0.02 + 0.001).half()
+    layer = W8A8Layer(pack_codes(codes, bits), scales, torch.full_like(scales, half, dtype=torch.uint8),
+                      torch.randn(n, generator=g), bits, eff, k)
     x = torch.randn(8, k, generator=g)
     x[0] = x[0].abs() + 3.0
     x[1] = signs[0].float() * (2.0 + torch.rand(k, generator=g))
@@ -56,7 +53,7 @@ def adversarial_layer(bits: int, n: int, k: int, group: int, seed: int):
 
 
 def export_a8(layer, path) -> str:
-    mod = OrtMatMulA8(layer, torch.float32)
+    mod = OrtA8(layer)
     torch.onnx.export(mod, (torch.randn(2, 3, layer.in_features),), str(path), dynamo=True,
                       custom_translation_table=translations(),
                       dynamic_shapes={"x": {0: torch.export.Dim("b"), 1: torch.export.Dim("s")}})

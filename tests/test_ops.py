@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit.plugins.ops  # noqa: F401  (registers the lowbit:: ops)
-from lowbit.passes.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight
+from lowbit.format.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight
 
 
 def _layer(n, k, bits, group, seed, bias=True):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbit.passes.quantize import (QuantSpec, compute_qparams, dequantize_codes, expand_groups, fake_quantize,
+from lowbit.format.quantize import (QuantSpec, compute_qparams, dequantize_codes, expand_groups, fake_quantize,
                                     pack_codes, packed_cols, quantize_weight, unpack_codes)
 from lowbit.plugins.ops import dequantized_weight
 
@@ -74,7 +74,7 @@ def test_codes_agree_with_stored_float16_scale():
     q, s, z = quantize_weight(w, spec)
     dq = dequantized_weight(pack_codes(q, 4), s, z, 4, 64, 256)
     # Re-quantizing the dequantized weight against the same stored params gives the same codes.
-    from lowbit.passes.quantize import quantize_codes
+    from lowbit.format.quantize import quantize_codes
     assert torch.equal(quantize_codes(dq, s, z, spec), q)
 
 

@@ -13,8 +13,9 @@ from conftest import CAUSAL, MORE_CAUSAL, VOCAB, make_model
 
 STEP_ARCHS = list(CAUSAL) + list(MORE_CAUSAL)
 # Their attention code is their own (not transformers' AttentionInterface) and branches on a one-token
-# query, so torch.export specializes the step to sequences of two or more tokens.
-SPECIALIZED = {"bloom", "falcon", "stablelm"}
+# query: torch.export guards the step on two or more tokens, and the frontend proves the same graph right for
+# one token (frontend._decode_check).
+OWN_ATTENTION = {"bloom", "falcon", "stablelm"}
 
 
 def _traced(arch):
@@ -58,7 +59,7 @@ def _run_steps(graph, ids, mask, cuts):
 def test_step_graph_prefill_then_cached_steps_equal_full_forward(arch):
     model, graph = _traced(arch)
     ids, mask = _inputs()
-    cuts = [10, 12] if arch in SPECIALIZED else [10, 12, 13]    # a two-token step, then a one-token step
+    cuts = [10, 12, 13]    # a prefill, a two-token step, then a one-token step
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, :cuts[-1]]
         ref = _transformers_steps(model, ids, mask, cuts)
@@ -66,10 +67,7 @@ def test_step_graph_prefill_then_cached_steps_equal_full_forward(arch):
     assert torch.allclose(got, ref, atol=1e-5), float((got - ref).abs().max())
     # transformers' BLOOM steps and full forward disagree on a left-padded row (ALiBi); the unpadded row must not.
     assert torch.allclose(got[0], full[0], atol=1e-5), float((got[0] - full[0]).abs().max())
-    if arch in SPECIALIZED:
-        assert graph.decode_error is not None
-    else:
-        assert graph.decode_error is None
+    if arch not in OWN_ATTENTION:
         assert any(n.target is torch.ops.lowbit.attention.default for n in graph.gm.graph.nodes)
 
 
@@ -95,3 +93,21 @@ def test_quantized_step_graph_decodes_like_its_prefill():
         whole = graph(ids, mask)
         steps = _run_steps(graph, ids, mask, [9, 12, 13])
     assert torch.allclose(steps, whole, atol=1e-5)
+
+
+def test_decode_check_catches_a_wrong_one_token_step():
+    """Negative control of the frontend's one-token proof: a step graph that is wrong only for one token (as a
+    specialized trace of a q_len == 1 branch would be) is caught."""
+    from lowbit.compiler.frontend import _decode_check
+
+    _, graph = _traced("llama")
+    assert _decode_check(graph) is None
+    gm = graph.gm
+
+    class OffForOneToken(torch.nn.Module):
+        def forward(self, input_ids, *rest):
+            out = gm(input_ids, *rest)
+            return (out[0] + 0.01 * (input_ids.shape[1] == 1), *out[1:])
+
+    graph.gm = OffForOneToken()
+    assert "one-token step differs" in _decode_check(graph)

@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from lowbit.passes.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight, unpack_codes  # noqa: E402
+from lowbit.format.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight, unpack_codes  # noqa: E402
 from lowbit.plugins import ops  # noqa: E402
 from lowbit.plugins.triton import act_quant, w4a16, w8a8  # noqa: E402
 

@@ -19,9 +19,9 @@ from typing import Optional
 from safetensors.torch import load_file, save_file
 
 from lowbit.compiler.ir import QuantizedLayer
-from lowbit.compiler.progress import say
+from lowbit.progress import say
 from lowbit.errors import LowbitError
-from lowbit.passes.quantize import QuantSpec
+from lowbit.format.quantize import QuantSpec
 
 STATE = "state.json"
 

@@ -80,7 +80,7 @@ def quiet_transformers():
 
 def resolve_model_path(arg: str) -> Path:
     if arg in ("demo", "demo-encoder"):
-        from lowbit.assets import ensure_assets
+        from lowbit.demo.assets import ensure_assets
 
         return Path(ensure_assets()["model" if arg == "demo" else "encoder"])
     path = Path(arg).expanduser()
@@ -278,24 +278,66 @@ def trace(loaded: LoadedModel) -> Graph:
             ids = torch.randint(0, vocab, (2, min(16, loaded.max_positions)), generator=g)
             dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
             ep = _export(EncoderForward(loaded.model).eval(), (ids, torch.ones_like(ids)), dynamic, loaded)
-    graph = Graph(ep.module(), loaded.model_type, loaded.task, kv=kv, dtype=dtype, attention=attention)
+    graph = Graph(_drop_empty_cats(_drop_guards(ep.module())), loaded.model_type, loaded.task, kv=kv, dtype=dtype, attention=attention)
     graph.vocab_size = vocab
     emb = loaded.model.get_input_embeddings()
     graph.input_embedding = next((n for n, m in loaded.model.named_modules() if m is emb), None)
     if kv is not None:
-        graph.decode_error = _decode_check(graph)
+        err = _decode_check(graph)
+        if err is not None:
+            arch = ",".join(getattr(loaded.config, "architectures", None) or [loaded.model_type])
+            raise LowbitError(f"architecture {arch}: the traced step does not serve one-token decode ({err})")
     return graph
 
 
+def _drop_guards(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove torch.export's shape-guard check (``_guards_fn``): it pins what the tracer assumed (a step of
+    two or more tokens where model code branches on ``q_len == 1``), which ``_decode_check`` verifies
+    numerically instead, and the shipped program cannot carry it."""
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and n.target == "_guards_fn":
+            gm.graph.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.recompile()
+    return gm
+
+
+def _drop_empty_cats(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``cat([empty constant, x])`` -> ``x``: a fresh DynamicCache's first update, which would copy the whole
+    past once more every step."""
+    passthrough = {torch.ops.aten.detach_.default, torch.ops.aten.detach.default,
+                   torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.clone.default}
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or n.target != torch.ops.aten.cat.default or len(n.args[0]) != 2:
+            continue
+        first = n.args[0][0]
+        while first.op == "call_function" and first.target in passthrough:
+            first = first.args[0]
+        if first.op == "get_attr" and getattr(gm, first.target).numel() == 0:
+            n.replace_all_uses_with(n.args[0][1])
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
 def _decode_check(graph: Graph):
-    """None when the traced step also runs one token over an empty cache (so it serves decode), else why not."""
-    ids = torch.zeros(1, 1, dtype=torch.long)
+    """None when the traced step also serves one-token decode, else why not: a prefill of 7 tokens then a
+    one-token step over its cache must give the logits of a prefill of all 8 (the step path the tracer did not
+    see against the one it did)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, max(graph.vocab_size, 1), (2, 8), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
     try:
         with torch.no_grad():
-            graph.gm(*graph.step_args(ids, torch.ones_like(ids)))
+            full = graph.gm(*graph.step_args(ids, mask))[0][:, -1]
+            prefix = graph.gm(*graph.step_args(ids[:, :-1], mask[:, :-1]))
+            step = graph.gm(*graph.step_args(ids[:, -1:], mask, prefix[1:]))[0][:, -1]
     except Exception as e:
         return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-    return None
+    err = float((step - full).abs().max() / full.abs().max().clamp_min(1e-6))
+    return None if err < 1e-4 else f"a one-token step differs from the prefill by {err:.1e} (relative)"
 
 
 def hash_model_folder(path: Path) -> str:

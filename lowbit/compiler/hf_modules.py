@@ -11,7 +11,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.plugins import ops  # noqa: F401  (registers torch.ops.lowbit.*)
-from lowbit.passes.quantize import packed_cols, num_groups
+from lowbit.format.quantize import packed_cols, num_groups
 
 
 LINEAR_OPS = ("wna16_linear", "w8a8_linear")

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from lowbit.format.graph import mask_positions
-from lowbit.passes.quantize import QuantSpec, storage_bytes
+from lowbit.format.quantize import QuantSpec, storage_bytes
 from lowbit.plugins import ops  # noqa: F401  (registers torch.ops.lowbit.*)
 
 # The frontend wraps the HF model in a module whose attribute is this name; IR names drop it.
@@ -131,7 +131,6 @@ class Graph:
         self.vocab_size = 0                   # set by the frontend: the token ids the graph accepts
         self.attention = attention            # the transformers attention implementation that was traced
         # Why the traced step cannot run a one-token step over an empty cache (None: it serves decode too).
-        self.decode_error: Optional[str] = None
         # Constants added by rewrites (packed layers): attribute -> the name the artifact stores them under.
         self.tensor_names: dict[str, str] = {}
         # Scales/zero points a pass before the weight pass fixed per layer (LKD): {layer: (scale, zero)}.

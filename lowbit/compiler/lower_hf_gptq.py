@@ -17,12 +17,13 @@ pipeline asks the passes for ``min_zero = 1``) so "zero - 1" never underflows.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import torch
 from safetensors.torch import save_file
 
 from lowbit.errors import LowbitError
-from lowbit.passes.quantize import unpack_codes
+from lowbit.format.quantize import unpack_codes
 
 SUPPORTED_BITS = (4, 8)
 
@@ -117,3 +118,24 @@ def write_hf_gptq(tmp, graph, loaded, recipe) -> dict:
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(tmp)
     return size_report(graph, loaded.model, tmp / "model.safetensors")
+
+
+class HfGptqLowering:
+    """The ``hf-gptq`` target (``lowbit.targets``): transformers' layer layout, so no fusion rewrites."""
+    fuse = False
+
+    def prepare(self, recipe, options: dict):
+        # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.
+        return replace(recipe, min_zero=1)
+
+    def check(self, graph, recipe):
+        check_exportable(graph, recipe)
+
+    def write(self, tmp, graph, loaded, recipe, options: dict, timings: dict, quiet: bool) -> dict:
+        from lowbit.progress import timed
+
+        with timed(timings, "write", quiet, "writing the GPTQ checkpoint"):
+            return {"sizes": write_hf_gptq(tmp, graph, loaded, recipe)}
+
+
+LOWERING = HfGptqLowering()

@@ -1,9 +1,11 @@
-"""Lowering to ONNX for ONNX Runtime: the quantized model, with quantized layers as ONNX Runtime operators.
+"""Lowering to ONNX for ONNX Runtime: the shipped program, with its lowbit ops as ONNX Runtime operators.
 
-The ONNX target is the torch target plus ``onnx/model.onnx``: the loaded transformers model gets the
-quantized layers swapped in as lowbit modules (the very packed tensors the shipped program holds), then
-swapped for ``plugins.onnx`` forms, and ``torch.onnx.export(dynamo=True)`` translates the ``lowbit::ort_*``
-ops. The fusion rules' rewrites of the shipped graph do not reach this export yet.
+The ONNX target is the torch target plus ``onnx/model.onnx``, lowered from the very program the artifact
+ships (``program.json`` + ``weights.safetensors``), so the fusion rules' rewrites carry over: merged
+Q/K/V and gate/up matmuls become one ``MatMulNBits`` each, a fused norm + INT8 quantize feeds its matmul
+the codes. Each quantized op is rewritten into a ``lowbit::ort_*`` op on tensors repacked once into the
+ONNX Runtime layout (``plugins.onnx.ort_ops``), the rewritten program is exported with
+``torch.onnx.export(dynamo=True)``, and ``plugins.onnx.translations`` turns the lowbit ops into nodes.
 
 A causal LM becomes one graph for prefill and decode::
 
@@ -28,8 +30,8 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.format.artifact import ONNX_FILE, ONNX_IO_FILE, PROGRAM_FILE, WEIGHTS_FILE
 
-ONNX_FILE = "onnx/model.onnx"
 OPSET = 18
 # Protobuf cannot hold a model over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 2 * 1024 ** 3 - 64 * 1024 ** 2
@@ -70,57 +72,120 @@ def check_onnx_exportable(graph, recipe):
                               "quantize_embeddings = false")
 
 
-def export_onnx(model: torch.nn.Module, task: str, dest: Path, accuracy_level: int = 0) -> dict:
-    """Export a transformers model with lowbit modules (``hf_modules.quantize_modules``) to ``dest``; returns the
-    manifest's onnx entry."""
+def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
+    """Rewrite ``gm``'s quantized ops into their ``lowbit::ort_*`` forms in place (the tensors repacked once into
+    ONNX Runtime's layouts); returns how many of each op it wrote."""
+    from lowbit.plugins.onnx.ort_ops import to_gather_nbits, to_matmul_a8, to_matmul_nbits
+
+    L = torch.ops.lowbit
+    counts: Counter = Counter()
+
+    def tensor(node):
+        return getattr(gm, node.target)
+
+    def constant(base: str, suffix: str, t: torch.Tensor):
+        name = f"{base}_{suffix}"
+        gm.register_buffer(name, t)
+        return gm.graph.get_attr(name)
+
+    def replace(node, target, args):
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(target, args)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        counts[target._opname] += 1
+
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target == L.wna16_linear.default:
+            x, qw, s, z, bias, bits, group, k = node.args
+            n = tensor(qw).shape[0]
+            t = to_matmul_nbits(tensor(qw), tensor(s), tensor(z), bits, group, k)
+            with gm.graph.inserting_before(node):
+                packed = [constant(qw.target, key, t[key]) for key in ("b", "scales", "zero_points")]
+            replace(node, L.ort_matmul_nbits.default, (x, *packed, bias, k, n, t["bits"], t["block_size"],
+                                                       accuracy_level))
+        elif node.target in (L.w8a8_linear.default, L.w8a8_linear_codes.default):
+            codes = node.target == L.w8a8_linear_codes.default
+            lead, (qw, s, z, bias, bits, group, k) = node.args[:1 + codes], node.args[1 + codes:8 + codes]
+            n = tensor(qw).shape[0]
+            t = to_matmul_a8(tensor(qw), tensor(s), tensor(z), bits, group, k)
+            with gm.graph.inserting_before(node):
+                w, scales = constant(qw.target, "w", t["w"]), constant(qw.target, "a8_scales", t["scales"])
+            tail = (bias, k, n, group, t["w_zero"])
+            if codes:
+                replace(node, L.ort_matmul_a8_codes.default, (*lead, w, scales, *tail, node.args[-1]))
+            else:
+                replace(node, L.ort_matmul_a8.default, (*lead, w, scales, *tail))
+        elif node.target == L.wna16_embedding.default:
+            ids, qw, s, z, bits, group, dim, _ = node.args
+            t = to_gather_nbits(tensor(qw), tensor(s), tensor(z), bits, group, dim)
+            with gm.graph.inserting_before(node):
+                packed = [constant(qw.target, key, t[key]) for key in ("data", "scales", "zero_points")]
+            replace(node, L.ort_gather_nbits.default, (ids, *packed, t["bits"], t["block_size"], dim))
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    for name, _ in list(gm.named_buffers()):
+        if not any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
+            delattr(gm, name)
+    gm.recompile()
+    return dict(counts)
+
+
+def example_inputs(program: dict, vocab: int) -> tuple[tuple, dict]:
+    """Example arguments of a program (batch 2; a step of 3 tokens after 4 cached ones) and every dimension
+    dynamic."""
     from torch.export import Dim
 
-    from lowbit.compiler.frontend import CausalStep, EncoderForward, kv_layout
-    from lowbit.plugins.onnx import for_onnx, translations
-
-    check_accuracy_level(accuracy_level)
-    lowered = for_onnx(model, accuracy_level)
-    batch, seq = Dim("batch"), Dim("sequence")
     g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    if task == "causal-lm":
-        shapes = kv_layout(model)
-        n = len(shapes)
-        wrapper = CausalStep(model, n)
-        b, s, p = 2, 3, 4
-        ids = torch.randint(0, vocab, (b, s), generator=g)
-        past = [torch.randn(b, h, p, dk if j == 0 else dv, generator=g) for h, dk, dv in shapes for j in range(2)]
-        args = (ids, torch.ones(b, p + s, dtype=torch.long), torch.arange(p, p + s).expand(b, s), past)
-        past_len, total = Dim("past_sequence"), Dim("total_sequence")
-        dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
-                   "position_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past_len}] * (2 * n)}
-        inputs, outputs = io_names(n)
-        kv = {"layers": n, "kv_heads": [h for h, _, _ in shapes], "head_dim": [dk for _, dk, _ in shapes],
-              "value_dim": [dv for _, _, dv in shapes]}
-    else:
-        wrapper = EncoderForward(model)
+    dyn = Dim.DYNAMIC
+    names = program["inputs"]
+    if program["task"] != "causal-lm":
         ids = torch.randint(0, vocab, (2, 5), generator=g)
-        args = (ids, torch.ones_like(ids))
-        dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-        inputs, outputs = ["input_ids", "attention_mask"], ["last_hidden_state"]
-        kv = None
+        return (ids, torch.ones_like(ids)), {n: {0: dyn, 1: dyn} for n in names}
+    b, s, p = 2, 3, 4
+    past = [torch.randn(b, h, p, d, generator=g) for h, dk, dv in program["kv"] for d in (dk, dv)]
+    args = (torch.randint(0, vocab, (b, s), generator=g), torch.ones(b, p + s, dtype=torch.long),
+            torch.arange(p, p + s).expand(b, s), *past)
+    return args, {n: {0: dyn, 1: dyn} if i < 3 else {0: dyn, 2: dyn} for i, n in enumerate(names)}
+
+
+def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path) -> dict:
+    """Export a lowered program (``lower_program``) to ``dest``; returns the manifest's onnx entry, less the
+    lowering's own fields."""
+    import torch.fx.experimental._config as fx_config
+
+    from lowbit.plugins.onnx import translations
+
+    args, dynamic = example_inputs(program, vocab)
+    if program["task"] == "causal-lm":
+        kv = program["kv"]
+        inputs, outputs = io_names(len(kv))
+        kv_info = {"layers": len(kv), "kv_heads": [h for h, _, _ in kv], "head_dim": [dk for _, dk, _ in kv],
+                   "value_dim": [dv for _, _, dv in kv]}
+    else:
+        inputs, outputs, kv_info = ["input_ids", "attention_mask"], ["last_hidden_state"], None
     t0 = time.perf_counter()
     # torch.onnx prints its own step-by-step log; lowbit reports the export as one timed step instead.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), warnings.catch_warnings():
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), warnings.catch_warnings(), \
+            fx_config.patch(backed_size_oblivious=True):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper.eval(), args, dynamic_shapes=dynamic, input_names=inputs,
-                                    output_names=outputs, dynamo=True, optimize=True, opset_version=OPSET,
-                                    custom_translation_table=translations(), verbose=False)
+        ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
+        onnx_program = torch.onnx.export(ep, input_names=inputs, output_names=outputs, dynamo=True, optimize=True,
+                                         opset_version=OPSET, custom_translation_table=translations(),
+                                         verbose=False)
     export_s = time.perf_counter() - t0
     dest.parent.mkdir(parents=True, exist_ok=True)
-    initializer_bytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+    initializer_bytes = sum(v.const_value.nbytes for v in onnx_program.model.graph.initializers.values()
                             if v.const_value is not None)
     external = initializer_bytes > EXTERNAL_DATA_BYTES
-    program.save(str(dest), external_data=external)
+    onnx_program.save(str(dest), external_data=external)
     return {"file": str(dest.name), "opset": OPSET, "export_seconds": round(export_s, 2),
-            "external_data": external, "accuracy_level": accuracy_level, "inputs": inputs, "outputs": outputs,
-            "kv_cache": kv, "lowered_modules": lowered, **check_and_describe(dest)}
+            "external_data": external, "inputs": inputs, "outputs": outputs, "kv_cache": kv_info,
+            **check_and_describe(dest)}
 
 
 def op_name(node) -> str:
@@ -159,13 +224,43 @@ def check_and_describe(path: Path) -> dict:
             "matmul_weight_bytes": dict(matmul_bytes), "integer_matmuls": integer_matmuls}
 
 
-def write_onnx_target(tmp: Path, graph, loaded, accuracy_level: int = 0) -> dict:
-    """Add ``onnx/model.onnx`` to a staged torch-target artifact in ``tmp`` (``loaded.model`` gets the quantized
-    layers of ``graph`` swapped in)."""
-    from lowbit.compiler.hf_modules import quantize_modules
+def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0) -> dict:
+    """Add ``onnx/model.onnx`` to a staged torch-target artifact in ``tmp``, lowered from its program."""
+    from safetensors.torch import load_file
 
-    model = quantize_modules(loaded.model.float(), graph)
-    info = export_onnx(model, loaded.task, tmp / ONNX_FILE, accuracy_level)
-    (tmp / "onnx" / "io.json").write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},
+    from lowbit.format import graph as graph_format
+    check_accuracy_level(accuracy_level)
+    program = json.loads((tmp / PROGRAM_FILE).read_text())
+    gm = graph_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=torch.float32)
+    lowered = lower_program(gm, accuracy_level)
+    info = export_onnx(gm, program, vocab, tmp / ONNX_FILE)
+    (tmp / ONNX_IO_FILE).write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},
                                                     indent=1) + "\n")
-    return info
+    return {**info, "accuracy_level": accuracy_level, "lowered_ops": lowered}
+
+
+class OnnxLowering:
+    """The ``onnx`` target (``lowbit.targets``): the torch target, then its program lowered to ONNX.
+    ``options["onnx_accuracy_level"]``: MatMulNBits' accuracy_level."""
+    fuse = True
+
+    def prepare(self, recipe, options: dict):
+        check_accuracy_level(options.get("onnx_accuracy_level", 0))
+        return recipe
+
+    def check(self, graph, recipe):
+        check_onnx_exportable(graph, recipe)
+
+    def write(self, tmp: Path, graph, loaded, recipe, options: dict, timings: dict, quiet: bool) -> dict:
+        from lowbit.compiler.lower_torch import LOWERING as TORCH
+        from lowbit.progress import say, timed
+
+        body = TORCH.write(tmp, graph, loaded, recipe, options, timings, quiet)
+        with timed(timings, "export_onnx", quiet, "exporting ONNX (torch.onnx, dynamo)"):
+            info = write_onnx_target(tmp, graph.vocab_size, options.get("onnx_accuracy_level", 0))
+        say(f"ONNX model: {info['bytes'] / 2**20:.1f} MiB, ops " + ", ".join(
+            f"{k} x{v}" for k, v in list(info["ops"].items())[:6]) + ", ...", quiet)
+        return {**body, "onnx": info}
+
+
+LOWERING = OnnxLowering()

@@ -16,11 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from lowbit.compiler.ir import Graph
+from lowbit.progress import timed
 from lowbit.format import graph as graph_format
+from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE, WEIGHTS_FILE
 
-GRAPH_FILE = "graph.json"
-PROGRAM_FILE = "program.json"
-WEIGHTS_FILE = "weights.safetensors"
 
 
 def artifact_tensors(graph: Graph, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -55,8 +54,6 @@ def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
                 "inputs": [n["name"] for n in doc["nodes"] if n["op"] == "placeholder"]})
     if graph.kv is not None:
         doc["kv"] = [list(layer) for layer in graph.kv]
-        # A step traced only for two or more tokens: the runner pads one-token steps (see torch_runner).
-        doc["min_step_tokens"] = 2 if graph.decode_error else 1
     return doc, tensors
 
 
@@ -100,3 +97,21 @@ def size_report(graph: Graph, model, weights_path: Path) -> dict:
             "quantized_bytes_before": quantized_float, "quantized_bytes_after": quantized_bytes,
             "quantized_layers": len(graph.quantized), "quantized_matmuls": len(matmuls),
             "matmul_layers": len(graph.sites)}
+
+
+class TorchLowering:
+    """The ``torch`` target (``lowbit.targets``)."""
+    fuse = True
+
+    def prepare(self, recipe, options: dict):
+        return recipe
+
+    def check(self, graph: Graph, recipe):
+        pass
+
+    def write(self, tmp: Path, graph: Graph, loaded, recipe, options: dict, timings: dict, quiet: bool) -> dict:
+        with timed(timings, "write", quiet, "writing the program and its weights"):
+            return {"sizes": write_torch_target(tmp, graph, loaded)}
+
+
+LOWERING = TorchLowering()

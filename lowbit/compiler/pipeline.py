@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from lowbit.compiler import artifact
+from lowbit.format import artifact
 from lowbit.compiler.frontend import (eos_token_ids, hash_model_folder, load_model, load_tokenizer, max_positions,
                                      read_config, resolve_model_path, task_of, trace)
-from lowbit.compiler.lower_hf_gptq import check_exportable, write_hf_gptq
-from lowbit.compiler.lower_torch import write_torch_target
-from lowbit.compiler.progress import say, timed
+from lowbit.progress import say, timed
 from lowbit.compiler.recipe import load_recipe
 from lowbit.compiler.report import write_report
 from lowbit.device import pick_device
+from lowbit import targets
 from lowbit.errors import LowbitError
 from lowbit.passes.gptq import gptq_pass
 from lowbit.passes.rtn import quantizable, rtn_pass
 
-TARGETS = ("torch", "onnx", "hf-gptq")
 PASSES = {"rtn": rtn_pass, "gptq": gptq_pass}
 
 
@@ -81,19 +79,12 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     """
     from lowbit.compiler.checkpoint import Checkpoint
 
-    if target not in TARGETS:
-        raise LowbitError(f"unknown target '{target}'; available targets: {', '.join(TARGETS)}")
+    lowering = targets.lowering(target)
     if out is None:
         raise LowbitError("no output folder given; pass -o DIR")
     out = Path(out)
-    recipe = load_recipe(recipe)
-    if target == "hf-gptq":
-        # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.
-        recipe = replace(recipe, min_zero=1)
-    if target == "onnx":
-        from lowbit.compiler.lower_onnx import check_accuracy_level
-
-        check_accuracy_level(onnx_accuracy_level)
+    options = {"onnx_accuracy_level": onnx_accuracy_level}
+    recipe = lowering.prepare(load_recipe(recipe), options)
     calib = calib or CalibrationArgs()
     device = pick_device(device)
     artifact.check_output_dir(out, force)
@@ -139,12 +130,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     check_groups(graph, recipe)
     if lkd_opts is not None and not any(site.block for site, _ in quantizable(graph, recipe)):
         raise LowbitError(f"LKD needs quantized weights in the model's blocks; recipe '{recipe.name}' quantizes none")
-    if target == "hf-gptq":
-        check_exportable(graph, recipe)
-    if target == "onnx":
-        from lowbit.compiler.lower_onnx import check_onnx_exportable
-
-        check_onnx_exportable(graph, recipe)
+    lowering.check(graph, recipe)
     say(f"loaded {model} in {timings['load']:.1f}s, traced in {timings['trace']:.1f}s: {len(graph.sites)} "
         f"quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", quiet)
     metrics: dict = {}
@@ -185,7 +171,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         say(f"perplexity {metrics['ppl_before']['ppl']:.3f} -> {metrics['ppl_after']['ppl']:.3f}", quiet)
 
     rules_info = None
-    if recipe.fuse and target != "hf-gptq":        # the GPTQ checkpoint keeps transformers' layer layout
+    if recipe.fuse and lowering.fuse:
         from lowbit.rules import apply_rules
 
         with timed(timings, "fuse"):
@@ -193,29 +179,18 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         say("fusion rules: " + ", ".join(f"{k} fired {v['fired']}x" for k, v in rules_info.items()), quiet)
 
     def fill(tmp: Path) -> dict:
-        with timed(timings, "write", quiet, f"writing artifact {out}"):
-            sizes = write_hf_gptq(tmp, graph, loaded, recipe) if target == "hf-gptq" else \
-                write_torch_target(tmp, graph, loaded)
-        onnx_info = None
-        if target == "onnx":
-            from lowbit.compiler.lower_onnx import write_onnx_target
-
-            with timed(timings, "export_onnx", quiet, "exporting ONNX (torch.onnx, dynamo)"):
-                onnx_info = write_onnx_target(tmp, graph, loaded, onnx_accuracy_level)
-            say(f"ONNX model: {onnx_info['bytes'] / 2**20:.1f} MiB, ops " + ", ".join(
-                f"{k} x{v}" for k, v in list(onnx_info["ops"].items())[:6]) + ", ...", quiet)
+        lowered = lowering.write(tmp, graph, loaded, recipe, options, timings, quiet)
         timings["total"] = round(time.perf_counter() - t0, 3)
         body = {"target": target,
                 "source": {"path": str(loaded.path.resolve()), "model_type": loaded.model_type,
                            "architectures": list(getattr(loaded.config, "architectures", None) or []),
                            "task": loaded.task, "sha256": source_hash},
-                "recipe": recipe.to_dict(), "timings": timings, "sizes": sizes, "metrics": metrics,
+                "recipe": recipe.to_dict(), "timings": timings, "sizes": lowered.pop("sizes"), "metrics": metrics,
                 "device": device,
                 "generation": {"max_positions": loaded.max_positions, "eos_token_ids": eos_token_ids(loaded.config)}}
         if rules_info is not None:
             body["rules"] = rules_info
-        if onnx_info is not None:
-            body["onnx"] = onnx_info
+        body.update(lowered)
         if lkd_opts is not None:
             body["lkd"] = lkd_info
         if recipe.needs_calibration:

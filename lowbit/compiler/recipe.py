@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Optional
 
 from lowbit.errors import LowbitError
-from lowbit.passes.quantize import ACT_BITS, MAX_BITS, MIN_BITS, QuantSpec
+from lowbit.format.quantize import ACT_BITS, MAX_BITS, MIN_BITS, QuantSpec
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -15,7 +15,7 @@ lowbit's choices beyond the reference code
   for columns past the block; the reference code reads stale columns when a group starts inside a
   lazy block.
 - Dampening grows (x10, with a warning) until the Cholesky factorization succeeds.
-- Optional MSE clipping search for the scales (``mse=True``), shared with RTN via ``passes.quantize``.
+- Optional MSE clipping search for the scales (``mse=True``), shared with RTN via ``format.quantize``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lowbit.passes.quantize import QuantSpec, compute_qparams, num_groups
+from lowbit.format.quantize import QuantSpec, compute_qparams, num_groups
 
 
 @dataclass(frozen=True)
@@ -183,8 +183,8 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
 
     from lowbit.compiler.calibration import StreamingCalibrator
     from lowbit.compiler.ir import QuantizedLayer
-    from lowbit.compiler.progress import progress_bar
-    from lowbit.passes.quantize import dequantize_codes, pack_codes
+    from lowbit.progress import progress_bar
+    from lowbit.format.quantize import dequantize_codes, pack_codes
     from lowbit.passes.rtn import quantizable, quantize_embedding
 
     todo = list(quantizable(graph, recipe))

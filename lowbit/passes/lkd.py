@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lowbit.compiler.progress import progress_bar
+from lowbit.progress import progress_bar
 from lowbit.errors import LowbitError
-from lowbit.passes.quantize import QuantSpec, compute_qparams, dequantize_codes, quantize_codes
+from lowbit.format.quantize import QuantSpec, compute_qparams, dequantize_codes, quantize_codes
 from lowbit.plugins.ops import quantize_rows_int8
 
 LKD_DATA = ("calib", "random")

@@ -1,6 +1,6 @@
 """Round-to-nearest weight quantization: the baseline every other method is measured against.
 
-Each selected matmul's weight is quantized independently by min/max (``passes.quantize``) and the matmul
+Each selected matmul's weight is quantized independently by min/max (``format.quantize``) and the matmul
 is rewritten to ``lowbit::wna16_linear``. No calibration data is needed.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.compiler.ir import Graph, QuantizedLayer
-from lowbit.compiler.progress import progress_bar
-from lowbit.passes.quantize import dequantize_codes, pack_codes, quantize_codes, quantize_weight
+from lowbit.progress import progress_bar
+from lowbit.format.quantize import dequantize_codes, pack_codes, quantize_codes, quantize_weight
 
 
 def quantizable(graph: Graph, recipe):

@@ -8,7 +8,7 @@ Ops
 ---
 ``lowbit::wna16_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)``
     Weight-only quantized linear: ``y = x @ dequant(W).T + bias`` with W [N, K] stored in the packed
-    layout of ``lowbit.passes.quantize`` (codes uint8 [N, ceil(K*bits/8)], scales f16 [N, G], zeros u8
+    layout of ``lowbit.format.quantize`` (codes uint8 [N, ceil(K*bits/8)], scales f16 [N, G], zeros u8
     [N, G]). Activations stay in float ("a16"); ``group_size`` is the effective group (K when
     per-channel).
 
@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from lowbit.passes.quantize import dequantize_codes, expand_groups, unpack_codes
+from lowbit.format.quantize import dequantize_codes, expand_groups, unpack_codes
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

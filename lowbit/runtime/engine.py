@@ -7,11 +7,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from lowbit.compiler import artifact
+from lowbit.format import artifact
+from lowbit import targets
 from lowbit.errors import LowbitError
 from lowbit.format.graph import mask_positions
-
-BACKENDS = ("auto", "torch", "ort")
 
 
 class Engine:
@@ -37,32 +36,15 @@ class Engine:
         from lowbit.device import pick_device, pick_dtype
 
         path = Path(path)
-        if backend not in BACKENDS:
-            raise LowbitError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+        if backend != "auto" and backend not in targets.BACKENDS:
+            raise LowbitError(f"unknown backend '{backend}'; available: auto, {', '.join(targets.BACKENDS)}")
         device = pick_device(device)
         explicit_dtype = dtype not in (None, "auto")
         dtype = pick_dtype(dtype, device)
         manifest = artifact.read_manifest(path, verify=verify)
-        target = manifest.get("target")
-        if target not in ("torch", "onnx"):
-            raise LowbitError(f"artifact '{path}' was compiled for target '{target}', which lowbit's runtime cannot "
-                              f"run; recompile with --target torch or --target onnx")
-        if backend == "auto":
-            backend = "ort" if target == "onnx" else "torch"
-        if backend == "ort":
-            if device != "cpu" or (explicit_dtype and dtype != torch.float32):
-                raise LowbitError("--device and --dtype apply to the torch backend; ONNX Runtime runs the exported "
-                                  "graph's dtype where its --provider says (cpu or cuda)")
-            from lowbit.runtime.ort_backend import OrtRunner
-
-            runner = OrtRunner(path, manifest, provider=provider, threads=threads)
-        else:
-            from lowbit.runtime.torch_runner import PROGRAM_FILE, TorchRunner
-
-            if not (path / PROGRAM_FILE).is_file():
-                raise LowbitError(f"artifact '{path}' has no {PROGRAM_FILE} (compiled by a lowbit that shipped no "
-                                  "graph); recompile it")
-            runner = TorchRunner.load(path, device=device, dtype=dtype)
+        backend = targets.backend_for(manifest.get("target"), backend, f"artifact '{path}'")
+        runner = targets.backend(backend).open(path, manifest, device=device, dtype=dtype,
+                                               explicit_dtype=explicit_dtype, provider=provider, threads=threads)
         return cls(path, manifest, runner, load_tokenizer(path / "tokenizer"), backend, generation_info(path, manifest))
 
     # ---- forward ---------------------------------------------------------------------------
@@ -138,8 +120,6 @@ class Engine:
     @torch.inference_mode()
     def embed(self, sentences: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """Mean-pooled sentence embeddings [S, H] (encoders)."""
-        from lowbit.eval import mean_pool
-
         if self.task != "encoder":
             raise LowbitError("embed needs an encoder artifact; this one is a causal LM")
         out = []
@@ -148,6 +128,11 @@ class Engine:
             hidden = self.forward(enc["input_ids"], enc["attention_mask"]).float().cpu()
             out.append(mean_pool(hidden, enc["attention_mask"]))
         return torch.cat(out)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
 def load_tokenizer(path: Path):
@@ -165,16 +150,10 @@ def load_tokenizer(path: Path):
 
 
 def generation_info(path: Path, manifest: dict) -> dict:
-    """Context length and end-of-sequence ids: the manifest's record, or (artifacts written before it) the
-    transformers config."""
-    if "generation" in manifest:
-        return manifest["generation"]
-    from transformers import AutoConfig
-
-    from lowbit.compiler.frontend import eos_token_ids, max_positions
-
-    config = AutoConfig.from_pretrained(path)
-    return {"max_positions": max_positions(config), "eos_token_ids": eos_token_ids(config)}
+    """Context length and end-of-sequence ids, as the compiler recorded them."""
+    if "generation" not in manifest:
+        raise LowbitError(f"artifact '{path}' lacks the manifest's generation record; recompile it")
+    return manifest["generation"]
 
 
 def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,

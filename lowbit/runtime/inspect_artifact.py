@@ -7,8 +7,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from lowbit.compiler.artifact import read_manifest
-from lowbit.compiler.lower_torch import GRAPH_FILE, PROGRAM_FILE
+from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE, read_manifest
 
 
 def _mib(n) -> str:
@@ -19,8 +18,7 @@ def program_line(doc: dict) -> str:
     calls = [n["target"] for n in doc["nodes"] if n["op"] == "call"]
     ops = Counter(t.split(".")[0] for t in calls if t.startswith("lowbit::"))
     kv = doc.get("kv")
-    step = (f"step over a {len(kv)}-layer KV cache, one graph for prefill and decode"
-            + ("" if doc.get("min_step_tokens", 1) == 1 else " (one-token steps padded to two)")) if kv else "forward"
+    step = f"step over a {len(kv)}-layer KV cache, one graph for prefill and decode" if kv else "forward"
     return (f"program    {PROGRAM_FILE}: {doc['task']} {step}; {len(calls)} ops, "
             + ", ".join(f"{k} x{v}" for k, v in sorted(ops.items())))
 

@@ -38,6 +38,15 @@ def pick_providers(requested: str = "auto") -> list[str]:
 class OrtRunner:
     """One ONNX Runtime session over an artifact's ONNX model, with the Engine's runner interface."""
 
+    @classmethod
+    def open(cls, path: Path, manifest: dict, device="cpu", dtype=torch.float32, explicit_dtype=False,
+             provider: str = "auto", threads: int = 0) -> "OrtRunner":
+        """The runner of an artifact (``targets`` backend entry point)."""
+        if device != "cpu" or (explicit_dtype and dtype != torch.float32):
+            raise LowbitError("--device and --dtype apply to the torch backend; ONNX Runtime runs the exported "
+                              "graph's dtype where its --provider says (cpu or cuda)")
+        return cls(path, manifest, provider, threads)
+
     def __init__(self, path: Path, manifest: dict, provider: str = "auto", threads: int = 0):
         import onnxruntime as ort
 

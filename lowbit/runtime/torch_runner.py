@@ -12,26 +12,31 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lowbit.errors import LowbitError
 from lowbit.format import graph as graph_format
+from lowbit.format.artifact import PROGRAM_FILE, WEIGHTS_FILE
 from lowbit.format.graph import mask_positions
 
-PROGRAM_FILE = "program.json"
-WEIGHTS_FILE = "weights.safetensors"
 
 
 class TorchRunner:
     """``full(ids, mask)``, ``start(batch)`` and ``step(ids, mask, positions, cache)`` over the shipped program.
 
-    The KV cache is the list of per-layer key/value tensors the program takes and returns. A program traced
-    for steps of two or more tokens (``min_step_tokens``: architectures whose attention code branches on a
-    one-token query) runs a one-token step as two: a masked copy of the token first, dropped from the cache.
+    The KV cache is the list of per-layer key/value tensors the program takes and returns.
     """
 
     def __init__(self, gm: torch.fx.GraphModule, program: dict, device="cpu", dtype=torch.float32):
         self.gm, self.program, self.device, self.dtype = gm, program, torch.device(device), dtype
         self.task = program["task"]
         self.kv = program.get("kv")
-        self.min_step = int(program.get("min_step_tokens", 1))
+
+    @classmethod
+    def open(cls, path: Path, manifest: dict, device="cpu", dtype=torch.float32, **_) -> "TorchRunner":
+        """The runner of an artifact (``targets`` backend entry point)."""
+        if not (path / PROGRAM_FILE).is_file():
+            raise LowbitError(f"artifact '{path}' has no {PROGRAM_FILE} (compiled by a lowbit that shipped no "
+                              "graph); recompile it")
+        return cls.load(path, device, dtype)
 
     @classmethod
     def load(cls, path: Path, device="cpu", dtype=torch.float32) -> "TorchRunner":
@@ -51,18 +56,8 @@ class TorchRunner:
         # Token ids, masks and positions arrive on the CPU; logits and the cache stay on the device.
         input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask,
                                                                                 position_ids))
-        s = input_ids.shape[1]
-        if s >= self.min_step:
-            out = self.gm(input_ids, attention_mask, position_ids, *cache)
-            return out[0], list(out[1:])
-        # Too short for this program: prepend masked copies of the first token, then drop them again.
-        pad = self.min_step - s
-        first = lambda t: t[:, :1].expand(-1, pad)   # noqa: E731
-        mask = torch.cat([attention_mask[:, :-s], torch.zeros_like(first(attention_mask)), attention_mask[:, -s:]], 1)
-        out = self.gm(torch.cat([first(input_ids), input_ids], 1), mask,
-                      torch.cat([first(position_ids), position_ids], 1), *cache)
-        present = [torch.cat([t[:, :, :-s - pad], t[:, :, -s:]], 2) for t in out[1:]]
-        return out[0][:, pad:], present
+        out = self.gm(input_ids, attention_mask, position_ids, *cache)
+        return out[0], list(out[1:])
 
     @torch.no_grad()
     def full(self, input_ids, attention_mask=None):

@@ -1,13 +1,9 @@
-"""ONNX Runtime translations of lowbit's ops, used by ``compiler.lower_onnx``.
+"""ONNX Runtime forms of lowbit's ops, used by ``compiler.lower_onnx``.
 
-Lowering swaps each quantized module for one holding its tensors in the layout an ONNX Runtime operator
-reads (repacked once, at compile time) and calling a ``lowbit::ort_*`` op that maps 1:1 onto that
-operator or a small standard-op subgraph. Each ``ort_*`` op has a torch reference kernel implementing the
-ONNX Runtime semantics, so the repacking is testable without exporting.
-
-- ``ort_matmul_nbits``  -> ``com.microsoft::MatMulNBits`` (weight-only INT2..INT8, 4- or 8-bit containers)
-- ``ort_matmul_a8``     -> per-token INT8 quantization + ``MatMulInteger`` + row/column rescale (W8A8)
-- ``ort_gather_nbits``  -> ``com.microsoft::GatherBlockQuantized`` (quantized token embedding)
+Lowering rewrites the shipped program's quantized ops into ``lowbit::ort_*`` ops whose tensors are in the
+layout an ONNX Runtime operator reads (repacked once, at compile time; ``ort_ops``), each with a torch
+reference kernel implementing the ONNX Runtime semantics, so the repacking is testable without exporting.
+``translations`` maps those, and lowbit's other ops, onto ONNX nodes.
 """
 
-from lowbit.plugins.onnx.ort_ops import for_onnx, translations  # noqa: F401
+from lowbit.plugins.onnx.translations import translations  # noqa: F401

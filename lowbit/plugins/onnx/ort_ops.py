@@ -1,4 +1,5 @@
-"""``lowbit::ort_*`` ops: ONNX Runtime operators as torch ops (reference + fake kernels + ONNX translation).
+"""``lowbit::ort_*`` ops: ONNX Runtime operators as torch ops (reference + fake kernels; their ONNX nodes are in
+``translations``), and the repacking of lowbit's layouts into theirs.
 
 Layouts (ONNX Runtime contrib-op specs):
 
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.plugins.onnx.integer_matmul import U8S8_EXACT_MAX_ABS_B
-from lowbit.plugins.ops import ACT_EPS, ACT_QMAX, quantize_rows_int8, signed_weight
-from lowbit.passes.quantize import dequantize_codes, pack_codes, unpack_codes
+from lowbit.plugins.ops import quantize_rows_int8, signed_weight
+from lowbit.format.quantize import dequantize_codes, pack_codes, unpack_codes
 
 MIN_BLOCK = 16
 CONTRIB_DOMAIN = "com.microsoft"
@@ -112,11 +113,11 @@ def _(x, b, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
     return x.new_empty((*x.shape[:-1], N))
 
 
-@torch.library.custom_op("lowbit::ort_matmul_a8", mutates_args=())
-def ort_matmul_a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
-                  K: int, N: int, group: int, w_zero: int) -> torch.Tensor:
-    q, sx = quantize_rows_int8(x)
-    q = q.double()
+def matmul_a8_codes_reference(xq, sx, w, scales, bias, K: int, N: int, group: int, w_zero: int, dtype):
+    """``MatMulInteger`` over per-token INT8 codes ``xq`` (row scales ``sx``): exact int32 sums per group, then
+    the weight and row rescale (the ONNX subgraph's math)."""
+    lead = xq.shape[:-1]
+    q = xq.reshape(-1, K).double()
     w = w.double() - w_zero
     g = -(-K // group)
     if g == 1:
@@ -124,16 +125,35 @@ def ort_matmul_a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: 
     else:
         q = F.pad(q, (0, g * group - K)).reshape(-1, g, group).transpose(0, 1)   # [G, M, group]
         acc = torch.bmm(q, w)                                                     # [G, M, N]
-        y = (acc.float() * scales).sum(0).reshape(*x.shape[:-1], N)
-    y = y * sx
+        y = (acc.float() * scales).sum(0)
+    y = y.reshape(*lead, N) * sx
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(dtype)
+
+
+@torch.library.custom_op("lowbit::ort_matmul_a8", mutates_args=())
+def ort_matmul_a8(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                  K: int, N: int, group: int, w_zero: int) -> torch.Tensor:
+    q, sx = quantize_rows_int8(x)
+    return matmul_a8_codes_reference(q, sx, w, scales, bias, K, N, group, w_zero, x.dtype)
 
 
 @ort_matmul_a8.register_fake
 def _(x, w, scales, bias, K, N, group, w_zero):
     return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.custom_op("lowbit::ort_matmul_a8_codes", mutates_args=())
+def ort_matmul_a8_codes(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, scales: torch.Tensor,
+                        bias: Optional[torch.Tensor], K: int, N: int, group: int, w_zero: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    return matmul_a8_codes_reference(xq, sx, w, scales, bias, K, N, group, w_zero, dtype)
+
+
+@ort_matmul_a8_codes.register_fake
+def _(xq, sx, w, scales, bias, K, N, group, w_zero, dtype):
+    return xq.new_empty((*xq.shape[:-1], N), dtype=dtype)
 
 
 @torch.library.custom_op("lowbit::ort_gather_nbits", mutates_args=())
@@ -149,122 +169,6 @@ def ort_gather_nbits(ids: torch.Tensor, data: torch.Tensor, scales: torch.Tensor
 @ort_gather_nbits.register_fake
 def _(ids, data, scales, zero_points, bits, block_size, dim):
     return scales.new_empty((*ids.shape, dim))
-
-
-# ---- export modules ----------------------------------------------------------------------------------
-class OrtMatMulNBits(torch.nn.Module):
-    def __init__(self, layer, accuracy_level: int, dtype):
-        super().__init__()
-        t = to_matmul_nbits(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size,
-                            layer.in_features, dtype)
-        for name in ("b", "scales", "zero_points"):
-            self.register_buffer(name, t[name])
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.to(dtype))
-        self.k, self.n, self.bits, self.block_size = layer.in_features, layer.out_features, t["bits"], t["block_size"]
-        self.accuracy_level = accuracy_level
-
-    def forward(self, x):
-        return torch.ops.lowbit.ort_matmul_nbits(x, self.b, self.scales, self.zero_points, self.bias, self.k,
-                                                 self.n, self.bits, self.block_size, self.accuracy_level)
-
-
-class OrtMatMulA8(torch.nn.Module):
-    def __init__(self, layer, dtype):
-        super().__init__()
-        t = to_matmul_a8(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, layer.in_features)
-        self.register_buffer("w", t["w"])
-        self.register_buffer("scales", t["scales"])
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.to(dtype))
-        self.k, self.n, self.group, self.w_zero = layer.in_features, layer.out_features, layer.group_size, t["w_zero"]
-
-    def forward(self, x):
-        return torch.ops.lowbit.ort_matmul_a8(x, self.w, self.scales, self.bias, self.k, self.n, self.group,
-                                              self.w_zero)
-
-
-class OrtGatherNBits(torch.nn.Module):
-    def __init__(self, emb, dtype):
-        super().__init__()
-        t = to_gather_nbits(emb.qweight, emb.scales, emb.zeros, emb.bits, emb.group_size, emb.embedding_dim, dtype)
-        for name in ("data", "scales", "zero_points"):
-            self.register_buffer(name, t[name])
-        self.bits, self.block_size, self.dim = t["bits"], t["block_size"], emb.embedding_dim
-
-    def forward(self, ids):
-        return torch.ops.lowbit.ort_gather_nbits(ids, self.data, self.scales, self.zero_points, self.bits,
-                                                 self.block_size, self.dim)
-
-
-def for_onnx(model: torch.nn.Module, accuracy_level: int = 0, dtype=torch.float32) -> dict:
-    """Swap the runtime's quantized modules for their ONNX Runtime forms in place; returns counts by op."""
-    from lowbit.compiler.hf_modules import QuantEmbedding, QuantLinear, swap_module
-
-    counts: dict = {}
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, QuantLinear):
-            new = OrtMatMulA8(mod, dtype) if mod.op == "w8a8_linear" else OrtMatMulNBits(mod, accuracy_level, dtype)
-        elif isinstance(mod, QuantEmbedding):
-            new = OrtGatherNBits(mod, dtype)
-        else:
-            continue
-        swap_module(model, name, new)
-        counts[type(new).__name__] = counts.get(type(new).__name__, 0) + 1
-    return counts
-
-
-# ---- ONNX translations (onnxscript, used by torch.onnx.export's custom_translation_table) -------------
-def translations() -> dict:
-    """The ``custom_translation_table`` for ``torch.onnx.export`` (imports onnxscript on first use)."""
-    import onnx
-    from onnxscript import opset18 as op
-    from onnxscript.values import Opset
-
-    register_contrib_schemas()
-    ms = Opset(CONTRIB_DOMAIN, 1)
-    matmul_nbits_op, gather_block_quantized_op = ms.MatMulNBits, ms.GatherBlockQuantized
-    UINT8, FLOAT = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT
-
-    def matmul_nbits(x, b, scales, zero_points, bias, K, N, bits, block_size, accuracy_level):
-        return matmul_nbits_op(x, b, scales, zero_points, None, bias, K=K, N=N, bits=bits, block_size=block_size,
-                              accuracy_level=accuracy_level)
-
-    def matmul_a8(x, w, scales, bias, K, N, group, w_zero):
-        # ONNX Runtime's fused DynamicQuantizeMatMul uses one scale per tensor, not per token, so the
-        # per-token semantics need this standard-op subgraph (all of it runs on ONNX Runtime's CPU EP).
-        amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
-        sx = op.Max(op.Div(amax, op.Constant(value_float=float(ACT_QMAX))), op.Constant(value_float=ACT_EPS))
-        q = op.Clip(op.Round(op.Div(x, sx)), op.Constant(value_float=-float(ACT_QMAX)),
-                    op.Constant(value_float=float(ACT_QMAX)))
-        # uint8 activations with a zero point (the same integers): ONNX Runtime's u8 x s8 and u8 x u8 GEMMs
-        # are several times faster than its s8 x s8 one (bench/ort_int8_forms.py).
-        q = op.Cast(op.Add(q, op.Constant(value_float=float(A_ZERO_U8))), to=UINT8)
-        a_zero = op.Constant(value=onnx.helper.make_tensor("a_zero_point", UINT8, [], [A_ZERO_U8]))
-        # 8-bit weights come as uint8 with zero point 128: u8 x s8 would saturate on x86 without VNNI.
-        zeros = (a_zero, op.Constant(value=onnx.helper.make_tensor("b_zero_point", UINT8, [], [w_zero]))) \
-            if w_zero else (a_zero,)
-        g = -(-K // group)
-        if g == 1:
-            acc = op.MatMulInteger(q, w, *zeros)
-            y = op.Mul(op.Cast(acc, to=FLOAT), scales)
-        else:
-            flat = op.Reshape(q, op.Constant(value_ints=[-1, K]))
-            if g * group != K:
-                # pad with the zero point so the padding adds nothing
-                flat = op.Pad(flat, op.Constant(value_ints=[0, 0, 0, g * group - K]), a_zero)
-            grouped = op.Transpose(op.Reshape(flat, op.Constant(value_ints=[-1, g, group])), perm=[1, 0, 2])
-            acc = op.MatMulInteger(grouped, w, *zeros)                        # [G, M, N] int32
-            y = op.ReduceSum(op.Mul(op.Cast(acc, to=FLOAT), scales), op.Constant(value_ints=[0]), keepdims=0)
-            y = op.Reshape(y, op.Concat(op.Shape(x, start=0, end=-1), op.Constant(value_ints=[N]), axis=0))
-        y = op.Mul(y, sx)
-        return y if bias is None else op.Add(y, bias)
-
-    def gather_nbits(ids, data, scales, zero_points, bits, block_size, dim):
-        return gather_block_quantized_op(data, ids, scales, zero_points, gather_axis=0, quantize_axis=1,
-                                       block_size=block_size, bits=bits)
-
-    return {torch.ops.lowbit.ort_matmul_nbits.default: matmul_nbits,
-            torch.ops.lowbit.ort_matmul_a8.default: matmul_a8,
-            torch.ops.lowbit.ort_gather_nbits.default: gather_nbits}
 
 
 def register_contrib_schemas():

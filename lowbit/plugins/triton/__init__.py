@@ -3,7 +3,7 @@
 Modules
 -------
 ``w4a16``
-    Weight-only GEMM ``y = x @ dequant(W).T + bias`` reading the packed layout of ``lowbit.passes.quantize``
+    Weight-only GEMM ``y = x @ dequant(W).T + bias`` reading the packed layout of ``lowbit.format.quantize``
     as stored (2/4/8-bit codes, fp16 scales, uint8 zero points, groups along K): a split-K kernel for
     decode-sized M and a tiled tensor-core kernel for prefill-sized M.
 ``act_quant``

@@ -1,6 +1,6 @@
 """Reading lowbit's packed weight layout from Triton, shared by the W4A16 and W8A8 kernels.
 
-The stored layout (``lowbit.passes.quantize``): codes uint8 [N, ceil(K*bits/8)], a little-endian bitstream per
+The stored layout (``lowbit.format.quantize``): codes uint8 [N, ceil(K*bits/8)], a little-endian bitstream per
 row, so code k of row n sits in byte ``k*bits // 8`` at bit ``k*bits % 8``. For bits dividing 8 no code
 straddles a byte, and reading the row as little-endian int32 words keeps the same rule: code k is in word
 ``k // (32/bits)`` at bit ``(k % (32/bits)) * bits``. Kernels load a K tile of packed elements (words when

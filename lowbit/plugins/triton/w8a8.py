@@ -2,7 +2,7 @@
 
 ``y[m, n] = sx[m] * sum_g acc_g[m, n] * sw[n, g] + bias[n]``: exactly what ``ops.w8a8_linear`` computes,
 with ``acc_g`` the exact int32 sum of int8 products over weight group g. The weight is read from the stored
-layout (``lowbit.passes.quantize``): 8-bit codes minus their zero point (128 when symmetric), or 4-bit
+layout (``lowbit.format.quantize``): 8-bit codes minus their zero point (128 when symmetric), or 4-bit
 nibbles minus theirs (8; W4A8), widened to int8 in registers and fed to ``tl.dot(..., out_dtype=int32)``.
 
 8-bit per-channel weights (the W8A8 recipes) take a shorter road: the bytes go to the dot as code - 128, which

