@@ -149,4 +149,4 @@ def test_runtime_device_and_dtype(model_dirs, text_file, tmp_path, capsys):
     _bad(capsys, tmp_path, "run", art, "-p", "the model", "--dtype", "float8", needle="unknown --dtype 'float8'")
     _bad(capsys, tmp_path, "eval", art, "--text", text_file, "--device", "tpu", needle="unknown --device 'tpu'")
     _bad(capsys, tmp_path, "run", art, "-p", "the model", "--backend", "ort", "--dtype", "float16",
-         needle="apply to the torch backend")
+         needle="backend 'ort' cannot run")

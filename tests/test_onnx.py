@@ -263,6 +263,8 @@ def test_bad_inputs(model_dirs, tmp_path, capsys):
                         "-q")
     assert code == 2 and "weight-only" in err
     art = _compile_onnx(model_dirs["llama"], "rtn-w4g64", tmp_path / "o")
+    code, _, err = _cli(capsys, "run", art, "-p", "hi", "--backend", "ort", "--dtype", "float16")
+    assert code == 2 and "apply to the torch backend" in err and len(err.strip().splitlines()) == 1
     code, _, err = _cli(capsys, "run", art, "-p", "the model " * 200, "-n", "4", "--backend", "ort")
     assert code == 2 and "context" in err and len(err.strip().splitlines()) == 1
     if "CUDAExecutionProvider" not in ort.get_available_providers():

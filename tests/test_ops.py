@@ -132,6 +132,20 @@ def test_fusion_ops_equal_their_unfused_forms():
         assert not torch.equal(torch.ops.lowbit.w8a8_linear_codes(fused[0], fused[1] * 2, *layer, torch.float32), y)
     torch.library.opcheck(torch.ops.lowbit.w8a8_linear_codes.default, (*fused, *layer, torch.float32),
                           test_utils=("test_schema", "test_faketensor"))
+    # act(gate) * up on the merged gate/up output, and the same quantized, feeding the W8A8 down projection.
+    y = torch.randn(2, 5, 192, generator=g)
+    for act, fn in (("silu", F.silu), ("gelu", F.gelu), ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"))):
+        prod = fn(y[..., :96]) * y[..., 96:]
+        assert torch.equal(torch.ops.lowbit.act_mul(y, act), prod)
+        fused = torch.ops.lowbit.act_mul_quant_int8(y, act)
+        assert all(torch.equal(a, b) for a, b in zip(fused, quantize_rows_int8(prod)))
+        assert torch.equal(torch.ops.lowbit.w8a8_linear_codes(*fused, *layer, torch.float32),
+                           torch.ops.lowbit.w8a8_linear(prod, *layer))
+    # Negative control: the halves swapped are another product.
+    assert not torch.allclose(torch.ops.lowbit.act_mul(torch.cat([y[..., 96:], y[..., :96]], -1), "silu"),
+                              torch.ops.lowbit.act_mul(y, "silu"))
+    for op in (torch.ops.lowbit.act_mul.default, torch.ops.lowbit.act_mul_quant_int8.default):
+        torch.library.opcheck(op, (y, "silu"), test_utils=("test_schema", "test_faketensor"))
     q, k, v = torch.randn(2, 6, 3, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
     mask = torch.ones(3, 7, dtype=torch.bool).tril(4)[None, None]
     out = torch.ops.lowbit.attention(q, k, v, mask, 0.25, 3)

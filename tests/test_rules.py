@@ -27,6 +27,10 @@ MERGES = {"llama": 4, "qwen2": 4, "opt": 2, "gpt2": 0, "mistral": 4, "qwen3": 4,
 # Falcon's parallel block reads its norm through ops the pattern does not cover.
 NORM_FUSES = {"llama": 4, "qwen2": 4, "opt": 4, "gpt2": 4, "mistral": 4, "qwen3": 4, "phi3": 4, "gemma": 0,
               "gemma3_text": 0, "stablelm": 4, "gpt_neox": 4, "bloom": 4, "falcon": 0, "gptj": 2, "phi": 2, "bert": 0}
+# Activation x up fusions: one per block where the MLP is gated (SiLU, or GELU-tanh for Gemma) and gate/up are
+# one merged matmul (Phi-3 stores them fused and splits with chunk); the other families' MLPs are not gated.
+ACT_MULS = {"llama": 2, "qwen2": 2, "opt": 0, "gpt2": 0, "mistral": 2, "qwen3": 2, "phi3": 2, "gemma": 2,
+            "gemma3_text": 2, "stablelm": 2, "gpt_neox": 0, "bloom": 0, "falcon": 0, "gptj": 0, "phi": 0, "bert": 0}
 W4 = Recipe("w4g32", "rtn", bits=4, group_size=32)
 
 
@@ -73,6 +77,9 @@ def test_w8a8_siblings_and_norm_quantize_fusions_equal_unfused_graph(arch):
     info = apply_rules(graph)
     assert info["merge_sibling_matmuls"]["fired"] == MERGES[arch]
     assert info["norm_quant_int8"]["fired"] == NORM_FUSES[arch], info["norm_quant_int8"]
+    assert info["act_mul"]["fired"] == ACT_MULS[arch], info["act_mul"]
+    if ACT_MULS[arch]:              # every gated MLP's product feeds only its INT8 down projection
+        assert set(info["act_mul"]["rewrites"]) <= {"silu x up + int8 quantize", "gelu_tanh x up + int8 quantize"}
     for a, b in zip(_outputs(graph), before):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), float((a - b).abs().max())
     fused = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target in (
@@ -80,6 +87,29 @@ def test_w8a8_siblings_and_norm_quantize_fusions_equal_unfused_graph(arch):
     assert len(fused) == NORM_FUSES[arch]
     if arch == "bert":
         assert info["norm_quant_int8"]["skipped"] == {"the norm's output is also read by a float op": 3}
+
+
+@pytest.mark.parametrize("arch", list(CAUSAL) + list(MORE_CAUSAL))
+def test_activation_times_up_fusion_equals_unfused_graph(arch):
+    graph = _quantized(arch)
+    before = _outputs(graph)
+    info = apply_rules(graph)["act_mul"]
+    assert info["fired"] == ACT_MULS[arch], info
+    assert info["skipped"] == {}
+    for a, b in zip(_outputs(graph), before):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), float((a - b).abs().max())
+    fused = [n for n in graph.gm.graph.nodes if n.target is torch.ops.lowbit.act_mul.default]
+    assert len(fused) == ACT_MULS[arch]
+    assert not any(n.target is torch.ops.aten.silu.default for n in graph.gm.graph.nodes) or not ACT_MULS[arch]
+
+
+def test_activation_times_up_needs_one_merged_matmul():
+    """Negative: gate and up in different formats stay two matmuls, so the product of two separate tensors is
+    left alone, counted with the reason."""
+    graph = _quantized("llama", replace(W4, overrides=[Override("*.up_proj", bits=8)]))
+    info = apply_rules(graph)["act_mul"]
+    assert info["fired"] == 0
+    assert info["skipped"] == {"gate and up are separate tensors (not one merged matmul's halves)": 2}
 
 
 def test_norm_quantize_needs_int8_consumers():

@@ -38,6 +38,12 @@ Ops
     ``norm_quant_int8`` substitutes for ``norm -> quantize`` so the normalized activations never travel through
     memory in float. ``lowbit::layernorm_quant_int8(x, weight, bias, eps)`` is the same behind LayerNorm.
 
+``lowbit::act_mul(y, act) -> out``
+    ``act(gate) * up`` where gate and up are the halves of ``y``'s last dimension (a merged gate/up
+    matmul's output); ``act`` is ``silu``, ``gelu`` or ``gelu_tanh``. ``lowbit::act_mul_quant_int8(y, act)
+    -> (codes, scales)`` is the same followed by the per-token INT8 quantization of ``w8a8_linear``: what the
+    fusion rule ``act_mul`` substitutes so the product never travels through memory in float.
+
 CUDA kernels: ``wna16_linear``, ``w8a8_linear`` and ``rmsnorm_quant_int8`` run Triton kernels
 (``lowbit.plugins.triton``) when Triton is installed and the format is supported, and the reference math
 otherwise. Triton is imported on the first CUDA call, never at ``import lowbit``.
@@ -316,3 +322,32 @@ def layernorm_quant_int8(x: torch.Tensor, weight: Optional[torch.Tensor], bias: 
 @layernorm_quant_int8.register_fake
 def _layernorm_quant_int8_fake(x, weight, bias, eps):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def act_mul_reference(y: torch.Tensor, act: str) -> torch.Tensor:
+    gate, up = y.chunk(2, dim=-1)
+    return ACTIVATIONS[act](gate) * up
+
+
+@torch.library.custom_op("lowbit::act_mul", mutates_args=())
+def act_mul(y: torch.Tensor, act: str) -> torch.Tensor:
+    return act_mul_reference(y, act)
+
+
+@act_mul.register_fake
+def _act_mul_fake(y, act):
+    return y.new_empty((*y.shape[:-1], y.shape[-1] // 2))
+
+
+@torch.library.custom_op("lowbit::act_mul_quant_int8", mutates_args=())
+def act_mul_quant_int8(y: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows_int8(act_mul_reference(y, act))
+
+
+@act_mul_quant_int8.register_fake
+def _act_mul_quant_int8_fake(y, act):
+    shape = (*y.shape[:-1], y.shape[-1] // 2)
+    return y.new_empty(shape, dtype=torch.int8), y.new_empty((*y.shape[:-1], 1), dtype=torch.float32)

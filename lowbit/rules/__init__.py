@@ -33,11 +33,33 @@ class RuleResult:
         return {"fired": self.fired, "rewrites": self.rewrites, "skipped": self.skipped}
 
 
+def keep_meta(new, old):
+    """Carry the source location (module stack, stack trace) of a replaced node over to its replacement."""
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace")})
+
+
+def feed_codes(graph, x, codes, scales, site_of: dict):
+    """Replace every ``lowbit::w8a8_linear`` reading ``x`` by ``w8a8_linear_codes`` reading ``x``'s INT8 codes and
+    row scales (the outputs of a fused producer), keeping the matmul sites pointed at the new nodes."""
+    g = graph.gm.graph
+    for user in list(x.users):
+        with g.inserting_before(user):
+            new = g.call_function(torch.ops.lowbit.w8a8_linear_codes.default,
+                                  (codes, scales, *user.args[1:8], graph.dtype))
+        keep_meta(new, user)
+        user.replace_all_uses_with(new)
+        if user in site_of:
+            site_of[user].node = new
+        g.erase_node(user)
+
+
 def default_rules() -> list:
+    from lowbit.rules.act_mul import ActMul
     from lowbit.rules.norm_quant import NormQuantInt8
     from lowbit.rules.siblings import MergeSiblingMatmuls
 
-    return [MergeSiblingMatmuls(), NormQuantInt8()]
+    # Siblings first: the activation rule matches the halves of the merged gate/up matmul.
+    return [MergeSiblingMatmuls(), NormQuantInt8(), ActMul()]
 
 
 def check_inputs(graph, seed: int = 0) -> tuple:

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from lowbit.rules import RuleResult
+from lowbit.rules import RuleResult, feed_codes, keep_meta
 
 aten = torch.ops.aten
 W8A8 = torch.ops.lowbit.w8a8_linear.default
@@ -109,13 +109,5 @@ class NormQuantInt8:
             codes = g.call_function(operator.getitem, (fused, 0))
         with g.inserting_after(codes):
             scales = g.call_function(operator.getitem, (codes.args[0], 1))
-        fused.meta.update({k: v for k, v in x.meta.items() if k in ("nn_module_stack", "stack_trace")})
-        for user in list(x.users):
-            with g.inserting_before(user):
-                new = g.call_function(torch.ops.lowbit.w8a8_linear_codes.default,
-                                      (codes, scales, *user.args[1:8], graph.dtype))
-            new.meta.update({k: v for k, v in user.meta.items() if k in ("nn_module_stack", "stack_trace")})
-            user.replace_all_uses_with(new)
-            if user in site_of:
-                site_of[user].node = new
-            g.erase_node(user)
+        keep_meta(fused, x)
+        feed_codes(graph, x, codes, scales, site_of)

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.fx as fx
 
-from lowbit.rules import RuleResult
+from lowbit.rules import RuleResult, keep_meta
 
 LINEAR_OPS = {torch.ops.lowbit.wna16_linear.default: "wna16", torch.ops.lowbit.w8a8_linear.default: "w8a8"}
 _FORMAT_FIELDS = ("op", "bits", "group_size", "in_features")
@@ -79,7 +79,7 @@ class MergeSiblingMatmuls:
                                                     attrs.get("bias"), *first.args[5:8]))
             split = g.call_function(torch.ops.aten.split_with_sizes.default, (merged, sizes, -1))
             outs = [g.call_function(operator.getitem, (split, i)) for i in range(len(nodes))]
-        merged.meta.update({k: v for k, v in first.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        keep_meta(merged, first)
         merged.meta["lowbit_name"] = name
         for n, out, site in zip(nodes, outs, sites):
             n.replace_all_uses_with(out)

@@ -7,6 +7,8 @@
 - ``ort_gather_nbits``      -> ``com.microsoft::GatherBlockQuantized``
 - ``attention``             -> MatMul / Softmax / MatMul, grouped-query heads as a broadcast (no K/V copies)
 - ``rmsnorm_quant_int8``, ``layernorm_quant_int8`` -> the norm, then the per-token INT8 quantization
+- ``act_mul``, ``act_mul_quant_int8`` -> ``Split``, the activation (SiLU as ``x * Sigmoid(x)``, GELU by its
+  erf or tanh formula), ``Mul``; then the per-token INT8 quantization
 
 The quantization steps are those of ``plugins.ops.quantize_rows_int8`` (float32 max|x| / 127 floored at
 ACT_EPS, divide, round half to even, clip), so ONNX Runtime computes the same codes as the torch runtime.
@@ -120,7 +122,25 @@ def translations() -> dict:
         y, _, _ = op.LayerNormalization(x, weight, bias, axis=-1, epsilon=eps)      # (Y, Mean, InvStdDev)
         return codes(y)
 
+    def activation(x, act):
+        if act == "silu":
+            return op.Mul(x, op.Sigmoid(x))
+        if act == "gelu":
+            inner = op.Erf(op.Mul(x, scalar(0.7071067811865476)))
+        else:                                                   # gelu_tanh
+            cube = op.Mul(op.Mul(x, x), x)
+            inner = op.Tanh(op.Mul(op.Add(x, op.Mul(cube, scalar(0.044715))), scalar(0.7978845608028654)))
+        return op.Mul(op.Mul(x, scalar(0.5)), op.Add(inner, scalar(1.0)))
+
+    def act_mul(y, act):
+        gate, up = op.Split(y, axis=-1, num_outputs=2)
+        return op.Mul(activation(gate, act), up)
+
+    def act_mul_quant_int8(y, act):
+        return codes(act_mul(y, act))
+
     return {L.ort_matmul_nbits.default: matmul_nbits, L.ort_matmul_a8.default: matmul_a8,
             L.ort_matmul_a8_codes.default: matmul_a8_codes, L.ort_gather_nbits.default: gather_nbits,
             L.attention.default: attention, L.rmsnorm_quant_int8.default: rmsnorm_quant_int8,
-            L.layernorm_quant_int8.default: layernorm_quant_int8}
+            L.layernorm_quant_int8.default: layernorm_quant_int8, L.act_mul.default: act_mul,
+            L.act_mul_quant_int8.default: act_mul_quant_int8}
