@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,10 +12,9 @@ from lowbit.compiler.frontend import load_model
 from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.passes.lkd import block_loss
 from lowbit.format.quantize import QuantSpec, pack_codes, quantize_weight
-from lowbit.plugins import ops
 from lowbit.plugins.ops import int8_matmul, quantize_rows_int8, signed_weight
 
-from conftest import non_vnni_matmul_integer, sample_text
+from conftest import sample_text
 
 
 def _cli(capsys, *args):
@@ -54,31 +52,26 @@ def test_w8a8_kernel_is_exact_integer_arithmetic():
         assert float(((y.double() - y64).abs() / y64.abs().max()).max()) < 1e-6
 
 
-def test_int8_matmul_exact_where_torch_int_mm_saturates(monkeypatch):
-    """The torch backend's int32 products do not depend on the CPU: a ``torch._int_mm`` that saturates like an
-    x86 GEMM without VNNI (int8 activations shifted to uint8, pairs summed in int16) fails the probe, and
-    ``int8_matmul`` falls back to exact math; on adversarial inputs it is exact either way."""
+def test_int8_matmul_exact_at_the_extremes():
+    """The torch backend's int32 products do not depend on the CPU: float32 GEMMs over K chunks of 1024 are exact
+    for int8 operands at their extremes (runs of one sign), and so is the float64 path taken when float32
+    matmuls may run in reduced precision."""
     g = torch.Generator().manual_seed(3)
-    a = torch.full((5, 96), 127, dtype=torch.int8)
-    a[1] = -127
-    b = (torch.randint(0, 2, (24, 24), generator=g) * 254 - 127).repeat_interleave(4, 1).to(torch.int8)   # [N, K]
-    exact = a.long() @ b.long().t()
-    assert torch.equal(int8_matmul(a, b).long(), exact)
-
-    def saturating_int_mm(x, w):
-        shifted = (x.numpy().astype(np.int16) + 128).astype(np.uint8)
-        return torch.from_numpy(non_vnni_matmul_integer(shifted, w.numpy(), 128, 0).astype(np.int32))
-
-    assert not torch.equal(saturating_int_mm(a, b.t()).long(), exact)      # the emulation does saturate here
-    monkeypatch.setattr(torch, "_int_mm", saturating_int_mm)
-    ops.int_mm_is_exact.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="not exact on this CPU"):
-            assert not ops.int_mm_is_exact()
+    for m, k in ((1, 96), (5, 1024), (3, 3000)):
+        a = torch.full((m, k), 127, dtype=torch.int8)
+        a[m // 2] = -127
+        b = (torch.randint(0, 2, (24, -(-k // 4)), generator=g) * 255 - 128).repeat_interleave(4, 1)[:, :k]
+        b = b.clamp(-128, 127).to(torch.int8)                                    # [N, K]: -128 and 127 in runs
+        exact = a.long() @ b.long().t()
+        got = int8_matmul(a, b)
+        assert got.dtype == torch.int32 and torch.equal(got.long(), exact)
+    # Negative control: a reduced-precision product (what float32 matmuls below "highest" may use) is caught.
+    assert not torch.equal((a.bfloat16() @ b.bfloat16().t()).double(), exact.double())
+    torch.set_float32_matmul_precision("medium")
+    try:                                                  # reduced-precision float32 matmuls: float64 instead
         assert torch.equal(int8_matmul(a, b).long(), exact)
     finally:
-        monkeypatch.undo()
-        ops.int_mm_is_exact.cache_clear()
+        torch.set_float32_matmul_precision("highest")
 
 
 def test_w4a8_kernel_is_exact_integer_arithmetic():

@@ -1,8 +1,9 @@
-"""The transformers model with its quantized layers as lowbit modules, for lowerings that export from a
-module (ONNX) and passes that work on blocks (LKD).
+"""The transformers model with its quantized layers as lowbit modules: the module-level view of a quantized
+graph, for passes that work on transformers' blocks (LKD swaps its students in with ``swap_module``) and as
+the transformers-side reference of tests and ``bench/runtime_decode.py``.
 
 Every quantized layer becomes a ``QuantLinear`` / ``QuantEmbedding`` whose forward is the layer's ``lowbit::``
-op on the packed tensors, so what is exported computes what the shipped program computes.
+op on the packed tensors, so the model computes what the shipped program computes.
 """
 
 from __future__ import annotations

@@ -51,7 +51,6 @@ otherwise. Triton is imported on the first CUDA call, never at ``import lowbit``
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import Optional
 
@@ -162,34 +161,25 @@ def signed_weight(qweight, zeros, bits: int, in_features: int, group_size: int) 
     return (codes - z).to(torch.int8)
 
 
-@functools.cache
-def int_mm_is_exact() -> bool:
-    """Whether ``torch._int_mm`` sums int8 products exactly in int32 on this CPU, probed once per process.
-
-    An int8 GEMM may shift one operand to uint8 and add pairs of u8 * s8 products in a saturating int16
-    (x86 without VNNI), or halve the weights to avoid that; either breaks exactness. The probe puts codes of
-    +-127 in runs of one sign along K, where both would show, at a decode and a prefill shape."""
-    k, n = 64, 16
-    g = torch.Generator().manual_seed(0)
-    b = (torch.randint(0, 2, (k // 4, n), generator=g) * 2 - 1).repeat_interleave(4, 0) * 127
-    b[::3] -= torch.sign(b[::3])                                         # odd codes too
-    for m in (1, 32):
-        a = torch.full((m, k), 127)
-        a[1::2] = torch.where(torch.rand(m // 2, k, generator=g) < 0.5, -127, 127)
-        a, w = a.to(torch.int8), b.to(torch.int8)
-        if not torch.equal(torch._int_mm(a, w).long(), a.long() @ w.long()):
-            warnings.warn("lowbit: torch._int_mm is not exact on this CPU; W8A8 layers on CPU use exact float64 "
-                          "matmuls instead (slower)", stacklevel=3)
-            return False
-    return True
+# K per float32 GEMM in int8_matmul: every partial sum of int8 products is then an integer of magnitude at most
+# 1024 * 128 * 127 < 2^24, which float32 holds exactly, whatever the summation order or instruction set.
+F32_EXACT_K = 1024
 
 
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int32 a [M, K] @ b [N, K].T: torch's int8 GEMM on CPU where it is exact, float64 (exact for these
-    sizes: |sum| <= K * 127^2 < 2^53) elsewhere."""
-    if a.device.type == "cpu" and int_mm_is_exact():
-        return torch._int_mm(a, b.t())
-    return (a.double() @ b.double().t()).to(torch.int32)
+    """Exact int32 ``a [M, K] @ b [N, K].T`` of int8 operands, the same on every CPU.
+
+    On CPU, float32 GEMMs over K chunks of ``F32_EXACT_K`` (exact by construction, and several times faster
+    than ``torch._int_mm`` on x86 without VNNI, whose int8 GEMM may also saturate there), the chunks added in
+    int32; float64 where float32 matmuls may run in reduced precision (``torch.set_float32_matmul_precision``
+    below "highest") and off the CPU (the CUDA path has its own kernel)."""
+    if a.device.type != "cpu" or torch.get_float32_matmul_precision() != "highest":
+        return (a.double() @ b.double().t()).to(torch.int32)
+    out = None
+    for k0 in range(0, a.shape[1], F32_EXACT_K):
+        part = (a[:, k0:k0 + F32_EXACT_K].float() @ b[:, k0:k0 + F32_EXACT_K].float().t()).to(torch.int32)
+        out = part if out is None else out + part
+    return out
 
 
 def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
