@@ -278,7 +278,8 @@ def trace(loaded: LoadedModel) -> Graph:
             ids = torch.randint(0, vocab, (2, min(16, loaded.max_positions)), generator=g)
             dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
             ep = _export(EncoderForward(loaded.model).eval(), (ids, torch.ones_like(ids)), dynamic, loaded)
-    graph = Graph(_drop_empty_cats(_drop_guards(ep.module())), loaded.model_type, loaded.task, kv=kv, dtype=dtype, attention=attention)
+    gm = _drop_empty_cats(_drop_guards(ep.module()))
+    graph = Graph(gm, loaded.model_type, loaded.task, kv=kv, dtype=dtype, attention=attention)
     graph.vocab_size = vocab
     emb = loaded.model.get_input_embeddings()
     graph.input_embedding = next((n for n, m in loaded.model.named_modules() if m is emb), None)

@@ -27,27 +27,6 @@ import torch.nn.functional as F
 from lowbit.errors import LowbitError
 
 aten = torch.ops.aten
-_PASSTHROUGH = {aten.detach_.default, aten.detach.default, aten.lift_fresh_copy.default, aten.clone.default}
-
-
-def _constant(gm: fx.GraphModule, node):
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _PASSTHROUGH:
-        node = node.args[0]
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        return getattr(gm, node.target)
-    return None
-
-
-def _past_of(gm: fx.GraphModule, x):
-    """The placeholder under ``x``, where ``x`` is it or ``cat([empty constant, it])`` (a fresh cache's
-    update)."""
-    if x.op == "placeholder":
-        return x
-    if x.op == "call_function" and x.target == aten.cat.default and len(x.args[0]) == 2:
-        first = _constant(gm, x.args[0][0])
-        if first is not None and first.numel() == 0 and x.args[0][1].op == "placeholder":
-            return x.args[0][1]
-    return None
 
 
 def static_step(gm: fx.GraphModule, n_cache: int) -> tuple[fx.GraphModule, fx.GraphModule]:
@@ -88,10 +67,10 @@ def static_step(gm: fx.GraphModule, n_cache: int) -> tuple[fx.GraphModule, fx.Gr
         m.replace_all_uses_with(placeholder(f"attn_mask_{j}"))
     for i, (p, cat) in enumerate(zip(past, present)):
         ok = (cat.op == "call_function" and cat.target == aten.cat.default and len(cat.args[0]) == 2
-              and cat.args[1] in (2, -2) and _past_of(gm, cat.args[0][0]) is p)
+              and cat.args[1] in (2, -2) and cat.args[0][0] is p)
         if not ok:
             raise LowbitError(f"static cache: cache output {i} is not the input cache with this step appended; "
-                              "this program has no static form")
+                              "this program has no static form (from an older lowbit? recompile it)")
         buf = placeholder(f"cache_{i}")
         with graph.inserting_after(cat):
             write = graph.call_function(aten.index_copy_.default, (buf, 2, cache_position, cat.args[0][1]))

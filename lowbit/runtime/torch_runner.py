@@ -18,7 +18,6 @@ from lowbit.format.artifact import PROGRAM_FILE, WEIGHTS_FILE
 from lowbit.format.graph import mask_positions
 
 
-
 class TorchRunner:
     """``full(ids, mask)``, ``start(batch)`` and ``step(ids, mask, positions, cache)`` over the shipped program.
 
