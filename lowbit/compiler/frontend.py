@@ -239,13 +239,35 @@ def traced_attention(model):
         model.set_attn_implementation(before)
 
 
-def _export(root, args, dynamic, loaded):
+@contextlib.contextmanager
+def exporting():
+    """The settings of every lowbit torch.export: no grad, its warnings quiet, and size-oblivious tracing, so
+    sizes 0 and 1 (an empty cache, a one-token step) are not specialized away."""
     import torch.fx.experimental._config as fx_config
 
-    # Size-oblivious tracing: sizes 0 and 1 (an empty cache, a one-token step) are not specialized away.
+    with torch.no_grad(), warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=True):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def example_step(kv: list, vocab: int, dtype=torch.float32) -> tuple:
+    """Example arguments of a causal step (input_ids, attention_mask, position_ids, past list): batch 2, 3 new
+    tokens after 4 cached ones, sizes distinct and above 1 so that tracing ties none of them to another."""
+    g = torch.Generator().manual_seed(0)
+    b, s, p = 2, 3, 4
+    past = [torch.randn(b, h, p, d, generator=g, dtype=dtype) for h, dk, dv in kv for d in (dk, dv)]
+    return (torch.randint(0, vocab, (b, s), generator=g), torch.ones(b, p + s, dtype=torch.long),
+            torch.arange(p, p + s).expand(b, s), past)
+
+
+def example_encoder_input(vocab: int, length: int) -> torch.Tensor:
+    """Example input_ids of an encoder forward: batch 2 of ``length`` tokens."""
+    return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+
+
+def _export(root, args, dynamic, loaded):
     try:
-        with torch.no_grad(), warnings.catch_warnings(), fx_config.patch(backed_size_oblivious=True):
-            warnings.simplefilter("ignore")
+        with exporting():
             return torch.export.export(root, args, dynamic_shapes=dynamic, strict=False)
     except Exception as e:
         arch = ",".join(getattr(loaded.config, "architectures", None) or [loaded.model_type])
@@ -258,24 +280,19 @@ def trace(loaded: LoadedModel) -> Graph:
     from torch.export import Dim
 
     quiet_transformers()
-    g = torch.Generator().manual_seed(0)
     vocab = int(loaded.config.vocab_size)
     dyn = Dim.DYNAMIC
     dtype = next(loaded.model.parameters()).dtype
     with traced_attention(loaded.model) as attention:
         if loaded.task == "causal-lm":
             kv = kv_layout(loaded.model)
-            b, s, p = 2, 3, 4
-            past = [torch.randn(b, h, p, dk if j == 0 else dv, generator=g, dtype=dtype)
-                    for h, dk, dv in kv for j in range(2)]
-            args = (torch.randint(0, vocab, (b, s), generator=g), torch.ones(b, p + s, dtype=torch.long),
-                    torch.arange(p, p + s).expand(b, s), past)
+            args = example_step(kv, vocab, dtype)
             dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn},
-                       "position_ids": {0: dyn, 1: dyn}, "past": [{0: dyn, 2: dyn}] * len(past)}
+                       "position_ids": {0: dyn, 1: dyn}, "past": [{0: dyn, 2: dyn}] * len(args[3])}
             ep = _export(CausalStep(loaded.model, len(kv)).eval(), args, dynamic, loaded)
         else:
             kv = None
-            ids = torch.randint(0, vocab, (2, min(16, loaded.max_positions)), generator=g)
+            ids = example_encoder_input(vocab, min(16, loaded.max_positions))
             dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
             ep = _export(EncoderForward(loaded.model).eval(), (ids, torch.ones_like(ids)), dynamic, loaded)
     gm = _drop_empty_cats(_drop_guards(ep.module()))

@@ -23,12 +23,12 @@ import io
 import json
 import logging
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+from lowbit.compiler.frontend import example_encoder_input, example_step, exporting
 from lowbit.errors import LowbitError
 from lowbit.format.artifact import ONNX_FILE, ONNX_IO_FILE, PROGRAM_FILE, WEIGHTS_FILE
 
@@ -135,28 +135,22 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
 
 
 def example_inputs(program: dict, vocab: int) -> tuple[tuple, dict]:
-    """Example arguments of a program (batch 2; a step of 3 tokens after 4 cached ones) and every dimension
-    dynamic."""
+    """Example arguments of a program (the trace's own, ``frontend.example_step``) and every dimension dynamic."""
     from torch.export import Dim
 
-    g = torch.Generator().manual_seed(0)
     dyn = Dim.DYNAMIC
     names = program["inputs"]
     if program["task"] != "causal-lm":
-        ids = torch.randint(0, vocab, (2, 5), generator=g)
+        ids = example_encoder_input(vocab, 5)
         return (ids, torch.ones_like(ids)), {n: {0: dyn, 1: dyn} for n in names}
-    b, s, p = 2, 3, 4
-    past = [torch.randn(b, h, p, d, generator=g) for h, dk, dv in program["kv"] for d in (dk, dv)]
-    args = (torch.randint(0, vocab, (b, s), generator=g), torch.ones(b, p + s, dtype=torch.long),
-            torch.arange(p, p + s).expand(b, s), *past)
-    return args, {n: {0: dyn, 1: dyn} if i < 3 else {0: dyn, 2: dyn} for i, n in enumerate(names)}
+    ids, mask, positions, past = example_step(program["kv"], vocab)
+    return (ids, mask, positions, *past), {n: {0: dyn, 1: dyn} if i < 3 else {0: dyn, 2: dyn}
+                                           for i, n in enumerate(names)}
 
 
 def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path) -> dict:
     """Export a lowered program (``lower_program``) to ``dest``; returns the manifest's onnx entry, less the
     lowering's own fields."""
-    import torch.fx.experimental._config as fx_config
-
     from lowbit.plugins.onnx import translations
 
     args, dynamic = example_inputs(program, vocab)
@@ -170,9 +164,7 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path)
     t0 = time.perf_counter()
     # torch.onnx prints its own step-by-step log; lowbit reports the export as one timed step instead.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), warnings.catch_warnings(), \
-            fx_config.patch(backed_size_oblivious=True):
-        warnings.simplefilter("ignore")
+    with contextlib.redirect_stdout(io.StringIO()), exporting():
         ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
         onnx_program = torch.onnx.export(ep, input_names=inputs, output_names=outputs, dynamo=True, optimize=True,
                                          opset_version=OPSET, custom_translation_table=translations(),
