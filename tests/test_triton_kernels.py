@@ -435,6 +435,57 @@ def test_rmsnorm_quant_int8_op():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float16, 2**-10)])
+def test_act_mul_matches_reference(act, dtype, tol):
+    y = (_x(5, 2 * 150, seed=17) * 3).to(dtype).reshape(5, 1, 300)
+    ref = ops.act_mul_reference(y, act)
+    out = act_quant.act_mul(y.to(DEVICE), act, block=64)          # 64: three column programs per row
+    assert out.shape == (5, 1, 150) and out.dtype == dtype
+    err = ((out.cpu().float() - ref.float()).abs() / ref.float().abs().clamp_min(1)).max()
+    assert float(err) <= tol
+    # Negative control: gate and up swapped is far off.
+    swapped = act_quant.act_mul(torch.cat([y[..., 150:], y[..., :150]], -1).to(DEVICE), act)
+    assert float((swapped.cpu().float() - ref.float()).abs().max()) > 0.1
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+def test_act_mul_quantize_codes(act):
+    y = _x(12, 2 * 200, seed=18) * 3
+    ref = ops.act_mul_reference(y, act)
+    for block in (None, 64):                                      # 64: rows walked in four chunks
+        q, s = act_quant.act_mul_quantize(y.to(DEVICE), act, block=block)
+        assert q.shape == (12, 200) and s.shape == (12, 1)
+        _close_codes(q, s, ref, 1e-6)
+
+
+def test_gated_and_codes_ops_on_the_kernels():
+    """The CUDA registrations of act_mul, act_mul_quant_int8, layernorm_quant_int8 and w8a8_linear_codes run the
+    kernels (called directly without a GPU) and agree with the CPU reference ops."""
+    cuda = DEVICE == "cuda"
+    y = (_x(6, 256, seed=19) * 2).reshape(2, 3, 256)
+    fn = torch.ops.lowbit.act_mul if cuda else ops.act_mul_triton
+    assert float((fn(*_dev(y), "silu").cpu() - torch.ops.lowbit.act_mul(y, "silu")).abs().max()) < 1e-5
+    fn = torch.ops.lowbit.act_mul_quant_int8 if cuda else ops.act_mul_quant_int8_triton
+    q, s = fn(*_dev(y), "gelu_tanh")
+    assert q.shape == (2, 3, 128) and s.shape == (2, 3, 1)
+    _close_codes(q.reshape(6, 128), s.reshape(6, 1), ops.act_mul_reference(y, "gelu_tanh").reshape(6, 128), 1e-6)
+    x = _x(6, 128, seed=20).reshape(2, 3, 128) + 1.0
+    fn = torch.ops.lowbit.layernorm_quant_int8 if cuda else ops.layernorm_quant_int8_triton
+    for w in (None, 1 + _x(1, 128, seed=21)[0] * 0.1):
+        q, s = fn(*_dev(x), None if w is None else w.to(DEVICE), None, 1e-5)
+        _close_codes(q.reshape(6, 128), s.reshape(6, 1), F.layer_norm(x, (128,), w, None, 1e-5).reshape(6, 128),
+                     1e-5)
+    qw, sw, z, b, g = _layer(40, 128, 8, 32, seed=22, sym=True)
+    xq, sx = ops.quantize_rows_int8(x)
+    ref = ops.w8a8_linear_codes_reference(xq, sx, qw, sw, z, b, 8, g, 128, torch.float32).double()
+    fn = torch.ops.lowbit.w8a8_linear_codes if cuda else ops.w8a8_linear_codes_triton
+    out = fn(*_dev(xq, sx, qw, sw, z, b), 8, g, 128, torch.float32)
+    assert out.shape == (2, 3, 40) and _errors(out, ref)[1] < 1e-6
+    z[:, 1] += 1                                                  # negative control: one group's zero off by one
+    assert _errors(fn(*_dev(xq, sx, qw, sw, z, b), 8, g, 128, torch.float32), ref)[1] > 1e-4
+
+
 # ---- W8A8 / W4A8 -------------------------------------------------------------------------------------------
 
 def _signed(qw, z, bits, k, g):

@@ -44,9 +44,9 @@ Ops
     -> (codes, scales)`` is the same followed by the per-token INT8 quantization of ``w8a8_linear``: what the
     fusion rule ``act_mul`` substitutes so the product never travels through memory in float.
 
-CUDA kernels: ``wna16_linear``, ``w8a8_linear`` and ``rmsnorm_quant_int8`` run Triton kernels
-(``lowbit.plugins.triton``) when Triton is installed and the format is supported, and the reference math
-otherwise. Triton is imported on the first CUDA call, never at ``import lowbit``.
+CUDA kernels: every op but ``wna16_embedding`` and ``attention`` (PyTorch's own kernels serve those) runs a
+Triton kernel (``lowbit.plugins.triton``) when Triton is installed and the format is supported, and the
+reference math otherwise. Triton is imported on the first CUDA call, never at ``import lowbit``.
 """
 
 from __future__ import annotations
@@ -236,6 +236,27 @@ def w8a8_linear_codes(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor,
     return w8a8_linear_codes_reference(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, dtype)
 
 
+def w8a8_linear_codes_triton(xq, sx, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int,
+                             dtype: torch.dtype):
+    """The CUDA kernel: the Triton INT8 GEMM of w8a8_linear on the given codes, else the reference."""
+    kern = _triton_kernels("w8a8")
+    why = ("triton is not installed (pip install 'lowbit[dev]')" if kern is None
+           else f"output dtype {dtype}" if dtype not in FLOAT_DTYPES
+           else f"no kernel for {bits}-bit codes in groups of {group_size} with K={in_features}"
+           if not kern.supports(bits, group_size, in_features) else None)
+    if why is not None or xq.numel() == 0:
+        if xq.numel():
+            _warn_fallback("w8a8_linear_codes", why)
+        return w8a8_linear_codes_reference(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features,
+                                           dtype)
+    y = kern.w8a8_matmul(xq.reshape(-1, in_features), sx.reshape(-1, 1), qweight, scales, zeros, bias, bits,
+                         group_size, in_features, dtype)
+    return y.reshape(*xq.shape[:-1], qweight.shape[0])
+
+
+w8a8_linear_codes.register_kernel("cuda")(w8a8_linear_codes_triton)
+
+
 @w8a8_linear_codes.register_fake
 def _w8a8_linear_codes_fake(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, dtype):
     return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=dtype)
@@ -284,15 +305,24 @@ def rmsnorm_quant_int8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tup
     return quantize_rows_int8(rms_norm_reference(x, weight, eps))
 
 
-def rmsnorm_quant_int8_triton(x, weight, eps: float):
-    """The CUDA kernel: the fused Triton row kernel (one program per token), else the reference."""
+def _row_triton(op: str, launcher: str, reference, x: torch.Tensor, *args):
+    """A per-row op's CUDA kernel: ``lowbit.plugins.triton.act_quant.<launcher>(x, *args)`` (one program per
+    token) when Triton is installed and every tensor is float, else ``reference(x, *args)``."""
     kern = _triton_kernels("act_quant")
-    if kern is None or x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES or x.numel() == 0:
+    dtypes = [t.dtype for t in (x, *args) if isinstance(t, torch.Tensor)]
+    why = ("triton is not installed (pip install 'lowbit[dev]')" if kern is None
+           else f"inputs are {', '.join(map(str, dtypes))}" if any(d not in FLOAT_DTYPES for d in dtypes) else None)
+    if why is not None or x.numel() == 0:
         if x.numel():
-            _warn_fallback("rmsnorm_quant_int8", "triton is not installed (pip install 'lowbit[dev]')"
-                           if kern is None else f"inputs are {x.dtype} and {weight.dtype}")
-        return quantize_rows_int8(rms_norm_reference(x, weight, eps))
-    return kern.rmsnorm_quantize(x, weight, eps)
+            _warn_fallback(op, why)
+        return reference(x, *args)
+    return getattr(kern, launcher)(x, *args)
+
+
+def rmsnorm_quant_int8_triton(x, weight, eps: float):
+    """The CUDA kernel: the fused Triton row kernel, else the reference."""
+    return _row_triton("rmsnorm_quant_int8", "rmsnorm_quantize",
+                       lambda x, w, eps: quantize_rows_int8(rms_norm_reference(x, w, eps)), x, weight, eps)
 
 
 rmsnorm_quant_int8.register_kernel("cuda")(rmsnorm_quant_int8_triton)
@@ -307,6 +337,19 @@ def _rmsnorm_quant_int8_fake(x, weight, eps):
 def layernorm_quant_int8(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows_int8(F.layer_norm(x, (x.shape[-1],), weight, bias, eps))
+
+
+def layernorm_quant_int8_triton(x, weight, bias, eps: float):
+    """The CUDA kernel: the fused Triton row kernel (LayerNorm without a weight: a weight of ones), else the
+    reference."""
+    if weight is None:
+        weight = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
+    return _row_triton("layernorm_quant_int8", "layernorm_quantize",
+                       lambda x, w, b, eps: quantize_rows_int8(F.layer_norm(x, (x.shape[-1],), w, b, eps)),
+                       x, weight, bias, eps)
+
+
+layernorm_quant_int8.register_kernel("cuda")(layernorm_quant_int8_triton)
 
 
 @layernorm_quant_int8.register_fake
@@ -327,6 +370,15 @@ def act_mul(y: torch.Tensor, act: str) -> torch.Tensor:
     return act_mul_reference(y, act)
 
 
+def act_mul_triton(y, act: str):
+    """The CUDA kernel: one Triton pass over y (gate and up read once, the product written once), else the
+    reference."""
+    return _row_triton("act_mul", "act_mul", act_mul_reference, y, act)
+
+
+act_mul.register_kernel("cuda")(act_mul_triton)
+
+
 @act_mul.register_fake
 def _act_mul_fake(y, act):
     return y.new_empty((*y.shape[:-1], y.shape[-1] // 2))
@@ -335,6 +387,16 @@ def _act_mul_fake(y, act):
 @torch.library.custom_op("lowbit::act_mul_quant_int8", mutates_args=())
 def act_mul_quant_int8(y: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows_int8(act_mul_reference(y, act))
+
+
+def act_mul_quant_int8_triton(y, act: str):
+    """The CUDA kernel: the Triton row kernel (the product quantized in registers, never stored), else the
+    reference."""
+    return _row_triton("act_mul_quant_int8", "act_mul_quantize",
+                       lambda y, act: quantize_rows_int8(act_mul_reference(y, act)), y, act)
+
+
+act_mul_quant_int8.register_kernel("cuda")(act_mul_quant_int8_triton)
 
 
 @act_mul_quant_int8.register_fake

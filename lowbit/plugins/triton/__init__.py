@@ -8,7 +8,8 @@ Modules
     decode-sized M and a tiled tensor-core kernel for prefill-sized M.
 ``act_quant``
     Per-token symmetric INT8 quantization of activations, bit-identical to ``ops.quantize_rows_int8``, and the
-    same fused behind an RMSNorm or LayerNorm (one read of the hidden state instead of three).
+    same fused behind an RMSNorm or LayerNorm (one read of the hidden state instead of three) or behind a gated
+    activation ``act(gate) * up``; and that gated activation alone.
 ``w8a8``
     INT8 x INT8 -> INT32 GEMM with the per-group weight scales, the per-token activation scale and the bias
     applied in the epilogue (W8A8, and W4A8 with nibbles widened to int8 in registers).

@@ -1,4 +1,5 @@
-"""Per-token (row) symmetric INT8 activation quantization, alone or fused behind RMSNorm / LayerNorm.
+"""Per-token (row) symmetric INT8 activation quantization, alone or fused behind RMSNorm / LayerNorm or a gated
+activation ``act(gate) * up``; and that gated activation alone.
 
 Bit-identical to ``lowbit.plugins.ops.quantize_rows_int8`` (every backend must produce the same codes):
 in float32, ``scale = max(max|x| / 127, 1e-10)``, ``code = clip(round_half_even(x / scale), -127, 127)``.
@@ -19,7 +20,9 @@ float32 rounded to x's dtype, then quantized like the unfused ``norm -> w8a8_lin
 from PyTorch is the order (and, on a GPU, FMA contraction) of the sums behind mean and variance: the normalizer
 can differ in its last bit, which moves a code by one where the scaled value lies within rounding of a .5 boundary
 (or, for fp16/bf16 x, where the last-bit change flips the rounding of a normalized value to x's dtype). Inputs
-whose sums are exact give identical codes.
+whose sums are exact give identical codes. The gated activation reads a row's two halves (gate, up), rounds
+``act(gate)`` and the product to the row's dtype as PyTorch's two ops do; its SiLU / erf / tanh come from Triton's
+exp and erf, which may differ from PyTorch's in the last bit (a code moves by one only at a .5 boundary).
 """
 
 from __future__ import annotations
@@ -48,8 +51,11 @@ def _row_scale(amax):
     return tl.maximum(tl.math.div_rn(amax, 127.0), 1e-10)
 
 
-# The norm in front of the quantization (the kernel's NORM); constexpr so the kernels can read them.
+# What comes in front of the quantization (the kernel's PRE): nothing, a norm, or a gated activation over the
+# row's two halves; constexpr so the kernels can read them.
 NONE, RMS, LAYER = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+SILU_MUL, GELU_MUL, GELU_TANH_MUL = tl.constexpr(3), tl.constexpr(4), tl.constexpr(5)
+GATED = {"silu": SILU_MUL, "gelu": GELU_MUL, "gelu_tanh": GELU_TANH_MUL}      # ops.ACTIVATIONS' names
 
 
 @triton.jit
@@ -60,16 +66,16 @@ def _inv_root_mean(total, KF, eps):
 
 
 @triton.jit
-def _norm_values(v, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM: tl.constexpr, X_DTYPE: tl.constexpr,
+def _norm_values(v, w_ptr, b_ptr, k0, cols, K, shift, mul, PRE: tl.constexpr, X_DTYPE: tl.constexpr,
                  Y_DTYPE: tl.constexpr):
     """The value to quantize, as float32, from x's values ``v`` (float32) at columns k0+cols: x itself;
     LlamaRMSNorm's output (``mul`` = 1/rms); or nn.LayerNorm's (``shift`` = mean, ``mul`` = 1/std)."""
     mask = k0 + cols < K
-    if NORM == RMS:
+    if PRE == RMS:
         w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
         h = (v * mul).to(X_DTYPE).to(tl.float32)
         v = (w * h).to(Y_DTYPE).to(tl.float32)
-    elif NORM == LAYER:
+    elif PRE == LAYER:
         w = tl.load(w_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + k0 + cols, mask=mask, other=0.0).to(tl.float32)
         v = (((v - shift) * mul) * w + b).to(X_DTYPE).to(tl.float32)
@@ -77,16 +83,47 @@ def _norm_values(v, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM: tl.constexpr, X
 
 
 @triton.jit
-def _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM: tl.constexpr, X_DTYPE: tl.constexpr,
+def _activation(g, ACT: tl.constexpr):
+    """SiLU, erf GELU or tanh GELU of float32 g (tanh(z) = 1 - 2 / (exp(2z) + 1), z clipped to +-20 where tanh is
+    +-1 in float32 and exp cannot overflow)."""
+    if ACT == SILU_MUL:
+        a = g / (1.0 + tl.exp(-g))
+    elif ACT == GELU_MUL:
+        a = 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        z = tl.minimum(tl.maximum(z, -20.0), 20.0)
+        a = 0.5 * g * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+    return a
+
+
+@triton.jit
+def _gated(x_row, k0, cols, K, ACT: tl.constexpr, X_DTYPE: tl.constexpr):
+    """``act(gate) * up`` as float32 at columns k0+cols of a row whose gate is [0, K) and up [K, 2K) (zero past K),
+    each step rounded to x's dtype as PyTorch's separate ops round it."""
+    mask = k0 + cols < K
+    g = tl.load(x_row + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_row + K + k0 + cols, mask=mask, other=0.0).to(tl.float32)
+    a = _activation(g, ACT).to(X_DTYPE).to(tl.float32)
+    return (a * u).to(X_DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, PRE: tl.constexpr, X_DTYPE: tl.constexpr,
             Y_DTYPE: tl.constexpr):
-    """``_norm_values`` of the chunk of x at k0 (zero past K), loaded here."""
-    v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-    return _norm_values(v, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
+    """The values to quantize at columns k0+cols (zero past K), loaded here: ``_norm_values`` of x's chunk, or the
+    gated activation of the row's halves."""
+    if PRE >= SILU_MUL:
+        v = _gated(x_row, k0, cols, K, PRE, X_DTYPE)
+    else:
+        v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        v = _norm_values(v, w_ptr, b_ptr, k0, cols, K, shift, mul, PRE, X_DTYPE, Y_DTYPE)
+    return v
 
 
 @triton.jit
 def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, stride_xm, stride_qm,
-                      NORM: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, WITH_SUM: tl.constexpr,
+                      PRE: tl.constexpr, X_DTYPE: tl.constexpr, Y_DTYPE: tl.constexpr, WITH_SUM: tl.constexpr,
                       SINGLE: tl.constexpr, BLOCK: tl.constexpr):
     """One row: the norm's statistics (if any), then the max of |value| for the scale, then the codes.
 
@@ -101,14 +138,17 @@ def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, st
     mul = 1.0
     if SINGLE:
         mask = cols < K
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if NORM == RMS:
-            mul = _inv_root_mean(tl.sum(x * x, axis=0), KF, eps)
-        elif NORM == LAYER:
-            shift = tl.math.div_rn(tl.sum(x, axis=0), KF)
-            d = tl.where(mask, x - shift, 0.0)
-            mul = _inv_root_mean(tl.sum(d * d, axis=0), KF, eps)
-        y = _norm_values(x, w_ptr, b_ptr, 0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
+        if PRE >= SILU_MUL:
+            y = _gated(x_row, 0, cols, K, PRE, X_DTYPE)
+        else:
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            if PRE == RMS:
+                mul = _inv_root_mean(tl.sum(x * x, axis=0), KF, eps)
+            elif PRE == LAYER:
+                shift = tl.math.div_rn(tl.sum(x, axis=0), KF)
+                d = tl.where(mask, x - shift, 0.0)
+                mul = _inv_root_mean(tl.sum(d * d, axis=0), KF, eps)
+            y = _norm_values(x, w_ptr, b_ptr, 0, cols, K, shift, mul, PRE, X_DTYPE, Y_DTYPE)
         scale = _row_scale(tl.max(tl.abs(y), axis=0))
         tl.store(s_ptr + row, scale)
         code = _quantize(y, scale)
@@ -116,13 +156,13 @@ def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, st
         if WITH_SUM:
             tl.store(sum_ptr + row, tl.sum(code.to(tl.int32), axis=0))      # zero past K
     else:
-        if NORM == RMS:
+        if PRE == RMS:
             ss = tl.zeros((BLOCK,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK):
                 v = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
                 ss += v * v
             mul = _inv_root_mean(tl.sum(ss, axis=0), KF, eps)
-        elif NORM == LAYER:
+        elif PRE == LAYER:
             s1 = tl.zeros((BLOCK,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK):
                 s1 += tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
@@ -136,13 +176,13 @@ def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, st
             mul = _inv_root_mean(tl.sum(s2, axis=0), KF, eps)
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
-            amax = tl.maximum(amax, tl.abs(_normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE,
+            amax = tl.maximum(amax, tl.abs(_normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, PRE, X_DTYPE,
                                                    Y_DTYPE)))
         scale = _row_scale(tl.max(amax, axis=0))
         tl.store(s_ptr + row, scale)
         total = tl.zeros((BLOCK,), dtype=tl.int32)
         for k0 in range(0, K, BLOCK):
-            y = _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, NORM, X_DTYPE, Y_DTYPE)
+            y = _normed(x_row, w_ptr, b_ptr, k0, cols, K, shift, mul, PRE, X_DTYPE, Y_DTYPE)
             code = _quantize(y, scale)
             tl.store(q_row + k0 + cols, code, mask=k0 + cols < K)
             if WITH_SUM:
@@ -151,11 +191,11 @@ def _row_quant_kernel(x_ptr, w_ptr, b_ptr, q_ptr, s_ptr, sum_ptr, K, KF, eps, st
             tl.store(sum_ptr + row, tl.sum(total, axis=0))
 
 
-def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block: int | None, with_sums=False):
-    """Run the row kernel over x [..., K] -> (int8 codes [..., K], float32 scales [..., 1]), and with
-    ``with_sums`` the int32 row sums of the codes [...] as a third element."""
-    k = x.shape[-1]
-    x2d = x.reshape(-1, k)
+def _launch(x: torch.Tensor, weight, bias, eps: float, pre: tl.constexpr, block: int | None, with_sums=False):
+    """Run the row kernel over x [..., K] (a gated activation's x: [..., 2K]) -> (int8 codes [..., K], float32
+    scales [..., 1]), and with ``with_sums`` the int32 row sums of the codes [...] as a third element."""
+    k = x.shape[-1] // 2 if pre.value >= SILU_MUL.value else x.shape[-1]
+    x2d = x.reshape(-1, x.shape[-1])
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()
     m = x2d.shape[0]
@@ -163,17 +203,17 @@ def _launch(x: torch.Tensor, weight, bias, eps: float, norm: tl.constexpr, block
     s = torch.empty((m, 1), device=x.device, dtype=torch.float32)
     sums = torch.empty((m,), device=x.device, dtype=torch.int32) if with_sums else s
     # The norm's output dtype: x's (LayerNorm), or the promoted x/weight one (LlamaRMSNorm's weight * h).
-    y_dtype = torch.promote_types(weight.dtype, x.dtype) if norm == RMS else x.dtype
+    y_dtype = torch.promote_types(weight.dtype, x.dtype) if pre == RMS else x.dtype
     blk = block or min(MAX_BLOCK, next_pow2(k))
     if m:
         # Pointers a norm does not read get x's: never dereferenced.
         w = x2d if weight is None else weight.contiguous()
         b = x2d if bias is None else bias.contiguous()
         _row_quant_kernel[(m,)](x2d, w, b, q, s, sums, k, float(k), float(eps), x2d.stride(0), q.stride(0),
-                                NORM=norm.value, X_DTYPE=TL_DTYPES[x.dtype], Y_DTYPE=TL_DTYPES[y_dtype],
+                                PRE=pre.value, X_DTYPE=TL_DTYPES[x.dtype], Y_DTYPE=TL_DTYPES[y_dtype],
                                 WITH_SUM=with_sums, SINGLE=k <= blk, BLOCK=blk,
                                 num_warps=4 if blk < 2048 else 8 if blk <= 4096 else 16)
-    out = q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+    out = q.reshape(*x.shape[:-1], k), s.reshape(*x.shape[:-1], 1)
     return (*out, sums.reshape(x.shape[:-1])) if with_sums else out
 
 
@@ -200,3 +240,32 @@ def layernorm_quantize(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     if bias is None:
         bias = torch.zeros_like(weight)
     return _launch(x, weight, bias, eps, LAYER, block)
+
+
+def act_mul_quantize(y: torch.Tensor, act: str, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act(gate) * up`` over the halves of y [..., 2F], quantized per row: ``ops.act_mul_quant_int8``."""
+    return _launch(y, None, None, 0.0, GATED[act], block)
+
+
+@triton.jit
+def _act_mul_kernel(y_ptr, o_ptr, F, stride_ym, stride_om, ACT: tl.constexpr, X_DTYPE: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    v = _gated(y_ptr + row * stride_ym, 0, cols, F, ACT, X_DTYPE)
+    tl.store(o_ptr + row * stride_om + cols, v, mask=cols < F)
+
+
+def act_mul(y: torch.Tensor, act: str, block: int = 1024) -> torch.Tensor:
+    """``act(gate) * up`` over the halves of y [..., 2F] -> [..., F] in y's dtype: ``ops.act_mul`` in one pass."""
+    f = y.shape[-1] // 2
+    y2d = y.reshape(-1, y.shape[-1])
+    if y2d.stride(1) != 1:
+        y2d = y2d.contiguous()
+    out = torch.empty((y2d.shape[0], f), device=y.device, dtype=y.dtype)
+    if out.numel():
+        blk = min(block, next_pow2(f))
+        _act_mul_kernel[(y2d.shape[0], triton.cdiv(f, blk))](y2d, out, f, y2d.stride(0), out.stride(0),
+                                                             ACT=GATED[act].value, X_DTYPE=TL_DTYPES[y.dtype],
+                                                             BLOCK=blk, num_warps=4)
+    return out.reshape(*y.shape[:-1], f)

@@ -161,18 +161,23 @@ def cases(quick: bool = False):
         yield w8(label, {**w8s[0][0], **over, "CENTERED": False}, w8s[0][1], w8s[0][2], words=True)
 
     for x, tx in (("*fp16", tl.float16), ("*bf16", tl.bfloat16)):
-        for label, norm in (("quantize_rows", act_quant.NONE), ("rmsnorm_quantize", act_quant.RMS),
-                            ("layernorm_quantize", act_quant.LAYER)):
+        for label, pre in (("quantize_rows", act_quant.NONE), ("rmsnorm_quantize", act_quant.RMS),
+                           ("layernorm_quantize", act_quant.LAYER), ("act_mul_quantize silu", act_quant.SILU_MUL),
+                           ("act_mul_quantize gelu", act_quant.GELU_MUL),
+                           ("act_mul_quantize gelu_tanh", act_quant.GELU_TANH_MUL)):
             yield Case(f"{label} {x[1:]}", act_quant._row_quant_kernel,
                        {"x_ptr": x, "w_ptr": x, "b_ptr": x, "q_ptr": "*i8", "s_ptr": "*fp32", "sum_ptr": "*i32"},
-                       {"NORM": norm.value, "X_DTYPE": tx, "Y_DTYPE": tx, "WITH_SUM": norm.value == NONE.value,
+                       {"PRE": pre.value, "X_DTYPE": tx, "Y_DTYPE": tx, "WITH_SUM": pre.value == NONE.value,
                         "SINGLE": tx == tl.float16, "BLOCK": 4096}, 8, 3, floats=("KF", "eps"),
                        aligned=("K", "stride_xm", "stride_qm"))
     yield Case("quantize_rows fp16, a 16384-wide row in registers", act_quant._row_quant_kernel,
                {"x_ptr": "*fp16", "w_ptr": "*fp16", "b_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32",
                 "sum_ptr": "*i32"},
-               {"NORM": NONE.value, "X_DTYPE": tl.float16, "Y_DTYPE": tl.float16, "WITH_SUM": True, "SINGLE": True,
+               {"PRE": NONE.value, "X_DTYPE": tl.float16, "Y_DTYPE": tl.float16, "WITH_SUM": True, "SINGLE": True,
                 "BLOCK": 16384}, 16, 3, floats=("KF", "eps"), aligned=("K", "stride_xm", "stride_qm"))
+    for act, pre in (("silu", act_quant.SILU_MUL), ("gelu", act_quant.GELU_MUL), ("gelu_tanh", act_quant.GELU_TANH_MUL)):
+        yield Case(f"act_mul {act} bf16", act_quant._act_mul_kernel, {"y_ptr": "*bf16", "o_ptr": "*bf16"},
+                   {"ACT": pre.value, "X_DTYPE": tl.bfloat16, "BLOCK": 1024}, 4, 3, aligned=("F", "stride_ym", "stride_om"))
 
 
 def check(archs=ARCHS, quick: bool = False, log=None, sass: bool = False) -> list[dict]:
