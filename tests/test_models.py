@@ -178,8 +178,9 @@ def test_embedding_quantized_when_asked(arch, model_dirs, inputs, tmp_path):
 @pytest.mark.parametrize("arch", sorted(MORE_CAUSAL))
 def test_more_architectures_compile_run_eval(arch, more_model_dirs, text_file, tmp_path):
     """Any architecture that traces: the fp artifact's perplexity equals transformers' labels= computation;
-    RTN and GPTQ w4g64 compile, stay within a few percent of it, and generate with the KV cache exactly what
-    recomputing the whole sequence gives (sliding windows shorter than the sequence included)."""
+    RTN and GPTQ w4g64 compile, quantize every linear layer but the output head, stay within a few percent of
+    fp, and generate with the KV cache exactly what recomputing the whole sequence gives (sliding windows
+    shorter than the sequence included)."""
     from lowbit.compiler.pipeline import CalibrationArgs
     from lowbit.eval import evaluate_perplexity
 
@@ -188,9 +189,14 @@ def test_more_architectures_compile_run_eval(arch, more_model_dirs, text_file, t
     fp = evaluate_perplexity(str(fp_art), str(text_file), seq_len=32, max_windows=3, show_progress=False)
     ref, n = transformers_perplexity(d, text_file.read_text(), 32, 3)
     assert fp["windows"] == n == 3 and abs(fp["ppl"] / ref - 1) < 1e-4
+    model = load_model(d).model
+    head = model.get_output_embeddings()
+    linears = {name for name, m in model.named_modules() if m is not head
+               and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")}
     for recipe, kw in (("rtn-w4g64", {}),
                        ("gptq-w4g64", {"calib": CalibrationArgs(str(text_file), samples=4, seq_len=32)})):
         art = lowbit.compile(d, recipe, out=tmp_path / recipe, quiet=True, **kw)
+        assert set(json.loads((art / "graph.json").read_text())["layers"]) == linears, recipe
         q = evaluate_perplexity(str(art), str(text_file), seq_len=32, max_windows=3, show_progress=False)
         assert q["tokens"] == fp["tokens"] and abs(q["ppl"] / fp["ppl"] - 1) < 0.05, (recipe, q["ppl"], fp["ppl"])
     eng = lowbit.load(art)

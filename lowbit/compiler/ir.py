@@ -26,8 +26,11 @@ from lowbit.plugins import ops  # noqa: F401  (registers torch.ops.lowbit.*)
 ROOT_PREFIX = "hf."
 
 _aten = torch.ops.aten
-_MATMULS = {_aten.linear.default: "linear", _aten.addmm.default: "addmm", _aten.mm.default: "mm"}
-_TRANSPOSES = {_aten.t.default, _aten.transpose.int, _aten.permute.default}
+# ``x @ W.T`` written with the operator (Falcon's FalconLinear) traces to matmul of ``numpy_T(W)``: an mm site.
+_MATMULS = {_aten.linear.default: "linear", _aten.addmm.default: "addmm", _aten.mm.default: "mm",
+            _aten.matmul.default: "mm"}
+_FULL_TRANSPOSES = {_aten.t.default, _aten.numpy_T.default}
+_TRANSPOSES = {*_FULL_TRANSPOSES, _aten.transpose.int, _aten.permute.default}
 _BLOCK_RE = re.compile(r"^(.*?\.\d+)(\.|$)")
 
 
@@ -105,7 +108,8 @@ def _strip(name: str) -> str:
     return name[len(ROOT_PREFIX):] if name.startswith(ROOT_PREFIX) else name
 
 
-def _owner(node: fx.Node) -> tuple[str, str]:
+def module_of(node: fx.Node) -> tuple[str, str]:
+    """(module path, class name) of the innermost module a traced node came from ("" when none)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return "", ""
@@ -157,7 +161,7 @@ class Graph:
             return attr, True
         if isinstance(w, fx.Node) and w.op == "call_function" and w.target in _TRANSPOSES:
             attr = self._const_attr(w.args[0])
-            is_2d_swap = w.target is _aten.t.default or list(w.args[1:]) in ([1, 0], [[1, 0]], [0, 1], [-1, -2], [-2, -1])
+            is_2d_swap = w.target in _FULL_TRANSPOSES or list(w.args[1:]) in ([1, 0], [[1, 0]], [0, 1], [-1, -2], [-2, -1])
             if attr is not None and is_2d_swap:
                 return attr, False
         return None, False
@@ -187,7 +191,7 @@ class Graph:
             if w.dim() != 2:
                 continue
             k, n = (w.shape[0], w.shape[1]) if kn else (w.shape[1], w.shape[0])
-            path, typ = _owner(node)
+            path, typ = module_of(node)
             name = path or _strip(weight_attr).rsplit(".", 1)[0]
             if name in counts:                     # a module called twice: keep names unique
                 counts[name] += 1
@@ -200,7 +204,7 @@ class Graph:
         for node in self.gm.graph.nodes:
             if node.op == "call_function" and node.target is _aten.embedding.default:
                 attr = self._const_attr(node.args[0])
-                path, _ = _owner(node)
+                path, _ = module_of(node)
                 if attr is not None and path and path not in self.embeddings:
                     v, d = self.attr(attr).shape
                     self.embeddings[path] = EmbeddingSite(path, node, attr, v, d)
