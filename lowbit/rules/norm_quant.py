@@ -1,12 +1,14 @@
 """Norm -> per-token INT8 quantization -> one op, for W8A8 consumers.
 
 Pattern: an RMSNorm (transformers' ``x.float() * rsqrt(mean(x², -1) + eps)``, cast back, times a constant
-weight) or an ``aten.layer_norm`` whose output only W8A8 matmuls (``lowbit::w8a8_linear``) read.
+weight, or Gemma's ``1 + w`` of one, folded into a new constant) or an ``aten.layer_norm`` whose output only
+W8A8 matmuls (``lowbit::w8a8_linear``) read.
 Replacement: ``lowbit::rmsnorm_quant_int8`` / ``lowbit::layernorm_quant_int8`` (normalized and quantized
 per token in one pass, the float row never written) feeding ``lowbit::w8a8_linear_codes`` for each consumer.
 The norm computes the same float operations and each consumer quantized the same row the same way, so the
-rewrite is exact. Near-misses are counted: a norm output that a float op also reads, a norm whose weight is
-computed (Gemma's ``1 + w``).
+rewrite is exact in float32 (Gemma's product rounds once after the multiply, the fused op rounds the normalized
+row to x's dtype first: the two differ in half precision by a rounding). Near-misses are counted: a norm output
+that a float op also reads, a norm whose weight is computed otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from lowbit.compiler.ir import module_of
 from lowbit.rules import RuleResult, feed_codes, keep_meta
 
 aten = torch.ops.aten
@@ -35,25 +38,62 @@ def _skip_casts(n):
     return n
 
 
+def _same_dtype_cast(n) -> bool:
+    """A cast to the dtype its input already has (Gemma's ``type_as`` in a float32 graph)."""
+    if not _call(n, *_CASTS, aten.type_as.default) or not isinstance(n.args[0], fx.Node):
+        return False
+    a, b = n.meta.get("val"), n.args[0].meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+
+
+def _normalized(n) -> Optional[tuple]:
+    """(x, eps) when ``n`` (casts skipped) is ``x * rsqrt(mean(x², -1, keepdim) + eps)``."""
+    h = _skip_casts(n)
+    if not _call(h, aten.mul.Tensor):
+        return None
+    x, r = h.args if _call(h.args[1], aten.rsqrt.default) else h.args[::-1]
+    if not _call(r, aten.rsqrt.default) or not _call(r.args[0], aten.add.Tensor):
+        return None
+    mean, eps = r.args[0].args
+    if not _call(mean, aten.mean.dim) or list(mean.args[1]) != [-1] or not (mean.args[2:] or [False])[0]:
+        return None
+    sq = mean.args[0]
+    if not (_call(sq, aten.pow.Tensor_Scalar) and sq.args[0] is x and sq.args[1] == 2 and isinstance(eps, float)):
+        return None
+    return x, eps
+
+
+def _weight(graph, w, path: str):
+    """The norm's weight as a get_attr node: a constant as it is, Gemma's ``1 + w`` (or ``w + 1``) of a constant
+    folded into a new float32 constant; else None."""
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        return w
+    if not _call(w, aten.add.Tensor):
+        return None
+    a, b = w.args
+    const, offset = (a, b) if isinstance(b, (int, float)) else (b, a)
+    const = _skip_casts(const)
+    if not (isinstance(offset, (int, float)) and isinstance(const, fx.Node) and const.op == "get_attr"):
+        return None
+    folded = graph.attr(const.target).detach().float() + offset
+    with graph.gm.graph.inserting_before(w):
+        return graph.register_tensors(path or const.target, {"norm_weight": folded})["norm_weight"]
+
+
 def _rmsnorm(graph, out: fx.Node) -> tuple[Optional[tuple], Optional[str]]:
     """((input, weight node, eps), None) when ``out`` is an RMSNorm's output, else (None, why not or None)."""
+    while _same_dtype_cast(out):
+        out = out.args[0]
     if not _call(out, aten.mul.Tensor):
         return None, None
     a, b = out.args
-    weight, h = (a, b) if _call(_skip_casts(b), aten.mul.Tensor) else (b, a)
-    h = _skip_casts(h)
-    if not _call(h, aten.mul.Tensor):
+    weight, h = (a, b) if _normalized(b) else (b, a)
+    found = _normalized(h)
+    if found is None:
         return None, None
-    x, r = h.args if _call(h.args[1], aten.rsqrt.default) else h.args[::-1]
-    if not _call(r, aten.rsqrt.default) or not _call(r.args[0], aten.add.Tensor):
-        return None, None
-    mean, eps = r.args[0].args
-    if not _call(mean, aten.mean.dim) or list(mean.args[1]) != [-1] or not (mean.args[2:] or [False])[0]:
-        return None, None
-    sq = mean.args[0]
-    if not (_call(sq, aten.pow.Tensor_Scalar) and sq.args[0] is x and sq.args[1] == 2 and isinstance(eps, float)):
-        return None, None
-    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+    x, eps = found
+    weight = _weight(graph, weight, module_of(out)[0])
+    if weight is None:
         return None, "the norm's weight is computed, not a constant"
     return (_skip_casts(x), weight, eps), None
 
