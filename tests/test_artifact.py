@@ -52,6 +52,17 @@ def test_newer_format_rejected(art, tmp_path):
         lowbit.load(bad)
 
 
+def test_program_versions_read():
+    """A program of any version up to this lowbit's loads; a newer one is refused with the reason."""
+    from lowbit.format import graph
+
+    for version in range(1, graph.VERSION + 1):
+        graph.check_document({"format": graph.FORMAT, "version": version}, "program.json")
+    for bad in (graph.VERSION + 1, 0, None):
+        with pytest.raises(LowbitError, match="program format version .* reads versions 1 to"):
+            graph.check_document({"format": graph.FORMAT, "version": bad}, "program.json")
+
+
 def test_failed_write_leaves_nothing(tmp_path):
     def fill(tmp):
         (tmp / "half.bin").write_bytes(b"x")

@@ -19,18 +19,23 @@ from lowbit.rules.siblings import MergeSiblingMatmuls
 from conftest import CAUSAL, MORE_CAUSAL, make_model
 
 # Sibling groups per architecture: Q/K/V (and gate/up) per block where they are separate modules; GPT-2,
-# GPT-NeoX, BLOOM, Falcon and Phi-3 already store them fused as one matrix.
+# GPT-NeoX, BLOOM and Phi-3 already store them fused as one matrix; Falcon's parallel block merges its fused
+# Q/K/V with the MLP's up projection (both read one norm).
 MERGES = {"llama": 4, "qwen2": 4, "opt": 2, "gpt2": 0, "mistral": 4, "qwen3": 4, "phi3": 0, "gemma": 4,
-          "gemma3_text": 4, "stablelm": 4, "gpt_neox": 0, "bloom": 0, "falcon": 0, "gptj": 2, "phi": 2, "bert": 2}
+          "gemma3_text": 4, "stablelm": 4, "gpt_neox": 0, "bloom": 0, "falcon": 2, "gptj": 2, "phi": 2, "bert": 2}
 # Norms feeding only W8A8 matmuls (zq-w8a8): two per block, one where attention and MLP read one norm (GPT-J,
-# Phi-2). Gemma's norms compute their weight (1 + w), BERT's post-norm output is also the residual stream;
-# Falcon's parallel block reads its norm through ops the pattern does not cover.
-NORM_FUSES = {"llama": 4, "qwen2": 4, "opt": 4, "gpt2": 4, "mistral": 4, "qwen3": 4, "phi3": 4, "gemma": 0,
-              "gemma3_text": 0, "stablelm": 4, "gpt_neox": 4, "bloom": 4, "falcon": 0, "gptj": 2, "phi": 2, "bert": 0}
+# Phi-2, Falcon); Gemma's computed weight (1 + w) is folded. BERT's post-norm output is also the residual stream.
+NORM_FUSES = {"llama": 4, "qwen2": 4, "opt": 4, "gpt2": 4, "mistral": 4, "qwen3": 4, "phi3": 4, "gemma": 4,
+              "gemma3_text": 4, "stablelm": 4, "gpt_neox": 4, "bloom": 4, "falcon": 2, "gptj": 2, "phi": 2, "bert": 0}
 # Activation x up fusions: one per block where the MLP is gated (SiLU, or GELU-tanh for Gemma) and gate/up are
 # one merged matmul (Phi-3 stores them fused and splits with chunk); the other families' MLPs are not gated.
 ACT_MULS = {"llama": 2, "qwen2": 2, "opt": 0, "gpt2": 0, "mistral": 2, "qwen3": 2, "phi3": 2, "gemma": 2,
             "gemma3_text": 2, "stablelm": 2, "gpt_neox": 0, "bloom": 0, "falcon": 0, "gptj": 0, "phi": 0, "bert": 0}
+# Residual adds folded into the matmul before them: attention output and down projection per block; one where the
+# block is parallel (GPT-NeoX, GPT-J, Phi-2, Falcon: the MLP's output takes the attention's as its residual, the
+# sum of both then adds the stream). Gemma-3 norms the output before the add; GPT-2 reshapes it (counted).
+RESIDUALS = {"llama": 4, "qwen2": 4, "opt": 4, "gpt2": 0, "mistral": 4, "qwen3": 4, "phi3": 4, "gemma": 4,
+             "gemma3_text": 0, "stablelm": 4, "gpt_neox": 2, "bloom": 4, "falcon": 2, "gptj": 2, "phi": 2, "bert": 4}
 W4 = Recipe("w4g32", "rtn", bits=4, group_size=32)
 
 
@@ -60,8 +65,12 @@ def _outputs(graph):
 def test_sibling_merge_equals_unmerged_graph(arch):
     graph = _quantized(arch)
     before = _outputs(graph)
-    info = apply_rules(graph)["merge_sibling_matmuls"]
+    rules = apply_rules(graph)
+    info = rules["merge_sibling_matmuls"]
     assert info["fired"] == MERGES[arch], info["rewrites"]
+    residual = rules["residual_add"]
+    assert residual["fired"] == RESIDUALS[arch], residual
+    assert residual["skipped"] == ({"the matmul's output is reshaped before the add": 2} if arch == "gpt2" else {})
     after = _outputs(graph)
     for a, b in zip(after, before):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), float((a - b).abs().max())
@@ -78,6 +87,7 @@ def test_w8a8_siblings_and_norm_quantize_fusions_equal_unfused_graph(arch):
     assert info["merge_sibling_matmuls"]["fired"] == MERGES[arch]
     assert info["norm_quant_int8"]["fired"] == NORM_FUSES[arch], info["norm_quant_int8"]
     assert info["act_mul"]["fired"] == ACT_MULS[arch], info["act_mul"]
+    assert info["residual_add"]["fired"] == RESIDUALS[arch], info["residual_add"]
     if ACT_MULS[arch]:              # every gated MLP's product feeds only its INT8 down projection
         assert set(info["act_mul"]["rewrites"]) <= {"silu x up + int8 quantize", "gelu_tanh x up + int8 quantize"}
     for a, b in zip(_outputs(graph), before):
@@ -110,6 +120,41 @@ def test_activation_times_up_needs_one_merged_matmul():
     info = apply_rules(graph)["act_mul"]
     assert info["fired"] == 0
     assert info["skipped"] == {"gate and up are separate tensors (not one merged matmul's halves)": 2}
+
+
+def test_residual_add_needs_the_matmuls_only_reader_and_no_broadcast():
+    """The residual rule folds ``residual + linear(x)`` and nothing else: an output also read by another op, or an
+    add that broadcasts (a bias), is left alone and counted; what it folds computes the same."""
+    from types import SimpleNamespace
+
+    from lowbit.format.quantize import QuantSpec, pack_codes, quantize_weight
+    from lowbit.rules.residual_add import ResidualAdd
+
+    q, s, z = quantize_weight(torch.randn(48, 64, generator=torch.Generator().manual_seed(5)), QuantSpec(4, 32))
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("qw", pack_codes(q, 4))
+            self.register_buffer("s", s)
+            self.register_buffer("z", z)
+            self.register_buffer("b", torch.randn(48))
+
+        def forward(self, x, r):
+            lin = [torch.ops.lowbit.wna16_linear(x, self.qw, self.s, self.z, None, 4, 32, 64) for _ in range(3)]
+            return lin[0] + r, lin[1] + self.b, lin[2] + r, lin[2] * 2
+
+    x, r = torch.randn(2, 5, 64), torch.randn(2, 5, 48)
+    gm = torch.export.export(Block(), (x, r), strict=False).module()
+    before = gm(x, r)
+    info = ResidualAdd().apply(SimpleNamespace(gm=gm, sites={}))
+    assert info.fired == 1 and info.rewrites == ["matmul + residual"]
+    assert info.skipped == {"the add broadcasts or changes dtype": 1, "the matmul's output is also read by another op": 1}
+    gm.recompile()
+    for a, b in zip(gm(x, r), before):
+        assert torch.allclose(a, b, atol=1e-6)
+    fused = [n for n in gm.graph.nodes if n.op == "call_function" and n.kwargs.get("residual") is not None]
+    assert len(fused) == 1
 
 
 def test_norm_quantize_needs_int8_consumers():

@@ -569,6 +569,27 @@ def test_w8a8_wrong_weight_fails_and_fallback():
         assert _errors(y, ref)[1] < 1e-6
 
 
+def test_residual_epilogues():
+    """The residual added in the GEMMs' epilogue (split-K's last split, the tiled and the W8A8 kernels, and the
+    ops' CUDA paths) equals linear + residual; the same launch without it misses by the residual."""
+    qw, s, z, b, g = _layer(48, 256, 4, 64, seed=70)
+    x, r = _x(5, 256, seed=71), _x(5, 48, seed=72) * 4
+    ref = _wna16_ref(x, qw, s, z, b, 4, g, 256) + r.double()
+    for cfg in (SPLITK, TILED):
+        y = w4a16.wna16_matmul(*_dev(x, qw, s, z, b), 4, g, 256, config=cfg, residual=r.to(DEVICE))
+        assert _errors(y, ref)[1] < 1e-5
+        assert _errors(w4a16.wna16_matmul(*_dev(x, qw, s, z, b), 4, g, 256, config=cfg), ref)[1] > 0.1
+    fn = ops.wna16_linear_triton if DEVICE == "cpu" else torch.ops.lowbit.wna16_linear
+    y = fn(*_dev(x.reshape(5, 1, 256), qw, s, z, b), 4, g, 256, r.reshape(5, 1, 48).to(DEVICE))
+    assert y.shape == (5, 1, 48) and _errors(y.reshape(5, 48), ref)[1] < 1e-5
+    qw, s, z, b, g = _layer(48, 256, 8, 0, seed=73, sym=True)
+    ref = ops.w8a8_linear_reference(x, qw, s, z, b, 8, g, 256).double() + r.double()
+    assert _errors(ops.w8a8_linear_reference(x, qw, s, z, b, 8, g, 256, r), ref)[1] < 1e-6
+    y = w8a8.w8a8_linear(*_dev(x, qw, s, z, b), 8, g, 256, config=TILED, residual=r.to(DEVICE))
+    assert _errors(y, ref)[1] < 1e-5
+    assert _errors(w8a8.w8a8_linear(*_dev(x, qw, s, z, b), 8, g, 256, config=TILED), ref)[1] > 0.1
+
+
 def test_import_lowbit_does_not_import_triton():
     code = "import sys, lowbit, lowbit.plugins.ops, lowbit.plugins.triton; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -89,10 +89,13 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
         return gm.graph.get_attr(name)
 
     def replace(node, target, args):
+        # A residual epilogue (rule residual_add) becomes an Add after the ONNX Runtime matmul.
+        residual = node.kwargs.get("residual")
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(target, args)
+            out = new if residual is None else gm.graph.call_function(torch.ops.aten.add.Tensor, (new, residual))
         new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
+        node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         counts[target._opname] += 1
 

@@ -19,7 +19,9 @@ import torch.fx as fx
 from lowbit.errors import LowbitError
 
 FORMAT = "lowbit.graph"
-VERSION = 1
+# 2: lowbit's quantized linear ops may carry a ``residual`` keyword (the residual_add rule). Readers take every
+# version up to theirs.
+VERSION = 2
 NAMESPACES = ("aten", "prims", "lowbit")
 PY_FUNCTIONS = {
     **{f"operator.{n}": getattr(operator, n) for n in (
@@ -157,8 +159,9 @@ def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None)
 def check_document(doc: dict, where: str):
     if doc.get("format") != FORMAT:
         raise LowbitError(f"{where} is not a lowbit program (format {doc.get('format')!r})")
-    if doc.get("version") != VERSION:
-        raise LowbitError(f"{where} is program format version {doc.get('version')}; this lowbit reads version "
+    version = doc.get("version")
+    if not (isinstance(version, int) and 1 <= version <= VERSION):
+        raise LowbitError(f"{where} is program format version {version}; this lowbit reads versions 1 to "
                           f"{VERSION}: use the lowbit that wrote it, or recompile")
 
 

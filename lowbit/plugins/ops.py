@@ -6,11 +6,12 @@ device kernels (Triton) register against the same op names without changing any 
 
 Ops
 ---
-``lowbit::wna16_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)``
-    Weight-only quantized linear: ``y = x @ dequant(W).T + bias`` with W [N, K] stored in the packed
+``lowbit::wna16_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features, residual=None)``
+    Weight-only quantized linear: ``y = x @ dequant(W).T + bias (+ residual)`` with W [N, K] stored in the packed
     layout of ``lowbit.format.quantize`` (codes uint8 [N, ceil(K*bits/8)], scales f16 [N, G], zeros u8
     [N, G]). Activations stay in float ("a16"); ``group_size`` is the effective group (K when
-    per-channel).
+    per-channel). ``residual`` (shaped like y) is added in the epilogue: what the fusion rule ``residual_add``
+    substitutes for ``residual + linear(x)``, so the sum is written once. All three linear ops take it.
 
 ``lowbit::w8a8_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)``
     Both operands integer: the weight as stored above but symmetric (``code - zero`` is its signed value,
@@ -70,21 +71,28 @@ def _triton_kernels(name: str):
     return load(name)
 
 
+def _add_residual(y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The residual epilogue of the reference kernels (in place on y, a fresh output)."""
+    return y if residual is None else y.add_(residual.to(y.dtype))
+
+
 def wna16_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                           bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
+                           bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                           residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``wna16_linear`` in plain PyTorch: unpack, dequantize, F.linear (any device)."""
     codes = unpack_codes(qweight, bits, in_features)
     # Dequantize in float32 at least: fp16 (q - z) * s rounds differently from the reference math.
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu" else x.dtype
     w = dequantize_codes(codes, scales, zeros, group_size, dtype=compute)
     y = F.linear(x.to(compute), w, None if bias is None else bias.to(compute))
-    return y.to(x.dtype)
+    return _add_residual(y, residual).to(x.dtype)
 
 
 @torch.library.custom_op("lowbit::wna16_linear", mutates_args=())
 def wna16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
-    return wna16_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+                 bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return wna16_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features, residual)
 
 
 _FALLBACKS_WARNED: set = set()
@@ -98,7 +106,7 @@ def _warn_fallback(op: str, why: str) -> None:
 
 
 def _linear_triton(module: str, launcher: str, reference, x, qweight, scales, zeros, bias, bits: int,
-                   group_size: int, in_features: int):
+                   group_size: int, in_features: int, residual=None):
     """A quantized linear's CUDA kernel: ``lowbit.plugins.triton.<module>.<launcher>`` on x flattened to 2-D where
     Triton is installed and supports the format, else ``reference``.
 
@@ -106,30 +114,32 @@ def _linear_triton(module: str, launcher: str, reference, x, qweight, scales, ze
     """
     kern = _triton_kernels(module)
     if x.numel() == 0:
-        return reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+        return reference(x, qweight, scales, zeros, bias, bits, group_size, in_features, residual)
     why = ("triton is not installed (pip install 'lowbit[dev]')" if kern is None
            else f"activations are {x.dtype}" if x.dtype not in FLOAT_DTYPES
            else f"no kernel for {bits}-bit codes in groups of {group_size} with K={in_features}"
            if not kern.supports(bits, group_size, in_features) else None)
     if why is not None:
         _warn_fallback(launcher, why)
-        return reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+        return reference(x, qweight, scales, zeros, bias, bits, group_size, in_features, residual)
+    n = qweight.shape[0]
     y = getattr(kern, launcher)(x.reshape(-1, in_features), qweight, scales, zeros, bias, bits, group_size,
-                                in_features)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+                                in_features, residual=None if residual is None else residual.reshape(-1, n))
+    return y.reshape(*x.shape[:-1], n)
 
 
-def wna16_linear_triton(x, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int):
+def wna16_linear_triton(x, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int,
+                        residual=None):
     """The CUDA kernel of wna16_linear: Triton's fused dequant-GEMM where it applies, else the reference."""
     return _linear_triton("w4a16", "wna16_matmul", wna16_linear_reference, x, qweight, scales, zeros, bias, bits,
-                          group_size, in_features)
+                          group_size, in_features, residual)
 
 
 wna16_linear.register_kernel("cuda")(wna16_linear_triton)
 
 
 @wna16_linear.register_fake
-def _wna16_linear_fake(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+def _wna16_linear_fake(x, qweight, scales, zeros, bias, bits, group_size, in_features, residual=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -183,15 +193,18 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def w8a8_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                          bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
+                          bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                          residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``w8a8_linear`` in plain PyTorch: per-token INT8, exact int32 sums per group, float rescale."""
     xq, sx = quantize_rows_int8(x)
-    return w8a8_linear_codes_reference(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, x.dtype)
+    return w8a8_linear_codes_reference(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, x.dtype,
+                                       residual)
 
 
 def w8a8_linear_codes_reference(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                 zeros: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group_size: int,
-                                in_features: int, dtype: torch.dtype) -> torch.Tensor:
+                                in_features: int, dtype: torch.dtype,
+                                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``w8a8_linear_codes``: the integer matmul and rescale of ``w8a8_linear`` on activations already quantized."""
     lead = xq.shape[:-1]
     xq, sx = xq.reshape(-1, in_features), sx.reshape(-1, 1)
@@ -205,39 +218,43 @@ def w8a8_linear_codes_reference(xq: torch.Tensor, sx: torch.Tensor, qweight: tor
     y = y * sx
     if bias is not None:
         y = y + bias.float()
-    return y.to(dtype).reshape(*lead, -1)
+    y = y.reshape(*lead, -1)
+    return y.to(dtype) if residual is None else _add_residual(y.to(dtype), residual)
 
 
 @torch.library.custom_op("lowbit::w8a8_linear", mutates_args=())
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int) -> torch.Tensor:
-    return w8a8_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+                bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return w8a8_linear_reference(x, qweight, scales, zeros, bias, bits, group_size, in_features, residual)
 
 
-def w8a8_linear_triton(x, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int):
+def w8a8_linear_triton(x, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int,
+                       residual=None):
     """The CUDA kernel of w8a8_linear: Triton activation quantization + INT8 GEMM where it applies, else the
     reference."""
     return _linear_triton("w8a8", "w8a8_linear", w8a8_linear_reference, x, qweight, scales, zeros, bias, bits,
-                          group_size, in_features)
+                          group_size, in_features, residual)
 
 
 w8a8_linear.register_kernel("cuda")(w8a8_linear_triton)
 
 
 @w8a8_linear.register_fake
-def _w8a8_linear_fake(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+def _w8a8_linear_fake(x, qweight, scales, zeros, bias, bits, group_size, in_features, residual=None):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 @torch.library.custom_op("lowbit::w8a8_linear_codes", mutates_args=())
 def w8a8_linear_codes(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                       zeros: torch.Tensor, bias: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-                      dtype: torch.dtype) -> torch.Tensor:
-    return w8a8_linear_codes_reference(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, dtype)
+                      dtype: torch.dtype, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    return w8a8_linear_codes_reference(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, dtype,
+                                       residual)
 
 
 def w8a8_linear_codes_triton(xq, sx, qweight, scales, zeros, bias, bits: int, group_size: int, in_features: int,
-                             dtype: torch.dtype):
+                             dtype: torch.dtype, residual=None):
     """The CUDA kernel: the Triton INT8 GEMM of w8a8_linear on the given codes, else the reference."""
     kern = _triton_kernels("w8a8")
     why = ("triton is not installed (pip install 'lowbit[dev]')" if kern is None
@@ -248,17 +265,19 @@ def w8a8_linear_codes_triton(xq, sx, qweight, scales, zeros, bias, bits: int, gr
         if xq.numel():
             _warn_fallback("w8a8_linear_codes", why)
         return w8a8_linear_codes_reference(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features,
-                                           dtype)
+                                           dtype, residual)
+    n = qweight.shape[0]
     y = kern.w8a8_matmul(xq.reshape(-1, in_features), sx.reshape(-1, 1), qweight, scales, zeros, bias, bits,
-                         group_size, in_features, dtype)
-    return y.reshape(*xq.shape[:-1], qweight.shape[0])
+                         group_size, in_features, dtype, residual=None if residual is None else residual.reshape(-1, n))
+    return y.reshape(*xq.shape[:-1], n)
 
 
 w8a8_linear_codes.register_kernel("cuda")(w8a8_linear_codes_triton)
 
 
 @w8a8_linear_codes.register_fake
-def _w8a8_linear_codes_fake(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, dtype):
+def _w8a8_linear_codes_fake(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, dtype,
+                            residual=None):
     return xq.new_empty((*xq.shape[:-1], qweight.shape[0]), dtype=dtype)
 
 

@@ -33,9 +33,11 @@ class RuleResult:
         return {"fired": self.fired, "rewrites": self.rewrites, "skipped": self.skipped}
 
 
-def keep_meta(new, old):
-    """Carry the source location (module stack, stack trace) of a replaced node over to its replacement."""
-    new.meta.update({k: v for k, v in old.meta.items() if k in ("nn_module_stack", "stack_trace")})
+def keep_meta(new, old, same_value: bool = False):
+    """Carry the source location (module stack, stack trace) of a replaced node over to its replacement, and its
+    traced value (shape, dtype) when the replacement computes the same tensor."""
+    keys = ("nn_module_stack", "stack_trace") + (("val",) if same_value else ())
+    new.meta.update({k: v for k, v in old.meta.items() if k in keys})
 
 
 def feed_codes(graph, x, codes, scales, site_of: dict):
@@ -46,7 +48,7 @@ def feed_codes(graph, x, codes, scales, site_of: dict):
         with g.inserting_before(user):
             new = g.call_function(torch.ops.lowbit.w8a8_linear_codes.default,
                                   (codes, scales, *user.args[1:8], graph.dtype))
-        keep_meta(new, user)
+        keep_meta(new, user, same_value=True)
         user.replace_all_uses_with(new)
         if user in site_of:
             site_of[user].node = new
@@ -56,10 +58,12 @@ def feed_codes(graph, x, codes, scales, site_of: dict):
 def default_rules() -> list:
     from lowbit.rules.act_mul import ActMul
     from lowbit.rules.norm_quant import NormQuantInt8
+    from lowbit.rules.residual_add import ResidualAdd
     from lowbit.rules.siblings import MergeSiblingMatmuls
 
-    # Siblings first: the activation rule matches the halves of the merged gate/up matmul.
-    return [MergeSiblingMatmuls(), NormQuantInt8(), ActMul()]
+    # Siblings first: the activation rule matches the halves of the merged gate/up matmul. The residual last:
+    # the others rewrite the matmuls it folds into (and read their positional arguments only).
+    return [MergeSiblingMatmuls(), NormQuantInt8(), ActMul(), ResidualAdd()]
 
 
 def check_inputs(graph, seed: int = 0) -> tuple:

@@ -96,7 +96,7 @@ class Case:
 
 
 # Sizes and strides that are multiples of 16 in the shapes these kernels run (hidden sizes, packed row lengths).
-_W_ALIGNED = ("N", "K", "KP", "GROUP", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_ym")
+_W_ALIGNED = ("N", "K", "KP", "GROUP", "stride_xm", "stride_wn", "stride_sn", "stride_zn", "stride_rm", "stride_ym")
 
 
 def cases(quick: bool = False):
@@ -105,9 +105,10 @@ def cases(quick: bool = False):
     weights, per-channel, no bias, a K that is not a multiple of the tile, bf16/fp32 activations, W4A8, and the
     activation quantization kernels in fp16/bf16."""
     # The hot path: 4-bit words read as int16 in the paired order, dequantized by inline PTX.
-    w4p = {"x_ptr": "*fp16", "w_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
-           "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-    base = {"BITS": 4, "PER": 4, "ONE_GROUP": False, "HAS_BIAS": True, "EVEN_K": True, "PAIRED": True, "ASM": True,
+    w4p = {"x_ptr": "*fp16", "w_ptr": "*i16", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "r_ptr": "*fp16",
+           "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+    base = {"BITS": 4, "PER": 4, "ONE_GROUP": False, "HAS_BIAS": True, "HAS_RES": False, "EVEN_K": True,
+            "PAIRED": True, "ASM": True,
             "DOT_DTYPE": tl.float16, "DOT_PRECISION": "tf32", "GROUP_M": 8}
     split = list(_config_cases(w4a16._SPLITK_CONFIGS, **base, BM=16))
     tiled = list(_config_cases(w4a16._TILED_CONFIGS, **base, SPLIT_K=1))
@@ -134,16 +135,20 @@ def cases(quick: bool = False):
                 ("w4a16 2-bit", {"w_ptr": "*i32"}, {"BITS": 2, "PER": 16, "PAIRED": False}),
                 ("w4a16 per-channel, no bias", {}, {"ONE_GROUP": True, "HAS_BIAS": False}),
                 ("w4a16 ragged K", {}, {"EVEN_K": False}),
-                ("w4a16 bf16", {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16"}, {"DOT_DTYPE": tl.bfloat16}),
-                ("w4a16 bf16 8-bit", {"x_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", "w_ptr": "*i32"},
+                ("w4a16 residual", {}, {"HAS_RES": True}),
+                ("w4a16 bf16", {"x_ptr": "*bf16", "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16"},
+                 {"DOT_DTYPE": tl.bfloat16}),
+                ("w4a16 bf16 8-bit", {"x_ptr": "*bf16", "b_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16",
+                                      "w_ptr": "*i32"},
                  {"DOT_DTYPE": tl.bfloat16, "BITS": 8, "PER": 4, "PAIRED": False}),
-                ("w4a16 fp32", {"x_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "w_ptr": "*i32"},
+                ("w4a16 fp32", {"x_ptr": "*fp32", "b_ptr": "*fp32", "r_ptr": "*fp32", "y_ptr": "*fp32",
+                                "w_ptr": "*i32"},
                  {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee", **unpaired})]
     for label, ptrs, over in variants:
         yield w4(label, {**one, **over}, 4, 3, ptrs)
 
     w8p = {"x_ptr": "*i8", "sx_ptr": "*fp32", "xs_ptr": "*i32", "w_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8",
-           "b_ptr": "*fp16", "y_ptr": "*fp16"}
+           "b_ptr": "*fp16", "r_ptr": "*fp16", "y_ptr": "*fp16"}
 
     def w8(label, consts, warps, stages, words=False):
         return Case(label, w8a8._w8a8_kernel, {**w8p, "w_ptr": "*i32"} if words else w8p, consts, warps, stages,
@@ -151,11 +156,12 @@ def cases(quick: bool = False):
                     arch_consts=lambda arch: {"SWAP": arch >= 90})        # as w8a8._swap picks it
 
     # 8-bit per-channel weights are read as bytes (CENTERED); the other formats as packed int32 words.
-    w8s = list(_config_cases(w8a8._CONFIGS, BITS=8, PER=1, ONE_GROUP=True, HAS_BIAS=True, CENTERED=True,
-                             FLIP_ASM=True, EVEN_K=True))
+    w8s = list(_config_cases(w8a8._CONFIGS, BITS=8, PER=1, ONE_GROUP=True, HAS_BIAS=True, HAS_RES=False,
+                             CENTERED=True, FLIP_ASM=True, EVEN_K=True))
     for consts, warps, stages in (w8s[:2] if quick else w8s):
         yield w8("w8a8", consts, warps, stages)
     yield w8("w8a8 ragged K", {**w8s[0][0], "EVEN_K": False}, w8s[0][1], w8s[0][2])
+    yield w8("w8a8 residual", {**w8s[0][0], "HAS_RES": True}, w8s[0][1], w8s[0][2])
     for label, over in (("w8a8 grouped", {"ONE_GROUP": False, "BK": 64, "PER": 4}),
                         ("w4a8", {"BITS": 4, "PER": 8})):
         yield w8(label, {**w8s[0][0], **over, "CENTERED": False}, w8s[0][1], w8s[0][2], words=True)

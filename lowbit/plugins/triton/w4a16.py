@@ -9,14 +9,14 @@ One kernel, two launch shapes:
   over a contiguous run of K tiles. At small M the kernel is a weight stream; splitting K puts enough programs
   (and bytes) in flight to keep every SM reading. With SPLIT_K > 1 each program writes its fp32 partial sum
   to a workspace and counts itself in at its tile's counter; the last to arrive adds the SPLIT_K partials in
-  split order, adds the bias, rounds once to x's dtype and stores, then sets the counter back to zero for the
+  split order, adds the bias (and the residual), rounds once to x's dtype and stores, then sets the counter back to zero for the
   next launch. So a decode step is one kernel launch: no memset before it (at decode sizes a memset launch
   would cost a good share of the GEMM's own time) and no cast after it. The result does not depend on which
   split finishes first, so it is the same bits on every run. The counters live in one zeroed int32 buffer per device
   (``_tile_counters``), made by the first call: split-K launches on two streams of one device at the same
   time would share it, so they are meant for one stream (or one CUDA graph) at a time.
 - tiled (prefill, M > 64): [BM, BN] tiles over the whole K, grouped along M so a weight tile is dequantized
-  for GROUP_M row tiles while it is in L2; bias and the cast fused in the epilogue.
+  for GROUP_M row tiles while it is in L2; bias, residual and the cast fused in the epilogue.
 
 Both compute the product transposed, ``y.T = W @ x.T``: the dequantized weight tile is the dot's first operand,
 K-major as stored, which mma.sync and Hopper's wgmma take from registers, so only the small x tile is staged
@@ -151,10 +151,11 @@ def _paired_x(xt, BK: tl.constexpr, BM: tl.constexpr):
 
 
 @triton.jit
-def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
+def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr, ws_ptr, cnt_ptr,
                   M, N, K, KP, GROUP, M_BUCKET,
-                  stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_ym, stride_wsk,
+                  stride_xm, stride_xk, stride_wn, stride_sn, stride_zn, stride_rm, stride_ym, stride_wsk,
                   BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_RES: tl.constexpr,
                   EVEN_K: tl.constexpr, PAIRED: tl.constexpr, ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -222,17 +223,22 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             acc = tl.zeros((BN, BM), dtype=tl.float32)
             for j in tl.static_range(SPLIT_K):
                 acc += tl.load(ws_tile + j * stride_wsk, mask=mask, other=0.0, cache_modifier=".cg")
-            _store_tile(acc, b_ptr, y_ptr, rm, rn, n_mask, mask, stride_ym, HAS_BIAS)
+            _store_tile(acc, b_ptr, r_ptr, y_ptr, rm, rn, n_mask, mask, stride_rm, stride_ym, HAS_BIAS, HAS_RES)
             tl.store(counter, 0)                # zero again for the next launch
     else:
-        _store_tile(acc, b_ptr, y_ptr, rm, rn, n_mask, mask, stride_ym, HAS_BIAS)
+        _store_tile(acc, b_ptr, r_ptr, y_ptr, rm, rn, n_mask, mask, stride_rm, stride_ym, HAS_BIAS, HAS_RES)
 
 
 @triton.jit
-def _store_tile(acc, b_ptr, y_ptr, rm, rn, n_mask, mask, stride_ym, HAS_BIAS: tl.constexpr):
-    """The transposed tile acc [BN, BM] plus bias, rounded once to y's dtype, into y [M, N]."""
+def _store_tile(acc, b_ptr, r_ptr, y_ptr, rm, rn, n_mask, mask, stride_rm, stride_ym, HAS_BIAS: tl.constexpr,
+                HAS_RES: tl.constexpr):
+    """The transposed tile acc [BN, BM] plus bias plus the residual r [M, N], rounded once to y's dtype, into
+    y [M, N]."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    if HAS_RES:
+        acc += tl.load(r_ptr + rm.to(tl.int64)[None, :] * stride_rm + rn[:, None], mask=mask, other=0.0
+                       ).to(tl.float32)
     tl.store(y_ptr + rm.to(tl.int64)[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -299,8 +305,8 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
 
 def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-                 config: dict | None = None) -> torch.Tensor:
-    """``x2d [M, K] @ dequant(W).T + bias`` -> [M, N] in x2d's dtype.
+                 config: dict | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2d [M, K] @ dequant(W).T + bias (+ residual [M, N])`` -> [M, N] in x2d's dtype.
 
     ``config`` forces one kernel config instead of autotuning: a dict of BN, BK, BM and optionally SPLIT_K,
     GROUP_M, num_warps, num_stages. With SPLIT_K (any value) it runs the split-K path, else the tiled one.
@@ -326,6 +332,8 @@ def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         wq = wq.view(torch.int16)
     scales, zeros = scales.contiguous(), zeros.contiguous()        # the kernel assumes unit stride along G
     bias = None if bias is None else bias.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
     one_group = group_size >= k
     if config is None and interpreting():
         config = dict(_INTERPRET_SPLITK if m <= SPLIT_K_MAX_M else _INTERPRET_TILED)
@@ -338,10 +346,13 @@ def wna16_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         counters = _tile_counters(x2d.device, triton.cdiv(m, 16) * triton.cdiv(n, 16))
     else:
         ws, counters = out, out         # not read: SPLIT_K = 1
-    args = (x2d, wq, scales, zeros, bias if bias is not None else scales, out, ws, counters,
+    res = residual if residual is not None else out          # not read without HAS_RES
+    args = (x2d, wq, scales, zeros, bias if bias is not None else scales, res, out, ws, counters,
             m, n, k, wq.shape[1], group_size, next_pow2(m),
-            x2d.stride(0), x2d.stride(1), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0), m * n)
-    consts = dict(BITS=bits, PER=per, ONE_GROUP=one_group, HAS_BIAS=bias is not None, PAIRED=paired,
+            x2d.stride(0), x2d.stride(1), wq.stride(0), scales.stride(0), zeros.stride(0), res.stride(0),
+            out.stride(0), m * n)
+    consts = dict(BITS=bits, PER=per, ONE_GROUP=one_group, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                  PAIRED=paired,
                   ASM=not interpreting(),
                   DOT_DTYPE=dot_dtype, DOT_PRECISION="ieee" if dot_dtype == tl.float32 else "tf32")
     small_bm = max(16, next_pow2(m))

@@ -18,7 +18,8 @@ sum is converted, scaled by the group's fp16 scale and added to an fp32 accumula
 tile never straddles two groups (BK divides g, and int8 tensor-core dots need BK >= 32, so grouped weights
 need g a multiple of 32). Per-channel weights keep one int32 sum over K and scale once in the epilogue.
 
-The float epilogue follows the reference's order (sum over groups, times sx, plus bias), so the result
+The float epilogue follows the reference's order (sum over groups, times sx, plus bias, plus the residual when
+given), so the result
 matches it to float rounding; the int32 sums match exactly.
 """
 
@@ -47,10 +48,11 @@ _FLIP_BYTES = tl.constexpr("xor.b32 $0, $1, 0x80808080;")       # four bytes' to
 
 
 @triton.jit
-def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr,
                  M, N, K, KP, GROUP, M_BUCKET,
-                 stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
+                 stride_xm, stride_wn, stride_sn, stride_zn, stride_rm, stride_ym,
                  BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_RES: tl.constexpr,
                  CENTERED: tl.constexpr, FLIP_ASM: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     # SWAP (Hopper): the product is computed transposed, y.T tile [BN, BM] = W [BN, BK] @ x.T [BK, BM], so the
@@ -129,8 +131,11 @@ def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     y = acc * sx[:, None]
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        y += tl.load(r_ptr + rm.to(tl.int64)[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     y_ptrs = y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _cfg(bm, bn, bk, warps, stages, group_m=8):
@@ -156,8 +161,10 @@ def _swap(device: torch.device) -> bool:
 
 def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 zeros: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-                out_dtype: torch.dtype, config: dict | None = None, x_sums: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 xq [M, K] (row scales sx [M, 1] float32) times the stored weight -> [M, N] in ``out_dtype``.
+                out_dtype: torch.dtype, config: dict | None = None, x_sums: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 xq [M, K] (row scales sx [M, 1] float32) times the stored weight (+ bias, + residual [M, N]) -> [M, N]
+    in ``out_dtype``.
 
     ``x_sums`` (int32 [M], the row sums of xq; ``quantize_rows(..., with_sums=True)`` gives them for free) is
     used by 8-bit per-channel weights, and computed here when not given.
@@ -183,11 +190,15 @@ def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scale
         wq, per = packed_view(qweight, bits)
     scales, zeros = scales.contiguous(), zeros.contiguous()        # the kernel assumes unit stride along G
     bias = None if bias is None else bias.contiguous()
+    if residual is not None and residual.stride(-1) != 1:
+        residual = residual.contiguous()
     out = torch.empty((m, n), device=xq.device, dtype=store_dtype(out_dtype))
-    args = (xq, sx, x_sums if centered else sx, wq, scales, zeros, bias if bias is not None else scales, out,
+    res = residual if residual is not None else out          # not read without HAS_RES
+    args = (xq, sx, x_sums if centered else sx, wq, scales, zeros, bias if bias is not None else scales, res, out,
             m, n, k, wq.shape[1], group_size, next_pow2(m),
-            xq.stride(0), wq.stride(0), scales.stride(0), zeros.stride(0), out.stride(0))
-    consts = dict(BITS=bits, PER=per, ONE_GROUP=group_size >= k, HAS_BIAS=bias is not None, CENTERED=centered,
+            xq.stride(0), wq.stride(0), scales.stride(0), zeros.stride(0), res.stride(0), out.stride(0))
+    consts = dict(BITS=bits, PER=per, ONE_GROUP=group_size >= k, HAS_BIAS=bias is not None,
+                  HAS_RES=residual is not None, CENTERED=centered,
                   FLIP_ASM=not interpreting(), SWAP=_swap(xq.device))
     if config is None and interpreting():
         config = dict(_INTERPRET_CONFIG)
@@ -208,8 +219,8 @@ def w8a8_matmul(xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scale
 
 def w8a8_linear(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-                config: dict | None = None) -> torch.Tensor:
+                config: dict | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``ops.w8a8_linear`` on a 2-D x: per-token INT8 quantization, then the fused integer GEMM."""
     xq, sx, x_sums = quantize_rows(x2d, with_sums=True)
     return w8a8_matmul(xq, sx, qweight, scales, zeros, bias, bits, group_size, in_features, x2d.dtype, config,
-                       x_sums)
+                       x_sums, residual)
