@@ -7,6 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 TRITON ?= triton==3.9.0
 STAMP  := $(VENV)/.lowbit-installed
+WORKERS ?= 2
 
 .PHONY: setup assets test demo clean
 
@@ -21,8 +22,10 @@ $(STAMP): pyproject.toml
 assets: setup
 	$(VENV)/bin/lowbit assets
 
+# pytest-xdist workers, one per core of CI's two (make test WORKERS=N elsewhere); the demo model's tests share a
+# worker (their xdist_group), so it is compiled once.
 test: assets
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup tests
 
 demo: assets
 	$(PY) bench/demo.py

@@ -16,6 +16,10 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (make test runs one worker per core) each worker computes on one thread: two workers with a
+# thread per core each would oversubscribe the cores.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(1)
 # Without a GPU the Triton kernels (lowbit.plugins.triton) run in Triton's CPU interpreter. Triton reads this
 # when a kernel is decorated, so it must be set before anything imports triton: conftest loads first.
 if not torch.cuda.is_available():

@@ -27,7 +27,9 @@ def _assets():
 
 
 ASSETS = _assets()
-pytestmark = pytest.mark.skipif(ASSETS is None, reason="demo assets missing: run 'lowbit assets' (make test does)")
+# One xdist worker runs them all (make test: --dist loadgroup), so the demo compiles once.
+pytestmark = [pytest.mark.skipif(ASSETS is None, reason="demo assets missing: run 'lowbit assets' (make test does)"),
+              pytest.mark.xdist_group("demo")]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +55,15 @@ def test_fp_perplexity_equals_independent_transformers(fp_result):
     assert 5 < ref < 60                     # a real small LM on real English text
 
 
-def test_rtn_w4g64_quality_and_generation(fp_result, tmp_path):
-    art = lowbit.compile("demo", "rtn-w4g64", out=tmp_path / "w4", quiet=True)
+@pytest.fixture(scope="module")
+def w4_onnx(tmp_path_factory):
+    """rtn-w4g64 for the ONNX target: the program both backends run, compiled once for the tests below."""
+    return lowbit.compile("demo", "rtn-w4g64", out=tmp_path_factory.mktemp("demo") / "w4", target="onnx",
+                          quiet=True)
+
+
+def test_rtn_w4g64_quality_and_generation(fp_result, w4_onnx):
+    art = w4_onnx
     q = evaluate_perplexity(str(art), "demo", seq_len=SEQ, max_windows=WINDOWS, show_progress=False)
     ratio = q["ppl"] / fp_result["ppl"]
     assert 1.0 < ratio < 1.6, ratio         # 4-bit costs a little, never a collapse
@@ -64,11 +73,14 @@ def test_rtn_w4g64_quality_and_generation(fp_result, tmp_path):
     sizes = lowbit.format.artifact.read_manifest(art)["sizes"]
     assert sizes["quantized_bytes_after"] < sizes["quantized_bytes_before"] / 6   # fp32 -> ~4.4 bits
     assert sizes["matmul_bytes_after"] < sizes["matmul_bytes_before"] / 2         # lm_head stays float
+    # The shipped program's fusions in every one of the 30 blocks.
+    fired = {k: v["fired"] for k, v in lowbit.format.artifact.read_manifest(art)["rules"].items()}
+    assert fired == {"merge_sibling_matmuls": 60, "norm_quant_int8": 0, "act_mul": 30, "residual_add": 60}
 
 
-def test_onnx_int4_parity_on_demo(fp_result, tmp_path):
+def test_onnx_int4_parity_on_demo(w4_onnx):
     """The real model through ONNX Runtime: same perplexity (0.5%) and the same 32 greedy tokens as torch."""
-    art = lowbit.compile("demo", "rtn-w4g64", out=tmp_path / "w4", target="onnx", quiet=True)
+    art = w4_onnx
     ppl = {b: evaluate_perplexity(str(art), "demo", seq_len=SEQ, max_windows=2, show_progress=False,
                                   backend=b)["ppl"] for b in ("torch", "ort")}
     assert abs(ppl["ort"] / ppl["torch"] - 1) < 0.005, ppl
