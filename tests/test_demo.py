@@ -32,7 +32,9 @@ pytestmark = [pytest.mark.skipif(ASSETS is None, reason="demo assets missing: ru
               pytest.mark.xdist_group("demo")]
 
 
-@pytest.fixture(scope="module")
+# Session scope: xdist may run other modules' tests between these on their worker, which would tear down a
+# module-scoped fixture and compile the demo again.
+@pytest.fixture(scope="session")
 def fp_result():
     return evaluate_perplexity("demo", "demo", seq_len=SEQ, max_windows=WINDOWS, show_progress=False)
 
@@ -55,7 +57,7 @@ def test_fp_perplexity_equals_independent_transformers(fp_result):
     assert 5 < ref < 60                     # a real small LM on real English text
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def w4_onnx(tmp_path_factory):
     """rtn-w4g64 for the ONNX target: the program both backends run, compiled once for the tests below."""
     return lowbit.compile("demo", "rtn-w4g64", out=tmp_path_factory.mktemp("demo") / "w4", target="onnx",
