@@ -105,6 +105,17 @@ def _warn_fallback(op: str, why: str) -> None:
         warnings.warn(f"lowbit: {op} on CUDA runs the reference math, not a Triton kernel: {why}", stacklevel=3)
 
 
+NO_TRITON = "triton is not installed (pip install 'lowbit[dev]')"
+
+
+def _matmul_unsupported(kern, dtype: torch.dtype, bits: int, group_size: int, in_features: int) -> Optional[str]:
+    """Why a quantized matmul's Triton kernel cannot run (activations or output in ``dtype``), or None."""
+    return (NO_TRITON if kern is None
+            else f"{dtype} activations or output" if dtype not in FLOAT_DTYPES
+            else f"no kernel for {bits}-bit codes in groups of {group_size} with K={in_features}"
+            if not kern.supports(bits, group_size, in_features) else None)
+
+
 def _linear_triton(module: str, launcher: str, reference, x, qweight, scales, zeros, bias, bits: int,
                    group_size: int, in_features: int, residual=None):
     """A quantized linear's CUDA kernel: ``lowbit.plugins.triton.<module>.<launcher>`` on x flattened to 2-D where
@@ -115,10 +126,7 @@ def _linear_triton(module: str, launcher: str, reference, x, qweight, scales, ze
     kern = _triton_kernels(module)
     if x.numel() == 0:
         return reference(x, qweight, scales, zeros, bias, bits, group_size, in_features, residual)
-    why = ("triton is not installed (pip install 'lowbit[dev]')" if kern is None
-           else f"activations are {x.dtype}" if x.dtype not in FLOAT_DTYPES
-           else f"no kernel for {bits}-bit codes in groups of {group_size} with K={in_features}"
-           if not kern.supports(bits, group_size, in_features) else None)
+    why = _matmul_unsupported(kern, x.dtype, bits, group_size, in_features)
     if why is not None:
         _warn_fallback(launcher, why)
         return reference(x, qweight, scales, zeros, bias, bits, group_size, in_features, residual)
@@ -218,8 +226,7 @@ def w8a8_linear_codes_reference(xq: torch.Tensor, sx: torch.Tensor, qweight: tor
     y = y * sx
     if bias is not None:
         y = y + bias.float()
-    y = y.reshape(*lead, -1)
-    return y.to(dtype) if residual is None else _add_residual(y.to(dtype), residual)
+    return _add_residual(y.reshape(*lead, -1).to(dtype), residual)
 
 
 @torch.library.custom_op("lowbit::w8a8_linear", mutates_args=())
@@ -257,10 +264,7 @@ def w8a8_linear_codes_triton(xq, sx, qweight, scales, zeros, bias, bits: int, gr
                              dtype: torch.dtype, residual=None):
     """The CUDA kernel: the Triton INT8 GEMM of w8a8_linear on the given codes, else the reference."""
     kern = _triton_kernels("w8a8")
-    why = ("triton is not installed (pip install 'lowbit[dev]')" if kern is None
-           else f"output dtype {dtype}" if dtype not in FLOAT_DTYPES
-           else f"no kernel for {bits}-bit codes in groups of {group_size} with K={in_features}"
-           if not kern.supports(bits, group_size, in_features) else None)
+    why = _matmul_unsupported(kern, dtype, bits, group_size, in_features)
     if why is not None or xq.numel() == 0:
         if xq.numel():
             _warn_fallback("w8a8_linear_codes", why)
@@ -319,9 +323,13 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
+def rmsnorm_quant_int8_reference(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    return quantize_rows_int8(rms_norm_reference(x, weight, eps))
+
+
 @torch.library.custom_op("lowbit::rmsnorm_quant_int8", mutates_args=())
 def rmsnorm_quant_int8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_rows_int8(rms_norm_reference(x, weight, eps))
+    return rmsnorm_quant_int8_reference(x, weight, eps)
 
 
 def _row_triton(op: str, launcher: str, reference, x: torch.Tensor, *args):
@@ -329,7 +337,7 @@ def _row_triton(op: str, launcher: str, reference, x: torch.Tensor, *args):
     token) when Triton is installed and every tensor is float, else ``reference(x, *args)``."""
     kern = _triton_kernels("act_quant")
     dtypes = [t.dtype for t in (x, *args) if isinstance(t, torch.Tensor)]
-    why = ("triton is not installed (pip install 'lowbit[dev]')" if kern is None
+    why = (NO_TRITON if kern is None
            else f"inputs are {', '.join(map(str, dtypes))}" if any(d not in FLOAT_DTYPES for d in dtypes) else None)
     if why is not None or x.numel() == 0:
         if x.numel():
@@ -340,8 +348,7 @@ def _row_triton(op: str, launcher: str, reference, x: torch.Tensor, *args):
 
 def rmsnorm_quant_int8_triton(x, weight, eps: float):
     """The CUDA kernel: the fused Triton row kernel, else the reference."""
-    return _row_triton("rmsnorm_quant_int8", "rmsnorm_quantize",
-                       lambda x, w, eps: quantize_rows_int8(rms_norm_reference(x, w, eps)), x, weight, eps)
+    return _row_triton("rmsnorm_quant_int8", "rmsnorm_quantize", rmsnorm_quant_int8_reference, x, weight, eps)
 
 
 rmsnorm_quant_int8.register_kernel("cuda")(rmsnorm_quant_int8_triton)
@@ -352,10 +359,15 @@ def _rmsnorm_quant_int8_fake(x, weight, eps):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
+def layernorm_quant_int8_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                                   eps: float):
+    return quantize_rows_int8(F.layer_norm(x, (x.shape[-1],), weight, bias, eps))
+
+
 @torch.library.custom_op("lowbit::layernorm_quant_int8", mutates_args=())
 def layernorm_quant_int8(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_rows_int8(F.layer_norm(x, (x.shape[-1],), weight, bias, eps))
+    return layernorm_quant_int8_reference(x, weight, bias, eps)
 
 
 def layernorm_quant_int8_triton(x, weight, bias, eps: float):
@@ -363,9 +375,8 @@ def layernorm_quant_int8_triton(x, weight, bias, eps: float):
     reference."""
     if weight is None:
         weight = torch.ones(x.shape[-1], device=x.device, dtype=x.dtype)
-    return _row_triton("layernorm_quant_int8", "layernorm_quantize",
-                       lambda x, w, b, eps: quantize_rows_int8(F.layer_norm(x, (x.shape[-1],), w, b, eps)),
-                       x, weight, bias, eps)
+    return _row_triton("layernorm_quant_int8", "layernorm_quantize", layernorm_quant_int8_reference, x, weight, bias,
+                       eps)
 
 
 layernorm_quant_int8.register_kernel("cuda")(layernorm_quant_int8_triton)
@@ -403,16 +414,19 @@ def _act_mul_fake(y, act):
     return y.new_empty((*y.shape[:-1], y.shape[-1] // 2))
 
 
+def act_mul_quant_int8_reference(y: torch.Tensor, act: str):
+    return quantize_rows_int8(act_mul_reference(y, act))
+
+
 @torch.library.custom_op("lowbit::act_mul_quant_int8", mutates_args=())
 def act_mul_quant_int8(y: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return quantize_rows_int8(act_mul_reference(y, act))
+    return act_mul_quant_int8_reference(y, act)
 
 
 def act_mul_quant_int8_triton(y, act: str):
     """The CUDA kernel: the Triton row kernel (the product quantized in registers, never stored), else the
     reference."""
-    return _row_triton("act_mul_quant_int8", "act_mul_quantize",
-                       lambda y, act: quantize_rows_int8(act_mul_reference(y, act)), y, act)
+    return _row_triton("act_mul_quant_int8", "act_mul_quantize", act_mul_quant_int8_reference, y, act)
 
 
 act_mul_quant_int8.register_kernel("cuda")(act_mul_quant_int8_triton)

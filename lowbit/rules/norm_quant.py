@@ -63,11 +63,11 @@ def _normalized(n) -> Optional[tuple]:
     return x, eps
 
 
-def _weight(graph, w, path: str):
-    """The norm's weight as a get_attr node: a constant as it is, Gemma's ``1 + w`` (or ``w + 1``) of a constant
-    folded into a new float32 constant; else None."""
+def _weight(w) -> Optional[tuple]:
+    """(constant get_attr node, offset or None) for the norm's weight: a constant as it is, or Gemma's ``1 + w``
+    (or ``w + 1``) of one, which the rewrite folds into a new constant; else None."""
     if isinstance(w, fx.Node) and w.op == "get_attr":
-        return w
+        return w, None
     if not _call(w, aten.add.Tensor):
         return None
     a, b = w.args
@@ -75,13 +75,12 @@ def _weight(graph, w, path: str):
     const = _skip_casts(const)
     if not (isinstance(offset, (int, float)) and isinstance(const, fx.Node) and const.op == "get_attr"):
         return None
-    folded = graph.attr(const.target).detach().float() + offset
-    with graph.gm.graph.inserting_before(w):
-        return graph.register_tensors(path or const.target, {"norm_weight": folded})["norm_weight"]
+    return const, offset
 
 
 def _rmsnorm(graph, out: fx.Node) -> tuple[Optional[tuple], Optional[str]]:
-    """((input, weight node, eps), None) when ``out`` is an RMSNorm's output, else (None, why not or None)."""
+    """((input, (weight node, offset), eps, module path), None) when ``out`` is an RMSNorm's output, else (None, why
+    not or None)."""
     while _same_dtype_cast(out):
         out = out.args[0]
     if not _call(out, aten.mul.Tensor):
@@ -92,10 +91,10 @@ def _rmsnorm(graph, out: fx.Node) -> tuple[Optional[tuple], Optional[str]]:
     if found is None:
         return None, None
     x, eps = found
-    weight = _weight(graph, weight, module_of(out)[0])
+    weight = _weight(weight)
     if weight is None:
         return None, "the norm's weight is computed, not a constant"
-    return (_skip_casts(x), weight, eps), None
+    return (_skip_casts(x), weight, eps, module_of(out)[0]), None
 
 
 def _layernorm(out: fx.Node) -> Optional[tuple]:
@@ -138,7 +137,15 @@ class NormQuantInt8:
     @staticmethod
     def _rewrite(graph, x: fx.Node, view, rms, ln, site_of):
         g = graph.gm.graph
-        args = list(rms if rms is not None else ln)
+        if rms is not None:
+            x_in, (weight, offset), eps, path = rms
+            if offset is not None:
+                folded = graph.attr(weight.target).detach().float() + offset
+                with g.inserting_before(x):
+                    weight = graph.register_tensors(path or weight.target, {"norm_weight": folded})["norm_weight"]
+            args = [x_in, weight, eps]
+        else:
+            args = list(ln)
         with g.inserting_after(x):
             if view is not None:
                 args[0] = g.call_function(view.target, (args[0], *view.args[1:]), dict(view.kwargs))
