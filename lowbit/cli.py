@@ -28,7 +28,8 @@ def _cmd_compile(a) -> int:
 def _cmd_run(a) -> int:
     from lowbit.runtime.engine import Engine
 
-    eng = Engine.load(a.artifact, backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype)
+    eng = Engine.load(a.artifact, backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype,
+                      kernels=a.kernels)
     texts = eng.generate(a.prompt, max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
                          top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     for prompt, text in zip(a.prompt, texts):
@@ -44,14 +45,15 @@ def _cmd_eval(a) -> int:
 
     if a.embeddings:
         result = evaluate_embeddings(a.target, a.embeddings, max_sentences=a.max_sentences, show_progress=not a.quiet,
-                                     backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype)
+                                     backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype,
+                                     kernels=a.kernels)
         print(json.dumps(result) if a.json else f"mean cosine {result['cosine_mean']:.5f} (min "
                                                  f"{result['cosine_min']:.5f}) over {result['sentences']} sentences")
         return 0
 
     result = evaluate_perplexity(a.target, a.text, seq_len=a.seq_len, max_windows=a.max_windows,
                                  batch_size=a.batch_size, show_progress=not a.quiet, backend=a.backend,
-                                 provider=a.provider, device=a.device, dtype=a.dtype)
+                                 provider=a.provider, device=a.device, dtype=a.dtype, kernels=a.kernels)
     if a.json:
         print(json.dumps(result))
     else:
@@ -85,6 +87,9 @@ def _runtime_device_args(p):
     p.add_argument("--device", default="cpu", help="torch backend: cpu (default) | cuda[:N] (Triton kernels) | auto")
     p.add_argument("--dtype", default="auto", help="torch backend: auto (float32 on CPU, float16 on CUDA) | "
                    "float32 | float16 | bfloat16")
+    p.add_argument("--kernels", default="auto", choices=("auto", "reference"),
+                   help="torch backend: auto (the device's fast kernels; on CPU, 4/8-bit matmuls of up to 16 tokens "
+                   "in bfloat16) | reference (every op's reference kernel, the oracle)")
 
 
 def build_parser() -> argparse.ArgumentParser:

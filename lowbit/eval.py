@@ -63,7 +63,8 @@ def perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], wins: torch.Te
     return {"ppl": math.exp(nll / count), "tokens": count, "windows": int(wins.shape[0]), "nll": nll / count}
 
 
-def scorer(target: str, backend: str = "auto", provider: str = "auto", device: str = "cpu", dtype=None):
+def scorer(target: str, backend: str = "auto", provider: str = "auto", device: str = "cpu", dtype=None,
+           kernels: str = "auto"):
     """(logits_fn, tokenizer, max_positions, label) for an artifact folder or a model folder / 'demo'; the model
     runs on ``device`` in ``dtype`` (see ``Engine.load``)."""
     from lowbit.format.artifact import is_artifact
@@ -71,7 +72,7 @@ def scorer(target: str, backend: str = "auto", provider: str = "auto", device: s
     if target != "demo" and is_artifact(target):
         from lowbit.runtime.engine import Engine
 
-        eng = Engine.load(target, backend=backend, provider=provider, device=device, dtype=dtype)
+        eng = Engine.load(target, backend=backend, provider=provider, device=device, dtype=dtype, kernels=kernels)
         if eng.task != "causal-lm":
             raise LowbitError(f"perplexity needs a causal LM; '{target}' is an encoder (use --embeddings TEXT)")
         if eng.tokenizer is None:
@@ -96,9 +97,9 @@ def scorer(target: str, backend: str = "auto", provider: str = "auto", device: s
 
 def evaluate_perplexity(target: str, text: str, seq_len: int = 512, max_windows: Optional[int] = None,
                         batch_size: int = 1, show_progress: bool = True, backend: str = "auto",
-                        provider: str = "auto", device: str = "cpu", dtype=None) -> dict:
+                        provider: str = "auto", device: str = "cpu", dtype=None, kernels: str = "auto") -> dict:
     text = read_text(text)               # cheap checks first: a missing file fails before a model loads
-    fn, tok, max_pos, _ = scorer(target, backend, provider, device, dtype)
+    fn, tok, max_pos, _ = scorer(target, backend, provider, device, dtype, kernels)
     if max_pos and seq_len > max_pos:
         raise LowbitError(f"--seq-len {seq_len} is longer than the model's context of {max_pos} tokens")
     wins = windows(tok, text, seq_len, max_windows)
@@ -124,7 +125,7 @@ def sentences(text: str, limit: Optional[int] = None, min_words: int = 5, max_wo
 @torch.inference_mode()
 def evaluate_embeddings(target: str, text: str, max_sentences: int = 256, batch_size: int = 32,
                         show_progress: bool = True, backend: str = "auto", provider: str = "auto",
-                        device: str = "cpu", dtype=None) -> dict:
+                        device: str = "cpu", dtype=None, kernels: str = "auto") -> dict:
     """Mean cosine similarity between an encoder artifact's sentence embeddings (mean pooling) and those of
     its float source model, over the sentences of ``text``."""
     from lowbit.format.artifact import is_artifact
@@ -135,7 +136,7 @@ def evaluate_embeddings(target: str, text: str, max_sentences: int = 256, batch_
     if not is_artifact(target):
         raise LowbitError(f"--embeddings compares a compiled encoder with its float source; '{target}' is not an "
                           "artifact (compile it first)")
-    eng = Engine.load(target, backend=backend, provider=provider, device=device, dtype=dtype)
+    eng = Engine.load(target, backend=backend, provider=provider, device=device, dtype=dtype, kernels=kernels)
     if eng.task != "encoder":
         raise LowbitError(f"--embeddings needs an encoder artifact; '{target}' is a causal LM (use --text for "
                           "perplexity)")

@@ -28,11 +28,12 @@ class Engine:
 
     @classmethod
     def load(cls, path, backend: str = "auto", dtype=None, verify: bool = True, provider: str = "auto",
-             threads: int = 0, device: str = "cpu") -> "Engine":
+             threads: int = 0, device: str = "cpu", kernels: str = "auto") -> "Engine":
         """Load an artifact. ``backend``: torch, ort (ONNX Runtime; ``provider`` auto/cpu/cuda), or auto (ort
         for artifacts compiled with --target onnx, torch otherwise). The torch backend runs on ``device``
         (cpu, the default; cuda[:N], where the lowbit ops run Triton kernels; or auto) in ``dtype`` (default
-        float32 on CPU, float16 on CUDA)."""
+        float32 on CPU, float16 on CUDA), with ``kernels`` auto (the fastest the device has) or reference (the
+        ops' reference kernels, the oracle the others are tested against)."""
         from lowbit.device import pick_device, pick_dtype
 
         path = Path(path)
@@ -44,7 +45,8 @@ class Engine:
         manifest = artifact.read_manifest(path, verify=verify)
         backend = targets.backend_for(manifest.get("target"), backend, f"artifact '{path}'")
         runner = targets.backend(backend).open(path, manifest, device=device, dtype=dtype,
-                                               explicit_dtype=explicit_dtype, provider=provider, threads=threads)
+                                               explicit_dtype=explicit_dtype, provider=provider, threads=threads,
+                                               kernels=kernels)
         return cls(path, manifest, runner, load_tokenizer(path / "tokenizer"), backend, generation_info(path, manifest))
 
     # ---- forward ---------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class OrtRunner:
 
     @classmethod
     def open(cls, path: Path, manifest: dict, device="cpu", dtype=torch.float32, explicit_dtype=False,
-             provider: str = "auto", threads: int = 0) -> "OrtRunner":
+             provider: str = "auto", threads: int = 0, **_) -> "OrtRunner":
         """The runner of an artifact (``targets`` backend entry point)."""
         if device != "cpu" or (explicit_dtype and dtype != torch.float32):
             raise LowbitError("--device and --dtype apply to the torch backend; ONNX Runtime runs the exported "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file
@@ -16,6 +17,9 @@ from lowbit.errors import LowbitError
 from lowbit.format import graph as graph_format
 from lowbit.format.artifact import PROGRAM_FILE, WEIGHTS_FILE
 from lowbit.format.graph import mask_positions
+from lowbit.runtime.cpu_kernels import use_cpu_kernels
+
+KERNELS = ("auto", "reference")
 
 
 class TorchRunner:
@@ -24,27 +28,35 @@ class TorchRunner:
     The KV cache is the list of per-layer key/value tensors the program takes and returns.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, program: dict, device="cpu", dtype=torch.float32):
+    def __init__(self, gm: torch.fx.GraphModule, program: dict, device="cpu", dtype=torch.float32,
+                 kernels: Optional[dict] = None):
         self.gm, self.program, self.device, self.dtype = gm, program, torch.device(device), dtype
         self.task = program["task"]
         self.kv = program.get("kv")
+        self.kernels = kernels or {}      # what use_cpu_kernels swapped in, for inspection and benchmarks
 
     @classmethod
-    def open(cls, path: Path, manifest: dict, device="cpu", dtype=torch.float32, **_) -> "TorchRunner":
+    def open(cls, path: Path, manifest: dict, device="cpu", dtype=torch.float32, kernels: str = "auto",
+             **_) -> "TorchRunner":
         """The runner of an artifact (``targets`` backend entry point)."""
         if not (path / PROGRAM_FILE).is_file():
             raise LowbitError(f"artifact '{path}' has no {PROGRAM_FILE} (compiled by a lowbit that shipped no "
                               "graph); recompile it")
-        return cls.load(path, device, dtype)
+        return cls.load(path, device, dtype, kernels)
 
     @classmethod
-    def load(cls, path: Path, device="cpu", dtype=torch.float32) -> "TorchRunner":
+    def load(cls, path: Path, device="cpu", dtype=torch.float32, kernels: str = "auto") -> "TorchRunner":
+        """``kernels``: ``auto`` (on CPU, the quantized matmuls repacked for torch's CPU kernels) or
+        ``reference`` (every op's reference kernel: the oracle)."""
+        if kernels not in KERNELS:
+            raise LowbitError(f"unknown kernels '{kernels}'; choose one of: {', '.join(KERNELS)}")
         program = json.loads((path / PROGRAM_FILE).read_text())
         where = f"artifact '{path}': {PROGRAM_FILE}"
         graph_format.check_document(program, where)
         gm = graph_format.decode(program, load_file(str(path / WEIGHTS_FILE)), device=device, dtype=dtype,
                                  where=where)
-        return cls(gm, program, device, dtype)
+        swapped = use_cpu_kernels(gm) if kernels == "auto" and torch.device(device).type == "cpu" else None
+        return cls(gm, program, device, dtype, swapped)
 
     def start(self, batch: int) -> list:
         return [torch.empty(batch, h, 0, d, dtype=self.dtype, device=self.device)
