@@ -16,7 +16,8 @@ def compile(model: str, recipe="rtn-w4g128", out=None, target: str = "torch", fo
     """Compile a model folder (or 'demo') with a recipe (name, .toml path or Recipe) into an artifact folder.
 
     Keyword options (see ``lowbit.compiler.pipeline.compile_model``): ``calib`` (CalibrationArgs: text,
-    samples, seq_len, seed), ``device``, ``resume``, ``eval_text``, ``eval_windows``, ``eval_seq_len``, ``onnx_accuracy_level``.
+    samples, seq_len, seed), ``device``, ``resume``, ``eval_text``, ``eval_windows``, ``eval_seq_len``,
+    ``onnx_accuracy_level``, ``onnx_fusions``.
     """
     from lowbit.compiler.pipeline import compile_model
 

@@ -173,9 +173,10 @@ def optimize_onnx(model) -> None:
     ir.passes.Sequential(common.RemoveUnusedNodesPass(), common.OutputFixPass(), common.NameFixPass())(model)
 
 
-def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path) -> dict:
-    """Export a lowered program (``lower_program``) to ``dest``; returns the manifest's onnx entry, less the
-    lowering's own fields."""
+def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path, fusions: bool = True) -> dict:
+    """Export a lowered program (``lower_program``) to ``dest``, with ONNX Runtime's fused operators unless
+    ``fusions`` is false; returns the manifest's onnx entry, less the lowering's own fields."""
+    from lowbit.compiler.onnx_fusions import fuse_for_ort
     from lowbit.plugins.onnx import translations
 
     args, dynamic = example_inputs(program, vocab)
@@ -195,6 +196,7 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path)
                                          opset_version=OPSET, custom_translation_table=translations(),
                                          verbose=False)
         optimize_onnx(onnx_program.model)
+        fused = fuse_for_ort(onnx_program.model) if fusions else {}
     export_s = time.perf_counter() - t0
     dest.parent.mkdir(parents=True, exist_ok=True)
     initializer_bytes = sum(v.const_value.nbytes for v in onnx_program.model.graph.initializers.values()
@@ -203,7 +205,7 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path)
     onnx_program.save(str(dest), external_data=external)
     return {"file": str(dest.name), "opset": OPSET, "export_seconds": round(export_s, 2),
             "external_data": external, "inputs": inputs, "outputs": outputs, "kv_cache": kv_info,
-            **check_and_describe(dest)}
+            "fusions": fused, **check_and_describe(dest)}
 
 
 def op_name(node) -> str:
@@ -242,7 +244,7 @@ def check_and_describe(path: Path) -> dict:
             "matmul_weight_bytes": dict(matmul_bytes), "integer_matmuls": integer_matmuls}
 
 
-def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0) -> dict:
+def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: bool = True) -> dict:
     """Add ``onnx/model.onnx`` to a staged torch-target artifact in ``tmp``, lowered from its program."""
     from safetensors.torch import load_file
 
@@ -251,7 +253,7 @@ def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0) -> dict:
     program = json.loads((tmp / PROGRAM_FILE).read_text())
     gm = graph_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=torch.float32)
     lowered = lower_program(gm, accuracy_level)
-    info = export_onnx(gm, program, vocab, tmp / ONNX_FILE)
+    info = export_onnx(gm, program, vocab, tmp / ONNX_FILE, fusions)
     (tmp / ONNX_IO_FILE).write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},
                                                     indent=1) + "\n")
     return {**info, "accuracy_level": accuracy_level, "lowered_ops": lowered}
@@ -259,7 +261,8 @@ def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0) -> dict:
 
 class OnnxLowering:
     """The ``onnx`` target (``lowbit.targets``): the torch target, then its program lowered to ONNX.
-    ``options["onnx_accuracy_level"]``: MatMulNBits' accuracy_level."""
+    ``options["onnx_accuracy_level"]``: MatMulNBits' accuracy_level; ``options["onnx_fusions"]`` (default true):
+    ONNX Runtime's fused operators (``onnx_fusions.py``)."""
     fuse = True
 
     def prepare(self, recipe, options: dict):
@@ -275,7 +278,8 @@ class OnnxLowering:
 
         body = TORCH.write(tmp, graph, loaded, recipe, options, timings, quiet)
         with timed(timings, "export_onnx", quiet, "exporting ONNX (torch.onnx, dynamo)"):
-            info = write_onnx_target(tmp, graph.vocab_size, options.get("onnx_accuracy_level", 0))
+            info = write_onnx_target(tmp, graph.vocab_size, options.get("onnx_accuracy_level", 0),
+                                     options.get("onnx_fusions", True))
         say(f"ONNX model: {info['bytes'] / 2**20:.1f} MiB, ops " + ", ".join(
             f"{k} x{v}" for k, v in list(info["ops"].items())[:6]) + ", ...", quiet)
         return {**body, "onnx": info}

@@ -53,6 +53,10 @@ def describe(path, as_json: bool = False) -> str:
         o = m["onnx"]
         out.insert(-1, f"onnx       onnx/{o['file']} {_mib(o['bytes'])}, opset {o['opset']}, accuracy_level "
                        f"{o['accuracy_level']}; ops " + ", ".join(f"{k} x{v}" for k, v in list(o["ops"].items())[:8]))
+        fused = o.get("fusions")
+        if fused:
+            out.insert(-1, "           ONNX Runtime fusions " + ("; ".join(f"{k} x{v}" for k, v in fused.items())
+                                                             if "unavailable" not in fused else fused["unavailable"]))
         if o.get("integer_matmuls"):
             out.insert(-1, "           MatMulInteger forms " + ", ".join(f"{k} x{v}" for k, v in
                                                                      o["integer_matmuls"].items())
