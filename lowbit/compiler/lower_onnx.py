@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.compiler.frontend import example_encoder_input, example_step, exporting
+from lowbit.compiler.frontend import eos_token_ids, example_encoder_input, example_step, exporting
+from lowbit.compiler.genai_config import write_genai_config
 from lowbit.errors import LowbitError
 from lowbit.format.artifact import ONNX_FILE, ONNX_IO_FILE, PROGRAM_FILE, WEIGHTS_FILE
 
@@ -280,6 +281,12 @@ class OnnxLowering:
         with timed(timings, "export_onnx", quiet, "exporting ONNX (torch.onnx, dynamo)"):
             info = write_onnx_target(tmp, graph.vocab_size, options.get("onnx_accuracy_level", 0),
                                      options.get("onnx_fusions", True))
+        if graph.task == "causal-lm":
+            kv = info["kv_cache"]
+            info["genai"] = write_genai_config(tmp, loaded.config, list(zip(kv["kv_heads"], kv["head_dim"],
+                                                                            kv["value_dim"])),
+                                               ONNX_FILE, info["inputs"], loaded.max_positions,
+                                               eos_token_ids(loaded.config))
         say(f"ONNX model: {info['bytes'] / 2**20:.1f} MiB, ops " + ", ".join(
             f"{k} x{v}" for k, v in list(info["ops"].items())[:6]) + ", ...", quiet)
         return {**body, "onnx": info}
