@@ -25,7 +25,17 @@ def compile(model: str, recipe="rtn-w4g128", out=None, target: str = "torch", fo
 
 
 def load(path, backend: str = "auto", **kw):
-    """Load an artifact folder; returns a runtime Engine (forward, generate, embed)."""
+    """Load an artifact folder; returns a runtime Engine (forward, generate, embed). Where torch is not installed,
+    an ONNX artifact loads into the torch-free ``LiteEngine`` (numpy arrays in and out)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        from lowbit.runtime.lite import LiteEngine
+
+        if backend not in ("auto", "ort"):
+            raise LowbitError(f"backend '{backend}' needs torch, which is not installed; use backend='ort' with an "
+                              "artifact compiled with --target onnx") from None
+        return LiteEngine.load(path, **kw)
     from lowbit.runtime.engine import Engine
 
     return Engine.load(path, backend=backend, **kw)

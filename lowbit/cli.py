@@ -27,9 +27,10 @@ def _cmd_compile(a) -> int:
 
 
 def _cmd_run(a) -> int:
-    from lowbit.runtime.engine import Engine
+    import lowbit
 
-    eng = Engine.load(a.artifact, backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype,
+    # lowbit.load, not Engine.load: without torch an ONNX artifact still runs (runtime/lite.py).
+    eng = lowbit.load(a.artifact, backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype,
                       kernels=a.kernels)
     texts = eng.generate(a.prompt, max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
                          top_k=a.top_k, top_p=a.top_p, seed=a.seed)

@@ -122,3 +122,10 @@ def read_manifest(path, verify: bool = True) -> dict:
             if sha256_file(f) != digest:
                 raise LowbitError(f"artifact '{path}': file {name} is corrupted (sha256 mismatch); recompile it")
     return manifest
+
+
+def generation_info(path: Path, manifest: dict) -> dict:
+    """Context length and end-of-sequence ids, as the compiler recorded them."""
+    if "generation" not in manifest:
+        raise LowbitError(f"artifact '{path}' lacks the manifest's generation record; recompile it")
+    return manifest["generation"]

@@ -47,7 +47,8 @@ class Engine:
         runner = targets.backend(backend).open(path, manifest, device=device, dtype=dtype,
                                                explicit_dtype=explicit_dtype, provider=provider, threads=threads,
                                                kernels=kernels)
-        return cls(path, manifest, runner, load_tokenizer(path / "tokenizer"), backend, generation_info(path, manifest))
+        return cls(path, manifest, runner, load_tokenizer(path / "tokenizer"), backend,
+                   artifact.generation_info(path, manifest))
 
     # ---- forward ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -149,13 +150,6 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def generation_info(path: Path, manifest: dict) -> dict:
-    """Context length and end-of-sequence ids, as the compiler recorded them."""
-    if "generation" not in manifest:
-        raise LowbitError(f"artifact '{path}' lacks the manifest's generation record; recompile it")
-    return manifest["generation"]
 
 
 def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,

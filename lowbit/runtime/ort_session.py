@@ -1,0 +1,119 @@
+"""An artifact's ONNX model in an ONNX Runtime session, in numpy: no torch. The core of the ``ort`` backend
+(``ort_backend.OrtRunner`` adapts it to torch tensors) and of the torch-free engine (``lite.LiteEngine``).
+
+Sessions run with all graph optimizations on. Inputs and outputs go through IO binding, so the KV cache a
+step returns (``present.*``) stays in ONNX Runtime's memory (on the GPU with the CUDA provider) and is bound
+as the next step's ``past_key_values.*`` without a copy through numpy; only the logits come back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def pick_providers(requested: str = "auto") -> list[str]:
+    """ONNX Runtime providers for ``auto`` (CUDA when the installed onnxruntime has it), ``cpu`` or ``cuda``."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested == "auto":
+        return [p for p in (PROVIDERS["cuda"], PROVIDERS["cpu"]) if p in available]
+    if requested not in PROVIDERS:
+        raise LowbitError(f"unknown ONNX Runtime provider '{requested}'; valid: auto, {', '.join(PROVIDERS)}")
+    if PROVIDERS[requested] not in available:
+        hint = " (install onnxruntime-gpu for CUDA)" if requested == "cuda" else ""
+        raise LowbitError(f"ONNX Runtime provider {PROVIDERS[requested]} is not available{hint}; this onnxruntime "
+                          f"has {', '.join(available)}")
+    return [PROVIDERS[requested]] + ([PROVIDERS["cpu"]] if requested != "cpu" else [])
+
+
+def mask_positions_np(mask: np.ndarray) -> np.ndarray:
+    """Position ids of left-padded rows: 0 at each row's first real token (``format.graph.mask_positions``)."""
+    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
+
+
+class OrtSession:
+    """One ONNX Runtime session over an artifact's ONNX model: ``start(batch)``, ``step(ids, mask, positions,
+    cache)`` and ``encode(ids, mask)`` on int64 numpy arrays; logits / hidden states come back as float32 numpy."""
+
+    def __init__(self, path: Path, manifest: dict, provider: str = "auto", threads: int = 0):
+        import onnxruntime as ort
+
+        info = manifest.get("onnx")
+        if info is None:
+            raise LowbitError(f"artifact '{path}' was compiled for target '{manifest.get('target')}' and has no ONNX "
+                              "model; recompile it with --target onnx to use --backend ort")
+        file = path / "onnx" / info["file"]
+        if info.get("ops", {}).get("MatMulInteger") and "integer_matmuls" not in info:
+            # Compiled before the check in integer_matmul: its uint8 x int8 GEMMs saturate on x86 without VNNI.
+            raise LowbitError(f"artifact '{path}' has a W8A8 ONNX model from an older lowbit whose integer matmuls "
+                              "give wrong results on x86 CPUs without VNNI; recompile it with --target onnx")
+        providers = pick_providers(provider)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3            # errors only: ORT warns about every CPU fallback node
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(file), opts, providers=providers)
+        except Exception as e:  # noqa: BLE001  (ORT raises its own exception types, or RuntimeError)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LowbitError(f"ONNX Runtime cannot load '{file}': {first[:300]}; recompile the artifact") from None
+        self.providers = self.session.get_providers()
+        self.device = "cuda" if self.providers[0] == PROVIDERS["cuda"] else "cpu"
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.kv = info.get("kv_cache")
+        self.task = manifest["source"]["task"]
+
+    def _run(self, feeds: dict) -> list:
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self.outputs:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()
+
+    def _check_inputs(self, needed: list[str]):
+        missing = [n for n in needed if n not in self.inputs]
+        if missing:
+            raise LowbitError(f"the ONNX model lacks input(s) {', '.join(missing)}; recompile the artifact")
+
+    def start(self, batch: int) -> list:
+        """An empty KV cache (past length 0) for ``batch`` sequences."""
+        import onnxruntime as ort
+
+        # Artifacts from before value_dim was recorded have values as wide as keys.
+        values = self.kv.get("value_dim", self.kv["head_dim"])
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, 0, d), np.float32), self.device, 0)
+                for h, dk, dv in zip(self.kv["kv_heads"], self.kv["head_dim"], values) for d in (dk, dv)]
+
+    def step_np(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                cache: list) -> tuple[np.ndarray, list]:
+        """Logits [B, S, V] for ``input_ids`` after ``cache``, with the extended cache."""
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                 "position_ids": position_ids.astype(np.int64)}
+        feeds.update(zip(self.inputs[3:], cache))
+        outs = self._run(feeds)
+        return outs[0].numpy(), outs[1:]
+
+    def full_np(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Logits of a causal LM over whole sequences (empty cache), or an encoder's last hidden state."""
+        if self.task == "encoder":
+            self._check_inputs(["input_ids", "attention_mask"])
+            return self._run({"input_ids": input_ids.astype(np.int64),
+                              "attention_mask": attention_mask.astype(np.int64)})[0].numpy()
+        return self.step_np(input_ids, attention_mask, mask_positions_np(attention_mask),
+                            self.start(input_ids.shape[0]))[0]
