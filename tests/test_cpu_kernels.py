@@ -108,3 +108,12 @@ def test_formats_without_a_cpu_kernel_keep_the_reference_and_say_so(model_dirs, 
     assert "8 quantized matmul(s) run the reference kernel on CPU: no CPU kernel for 3-bit codes" in capfd.readouterr().err
     with pytest.raises(LowbitError, match="unknown kernels 'fast'"):
         lowbit.load(art, kernels="fast")
+
+
+def test_scratch_grown_under_inference_mode_serves_calls_outside_it():
+    qw, s, z, b, _, g = _layer(64, 4096, 8, 64, seed=9)       # a tile larger than any before: the buffers grow
+    lin = cpu.CpuQuantLinear(qw, s, z, b, 8, g, 4096)
+    x = torch.randn(40, 4096)
+    with torch.inference_mode():
+        inside = lin(x)
+    assert torch.equal(lin(x), inside)

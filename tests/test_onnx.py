@@ -4,10 +4,12 @@ parity with the torch backend of the same artifact (prefill, cached decode, gree
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from safetensors.torch import load_file
 
 import lowbit
 from lowbit.cli import main
@@ -226,6 +228,28 @@ def test_fp_and_quantized_embedding_and_grouped_w8a8(model_dirs, tokenizer, tmp_
     assert ops["com.microsoft::GatherBlockQuantized"] == 1 and ops["MatMulInteger"] == 4   # gate+up merged, down
     fp = _compile_onnx(model_dirs["qwen2"], "fp", tmp_path / "fp")
     _check_parity(fp, tokenizer)
+
+
+def test_tied_embedding_and_head_quantized_alike_are_stored_once(model_dirs, tokenizer, tmp_path):
+    """Llama's embedding is tied to its lm_head: quantized with one spec they are one set of tensors in
+    weights.safetensors, and GatherBlockQuantized reads the head's MatMulNBits initializers (through reshapes)."""
+    from lowbit.compiler.recipe import Recipe
+
+    tied = Recipe("tied4", "rtn", 4, 32, quantize_lm_head=True, quantize_embeddings=True)
+    art = _compile_onnx(model_dirs["llama"], tied, tmp_path / "t")
+    _check_parity(art, tokenizer)
+    keys = load_file(str(art / "weights.safetensors")).keys()
+    assert not [k for k in keys if k.startswith("lm_head.")] and "model.embed_tokens.qweight" in keys
+    m = read_manifest(art)["onnx"]
+    assert m["lowered_ops"]["shared_embedding_head"] == 1
+    model = onnx.load(str(art / "onnx" / "model.onnx"))
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    nbits_inputs = {i for n in model.graph.node if n.op_type == "MatMulNBits" for i in n.input}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert producer[gather.input[0]].op_type == "Reshape" and producer[gather.input[0]].input[0] in nbits_inputs
+    # Untied (Qwen2 here): two tables, nothing shared.
+    untied = read_manifest(_compile_onnx(model_dirs["qwen2"], tied, tmp_path / "u"))["onnx"]["lowered_ops"]
+    assert "shared_embedding_head" not in untied
 
 
 def test_encoder_parity(model_dirs, tmp_path):

@@ -87,7 +87,9 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
     def constant(base: str, suffix: str, t: torch.Tensor):
         name = f"{base}_{suffix}"
         gm.register_buffer(name, t)
-        return gm.graph.get_attr(name)
+        # At the top of the graph, so a node anywhere may read it (a tied embedding reads the lm_head's).
+        with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")):
+            return gm.graph.get_attr(name)
 
     def replace(node, target, args):
         # A residual epilogue (rule residual_add) becomes an Add after the ONNX Runtime matmul.
@@ -100,15 +102,19 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
         gm.graph.erase_node(node)
         counts[target._opname] += 1
 
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
+    nbits = {}          # packed weight -> its MatMulNBits tensors and their nodes, for a tied embedding to share
+    # Embeddings last: a tied lm_head quantized alike reads the very same packed tensors (format.graph stores them
+    # once), and GatherBlockQuantized then reads the head's MatMulNBits initializers through reshapes.
+    order = sorted((n for n in gm.graph.nodes if n.op == "call_function"),
+                   key=lambda n: n.target == L.wna16_embedding.default)
+    for node in order:
         if node.target == L.wna16_linear.default:
             x, qw, s, z, bias, bits, group, k = node.args
             n = tensor(qw).shape[0]
             t = to_matmul_nbits(tensor(qw), tensor(s), tensor(z), bits, group, k)
             with gm.graph.inserting_before(node):
                 packed = [constant(qw.target, key, t[key]) for key in ("b", "scales", "zero_points")]
+            nbits[(qw.target, s.target, z.target)] = (t, packed)
             replace(node, L.ort_matmul_nbits.default, (x, *packed, bias, k, n, t["bits"], t["block_size"],
                                                        accuracy_level))
         elif node.target in (L.w8a8_linear.default, L.w8a8_linear_codes.default):
@@ -127,7 +133,11 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
             ids, qw, s, z, bits, group, dim, _ = node.args
             t = to_gather_nbits(tensor(qw), tensor(s), tensor(z), bits, group, dim)
             with gm.graph.inserting_before(node):
-                packed = [constant(qw.target, key, t[key]) for key in ("data", "scales", "zero_points")]
+                packed = _shared(gm, t, nbits.get((qw.target, s.target, z.target)))
+                if packed:
+                    counts["shared_embedding_head"] += 1
+                else:
+                    packed = [constant(qw.target, key, t[key]) for key in ("data", "scales", "zero_points")]
             replace(node, L.ort_gather_nbits.default, (ids, *packed, t["bits"], t["block_size"], dim))
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
@@ -136,6 +146,20 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
             delattr(gm, name)
     gm.recompile()
     return dict(counts)
+
+
+def _shared(gm, gather: dict, matmul) -> list:
+    """GatherBlockQuantized's data, scales and zero points as reshapes of a MatMulNBits' initializers holding the
+    same bytes (a tied embedding and lm_head), or [] when there is no such matmul or the bytes differ."""
+    if matmul is None:
+        return []
+    t, nodes = matmul
+    pairs = list(zip((gather["data"], gather["scales"], gather["zero_points"]), (t["b"], t["scales"],
+                                                                                 t["zero_points"]), nodes))
+    if any(g is None or m is None or g.dtype != m.dtype or not torch.equal(g.reshape(-1), m.reshape(-1))
+           for g, m, _ in pairs):
+        return []
+    return [gm.graph.call_function(torch.ops.aten.reshape.default, (node, list(g.shape))) for g, _, node in pairs]
 
 
 def example_inputs(program: dict, vocab: int) -> tuple[tuple, dict]:

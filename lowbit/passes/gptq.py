@@ -193,7 +193,7 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
     opts = GPTQOptions(damp=recipe.damp, block=recipe.block, act_order=recipe.act_order,
                        static_groups=recipe.static_groups, mse=recipe.mse)
     hdtype = torch.float64 if recipe.hessian_dtype == "float64" else torch.float32
-    n_emb = quantize_embedding(graph, recipe)
+    n_emb = int(quantize_embedding(graph, recipe)[0] is not None)
     bar = progress_bar(None, desc="gptq", total=len(order), disable=not show_progress)
     layer_stats: dict[str, dict] = {}
 

@@ -6,6 +6,9 @@ is rewritten to ``lowbit::wna16_linear``. No calibration data is needed.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Optional
+
 import torch
 
 from lowbit.compiler.ir import Graph, QuantizedLayer
@@ -41,23 +44,39 @@ def quantize_layer(name: str, op: str, w: torch.Tensor, spec, bias, method: str 
                           stats={"weight_rel_err": round(float(err), 6)})
 
 
-def quantize_embedding(graph: Graph, recipe) -> int:
-    """RTN for the token embedding when the recipe asks (every method: a lookup has no Hessian)."""
+def quantize_embedding(graph: Graph, recipe) -> tuple[Optional[QuantizedLayer], Optional[torch.Tensor]]:
+    """RTN for the token embedding when the recipe asks (every method: a lookup has no Hessian): the layer and
+    the float table it came from, or (None, None)."""
     emb = graph.embeddings.get(graph.input_embedding) if graph.input_embedding else None
     spec = recipe.spec_for(emb.name, embedding=True) if emb is not None else None
     if spec is None:
-        return 0
+        return None, None
     w = graph.attr(emb.weight_attr).detach()
-    graph.replace_embedding(emb, quantize_layer(emb.name, "wna16_embedding", w, spec, None, mse=recipe.mse))
-    return 1
+    layer = quantize_layer(emb.name, "wna16_embedding", w, spec, None, mse=recipe.mse)
+    graph.replace_embedding(emb, layer)
+    return layer, w
+
+
+def tied_to(embedding: Optional[QuantizedLayer], table: Optional[torch.Tensor], name: str, op: str,
+            w: torch.Tensor, spec, bias) -> Optional[QuantizedLayer]:
+    """The lm_head tied to a quantized embedding (its weight is the embedding's float ``table``), quantized alike:
+    a layer on the embedding's very tensors (RTN would compute the same codes), so the artifact stores the table
+    once and ONNX shares it; else None."""
+    if (embedding is None or bias is not None or op != "wna16_linear" or spec != embedding.spec
+            or w.shape != table.shape or w.untyped_storage().data_ptr() != table.untyped_storage().data_ptr()):
+        return None
+    return replace(embedding, name=name, op=op)
 
 
 def rtn_pass(graph: Graph, recipe, show_progress: bool = True, **_) -> dict:
     todo = list(quantizable(graph, recipe))
-    n_emb = quantize_embedding(graph, recipe)
+    emb, table = quantize_embedding(graph, recipe)
     for site, spec in progress_bar(todo, desc="rtn", disable=not show_progress):
-        graph.replace_with_quantized(site, quantize_layer(site.name, spec.linear_op, graph.weight(site), spec,
-                                                          graph.bias(site), mse=recipe.mse,
-                                                          qparams=graph.fixed_qparams.get(site.name)))
+        w, bias = graph.weight(site), graph.bias(site)
+        layer = (None if site.name in graph.fixed_qparams
+                 else tied_to(emb, table, site.name, spec.linear_op, w, spec, bias))
+        graph.replace_with_quantized(site, layer or quantize_layer(site.name, spec.linear_op, w, spec, bias,
+                                                                   mse=recipe.mse,
+                                                                   qparams=graph.fixed_qparams.get(site.name)))
     graph.finalize()
-    return {"layers": len(todo) + n_emb}
+    return {"layers": len(todo) + (emb is not None)}

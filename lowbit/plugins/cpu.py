@@ -79,7 +79,9 @@ class _Scratch(threading.local):
 
     def get(self, n: int):
         if self.f32.numel() < n:
-            self.f32, self.u8 = torch.empty(n), torch.empty(n, dtype=torch.uint8)
+            # Normal tensors even when first grown under inference mode, so calls outside it may write them too.
+            with torch.inference_mode(False):
+                self.f32, self.u8 = torch.empty(n), torch.empty(n, dtype=torch.uint8)
         return self.f32, self.u8
 
 
