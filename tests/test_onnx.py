@@ -230,9 +230,11 @@ def test_fp_and_quantized_embedding_and_grouped_w8a8(model_dirs, tokenizer, tmp_
     _check_parity(fp, tokenizer)
 
 
-def test_tied_embedding_and_head_quantized_alike_are_stored_once(model_dirs, tokenizer, tmp_path):
+def test_tied_embedding_and_head_quantized_alike_are_stored_once(model_dirs, tokenizer, calib_file, tmp_path):
     """Llama's embedding is tied to its lm_head: quantized with one spec they are one set of tensors in
     weights.safetensors, and GatherBlockQuantized reads the head's MatMulNBits initializers (through reshapes)."""
+    from dataclasses import replace
+
     from lowbit.compiler.recipe import Recipe
 
     tied = Recipe("tied4", "rtn", 4, 32, quantize_lm_head=True, quantize_embeddings=True)
@@ -247,6 +249,13 @@ def test_tied_embedding_and_head_quantized_alike_are_stored_once(model_dirs, tok
     nbits_inputs = {i for n in model.graph.node if n.op_type == "MatMulNBits" for i in n.input}
     producer = {o: n for n in model.graph.node for o in n.output}
     assert producer[gather.input[0]].op_type == "Reshape" and producer[gather.input[0]].input[0] in nbits_inputs
+    # GPTQ keeps one table too: the tied head takes the embedding's RTN codes instead of its own GPTQ ones.
+    gptq = replace(tied, name="gptq-tied4", method="gptq")
+    g_art = _compile_onnx(model_dirs["llama"], gptq, tmp_path / "g", calib=CalibrationArgs(
+        str(calib_file), samples=4, seq_len=32))
+    assert read_manifest(g_art)["onnx"]["lowered_ops"]["shared_embedding_head"] == 1
+    assert json.loads((g_art / "graph.json").read_text())["layers"]["lm_head"]["method"] == "rtn"
+    _check_parity(g_art, tokenizer)
     # Untied (Qwen2 here): two tables, nothing shared.
     untied = read_manifest(_compile_onnx(model_dirs["qwen2"], tied, tmp_path / "u"))["onnx"]["lowered_ops"]
     assert "shared_embedding_head" not in untied

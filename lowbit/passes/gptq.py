@@ -185,7 +185,7 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
     from lowbit.compiler.ir import QuantizedLayer
     from lowbit.progress import progress_bar
     from lowbit.format.quantize import dequantize_codes, pack_codes
-    from lowbit.passes.rtn import quantizable, quantize_embedding
+    from lowbit.passes.rtn import quantizable, quantize_embedding, tied_to
 
     todo = list(quantizable(graph, recipe))
     specs = {site.name: spec for site, spec in todo}
@@ -193,7 +193,8 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
     opts = GPTQOptions(damp=recipe.damp, block=recipe.block, act_order=recipe.act_order,
                        static_groups=recipe.static_groups, mse=recipe.mse)
     hdtype = torch.float64 if recipe.hessian_dtype == "float64" else torch.float32
-    n_emb = int(quantize_embedding(graph, recipe)[0] is not None)
+    emb, table = quantize_embedding(graph, recipe)
+    n_emb = int(emb is not None)
     bar = progress_bar(None, desc="gptq", total=len(order), disable=not show_progress)
     layer_stats: dict[str, dict] = {}
 
@@ -201,6 +202,10 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
         if checkpoint is not None and checkpoint.get(site.name) is not None:
             return checkpoint.get(site.name)
         spec = specs[site.name]
+        # An lm_head tied to the quantized embedding keeps one table: the embedding's RTN codes, not GPTQ's.
+        tied = tied_to(emb, table, site.name, spec.linear_op, graph.weight(site), spec, graph.bias(site))
+        if tied is not None:
+            return tied
         t0 = time.perf_counter()
         w = graph.weight(site).float()
         r = gptq_quantize(w, hessian, spec, opts, name=site.name)
