@@ -6,6 +6,7 @@ import torch
 
 import lowbit
 from lowbit.format.artifact import read_manifest
+from lowbit.runtime.inspect_artifact import describe
 
 # arch -> the fusions that fire in a 2-block tiny model (rtn-w4g64): a skip norm per residual Add feeding a norm
 # (Llama and GPT-2: every one, the last block's output meeting the final norm included; BERT's post-norm blocks:
@@ -31,6 +32,8 @@ def test_fused_and_plain_onnx_agree(arch, model_dirs, tmp_path):
     mf, mp = read_manifest(fused)["onnx"], read_manifest(plain)["onnx"]
     assert {k: v for k, v in mf["fusions"].items() if v} == EXPECTED[arch]
     assert mp["fusions"] == {}
+    shown = describe(fused)
+    assert all(f"{op} x{n}" in shown for op, n in EXPECTED[arch].items()) and "ONNX Runtime fusions" in shown
     for op, n in EXPECTED[arch].items():
         assert mf["ops"].get(f"com.microsoft::{op}", mf["ops"].get(op)) == n, (op, mf["ops"])
     g = torch.Generator().manual_seed(4)
