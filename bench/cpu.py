@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import subprocess
@@ -51,8 +50,9 @@ from lowbit.cli import run_script
 from lowbit.compiler.recipe import Override, Recipe
 from lowbit.demo.assets import ensure_assets
 from lowbit.device import describe_cpu
-from lowbit.eval import read_text
+from lowbit.eval import perplexity as eval_perplexity, read_text
 from lowbit.format.artifact import is_artifact, read_manifest, sha256_file
+from lowbit.runtime.engine import load_tokenizer
 
 # The lm_head is tied to the embedding (108 MiB in FP32): at batch 1 it is two thirds of what a 4-bit decode step
 # reads, so variants quantize it too, to INT8 or to INT4 (the builder's setting).
@@ -225,23 +225,19 @@ def time_generation(runner, ids: torch.Tensor, new_tokens: int) -> dict:
 
 
 def perplexity(runner, windows: list[torch.Tensor], one_token_steps: bool = False) -> float:
-    """exp(mean NLL of tokens 2..L) over the windows, from whole-window prefills or from one cached step per token."""
-    nll, count = 0.0, 0
-    for w in windows:
-        ids = w[None]
+    """``lowbit.eval.perplexity`` over the windows through a runner: logits from whole-window prefills, or from one
+    cached step per token."""
+    def logits(ids):
         mask = torch.ones_like(ids)
-        if one_token_steps:
-            cache, rows = runner.start(1), []
-            for t in range(ids.shape[1] - 1):
-                logits, cache = runner.step(ids[:, t:t + 1], mask[:, :t + 1], torch.tensor([[t]]), cache)
-                rows.append(logits[:, -1])
-            logits = torch.stack(rows, 1)
-        else:
-            logits = runner.step(ids, mask, mask.cumsum(-1) - 1, runner.start(1))[0][:, :-1]
-        logp = torch.log_softmax(logits.float(), -1)
-        nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
+        if not one_token_steps:
+            return runner.step(ids, mask, mask.cumsum(-1) - 1, runner.start(ids.shape[0]))[0]
+        cache, rows = runner.start(ids.shape[0]), []
+        for t in range(ids.shape[1]):
+            out, cache = runner.step(ids[:, t:t + 1], mask[:, :t + 1], torch.full((ids.shape[0], 1), t), cache)
+            rows.append(out[:, -1])
+        return torch.stack(rows, 1)
+
+    return eval_perplexity(logits, torch.stack(windows), show_progress=False)["ppl"]
 
 
 def file_mib(v: Variant, art: Optional[Path], genai_dir: Optional[Path]) -> float:
@@ -291,13 +287,8 @@ def main() -> int:
         else:
             arts[n] = artifact_for(n, out_dir, args.rebuild)
             runners[n] = lowbit.load(arts[n], backend=v.backend, threads=args.threads).runner
-    tok = lowbit.load(next(iter(arts.values())), backend="torch").tokenizer if arts else None
-    if tok is None:
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(genai_dir / "tokenizer.json"))
-        text_ids = torch.tensor(tok.encode(read_text(paths["eval"])[:200000]).ids)
-    else:
-        text_ids = tok(read_text(paths["eval"])[:200000], return_tensors="pt")["input_ids"][0]
+    tok = load_tokenizer(next(iter(arts.values())) / "tokenizer" if arts else genai_dir)
+    text_ids = tok(read_text(paths["eval"])[:200000], return_tensors="pt")["input_ids"][0]
     session_of = {n: (runners[n] if VARIANTS[n].backend != "genai" else SessionRunner(genai_dir)) for n in names}
 
     def timed(n, ids, new):

@@ -22,7 +22,7 @@ GENAI_TYPES = {t: t for t in ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3
                               "olmo", "nemotron", "smollm3", "chatglm", "gptj")}
 
 
-def why_not(config, kv: list, tokenizer_dir: Path) -> Optional[str]:
+def why_not(kv: list, tokenizer_dir: Path) -> Optional[str]:
     """Why onnxruntime-genai cannot run this decoder, or None."""
     if len({(h, dk, dv) for h, dk, dv in kv}) != 1 or kv[0][1] != kv[0][2]:
         return "its layers' K/V shapes differ (onnxruntime-genai takes one head count and head size)"
@@ -34,7 +34,7 @@ def why_not(config, kv: list, tokenizer_dir: Path) -> Optional[str]:
 def write_genai_config(dest: Path, config, kv: list, onnx_file: str, inputs: list[str], max_positions: int,
                        eos_ids: list[int]) -> dict:
     """Write ``dest/genai_config.json`` (+ the tokenizer files from ``dest/tokenizer``); the manifest's entry."""
-    why = why_not(config, kv, dest / "tokenizer")
+    why = why_not(kv, dest / "tokenizer")
     if why is not None:
         return {"written": False, "reason": why}
     heads, head_dim, _ = kv[0]

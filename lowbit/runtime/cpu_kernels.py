@@ -17,6 +17,10 @@ def use_cpu_kernels(gm: torch.fx.GraphModule) -> dict:
     """Rewrite ``gm`` in place; returns ``{"cpu": swapped, "reference": {reason: count}}``."""
     linear = torch.ops.lowbit.wna16_linear.default
     swapped, kept = 0, collections.Counter()
+
+    def tensor(n):
+        return None if n is None else getattr(gm, n.target)
+
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not linear:
             continue
@@ -25,7 +29,6 @@ def use_cpu_kernels(gm: torch.fx.GraphModule) -> dict:
         if why is not None:
             kept[why] += 1
             continue
-        tensor = (lambda n: None if n is None else getattr(gm, n.target))
         name = f"cpu_linear_{swapped}"
         gm.add_submodule(name, cpu.CpuQuantLinear(tensor(qweight), tensor(scales), tensor(zeros), tensor(bias), bits,
                                                   group_size, in_features))
