@@ -6,7 +6,8 @@ Variants (``--variants``, comma list):
   ``lowbit/plugins/cpu.py``) on the same artifacts as the ORT rows;
 - ``ort-*``: lowbit's ONNX (``--target onnx``) in ONNX Runtime, at MatMulNBits accuracy level 0 or 4 (``-acc4``),
   with a float, INT8 (``-head8``: groups of 64; ``-head8c``: per channel) or INT4 (``-head4``) lm_head, or the
-  tied embedding and lm_head as one INT4 table (``-tied4``, the builder's layout); ``ort-gptq-*``: GPTQ on the
+  tied embedding and lm_head as one INT4 table (``-tied4``, the builder's layout; ``int4sym`` / ``gptqsym``:
+  symmetric, the builder's default, which leaves MatMulNBits its zero points out); ``ort-gptq-*``: GPTQ on the
   layers (128 calib.txt samples of 512);
 - ``genai`` / ``genai-session``: ``python -m onnxruntime_genai.models.builder`` (int4, block 64, accuracy level 4:
   its CPU settings) on the same model folder, run through ``onnxruntime_genai`` and through a plain session.
@@ -64,6 +65,10 @@ HEAD4 = Recipe("rtn-w4g64-head4", "rtn", 4, 64, quantize_lm_head=True)
 TIED4 = Recipe("rtn-w4g64-tied4", "rtn", 4, 64, quantize_lm_head=True, quantize_embeddings=True)
 # GPTQ (act-order, static groups) on the layers, the same tied INT4 table: lower perplexity at the builder's size.
 GPTQ_TIED4 = Recipe("gptq-w4g64-tied4", "gptq", 4, 64, quantize_lm_head=True, quantize_embeddings=True)
+# Symmetric, as the builder quantizes by default: MatMulNBits gets no zero points and runs its symmetric kernels.
+TIED4_SYM = Recipe("rtn-w4g64-sym-tied4", "rtn", 4, 64, sym=True, quantize_lm_head=True, quantize_embeddings=True)
+GPTQ_TIED4_SYM = Recipe("gptq-w4g64-sym-tied4", "gptq", 4, 64, sym=True, quantize_lm_head=True,
+                        quantize_embeddings=True)
 # INT8 per channel: the torch backend's int8pack kernel takes it at decode (a grouped INT8 head is dequantized).
 HEAD8C = Recipe("rtn-w4g64-head8c", "rtn", 4, 64, quantize_lm_head=True,
                 overrides=[Override("lm_head", bits=8, group_size=0)])
@@ -88,6 +93,8 @@ VARIANTS = {
     "ort-int4-head4-acc4": Variant(HEAD4, 4, "ort"),
     "ort-int4-tied4-acc4": Variant(TIED4, 4, "ort"),
     "ort-gptq-tied4-acc4": Variant(GPTQ_TIED4, 4, "ort"),
+    "ort-int4sym-tied4-acc4": Variant(TIED4_SYM, 4, "ort"),
+    "ort-gptqsym-tied4-acc4": Variant(GPTQ_TIED4_SYM, 4, "ort"),
     "ort-w8a8": Variant("zq-w8a8", 0, "ort"),
     "ort-w8a8-u8s8": Variant("zq-w8a8", 0, "ort"),
     "genai": Variant(None, 4, "genai"),

@@ -42,24 +42,30 @@ def _single_node_session(node, inputs, inits):
 
 
 # ---- operator level -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits,group,k", [(4, 32, 96), (4, 64, 100), (3, 64, 128), (2, 16, 64), (8, 128, 200),
-                                          (5, 32, 64), (4, 48, 96), (4, 0, 72), (8, 0, 64), (4, 96, 200)])
-def test_matmul_nbits_in_onnxruntime_equals_wna16(bits, group, k):
+@pytest.mark.parametrize("bits,group,k,sym", [(4, 32, 96, False), (4, 64, 100, False), (3, 64, 128, False),
+                                              (2, 16, 64, False), (8, 128, 200, False), (5, 32, 64, False),
+                                              (4, 48, 96, False), (4, 0, 72, False), (8, 0, 64, False),
+                                              (4, 96, 200, False), (4, 64, 100, True), (8, 128, 200, True),
+                                              (3, 64, 128, True)])
+def test_matmul_nbits_in_onnxruntime_equals_wna16(bits, group, k, sym):
     """Repacked weights run by ONNX Runtime's MatMulNBits give lowbit's wna16_linear result (ragged K,
-    non power-of-two groups split into blocks, 2/3/5-bit codes in 4/8-bit containers)."""
+    non power-of-two groups split into blocks, 2/3/5-bit codes in 4/8-bit containers); symmetric 4- and 8-bit
+    weights leave the zero points out (the operator's default), 3-bit ones in 4-bit containers keep theirs."""
     n = 24
-    qweight, scales, zeros, eff = _layer(n, k, bits, group)
+    qweight, scales, zeros, eff = _layer(n, k, bits, group, sym=sym)
     x = torch.randn(3, 5, k)
     bias = torch.randn(n)
     ref = torch.ops.lowbit.wna16_linear(x, qweight, scales, zeros, bias, bits, eff, k)
     t = to_matmul_nbits(qweight, scales, zeros, bits, eff, k)
+    assert (t["zero_points"] is None) == (sym and bits in (4, 8))
     mine = torch.ops.lowbit.ort_matmul_nbits(x, t["b"], t["scales"], t["zero_points"], bias, k, n, t["bits"],
                                             t["block_size"], 0)
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
-    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z", "", "bias"], ["Y"], domain="com.microsoft", K=k,
-                            N=n, bits=t["bits"], block_size=t["block_size"])
+    z = t["zero_points"] is not None
+    node = helper.make_node("MatMulNBits", ["A", "B", "S", "Z" if z else "", "", "bias"], ["Y"],
+                            domain="com.microsoft", K=k, N=n, bits=t["bits"], block_size=t["block_size"])
     sess = _single_node_session(node, [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)],
-                                {"B": t["b"], "S": t["scales"], "Z": t["zero_points"], "bias": bias})
+                                {"B": t["b"], "S": t["scales"], "bias": bias, **({"Z": t["zero_points"]} if z else {})})
     got = torch.from_numpy(sess.run(None, {"A": x.numpy()})[0])
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
 
@@ -103,14 +109,22 @@ def test_matmul_a8_in_onnxruntime_equals_w8a8(k, group, fused_norm, tmp_path):
     assert float((got - exp).abs().max() / exp.abs().max()) < (2e-2 if fused_norm else 1e-5)
 
 
-def test_gather_nbits_equals_wna16_embedding():
-    qweight, scales, zeros, eff = _layer(50, 64, 4, 32)
+@pytest.mark.parametrize("sym", [False, True])
+def test_gather_nbits_equals_wna16_embedding(sym):
+    qweight, scales, zeros, eff = _layer(50, 64, 4, 32, sym=sym)
     ids = torch.randint(0, 50, (2, 7))
     ref = torch.ops.lowbit.wna16_embedding(ids, qweight, scales, zeros, 4, eff, 64, torch.float32)
     t = to_gather_nbits(qweight, scales, zeros, 4, eff, 64)
+    assert (t["zero_points"] is None) == sym
     mine = torch.ops.lowbit.ort_gather_nbits(ids, t["data"], t["scales"], t["zero_points"], t["bits"],
                                             t["block_size"], 64)
     torch.testing.assert_close(mine, ref)
+    z = ["Z"] if not sym else []
+    node = helper.make_node("GatherBlockQuantized", ["D", "I", "S", *z], ["Y"], domain="com.microsoft",
+                            gather_axis=0, quantize_axis=1, block_size=t["block_size"], bits=t["bits"])
+    sess = _single_node_session(node, [helper.make_tensor_value_info("I", TensorProto.INT64, None)],
+                                {"D": t["data"], "S": t["scales"], **({"Z": t["zero_points"]} if z else {})})
+    torch.testing.assert_close(torch.from_numpy(sess.run(None, {"I": ids.numpy()})[0]), ref)
     with pytest.raises(LowbitError, match="power of two"):
         to_gather_nbits(*_layer(50, 72, 4, 24)[:3], 4, 24, 72)
 
@@ -256,6 +270,13 @@ def test_tied_embedding_and_head_quantized_alike_are_stored_once(model_dirs, tok
     assert read_manifest(g_art)["onnx"]["lowered_ops"]["shared_embedding_head"] == 1
     assert json.loads((g_art / "graph.json").read_text())["layers"]["lm_head"]["method"] == "rtn"
     _check_parity(g_art, tokenizer)
+    # Symmetric: ONNX Runtime's default zero point (8) is implied, so neither op has a zero-point input.
+    s_art = _compile_onnx(model_dirs["llama"], replace(tied, name="tied4sym", sym=True), tmp_path / "s")
+    _check_parity(s_art, tokenizer)
+    assert read_manifest(s_art)["onnx"]["lowered_ops"]["shared_embedding_head"] == 1
+    s_nodes = onnx.load(str(s_art / "onnx" / "model.onnx")).graph.node
+    quantized = [n for n in s_nodes if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert len(quantized) == 10 and all(len(n.input) == 3 for n in quantized)   # zero points are input 3 of both
     # Untied (Qwen2 here): two tables, nothing shared.
     untied = read_manifest(_compile_onnx(model_dirs["qwen2"], tied, tmp_path / "u"))["onnx"]["lowered_ops"]
     assert "shared_embedding_head" not in untied

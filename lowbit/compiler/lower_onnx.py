@@ -25,6 +25,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -84,7 +85,9 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
     def tensor(node):
         return getattr(gm, node.target)
 
-    def constant(base: str, suffix: str, t: torch.Tensor):
+    def constant(base: str, suffix: str, t: Optional[torch.Tensor]):
+        if t is None:                   # an optional input left out (symmetric zero points)
+            return None
         name = f"{base}_{suffix}"
         gm.register_buffer(name, t)
         # At the top of the graph, so a node anywhere may read it (a tied embedding reads the lm_head's).
@@ -156,10 +159,12 @@ def _shared(gm, gather: dict, matmul) -> list:
     t, nodes = matmul
     pairs = list(zip((gather["data"], gather["scales"], gather["zero_points"]), (t["b"], t["scales"],
                                                                                  t["zero_points"]), nodes))
-    if any(g is None or m is None or g.dtype != m.dtype or not torch.equal(g.reshape(-1), m.reshape(-1))
+    if any((g is None) != (m is None) or g is not None and (g.dtype != m.dtype or
+                                                              not torch.equal(g.reshape(-1), m.reshape(-1)))
            for g, m, _ in pairs):
         return []
-    return [gm.graph.call_function(torch.ops.aten.reshape.default, (node, list(g.shape))) for g, _, node in pairs]
+    return [None if g is None else gm.graph.call_function(torch.ops.aten.reshape.default, (node, list(g.shape)))
+            for g, _, node in pairs]
 
 
 def example_inputs(program: dict, vocab: int) -> tuple[tuple, dict]:
@@ -198,9 +203,12 @@ def optimize_onnx(model) -> None:
     ir.passes.Sequential(common.RemoveUnusedNodesPass(), common.OutputFixPass(), common.NameFixPass())(model)
 
 
-def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path, fusions: bool = True) -> dict:
+def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path, fusions: bool = True,
+                attention_positions: int | None = None) -> dict:
     """Export a lowered program (``lower_program``) to ``dest``, with ONNX Runtime's fused operators unless
-    ``fusions`` is false; returns the manifest's onnx entry, less the lowering's own fields."""
+    ``fusions`` is false; returns the manifest's onnx entry, less the lowering's own fields.
+    ``attention_positions``: the model's maximum positions when its attention mask is plain causal + padding
+    (``ort_attention.plain_causal``), so its attention may become GroupQueryAttention; None keeps it plain."""
     from lowbit.compiler.onnx_fusions import fuse_for_ort
     from lowbit.plugins.onnx import translations
 
@@ -221,7 +229,12 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path,
                                          opset_version=OPSET, custom_translation_table=translations(),
                                          verbose=False)
         optimize_onnx(onnx_program.model)
-        fused = fuse_for_ort(onnx_program.model) if fusions else {}
+        attention = ({"kv_heads": kv_info["kv_heads"], "max_positions": attention_positions}
+                     if kv_info and attention_positions else None)
+        fused, missed = fuse_for_ort(onnx_program.model, attention) if fusions else ({}, {})
+        if fusions and kv_info and attention is None:
+            missed["GroupQueryAttention"] = ("the model's attention mask is more than causal + padding (a sliding "
+                                             "window or chunked attention)")
     export_s = time.perf_counter() - t0
     dest.parent.mkdir(parents=True, exist_ok=True)
     initializer_bytes = sum(v.const_value.nbytes for v in onnx_program.model.graph.initializers.values()
@@ -230,7 +243,7 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path,
     onnx_program.save(str(dest), external_data=external)
     return {"file": str(dest.name), "opset": OPSET, "export_seconds": round(export_s, 2),
             "external_data": external, "inputs": inputs, "outputs": outputs, "kv_cache": kv_info,
-            "fusions": fused, **check_and_describe(dest)}
+            "fusions": fused, **({"fusions_missed": missed} if missed else {}), **check_and_describe(dest)}
 
 
 def op_name(node) -> str:
@@ -269,8 +282,10 @@ def check_and_describe(path: Path) -> dict:
             "matmul_weight_bytes": dict(matmul_bytes), "integer_matmuls": integer_matmuls}
 
 
-def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: bool = True) -> dict:
-    """Add ``onnx/model.onnx`` to a staged torch-target artifact in ``tmp``, lowered from its program."""
+def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: bool = True,
+                      attention_positions: int | None = None) -> dict:
+    """Add ``onnx/model.onnx`` to a staged torch-target artifact in ``tmp``, lowered from its program
+    (``attention_positions``: see ``export_onnx``)."""
     from safetensors.torch import load_file
 
     from lowbit.format import graph as graph_format
@@ -278,7 +293,7 @@ def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: b
     program = json.loads((tmp / PROGRAM_FILE).read_text())
     gm = graph_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=torch.float32)
     lowered = lower_program(gm, accuracy_level)
-    info = export_onnx(gm, program, vocab, tmp / ONNX_FILE, fusions)
+    info = export_onnx(gm, program, vocab, tmp / ONNX_FILE, fusions, attention_positions)
     (tmp / ONNX_IO_FILE).write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},
                                                     indent=1) + "\n")
     return {**info, "accuracy_level": accuracy_level, "lowered_ops": lowered}
@@ -301,10 +316,13 @@ class OnnxLowering:
         from lowbit.compiler.lower_torch import LOWERING as TORCH
         from lowbit.progress import say, timed
 
+        from lowbit.compiler.ort_attention import plain_causal
+
         body = TORCH.write(tmp, graph, loaded, recipe, options, timings, quiet)
+        positions = loaded.max_positions if graph.task == "causal-lm" and plain_causal(loaded.config) else None
         with timed(timings, "export_onnx", quiet, "exporting ONNX (torch.onnx, dynamo)"):
             info = write_onnx_target(tmp, graph.vocab_size, options.get("onnx_accuracy_level", 0),
-                                     options.get("onnx_fusions", True))
+                                     options.get("onnx_fusions", True), positions)
         if graph.task == "causal-lm":
             kv = info["kv_cache"]
             info["genai"] = write_genai_config(tmp, loaded.config, list(zip(kv["kv_heads"], kv["head_dim"],

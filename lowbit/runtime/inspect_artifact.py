@@ -57,6 +57,8 @@ def describe(path, as_json: bool = False) -> str:
         if fused:
             out.insert(-1, "           ONNX Runtime fusions " + ("; ".join(f"{k} x{v}" for k, v in fused.items())
                                                              if "unavailable" not in fused else fused["unavailable"]))
+        for op, why in o.get("fusions_missed", {}).items():
+            out.insert(-1, f"           {op} not fused: {why}")
         if o.get("integer_matmuls"):
             out.insert(-1, "           MatMulInteger forms " + ", ".join(f"{k} x{v}" for k, v in
                                                                      o["integer_matmuls"].items())

@@ -6,7 +6,8 @@ Layouts (ONNX Runtime contrib-op specs):
 MatMulNBits, for a weight W [N, K] with ``bits`` in {4, 8} ("container" bits) and ``block_size`` a power of
 two >= 16: ``B`` uint8 [N, n_blocks, block_size * bits / 8], K padded with zeros up to n_blocks * block_size,
 codes low-nibble first for 4 bits; ``scales`` [N * n_blocks] in the activation dtype; ``zero_points`` uint8
-[N * ceil(n_blocks * bits / 8)], again low nibble first. 2- and 3-bit codes are stored in 4-bit
+[N * ceil(n_blocks * bits / 8)], again low nibble first, or absent when every zero point is the operators' default
+2^(bits-1) (symmetric weights: ONNX Runtime then runs its faster symmetric kernels). 2- and 3-bit codes are stored in 4-bit
 containers, 5- to 7-bit codes in 8-bit ones: the math ``(q - z) * s`` is the same, so this is exact.
 lowbit groups that are not a power of two split into power-of-two blocks sharing their group's scale.
 """
@@ -34,6 +35,19 @@ def container_bits(bits: int) -> int:
     return 4 if bits <= 4 else 8
 
 
+def packed_zero_points(zeros: torch.Tensor, cb: int) -> Optional[torch.Tensor]:
+    """Zero points packed in ``cb``-bit containers, or None when all are the contrib ops' default 2^(cb-1)."""
+    if bool((zeros == 1 << (cb - 1)).all()):
+        return None
+    return pack_codes(zeros, cb).contiguous()
+
+
+def _zeros_or_default(zero_points: Optional[torch.Tensor], bits: int, rows: int, n: int) -> torch.Tensor:
+    if zero_points is None:
+        return torch.full((rows, n), 1 << (bits - 1), dtype=torch.uint8)
+    return unpack_codes(zero_points.reshape(rows, -1), bits, n)
+
+
 def block_size_for(group: int, k: int) -> Optional[int]:
     """The MatMulNBits block for a lowbit group: the group itself when a power of two, else its largest
     power-of-two divisor; per-channel (group == K) is one block covering K. None when no block fits."""
@@ -58,7 +72,8 @@ def to_matmul_nbits(qweight, scales, zeros, bits: int, group: int, k: int, dtype
     # Which lowbit group each block belongs to (blocks never straddle groups: block divides group).
     owner = torch.clamp(torch.arange(n_blocks) * block // group, max=scales.shape[1] - 1)
     return {"b": b.contiguous(), "scales": scales[:, owner].to(dtype).reshape(-1).contiguous(),
-            "zero_points": pack_codes(zeros[:, owner], cb).reshape(-1).contiguous(), "bits": cb, "block_size": block}
+            "zero_points": None if (zp := packed_zero_points(zeros[:, owner], cb)) is None else zp.reshape(-1),
+            "bits": cb, "block_size": block}
 
 
 def to_matmul_a8(qweight, scales, zeros, bits: int, group: int, k: int) -> dict:
@@ -92,18 +107,18 @@ def to_gather_nbits(qweight, scales, zeros, bits: int, group: int, dim: int, dty
                           "or set quantize_embeddings = false")
     cb = container_bits(bits)
     return {"data": pack_codes(unpack_codes(qweight, bits, dim), cb).contiguous(),
-            "scales": scales.to(dtype).contiguous(), "zero_points": pack_codes(zeros, cb).contiguous(),
+            "scales": scales.to(dtype).contiguous(), "zero_points": packed_zero_points(zeros, cb),
             "bits": cb, "block_size": group}
 
 
 # ---- torch ops with ONNX Runtime semantics ----------------------------------------------------------
 @torch.library.custom_op("lowbit::ort_matmul_nbits", mutates_args=())
-def ort_matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+def ort_matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], K: int, N: int, bits: int, block_size: int,
                      accuracy_level: int) -> torch.Tensor:
     n_blocks = b.shape[1]
     codes = unpack_codes(b.reshape(N, -1), bits, K)
-    z = unpack_codes(zero_points.view(N, -1), bits, n_blocks)
+    z = _zeros_or_default(zero_points, bits, N, n_blocks)
     w = dequantize_codes(codes, scales.view(N, n_blocks), z, block_size)
     return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
@@ -157,11 +172,11 @@ def _(xq, sx, w, scales, bias, K, N, group, w_zero, dtype):
 
 
 @torch.library.custom_op("lowbit::ort_gather_nbits", mutates_args=())
-def ort_gather_nbits(ids: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+def ort_gather_nbits(ids: torch.Tensor, data: torch.Tensor, scales: torch.Tensor, zero_points: Optional[torch.Tensor],
                      bits: int, block_size: int, dim: int) -> torch.Tensor:
     flat = ids.reshape(-1)
     codes = unpack_codes(data[flat], bits, dim)
-    z = unpack_codes(zero_points[flat], bits, scales.shape[1])
+    z = _zeros_or_default(None if zero_points is None else zero_points[flat], bits, flat.numel(), scales.shape[1])
     rows = dequantize_codes(codes, scales[flat], z, block_size)
     return rows.to(scales.dtype).reshape(*ids.shape, dim)
 
