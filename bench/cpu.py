@@ -54,6 +54,7 @@ from lowbit.device import describe_cpu
 from lowbit.eval import perplexity as eval_perplexity, read_text
 from lowbit.format.artifact import is_artifact, read_manifest, sha256_file
 from lowbit.runtime.engine import load_tokenizer
+from lowbit.runtime.ort_session import KVBuffers
 
 # The lm_head is tied to the embedding (108 MiB in FP32): at batch 1 it is two thirds of what a 4-bit decode step
 # reads, so variants quantize it too, to INT8 or to INT4 (the builder's setting).
@@ -172,9 +173,12 @@ class SessionRunner:
         self.past = [n.name for n in self.session.get_inputs() if n.name.startswith("past_key_values")]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def start(self, batch: int) -> list:
-        return [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, self.heads, 0, self.dim), np.float32))
-                for _ in self.past]
+    def start(self, batch: int, capacity: int = 0) -> list:
+        """Buffers of ``capacity`` positions its GroupQueryAttention writes in place (as onnxruntime_genai runs it),
+        or an empty cache each step extends."""
+        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, self.heads, capacity, self.dim), np.float32))
+                 for _ in self.past]
+        return KVBuffers(cache, capacity) if capacity else cache
 
     def step(self, input_ids, attention_mask, position_ids, cache):
         binding = self.session.io_binding()
@@ -182,11 +186,15 @@ class SessionRunner:
         binding.bind_cpu_input("attention_mask", attention_mask.numpy().astype(np.int64))
         for name, value in zip(self.past, cache):
             binding.bind_ortvalue_input(name, value)
+        in_place = dict(zip(self.outputs[1:], cache)) if isinstance(cache, KVBuffers) else {}
         for name in self.outputs:
-            binding.bind_output(name, "cpu")
+            if name in in_place:
+                binding.bind_ortvalue_output(name, in_place[name])
+            else:
+                binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        return torch.from_numpy(outs[0].numpy()), outs[1:]
+        return torch.from_numpy(outs[0].numpy()), cache if in_place else outs[1:]
 
 
 class GenaiTimer:
@@ -218,7 +226,8 @@ def time_generation(runner, ids: torch.Tensor, new_tokens: int) -> dict:
     mask = torch.ones_like(ids)
     pos = mask.cumsum(-1) - 1
     t0 = time.perf_counter()
-    logits, cache = runner.step(ids, mask, pos, runner.start(ids.shape[0]))
+    cache = runner.start(ids.shape[0], ids.shape[1] + new_tokens)
+    logits, cache = runner.step(ids, mask, pos, cache)
     prefill = time.perf_counter() - t0
     steps = []
     for _ in range(new_tokens):
@@ -238,7 +247,7 @@ def perplexity(runner, windows: list[torch.Tensor], one_token_steps: bool = Fals
         mask = torch.ones_like(ids)
         if not one_token_steps:
             return runner.step(ids, mask, mask.cumsum(-1) - 1, runner.start(ids.shape[0]))[0]
-        cache, rows = runner.start(ids.shape[0]), []
+        cache, rows = runner.start(ids.shape[0], ids.shape[1]), []
         for t in range(ids.shape[1]):
             out, cache = runner.step(ids[:, t:t + 1], mask[:, :t + 1], torch.full((ids.shape[0], 1), t), cache)
             rows.append(out[:, -1])

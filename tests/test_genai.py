@@ -35,6 +35,9 @@ def test_genai_runs_the_artifact_like_the_ort_backend(arch, recipe, model_dirs, 
     manifest = json.loads((art / "manifest.json").read_text())
     assert manifest["onnx"]["genai"]["written"] and (art / "genai_config.json").is_file()
     assert "genai_config.json" in manifest["files"] and "tokenizer.json" in manifest["files"]
+    # Rotary attention became GroupQueryAttention, which writes onnxruntime-genai's shared buffers in place.
+    shared = json.loads((art / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    assert shared == (arch in ("llama", "qwen2")) == manifest["onnx"]["genai"]["in_place_cache"]
     eng = lowbit.load(art, backend="ort")
     for prompt in PROMPTS:
         ours = eng.tokenizer(prompt, return_tensors="pt")["input_ids"]

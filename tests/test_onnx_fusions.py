@@ -144,3 +144,34 @@ def test_sliding_window_keeps_plain_attention(more_model_dirs, tmp_path):
     mask = torch.ones_like(ids)
     out_ort = lowbit.load(art, backend="ort").forward(ids, mask)
     assert _rel(out_ort, lowbit.load(art, backend="torch").forward(ids, mask)) < 1e-3
+
+
+def test_in_place_cache_matches_the_concatenated_one(llama_pair):
+    """With GroupQueryAttention in every layer the ORT session keeps the cache in preallocated buffers that the graph
+    writes in place; prefill (left-padded) and decode steps give the logits of the growing cache."""
+    from lowbit.errors import LowbitError
+    from lowbit.runtime.ort_session import KVBuffers, OrtSession, mask_positions_np
+
+    fused, plain = llama_pair
+    session = OrtSession(fused, read_manifest(fused))
+    assert session.in_place_cache and not OrtSession(plain, read_manifest(plain)).in_place_cache
+    ids, mask = (t.numpy() for t in _inputs())
+    steps = 4
+    buffers = session.start(2, ids.shape[1] + steps)
+    assert isinstance(buffers, KVBuffers) and buffers[0].shape()[2] == ids.shape[1] + steps
+    runs = []
+    for cache in (session.start(2), buffers):
+        m, pos = mask, mask_positions_np(mask)
+        logits, cache = session.step_np(ids, m, pos, cache)
+        out = [logits[mask.astype(bool)]]
+        for _ in range(steps):
+            nxt = logits[:, -1].argmax(-1)[:, None]
+            m, pos = np.concatenate([m, np.ones_like(nxt)], 1), pos[:, -1:] + 1
+            logits, cache = session.step_np(nxt, m, pos, cache)
+            out.append(logits[:, -1])
+        runs.append(out)
+    assert cache is buffers
+    for a, b in zip(*runs):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    with pytest.raises(LowbitError, match="holds 15 positions"):
+        session.step_np(ids[:, :1], np.ones((2, 16), np.int64), np.full((2, 1), 15), buffers)

@@ -2,9 +2,11 @@
 (``og.Model(artifact_dir)``): the decoder's file and input/output names, its attention shape, the context
 length and special tokens, greedy search by default.
 
-Our graph concatenates the KV cache (``present`` = past + new), so ``past_present_share_buffer`` is false, and
-takes ``position_ids``. onnxruntime-genai reads the tokenizer from the config's folder: ``tokenizer.json`` and
-``tokenizer_config.json`` are copied next to it.
+``past_present_share_buffer`` is true when every layer's attention is ``GroupQueryAttention``
+(``ort_attention.py``), which writes the new keys / values into onnxruntime-genai's max-length buffers in place;
+a graph that concatenates its cache (``present`` = past + new) gets false. The graph takes ``position_ids``.
+onnxruntime-genai reads the tokenizer from the config's folder: ``tokenizer.json`` and ``tokenizer_config.json``
+are copied next to it.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def why_not(kv: list, tokenizer_dir: Path) -> Optional[str]:
 
 
 def write_genai_config(dest: Path, config, kv: list, onnx_file: str, inputs: list[str], max_positions: int,
-                       eos_ids: list[int]) -> dict:
-    """Write ``dest/genai_config.json`` (+ the tokenizer files from ``dest/tokenizer``); the manifest's entry."""
+                       eos_ids: list[int], in_place_cache: bool = False) -> dict:
+    """Write ``dest/genai_config.json`` (+ the tokenizer files from ``dest/tokenizer``); the manifest's entry.
+    ``in_place_cache``: the graph's attention writes its cache in place (GroupQueryAttention in every layer)."""
     why = why_not(kv, dest / "tokenizer")
     if why is not None:
         return {"written": False, "reason": why}
@@ -62,10 +65,10 @@ def write_genai_config(dest: Path, config, kv: list, onnx_file: str, inputs: lis
         "type": model_type,
         "vocab_size": text.vocab_size},
         "search": {"do_sample": False, "max_length": max_positions, "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": in_place_cache, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0}}
     (dest / GENAI_CONFIG_FILE).write_text(json.dumps(doc, indent=1) + "\n")
     for name in TOKENIZER_FILES:
         if (dest / "tokenizer" / name).is_file():
             shutil.copyfile(dest / "tokenizer" / name, dest / name)
-    return {"written": True, "file": GENAI_CONFIG_FILE, "type": model_type}
+    return {"written": True, "file": GENAI_CONFIG_FILE, "type": model_type, "in_place_cache": in_place_cache}

@@ -328,7 +328,8 @@ class OnnxLowering:
             info["genai"] = write_genai_config(tmp, loaded.config, list(zip(kv["kv_heads"], kv["head_dim"],
                                                                             kv["value_dim"])),
                                                ONNX_FILE, info["inputs"], loaded.max_positions,
-                                               eos_token_ids(loaded.config))
+                                               eos_token_ids(loaded.config),
+                                               info["fusions"].get("GroupQueryAttention") == kv["layers"])
         say(f"ONNX model: {info['bytes'] / 2**20:.1f} MiB, ops " + ", ".join(
             f"{k} x{v}" for k, v in list(info["ops"].items())[:6]) + ", ...", quiet)
         return {**body, "onnx": info}

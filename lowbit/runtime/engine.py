@@ -17,7 +17,7 @@ class Engine:
     """A loaded artifact. ``Engine.load(dir)``; then ``forward``, ``generate`` or ``embed``.
 
     The backend is a runner with ``full(ids, mask)`` (logits or hidden states of whole sequences),
-    ``start(batch)`` (an empty KV cache) and ``step(ids, mask, positions, cache)`` (logits, cache).
+    ``start(batch, capacity)`` (an empty KV cache for up to ``capacity`` positions) and ``step(ids, mask, positions, cache)`` (logits, cache).
     """
 
     def __init__(self, path: Path, manifest: dict, runner, tokenizer, backend: str, generation: dict):
@@ -85,7 +85,8 @@ class Engine:
                             and self.tokenizer.eos_token_id is not None else [])
         mask = attention_mask.clone()
         positions = mask_positions(mask)
-        logits, cache = self.runner.step(input_ids, mask, positions, self.runner.start(input_ids.shape[0]))
+        cache = self.runner.start(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        logits, cache = self.runner.step(input_ids, mask, positions, cache)
         out = input_ids
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         for _ in range(max_new_tokens):

@@ -59,7 +59,8 @@ class LiteEngine:
                               "tokens")
         rng = np.random.default_rng(seed)
         positions = mask_positions_np(mask)
-        logits, cache = self.runner.step_np(input_ids, mask, positions, self.runner.start(input_ids.shape[0]))
+        cache = self.runner.start(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        logits, cache = self.runner.step_np(input_ids, mask, positions, cache)
         out, done = input_ids, np.zeros(input_ids.shape[0], bool)
         for _ in range(max_new_tokens):
             nxt = pick_next_np(logits[:, -1, :], do_sample, temperature, top_k, top_p, rng)

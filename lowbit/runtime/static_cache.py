@@ -106,7 +106,10 @@ class StaticCacheRunner:
         self.runner, self.capacity = runner, int(capacity)
         self.body, self.masks = static_step(runner.gm, 2 * len(runner.kv))
 
-    def start(self, batch: int) -> list:
+    def start(self, batch: int, capacity: int = 0) -> list:
+        """Zeroed buffers of this runner's own capacity (the ``capacity`` asked for must fit in it)."""
+        if capacity > self.capacity:
+            raise LowbitError(f"static cache: {capacity} positions asked for, the buffers hold {self.capacity}")
         r = self.runner
         return [torch.zeros(batch, h, self.capacity, d, dtype=r.dtype, device=r.device)
                 for h, dk, dv in r.kv for d in (dk, dv)]

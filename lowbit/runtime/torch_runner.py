@@ -58,7 +58,8 @@ class TorchRunner:
         swapped = use_cpu_kernels(gm) if kernels == "auto" and torch.device(device).type == "cpu" else None
         return cls(gm, program, device, dtype, swapped)
 
-    def start(self, batch: int) -> list:
+    def start(self, batch: int, capacity: int = 0) -> list:
+        """An empty cache; the step program appends to it (``capacity`` is a hint this runner does not need)."""
         return [torch.empty(batch, h, 0, d, dtype=self.dtype, device=self.device)
                 for h, dk, dv in self.kv for d in (dk, dv)]
 
