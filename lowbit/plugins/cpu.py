@@ -26,7 +26,10 @@ from lowbit.format.quantize import unpack_codes
 
 SMALL_M = 16                    # rows up to which the bfloat16 kernels win over dequantize + float32 GEMM
 KERNEL_GROUPS = (256, 128, 64, 32)   # the group sizes _weight_int4pack_mm_for_cpu accepts
-ROW_BLOCK = 32                  # the int4pack layout packs rows in blocks of 32
+# The int4pack CPU layouts torch writes, as (rows per block, k values per run of bytes): byte (block, k // run,
+# k % run, i) holds row i's code in its low nibble and row block/2 + i's in its high one. Which one torch uses
+# depends on the CPU's instruction set (32-row blocks on AVX2, 64-row blocks on AVX-512), so it is probed.
+INT4PACK_LAYOUTS = ((32, 4), (64, 1))
 TILE_ELEMS = 1 << 21            # float32 elements of weight dequantized at a time (8 MiB of scratch)
 
 
@@ -35,33 +38,41 @@ def _round_up(n: int, m: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def int4pack_layout_ok() -> bool:
-    """Whether this torch has the int4pack CPU kernels and packs in the layout ``_unpack_rows`` reads (blocks of
-    32 rows; byte (block, k // 4, k % 4, i) holds row i's code in its low nibble and row 16 + i's in its high
-    one). Checked on a probe, since the layout is torch's internal business."""
+def int4pack_layout() -> Optional[tuple[int, int]]:
+    """The layout (``INT4PACK_LAYOUTS``) this torch's int4pack CPU kernels pack in on this CPU, or None when it has
+    none of them or no kernels. Checked on a probe, since the layout is torch's internal business."""
     if not (hasattr(torch, "_convert_weight_to_int4pack_for_cpu") and hasattr(torch, "_weight_int4pack_mm_for_cpu")):
-        return False
+        return None
     g = torch.Generator().manual_seed(0)
-    q = torch.randint(0, 16, (64, 128), dtype=torch.int32, generator=g)
+    q = torch.randint(0, 16, (128, 128), dtype=torch.int32, generator=g)
     try:
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
     except RuntimeError:
-        return False
+        return None
     if packed.dtype != torch.uint8 or packed.numel() != q.numel() // 2:
-        return False
-    out = torch.empty(64, 128)
-    return torch.equal(_unpack_rows(packed.view(-1), 64, 128, out, torch.empty(64 * 128, dtype=torch.uint8)),
-                       q.float())
+        return None
+    for layout in INT4PACK_LAYOUTS:
+        out = torch.empty(128, 128)
+        if torch.equal(_unpack_rows(packed.view(-1), 128, 128, out, torch.empty(128 * 128, dtype=torch.uint8),
+                                    layout), q.float()):
+            return layout
+    return None
 
 
-def _unpack_rows(packed_bytes: torch.Tensor, rows: int, k: int, out: torch.Tensor, scratch: torch.Tensor):
-    """The codes of ``rows`` rows (a multiple of 32) of an int4pack weight, as float32 [rows, k] in ``out``
-    (``scratch``: rows * k bytes)."""
-    blocks, n = rows // ROW_BLOCK, rows * k // 2
-    planar, nibbles = scratch[:n].view(blocks, 16, k // 4, 4), scratch[n:2 * n].view(blocks, 16, k)
-    planar.copy_(packed_bytes.view(blocks, k // 4, 4, 16).permute(0, 3, 1, 2))
-    planar = planar.view(blocks, 16, k)
-    halves = out.view(blocks, 2, 16, k)
+def int4pack_layout_ok() -> bool:
+    return int4pack_layout() is not None
+
+
+def _unpack_rows(packed_bytes: torch.Tensor, rows: int, k: int, out: torch.Tensor, scratch: torch.Tensor,
+                 layout: tuple[int, int]):
+    """The codes of ``rows`` rows (whole blocks of ``layout``) of an int4pack weight, as float32 [rows, k] in
+    ``out`` (``scratch``: rows * k bytes)."""
+    block, run = layout
+    blocks, half, n = rows // block, block // 2, rows * k // 2
+    planar, nibbles = scratch[:n].view(blocks, half, k // run, run), scratch[n:2 * n].view(blocks, half, k)
+    planar.copy_(packed_bytes.view(blocks, k // run, run, half).permute(0, 3, 1, 2))
+    planar = planar.view(blocks, half, k)
+    halves = out.view(blocks, 2, half, k)
     torch.bitwise_and(planar, 15, out=nibbles)
     halves[:, 0].copy_(nibbles)
     torch.bitwise_right_shift(planar, 4, out=nibbles)
@@ -95,7 +106,8 @@ def cpu_support(bits: int, group_size: int, in_features: int) -> Optional[str]:
     if bits != 4:
         return f"no CPU kernel for {bits}-bit codes"
     if not int4pack_layout_ok():
-        return f"torch {torch.__version__} lacks the int4pack CPU kernels or packs them in another layout"
+        return (f"torch {torch.__version__} lacks the int4pack CPU kernels or packs them in a layout lowbit does not "
+                "read on this CPU")
     if group_size < in_features and group_size % 32:
         return f"groups of {group_size} (the int4pack kernels need a multiple of 32)"
     return None
@@ -120,7 +132,8 @@ class CpuQuantLinear(torch.nn.Module):
         codes = unpack_codes(qweight, bits, k).to(torch.int32)
         if bits == 4:
             # Padded columns meet zero activations and padded rows are sliced off: their codes do not matter.
-            self.np_, self.kp = _round_up(n, ROW_BLOCK), _round_up(k, 32)
+            self.layout = int4pack_layout()
+            self.np_, self.kp = _round_up(n, self.layout[0]), _round_up(k, 32)
             self.kernel_group = next(g for g in KERNEL_GROUPS
                                      if self.kp % g == 0 and (self.per_channel or group_size % g == 0))
             codes = F.pad(codes, (0, self.kp - k, 0, self.np_ - n))
@@ -181,7 +194,8 @@ class CpuQuantLinear(torch.nn.Module):
 
     def _dequant_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         xf = x2.float()
-        rows = max(ROW_BLOCK, TILE_ELEMS // self.kp // ROW_BLOCK * ROW_BLOCK)
+        block = self.layout[0] if self.bits == 4 else 1
+        rows = max(block, TILE_ELEMS // self.kp // block * block)
         f32, u8 = _SCRATCH.get(min(rows, self.np_) * self.kp)
         out = xf.new_empty((xf.shape[0], self.np_))
         for n0 in range(0, self.np_, rows):
@@ -194,7 +208,7 @@ class CpuQuantLinear(torch.nn.Module):
         """Rows n0 .. n0 + t of the float32 weight in ``w`` [t, kp]."""
         if self.bits == 4:
             half = self.kp // 2
-            _unpack_rows(self.packed.view(-1)[n0 * half:(n0 + t) * half], t, self.kp, w, u8)
+            _unpack_rows(self.packed.view(-1)[n0 * half:(n0 + t) * half], t, self.kp, w, u8, self.layout)
         else:
             w.copy_(self.packed[n0:n0 + t])
         groups = w.view(t, -1, self.kernel_group)
