@@ -14,13 +14,14 @@ from lowbit.runtime.inspect_artifact import describe
 
 # arch -> the fusions that fire in a 2-block tiny model (rtn-w4g64): GroupQueryAttention per layer (rotary Llama),
 # a skip norm per residual Add feeding a norm (Llama and GPT-2: every one, the last block's output meeting the
-# final norm included; BERT's post-norm blocks: both Adds of each block), the erf GELU formula (BERT). OPT's Adds
+# final norm included; BERT's post-norm blocks: both Adds of each block), the erf GELU formula (BERT), the tanh
+# GELU as GPT-2 exports it (our rule, ort_gelu.py). OPT's Adds
 # keep their plain ops but the last: OPT flattens the hidden states to [tokens, hidden] around its MLP, so a
 # Reshape stands between the Add and the LayerNorm.
 EXPECTED = {
     "llama": {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4},
     "opt": {"SkipLayerNormalization": 1},
-    "gpt2": {"SkipLayerNormalization": 5},
+    "gpt2": {"FastGelu": 2, "SkipLayerNormalization": 5},
     "bert": {"Gelu": 2, "SkipLayerNormalization": 4},
 }
 PROMPTS = ["four bit weights", "a longer prompt of several more words"]
@@ -175,3 +176,46 @@ def test_in_place_cache_matches_the_concatenated_one(llama_pair):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
     with pytest.raises(LowbitError, match="holds 15 positions"):
         session.step_np(ids[:, :1], np.ones((2, 16), np.int64), np.full((2, 1), 15), buffers)
+
+
+def _tanh_gelu_model(cube_coef: float):
+    """x -> GPT-2's tanh GELU as plain ONNX ops, with ``cube_coef`` in place of 0.044715."""
+    import math
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    def c(name, v):
+        return helper.make_tensor(name, TensorProto.FLOAT, [], [v])
+
+    nodes = [helper.make_node("Pow", ["x", "three"], ["cube"]),
+             helper.make_node("Mul", ["coef", "cube"], ["scaled"]),
+             helper.make_node("Add", ["x", "scaled"], ["inner"]),
+             helper.make_node("Mul", ["inner", "k"], ["arg"]),
+             helper.make_node("Tanh", ["arg"], ["t"]),
+             helper.make_node("Add", ["one", "t"], ["onep"]),
+             helper.make_node("Mul", ["half", "x"], ["hx"]),
+             helper.make_node("Mul", ["hx", "onep"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7])],
+                              [c("three", 3.0), c("coef", cube_coef), c("k", math.sqrt(2 / math.pi)), c("one", 1.0),
+                               c("half", 0.5)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("coef,fused", [(0.044715, 1), (0.05, 0)])
+def test_tanh_gelu_rule_fires_only_on_the_formula(coef, fused):
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from lowbit.compiler.ort_gelu import fuse_tanh_gelu
+
+    proto = _tanh_gelu_model(coef)
+    model = ir.serde.deserialize_model(proto)
+    assert fuse_tanh_gelu(model) == fused
+    ops = [n.op_type for n in model.graph]
+    assert ops == (["FastGelu"] if fused else [n.op_type for n in proto.graph.node])
+    x = np.random.default_rng(5).standard_normal((2, 7)).astype(np.float32) * 3
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for m in (proto, ir.serde.serialize_model(model))]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-5, atol=1e-6)

@@ -5,7 +5,8 @@ counts go to the manifest (``onnx.fusions``) and ``lowbit inspect``.
 - ``SimplifiedLayerNormalization``: transformers' RMSNorm (pow, mean, add eps, rsqrt, mul, weight);
 - ``SkipSimplifiedLayerNormalization`` / ``SkipLayerNormalization``: the residual Add feeding an RMSNorm /
   LayerNorm, one op that also returns the sum for the next residual;
-- ``Gelu`` / ``FastGelu``: the erf and tanh GELU formulas;
+- ``Gelu`` / ``FastGelu``: the erf and tanh GELU formulas (onnxscript's rules, and ours, ``ort_gelu.py``, for the
+  form GPT-2's GELU exports to);
 - ``GroupQueryAttention``: a causal LM's rotary embedding, KV cache concat and attention, one op per layer (our
   own rule, ``ort_attention.py``), when the caller says the model's mask is plain causal + padding.
 
@@ -32,6 +33,7 @@ def fuse_for_ort(model, attention: dict | None = None) -> tuple[dict, dict]:
     import importlib
 
     from lowbit.compiler.ort_attention import fuse_group_query_attention
+    from lowbit.compiler.ort_gelu import fuse_tanh_gelu
 
     counts, missed = {}, {}
     if attention is not None:
@@ -48,6 +50,7 @@ def fuse_for_ort(model, attention: dict | None = None) -> tuple[dict, dict]:
 
             return {"unavailable": f"onnxscript {onnxscript.__version__} has no ort_fusions.{module}.{fn}"}, {}
         counts[op] = int(rule(model))
+    counts["FastGelu"] += fuse_tanh_gelu(model)
     # The RMSNorm match is a step towards the skip fusion: one no residual Add feeds (the first block's) goes back to
     # plain ops, since ONNX Runtime registers SimplifiedLayerNormalization in the ONNX domain, where onnx.checker
     # does not know it.
