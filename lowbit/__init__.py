@@ -41,6 +41,15 @@ def load(path, backend: str = "auto", **kw):
     return Engine.load(path, backend=backend, **kw)
 
 
+def profile(artifacts, **kw) -> dict:
+    """Latency of one or more artifacts (folders or loaded engines): prefill, decode per token and end-to-end
+    statistics, tokens/s, peak memory, bandwidth; see ``lowbit.runtime.profiler.profile`` for the options and
+    docs/formats.md for the document."""
+    from lowbit.runtime.profiler import profile as run_profile
+
+    return run_profile(artifacts, **kw)
+
+
 def __getattr__(name):
     if name == "Recipe":
         from lowbit.compiler.recipe import Recipe
@@ -49,4 +58,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["compile", "load", "Recipe", "LowbitError", "__version__"]
+__all__ = ["compile", "load", "profile", "Recipe", "LowbitError", "__version__"]

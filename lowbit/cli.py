@@ -1,4 +1,4 @@
-"""The ``lowbit`` command: compile | run | eval | inspect | recipes | assets.
+"""The ``lowbit`` command: compile | run | eval | profile | inspect | recipes | assets.
 
 User errors (LowbitError) print one line on stderr and exit 2 with no traceback; progress goes to
 stderr so ``--json`` output on stdout can be piped.
@@ -61,6 +61,31 @@ def _cmd_eval(a) -> int:
     else:
         print(f"perplexity {result['ppl']:.3f} over {result['tokens']} tokens in {result['windows']} windows "
               f"of {result['seq_len']}")
+    return 0
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    from lowbit.errors import LowbitError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise LowbitError(f"{what} '{text}': give comma-separated integers, e.g. 1,4") from None
+
+
+def _cmd_profile(a) -> int:
+    from lowbit.errors import LowbitError
+    from lowbit.runtime.profiler import format_table, profile
+
+    try:
+        percentiles = [float(v) for v in a.percentiles.split(",") if v.strip()]
+    except ValueError:
+        raise LowbitError(f"--percentiles '{a.percentiles}': give comma-separated numbers, e.g. 50,90,99") from None
+    doc = profile(a.artifacts, backend=a.backend, device=a.device, batches=_int_list(a.batch, "--batch"),
+                  prompt_lens=_int_list(a.prompt_len, "--prompt-len"), new_tokens=a.new_tokens,
+                  warmup_s=a.warmup_s, duration_s=a.duration_s, iterations=a.iterations, percentiles=percentiles,
+                  quiet=a.quiet, provider=a.provider, dtype=a.dtype, kernels=a.kernels)
+    print(json.dumps(doc, indent=1) if a.json else format_table(doc))
     return 0
 
 
@@ -167,6 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print {ppl, tokens, windows, ...} as JSON")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(fn=_cmd_eval)
+
+    pr = sub.add_parser("profile", help="latency of artifacts: prefill, decode per token, end to end, memory")
+    pr.add_argument("artifacts", nargs="+", help="artifact folder(s); several are compared against the first")
+    pr.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts) | torch | ort")
+    pr.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
+    _runtime_device_args(pr)
+    pr.add_argument("--batch", default="1", help="comma list of batch sizes (default 1)")
+    pr.add_argument("--prompt-len", default="128", help="comma list of prompt lengths in tokens (default 128)")
+    pr.add_argument("--new-tokens", type=int, default=None,
+                    help="greedy decode steps per iteration (default 64; encoders: 0, a forward pass only)")
+    pr.add_argument("--warmup-s", type=float, default=2.0, help="untimed warm-up seconds (default 2)")
+    pr.add_argument("--duration-s", type=float, default=10.0, help="timed seconds per run (default 10)")
+    pr.add_argument("--iterations", type=int, default=None, help="timed iterations per run instead of a duration")
+    pr.add_argument("--percentiles", default="50,90,95,99", help="comma list (default 50,90,95,99)")
+    pr.add_argument("--json", action="store_true", help="print the JSON document (docs/formats.md) instead of the table")
+    pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    pr.set_defaults(fn=_cmd_profile)
 
     i = sub.add_parser("inspect", help="describe an artifact: recipe, layers, sizes, hashes")
     i.add_argument("artifact")

@@ -182,7 +182,6 @@ def _tanh_gelu_model(cube_coef: float):
     """x -> GPT-2's tanh GELU as plain ONNX ops, with ``cube_coef`` in place of 0.044715."""
     import math
 
-    import onnx
     from onnx import TensorProto, helper
 
     def c(name, v):

@@ -1,0 +1,262 @@
+"""Latency profiling of a loaded artifact through its runner (``start`` / ``step`` / ``full``), so it measures
+whatever the runtime executes, on any backend.
+
+Conventions follow trtexec and LLM serving benchmarks: untimed warm-up iterations for ``warmup_s``, then timed
+iterations, a fixed count (``iterations``) or as many as fit in ``duration_s``. One iteration of a causal LM is a
+prefill of ``prompt_len`` random tokens (time to first token) and ``new_tokens`` greedy decode steps, none of them
+stopping early; an encoder's is one forward pass. Each run reports:
+
+- ``prefill_ms`` (one sample per iteration), ``decode_ms_per_token`` (one sample per decode step: the step's time,
+  whatever the batch), ``e2e_ms`` (prefill + every step + the argmax between them, per iteration), each as
+  ``{count, mean, std, min, p<q>..., max}`` (``std`` the population standard deviation, percentiles by linear
+  interpolation, as numpy's defaults);
+- ``tokens_per_s``: generated tokens (batch x new tokens) per second of the mean end-to-end time;
+- ``peak_memory_bytes``: CUDA, ``torch.cuda.max_memory_allocated`` over the timed iterations; CPU, the process's
+  peak resident set size above its size when the run began (sampled every 2 ms);
+- ``weight_bytes_per_step``: the matmul weight bytes one decode step reads (the artifact's
+  ``sizes.matmul_bytes_after``; norms and the embedding rows it gathers are left out), and
+  ``bandwidth_gb_s``: those bytes over the median decode step.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.progress import progress_bar
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+def stats(samples_ms: Sequence[float], percentiles: Sequence[float] = PERCENTILES) -> dict:
+    """``{count, mean, std, min, p<q> for q in percentiles, max}`` of ``samples_ms`` (milliseconds)."""
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise LowbitError("no timed samples to summarize")
+    out = {"count": int(a.size), "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min())}
+    for q in percentiles:
+        out[f"p{q:g}"] = float(np.percentile(a, q))
+    out["max"] = float(a.max())
+    return out
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _PeakRss:
+    """The process's peak resident set size above its size at ``__enter__``, sampled on a thread."""
+
+    def __init__(self, every_s: float = 0.002):
+        self.every_s, self.peak, self._stop = every_s, 0, threading.Event()
+
+    def __enter__(self):
+        self.base = self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def delta(self) -> int:
+        return max(0, self.peak - self.base)
+
+
+def _device(engine) -> torch.device:
+    return torch.device(getattr(engine.runner, "device", "cpu"))
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_run(engine, batch: int, prompt_len: int, new_tokens: int):
+    """A one-line LowbitError for a run the artifact cannot do."""
+    if batch < 1:
+        raise LowbitError(f"batch {batch}: a batch needs at least one sequence")
+    if prompt_len < 1:
+        raise LowbitError(f"prompt length {prompt_len}: a prompt needs at least one token")
+    if new_tokens < 0:
+        raise LowbitError(f"new tokens {new_tokens}: give 0 or more")
+    if engine.task != "causal-lm" and new_tokens:
+        raise LowbitError(f"'{engine.path}' is an encoder: it has no decode step; profile it with --new-tokens 0")
+    if prompt_len + new_tokens > engine.max_positions:
+        raise LowbitError(f"prompt length {prompt_len} + {new_tokens} new tokens exceeds the model's context of "
+                          f"{engine.max_positions} positions; use a shorter prompt or fewer new tokens")
+
+
+def _vocab(engine) -> int:
+    tok = engine.tokenizer
+    return int(getattr(tok, "vocab_size", None) or len(tok))
+
+
+def _iteration(engine, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, list, float]:
+    """(prefill ms, [decode ms per step], end-to-end ms) of one prefill + greedy decode."""
+    runner = engine.runner
+    t_start = time.perf_counter()
+    if engine.task != "causal-lm":
+        runner.full(ids, torch.ones_like(ids))
+        _sync(device)
+        ms = (time.perf_counter() - t_start) * 1e3
+        return ms, [], ms
+    mask = torch.ones_like(ids)
+    positions = mask.cumsum(-1) - 1
+    cache = runner.start(ids.shape[0], ids.shape[1] + new_tokens)
+    logits, cache = runner.step(ids, mask, positions, cache)
+    nxt = logits[:, -1].argmax(-1, keepdim=True).cpu()
+    _sync(device)
+    prefill = (time.perf_counter() - t_start) * 1e3
+    steps = []
+    for _ in range(new_tokens):
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        positions = positions[:, -1:] + 1
+        t0 = time.perf_counter()
+        logits, cache = runner.step(nxt, mask, positions, cache)
+        nxt = logits[:, -1].argmax(-1, keepdim=True).cpu()
+        _sync(device)
+        steps.append((time.perf_counter() - t0) * 1e3)
+    return prefill, steps, (time.perf_counter() - t_start) * 1e3
+
+
+def profile_run(engine, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64, warmup_s: float = 2.0,
+                duration_s: float = 10.0, iterations: Optional[int] = None,
+                percentiles: Sequence[float] = PERCENTILES, seed: int = 0, quiet: bool = False) -> dict:
+    """One run (see the module docstring) of a loaded engine."""
+    check_run(engine, batch, prompt_len, new_tokens)
+    percentiles = sorted(set(percentiles) | {50})         # the median is what the ratios compare
+    if iterations is not None and iterations < 1:
+        raise LowbitError(f"iterations {iterations}: give at least 1")
+    if duration_s <= 0 and iterations is None:
+        raise LowbitError(f"duration {duration_s} s: give a positive duration or an iteration count")
+    device = _device(engine)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(min(100, _vocab(engine) - 1), _vocab(engine), (batch, prompt_len), generator=g)
+    with torch.inference_mode():
+        t_end = time.perf_counter() + warmup_s
+        _iteration(engine, ids, min(new_tokens, 2), device)       # at least one, whatever the warm-up time
+        while time.perf_counter() < t_end:
+            _iteration(engine, ids, new_tokens, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        prefill, decode, e2e = [], [], []
+        what = f"{Path(engine.path).name} b{batch} p{prompt_len}"
+        bar = progress_bar(None, f"profile {what}", disable=quiet, total=iterations)
+        with _PeakRss() as rss:
+            t_end = time.perf_counter() + duration_s
+            while (len(e2e) < iterations) if iterations is not None else (not e2e or time.perf_counter() < t_end):
+                p, steps, total = _iteration(engine, ids, new_tokens, device)
+                prefill.append(p)
+                decode.extend(steps)
+                e2e.append(total)
+                bar.update(1)
+        bar.close()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss.delta
+    sizes = engine.manifest.get("sizes", {})
+    weight_bytes = sizes.get("matmul_bytes_after") if engine.task == "causal-lm" else None
+    decode_stats = stats(decode, percentiles) if decode else None
+    median_step_s = float(np.median(decode)) / 1e3 if decode else None
+    return {
+        "artifact": str(engine.path), "recipe": engine.manifest.get("recipe", {}).get("name"),
+        "backend": engine.backend, "device": str(device), "batch": batch, "prompt_len": prompt_len,
+        "new_tokens": new_tokens, "iterations": len(e2e),
+        "prefill_ms": stats(prefill, percentiles), "decode_ms_per_token": decode_stats,
+        "e2e_ms": stats(e2e, percentiles),
+        "tokens_per_s": batch * new_tokens / (float(np.mean(e2e)) / 1e3) if new_tokens else None,
+        "peak_memory_bytes": int(peak), "weight_bytes_per_step": weight_bytes,
+        "bandwidth_gb_s": weight_bytes / median_step_s / 1e9 if weight_bytes and median_step_s else None,
+    }
+
+
+def host_info() -> dict:
+    from lowbit.device import describe_cpu
+
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": describe_cpu(), "gpu": gpu, "torch": torch.__version__, "onnxruntime": ort_version}
+
+
+def profile(artifacts, backend: str = "auto", device: str = "cpu", batches: Sequence[int] = (1,),
+            prompt_lens: Sequence[int] = (128,), new_tokens: Optional[int] = None, warmup_s: float = 2.0,
+            duration_s: float = 10.0, iterations: Optional[int] = None,
+            percentiles: Sequence[float] = PERCENTILES, quiet: bool = False, **load_kw) -> dict:
+    """Profile one or more artifacts (folders or loaded engines) at every (batch, prompt length):
+    ``{"lowbit_version", "host", "runs": [...]}`` (runs in artifact, batch, prompt length order).
+    ``new_tokens``: decode steps per iteration (default 64 for causal LMs, 0 for encoders)."""
+    import lowbit
+
+    if isinstance(artifacts, (str, Path)) or hasattr(artifacts, "runner"):
+        artifacts = [artifacts]
+    if not artifacts:
+        raise LowbitError("no artifact to profile")
+    for b in batches:
+        if b < 1:
+            raise LowbitError(f"batch {b}: a batch needs at least one sequence")
+    bad = [q for q in percentiles if not 0 <= q <= 100]
+    if bad:
+        raise LowbitError(f"percentile {bad[0]} is outside 0..100")
+    engines = [a if hasattr(a, "runner") else lowbit.load(a, backend=backend, device=device, **load_kw)
+               for a in artifacts]
+    plan = []
+    for eng in engines:
+        n = new_tokens if new_tokens is not None else (64 if eng.task == "causal-lm" else 0)
+        for b in batches:
+            for p in prompt_lens:
+                check_run(eng, b, p, n)
+                plan.append((eng, b, p, n))
+    runs = [profile_run(eng, b, p, n, warmup_s, duration_s, iterations, percentiles, quiet=quiet)
+            for eng, b, p, n in plan]
+    return {"lowbit_version": lowbit.__version__, "host": host_info(), "runs": runs}
+
+
+def format_table(doc: dict) -> str:
+    """A markdown table of the runs, with decode and prefill ratios against the first artifact's run at the same
+    batch and prompt length."""
+    first = {}
+    for r in doc["runs"]:
+        first.setdefault((r["batch"], r["prompt_len"]), r)
+    head = ("| artifact | backend | batch | prompt | prefill p50 ms | decode p50 ms/token | decode p90 | e2e p50 ms | "
+            "tokens/s | peak MiB | GB/s | decode vs first | prefill vs first |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def num(v, fmt="{:.2f}"):
+        return "-" if v is None else fmt.format(v)
+
+    for r in doc["runs"]:
+        base = first[(r["batch"], r["prompt_len"])]
+        d, bd = r["decode_ms_per_token"], base["decode_ms_per_token"]
+        lines.append("| " + " | ".join([
+            Path(r["artifact"]).name, r["backend"], str(r["batch"]), str(r["prompt_len"]),
+            num(r["prefill_ms"]["p50"]), num(d and d.get("p50")), num(d and d.get("p90")), num(r["e2e_ms"]["p50"]),
+            num(r["tokens_per_s"], "{:.1f}"), num(r["peak_memory_bytes"] / 2 ** 20, "{:.1f}"),
+            num(r["bandwidth_gb_s"]),
+            num(bd["p50"] / d["p50"] if d and bd else None, "{:.2f}x"),
+            num(base["prefill_ms"]["p50"] / r["prefill_ms"]["p50"], "{:.2f}x")]) + " |")
+    host = doc["host"]
+    return "\n".join([f"host: {host['cpu']}; gpu: {host['gpu'] or 'none'}; torch {host['torch']}, onnxruntime "
+                      f"{host['onnxruntime'] or 'not installed'}", "", *lines])

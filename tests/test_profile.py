@@ -1,0 +1,91 @@
+"""lowbit profile (runtime/profiler.py): the statistics against numpy, the JSON document's keys, the table, and
+bad input as one line and exit 2."""
+
+import json
+
+import numpy as np
+import pytest
+
+import lowbit
+from lowbit.cli import main
+from lowbit.runtime.profiler import format_table, stats
+
+STAT_KEYS = ["count", "mean", "std", "min", "p50", "p90", "p95", "p99", "max"]
+RUN_KEYS = {"artifact", "recipe", "backend", "device", "batch", "prompt_len", "new_tokens", "iterations",
+            "prefill_ms", "decode_ms_per_token", "e2e_ms", "tokens_per_s", "peak_memory_bytes",
+            "weight_bytes_per_step", "bandwidth_gb_s"}
+
+
+def test_stats_match_numpy():
+    samples = np.random.default_rng(3).lognormal(1.0, 0.5, 257)
+    s = stats(samples.tolist())
+    assert list(s) == STAT_KEYS
+    assert s["count"] == 257 and s["min"] == samples.min() and s["max"] == samples.max()
+    assert s["mean"] == pytest.approx(samples.mean(), rel=1e-12) and s["std"] == pytest.approx(samples.std(), rel=1e-12)
+    for q in (50, 90, 95, 99):
+        assert s[f"p{q}"] == pytest.approx(np.percentile(samples, q), rel=1e-12)
+    # Negative control: the statistics of other samples differ.
+    assert stats((samples * 1.01).tolist())["p90"] != pytest.approx(s["p90"], rel=1e-4)
+    assert list(stats([1.0, 2.0], [10, 99.9])) == ["count", "mean", "std", "min", "p10", "p99.9", "max"]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifacts(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("profile")
+    return [lowbit.compile(str(model_dirs["llama"]), recipe, out=root / recipe, quiet=True)
+            for recipe in ("fp", "rtn-w4g64")]
+
+
+def test_profile_document_and_table(tiny_artifacts):
+    doc = lowbit.profile(tiny_artifacts, batches=[1, 2], prompt_lens=[8], new_tokens=4, warmup_s=0,
+                         iterations=3, quiet=True)
+    assert set(doc) == {"lowbit_version", "host", "runs"}
+    assert set(doc["host"]) == {"cpu", "gpu", "torch", "onnxruntime"}
+    assert [(r["recipe"], r["batch"]) for r in doc["runs"]] == [("fp", 1), ("fp", 2), ("rtn-w4g64", 1),
+                                                                ("rtn-w4g64", 2)]
+    for r in doc["runs"]:
+        assert set(r) == RUN_KEYS and r["backend"] == "torch" and r["iterations"] == 3
+        assert list(r["prefill_ms"]) == STAT_KEYS and r["prefill_ms"]["count"] == 3
+        assert r["decode_ms_per_token"]["count"] == 3 * 4 and r["e2e_ms"]["count"] == 3
+        # One iteration's end-to-end time holds its prefill and its four steps.
+        assert r["e2e_ms"]["min"] >= r["prefill_ms"]["min"] + 4 * r["decode_ms_per_token"]["min"]
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 4 / (r["e2e_ms"]["mean"] / 1e3))
+        assert r["weight_bytes_per_step"] > 0 and r["bandwidth_gb_s"] > 0 and r["peak_memory_bytes"] >= 0
+    fp, q = doc["runs"][0]["weight_bytes_per_step"], doc["runs"][2]["weight_bytes_per_step"]
+    assert q < fp / 2                         # the 4-bit matmuls read a fraction of the float ones
+    json.dumps(doc)
+    table = format_table(doc)
+    assert table.count("\n| ") == 5 and "1.00x" in table and "host:" in table
+
+
+def test_profile_cli_json(tiny_artifacts, capsys):
+    assert main(["profile", str(tiny_artifacts[1]), "--batch", "1", "--prompt-len", "6", "--new-tokens", "2",
+                 "--warmup-s", "0", "--iterations", "2", "--percentiles", "50,99", "--json", "-q"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (run,) = doc["runs"]
+    assert list(run["decode_ms_per_token"]) == ["count", "mean", "std", "min", "p50", "p99", "max"]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["/no/such/artifact"], "artifact"),
+    (["{art}", "--backend", "tpu"], "unknown backend"),
+    (["{art}", "--batch", "0"], "batch 0"),
+    (["{art}", "--batch", "one"], "--batch"),
+    (["{art}", "--prompt-len", "100000"], "exceeds the model's context"),
+])
+def test_profile_bad_input_is_one_line_and_exit_2(args, msg, tiny_artifacts, capsys):
+    argv = ["profile", *[a.format(art=tiny_artifacts[0]) for a in args], "--new-tokens", "2", "--warmup-s", "0",
+            "--iterations", "1", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+
+
+def test_encoder_profiles_its_forward_pass_and_refuses_decode(model_dirs, tmp_path, capsys):
+    art = lowbit.compile(str(model_dirs["bert"]), "rtn-w4g64", out=tmp_path / "enc", quiet=True)
+    (run,) = lowbit.profile(art, prompt_lens=[7], warmup_s=0, iterations=2, quiet=True)["runs"]
+    assert run["new_tokens"] == 0 and run["decode_ms_per_token"] is None and run["tokens_per_s"] is None
+    assert run["prefill_ms"]["count"] == 2
+    assert main(["profile", str(art), "--new-tokens", "3", "--warmup-s", "0", "--iterations", "1", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "encoder" in err[0], err
