@@ -84,7 +84,7 @@ def _cmd_profile(a) -> int:
     doc = profile(a.artifacts, backend=a.backend, device=a.device, batches=_int_list(a.batch, "--batch"),
                   prompt_lens=_int_list(a.prompt_len, "--prompt-len"), new_tokens=a.new_tokens,
                   warmup_s=a.warmup_s, duration_s=a.duration_s, iterations=a.iterations, percentiles=percentiles,
-                  quiet=a.quiet, provider=a.provider, dtype=a.dtype, kernels=a.kernels)
+                  quiet=a.quiet, per_layer=a.per_layer, provider=a.provider, dtype=a.dtype, kernels=a.kernels)
     print(json.dumps(doc, indent=1) if a.json else format_table(doc))
     return 0
 
@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--duration-s", type=float, default=10.0, help="timed seconds per run (default 10)")
     pr.add_argument("--iterations", type=int, default=None, help="timed iterations per run instead of a duration")
     pr.add_argument("--percentiles", default="50,90,95,99", help="comma list (default 50,90,95,99)")
+    pr.add_argument("--per-layer", action="store_true",
+                    help="also break one prefill and the decode step down by layer and op kind (torch backend, CPU)")
     pr.add_argument("--json", action="store_true", help="print the JSON document (docs/formats.md) instead of the table")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     pr.set_defaults(fn=_cmd_profile)

@@ -8,7 +8,8 @@ import pytest
 
 import lowbit
 from lowbit.cli import main
-from lowbit.runtime.profiler import format_table, stats
+from lowbit.runtime.breakdown import KINDS
+from lowbit.runtime.profiler import SUM_TOLERANCE, format_table, stats, unexplained
 
 STAT_KEYS = ["count", "mean", "std", "min", "p50", "p90", "p95", "p99", "max"]
 RUN_KEYS = {"artifact", "recipe", "backend", "device", "batch", "prompt_len", "new_tokens", "iterations",
@@ -89,3 +90,38 @@ def test_encoder_profiles_its_forward_pass_and_refuses_decode(model_dirs, tmp_pa
     assert main(["profile", str(art), "--new-tokens", "3", "--warmup-s", "0", "--iterations", "1", "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "encoder" in err[0], err
+
+
+def test_sum_check_flags_a_breakdown_that_misses_the_step():
+    rows = [{"phase": "decode", "name": "block 0", "kind": "norm", "ms": 3.0},
+            {"phase": "decode", "name": "block 0", "kind": "quantized matmul", "ms": 6.5},
+            {"phase": "decode", "name": "overhead", "kind": "overhead", "ms": 0.5}]
+    assert unexplained(rows, {"decode": 10.0}) == {"decode": pytest.approx(0.05)}
+    assert abs(unexplained(rows, {"decode": 10.0})["decode"]) <= SUM_TOLERANCE
+    # Negative controls: rows that miss a third of the step, or add up to more than it, are outside the tolerance.
+    assert unexplained(rows, {"decode": 15.0})["decode"] > SUM_TOLERANCE
+    assert unexplained(rows, {"decode": 8.0})["decode"] < -SUM_TOLERANCE
+
+
+def test_per_layer_breakdown_of_the_torch_backend(tiny_artifacts):
+    doc = lowbit.profile(tiny_artifacts[1], backend="torch", prompt_lens=[8], new_tokens=3, warmup_s=0,
+                         iterations=2, quiet=True, per_layer=True)
+    (run,) = doc["runs"]
+    for phase in ("prefill", "decode"):
+        rows = [r for r in run["layers"] if r["phase"] == phase]
+        assert all(set(r) == {"phase", "name", "kind", "ms", "percent"} for r in rows)
+        names = list(dict.fromkeys(r["name"] for r in rows))
+        assert names == ["embed", "block 0", "block 1", "head", "overhead"], names
+        assert {r["kind"] for r in rows if r["name"] == "block 0"} >= {"quantized matmul", "attention", "norm"}
+        assert {r["kind"] for r in rows if r["name"] == "head"} >= {"float matmul"}
+        assert all(r["kind"] in KINDS for r in rows if r["name"] != "overhead")
+        assert sum(r["percent"] for r in rows) == pytest.approx(100.0)
+        assert run["layers_profiled_ms"][phase] > 0
+    assert "one decode step by layer" in format_table(doc)
+
+
+def test_per_layer_is_refused_where_there_is_no_breakdown(model_dirs, tmp_path, capsys):
+    art = lowbit.compile(str(model_dirs["llama"]), "rtn-w4g64", out=tmp_path / "onnx", target="onnx", quiet=True)
+    assert main(["profile", str(art), "--backend", "ort", "--per-layer", "--iterations", "1", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--per-layer" in err[0], err

@@ -21,6 +21,7 @@ stopping early; an encoder's is one forward pass. Each run reports:
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from lowbit.errors import LowbitError
 from lowbit.progress import progress_bar
 
 PERCENTILES = (50, 90, 95, 99)
+SUM_TOLERANCE = 0.15            # a breakdown whose rows miss more of the measured step than this is flagged
 
 
 def stats(samples_ms: Sequence[float], percentiles: Sequence[float] = PERCENTILES) -> dict:
@@ -140,11 +142,85 @@ def _iteration(engine, ids: torch.Tensor, new_tokens: int, device: torch.device)
     return prefill, steps, (time.perf_counter() - t_start) * 1e3
 
 
+def check_per_layer(engine):
+    if engine.backend != "torch" or _device(engine).type != "cpu":
+        raise LowbitError(f"--per-layer: only the torch backend on CPU has a breakdown so far, not {engine.backend} "
+                          f"on {_device(engine)}; profile without --per-layer, or with --backend torch --device cpu")
+
+
+def _profiled_ms(fn) -> tuple[dict, float]:
+    """(ms per (layer, kind), wall ms) of ``fn()`` under torch.profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from lowbit.runtime.breakdown import times_ms
+
+    t0 = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    wall = (time.perf_counter() - t0) * 1e3
+    return times_ms(prof.events()), wall
+
+
+def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dict) -> tuple[list, dict]:
+    """Rows ``{"phase", "name", "kind", "ms", "percent"}`` of one prefill and of the mean decode step (over up to
+    8 steps) by layer and op kind, each phase closed by an ``overhead`` row (its measured median, from
+    ``measured_ms``, minus the rows); and the wall ms of the profiled, instrumented steps."""
+    from lowbit.runtime.breakdown import instrumented
+
+    runner = engine.runner
+    plain = runner.gm
+    runner.gm, order = instrumented(plain)
+    steps = min(new_tokens, 8)
+    state = {}
+
+    def prefill():
+        mask = torch.ones_like(ids)
+        cache = runner.start(ids.shape[0], ids.shape[1] + new_tokens)
+        logits, state["cache"] = runner.step(ids, mask, mask.cumsum(-1) - 1, cache)
+        state["mask"], state["next"] = mask, logits[:, -1].argmax(-1, keepdim=True)
+
+    def decode():
+        for _ in range(steps):
+            state["mask"] = torch.cat([state["mask"], torch.ones_like(state["next"])], 1)
+            positions = state["mask"].sum(-1, keepdim=True) - 1
+            logits, state["cache"] = runner.step(state["next"], state["mask"], positions, state["cache"])
+            state["next"] = logits[:, -1].argmax(-1, keepdim=True)
+
+    try:
+        with torch.inference_mode():
+            prefill()                                             # warm the instrumented program
+            decode()
+            phases = {"prefill": _profiled_ms(prefill)}
+            if steps:
+                phases["decode"] = _profiled_ms(decode)
+    finally:
+        runner.gm = plain
+    rows, profiled = [], {}
+    for phase, (ms, wall) in phases.items():
+        per = 1 if phase == "prefill" else steps
+        profiled[phase] = wall / per
+        seen = list(dict.fromkeys(order))
+        for label, kind in sorted(ms, key=lambda k: seen.index(k) if k in seen else len(seen)):
+            rows.append({"phase": phase, "name": label, "kind": kind, "ms": ms[(label, kind)] / per})
+        total = sum(r["ms"] for r in rows if r["phase"] == phase)
+        rows.append({"phase": phase, "name": "overhead", "kind": "overhead", "ms": measured_ms[phase] - total})
+        for r in rows:
+            if r["phase"] == phase:
+                r["percent"] = 100 * r["ms"] / measured_ms[phase]
+    return rows, profiled
+
+
 def profile_run(engine, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64, warmup_s: float = 2.0,
                 duration_s: float = 10.0, iterations: Optional[int] = None,
-                percentiles: Sequence[float] = PERCENTILES, seed: int = 0, quiet: bool = False) -> dict:
-    """One run (see the module docstring) of a loaded engine."""
+                percentiles: Sequence[float] = PERCENTILES, seed: int = 0, quiet: bool = False,
+                per_layer: bool = False) -> dict:
+    """One run (see the module docstring) of a loaded engine; ``per_layer`` adds ``layers`` (``layer_breakdown``)
+    and ``layers_profiled_ms`` (the instrumented, profiled step's wall time: the profiler's own cost is its excess
+    over the median)."""
     check_run(engine, batch, prompt_len, new_tokens)
+    if per_layer:
+        check_per_layer(engine)
     percentiles = sorted(set(percentiles) | {50})         # the median is what the ratios compare
     if iterations is not None and iterations < 1:
         raise LowbitError(f"iterations {iterations}: give at least 1")
@@ -177,7 +253,7 @@ def profile_run(engine, batch: int = 1, prompt_len: int = 128, new_tokens: int =
     weight_bytes = sizes.get("matmul_bytes_after") if engine.task == "causal-lm" else None
     decode_stats = stats(decode, percentiles) if decode else None
     median_step_s = float(np.median(decode)) / 1e3 if decode else None
-    return {
+    run = {
         "artifact": str(engine.path), "recipe": engine.manifest.get("recipe", {}).get("name"),
         "backend": engine.backend, "device": str(device), "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "iterations": len(e2e),
@@ -187,6 +263,25 @@ def profile_run(engine, batch: int = 1, prompt_len: int = 128, new_tokens: int =
         "peak_memory_bytes": int(peak), "weight_bytes_per_step": weight_bytes,
         "bandwidth_gb_s": weight_bytes / median_step_s / 1e9 if weight_bytes and median_step_s else None,
     }
+    if per_layer:
+        measured = {"prefill": float(np.median(prefill)), **({"decode": median_step_s * 1e3} if decode else {})}
+        run["layers"], run["layers_profiled_ms"] = layer_breakdown(engine, ids, new_tokens, measured)
+        for phase, outside in unexplained(run["layers"], measured).items():
+            if abs(outside) > SUM_TOLERANCE:
+                print(f"lowbit: the {phase} breakdown of {what} leaves {100 * outside:+.0f}% of the measured "
+                      f"{measured[phase]:.2f} ms outside its rows (more than {100 * SUM_TOLERANCE:.0f}%)",
+                      file=sys.stderr)
+    return run
+
+
+def unexplained(rows: list, measured_ms: dict) -> dict:
+    """Per phase, the share of the measured median step that the breakdown's rows (overhead excluded) do not
+    account for: (measured - sum) / measured, negative when the rows add up to more."""
+    out = {}
+    for phase, ms in measured_ms.items():
+        total = sum(r["ms"] for r in rows if r["phase"] == phase and r["kind"] != "overhead")
+        out[phase] = (ms - total) / ms
+    return out
 
 
 def host_info() -> dict:
@@ -204,7 +299,8 @@ def host_info() -> dict:
 def profile(artifacts, backend: str = "auto", device: str = "cpu", batches: Sequence[int] = (1,),
             prompt_lens: Sequence[int] = (128,), new_tokens: Optional[int] = None, warmup_s: float = 2.0,
             duration_s: float = 10.0, iterations: Optional[int] = None,
-            percentiles: Sequence[float] = PERCENTILES, quiet: bool = False, **load_kw) -> dict:
+            percentiles: Sequence[float] = PERCENTILES, quiet: bool = False, per_layer: bool = False,
+            **load_kw) -> dict:
     """Profile one or more artifacts (folders or loaded engines) at every (batch, prompt length):
     ``{"lowbit_version", "host", "runs": [...]}`` (runs in artifact, batch, prompt length order).
     ``new_tokens``: decode steps per iteration (default 64 for causal LMs, 0 for encoders)."""
@@ -229,8 +325,10 @@ def profile(artifacts, backend: str = "auto", device: str = "cpu", batches: Sequ
             for p in prompt_lens:
                 check_run(eng, b, p, n)
                 plan.append((eng, b, p, n))
-    runs = [profile_run(eng, b, p, n, warmup_s, duration_s, iterations, percentiles, quiet=quiet)
-            for eng, b, p, n in plan]
+        if per_layer:
+            check_per_layer(eng)
+    runs = [profile_run(eng, b, p, n, warmup_s, duration_s, iterations, percentiles, quiet=quiet,
+                        per_layer=per_layer) for eng, b, p, n in plan]
     return {"lowbit_version": lowbit.__version__, "host": host_info(), "runs": runs}
 
 
@@ -258,5 +356,35 @@ def format_table(doc: dict) -> str:
             num(bd["p50"] / d["p50"] if d and bd else None, "{:.2f}x"),
             num(base["prefill_ms"]["p50"] / r["prefill_ms"]["p50"], "{:.2f}x")]) + " |")
     host = doc["host"]
-    return "\n".join([f"host: {host['cpu']}; gpu: {host['gpu'] or 'none'}; torch {host['torch']}, onnxruntime "
-                      f"{host['onnxruntime'] or 'not installed'}", "", *lines])
+    out = [f"host: {host['cpu']}; gpu: {host['gpu'] or 'none'}; torch {host['torch']}, onnxruntime "
+           f"{host['onnxruntime'] or 'not installed'}", "", *lines]
+    for r in doc["runs"]:
+        if r.get("layers"):
+            out += ["", *format_layers(r)]
+    return "\n".join(out)
+
+
+def format_layers(run: dict) -> list[str]:
+    """A run's breakdown as one table per phase: a row per layer, ms per op kind, the overhead last."""
+    from lowbit.runtime.breakdown import KINDS
+
+    lines = []
+    for phase in ("prefill", "decode"):
+        rows = [r for r in run["layers"] if r["phase"] == phase]
+        if not rows:
+            continue
+        names = list(dict.fromkeys(r["name"] for r in rows))
+        lines += [f"{Path(run['artifact']).name} b{run['batch']} p{run['prompt_len']}: one {phase} step by layer "
+                  f"(ms; profiled step {run['layers_profiled_ms'][phase]:.2f} ms)", "",
+                  "| layer | " + " | ".join(KINDS) + " | total | % |", "|---|" + "---|" * (len(KINDS) + 2)]
+        for name in names:
+            mine = [r for r in rows if r["name"] == name]
+            by_kind = {r["kind"]: r["ms"] for r in mine}
+            total = sum(by_kind.values())
+            lines.append(f"| {name} | " + " | ".join(f"{by_kind[k]:.3f}" if k in by_kind else "" for k in KINDS)
+                         + f" | {total:.3f} | {sum(r['percent'] for r in mine):.1f} |")
+        kinds = {k: sum(r["ms"] for r in rows if r["kind"] == k) for k in KINDS}
+        lines.append("| **all layers** | " + " | ".join(f"{v:.3f}" for v in kinds.values())
+                     + f" | {sum(kinds.values()):.3f} | {sum(r['percent'] for r in rows if r['kind'] in KINDS):.1f} |")
+        lines.append("")
+    return lines
