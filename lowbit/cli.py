@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--iterations", type=int, default=None, help="timed iterations per run instead of a duration")
     pr.add_argument("--percentiles", default="50,90,95,99", help="comma list (default 50,90,95,99)")
     pr.add_argument("--per-layer", action="store_true",
-                    help="also break one prefill and the decode step down by layer and op kind (torch backend, CPU)")
+                    help="also break one prefill and the decode step down by layer and op kind (CPU)")
     pr.add_argument("--json", action="store_true", help="print the JSON document (docs/formats.md) instead of the table")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     pr.set_defaults(fn=_cmd_profile)

@@ -120,8 +120,14 @@ def test_per_layer_breakdown_of_the_torch_backend(tiny_artifacts):
     assert "one decode step by layer" in format_table(doc)
 
 
-def test_per_layer_is_refused_where_there_is_no_breakdown(model_dirs, tmp_path, capsys):
+def test_per_layer_breakdown_of_onnx_runtime(model_dirs, tmp_path):
     art = lowbit.compile(str(model_dirs["llama"]), "rtn-w4g64", out=tmp_path / "onnx", target="onnx", quiet=True)
-    assert main(["profile", str(art), "--backend", "ort", "--per-layer", "--iterations", "1", "-q"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--per-layer" in err[0], err
+    (run,) = lowbit.profile(art, backend="ort", prompt_lens=[8], new_tokens=3, warmup_s=0, iterations=2,
+                            quiet=True, per_layer=True)["runs"]
+    for phase in ("prefill", "decode"):
+        rows = [r for r in run["layers"] if r["phase"] == phase]
+        names = list(dict.fromkeys(r["name"] for r in rows))
+        assert names[-1] == "overhead" and {"block 0", "block 1", "head"} <= set(names), names
+        kinds = {r["kind"] for r in rows if r["name"] == "block 1"}
+        assert {"quantized matmul", "attention", "norm"} <= kinds, kinds      # MatMulNBits, GQA, skip norms
+        assert sum(r["percent"] for r in rows) == pytest.approx(100.0)

@@ -3,8 +3,8 @@
 The shipped program is copied with each run of consecutive nodes of one (layer, kind) wrapped in a
 ``torch.profiler`` range, so ``torch.profiler`` measures the runs as they execute, ops and dispatch included.
 Layers are read from the weights a node reads: nodes after one that reads a ``layers.<i>`` tensor belong to block
-i, those before the first block to ``embed`` (the embedding and the rotary tables), those after the last block
-that read another weight to ``head`` (final norm, lm_head). Kinds:
+i, those before the first block to ``embed`` (the embedding and the rotary tables), those after the last node that
+reads a block's weight to ``head`` (final norm, lm_head). Kinds:
 
 - ``quantized matmul``: lowbit's quantized linear ops (and the CPU kernels' modules that replace them);
 - ``float matmul``: ``linear`` / ``mm`` / ``addmm`` / ``matmul`` / ``bmm`` on float weights;
@@ -37,63 +37,91 @@ PASSIVE = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.uns
 BLOCK = re.compile(r"(?:^|_)(?:layers?|h|blocks?)_(\d+)_")
 
 
-def _is_quantized_matmul(node) -> bool:
-    if node.op == "call_module":
-        return True
-    t = node.target
-    return isinstance(t, torch._ops.OpOverload) and t.namespace == "lowbit" and "linear" in t._opname
+# What an op is before its place in the graph is known: the walk in ``assign`` turns these into layers and kinds.
+QMATMUL, FMATMUL, ATTENTION, NORM, ELEMENTWISE, PASSIVE_OP, OTHER = (
+    "qmatmul", "fmatmul", "attention", "norm", "elementwise", "passive", "other")
 
 
-def _is_attention(node) -> bool:
-    t = node.target
-    if not isinstance(t, torch._ops.OpOverload):
-        return False
-    return (t.namespace == "lowbit" and t._opname == "attention") or t._opname in (
-        "scaled_dot_product_attention", "_softmax", "softmax")
-
-
-def _weights(node) -> list[str]:
-    return [a.target for a in node.all_input_nodes if a.op == "get_attr"]
-
-
-def classify(gm: fx.GraphModule) -> list[tuple[fx.Node, str, str]]:
-    """(node, layer, kind) of every call node, in graph order (see the module docstring)."""
-    out, norm_values = [], set()
+def assign(ops: list[tuple[object, list[str], str, list]]) -> list[tuple[object, str, str]]:
+    """(key, layer, kind) for ops given in graph order as (key, weight names read, base, input keys); see the module
+    docstring. ``base``: one of QMATMUL ... OTHER (ELEMENTWISE: a Mul / Add, a norm's when a norm op feeds it)."""
+    out, norm_keys = [], set()
     label, kind, in_attention, attention_done = "embed", "other", False, False
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_module"):
-            continue
-        weights = _weights(node)
-        blocks = [int(m.group(1)) for w in weights for m in [BLOCK.search(w)] if m]
-        if blocks and f"block {blocks[0]}" != label:
-            label, in_attention, attention_done = f"block {blocks[0]}", False, False
-        elif weights and not blocks and label.startswith("block") and not all("lifted" in w for w in weights):
+    block_of = [next((int(m.group(1)) for w in weights for m in [BLOCK.search(w)] if m), None)
+                for _, weights, _, _ in ops]
+    last = max((i for i, b in enumerate(block_of) if b is not None), default=len(ops))
+    for pos, (key, weights, base, inputs) in enumerate(ops):
+        if pos > last:
             label = "head"
-        if _is_quantized_matmul(node):
+        elif block_of[pos] is not None and f"block {block_of[pos]}" != label:
+            label, in_attention, attention_done = f"block {block_of[pos]}", False, False
+        if base == QMATMUL:
             kind = "quantized matmul"
             # A block's first projection (Q/K/V) opens its attention region.
             in_attention = in_attention or (label.startswith("block") and not attention_done)
-        elif node.target in FLOAT_MATMULS:
+        elif base == FMATMUL:
             kind = "float matmul"
-        elif _is_attention(node):
+        elif base == ATTENTION:
             kind, in_attention, attention_done = "attention", False, True
-        elif node.target in NORM_OPS or (node.target in (aten.mul.Tensor, aten.add.Tensor) and any(
-                a in norm_values for a in node.all_input_nodes)):
+        elif base == NORM or (base == ELEMENTWISE and any(i in norm_keys for i in inputs)):
             kind = "norm"
         elif in_attention:
             kind = "attention"
-        elif node.target not in PASSIVE and node.target is not operator.getitem:
+        elif base != PASSIVE_OP:
             kind = "other"
         if kind == "norm":
-            norm_values.add(node)
+            norm_keys.add(key)
         if out and out[-1][1] != label:
             # A norm reads its weight last: the statistics before it belong to the layer that weight opens.
             i, previous = len(out) - 1, out[-1][1]
             while i >= 0 and out[i][2] == "norm" and out[i][1] == previous:
                 out[i] = (out[i][0], label, "norm")
                 i -= 1
-        out.append((node, label, kind))
+        out.append((key, label, kind))
     return out
+
+
+def _fx_base(node) -> str:
+    t = node.target
+    if node.op == "call_module":
+        return QMATMUL                    # the CPU kernels' modules replace lowbit's quantized linear ops
+    if isinstance(t, torch._ops.OpOverload) and t.namespace == "lowbit":
+        return QMATMUL if "linear" in t._opname else ATTENTION if t._opname == "attention" else OTHER
+    if t in FLOAT_MATMULS:
+        return FMATMUL
+    if isinstance(t, torch._ops.OpOverload) and t._opname in ("scaled_dot_product_attention", "_softmax", "softmax"):
+        return ATTENTION
+    if t in NORM_OPS:
+        return NORM
+    if t in (aten.mul.Tensor, aten.add.Tensor):
+        return ELEMENTWISE
+    return PASSIVE_OP if t in PASSIVE or t is operator.getitem else OTHER
+
+
+def classify(gm: fx.GraphModule) -> list[tuple[fx.Node, str, str]]:
+    """(node, layer, kind) of every call node of a torch program, in graph order."""
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module")]
+    return assign([(n, [a.target for a in n.all_input_nodes if a.op == "get_attr"], _fx_base(n), n.all_input_nodes)
+                   for n in nodes])
+
+
+ONNX_BASE = {"MatMulNBits": QMATMUL, "MatMulInteger": QMATMUL, "DynamicQuantizeMatMul": QMATMUL,
+             "MatMulIntegerToFloat": QMATMUL, "GatherBlockQuantized": OTHER, "MatMul": FMATMUL, "Gemm": FMATMUL,
+             "GroupQueryAttention": ATTENTION, "MultiHeadAttention": ATTENTION, "Attention": ATTENTION,
+             "Softmax": ATTENTION, "SkipSimplifiedLayerNormalization": NORM, "SimplifiedLayerNormalization": NORM,
+             "SkipLayerNormalization": NORM, "LayerNormalization": NORM, "ReduceMean": NORM, "Sqrt": NORM,
+             "Reciprocal": NORM, "Pow": NORM, "Mul": ELEMENTWISE, "Add": ELEMENTWISE, "Div": ELEMENTWISE,
+             "Reshape": PASSIVE_OP, "Transpose": PASSIVE_OP, "Cast": PASSIVE_OP, "Unsqueeze": PASSIVE_OP,
+             "Squeeze": PASSIVE_OP, "Shape": PASSIVE_OP, "Gather": PASSIVE_OP, "Identity": PASSIVE_OP}
+
+
+def classify_onnx(graph) -> dict[str, tuple[str, str]]:
+    """node name -> (layer, kind) for an ``onnx.GraphProto`` (initializer names carry the layers)."""
+    initializers = {i.name for i in graph.initializer}
+    producer = {o: n.name for n in graph.node for o in n.output}
+    ops = [(n.name, [i for i in n.input if i in initializers], ONNX_BASE.get(n.op_type, OTHER),
+            [producer[i] for i in n.input if i in producer]) for n in graph.node]
+    return {name: (label, kind) for name, label, kind in assign(ops)}
 
 
 def instrumented(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[str, str]]]:
@@ -124,3 +152,21 @@ def times_ms(events) -> dict[tuple[str, str], float]:
             label, kind = e.name.split("|", 1)
             total[(label, kind)] += e.cpu_time_total / 1e3
     return dict(total)
+
+
+def ort_run_times(trace: list, labels: dict) -> list[dict]:
+    """Per ``model_run`` of an ONNX Runtime profiling trace (its events, in order): total ms per (layer, kind) of
+    its nodes' kernels; nodes missing from ``labels`` (the optimized graph's names) count as ("unmapped", "other")."""
+    runs = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    out = [defaultdict(float) for _ in runs]
+    starts = [r["ts"] for r in runs]
+    for e in trace:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        i = next((j for j in range(len(runs) - 1, -1, -1) if starts[j] <= e["ts"]), None)
+        if i is None or e["ts"] > runs[i]["ts"] + runs[i]["dur"]:
+            continue
+        key = labels.get(e["name"][:-len("_kernel_time")], ("unmapped", "other"))
+        out[i][key] += e["dur"] / 1e3
+    return [dict(o) for o in out]

@@ -58,8 +58,6 @@ class OrtSession:
     cache)`` and ``encode(ids, mask)`` on int64 numpy arrays; logits / hidden states come back as float32 numpy."""
 
     def __init__(self, path: Path, manifest: dict, provider: str = "auto", threads: int = 0):
-        import onnxruntime as ort
-
         info = manifest.get("onnx")
         if info is None:
             raise LowbitError(f"artifact '{path}' was compiled for target '{manifest.get('target')}' and has no ONNX "
@@ -69,17 +67,8 @@ class OrtSession:
             # Compiled before the check in integer_matmul: its uint8 x int8 GEMMs saturate on x86 without VNNI.
             raise LowbitError(f"artifact '{path}' has a W8A8 ONNX model from an older lowbit whose integer matmuls "
                               "give wrong results on x86 CPUs without VNNI; recompile it with --target onnx")
-        providers = pick_providers(provider)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3            # errors only: ORT warns about every CPU fallback node
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(file), opts, providers=providers)
-        except Exception as e:  # noqa: BLE001  (ORT raises its own exception types, or RuntimeError)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LowbitError(f"ONNX Runtime cannot load '{file}': {first[:300]}; recompile the artifact") from None
+        self.file, self.threads = file, threads
+        self.session = self.new_session(pick_providers(provider))
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == PROVIDERS["cuda"] else "cpu"
         self.inputs = [i.name for i in self.session.get_inputs()]
@@ -88,6 +77,28 @@ class OrtSession:
         self.task = manifest["source"]["task"]
         # GroupQueryAttention decides per call: past and present in one buffer means write in place.
         self.in_place_cache = bool(self.kv) and info.get("fusions", {}).get("GroupQueryAttention") == self.kv["layers"]
+
+    def new_session(self, providers: list, profile_prefix: Optional[str] = None,
+                    optimized_model: Optional[str] = None):
+        """An InferenceSession of the artifact's model (all graph optimizations); ``profile_prefix``: with ONNX
+        Runtime's profiling on, its JSON trace named from this prefix; ``optimized_model``: where to save the graph
+        as optimized for this session (the node names the trace uses)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3            # errors only: ORT warns about every CPU fallback node
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        if profile_prefix:
+            opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
+        if optimized_model:
+            opts.optimized_model_filepath = optimized_model
+        try:
+            return ort.InferenceSession(str(self.file), opts, providers=providers)
+        except Exception as e:  # noqa: BLE001  (ORT raises its own exception types, or RuntimeError)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LowbitError(f"ONNX Runtime cannot load '{self.file}': {first[:300]}; recompile the artifact") from None
 
     def _run(self, feeds: dict, outputs_in: Optional[dict] = None) -> list:
         import onnxruntime as ort

@@ -143,34 +143,86 @@ def _iteration(engine, ids: torch.Tensor, new_tokens: int, device: torch.device)
 
 
 def check_per_layer(engine):
-    if engine.backend != "torch" or _device(engine).type != "cpu":
-        raise LowbitError(f"--per-layer: only the torch backend on CPU has a breakdown so far, not {engine.backend} "
-                          f"on {_device(engine)}; profile without --per-layer, or with --backend torch --device cpu")
+    if _device(engine).type != "cpu":
+        raise LowbitError(f"--per-layer: the breakdown runs on CPU so far, not on {_device(engine)}; profile without "
+                          "--per-layer, or with --device cpu")
 
 
-def _profiled_ms(fn) -> tuple[dict, float]:
-    """(ms per (layer, kind), wall ms) of ``fn()`` under torch.profiler."""
+def _torch_profiled(fn) -> dict:
+    """ms per (layer, kind) of ``fn()`` under torch.profiler (the program instrumented by ``breakdown``)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from lowbit.runtime.breakdown import times_ms
 
-    t0 = time.perf_counter()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    wall = (time.perf_counter() - t0) * 1e3
-    return times_ms(prof.events()), wall
+    return times_ms(prof.events())
+
+
+def _breakdown_torch(runner, prefill, decode, steps: int) -> tuple[dict, list]:
+    from lowbit.runtime.breakdown import instrumented
+
+    plain = runner.gm
+    runner.gm, order = instrumented(plain)
+    try:
+        prefill()                                                 # warm the instrumented program
+        decode()
+        phases = {"prefill": _timed(lambda: _torch_profiled(prefill))}
+        if steps:
+            phases["decode"] = _timed(lambda: _torch_profiled(decode))
+    finally:
+        runner.gm = plain
+    return phases, list(dict.fromkeys(order))
+
+
+def _breakdown_ort(runner, prefill, decode, steps: int) -> tuple[dict, list]:
+    import json
+    import tempfile
+
+    import onnx
+
+    from lowbit.runtime.breakdown import classify_onnx, ort_run_times
+
+    plain = runner.session
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = f"{tmp}/optimized.onnx"
+        runner.session = runner.new_session(runner.providers, profile_prefix=f"{tmp}/ort", optimized_model=optimized)
+        try:
+            prefill()
+            decode()
+            walls = {"prefill": _timed(prefill)[1]}
+            if steps:
+                walls["decode"] = _timed(decode)[1]
+            trace_file = runner.session.end_profiling()
+        finally:
+            runner.session = plain
+        labels = classify_onnx(onnx.load(optimized, load_external_data=False).graph)
+        with open(trace_file) as f:
+            runs = ort_run_times(json.load(f), labels)
+    measured = runs[-(1 + steps):]                                # after the warm-up's prefill and steps
+    phases = {"prefill": (measured[0], walls["prefill"])}
+    if steps:
+        total: dict = {}
+        for r in measured[1:]:
+            for k, v in r.items():
+                total[k] = total.get(k, 0.0) + v
+        phases["decode"] = (total, walls["decode"])
+    return phases, list(dict.fromkeys(labels.values()))
+
+
+def _timed(fn) -> tuple:
+    t0 = time.perf_counter()
+    result = fn()
+    return result, (time.perf_counter() - t0) * 1e3
 
 
 def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dict) -> tuple[list, dict]:
     """Rows ``{"phase", "name", "kind", "ms", "percent"}`` of one prefill and of the mean decode step (over up to
-    8 steps) by layer and op kind, each phase closed by an ``overhead`` row (its measured median, from
-    ``measured_ms``, minus the rows); and the wall ms of the profiled, instrumented steps."""
-    from lowbit.runtime.breakdown import instrumented
-
+    8 steps) by layer and op kind (``breakdown``: torch.profiler ranges in the torch program, ONNX Runtime's
+    profiling trace of its nodes), each phase closed by an ``overhead`` row (its measured median, from
+    ``measured_ms``, minus the rows); and the wall ms of the profiled steps."""
     runner = engine.runner
-    plain = runner.gm
-    runner.gm, order = instrumented(plain)
     steps = min(new_tokens, 8)
     state = {}
 
@@ -187,27 +239,20 @@ def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dic
             logits, state["cache"] = runner.step(state["next"], state["mask"], positions, state["cache"])
             state["next"] = logits[:, -1].argmax(-1, keepdim=True)
 
-    try:
-        with torch.inference_mode():
-            prefill()                                             # warm the instrumented program
-            decode()
-            phases = {"prefill": _profiled_ms(prefill)}
-            if steps:
-                phases["decode"] = _profiled_ms(decode)
-    finally:
-        runner.gm = plain
+    with torch.inference_mode():
+        phases, order = (_breakdown_ort if engine.backend == "ort" else _breakdown_torch)(runner, prefill, decode,
+                                                                                          steps)
     rows, profiled = [], {}
     for phase, (ms, wall) in phases.items():
         per = 1 if phase == "prefill" else steps
         profiled[phase] = wall / per
-        seen = list(dict.fromkeys(order))
-        for label, kind in sorted(ms, key=lambda k: seen.index(k) if k in seen else len(seen)):
-            rows.append({"phase": phase, "name": label, "kind": kind, "ms": ms[(label, kind)] / per})
-        total = sum(r["ms"] for r in rows if r["phase"] == phase)
-        rows.append({"phase": phase, "name": "overhead", "kind": "overhead", "ms": measured_ms[phase] - total})
-        for r in rows:
-            if r["phase"] == phase:
-                r["percent"] = 100 * r["ms"] / measured_ms[phase]
+        mine = [{"phase": phase, "name": label, "kind": kind, "ms": ms[(label, kind)] / per}
+                for label, kind in sorted(ms, key=lambda k: order.index(k) if k in order else len(order))]
+        mine.append({"phase": phase, "name": "overhead", "kind": "overhead",
+                     "ms": measured_ms[phase] - sum(r["ms"] for r in mine)})
+        for r in mine:
+            r["percent"] = 100 * r["ms"] / measured_ms[phase]
+        rows += mine
     return rows, profiled
 
 
