@@ -84,7 +84,8 @@ def _cmd_profile(a) -> int:
     doc = profile(a.artifacts, backend=a.backend, device=a.device, batches=_int_list(a.batch, "--batch"),
                   prompt_lens=_int_list(a.prompt_len, "--prompt-len"), new_tokens=a.new_tokens,
                   warmup_s=a.warmup_s, duration_s=a.duration_s, iterations=a.iterations, percentiles=percentiles,
-                  quiet=a.quiet, per_layer=a.per_layer, provider=a.provider, dtype=a.dtype, kernels=a.kernels)
+                  quiet=a.quiet, per_layer=a.per_layer, trace=a.trace, plot_dir=a.plot, provider=a.provider,
+                  dtype=a.dtype, kernels=a.kernels)
     print(json.dumps(doc, indent=1) if a.json else format_table(doc))
     return 0
 
@@ -208,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--percentiles", default="50,90,95,99", help="comma list (default 50,90,95,99)")
     pr.add_argument("--per-layer", action="store_true",
                     help="also break one prefill and the decode step down by layer and op kind (CPU)")
+    pr.add_argument("--trace", default=None, metavar="FILE",
+                    help="with --per-layer: write the profiled steps as Chrome-trace JSON (Perfetto, chrome://tracing); "
+                    "several runs get FILE-<artifact>-<backend>-b<batch>-p<prompt>.json")
+    pr.add_argument("--plot", default=None, metavar="DIR",
+                    help="write PNG plots (latency vs batch and prompt length, the breakdown) to DIR; needs matplotlib")
     pr.add_argument("--json", action="store_true", help="print the JSON document (docs/formats.md) instead of the table")
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     pr.set_defaults(fn=_cmd_profile)

@@ -73,6 +73,7 @@ def test_profile_cli_json(tiny_artifacts, capsys):
     (["{art}", "--batch", "0"], "batch 0"),
     (["{art}", "--batch", "one"], "--batch"),
     (["{art}", "--prompt-len", "100000"], "exceeds the model's context"),
+    (["{art}", "--trace", "t.json"], "--per-layer"),
 ])
 def test_profile_bad_input_is_one_line_and_exit_2(args, msg, tiny_artifacts, capsys):
     argv = ["profile", *[a.format(art=tiny_artifacts[0]) for a in args], "--new-tokens", "2", "--warmup-s", "0",
@@ -103,9 +104,15 @@ def test_sum_check_flags_a_breakdown_that_misses_the_step():
     assert unexplained(rows, {"decode": 8.0})["decode"] < -SUM_TOLERANCE
 
 
-def test_per_layer_breakdown_of_the_torch_backend(tiny_artifacts):
+def test_per_layer_breakdown_of_the_torch_backend(tiny_artifacts, tmp_path):
     doc = lowbit.profile(tiny_artifacts[1], backend="torch", prompt_lens=[8], new_tokens=3, warmup_s=0,
-                         iterations=2, quiet=True, per_layer=True)
+                         iterations=2, quiet=True, per_layer=True, trace=str(tmp_path / "t.json"),
+                         plot_dir=str(tmp_path / "plots"))
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    assert any(e.get("name") == "block 0|quantized matmul" for e in events)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["breakdown.png", "latency_vs_batch.png",
+                                                                       "latency_vs_prompt.png"]
+    assert all((tmp_path / "plots" / n).read_bytes()[:4] == b"\x89PNG" for n in ("breakdown.png",))
     (run,) = doc["runs"]
     for phase in ("prefill", "decode"):
         rows = [r for r in run["layers"] if r["phase"] == phase]
@@ -131,3 +138,13 @@ def test_per_layer_breakdown_of_onnx_runtime(model_dirs, tmp_path):
         kinds = {r["kind"] for r in rows if r["name"] == "block 1"}
         assert {"quantized matmul", "attention", "norm"} <= kinds, kinds      # MatMulNBits, GQA, skip norms
         assert sum(r["percent"] for r in rows) == pytest.approx(100.0)
+
+
+def test_plot_without_matplotlib_is_one_line(tiny_artifacts, monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else find(name, *a))
+    assert main(["profile", str(tiny_artifacts[0]), "--plot", str(tmp_path / "p"), "--iterations", "1", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matplotlib" in err[0] and not (tmp_path / "p").exists()

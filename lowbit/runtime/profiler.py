@@ -148,8 +148,12 @@ def check_per_layer(engine):
                           "--per-layer, or with --device cpu")
 
 
-def _torch_profiled(fn) -> dict:
-    """ms per (layer, kind) of ``fn()`` under torch.profiler (the program instrumented by ``breakdown``)."""
+def _torch_profiled(fn, trace: list) -> dict:
+    """ms per (layer, kind) of ``fn()`` under torch.profiler (the program instrumented by ``breakdown``); its
+    Chrome-trace events are appended to ``trace``."""
+    import json
+    import tempfile
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -157,26 +161,31 @@ def _torch_profiled(fn) -> dict:
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        with open(f"{tmp}/trace.json") as f:
+            trace += json.load(f).get("traceEvents", [])
     return times_ms(prof.events())
 
 
-def _breakdown_torch(runner, prefill, decode, steps: int) -> tuple[dict, list]:
+def _breakdown_torch(runner, prefill, decode, steps: int) -> tuple[dict, list, list]:
     from lowbit.runtime.breakdown import instrumented
 
     plain = runner.gm
     runner.gm, order = instrumented(plain)
+    trace: list = []
     try:
         prefill()                                                 # warm the instrumented program
         decode()
-        phases = {"prefill": _timed(lambda: _torch_profiled(prefill))}
+        phases = {"prefill": _timed(lambda: _torch_profiled(prefill, trace))}
         if steps:
-            phases["decode"] = _timed(lambda: _torch_profiled(decode))
+            phases["decode"] = _timed(lambda: _torch_profiled(decode, trace))
     finally:
         runner.gm = plain
-    return phases, list(dict.fromkeys(order))
+    return phases, list(dict.fromkeys(order)), trace
 
 
-def _breakdown_ort(runner, prefill, decode, steps: int) -> tuple[dict, list]:
+def _breakdown_ort(runner, prefill, decode, steps: int) -> tuple[dict, list, list]:
     import json
     import tempfile
 
@@ -199,7 +208,8 @@ def _breakdown_ort(runner, prefill, decode, steps: int) -> tuple[dict, list]:
             runner.session = plain
         labels = classify_onnx(onnx.load(optimized, load_external_data=False).graph)
         with open(trace_file) as f:
-            runs = ort_run_times(json.load(f), labels)
+            trace = json.load(f)
+        runs = ort_run_times(trace, labels)
     measured = runs[-(1 + steps):]                                # after the warm-up's prefill and steps
     phases = {"prefill": (measured[0], walls["prefill"])}
     if steps:
@@ -208,7 +218,7 @@ def _breakdown_ort(runner, prefill, decode, steps: int) -> tuple[dict, list]:
             for k, v in r.items():
                 total[k] = total.get(k, 0.0) + v
         phases["decode"] = (total, walls["decode"])
-    return phases, list(dict.fromkeys(labels.values()))
+    return phases, list(dict.fromkeys(labels.values())), trace
 
 
 def _timed(fn) -> tuple:
@@ -217,11 +227,13 @@ def _timed(fn) -> tuple:
     return result, (time.perf_counter() - t0) * 1e3
 
 
-def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dict) -> tuple[list, dict]:
+def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dict,
+                    trace_file: Optional[Path] = None) -> tuple[list, dict]:
     """Rows ``{"phase", "name", "kind", "ms", "percent"}`` of one prefill and of the mean decode step (over up to
     8 steps) by layer and op kind (``breakdown``: torch.profiler ranges in the torch program, ONNX Runtime's
     profiling trace of its nodes), each phase closed by an ``overhead`` row (its measured median, from
-    ``measured_ms``, minus the rows); and the wall ms of the profiled steps."""
+    ``measured_ms``, minus the rows); and the wall ms of the profiled steps. ``trace_file``: where to write the
+    profilers' Chrome-trace JSON."""
     runner = engine.runner
     steps = min(new_tokens, 8)
     state = {}
@@ -240,8 +252,13 @@ def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dic
             state["next"] = logits[:, -1].argmax(-1, keepdim=True)
 
     with torch.inference_mode():
-        phases, order = (_breakdown_ort if engine.backend == "ort" else _breakdown_torch)(runner, prefill, decode,
-                                                                                          steps)
+        phases, order, trace = (_breakdown_ort if engine.backend == "ort" else _breakdown_torch)(
+            runner, prefill, decode, steps)
+    if trace_file is not None:
+        import json
+
+        Path(trace_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(trace_file).write_text(json.dumps({"traceEvents": trace}))
     rows, profiled = [], {}
     for phase, (ms, wall) in phases.items():
         per = 1 if phase == "prefill" else steps
@@ -259,7 +276,7 @@ def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dic
 def profile_run(engine, batch: int = 1, prompt_len: int = 128, new_tokens: int = 64, warmup_s: float = 2.0,
                 duration_s: float = 10.0, iterations: Optional[int] = None,
                 percentiles: Sequence[float] = PERCENTILES, seed: int = 0, quiet: bool = False,
-                per_layer: bool = False) -> dict:
+                per_layer: bool = False, trace_file: Optional[Path] = None) -> dict:
     """One run (see the module docstring) of a loaded engine; ``per_layer`` adds ``layers`` (``layer_breakdown``)
     and ``layers_profiled_ms`` (the instrumented, profiled step's wall time: the profiler's own cost is its excess
     over the median)."""
@@ -310,7 +327,9 @@ def profile_run(engine, batch: int = 1, prompt_len: int = 128, new_tokens: int =
     }
     if per_layer:
         measured = {"prefill": float(np.median(prefill)), **({"decode": median_step_s * 1e3} if decode else {})}
-        run["layers"], run["layers_profiled_ms"] = layer_breakdown(engine, ids, new_tokens, measured)
+        run["layers"], run["layers_profiled_ms"] = layer_breakdown(engine, ids, new_tokens, measured, trace_file)
+        if trace_file is not None:
+            run["trace_file"] = str(trace_file)
         for phase, outside in unexplained(run["layers"], measured).items():
             if abs(outside) > SUM_TOLERANCE:
                 print(f"lowbit: the {phase} breakdown of {what} leaves {100 * outside:+.0f}% of the measured "
@@ -345,7 +364,7 @@ def profile(artifacts, backend: str = "auto", device: str = "cpu", batches: Sequ
             prompt_lens: Sequence[int] = (128,), new_tokens: Optional[int] = None, warmup_s: float = 2.0,
             duration_s: float = 10.0, iterations: Optional[int] = None,
             percentiles: Sequence[float] = PERCENTILES, quiet: bool = False, per_layer: bool = False,
-            **load_kw) -> dict:
+            trace: Optional[str] = None, plot_dir: Optional[str] = None, **load_kw) -> dict:
     """Profile one or more artifacts (folders or loaded engines) at every (batch, prompt length):
     ``{"lowbit_version", "host", "runs": [...]}`` (runs in artifact, batch, prompt length order).
     ``new_tokens``: decode steps per iteration (default 64 for causal LMs, 0 for encoders)."""
@@ -372,9 +391,26 @@ def profile(artifacts, backend: str = "auto", device: str = "cpu", batches: Sequ
                 plan.append((eng, b, p, n))
         if per_layer:
             check_per_layer(eng)
+    if plot_dir is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise LowbitError("--plot needs matplotlib: pip install matplotlib (or lowbit[plot])")
+    traces = [None] * len(plan)
+    if trace is not None:
+        if not per_layer:
+            raise LowbitError("--trace writes the profiled steps of --per-layer; add --per-layer")
+        base = Path(trace)
+        traces = [base if len(plan) == 1 else base.with_name(
+            f"{base.stem}-{Path(eng.path).name}-{eng.backend}-b{b}-p{p}{base.suffix}") for eng, b, p, _ in plan]
     runs = [profile_run(eng, b, p, n, warmup_s, duration_s, iterations, percentiles, quiet=quiet,
-                        per_layer=per_layer) for eng, b, p, n in plan]
-    return {"lowbit_version": lowbit.__version__, "host": host_info(), "runs": runs}
+                        per_layer=per_layer, trace_file=t) for (eng, b, p, n), t in zip(plan, traces)]
+    doc = {"lowbit_version": lowbit.__version__, "host": host_info(), "runs": runs}
+    if plot_dir is not None:
+        from lowbit.runtime.profile_plots import write_plots
+
+        doc["plots"] = [str(f) for f in write_plots(doc, plot_dir)]
+    return doc
 
 
 def format_table(doc: dict) -> str:
