@@ -86,7 +86,8 @@ def _fx_base(node) -> str:
     if node.op == "call_module":
         return QMATMUL                    # the CPU kernels' modules replace lowbit's quantized linear ops
     if isinstance(t, torch._ops.OpOverload) and t.namespace == "lowbit":
-        return QMATMUL if "linear" in t._opname else ATTENTION if t._opname == "attention" else OTHER
+        return (QMATMUL if "linear" in t._opname else ATTENTION if t._opname == "attention"
+                else NORM if "norm" in t._opname else OTHER)
     if t in FLOAT_MATMULS:
         return FMATMUL
     if isinstance(t, torch._ops.OpOverload) and t._opname in ("scaled_dot_product_attention", "_softmax", "softmax"):
@@ -156,7 +157,8 @@ def times_ms(events) -> dict[tuple[str, str], float]:
 
 def ort_run_times(trace: list, labels: dict) -> list[dict]:
     """Per ``model_run`` of an ONNX Runtime profiling trace (its events, in order): total ms per (layer, kind) of
-    its nodes' kernels; nodes missing from ``labels`` (the optimized graph's names) count as ("unmapped", "other")."""
+    its nodes' kernels, and the run's time outside them as ("onnxruntime", "other"); nodes missing from ``labels``
+    (the optimized graph's names) count as ("unmapped", "other")."""
     runs = sorted((e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])
     out = [defaultdict(float) for _ in runs]
@@ -169,4 +171,6 @@ def ort_run_times(trace: list, labels: dict) -> list[dict]:
             continue
         key = labels.get(e["name"][:-len("_kernel_time")], ("unmapped", "other"))
         out[i][key] += e["dur"] / 1e3
+    for run, o in zip(runs, out):
+        o[("onnxruntime", "other")] = max(0.0, run["dur"] / 1e3 - sum(o.values()))
     return [dict(o) for o in out]

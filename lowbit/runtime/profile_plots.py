@@ -40,7 +40,9 @@ def write_plots(doc: dict, out_dir) -> list[Path]:
                 ax_d.plot(xs, [p[1]["decode_ms_per_token"]["p50"] for p in points], marker="o", label=tag)
             ax_p.plot(xs, [p[1]["prefill_ms"]["p50"] for p in points], marker="o", label=tag)
         xlabel = "batch size (sequences)" if x == "batch" else "prompt length (tokens)"
+        ticks = sorted({r[x] for r in runs})
         for ax, title in ((ax_d, "decode, median ms per step"), (ax_p, "prefill, median ms")):
+            ax.set_xticks(ticks)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("ms")
             ax.set_title(title)
@@ -56,7 +58,8 @@ def write_plots(doc: dict, out_dir) -> list[Path]:
         from lowbit.runtime.breakdown import KINDS
 
         phases = [p for p in ("prefill", "decode") if any(x["phase"] == p for r in with_layers for x in r["layers"])]
-        fig, axes = plt.subplots(1, len(phases), figsize=(6 * len(phases), 4.5), squeeze=False)
+        width = max(6.0, 1.2 * len(with_layers))
+        fig, axes = plt.subplots(1, len(phases), figsize=(width * len(phases), 5.5), squeeze=False)
         labels = [f"{_name(r)}\nb{r['batch']} p{r['prompt_len']}" for r in with_layers]
         for ax, phase in zip(axes[0], phases):
             bottom = [0.0] * len(with_layers)
@@ -65,10 +68,10 @@ def write_plots(doc: dict, out_dir) -> list[Path]:
                       for r in with_layers]
                 ax.bar(range(len(with_layers)), ms, bottom=bottom, label=kind)
                 bottom = [b + m for b, m in zip(bottom, ms)]
-            ax.set_xticks(range(len(with_layers)), labels, fontsize=8)
+            ax.set_xticks(range(len(with_layers)), labels, fontsize=8, rotation=30, ha="right")
             ax.set_ylabel("ms per step")
             ax.set_title(f"one {phase} step by op kind")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left")
             ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         files.append(out_dir / "breakdown.png")

@@ -148,9 +148,9 @@ def check_per_layer(engine):
                           "--per-layer, or with --device cpu")
 
 
-def _torch_profiled(fn, trace: list) -> dict:
-    """ms per (layer, kind) of ``fn()`` under torch.profiler (the program instrumented by ``breakdown``); its
-    Chrome-trace events are appended to ``trace``."""
+def _torch_profiled(fn, trace: Optional[list]) -> tuple[dict, float]:
+    """(ms per (layer, kind), wall ms) of ``fn()`` under torch.profiler (the program instrumented by
+    ``breakdown``); its Chrome-trace events are appended to ``trace`` unless it is None."""
     import json
     import tempfile
 
@@ -160,32 +160,33 @@ def _torch_profiled(fn, trace: list) -> dict:
     from lowbit.runtime.breakdown import times_ms
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        prof.export_chrome_trace(f"{tmp}/trace.json")
-        with open(f"{tmp}/trace.json") as f:
-            trace += json.load(f).get("traceEvents", [])
-    return times_ms(prof.events())
+        _, wall = _timed(fn)
+    if trace is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(f"{tmp}/trace.json")
+            with open(f"{tmp}/trace.json") as f:
+                trace += json.load(f).get("traceEvents", [])
+    return times_ms(prof.events()), wall
 
 
-def _breakdown_torch(runner, prefill, decode, steps: int) -> tuple[dict, list, list]:
+def _breakdown_torch(runner, prefill, decode, steps: int, want_trace: bool) -> tuple[dict, list, list]:
     from lowbit.runtime.breakdown import instrumented
 
     plain = runner.gm
     runner.gm, order = instrumented(plain)
-    trace: list = []
+    trace = [] if want_trace else None
     try:
         prefill()                                                 # warm the instrumented program
         decode()
-        phases = {"prefill": _timed(lambda: _torch_profiled(prefill, trace))}
+        phases = {"prefill": _torch_profiled(prefill, trace)}
         if steps:
-            phases["decode"] = _timed(lambda: _torch_profiled(decode, trace))
+            phases["decode"] = _torch_profiled(decode, trace)
     finally:
         runner.gm = plain
-    return phases, list(dict.fromkeys(order)), trace
+    return phases, list(dict.fromkeys(order)), trace or []
 
 
-def _breakdown_ort(runner, prefill, decode, steps: int) -> tuple[dict, list, list]:
+def _breakdown_ort(runner, prefill, decode, steps: int, want_trace: bool) -> tuple[dict, list, list]:
     import json
     import tempfile
 
@@ -210,11 +211,11 @@ def _breakdown_ort(runner, prefill, decode, steps: int) -> tuple[dict, list, lis
         with open(trace_file) as f:
             trace = json.load(f)
         runs = ort_run_times(trace, labels)
-    measured = runs[-(1 + steps):]                                # after the warm-up's prefill and steps
-    phases = {"prefill": (measured[0], walls["prefill"])}
+    timed = runs[-(1 + steps):]                                   # after the warm-up's prefill and steps
+    phases = {"prefill": (timed[0], walls["prefill"])}
     if steps:
         total: dict = {}
-        for r in measured[1:]:
+        for r in timed[1:]:
             for k, v in r.items():
                 total[k] = total.get(k, 0.0) + v
         phases["decode"] = (total, walls["decode"])
@@ -227,12 +228,13 @@ def _timed(fn) -> tuple:
     return result, (time.perf_counter() - t0) * 1e3
 
 
-def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dict,
+def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int,
                     trace_file: Optional[Path] = None) -> tuple[list, dict]:
     """Rows ``{"phase", "name", "kind", "ms", "percent"}`` of one prefill and of the mean decode step (over up to
     8 steps) by layer and op kind (``breakdown``: torch.profiler ranges in the torch program, ONNX Runtime's
-    profiling trace of its nodes), each phase closed by an ``overhead`` row (its measured median, from
-    ``measured_ms``, minus the rows); and the wall ms of the profiled steps. ``trace_file``: where to write the
+    profiling trace of its kernels, plus its executor's time between them as ``onnxruntime`` / other), each phase
+    closed by an ``overhead`` row (the profiled step's wall time minus the rows: the runner's own work and what the
+    profiler does not see), with the wall ms of the profiled steps per phase. ``trace_file``: where to write the
     profilers' Chrome-trace JSON."""
     runner = engine.runner
     steps = min(new_tokens, 8)
@@ -253,7 +255,7 @@ def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dic
 
     with torch.inference_mode():
         phases, order, trace = (_breakdown_ort if engine.backend == "ort" else _breakdown_torch)(
-            runner, prefill, decode, steps)
+            runner, prefill, decode, steps, trace_file is not None)
     if trace_file is not None:
         import json
 
@@ -266,9 +268,9 @@ def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int, measured_ms: dic
         mine = [{"phase": phase, "name": label, "kind": kind, "ms": ms[(label, kind)] / per}
                 for label, kind in sorted(ms, key=lambda k: order.index(k) if k in order else len(order))]
         mine.append({"phase": phase, "name": "overhead", "kind": "overhead",
-                     "ms": measured_ms[phase] - sum(r["ms"] for r in mine)})
+                     "ms": profiled[phase] - sum(r["ms"] for r in mine)})
         for r in mine:
-            r["percent"] = 100 * r["ms"] / measured_ms[phase]
+            r["percent"] = 100 * r["ms"] / profiled[phase]
         rows += mine
     return rows, profiled
 
@@ -326,21 +328,21 @@ def profile_run(engine, batch: int = 1, prompt_len: int = 128, new_tokens: int =
         "bandwidth_gb_s": weight_bytes / median_step_s / 1e9 if weight_bytes and median_step_s else None,
     }
     if per_layer:
-        measured = {"prefill": float(np.median(prefill)), **({"decode": median_step_s * 1e3} if decode else {})}
-        run["layers"], run["layers_profiled_ms"] = layer_breakdown(engine, ids, new_tokens, measured, trace_file)
+        run["layers"], run["layers_profiled_ms"] = layer_breakdown(engine, ids, new_tokens, trace_file)
+        measured = run["layers_profiled_ms"]
         if trace_file is not None:
             run["trace_file"] = str(trace_file)
         for phase, outside in unexplained(run["layers"], measured).items():
             if abs(outside) > SUM_TOLERANCE:
-                print(f"lowbit: the {phase} breakdown of {what} leaves {100 * outside:+.0f}% of the measured "
-                      f"{measured[phase]:.2f} ms outside its rows (more than {100 * SUM_TOLERANCE:.0f}%)",
+                print(f"lowbit: the {phase} breakdown of {what} leaves {100 * outside:+.0f}% of the profiled "
+                      f"{measured[phase]:.2f} ms step outside its rows (more than {100 * SUM_TOLERANCE:.0f}%)",
                       file=sys.stderr)
     return run
 
 
 def unexplained(rows: list, measured_ms: dict) -> dict:
-    """Per phase, the share of the measured median step that the breakdown's rows (overhead excluded) do not
-    account for: (measured - sum) / measured, negative when the rows add up to more."""
+    """Per phase, the share of the measured step that the breakdown's rows (overhead excluded) do not account for:
+    (measured - sum) / measured, negative when the rows add up to more."""
     out = {}
     for phase, ms in measured_ms.items():
         total = sum(r["ms"] for r in rows if r["phase"] == phase and r["kind"] != "overhead")
