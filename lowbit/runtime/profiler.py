@@ -16,6 +16,9 @@ stopping early; an encoder's is one forward pass. Each run reports:
 - ``weight_bytes_per_step``: the matmul weight bytes one decode step reads (the artifact's
   ``sizes.matmul_bytes_after``; norms and the embedding rows it gathers are left out), and
   ``bandwidth_gb_s``: those bytes over the median decode step.
+
+``per_layer`` then profiles one more prefill and a few decode steps by layer and op kind (``layer_breakdown``,
+``breakdown.py``), after the timed iterations, so the timings above are the same with or without it.
 """
 
 from __future__ import annotations
@@ -186,7 +189,8 @@ def _breakdown_torch(runner, prefill, decode, steps: int, want_trace: bool) -> t
     return phases, list(dict.fromkeys(order)), trace or []
 
 
-def _breakdown_ort(runner, prefill, decode, steps: int, want_trace: bool) -> tuple[dict, list, list]:
+def _breakdown_ort(runner, prefill, decode, steps: int, _want_trace: bool) -> tuple[dict, list, list]:
+    """ONNX Runtime writes its trace either way; the caller keeps it only when asked."""
     import json
     import tempfile
 
