@@ -1,8 +1,9 @@
-"""Where one step of the torch backend spends its time, by layer and by op kind (``lowbit profile --per-layer``).
+"""Where one step spends its time, by layer and by op kind (``lowbit profile --per-layer``).
 
-The shipped program is copied with each run of consecutive nodes of one (layer, kind) wrapped in a
+Torch backend: the shipped program is copied with each run of consecutive nodes of one (layer, kind) wrapped in a
 ``torch.profiler`` range, so ``torch.profiler`` measures the runs as they execute, ops and dispatch included.
-Layers are read from the weights a node reads: nodes after one that reads a ``layers.<i>`` tensor belong to block
+ONNX Runtime: the kernels of its profiling trace, named by the session's optimized graph (``classify_onnx``,
+``ort_run_times``). Both walk their graph in order with ``assign``. Layers are read from the weights a node reads: nodes after one that reads a ``layers.<i>`` tensor belong to block
 i, those before the first block to ``embed`` (the embedding and the rotary tables), those after the last node that
 reads a block's weight to ``head`` (final norm, lm_head). Kinds:
 
