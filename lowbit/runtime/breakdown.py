@@ -17,6 +17,7 @@ reads a block's weight to ``head`` (final norm, lm_head). Kinds:
 
 from __future__ import annotations
 
+import bisect
 import copy
 import operator
 import re
@@ -167,8 +168,8 @@ def ort_run_times(trace: list, labels: dict) -> list[dict]:
     for e in trace:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
-        i = next((j for j in range(len(runs) - 1, -1, -1) if starts[j] <= e["ts"]), None)
-        if i is None or e["ts"] > runs[i]["ts"] + runs[i]["dur"]:
+        i = bisect.bisect_right(starts, e["ts"]) - 1
+        if i < 0 or e["ts"] > runs[i]["ts"] + runs[i]["dur"]:
             continue
         key = labels.get(e["name"][:-len("_kernel_time")], ("unmapped", "other"))
         out[i][key] += e["dur"] / 1e3

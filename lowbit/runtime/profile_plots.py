@@ -7,6 +7,16 @@ from pathlib import Path
 from lowbit.errors import LowbitError
 
 
+NEEDS_MATPLOTLIB = "--plot needs matplotlib: pip install matplotlib (or lowbit[plot])"
+
+
+def check_matplotlib():
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise LowbitError(NEEDS_MATPLOTLIB)
+
+
 def _series(runs: list, x: str, group: tuple) -> dict:
     """{(group values): [(x, run), ...] sorted by x}."""
     out: dict = {}
@@ -26,7 +36,7 @@ def write_plots(doc: dict, out_dir) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LowbitError("--plot needs matplotlib: pip install matplotlib (or lowbit[plot])") from None
+        raise LowbitError(NEEDS_MATPLOTLIB) from None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, files = doc["runs"], []

@@ -117,29 +117,42 @@ def _vocab(engine) -> int:
     return int(getattr(tok, "vocab_size", None) or len(tok))
 
 
+class _Greedy:
+    """Greedy generation of a batch through a runner, one call per model step: ``prefill()``, then ``step()``s."""
+
+    def __init__(self, runner, ids: torch.Tensor, new_tokens: int):
+        self.runner, self.ids, self.new_tokens = runner, ids, new_tokens
+
+    def prefill(self):
+        self.mask = torch.ones_like(self.ids)
+        self.positions = self.mask.cumsum(-1) - 1
+        cache = self.runner.start(self.ids.shape[0], self.ids.shape[1] + self.new_tokens)
+        logits, self.cache = self.runner.step(self.ids, self.mask, self.positions, cache)
+        self.next = logits[:, -1].argmax(-1, keepdim=True).cpu()
+
+    def step(self):
+        self.mask = torch.cat([self.mask, torch.ones_like(self.next)], 1)
+        self.positions = self.positions[:, -1:] + 1
+        logits, self.cache = self.runner.step(self.next, self.mask, self.positions, self.cache)
+        self.next = logits[:, -1].argmax(-1, keepdim=True).cpu()
+
+
 def _iteration(engine, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, list, float]:
     """(prefill ms, [decode ms per step], end-to-end ms) of one prefill + greedy decode."""
-    runner = engine.runner
     t_start = time.perf_counter()
     if engine.task != "causal-lm":
-        runner.full(ids, torch.ones_like(ids))
+        engine.runner.full(ids, torch.ones_like(ids))
         _sync(device)
         ms = (time.perf_counter() - t_start) * 1e3
         return ms, [], ms
-    mask = torch.ones_like(ids)
-    positions = mask.cumsum(-1) - 1
-    cache = runner.start(ids.shape[0], ids.shape[1] + new_tokens)
-    logits, cache = runner.step(ids, mask, positions, cache)
-    nxt = logits[:, -1].argmax(-1, keepdim=True).cpu()
+    gen = _Greedy(engine.runner, ids, new_tokens)
+    gen.prefill()
     _sync(device)
     prefill = (time.perf_counter() - t_start) * 1e3
     steps = []
     for _ in range(new_tokens):
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        positions = positions[:, -1:] + 1
         t0 = time.perf_counter()
-        logits, cache = runner.step(nxt, mask, positions, cache)
-        nxt = logits[:, -1].argmax(-1, keepdim=True).cpu()
+        gen.step()
         _sync(device)
         steps.append((time.perf_counter() - t0) * 1e3)
     return prefill, steps, (time.perf_counter() - t_start) * 1e3
@@ -189,7 +202,7 @@ def _breakdown_torch(runner, prefill, decode, steps: int, want_trace: bool) -> t
     return phases, list(dict.fromkeys(order)), trace or []
 
 
-def _breakdown_ort(runner, prefill, decode, steps: int, _want_trace: bool) -> tuple[dict, list, list]:
+def _breakdown_ort(runner, prefill, decode, steps: int) -> tuple[dict, list, list]:
     """ONNX Runtime writes its trace either way; the caller keeps it only when asked."""
     import json
     import tempfile
@@ -242,24 +255,17 @@ def layer_breakdown(engine, ids: torch.Tensor, new_tokens: int,
     profilers' Chrome-trace JSON."""
     runner = engine.runner
     steps = min(new_tokens, 8)
-    state = {}
-
-    def prefill():
-        mask = torch.ones_like(ids)
-        cache = runner.start(ids.shape[0], ids.shape[1] + new_tokens)
-        logits, state["cache"] = runner.step(ids, mask, mask.cumsum(-1) - 1, cache)
-        state["mask"], state["next"] = mask, logits[:, -1].argmax(-1, keepdim=True)
+    gen = _Greedy(runner, ids, new_tokens)
 
     def decode():
         for _ in range(steps):
-            state["mask"] = torch.cat([state["mask"], torch.ones_like(state["next"])], 1)
-            positions = state["mask"].sum(-1, keepdim=True) - 1
-            logits, state["cache"] = runner.step(state["next"], state["mask"], positions, state["cache"])
-            state["next"] = logits[:, -1].argmax(-1, keepdim=True)
+            gen.step()
 
     with torch.inference_mode():
-        phases, order, trace = (_breakdown_ort if engine.backend == "ort" else _breakdown_torch)(
-            runner, prefill, decode, steps, trace_file is not None)
+        if engine.backend == "ort":
+            phases, order, trace = _breakdown_ort(runner, gen.prefill, decode, steps)
+        else:
+            phases, order, trace = _breakdown_torch(runner, gen.prefill, decode, steps, trace_file is not None)
     if trace_file is not None:
         import json
 
@@ -398,10 +404,9 @@ def profile(artifacts, backend: str = "auto", device: str = "cpu", batches: Sequ
         if per_layer:
             check_per_layer(eng)
     if plot_dir is not None:
-        import importlib.util
+        from lowbit.runtime.profile_plots import check_matplotlib
 
-        if importlib.util.find_spec("matplotlib") is None:
-            raise LowbitError("--plot needs matplotlib: pip install matplotlib (or lowbit[plot])")
+        check_matplotlib()                                        # before the runs, not after them
     traces = [None] * len(plan)
     if trace is not None:
         if not per_layer:
