@@ -18,7 +18,7 @@ def _cmd_compile(a) -> int:
     out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet,
                         calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
                         eval_seq_len=a.eval_seq_len, onnx_accuracy_level=a.onnx_accuracy_level,
-                        onnx_fusions=not a.no_onnx_fusions,
+                        onnx_fusions=not a.no_onnx_fusions, onnx_exporter=a.onnx_exporter,
                         lkd={"steps": a.lkd_steps, "lr": a.lkd_lr, "batch": a.lkd_batch, "data": a.lkd_data,
                              "samples": a.lkd_samples, "seq_len": a.lkd_seq_len, "loss": a.lkd_loss,
                              "inputs": a.lkd_inputs})
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-onnx-fusions", action="store_true",
                    help="--target onnx: keep the plain ops instead of ONNX Runtime's fused ones "
                         "(SkipSimplifiedLayerNormalization, Gelu, ...)")
+    c.add_argument("--onnx-exporter", default="lowbit", metavar="NAME",
+                   help="--target onnx: lowbit (default) writes the shipped graph as ONNX itself, in seconds, and "
+                        "falls back to torch.onnx for an op it does not know; torch.onnx always re-traces with it")
     c.add_argument("--output", "-o", required=True, help="artifact folder to create")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress output")

@@ -250,19 +250,19 @@ def exporting():
         yield
 
 
-def example_step(kv: list, vocab: int, dtype=torch.float32) -> tuple:
-    """Example arguments of a causal step (input_ids, attention_mask, position_ids, past list): batch 2, 3 new
-    tokens after 4 cached ones, sizes distinct and above 1 so that tracing ties none of them to another."""
+def example_step(kv: list, vocab: int, dtype=torch.float32, sizes: tuple = (2, 3, 4)) -> tuple:
+    """Example arguments of a causal step (input_ids, attention_mask, position_ids, past list): by default batch 2,
+    3 new tokens after 4 cached ones, sizes distinct and above 1 so that tracing ties none of them to another."""
     g = torch.Generator().manual_seed(0)
-    b, s, p = 2, 3, 4
+    b, s, p = sizes
     past = [torch.randn(b, h, p, d, generator=g, dtype=dtype) for h, dk, dv in kv for d in (dk, dv)]
     return (torch.randint(0, vocab, (b, s), generator=g), torch.ones(b, p + s, dtype=torch.long),
             torch.arange(p, p + s).expand(b, s), past)
 
 
-def example_encoder_input(vocab: int, length: int) -> torch.Tensor:
-    """Example input_ids of an encoder forward: batch 2 of ``length`` tokens."""
-    return torch.randint(0, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+def example_encoder_input(vocab: int, length: int, batch: int = 2) -> torch.Tensor:
+    """Example input_ids of an encoder forward: ``batch`` rows of ``length`` tokens."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
 
 
 def _export(root, args, dynamic, loaded):

@@ -38,6 +38,7 @@ OPSET = 18
 # Protobuf cannot hold a model over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 2 * 1024 ** 3 - 64 * 1024 ** 2
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+EXPORTERS = ("lowbit", "torch.onnx")
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "com.microsoft::MatMulNBits"}
 
 
@@ -51,6 +52,11 @@ def check_accuracy_level(level: int):
     if level not in ACCURACY_LEVELS:
         raise LowbitError(f"--onnx-accuracy-level {level}: valid {', '.join(map(str, ACCURACY_LEVELS))} "
                           "(0: float math, exact; 4: int8 activations inside MatMulNBits, faster, less exact)")
+
+
+def check_exporter(exporter: str):
+    if exporter not in EXPORTERS:
+        raise LowbitError(f"--onnx-exporter {exporter}: valid {', '.join(EXPORTERS)}")
 
 
 def check_onnx_exportable(graph, recipe):
@@ -167,26 +173,31 @@ def _shared(gm, gather: dict, matmul) -> list:
             for g, _, node in pairs]
 
 
-def example_inputs(program: dict, vocab: int) -> tuple[tuple, dict]:
-    """Example arguments of a program (the trace's own, ``frontend.example_step``) and every dimension dynamic."""
-    from torch.export import Dim
-
-    dyn = Dim.DYNAMIC
+def example_inputs(program: dict, vocab: int, sizes: tuple = (2, 3, 4)) -> tuple[tuple, dict]:
+    """Example arguments of a program (by default the trace's own, ``frontend.example_step``: batch, new tokens,
+    cached tokens) and every dimension dynamic, named: ``{input: {axis: name}}``."""
     names = program["inputs"]
     if program["task"] != "causal-lm":
-        ids = example_encoder_input(vocab, 5)
-        return (ids, torch.ones_like(ids)), {n: {0: dyn, 1: dyn} for n in names}
-    ids, mask, positions, past = example_step(program["kv"], vocab)
-    return (ids, mask, positions, *past), {n: {0: dyn, 1: dyn} if i < 3 else {0: dyn, 2: dyn}
-                                           for i, n in enumerate(names)}
+        ids = example_encoder_input(vocab, sizes[1] + 2, batch=sizes[0])
+        return (ids, torch.ones_like(ids)), {n: {0: "batch", 1: "sequence"} for n in names}
+    ids, mask, positions, past = example_step(program["kv"], vocab, sizes=sizes)
+    step = {0: "batch", 1: "sequence"}
+    return (ids, mask, positions, *past), {names[0]: step, names[1]: {0: "batch", 1: "total_sequence"},
+                                           names[2]: step, **{n: {0: "batch", 2: "past_sequence"} for n in names[3:]}}
 
 
-def optimize_onnx(model) -> None:
+def _torch_dynamic(dims: dict) -> dict:
+    from torch.export import Dim
+
+    return {n: {axis: Dim.DYNAMIC for axis in axes} for n, axes in dims.items()}
+
+
+def optimize_onnx(model, rewrite: bool = True) -> None:
     """onnxscript's optimizations on the exported ONNX IR, in place, ordered for speed: twice, constants folded,
-    dead nodes removed, constants lifted to initializers and common subexpressions merged, then onnxscript's
-    default rewrite rules. ``torch.onnx.export(optimize=True)`` runs the same passes with the rewriter matching
-    over the graph before folding (three times the nodes, a thousand of them Constants), which took most of the
-    demo LM's export time."""
+    dead nodes removed, constants lifted to initializers and common subexpressions merged, then (``rewrite``)
+    onnxscript's default rewrite rules, which clean up torchlib's output (no-op casts, reshapes, slices) and take
+    most of the time; lowbit's own emitter writes none of those. ``torch.onnx.export(optimize=True)`` runs the
+    same passes with the rewriter matching over the graph before folding, slower still."""
     import onnx_ir as ir
     from onnx_ir.passes import common
     from onnxscript import optimizer, rewriter
@@ -196,23 +207,27 @@ def optimize_onnx(model) -> None:
                                 common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
                                 common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
                                 common.CommonSubexpressionEliminationPass())
-    for _ in range(2):
+    for _ in range(2 if rewrite else 1):
         optimizer.fold_constants_ir(model, onnx_shape_inference=True)
         tidy(model)
-        rewriter.rewrite(model)
+        if rewrite:
+            rewriter.rewrite(model)
     ir.passes.Sequential(common.RemoveUnusedNodesPass(), common.OutputFixPass(), common.NameFixPass())(model)
 
 
 def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path, fusions: bool = True,
-                attention_positions: int | None = None) -> dict:
+                attention_positions: int | None = None, exporter: str = "lowbit") -> dict:
     """Export a lowered program (``lower_program``) to ``dest``, with ONNX Runtime's fused operators unless
     ``fusions`` is false; returns the manifest's onnx entry, less the lowering's own fields.
     ``attention_positions``: the model's maximum positions when its attention mask is plain causal + padding
     (``ort_attention.plain_causal``), so its attention may become GroupQueryAttention; None keeps it plain."""
-    from lowbit.compiler.onnx_fusions import fuse_for_ort
-    from lowbit.plugins.onnx import translations
+    import onnx_ir as ir
 
-    args, dynamic = example_inputs(program, vocab)
+    from lowbit.compiler.onnx_fusions import fuse_for_ort
+
+    from lowbit.compiler.fx_onnx import Unsupported, to_onnx
+
+    args, dims = example_inputs(program, vocab)
     if program["task"] == "causal-lm":
         kv = program["kv"]
         inputs, outputs = io_names(len(kv))
@@ -221,29 +236,45 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path,
     else:
         inputs, outputs, kv_info = ["input_ids", "attention_mask"], ["last_hidden_state"], None
     t0 = time.perf_counter()
-    # torch.onnx prints its own step-by-step log; lowbit reports the export as one timed step instead.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), exporting():
-        ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
-        onnx_program = torch.onnx.export(ep, input_names=inputs, output_names=outputs, dynamo=True, optimize=False,
-                                         opset_version=OPSET, custom_translation_table=translations(),
-                                         verbose=False)
-        optimize_onnx(onnx_program.model)
+    model, used, note = None, exporter, None
+    if exporter == "lowbit":
+        try:
+            runs = [args] + [example_inputs(program, vocab, sizes)[0] for sizes in ((3, 5, 7), (5, 4, 9))]
+            model = to_onnx(gm, runs, inputs, [dims[n] for n in program["inputs"]], outputs, OPSET)
+        except Unsupported as e:
+            used, note = "torch.onnx", f"lowbit's emitter does not translate it: {e}"
+    if model is None:
+        model = _torch_onnx_export(gm, args, _torch_dynamic(dims), inputs, outputs)
+    with exporting():
+        optimize_onnx(model, rewrite=used == "torch.onnx")
         attention = ({"kv_heads": kv_info["kv_heads"], "max_positions": attention_positions}
                      if kv_info and attention_positions else None)
-        fused, missed = fuse_for_ort(onnx_program.model, attention) if fusions else ({}, {})
+        fused, missed = fuse_for_ort(model, attention) if fusions else ({}, {})
         if fusions and kv_info and attention is None:
             missed["GroupQueryAttention"] = ("the model's attention mask is more than causal + padding (a sliding "
                                              "window or chunked attention)")
     export_s = time.perf_counter() - t0
     dest.parent.mkdir(parents=True, exist_ok=True)
-    initializer_bytes = sum(v.const_value.nbytes for v in onnx_program.model.graph.initializers.values()
+    initializer_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
                             if v.const_value is not None)
     external = initializer_bytes > EXTERNAL_DATA_BYTES
-    onnx_program.save(str(dest), external_data=external)
-    return {"file": str(dest.name), "opset": OPSET, "export_seconds": round(export_s, 2),
-            "external_data": external, "inputs": inputs, "outputs": outputs, "kv_cache": kv_info,
-            "fusions": fused, **({"fusions_missed": missed} if missed else {}), **check_and_describe(dest)}
+    ir.save(model, str(dest), external_data=f"{dest.name}.data" if external else None)
+    return {"file": str(dest.name), "opset": OPSET, "exporter": used, **({"exporter_note": note} if note else {}),
+            "export_seconds": round(export_s, 2), "external_data": external, "inputs": inputs, "outputs": outputs,
+            "kv_cache": kv_info, "fusions": fused, **({"fusions_missed": missed} if missed else {}),
+            **check_and_describe(dest)}
+
+
+def _torch_onnx_export(gm, args, dynamic: dict, inputs: list[str], outputs: list[str]):
+    """``torch.onnx.export`` of the program (torch.export, its decompositions, torchlib): the ``onnx_ir`` model."""
+    from lowbit.plugins.onnx import translations
+
+    # torch.onnx prints its own step-by-step log; lowbit reports the export as one timed step instead.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), exporting():
+        ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
+        return torch.onnx.export(ep, input_names=inputs, output_names=outputs, dynamo=True, optimize=False,
+                                 opset_version=OPSET, custom_translation_table=translations(), verbose=False).model
 
 
 def op_name(node) -> str:
@@ -283,17 +314,18 @@ def check_and_describe(path: Path) -> dict:
 
 
 def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: bool = True,
-                      attention_positions: int | None = None) -> dict:
+                      attention_positions: int | None = None, exporter: str = "lowbit") -> dict:
     """Add ``onnx/model.onnx`` to a staged torch-target artifact in ``tmp``, lowered from its program
     (``attention_positions``: see ``export_onnx``)."""
     from safetensors.torch import load_file
 
     from lowbit.format import graph as graph_format
     check_accuracy_level(accuracy_level)
+    check_exporter(exporter)
     program = json.loads((tmp / PROGRAM_FILE).read_text())
     gm = graph_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=torch.float32)
     lowered = lower_program(gm, accuracy_level)
-    info = export_onnx(gm, program, vocab, tmp / ONNX_FILE, fusions, attention_positions)
+    info = export_onnx(gm, program, vocab, tmp / ONNX_FILE, fusions, attention_positions, exporter)
     (tmp / ONNX_IO_FILE).write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},
                                                     indent=1) + "\n")
     return {**info, "accuracy_level": accuracy_level, "lowered_ops": lowered}
@@ -307,6 +339,7 @@ class OnnxLowering:
 
     def prepare(self, recipe, options: dict):
         check_accuracy_level(options.get("onnx_accuracy_level", 0))
+        check_exporter(options.get("onnx_exporter", "lowbit"))
         return recipe
 
     def check(self, graph, recipe):
@@ -320,9 +353,10 @@ class OnnxLowering:
 
         body = TORCH.write(tmp, graph, loaded, recipe, options, timings, quiet)
         positions = loaded.max_positions if graph.task == "causal-lm" and plain_causal(loaded.config) else None
-        with timed(timings, "export_onnx", quiet, "exporting ONNX (torch.onnx, dynamo)"):
+        with timed(timings, "export_onnx", quiet, f"exporting ONNX ({options.get('onnx_exporter', 'lowbit')})"):
             info = write_onnx_target(tmp, graph.vocab_size, options.get("onnx_accuracy_level", 0),
-                                     options.get("onnx_fusions", True), positions)
+                                     options.get("onnx_fusions", True), positions,
+                                     options.get("onnx_exporter", "lowbit"))
         if graph.task == "causal-lm":
             kv = info["kv_cache"]
             info["genai"] = write_genai_config(tmp, loaded.config, list(zip(kv["kv_heads"], kv["head_dim"],

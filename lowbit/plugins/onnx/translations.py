@@ -1,5 +1,6 @@
-"""ONNX translations (onnxscript) of the ops a lowered program holds: ``torch.onnx.export``'s
-``custom_translation_table``.
+"""ONNX translations of the ops a lowered program holds, written once against an opset object (``op.Mul(a, b)``
+builds a node): onnxscript's, for ``torch.onnx.export``'s ``custom_translation_table``, or lowbit's own ONNX
+emitter's (``compiler.fx_onnx``).
 
 - ``ort_matmul_nbits``      -> ``com.microsoft::MatMulNBits``
 - ``ort_matmul_a8``         -> per-token INT8 quantization + ``MatMulInteger`` + row/column rescale (W8A8)
@@ -28,14 +29,61 @@ MASKED_SCORE = float(torch.finfo(torch.float32).min)
 
 def translations() -> dict:
     """The ``custom_translation_table`` (imports onnx and onnxscript on first use)."""
-    import onnx
-    from onnxscript import opset18 as op
+    from onnxscript import opset18
     from onnxscript.values import Opset
 
     register_contrib_schemas()
-    ms = Opset(CONTRIB_DOMAIN, 1)
-    UINT8, FLOAT, INT8, BOOL = (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT, onnx.TensorProto.INT8,
-                                onnx.TensorProto.BOOL)
+    return lowbit_op_functions(opset18, Opset(CONTRIB_DOMAIN, 1))
+
+
+def activation(op, x, act: str):
+    """``act`` (silu, gelu, gelu_tanh) of ``x``: SiLU as ``x * Sigmoid(x)``, GELU by its erf or tanh formula."""
+    def scalar(v: float):
+        return op.Constant(value_float=float(v))
+
+    if act == "silu":
+        return op.Mul(x, op.Sigmoid(x))
+    if act == "gelu":
+        inner = op.Erf(op.Mul(x, scalar(0.7071067811865476)))
+    elif act == "gelu_tanh":
+        cube = op.Mul(op.Mul(x, x), x)
+        inner = op.Tanh(op.Mul(op.Add(x, op.Mul(cube, scalar(0.044715))), scalar(0.7978845608028654)))
+    else:
+        raise ValueError(f"activation {act!r}")
+    return op.Mul(op.Mul(x, scalar(0.5)), op.Add(inner, scalar(1.0)))
+
+
+def scaled_dot_product(op, q, k, v, mask, scale: float, kv_groups: int):
+    """Softmax(q @ k^T * scale, masked) @ v: q [B, H, S, D], k / v [B, H / g, T, D] -> [B, H, S, D]. Grouped-query
+    heads as [B, H / g, g, S, D] against an unsqueezed K / V, so MatMul broadcasts instead of copying K and V g
+    times. A boolean mask keeps True; a float mask is added."""
+    import onnx
+
+    def ints(*v):
+        return op.Constant(value_ints=list(v))
+
+    g = kv_groups
+    if g > 1:
+        q = op.Reshape(q, op.Concat(op.Shape(k, start=0, end=2), ints(g, -1), op.Shape(q, start=3), axis=0))
+        k, v = op.Unsqueeze(k, ints(2)), op.Unsqueeze(v, ints(2))
+    scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 2, 4, 3] if g > 1 else [0, 1, 3, 2])),
+                    op.Constant(value_float=float(scale)))
+    if mask is not None:
+        m = op.Unsqueeze(mask, ints(2)) if g > 1 else mask
+        scores = op.Where(m, scores, op.Constant(value_float=MASKED_SCORE)) if mask.dtype == onnx.TensorProto.BOOL \
+            else op.Add(scores, m)
+    out = op.MatMul(op.Softmax(scores, axis=-1), v)
+    if g > 1:
+        out = op.Reshape(out, op.Concat(op.Shape(out, start=0, end=1), ints(-1), op.Shape(out, start=3), axis=0))
+    return out
+
+
+def lowbit_op_functions(op, ms) -> dict:
+    """{lowbit op overload: its translation} against ``op`` (the ONNX domain, opset 18) and ``ms``
+    (com.microsoft)."""
+    import onnx
+
+    UINT8, FLOAT, INT8 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT, onnx.TensorProto.INT8
     L = torch.ops.lowbit
 
     def ints(*v):
@@ -91,22 +139,7 @@ def translations() -> dict:
                                        block_size=block_size, bits=bits)
 
     def attention(q, k, v, mask, scale, kv_groups):
-        # q [B, H, S, D], k / v [B, H / g, T, D]; grouped-query heads as [B, H / g, g, S, D] against an
-        # unsqueezed K / V, so MatMul broadcasts instead of copying K and V g times.
-        g = kv_groups
-        if g > 1:
-            q = op.Reshape(q, op.Concat(op.Shape(k, start=0, end=2), ints(g, -1), op.Shape(q, start=3), axis=0))
-            k, v = op.Unsqueeze(k, ints(2)), op.Unsqueeze(v, ints(2))
-        scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 2, 4, 3] if g > 1 else [0, 1, 3, 2])),
-                        scalar(scale))
-        if mask is not None:
-            m = op.Unsqueeze(mask, ints(2)) if g > 1 else mask
-            scores = op.Where(m, scores, scalar(MASKED_SCORE)) if mask.dtype == BOOL else op.Add(scores, m)
-        out = op.MatMul(op.Softmax(scores, axis=-1), v)
-        if g > 1:
-            out = op.Reshape(out, op.Concat(op.Shape(out, start=0, end=1), ints(-1), op.Shape(out, start=3),
-                                            axis=0))
-        return op.Transpose(out, perm=[0, 2, 1, 3])
+        return op.Transpose(scaled_dot_product(op, q, k, v, mask, scale, kv_groups), perm=[0, 2, 1, 3])
 
     def codes(y):
         q, sx = quantize_rows(y)
@@ -122,19 +155,9 @@ def translations() -> dict:
         y, _, _ = op.LayerNormalization(x, weight, bias, axis=-1, epsilon=eps)      # (Y, Mean, InvStdDev)
         return codes(y)
 
-    def activation(x, act):
-        if act == "silu":
-            return op.Mul(x, op.Sigmoid(x))
-        if act == "gelu":
-            inner = op.Erf(op.Mul(x, scalar(0.7071067811865476)))
-        else:                                                   # gelu_tanh
-            cube = op.Mul(op.Mul(x, x), x)
-            inner = op.Tanh(op.Mul(op.Add(x, op.Mul(cube, scalar(0.044715))), scalar(0.7978845608028654)))
-        return op.Mul(op.Mul(x, scalar(0.5)), op.Add(inner, scalar(1.0)))
-
     def act_mul(y, act):
         gate, up = op.Split(y, axis=-1, num_outputs=2)
-        return op.Mul(activation(gate, act), up)
+        return op.Mul(activation(op, gate, act), up)
 
     def act_mul_quant_int8(y, act):
         return codes(act_mul(y, act))
