@@ -11,6 +11,7 @@ import torch
 import lowbit
 from lowbit.compiler import fx_onnx
 from lowbit.compiler.fx_onnx import Unsupported, dim_name, to_onnx
+from lowbit.runtime.inspect_artifact import describe
 
 aten = torch.ops.aten
 
@@ -157,7 +158,7 @@ def test_program_matches_torch_onnx_export(arch, recipe, model_dirs, more_model_
     folder = model_dirs[arch] if arch in model_dirs else more_model_dirs[arch]
     art = lowbit.compile(str(folder), recipe, out=tmp_path / "a", target="onnx", quiet=True)
     ours = json.loads((art / "manifest.json").read_text())["onnx"]
-    assert ours["exporter"] == "lowbit" and "exporter_note" not in ours
+    assert ours["exporter"] == "lowbit" and "exporter_note" not in ours and "written by lowbit" in describe(art)
     ref = lowbit.compile(str(folder), recipe, out=tmp_path / "ref", target="onnx", quiet=True,
                          onnx_exporter="torch.onnx")
     theirs = json.loads((ref / "manifest.json").read_text())["onnx"]
@@ -175,6 +176,7 @@ def test_unknown_op_falls_back_to_torch_onnx(model_dirs, tmp_path, monkeypatch):
     onnx_info = json.loads((art / "manifest.json").read_text())["onnx"]
     assert onnx_info["exporter"] == "torch.onnx" and "mul" in onnx_info["exporter_note"]
     assert onnx_info["fusions"]["GroupQueryAttention"] == 2
+    assert "written by torch.onnx" in describe(art) and "mul" in describe(art)
     ids = torch.randint(2, 320, (2, 6), generator=torch.Generator().manual_seed(4))
     assert torch.isfinite(lowbit.load(art, backend="ort").forward(ids, torch.ones_like(ids))).all()
 

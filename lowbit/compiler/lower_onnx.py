@@ -4,8 +4,9 @@ The ONNX target is the torch target plus ``onnx/model.onnx``, lowered from the v
 ships (``program.json`` + ``weights.safetensors``), so the fusion rules' rewrites carry over: merged
 Q/K/V and gate/up matmuls become one ``MatMulNBits`` each, a fused norm + INT8 quantize feeds its matmul
 the codes. Each quantized op is rewritten into a ``lowbit::ort_*`` op on tensors repacked once into the
-ONNX Runtime layout (``plugins.onnx.ort_ops``), the rewritten program is exported with
-``torch.onnx.export(dynamo=True)``, and ``plugins.onnx.translations`` turns the lowbit ops into nodes.
+ONNX Runtime layout (``plugins.onnx.ort_ops``), and the rewritten program is written as ONNX by lowbit's own
+emitter (``compiler.fx_onnx``; ``torch.onnx.export(dynamo=True)`` when it meets an op it does not know, or on
+request), ``plugins.onnx.translations`` turning the lowbit ops into nodes either way.
 
 A causal LM becomes one graph for prefill and decode::
 
@@ -223,9 +224,8 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path,
     (``ort_attention.plain_causal``), so its attention may become GroupQueryAttention; None keeps it plain."""
     import onnx_ir as ir
 
-    from lowbit.compiler.onnx_fusions import fuse_for_ort
-
     from lowbit.compiler.fx_onnx import Unsupported, to_onnx
+    from lowbit.compiler.onnx_fusions import fuse_for_ort
 
     args, dims = example_inputs(program, vocab)
     if program["task"] == "causal-lm":
@@ -364,6 +364,8 @@ class OnnxLowering:
                                                ONNX_FILE, info["inputs"], loaded.max_positions,
                                                eos_token_ids(loaded.config),
                                                info["fusions"].get("GroupQueryAttention") == kv["layers"])
+        if info.get("exporter_note"):
+            say(f"ONNX written by torch.onnx: {info['exporter_note']}", quiet)
         say(f"ONNX model: {info['bytes'] / 2**20:.1f} MiB, ops " + ", ".join(
             f"{k} x{v}" for k, v in list(info["ops"].items())[:6]) + ", ...", quiet)
         return {**body, "onnx": info}

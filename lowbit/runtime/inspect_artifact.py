@@ -53,6 +53,9 @@ def describe(path, as_json: bool = False) -> str:
         o = m["onnx"]
         out.insert(-1, f"onnx       onnx/{o['file']} {_mib(o['bytes'])}, opset {o['opset']}, accuracy_level "
                        f"{o['accuracy_level']}; ops " + ", ".join(f"{k} x{v}" for k, v in list(o["ops"].items())[:8]))
+        if "exporter" in o:
+            out.insert(-1, f"           written by {o['exporter']} in {o['export_seconds']} s"
+                           + (f" ({o['exporter_note']})" if o.get("exporter_note") else ""))
         fused = o.get("fusions")
         if fused:
             out.insert(-1, "           ONNX Runtime fusions " + ("; ".join(f"{k} x{v}" for k, v in fused.items())
