@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from lowbit.compiler.onnx_match import CONTRIB, const_array, ints_attr, producer, users
+
 MASKED_SCORE = float(np.finfo(np.float32).min)
-CONTRIB = "com.microsoft"
 
 
 def plain_causal(config) -> bool:
@@ -50,48 +51,29 @@ def plain_causal(config) -> bool:
     return not (window and getattr(config, "use_sliding_window", True))
 
 
-def _op(value, op_type: str):
-    """The node of type ``op_type`` (ONNX domain) that produces ``value``, or None."""
-    node = value.producer() if value is not None else None
-    return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
-
-
-def _const(value):
-    return value.const_value.numpy() if value is not None and value.const_value is not None else None
-
-
-def _ints(node, name: str):
-    attr = node.attributes.get(name)
-    return list(attr.value) if attr is not None else None
-
-
-def _users(value, op_type: str) -> list:
-    return [use.node for use in value.uses() if use.node.op_type == op_type]
-
-
 def _heads_split(value):
     """[B, S, n] -> Transpose(Reshape(.), 0 2 1 3): the flat projection, or None."""
-    t = _op(value, "Transpose")
-    if t is None or _ints(t, "perm") != [0, 2, 1, 3]:
+    t = producer(value, "Transpose")
+    if t is None or ints_attr(t, "perm") != [0, 2, 1, 3]:
         return None
-    r = _op(t.inputs[0], "Reshape")
+    r = producer(t.inputs[0], "Reshape")
     return r.inputs[0] if r is not None else None
 
 
 def _half_rotated(cat, x, half: int) -> bool:
     """``cat`` is Concat(-x[..., half:], x[..., :half]) on the last axis."""
-    node = _op(cat, "Concat")
+    node = producer(cat, "Concat")
     if node is None or node.attributes.get_int("axis") not in (-1, 3) or len(node.inputs) != 2:
         return False
-    neg = _op(node.inputs[0], "Neg")
-    hi, lo = (_op(neg.inputs[0], "Slice") if neg else None), _op(node.inputs[1], "Slice")
+    neg = producer(node.inputs[0], "Neg")
+    hi, lo = (producer(neg.inputs[0], "Slice") if neg else None), producer(node.inputs[1], "Slice")
     if hi is None or lo is None or hi.inputs[0] is not x or lo.inputs[0] is not x:
         return False
 
     def bounds(s):
-        starts, ends = _const(s.inputs[1]), _const(s.inputs[2])
-        axes = _const(s.inputs[3]) if len(s.inputs) > 3 else None
-        steps = _const(s.inputs[4]) if len(s.inputs) > 4 else None
+        starts, ends = const_array(s.inputs[1]), const_array(s.inputs[2])
+        axes = const_array(s.inputs[3]) if len(s.inputs) > 3 else None
+        steps = const_array(s.inputs[4]) if len(s.inputs) > 4 else None
         if starts is None or ends is None or (axes is not None and list(axes.ravel()) not in ([-1], [3])) or \
                 (steps is not None and list(steps.ravel()) != [1]):
             return None
@@ -103,11 +85,11 @@ def _half_rotated(cat, x, half: int) -> bool:
 
 def _trig(value, fn: str):
     """Unsqueeze(fn(Concat(f, f)), 1) -> f, or None."""
-    u = _op(value, "Unsqueeze")
-    if u is None or [int(a) for a in (_const(u.inputs[1]) if len(u.inputs) > 1 else [])] != [1]:
+    u = producer(value, "Unsqueeze")
+    if u is None or [int(a) for a in (const_array(u.inputs[1]) if len(u.inputs) > 1 else [])] != [1]:
         return None
-    t = _op(u.inputs[0], fn)
-    cat = _op(t.inputs[0], "Concat") if t is not None else None
+    t = producer(u.inputs[0], fn)
+    cat = producer(t.inputs[0], "Concat") if t is not None else None
     if cat is None or len(cat.inputs) != 2 or cat.inputs[0] is not cat.inputs[1]:
         return None
     return cat.inputs[0]
@@ -115,11 +97,11 @@ def _trig(value, fn: str):
 
 def _rotary(value):
     """x * cos + rotate_half(x) * sin -> (x, freqs), freqs the value both Cos and Sin read; or None."""
-    add = _op(value, "Add")
+    add = producer(value, "Add")
     if add is None:
         return None
     for a, b in (add.inputs, add.inputs[::-1]):
-        m1, m2 = _op(a, "Mul"), _op(b, "Mul")
+        m1, m2 = producer(a, "Mul"), producer(b, "Mul")
         if m1 is None or m2 is None:
             continue
         for x, cos in (m1.inputs, m1.inputs[::-1]):
@@ -133,11 +115,11 @@ def _rotary(value):
 
 def _inv_freq(freqs, position_ids):
     """freqs = Cast(Unsqueeze(position_ids)) * inv_freq -> inv_freq as a flat float32 array, or None."""
-    mul = _op(freqs, "Mul")
+    mul = producer(freqs, "Mul")
     if mul is None:
         return None
     for pos, c in (mul.inputs, mul.inputs[::-1]):
-        inv = _const(c)
+        inv = const_array(c)
         node = pos.producer()
         while node is not None and node.op_type in ("Cast", "Unsqueeze"):
             pos = node.inputs[0]
@@ -157,7 +139,7 @@ class _Attention:
 def _match(graph, layer: int, inputs: dict, outputs: dict, kv_heads: int):
     """One layer's attention, or the reason it does not match."""
     pk, pv = outputs.get(f"present.{layer}.key"), outputs.get(f"present.{layer}.value")
-    ck, cv = _op(pk, "Concat"), _op(pv, "Concat")
+    ck, cv = producer(pk, "Concat"), producer(pv, "Concat")
     if ck is None or cv is None or ck.inputs[0] is not inputs.get(f"past_key_values.{layer}.key") or \
             cv.inputs[0] is not inputs.get(f"past_key_values.{layer}.value"):
         return "the cache is not Concat(past, new)"
@@ -174,35 +156,35 @@ def _match(graph, layer: int, inputs: dict, outputs: dict, kv_heads: int):
     head = 2 * inv.size
     # The attention reading the cache: [Unsqueeze] -> Transpose -> MatMul(q, .) -> Mul(scale) -> Where -> Softmax
     # -> MatMul(., [Unsqueeze] v) -> [Reshape] -> Transpose(0 2 1 3).
-    grouped = bool(_users(pk, "Unsqueeze"))
-    kt_src = _users(pk, "Unsqueeze")[0].outputs[0] if grouped else pk
-    tr = _users(kt_src, "Transpose")
+    grouped = bool(users(pk, "Unsqueeze"))
+    kt_src = users(pk, "Unsqueeze")[0].outputs[0] if grouped else pk
+    tr = users(kt_src, "Transpose")
     if len(tr) != 1:
         return "no attention reads the key cache"
-    mm = _users(tr[0].outputs[0], "MatMul")
-    scale_mul = _users(mm[0].outputs[0], "Mul") if len(mm) == 1 else []
-    where = _users(scale_mul[0].outputs[0], "Where") if len(scale_mul) == 1 else []
-    softmax = _users(where[0].outputs[0], "Softmax") if len(where) == 1 else []
-    pv_mm = _users(softmax[0].outputs[0], "MatMul") if len(softmax) == 1 else []
+    mm = users(tr[0].outputs[0], "MatMul")
+    scale_mul = users(mm[0].outputs[0], "Mul") if len(mm) == 1 else []
+    where = users(scale_mul[0].outputs[0], "Where") if len(scale_mul) == 1 else []
+    softmax = users(where[0].outputs[0], "Softmax") if len(where) == 1 else []
+    pv_mm = users(softmax[0].outputs[0], "MatMul") if len(softmax) == 1 else []
     if len(pv_mm) != 1:
         return "the attention is not MatMul -> scale -> Where(mask) -> Softmax -> MatMul"
-    scale = _const(next((v for v in scale_mul[0].inputs if v is not mm[0].outputs[0]), None))
+    scale = const_array(next((v for v in scale_mul[0].inputs if v is not mm[0].outputs[0]), None))
     if scale is None or scale.size != 1 or where[0].inputs[1] is not scale_mul[0].outputs[0]:
         return "the attention's scale is not a constant"
     v_src = pv_mm[0].inputs[1]
-    if (_op(v_src, "Unsqueeze").inputs[0] if grouped and _op(v_src, "Unsqueeze") else v_src) is not pv:
+    if (producer(v_src, "Unsqueeze").inputs[0] if grouped and producer(v_src, "Unsqueeze") else v_src) is not pv:
         return "the attention does not read the value cache"
     q_rot = mm[0].inputs[0]
     if grouped:
-        q_rot = _op(q_rot, "Reshape").inputs[0] if _op(q_rot, "Reshape") else None
+        q_rot = producer(q_rot, "Reshape").inputs[0] if producer(q_rot, "Reshape") else None
     rq = _rotary(q_rot) if q_rot is not None else None
     if rq is None or rq[1] is not freqs:
         return "no rotary embedding on the queries with the keys' angles"
     q_flat = _heads_split(rq[0])
     out = pv_mm[0].outputs[0]
     if grouped:
-        out = next((u.outputs[0] for u in _users(out, "Reshape")), None)
-    final = next((u for u in _users(out, "Transpose") if _ints(u, "perm") == [0, 2, 1, 3]), None) if out else None
+        out = next((u.outputs[0] for u in users(out, "Reshape")), None)
+    final = next((u for u in users(out, "Transpose") if ints_attr(u, "perm") == [0, 2, 1, 3]), None) if out else None
     if q_flat is None or final is None:
         return "the queries or the output are not laid out as [B, S, H, D]"
     q_size, k_size, v_size = (v.shape[-1] if v.shape is not None else None for v in (q_flat, k_flat, v_flat))
@@ -218,10 +200,10 @@ def _match(graph, layer: int, inputs: dict, outputs: dict, kv_heads: int):
 
 def _packed(a: _Attention):
     """The Q/K/V matmul's output when q, k and v are the three parts of one Split of it."""
-    split = _op(a.q, "Split")
+    split = producer(a.q, "Split")
     if split is None or list(split.outputs) != [a.q, a.k, a.v] or split.attributes.get_int("axis") not in (-1, 2):
         return None
-    sizes = _const(split.inputs[1]) if len(split.inputs) > 1 else None
+    sizes = const_array(split.inputs[1]) if len(split.inputs) > 1 else None
     n = a.heads * a.head
     if sizes is None or [int(s) for s in sizes] != [n, a.kv_heads * a.head, a.kv_heads * a.head]:
         return None

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import math
 
-from lowbit.compiler.ort_attention import CONTRIB, _const, _op
+from lowbit.compiler.onnx_match import CONTRIB, const_array, producer
 
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
 
 def _scalar(value):
-    c = _const(value)
+    c = const_array(value)
     return float(c.reshape(-1)[0]) if c is not None and c.size == 1 else None
 
 
 def _with_constant(value, op_type: str, k: float):
     """x when ``value`` is op_type(x, k) or op_type(k, x) with the constant k (to 1e-4 relative), else None."""
-    node = _op(value, op_type)
+    node = producer(value, op_type)
     if node is None or len(node.inputs) != 2:
         return None
     for x, c in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
@@ -37,12 +37,12 @@ def tanh_gelu_input(node):
     if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
         return None
     for half, one_plus in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
-        x, tanh = _with_constant(half, "Mul", 0.5), _op(_with_constant(one_plus, "Add", 1.0), "Tanh")
-        add = _op(_with_constant(tanh.inputs[0], "Mul", SQRT_2_OVER_PI), "Add") if tanh is not None else None
+        x, tanh = _with_constant(half, "Mul", 0.5), producer(_with_constant(one_plus, "Add", 1.0), "Tanh")
+        add = producer(_with_constant(tanh.inputs[0], "Mul", SQRT_2_OVER_PI), "Add") if tanh is not None else None
         if x is None or add is None:
             continue
         for y, term in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
-            cube = _op(_with_constant(term, "Mul", 0.044715), "Pow")
+            cube = producer(_with_constant(term, "Mul", 0.044715), "Pow")
             if y is x and cube is not None and cube.inputs[0] is x and _scalar(cube.inputs[1]) == 3.0:
                 return x
     return None
