@@ -3,9 +3,9 @@ arithmetic and the ``lowbit::ort_*`` ops) becomes one ONNX node or a few, with n
 
 ``torch.onnx.export`` re-traces the program twice (``torch.export``, then its decompositions) before it
 translates a node; on the demo LM that is most of a minute. The program is an exported graph already, so it is
-translated as it stands: dtypes and shapes come from two fake-tensor runs at different sizes (a dimension that
-differs between them is dynamic), sizes read from inputs (``sym_size``) become ``Shape`` slices, and the lowbit
-ops use the translations ``torch.onnx`` uses too (``plugins.onnx.translations``). A node whose inputs are all
+translated as it stands: dtypes and shapes come from three runs on meta tensors at different sizes (a dimension
+that differs between them is dynamic), sizes read from inputs (``sym_size``) become ``Shape`` slices, and the
+lowbit ops use the translations ``torch.onnx`` uses too (``plugins.onnx.translations``). A node whose inputs are all
 constants and whose result is small is computed here, in torch, and stored as an initializer.
 
 An op this emitter does not know raises ``Unsupported``; the caller then exports with ``torch.onnx`` instead.
