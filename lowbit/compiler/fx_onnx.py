@@ -18,6 +18,7 @@ import operator
 from typing import Callable
 
 import numpy as np
+import onnx_ir as ir
 import torch
 
 INT64_MAX = 2 ** 63 - 1
@@ -32,14 +33,15 @@ class Unsupported(Exception):
     """The program holds an op (or an op's form) the emitter does not translate."""
 
 
-def _dtype(dtype: torch.dtype):
-    import onnx_ir as ir
+DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16, torch.bfloat16: ir.DataType.BFLOAT16,
+          torch.float64: ir.DataType.DOUBLE, torch.int64: ir.DataType.INT64, torch.int32: ir.DataType.INT32,
+          torch.int16: ir.DataType.INT16, torch.int8: ir.DataType.INT8, torch.uint8: ir.DataType.UINT8,
+          torch.bool: ir.DataType.BOOL}
 
+
+def _dtype(dtype: torch.dtype):
     try:
-        return {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
-                torch.bfloat16: ir.DataType.BFLOAT16, torch.float64: ir.DataType.DOUBLE,
-                torch.int64: ir.DataType.INT64, torch.int32: ir.DataType.INT32, torch.int16: ir.DataType.INT16,
-                torch.int8: ir.DataType.INT8, torch.uint8: ir.DataType.UINT8, torch.bool: ir.DataType.BOOL}[dtype]
+        return DTYPES[dtype]
     except KeyError:
         raise Unsupported(f"dtype {dtype}") from None
 
@@ -148,8 +150,6 @@ class Emitter:
     # -- building blocks ----------------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs, domain: str = "", outputs: int | None = None, **attrs):
         """Append a node; its output, or a tuple of ``outputs`` of them."""
-        import onnx_ir as ir
-
         while inputs and inputs[-1] is None:        # trailing optional inputs left out
             inputs = inputs[:-1]
         n = outputs or (attrs.get("num_outputs") if op_type == "Split" else MULTI_OUTPUT.get(op_type, 1))
@@ -160,16 +160,16 @@ class Emitter:
         return node.outputs[0] if n == 1 else tuple(node.outputs)
 
     def const(self, value, dtype: torch.dtype | None = None, name: str | None = None):
-        """An initializer holding ``value`` (a torch tensor, numpy array or Python number)."""
-        import onnx_ir as ir
-
+        """An initializer holding ``value`` (a torch tensor or Python number), named ``name`` or, unnamed, shared
+        with every other unnamed constant of the same small value."""
         t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dtype)
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
         t = t.detach().contiguous()
+        key = None
         if name is None:
             key = (t.dtype, tuple(t.shape), t.numpy().tobytes()) if t.numel() <= 64 else None
-            if key is not None and key in self._small:
+            if key in self._small:
                 return self._small[key]
             name = f"const_{len(self.initializers)}"
         elif name in self.initializers:
@@ -178,8 +178,8 @@ class Emitter:
         v = ir.Value(name=name, shape=ir.Shape(list(t.shape)), type=ir.TensorType(_dtype(t.dtype)),
                      const_value=ir.tensor(array, name=name))
         self.initializers[name] = v
-        if name.startswith("const_") and t.numel() <= 64:
-            self._small[(t.dtype, tuple(t.shape), t.numpy().tobytes())] = v
+        if key is not None:
+            self._small[key] = v
         return v
 
     def constant_attr(self, value=None, value_float=None, value_ints=None, value_int=None, value_floats=None):
@@ -257,8 +257,6 @@ class Emitter:
 
     # -- the walk -----------------------------------------------------------------------------------------------
     def emit(self, input_values: list, output_names: list[str]):
-        import onnx_ir as ir
-
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(input_values):
             raise Unsupported(f"{len(placeholders)} graph inputs, {len(input_values)} names")
@@ -307,15 +305,15 @@ class Emitter:
             if t is None or value.producer() is None or value.name:
                 continue
             value.dtype = _dtype(t[0])
-            value.shape = _shape(t[1])
+            value.shape = ir.Shape(t[1])
             value.name = node.name if len(_tensors(result)) == 1 else f"{node.name}_{i}"
 
-    def _shared_weight(self, node) -> bool:
-        """Whether a node other than one of ``node``'s users reads its tensor (through another get_attr or an
-        identity op of it)."""
+    def shared_weight(self, node) -> bool:
+        """Whether more than one node reads ``node``'s tensor: counting every get_attr of it and every identity op
+        of those (``aliases``), whose own reads of one another are not readers."""
         name = self.consts[node][1]
         aliases = [n for n, (_, other) in self.consts.items() if other == name]
-        return sum(len(n.users) for n in aliases) - (len(aliases) - 1) > len(node.users) or len(node.users) > 1
+        return sum(len(n.users) for n in aliases) - (len(aliases) - 1) > 1
 
     def _same_dtype(self, node) -> bool:
         return self.dtype(node) == self.consts[node.args[0]][0].dtype
@@ -328,7 +326,7 @@ class Emitter:
         if not inputs or any(n not in self.consts for n in inputs):
             return False
         # A weight another node reads stays one initializer: folding a reshape of it would store its bytes twice.
-        if any(self._shared_weight(n) for n in inputs):
+        if any(self.shared_weight(n) for n in inputs):
             return False
         t = self.types.get(node)
         if not isinstance(t, list) or len(t) != 1 or t[0] is None or any(isinstance(d, str) for d in t[0][1]):
@@ -341,12 +339,6 @@ class Emitter:
             out = node.target(*args, **kwargs)
         self.consts[node] = (out.detach().clone(), f"folded_{node.name}")
         return True
-
-
-def _shape(dims):
-    import onnx_ir as ir
-
-    return ir.Shape(dims)
 
 
 # -- handlers: (emitter, fx node) -> ONNX value(s) -----------------------------------------------------------------
@@ -575,25 +567,18 @@ def _split_with_sizes(e: Emitter, node):
     return e.op("Split", e.v(x), e.const(list(sizes), torch.int64), axis=int(dim), outputs=len(sizes))
 
 
-def _split(e: Emitter, node):
-    x, size = node.args[:2]
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    total = e.out_type(x)[1][dim]
-    if total is None or not isinstance(size, int):
-        raise Unsupported("split of a dynamic dimension")
-    sizes = [min(size, total - i) for i in range(0, total, size)]
-    return e.op("Split", e.v(x), e.const(sizes, torch.int64), axis=int(dim), outputs=len(sizes))
-
-
-def _chunk(e: Emitter, node):
-    x, chunks = node.args[:2]
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    total = e.out_type(x)[1][dim]
-    if not isinstance(total, int):
-        raise Unsupported("chunk of a dynamic dimension")
-    size = -(-total // chunks)
-    sizes = [min(size, total - i) for i in range(0, total, size)]
-    return e.op("Split", e.v(x), e.const(sizes, torch.int64), axis=int(dim), outputs=len(sizes))
+def _split_equal(chunks: bool):
+    """``split(x, size, dim)``, or ``chunk(x, n, dim)`` (pieces of ceil(size / n)): Split at static sizes."""
+    def handler(e: Emitter, node):
+        x, n = node.args[:2]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        total = e.out_type(x)[1][dim]
+        if not isinstance(total, int) or not isinstance(n, int):
+            raise Unsupported(f"{node.target} of a dynamic dimension")
+        size = -(-total // n) if chunks else n
+        sizes = [min(size, total - i) for i in range(0, total, size)]
+        return e.op("Split", e.v(x), e.const(sizes, torch.int64), axis=int(dim), outputs=len(sizes))
+    return handler
 
 
 def _repeat_interleave(e: Emitter, node):
@@ -753,8 +738,7 @@ def _linear(e: Emitter, node):
     x, w = node.args[:2]
     b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     dtype = e.dtype(node)
-    if w in e.consts and len(w.users) == 1 and sum(1 for n in e.gm.graph.nodes if n.op == "get_attr" and
-                                                   n.target == e.consts[w][1]) == 1:
+    if w in e.consts and not e.shared_weight(w):
         weight = e.const(e.consts[w][0].t(), name=f"{e.consts[w][1]}_t")      # [K, N], read by this matmul only
     else:
         weight = e.op("Transpose", e.tensor(w, dtype), perm=[1, 0])
@@ -865,7 +849,8 @@ HANDLERS = {
     aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
     aten.squeeze.default: _squeeze, aten.expand.default: _expand,
     aten.slice.Tensor: _slice, aten.select.int: _select, aten.cat.default: _cat,
-    aten.split_with_sizes.default: _split_with_sizes, aten.split.Tensor: _split, aten.chunk.default: _chunk,
+    aten.split_with_sizes.default: _split_with_sizes, aten.split.Tensor: _split_equal(False),
+    aten.chunk.default: _split_equal(True),
     aten.repeat_interleave.self_int: _repeat_interleave, aten.scaled_dot_product_attention.default: _sdpa,
     aten.gather.default: _gather, aten.numpy_T.default: _numpy_t,
     aten.where.ScalarOther: _where, aten.where.ScalarSelf: _where, aten.where.Scalar: _where,
@@ -883,7 +868,8 @@ HANDLERS = {
     aten.flatten.using_ints: _flatten,
     aten.add_.Tensor: _in_place(_binary("Add")), aten.sub_.Tensor: _in_place(_binary("Sub")),
     aten.mul_.Tensor: _in_place(_binary("Mul")), aten.div_.Tensor: _in_place(_binary("Div")),
-    aten.addmm.default: _addmm, aten.baddbmm.default: _addmm, aten.stack.default: _stack, aten.layer_norm.default: _layer_norm, aten.cumsum.default: _cumsum,
+    aten.addmm.default: _addmm, aten.baddbmm.default: _addmm, aten.stack.default: _stack,
+    aten.layer_norm.default: _layer_norm, aten.cumsum.default: _cumsum,
     aten.tril.default: _trilu(0), aten.triu.default: _trilu(1),
     aten.sym_size.int: _sym_size,
     operator.add: _sym_binary("Add"), operator.sub: _sym_binary("Sub"), operator.mul: _sym_binary("Mul"),
@@ -898,8 +884,6 @@ def to_onnx(gm: torch.fx.GraphModule, runs: list[tuple], input_names: list[str],
     """The program as an ``onnx_ir`` model. ``runs``: three example argument tuples of different sizes (fewer
     make it likelier that two different dynamic dimensions get one name); ``input_dims``: per input, {axis: name}
     of its dynamic dimensions, which names the same dimension everywhere in the graph. Raises ``Unsupported``."""
-    import onnx_ir as ir
-
     types = propagate(gm, runs)
     names = {}
     for i, dims in enumerate(input_dims):

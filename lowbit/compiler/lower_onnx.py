@@ -353,10 +353,10 @@ class OnnxLowering:
 
         body = TORCH.write(tmp, graph, loaded, recipe, options, timings, quiet)
         positions = loaded.max_positions if graph.task == "causal-lm" and plain_causal(loaded.config) else None
-        with timed(timings, "export_onnx", quiet, f"exporting ONNX ({options.get('onnx_exporter', 'lowbit')})"):
+        exporter = options.get("onnx_exporter", "lowbit")
+        with timed(timings, "export_onnx", quiet, f"exporting ONNX ({exporter})"):
             info = write_onnx_target(tmp, graph.vocab_size, options.get("onnx_accuracy_level", 0),
-                                     options.get("onnx_fusions", True), positions,
-                                     options.get("onnx_exporter", "lowbit"))
+                                     options.get("onnx_fusions", True), positions, exporter)
         if graph.task == "causal-lm":
             kv = info["kv_cache"]
             info["genai"] = write_genai_config(tmp, loaded.config, list(zip(kv["kv_heads"], kv["head_dim"],
