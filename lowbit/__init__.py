@@ -17,7 +17,7 @@ def compile(model: str, recipe="rtn-w4g128", out=None, target: str = "torch", fo
 
     Keyword options (see ``lowbit.compiler.pipeline.compile_model``): ``calib`` (CalibrationArgs: text,
     samples, seq_len, seed), ``device``, ``resume``, ``eval_text``, ``eval_windows``, ``eval_seq_len``,
-    ``onnx_accuracy_level``, ``onnx_fusions``, ``onnx_exporter``.
+    ``onnx_accuracy_level``, ``onnx_fusions``, ``onnx_exporter``, ``trt_precision``.
     """
     from lowbit.compiler.pipeline import compile_model
 

@@ -19,6 +19,7 @@ def _cmd_compile(a) -> int:
                         calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
                         eval_seq_len=a.eval_seq_len, onnx_accuracy_level=a.onnx_accuracy_level,
                         onnx_fusions=not a.no_onnx_fusions, onnx_exporter=a.onnx_exporter,
+                        trt_precision=a.trt_precision,
                         lkd={"steps": a.lkd_steps, "lr": a.lkd_lr, "batch": a.lkd_batch, "data": a.lkd_data,
                              "samples": a.lkd_samples, "seq_len": a.lkd_seq_len, "loss": a.lkd_loss,
                              "inputs": a.lkd_inputs})
@@ -111,6 +112,17 @@ def _cmd_assets(a) -> int:
     return main_assets(a.json)
 
 
+def _cmd_build_engine(a) -> int:
+    from lowbit.plugins.tensorrt.engine import Limits, build_artifact_engine
+
+    record = build_artifact_engine(a.artifact, Limits(a.max_batch, a.max_new_tokens, a.max_past),
+                                   aot=not a.jit_plugins)
+    if not a.quiet:
+        print(f"built {a.artifact}/tensorrt/{record['file']} ({record['bytes'] / 2**20:.1f} MiB) with TensorRT "
+              f"{record['tensorrt']} on {record['gpu']} in {record['seconds']} s", file=sys.stderr)
+    return 0
+
+
 def _runtime_device_args(p):
     p.add_argument("--device", default="cpu", help="torch backend: cpu (default) | cuda[:N] (Triton kernels) | auto")
     p.add_argument("--dtype", default="auto", help="torch backend: auto (float32 on CPU, float16 on CUDA) | "
@@ -141,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--onnx-exporter", default="lowbit", metavar="NAME",
                    help="--target onnx: lowbit (default) writes the shipped graph as ONNX itself, in seconds, and "
                         "falls back to torch.onnx for an op it does not know; torch.onnx always re-traces with it")
+    c.add_argument("--trt-precision", default="float16", metavar="DTYPE",
+                   help="--target tensorrt: the float type of the TensorRT ONNX (and engine): float16 (default), "
+                        "bfloat16 or float32")
     c.add_argument("--output", "-o", required=True, help="artifact folder to create")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress output")
@@ -174,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=0)
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts) | torch | ort")
+    r.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts, tensorrt for tensorrt ones) | torch | ort | "
+                   "tensorrt")
     r.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
     _runtime_device_args(r)
     r.add_argument("--json", action="store_true", help="one JSON object per prompt")
@@ -190,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoders: mean cosine of sentence embeddings vs the float source over TEXT's sentences "
                         "(file or demo)")
     e.add_argument("--max-sentences", type=int, default=256, help="sentences for --embeddings (default 256)")
-    e.add_argument("--backend", default="auto", help="for artifacts: auto (ort for onnx artifacts) | torch | ort")
+    e.add_argument("--backend", default="auto", help="for artifacts: auto (ort for onnx artifacts, tensorrt for tensorrt "
+                   "ones) | torch | ort | tensorrt")
     e.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
     _runtime_device_args(e)
     e.add_argument("--json", action="store_true", help="print {ppl, tokens, windows, ...} as JSON")
@@ -199,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profile", help="latency of artifacts: prefill, decode per token, end to end, memory")
     pr.add_argument("artifacts", nargs="+", help="artifact folder(s); several are compared against the first")
-    pr.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts) | torch | ort")
+    pr.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts, tensorrt for tensorrt ones) | torch | ort | "
+                   "tensorrt")
     pr.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
     _runtime_device_args(pr)
     pr.add_argument("--batch", default="1", help="comma list of batch sizes (default 1)")
@@ -225,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_inspect)
+
+    be = sub.add_parser("build-engine", help="build the TensorRT engine of a --target tensorrt artifact, on the "
+                        "machine (TensorRT >= 10.7, NVIDIA GPU) it will run on")
+    be.add_argument("artifact")
+    be.add_argument("--max-batch", type=int, default=8, help="largest batch the engine takes (default 8)")
+    be.add_argument("--max-new-tokens", type=int, default=512, help="largest prefill, in tokens (default 512)")
+    be.add_argument("--max-past", type=int, default=2048, help="largest KV cache of a decode step (default 2048)")
+    be.add_argument("--jit-plugins", action="store_true", help="run lowbit's plugins through Python (Triton's "
+                    "launcher) instead of their AOT-compiled kernels; the engine then needs Python to run")
+    be.add_argument("--quiet", "-q", action="store_true")
+    be.set_defaults(fn=_cmd_build_engine)
 
     rc = sub.add_parser("recipes", help="list the built-in recipes")
     rc.set_defaults(fn=_cmd_recipes)

@@ -30,10 +30,13 @@ TARGETS = {t.name: t for t in (
            ("torch",)),
     Target("onnx", "the torch target plus onnx/model.onnx for ONNX Runtime", "lowbit.compiler.lower_onnx:LOWERING",
            ("ort", "torch")),
+    Target("tensorrt", "the torch target plus tensorrt/model.onnx (TensorRT's dialect, lowbit plugins) for TensorRT",
+           "lowbit.compiler.lower_tensorrt:LOWERING", ("tensorrt", "ort", "torch")),
     Target("hf-gptq", "a transformers GPTQ checkpoint folder (for other runtimes)",
            "lowbit.compiler.lower_hf_gptq:LOWERING", ()),
 )}
-BACKENDS = {"torch": "lowbit.runtime.torch_runner:TorchRunner", "ort": "lowbit.runtime.ort_backend:OrtRunner"}
+BACKENDS = {"torch": "lowbit.runtime.torch_runner:TorchRunner", "ort": "lowbit.runtime.ort_backend:OrtRunner",
+            "tensorrt": "lowbit.runtime.tensorrt_runner:TensorRTRunner"}
 
 
 def _resolve(path: str):

@@ -131,12 +131,15 @@ class _Opset:
 class Emitter:
     """One program's ONNX graph, built node by node (``emit``)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, types: dict, opset: int):
+    def __init__(self, gm: torch.fx.GraphModule, types: dict, opset: int, handlers: dict | None = None,
+                 domains: dict | None = None):
         from lowbit.plugins.onnx.ort_ops import CONTRIB_DOMAIN, register_contrib_schemas
         from lowbit.plugins.onnx.translations import lowbit_op_functions
 
         register_contrib_schemas()
         self.gm, self.types, self.opset = gm, types, opset
+        self.handlers = handlers or {}          # a target's own forms of ops, before the shared table
+        self.domains = {CONTRIB_DOMAIN: 1} if domains is None else domains
         self.nodes: list = []
         self.initializers: dict = {}            # name -> ir.Value
         self.values: dict = {}                  # fx node -> ir.Value or tuple of them
@@ -168,7 +171,8 @@ class Emitter:
         t = t.detach().contiguous()
         key = None
         if name is None:
-            key = (t.dtype, tuple(t.shape), t.numpy().tobytes()) if t.numel() <= 64 else None
+            raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t          # numpy has no bfloat16
+            key = (t.dtype, tuple(t.shape), raw.numpy().tobytes()) if t.numel() <= 64 else None
             if key in self._small:
                 return self._small[key]
             name = f"const_{len(self.initializers)}"
@@ -180,6 +184,13 @@ class Emitter:
         self.initializers[name] = v
         if key is not None:
             self._small[key] = v
+        return v
+
+    def initializer(self, name: str, tensor) -> "ir.Value":
+        """An initializer holding an ``onnx_ir`` tensor (for types torch has no dtype for, such as INT4)."""
+        v = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+        self.initializers[name] = v
         return v
 
     def constant_attr(self, value=None, value_float=None, value_ints=None, value_int=None, value_floats=None):
@@ -281,12 +292,12 @@ class Emitter:
             value.name = name
             final.append(value)
         graph = ir.Graph(input_values, final, nodes=self.nodes, initializers=list(self.initializers.values()),
-                         opset_imports={"": self.opset, self.contrib: 1}, name="main_graph")
+                         opset_imports={"": self.opset, **self.domains}, name="main_graph")
         return ir.Model(graph, ir_version=10, producer_name="lowbit")
 
     def _call(self, node):
         target = node.target
-        handler = HANDLERS.get(target)
+        handler = self.handlers.get(target) or HANDLERS.get(target)
         if handler is None and target in self.lowbit:
             handler = _lowbit_op
         if handler is None:
@@ -880,10 +891,12 @@ HANDLERS = {
 
 
 def to_onnx(gm: torch.fx.GraphModule, runs: list[tuple], input_names: list[str], input_dims: list[dict],
-            output_names: list[str], opset: int):
+            output_names: list[str], opset: int, handlers: dict | None = None, domains: dict | None = None):
     """The program as an ``onnx_ir`` model. ``runs``: three example argument tuples of different sizes (fewer
     make it likelier that two different dynamic dimensions get one name); ``input_dims``: per input, {axis: name}
-    of its dynamic dimensions, which names the same dimension everywhere in the graph. Raises ``Unsupported``."""
+    of its dynamic dimensions, which names the same dimension everywhere in the graph. ``handlers``: {fx target:
+    handler(emitter, node)} that take precedence over the shared table (a target's own forms of the lowbit ops);
+    ``domains``: the opset imports besides the ONNX domain (default com.microsoft). Raises ``Unsupported``."""
     types = propagate(gm, runs)
     names = {}
     for i, dims in enumerate(input_dims):
@@ -896,4 +909,4 @@ def to_onnx(gm: torch.fx.GraphModule, runs: list[tuple], input_names: list[str],
     inputs = []
     for name, arg, node in zip(input_names, runs[0], [n for n in gm.graph.nodes if n.op == "placeholder"]):
         inputs.append(ir.Value(name=name, shape=ir.Shape(types[node][0][1]), type=ir.TensorType(_dtype(arg.dtype))))
-    return Emitter(gm, types, opset).emit(inputs, output_names)
+    return Emitter(gm, types, opset, handlers, domains).emit(inputs, output_names)

@@ -72,7 +72,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
                   quiet: bool = False, calib: Optional[CalibrationArgs] = None, device: str = "auto",
                   resume: bool = False, eval_text: Optional[str] = None, eval_windows: int = 40,
                   eval_seq_len: int = 512, onnx_accuracy_level: int = 0, onnx_fusions: bool = True,
-                  lkd=None, onnx_exporter: str = "lowbit") -> Path:
+                  lkd=None, onnx_exporter: str = "lowbit", trt_precision: str = "float16") -> Path:
     """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``.
 
     ``lkd`` (``passes.lkd.LKDOptions``) sets the distillation data and overrides the recipe's LKD steps, lr
@@ -85,7 +85,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         raise LowbitError("no output folder given; pass -o DIR")
     out = Path(out)
     options = {"onnx_accuracy_level": onnx_accuracy_level, "onnx_fusions": onnx_fusions,
-               "onnx_exporter": onnx_exporter}
+               "onnx_exporter": onnx_exporter, "trt_precision": trt_precision}
     recipe = lowering.prepare(load_recipe(recipe), options)
     calib = calib or CalibrationArgs()
     device = pick_device(device)

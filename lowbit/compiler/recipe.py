@@ -168,6 +168,9 @@ def _builtin() -> dict[str, Recipe]:
     for bits, group in [(8, 0), (8, 128), (4, 128), (4, 64), (4, 32), (3, 128), (3, 64), (2, 64)]:
         name = f"rtn-w{bits}" + (f"g{group}" if group else "")
         r[name] = Recipe(name, "rtn", bits, group)
+    # Symmetric INT4: the form TensorRT and ONNX Runtime run natively (no zero points).
+    for group in (128, 64):
+        r[f"rtn-w4g{group}-sym"] = Recipe(f"rtn-w4g{group}-sym", "rtn", 4, group, sym=True)
     for bits, group in [(4, 64), (3, 64)]:
         r[f"rtn-w{bits}g{group}-mse"] = Recipe(f"rtn-w{bits}g{group}-mse", "rtn", bits, group, mse=True)
     # GPTQ: act-order + static groups by default (without act-order GPTQ can lose to RTN on Llama-family

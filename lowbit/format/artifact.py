@@ -37,6 +37,11 @@ WEIGHTS_FILE = "weights.safetensors"
 GRAPH_FILE = "graph.json"
 ONNX_FILE = "onnx/model.onnx"
 ONNX_IO_FILE = "onnx/io.json"
+TENSORRT_FILE = "tensorrt/model.onnx"
+TENSORRT_PLUGINS_FILE = "tensorrt/plugins.json"
+TENSORRT_ENGINE_FILE = "tensorrt/model.engine"
+TENSORRT_LOG_FILE = "tensorrt/build.log"
+TENSORRT_CACHE_FILE = "tensorrt/timing.cache"
 
 
 def sha256_file(path: Path) -> str:
@@ -91,6 +96,26 @@ def write_artifact(out: Path, fill: Callable[[Path], dict], force: bool = False)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def add_files(path: Path, files: dict[str, bytes], entries: dict) -> dict:
+    """Add or replace ``files`` ({relative name: bytes}) in the artifact at ``path`` and merge ``entries`` into its
+    manifest, with the new files' hashes; returns the new manifest. Each file, then the manifest, is written
+    under a temporary name and renamed into place, so an interrupted call never leaves a half-written file."""
+    manifest = read_manifest(path)
+    for name, data in files.items():
+        dest = path / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+        manifest["files"][name] = sha256_file(dest)
+    for key, value in entries.items():
+        manifest[key] = {**manifest.get(key, {}), **value} if isinstance(value, dict) else value
+    tmp = path / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path / MANIFEST)
+    return manifest
 
 
 def is_artifact(path) -> bool:

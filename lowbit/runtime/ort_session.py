@@ -59,21 +59,27 @@ class OrtSession:
 
     def __init__(self, path: Path, manifest: dict, provider: str = "auto", threads: int = 0):
         info = manifest.get("onnx")
+        # A TensorRT artifact's ONNX runs here too, its plugin nodes on their reference implementations: what
+        # validates it on a machine without TensorRT.
+        self.tensorrt = info is None and manifest.get("tensorrt") is not None
+        if self.tensorrt:
+            info = manifest["tensorrt"]
         if info is None:
             raise LowbitError(f"artifact '{path}' was compiled for target '{manifest.get('target')}' and has no ONNX "
                               "model; recompile it with --target onnx to use --backend ort")
-        file = path / "onnx" / info["file"]
+        file = path / ("tensorrt" if self.tensorrt else "onnx") / info["file"]
         if info.get("ops", {}).get("MatMulInteger") and "integer_matmuls" not in info:
             # Compiled before the check in integer_matmul: its uint8 x int8 GEMMs saturate on x86 without VNNI.
             raise LowbitError(f"artifact '{path}' has a W8A8 ONNX model from an older lowbit whose integer matmuls "
                               "give wrong results on x86 CPUs without VNNI; recompile it with --target onnx")
         self.file, self.threads = file, threads
+        self.kv = info.get("kv_cache")
+        self.kv_dtype = (self.kv or {}).get("dtype", info.get("precision", "float32"))
         self.session = self.new_session(pick_providers(provider))
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == PROVIDERS["cuda"] else "cpu"
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.kv = info.get("kv_cache")
         self.task = manifest["source"]["task"]
         # GroupQueryAttention decides per call: past and present in one buffer means write in place.
         self.in_place_cache = bool(self.kv) and info.get("fusions", {}).get("GroupQueryAttention") == self.kv["layers"]
@@ -94,8 +100,20 @@ class OrtSession:
             opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
         if optimized_model:
             opts.optimized_model_filepath = optimized_model
+        model = str(self.file)
+        if self.tensorrt:
+            import onnx
+
+            from lowbit.plugins.tensorrt import reference
+
+            # ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, by default with INT8 activations
+            # (accuracy level 4): level 0 keeps the float math TensorRT's weight-only GEMMs do.
+            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+            # The Python ops are defined before the library that serves them is loaded.
+            model = reference.ort_model(onnx.load(model), self.kv_dtype).SerializeToString()
+            reference.session_options(base=opts)
         try:
-            return ort.InferenceSession(str(self.file), opts, providers=providers)
+            return ort.InferenceSession(model, opts, providers=providers)
         except Exception as e:  # noqa: BLE001  (ORT raises its own exception types, or RuntimeError)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LowbitError(f"ONNX Runtime cannot load '{self.file}': {first[:300]}; recompile the artifact") from None
@@ -131,7 +149,7 @@ class OrtSession:
         length = capacity if capacity and self.in_place_cache else 0
         # Artifacts from before value_dim was recorded have values as wide as keys.
         values = self.kv.get("value_dim", self.kv["head_dim"])
-        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, length, d), np.float32), self.device, 0)
+        cache = [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, h, length, d), self.kv_dtype), self.device, 0)
                  for h, dk, dv in zip(self.kv["kv_heads"], self.kv["head_dim"], values) for d in (dk, dv)]
         return KVBuffers(cache, length) if length else cache
 
@@ -147,15 +165,15 @@ class OrtSession:
                 raise LowbitError(f"the KV cache holds {cache.capacity} positions and this step needs "
                                   f"{attention_mask.shape[1]}; start it with a larger capacity")
             outs = self._run(feeds, dict(zip(self.outputs[1:], cache)))
-            return outs[0].numpy(), cache
+            return outs[0].numpy().astype(np.float32, copy=False), cache
         outs = self._run(feeds)
-        return outs[0].numpy(), outs[1:]
+        return outs[0].numpy().astype(np.float32, copy=False), outs[1:]
 
     def full_np(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits of a causal LM over whole sequences (empty cache), or an encoder's last hidden state."""
         if self.task == "encoder":
             self._check_inputs(["input_ids", "attention_mask"])
             return self._run({"input_ids": input_ids.astype(np.int64),
-                              "attention_mask": attention_mask.astype(np.int64)})[0].numpy()
+                              "attention_mask": attention_mask.astype(np.int64)})[0].numpy().astype(np.float32, copy=False)
         return self.step_np(input_ids, attention_mask, mask_positions_np(attention_mask),
                             self.start(input_ids.shape[0]))[0]

@@ -36,10 +36,14 @@ def translations() -> dict:
     return lowbit_op_functions(opset18, Opset(CONTRIB_DOMAIN, 1))
 
 
-def activation(op, x, act: str):
-    """``act`` (silu, gelu, gelu_tanh) of ``x``: SiLU as ``x * Sigmoid(x)``, GELU by its erf or tanh formula."""
-    def scalar(v: float):
-        return op.Constant(value_float=float(v))
+def _float32(op):
+    return lambda v: op.Constant(value_float=float(v))
+
+
+def activation(op, x, act: str, scalar=None):
+    """``act`` (silu, gelu, gelu_tanh) of ``x``: SiLU as ``x * Sigmoid(x)``, GELU by its erf or tanh formula.
+    ``scalar(v)``: a constant of x's dtype (default float32)."""
+    scalar = scalar or _float32(op)
 
     if act == "silu":
         return op.Mul(x, op.Sigmoid(x))
@@ -53,11 +57,15 @@ def activation(op, x, act: str):
     return op.Mul(op.Mul(x, scalar(0.5)), op.Add(inner, scalar(1.0)))
 
 
-def scaled_dot_product(op, q, k, v, mask, scale: float, kv_groups: int):
+def scaled_dot_product(op, q, k, v, mask, scale: float, kv_groups: int, scalar=None,
+                       masked_score: float = MASKED_SCORE):
     """Softmax(q @ k^T * scale, masked) @ v: q [B, H, S, D], k / v [B, H / g, T, D] -> [B, H, S, D]. Grouped-query
     heads as [B, H / g, g, S, D] against an unsqueezed K / V, so MatMul broadcasts instead of copying K and V g
-    times. A boolean mask keeps True; a float mask is added."""
+    times. A boolean mask keeps True (masked scores become ``masked_score``, the dtype's most negative value); a
+    float mask is added. ``scalar(v)``: a constant of q's dtype (default float32)."""
     import onnx
+
+    scalar = scalar or _float32(op)
 
     def ints(*v):
         return op.Constant(value_ints=list(v))
@@ -67,10 +75,10 @@ def scaled_dot_product(op, q, k, v, mask, scale: float, kv_groups: int):
         q = op.Reshape(q, op.Concat(op.Shape(k, start=0, end=2), ints(g, -1), op.Shape(q, start=3), axis=0))
         k, v = op.Unsqueeze(k, ints(2)), op.Unsqueeze(v, ints(2))
     scores = op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 2, 4, 3] if g > 1 else [0, 1, 3, 2])),
-                    op.Constant(value_float=float(scale)))
+                    scalar(scale))
     if mask is not None:
         m = op.Unsqueeze(mask, ints(2)) if g > 1 else mask
-        scores = op.Where(m, scores, op.Constant(value_float=MASKED_SCORE)) if mask.dtype == onnx.TensorProto.BOOL \
+        scores = op.Where(m, scores, scalar(masked_score)) if mask.dtype == onnx.TensorProto.BOOL \
             else op.Add(scores, m)
     out = op.MatMul(op.Softmax(scores, axis=-1), v)
     if g > 1:

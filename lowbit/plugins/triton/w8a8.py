@@ -12,6 +12,9 @@ the int8 activations that the quantization kernel adds up as it writes them. No 
 is widened per weight, so the main loop is loads, one xor per register and the MMAs. The result is the exact
 integer sum whenever code - zero fits int8, which symmetric weights always satisfy.
 
+``SIGNED`` reads int8 weights [N, K] as they are, with no zero points (the TensorRT plugin ``int8_linear``
+stores them so: ``lowbit.plugins.tensorrt``).
+
 Tiling: [BM, BN] output tiles over all of K, grouped along M for L2 reuse of the weight tile. The K loop
 is flat (so the loads pipeline across groups) and accumulates int32; at the last tile of each group the int32
 sum is converted, scaled by the group's fp16 scale and added to an fp32 accumulator, then restarted. A K
@@ -54,7 +57,8 @@ def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr
                  BITS: tl.constexpr, PER: tl.constexpr, ONE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_RES: tl.constexpr,
                  CENTERED: tl.constexpr, FLIP_ASM: tl.constexpr, EVEN_K: tl.constexpr, SWAP: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                 SIGNED: tl.constexpr = False):
     # SWAP (Hopper): the product is computed transposed, y.T tile [BN, BM] = W [BN, BK] @ x.T [BK, BM], so the
     # weight, transformed in registers (flipped or widened), is wgmma's register operand instead of being
     # written back to shared memory for it (wgmma reads only its first operand from registers). On sm80/sm86
@@ -69,7 +73,7 @@ def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc_i = tl.zeros((BM, BN), dtype=tl.int32)
-    if ONE_GROUP:
+    if ONE_GROUP and not SIGNED:
         z = tl.load(z_ptr + rn * stride_zn, mask=n_mask, other=0).to(tl.int32)
     n_tiles = tl.cdiv(K, BK)
     for t in range(0, n_tiles):
@@ -79,9 +83,9 @@ def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr
             a = tl.load(x_rows + rk0[None, :], mask=m_mask[:, None], other=0)
         else:
             a = tl.load(x_rows + rk0[None, :], mask=m_mask[:, None] & (rk0[None, :] < K), other=0)
-        if not ONE_GROUP:
+        if not ONE_GROUP and not SIGNED:
             z = tl.load(z_ptr + rn * stride_zn + k0 // GROUP, mask=n_mask, other=0).to(tl.int32)
-        if CENTERED:
+        if CENTERED or SIGNED:
             # 8-bit per-channel: the dot takes code - 128, the byte with its top bit flipped, and code - zero is
             # restored once in the epilogue. Compiled, the flip is one xor per register of four bytes (inline
             # PTX: Triton's own i8 xor unpacks, flips and repacks each byte in the mma operand layout of sm80);
@@ -92,7 +96,9 @@ def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr
                 raw = tl.load(w_ptrs)
             else:
                 raw = tl.load(w_ptrs, mask=rk0[None, :] < K)      # past K: x is 0, any byte will do
-            if FLIP_ASM:
+            if SIGNED:
+                w = raw                 # int8 weights as they are (the TensorRT plugin's layout)
+            elif FLIP_ASM:
                 w = tl.inline_asm_elementwise(_FLIP_BYTES, "=r,r", [raw], dtype=tl.int8, is_pure=True, pack=4)
             else:
                 w = (raw ^ 0x80).to(tl.int8, bitcast=True)
@@ -118,7 +124,7 @@ def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr
         # The int32 sum's epilogue, [BM, BN] from here on.
         if SWAP:
             acc_i = tl.trans(acc_i)
-        if CENTERED:
+        if CENTERED and not SIGNED:
             # sum_k x (q - z) = sum_k x (q - 128) + (128 - z) * sum_k x, with the row sums of the codes.
             xs = tl.load(xs_ptr + rm, mask=m_mask, other=0)
             acc_i += xs[:, None] * (128 - z)[None, :]
