@@ -94,3 +94,20 @@ def test_onnx_int4_parity_on_demo(w4_onnx):
     m = lowbit.format.artifact.read_manifest(art)
     # Lowered from the shipped program: Q/K/V and gate/up are one MatMulNBits each in all 30 blocks (210 unmerged).
     assert m["onnx"]["ops"]["com.microsoft::MatMulNBits"] == 30 * 4
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w4g64-sym", "rtn-w4g64", "zq-w8a8"])
+def test_tensorrt_onnx_perplexity_on_demo(recipe, tmp_path):
+    """The TensorRT target on the real model: its ONNX (native INT4 DequantizeLinear; asymmetric zero points
+    folded; W8A8 plugins on their reference implementations) in ONNX Runtime scores the perplexity of the torch
+    backend of the same artifact within 0.5%. float32, so the comparison is of the lowering, not of float16."""
+    art = lowbit.compile("demo", recipe, out=tmp_path / recipe, target="tensorrt", quiet=True,
+                         trt_precision="float32")
+    ppl = {b: evaluate_perplexity(str(art), "demo", seq_len=SEQ, max_windows=2, show_progress=False, backend=b,
+                                  kernels="reference" if b == "torch" else "auto")["ppl"] for b in ("torch", "ort")}
+    assert abs(ppl["ort"] / ppl["torch"] - 1) < 0.005, ppl
+    info = lowbit.format.artifact.read_manifest(art)["tensorrt"]
+    if recipe == "zq-w8a8":
+        assert info["plugins"]["int8_linear"] == 30 * 4 and info["plugins"]["rmsnorm_quant_int8"] == 30 * 2
+    else:
+        assert info["int4_weights"] == 30 * 4 and not info["plugins"]

@@ -66,6 +66,16 @@ def describe(path, as_json: bool = False) -> str:
             out.insert(-1, "           MatMulInteger forms " + ", ".join(f"{k} x{v}" for k, v in
                                                                      o["integer_matmuls"].items())
                        + " (int32 sums exact on every CPU)")
+    if "tensorrt" in m:
+        t = m["tensorrt"]
+        out.insert(-1, f"tensorrt   tensorrt/{t['file']} {_mib(t['bytes'])}, {t['precision']}, opset {t['opset']}, "
+                       f"{t['int4_weights']} INT4 weights; plugins "
+                       + (", ".join(f"{k} x{v}" for k, v in t["plugins"].items()) or "none")
+                       + f"; checked against {t['checked_against']}")
+        e = t.get("engine")
+        out.insert(-1, "           engine " + (f"{e['file']} {_mib(e['bytes'])}, TensorRT {e['tensorrt']} on "
+                                               f"{e['gpu']}, {e['plugins']} plugins, built in {e['seconds']} s"
+                                               if e else "not built: lowbit build-engine on a TensorRT machine"))
     for name, layer in layers.items():
         group = "ch" if layer["group_size"] >= layer["in_features"] else layer["group_size"]
         kind = {"wna16_embedding": " embedding", "w8a8_linear": " int8-activations"}.get(layer["op"], "")

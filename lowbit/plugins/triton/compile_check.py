@@ -157,7 +157,7 @@ def cases(quick: bool = False):
 
     # 8-bit per-channel weights are read as bytes (CENTERED); the other formats as packed int32 words.
     w8s = list(_config_cases(w8a8._CONFIGS, BITS=8, PER=1, ONE_GROUP=True, HAS_BIAS=True, HAS_RES=False,
-                             CENTERED=True, FLIP_ASM=True, EVEN_K=True))
+                             CENTERED=True, FLIP_ASM=True, EVEN_K=True, SIGNED=False))
     for consts, warps, stages in (w8s[:2] if quick else w8s):
         yield w8("w8a8", consts, warps, stages)
     yield w8("w8a8 ragged K", {**w8s[0][0], "EVEN_K": False}, w8s[0][1], w8s[0][2])
