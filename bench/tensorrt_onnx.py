@@ -8,8 +8,10 @@ the first N windows of eval.txt with `--backend torch --kernels reference` (floa
 their scales, and the fold matrices ``s * (8 - z)`` of asymmetric weights (the extra bytes a decode step reads
 for folding zero points instead of a zero-point plugin).
 
-    python bench/tensorrt_onnx.py [--recipes rtn-w4g64-sym,rtn-w4g64,zq-w8a8,gptq-w4g128] [--precisions float32,float16]
-                                  [--windows 8] [--out out/trt-bench]
+    python bench/tensorrt_onnx.py [--recipes rtn-w4g64-sym,rtn-w4g64,zq-w8a8,gptq-w4g128@float16]
+                                  [--precisions float32,float16] [--windows 8] [--out out/trt-bench]
+
+``RECIPE@P1+P2`` limits a recipe to those precisions (GPTQ calibrates for minutes per compile).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def weight_bytes(onnx_path: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipes", default="rtn-w4g64-sym,rtn-w4g64,zq-w8a8,gptq-w4g128")
+    ap.add_argument("--recipes", default="rtn-w4g64-sym,rtn-w4g64,zq-w8a8,gptq-w4g128@float16")
     ap.add_argument("--precisions", default="float32,float16")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=512)
@@ -50,8 +52,9 @@ def main() -> None:
     a = ap.parse_args()
     print(f"# CPU: {describe_cpu()}")
     rows = []
-    for recipe in a.recipes.split(","):
-        for precision in a.precisions.split(","):
+    for item in a.recipes.split(","):
+        recipe, _, only = item.partition("@")          # "gptq-w4g128@float16": that precision only
+        for precision in (only.split("+") if only else a.precisions.split(",")):
             out = Path(a.out) / f"{recipe}-{precision}"
             t0 = time.perf_counter()
             if not (out / "manifest.json").is_file():

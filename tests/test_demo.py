@@ -96,15 +96,18 @@ def test_onnx_int4_parity_on_demo(w4_onnx):
     assert m["onnx"]["ops"]["com.microsoft::MatMulNBits"] == 30 * 4
 
 
-@pytest.mark.parametrize("recipe", ["rtn-w4g64-sym", "rtn-w4g64", "zq-w8a8"])
+@pytest.mark.parametrize("recipe", ["rtn-w4g64", "zq-w8a8"])
 def test_tensorrt_onnx_perplexity_on_demo(recipe, tmp_path):
-    """The TensorRT target on the real model: its ONNX (native INT4 DequantizeLinear; asymmetric zero points
-    folded; W8A8 plugins on their reference implementations) in ONNX Runtime scores the perplexity of the torch
-    backend of the same artifact within 0.5%. float32, so the comparison is of the lowering, not of float16."""
+    """The TensorRT target on the real model: its ONNX (native INT4 DequantizeLinear with the asymmetric zero points
+    folded, which symmetric weights skip; W8A8 plugins on their reference implementations) in ONNX Runtime scores
+    the perplexity of the torch backend of the same artifact within 0.5%. float32, so the comparison is of the
+    lowering, not of float16 (bench/tensorrt_onnx.py measures both, GPTQ too)."""
     art = lowbit.compile("demo", recipe, out=tmp_path / recipe, target="tensorrt", quiet=True,
                          trt_precision="float32")
-    ppl = {b: evaluate_perplexity(str(art), "demo", seq_len=SEQ, max_windows=2, show_progress=False, backend=b,
-                                  kernels="reference" if b == "torch" else "auto")["ppl"] for b in ("torch", "ort")}
+    # One window: both sides compute the same float32 math (prefill-sized steps run the torch backend's float32
+    # GEMMs), so the difference is rounding, far inside the bar.
+    ppl = {b: evaluate_perplexity(str(art), "demo", seq_len=SEQ, max_windows=1, show_progress=False,
+                                  backend=b)["ppl"] for b in ("torch", "ort")}
     assert abs(ppl["ort"] / ppl["torch"] - 1) < 0.005, ppl
     info = lowbit.format.artifact.read_manifest(art)["tensorrt"]
     if recipe == "zq-w8a8":

@@ -104,7 +104,11 @@ class OrtSession:
         if self.tensorrt:
             import onnx
 
-            from lowbit.plugins.tensorrt import reference
+            try:
+                from lowbit.plugins.tensorrt import reference
+            except ImportError as e:
+                raise LowbitError(f"a TensorRT artifact's ONNX runs in ONNX Runtime with lowbit's plugins on their "
+                                  f"reference implementations, which need {e.name}; install it") from None
 
             # ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits, by default with INT8 activations
             # (accuracy level 4): level 0 keeps the float math TensorRT's weight-only GEMMs do.

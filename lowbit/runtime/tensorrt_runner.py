@@ -46,6 +46,7 @@ class TensorRTRunner:
             ctx.set_optimization_profile_async(p, stream)
             self.contexts.append(ctx)
         self.inputs, self.outputs = info["inputs"], info["outputs"]
+        self._empty = torch.empty(16, device=self.device)
 
     @classmethod
     def open(cls, path: Path, manifest: dict, device="cuda", dtype=None, explicit_dtype=False, **_) -> "TensorRTRunner":
@@ -54,7 +55,7 @@ class TensorRTRunner:
             raise LowbitError(f"artifact '{path}' has no TensorRT model; recompile it with --target tensorrt")
         if not (path / TENSORRT_ENGINE_FILE).is_file():
             raise LowbitError(f"artifact '{path}' has no TensorRT engine yet; build it on this machine with "
-                              f"'lowbit build-engine {path}'")
+                              f"'lowbit build-engine {path}', or run its ONNX in ONNX Runtime with --backend ort")
         if not torch.cuda.is_available():
             raise LowbitError("--backend tensorrt needs an NVIDIA GPU and torch with CUDA; none is available here")
         if explicit_dtype and dtype != _DTYPES[manifest["tensorrt"]["precision"]]:
@@ -73,7 +74,8 @@ class TensorRTRunner:
         feeds = {k: v.contiguous() for k, v in feeds.items()}
         for name, t in feeds.items():
             ctx.set_input_shape(name, tuple(t.shape))
-            ctx.set_tensor_address(name, t.data_ptr())
+            # An empty tensor (prefill's past) has no memory; TensorRT still wants a valid address.
+            ctx.set_tensor_address(name, t.data_ptr() if t.numel() else self._empty.data_ptr())
         outs = {}
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
