@@ -40,6 +40,23 @@ def _compile(model_dir, recipe, out, precision="float32", **kw):
                           **kw)
 
 
+@pytest.fixture(scope="module")
+def compiled(model_dirs, more_model_dirs, calib_file, tmp_path_factory):
+    """compiled(arch, recipe, precision): the TensorRT artifact, compiled once per worker for the tests that read it
+    (they only read)."""
+    cache = {}
+
+    def get(arch, recipe, precision="float32"):
+        key = (arch, recipe, precision)
+        if key not in cache:
+            calib = CalibrationArgs(str(calib_file), samples=8, seq_len=64) if recipe.startswith("gptq") else None
+            cache[key] = _compile({**model_dirs, **more_model_dirs}[arch], recipe,
+                                  tmp_path_factory.mktemp("trt") / "-".join(key), precision,
+                                  **({"calib": calib} if calib else {}))
+        return cache[key]
+    return get
+
+
 def _rel(a, b, mask=None):
     if mask is not None:
         a, b = a[mask], b[mask]
@@ -81,12 +98,10 @@ def _tensorrt_info(art):
 
 @pytest.mark.parametrize("arch", ["llama", "opt", "gpt_neox"])
 @pytest.mark.parametrize("recipe", ["rtn-w4g64-sym", "gptq-w4g64", "zq-w8a8"])
-def test_tensorrt_onnx_matches_torch(arch, recipe, model_dirs, more_model_dirs, calib_file, tmp_path):
+def test_tensorrt_onnx_matches_torch(arch, recipe, compiled):
     """Symmetric INT4 goes the native DequantizeLinear path (no plugin), GPTQ's asymmetric INT4 the same plus the
     folded zero points, W8A8 the plugins; each within 1e-3 of the torch backend."""
-    model_dir = {**model_dirs, **more_model_dirs}[arch]
-    calib = CalibrationArgs(str(calib_file), samples=8, seq_len=64) if recipe.startswith("gptq") else None
-    art = _compile(model_dir, recipe, tmp_path / "a", **({"calib": calib} if calib else {}))
+    art = compiled(arch, recipe)
     info = _tensorrt_info(art)
     if recipe == "zq-w8a8":
         assert info["plugins"]["int8_linear"] >= 8 and "DequantizeLinear" not in info["ops"]
@@ -106,10 +121,10 @@ def test_encoder_and_two_bit_weights(model_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["rtn-w4g64", "zq-w8a8"])
-def test_float16_graph(recipe, model_dirs, tmp_path):
+def test_float16_graph(recipe, compiled):
     """The default precision: a float16 graph (plugins cast to float32 around their references) tracks the float32
     torch reference to float16 rounding, with the same greedy tokens."""
-    art = _compile(model_dirs["llama"], recipe, tmp_path / "h", precision="float16")
+    art = compiled("llama", recipe, "float16")
     info = _tensorrt_info(art)
     assert info["precision"] == "float16" and info["kv_cache"]["dtype"] == "float16"
     _check_parity(art, REL_FP16)
@@ -143,7 +158,7 @@ def test_dequantize_linear_weight_is_exact(bits, group, k, sym):
     assert torch.equal(deq[:k].t(), dequantized_weight(qw, s, z, bits, eff, k, torch.float32))
 
 
-def test_operator_table_check_can_fail(model_dirs, tmp_path):
+def test_operator_table_check_can_fail(model_dirs, compiled, tmp_path):
     """Negative control: the ONNX Runtime target's W8A8 graph (MatMulInteger, casts to INT8) fails the TensorRT
     operator check that the TensorRT graph passes."""
     import onnx
@@ -152,7 +167,7 @@ def test_operator_table_check_can_fail(model_dirs, tmp_path):
     model = onnx.shape_inference.infer_shapes(onnx.load(str(art / "onnx" / "model.onnx")))
     problems = " ".join(check_ops(model, PLUGIN_DOMAIN))
     assert "MatMulInteger (not supported)" in problems
-    trt = _compile(model_dirs["llama"], "zq-w8a8", tmp_path / "t")
+    trt = compiled("llama", "zq-w8a8")
     assert check_ops(onnx.shape_inference.infer_shapes(onnx.load(str(trt / "tensorrt" / "model.onnx"))),
                      PLUGIN_DOMAIN) == []
 
@@ -340,10 +355,10 @@ def test_qdp_definitions_against_a_stand_in_tensorrt(monkeypatch):
     assert trtp.registry["lowbit::int8_linear"]["autotune"](*descs, 576, ())[0].tactic_ids == [1, 2]
 
 
-def test_ort_reference_model_maps_every_plugin_node(model_dirs, tmp_path):
+def test_ort_reference_model_maps_every_plugin_node(compiled):
     import onnx
 
-    art = _compile(model_dirs["llama"], "zq-w8a8", tmp_path / "w", precision="float16")
+    art = compiled("llama", "zq-w8a8", "float16")
     model = onnx.load(str(art / "tensorrt" / "model.onnx"))
     plugin_nodes = [n for n in model.graph.node if n.domain == PLUGIN_DOMAIN]
     assert plugin_nodes and all({a.name for a in n.attribute} >= {"plugin_namespace", "aot"} for n in plugin_nodes)
@@ -361,7 +376,7 @@ def _cli(capsys, *args):
     return code, out.out, out.err
 
 
-def test_bad_inputs(model_dirs, tmp_path, capsys):
+def test_bad_inputs(model_dirs, compiled, tmp_path, capsys):
     llama = model_dirs["llama"]
     w8g32 = tmp_path / "w8g32.toml"
     w8g32.write_text('bits = 8\ngroup_size = 32\n')
@@ -375,7 +390,7 @@ def test_bad_inputs(model_dirs, tmp_path, capsys):
     code, _, err = _cli(capsys, "compile", llama, "-r", "rtn-w4g64", "-t", "tensorrt", "--trt-precision", "int8",
                         "-o", tmp_path / "x", "-q")
     assert code == 2 and "--trt-precision" in err and not (tmp_path / "x").exists()
-    art = _compile(llama, "rtn-w4g64-sym", tmp_path / "a", precision="float32")
+    art = compiled("llama", "rtn-w4g64-sym")
     try:
         import tensorrt  # noqa: F401
     except ImportError:

@@ -119,7 +119,7 @@ def dequantize_linear_weight(qweight, scales, zeros, bits: int, group: int, k: i
             "fold": None if fold is None else fold.contiguous(), "bits": 4 if bits <= 4 else 8}
 
 
-def int8_linear_weight(qweight, zeros, scales, bits: int, group: int, k: int) -> dict:
+def int8_linear_weight(qweight, scales, zeros, bits: int, group: int, k: int) -> dict:
     """A symmetric W8A8 layer as ``int8_linear`` operands: int8 weight [N, K], float32 scales [N, G]."""
     from lowbit.plugins.ops import signed_weight
 
@@ -185,13 +185,12 @@ def _wna16_linear(e, node):
 def _int8_linear(e, node, codes, row_scales, args, dtype):
     qw, s, z, bias, bits, group, k = args
     base = e.consts[qw][1]
-    t = int8_linear_weight(_const_tensor(e, qw), _const_tensor(e, z), _const_tensor(e, s), bits, group, k)
+    t = int8_linear_weight(_const_tensor(e, qw), _const_tensor(e, s), _const_tensor(e, z), bits, group, k)
     n = t["weight"].shape[0]
     b = e.tensor(bias, dtype) if bias is not None else e.const(torch.zeros(n, dtype=dtype), name=f"{base}_trt_nobias")
     y = _plugin(e, "int8_linear", codes, row_scales, e.const(t["weight"], name=f"{base}_trt_w8"),
                 e.const(t["weight_scales"], name=f"{base}_trt_w8_scales"), b, group_size=t["group_size"])
-    residual = node.kwargs.get("residual")
-    return y if residual is None else e.op("Add", y, e.tensor(residual, dtype))
+    return _epilogue(e, node, y, None, dtype)
 
 
 def _w8a8_linear(e, node):
