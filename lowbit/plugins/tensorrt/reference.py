@@ -18,7 +18,6 @@ from lowbit.plugins import ops
 from lowbit.plugins.tensorrt import FLOAT, INT8, PLUGINS
 
 PYOP_DOMAIN = "ai.onnx.contrib"             # where onnxruntime-extensions looks up Python ops
-_FLOATS = {"float16": np.float16, "float32": np.float32}
 
 
 def int8_linear_reference(codes: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, weight_scales: torch.Tensor,
@@ -47,11 +46,11 @@ def run(name: str, inputs: list[torch.Tensor], attrs: dict) -> tuple[torch.Tenso
     raise KeyError(f"no TensorRT plugin {name!r}")
 
 
-def _pyop_name(name: str, float_dtype: str) -> str:
-    return f"lowbit_trt_{name}_{float_dtype}"
+def _pyop_name(name: str) -> str:
+    return f"lowbit_trt_{name}"
 
 
-_registered: set = set()
+_registered: list = []
 
 
 def _extensions():
@@ -63,24 +62,23 @@ def _extensions():
     return onnxruntime_extensions
 
 
-def register_pyops(float_dtype: str) -> None:
-    """Register each plugin with onnxruntime-extensions as a Python op on ``float_dtype`` tensors (once; Python
-    ops take float32, not float16)."""
-    PyCustomOpDef, onnx_op = _extensions().PyCustomOpDef, _extensions().onnx_op
-
-    if float_dtype in _registered:
+def register_pyops() -> None:
+    """Register each plugin with onnxruntime-extensions as a Python op (once). Python ops take no float16: the
+    plugins' float tensors are float32 there."""
+    if _registered:
         return
-    kinds = {FLOAT: PyCustomOpDef.dt_float16 if float_dtype == "float16" else PyCustomOpDef.dt_float,
-             INT8: PyCustomOpDef.dt_int8, "float32": PyCustomOpDef.dt_float}
-    attr_types = {float: PyCustomOpDef.dt_float, int: PyCustomOpDef.dt_int64, str: PyCustomOpDef.dt_string}
+    ext = _extensions()
+    dt = ext.PyCustomOpDef
+    kinds = {FLOAT: dt.dt_float, INT8: dt.dt_int8, "float32": dt.dt_float}
+    attr_types = {float: dt.dt_float, int: dt.dt_int64, str: dt.dt_string}
     for plugin in PLUGINS.values():
         def body(*arrays, _name=plugin.name, **attrs):
             outs = run(_name, [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays], attrs)
             return tuple(o.numpy() for o in outs) if len(outs) > 1 else outs[0].numpy()
-        onnx_op(op_type=_pyop_name(plugin.name, float_dtype), inputs=[kinds[k] for k in plugin.input_kinds],
-                outputs=[kinds[k] for k in plugin.output_kinds],
-                attrs={k: attr_types[t] for k, t in plugin.attrs})(body)
-    _registered.add(float_dtype)
+        ext.onnx_op(op_type=_pyop_name(plugin.name), inputs=[kinds[k] for k in plugin.input_kinds],
+                    outputs=[kinds[k] for k in plugin.output_kinds],
+                    attrs={k: attr_types[t] for k, t in plugin.attrs})(body)
+    _registered.append(True)
 
 
 def ort_model(model, float_dtype: str):
@@ -93,7 +91,7 @@ def ort_model(model, float_dtype: str):
 
     from lowbit.plugins.tensorrt import PLUGIN_DOMAIN
 
-    register_pyops("float32")
+    register_pyops()
     out = onnx.ModelProto()
     out.CopyFrom(model)
     widen = float_dtype != "float32"
@@ -108,7 +106,7 @@ def ort_model(model, float_dtype: str):
         attrs = [a for a in node.attribute if a.name in keep]
         node.ClearField("attribute")
         node.attribute.extend(attrs)
-        node.op_type, node.domain = _pyop_name(plugin.name, "float32"), PYOP_DOMAIN
+        node.op_type, node.domain = _pyop_name(plugin.name), PYOP_DOMAIN
         if widen:
             for i, kind in enumerate(plugin.input_kinds):
                 if kind == FLOAT:
