@@ -186,6 +186,29 @@ def text_file(tmp_path_factory):
     return p
 
 
+def rel_error(a, b, mask=None) -> float:
+    """max |a - b| / max |b| (over ``mask``'s positions when given)."""
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def assert_cached_steps_match(ref, eng, ids, mask, bar: float) -> None:
+    """Two engines agree within ``bar`` on a left-padded prefill and two greedy decode steps, each through its own
+    KV cache (the reference's tokens drive both)."""
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    lt, ct = ref.forward(ids, mask, position_ids=pos)
+    lo, co = eng.forward(ids, mask, position_ids=pos)
+    assert rel_error(lo, lt, mask.bool()) < bar
+    for _ in range(2):
+        nxt = lt[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        pos = pos[:, -1:] + 1
+        lt, ct = ref.forward(nxt, mask, ct, pos)
+        lo, co = eng.forward(nxt, mask, co, pos)
+        assert rel_error(lo, lt) < bar
+
+
 class W8A8Layer:
     """A symmetric W8A8 layer in lowbit's packed layout, callable as ``lowbit::w8a8_linear`` (the reference)."""
 

@@ -20,7 +20,7 @@ from lowbit.format.quantize import QuantSpec, pack_codes, quantize_weight
 from lowbit.plugins.onnx.ort_ops import (block_size_for, to_gather_nbits, to_matmul_a8, to_matmul_nbits)
 from lowbit.runtime.inspect_artifact import describe
 
-from conftest import OrtA8, W8A8Layer, sample_text
+from conftest import OrtA8, W8A8Layer, assert_cached_steps_match, sample_text
 
 REL = 1e-3       # the issue's parity bar: ORT logits vs torch logits, relative to the logits' scale
 
@@ -157,17 +157,7 @@ def _check_parity(art, tokenizer):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     assert _rel(o_eng.forward(ids, mask), t_eng.forward(ids, mask), mask.bool()) < REL
-    # Prefill + two cached steps through each backend's own cache.
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    lt, ct = t_eng.forward(ids, mask, position_ids=pos)
-    lo, co = o_eng.forward(ids, mask, position_ids=pos)
-    for _ in range(2):
-        nxt = lt[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        pos = pos[:, -1:] + 1
-        lt, ct = t_eng.forward(nxt, mask, ct, pos)
-        lo, co = o_eng.forward(nxt, mask, co, pos)
-        assert _rel(lo, lt) < REL
+    assert_cached_steps_match(t_eng, o_eng, ids, mask, REL)
     prompts = ["the model reads every weight", "four bit"]
     gen_t = t_eng.generate(prompts, max_new_tokens=32, stop_at_eos=False)
     gen_o = o_eng.generate(prompts, max_new_tokens=32, stop_at_eos=False)

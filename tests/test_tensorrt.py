@@ -22,7 +22,7 @@ from lowbit.format.artifact import read_manifest
 from lowbit.format.quantize import QuantSpec, quantize_weight
 from lowbit.plugins.ops import dequantized_weight
 from lowbit.plugins.tensorrt import PLUGIN_DOMAIN, PLUGINS, reference
-from conftest import sample_text
+from conftest import assert_cached_steps_match, rel_error, sample_text
 
 REL = 1e-3          # the issue's parity bar at float32: ORT logits vs torch logits, relative to the logits' scale
 REL_FP16 = 1e-2     # a float16 graph against the float32 torch reference: float16 rounding, not a wrong op
@@ -57,12 +57,6 @@ def compiled(model_dirs, more_model_dirs, calib_file, tmp_path_factory):
     return get
 
 
-def _rel(a, b, mask=None):
-    if mask is not None:
-        a, b = a[mask], b[mask]
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
 def _check_parity(art, bar=REL):
     """The TensorRT ONNX in ONNX Runtime (plugins on their references) vs the torch backend's reference kernels:
     prefill logits of a left-padded batch, two cached decode steps through each side's own cache, greedy tokens."""
@@ -71,19 +65,9 @@ def _check_parity(art, bar=REL):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     if read_manifest(art)["source"]["task"] == "encoder":
-        assert _rel(o_eng.runner.full(ids, mask), t_eng.runner.full(ids, mask), mask.bool()) < bar
+        assert rel_error(o_eng.runner.full(ids, mask), t_eng.runner.full(ids, mask), mask.bool()) < bar
         return
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    lt, ct = t_eng.forward(ids, mask, position_ids=pos)
-    lo, co = o_eng.forward(ids, mask, position_ids=pos)
-    assert _rel(lo, lt, mask.bool()) < bar
-    for _ in range(2):
-        nxt = lt[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-        pos = pos[:, -1:] + 1
-        lt, ct = t_eng.forward(nxt, mask, ct, pos)
-        lo, co = o_eng.forward(nxt, mask, co, pos)
-        assert _rel(lo, lt) < bar
+    assert_cached_steps_match(t_eng, o_eng, ids, mask, bar)
     prompts = ["the model reads every weight", "four bit"]
     assert t_eng.generate(prompts, max_new_tokens=12, stop_at_eos=False) == \
         o_eng.generate(prompts, max_new_tokens=12, stop_at_eos=False)
@@ -206,11 +190,11 @@ def test_int8_linear_plugin_kernel_matches_reference(group, tactic):
     args = [codes, scales, weight, ws, bias]
     ref = reference.run("int8_linear", args, {"group_size": group})[0]
     got = kernels.launch("int8_linear", args, {"group_size": group}, tactic)[0]
-    assert _rel(got, ref) < 1e-6
+    assert rel_error(got, ref) < 1e-6
     # Negative control: the unsigned reading of the same bytes (the stored layout's zero point 128) is far off.
     wrong = reference.run("int8_linear", [codes, scales, (weight.to(torch.int16) ^ -128).to(torch.int8), ws, bias],
                           {"group_size": group})[0]
-    assert _rel(wrong, ref) > 0.1
+    assert rel_error(wrong, ref) > 0.1
 
 
 def test_plugin_kernels_compile_to_ptx_for_every_gpu():
@@ -425,6 +409,6 @@ def test_engine_builds_and_matches_onnx_reference(recipe, model_dirs, calib_file
     trt_eng, ort_eng = lowbit.load(art, backend="tensorrt"), lowbit.load(art, backend="ort")
     ids = torch.randint(2, 320, (2, 10), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
-    assert _rel(trt_eng.runner.full(ids, mask).cpu(), ort_eng.runner.full(ids, mask)) < REL_FP16
+    assert rel_error(trt_eng.runner.full(ids, mask).cpu(), ort_eng.runner.full(ids, mask)) < REL_FP16
     assert trt_eng.generate(["four bit"], max_new_tokens=8) == ort_eng.generate(["four bit"], max_new_tokens=8)
 

@@ -49,6 +49,39 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
+def program_io(program: dict) -> tuple[list[str], list[str], dict | None]:
+    """A program's ONNX input and output names and, for a causal LM, its KV cache's description (the manifest's
+    ``kv_cache``: layers, heads, key and value widths)."""
+    if program["task"] != "causal-lm":
+        return ["input_ids", "attention_mask"], ["last_hidden_state"], None
+    kv = program["kv"]
+    inputs, outputs = io_names(len(kv))
+    return inputs, outputs, {"layers": len(kv), "kv_heads": [h for h, _, _ in kv],
+                             "head_dim": [dk for _, dk, _ in kv], "value_dim": [dv for _, _, dv in kv]}
+
+
+def save_onnx(model, dest: Path) -> bool:
+    """Save an ``onnx_ir`` model at ``dest``, its initializers in ``<dest>.data`` when the file would pass
+    protobuf's 2 GiB limit; whether they went there."""
+    import onnx_ir as ir
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    nbytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    external = nbytes > EXTERNAL_DATA_BYTES
+    ir.save(model, str(dest), external_data=f"{dest.name}.data" if external else None)
+    return external
+
+
+def run_checker(path: Path, what: str) -> None:
+    """onnx's full checker on a saved model; a failure is one line naming ``what`` model failed."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise LowbitError(f"the {what} fails onnx.checker: {str(e).splitlines()[0]}") from None
+
+
 def check_accuracy_level(level: int):
     if level not in ACCURACY_LEVELS:
         raise LowbitError(f"--onnx-accuracy-level {level}: valid {', '.join(map(str, ACCURACY_LEVELS))} "
@@ -222,19 +255,11 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path,
     ``fusions`` is false; returns the manifest's onnx entry, less the lowering's own fields.
     ``attention_positions``: the model's maximum positions when its attention mask is plain causal + padding
     (``ort_attention.plain_causal``), so its attention may become GroupQueryAttention; None keeps it plain."""
-    import onnx_ir as ir
-
     from lowbit.compiler.fx_onnx import Unsupported, to_onnx
     from lowbit.compiler.onnx_fusions import fuse_for_ort
 
     args, dims = example_inputs(program, vocab)
-    if program["task"] == "causal-lm":
-        kv = program["kv"]
-        inputs, outputs = io_names(len(kv))
-        kv_info = {"layers": len(kv), "kv_heads": [h for h, _, _ in kv], "head_dim": [dk for _, dk, _ in kv],
-                   "value_dim": [dv for _, _, dv in kv]}
-    else:
-        inputs, outputs, kv_info = ["input_ids", "attention_mask"], ["last_hidden_state"], None
+    inputs, outputs, kv_info = program_io(program)
     t0 = time.perf_counter()
     model, used, note = None, exporter, None
     if exporter == "lowbit":
@@ -254,11 +279,7 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path,
             missed["GroupQueryAttention"] = ("the model's attention mask is more than causal + padding (a sliding "
                                              "window or chunked attention)")
     export_s = time.perf_counter() - t0
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    initializer_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                            if v.const_value is not None)
-    external = initializer_bytes > EXTERNAL_DATA_BYTES
-    ir.save(model, str(dest), external_data=f"{dest.name}.data" if external else None)
+    external = save_onnx(model, dest)
     return {"file": str(dest.name), "opset": OPSET, "exporter": used, **({"exporter_note": note} if note else {}),
             "export_seconds": round(export_s, 2), "external_data": external, "inputs": inputs, "outputs": outputs,
             "kv_cache": kv_info, "fusions": fused, **({"fusions_missed": missed} if missed else {}),
@@ -289,10 +310,7 @@ def check_and_describe(path: Path) -> dict:
 
     from lowbit.plugins.onnx.integer_matmul import check_integer_matmuls
 
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise LowbitError(f"the exported ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from None
+    run_checker(path, "exported ONNX model")
     model = onnx.load(str(path), load_external_data=False)
     integer_matmuls = check_integer_matmuls(model, str(path.parent))
     sizes = {}

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.format.artifact import PROGRAM_FILE, TENSORRT_FILE, TENSORRT_PLUGINS_FILE, WEIGHTS_FILE
-from lowbit.format.quantize import unpack_codes
+from lowbit.format.quantize import block_groups, unpack_codes
 from lowbit.plugins.tensorrt import NAMESPACE, PLUGIN_DOMAIN, PLUGINS, describe
 
 OPSET = 22                       # blocked DequantizeLinear and INT4 (21); bfloat16 Cos, Sin, ... (22)
@@ -108,10 +108,8 @@ def dequantize_linear_weight(qweight, scales, zeros, bits: int, group: int, k: i
         kp, block, s_out, fold = k, None, s[:, 0], None if fold is None else fold[:, 0]
     else:
         block = int4_block(group, k)
-        n_blocks = -(-k // block)
-        kp = n_blocks * block
-        # Which lowbit group each block belongs to: blocks never straddle groups (the block divides the group).
-        owner = torch.clamp(torch.arange(n_blocks) * block // group, max=s.shape[1] - 1)
+        owner = block_groups(k, block, group, s.shape[1])
+        kp = len(owner) * block
         s_out = s[:, owner].t()
         fold = None if fold is None else fold[:, owner].t()
     w = F.pad(codes - center, (0, kp - k)).to(torch.int8).t().contiguous()     # [Kp, N]
@@ -251,24 +249,19 @@ def handlers() -> dict:
 # ---- export -----------------------------------------------------------------------------------------------------
 def export_tensorrt_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path, dtype: torch.dtype) -> dict:
     """``gm`` (the program decoded in ``dtype``) as TensorRT-dialect ONNX at ``dest``; the manifest's entry."""
-    import onnx_ir as ir
-
     from lowbit.compiler.frontend import exporting
     from lowbit.compiler.fx_onnx import Unsupported, to_onnx
-    from lowbit.compiler.lower_onnx import EXTERNAL_DATA_BYTES, example_inputs, io_names, optimize_onnx
+    from lowbit.compiler.lower_onnx import example_inputs, optimize_onnx, program_io, save_onnx
 
     def runs_at(sizes):
         args, dims = example_inputs(program, vocab, sizes)
         return tuple(a.to(dtype) if a.is_floating_point() else a for a in args), dims
 
+    precision = str(dtype).removeprefix("torch.")
     args, dims = runs_at((2, 3, 4))
-    if program["task"] == "causal-lm":
-        kv = program["kv"]
-        inputs, outputs = io_names(len(kv))
-        kv_info = {"layers": len(kv), "kv_heads": [h for h, _, _ in kv], "head_dim": [dk for _, dk, _ in kv],
-                   "value_dim": [dv for _, _, dv in kv], "dtype": str(dtype).removeprefix("torch.")}
-    else:
-        inputs, outputs, kv_info = ["input_ids", "attention_mask"], ["last_hidden_state"], None
+    inputs, outputs, kv_info = program_io(program)
+    if kv_info:
+        kv_info["dtype"] = precision
     t0 = time.perf_counter()
     runs = [args] + [runs_at(sizes)[0] for sizes in ((3, 5, 7), (5, 4, 9))]
     try:
@@ -280,11 +273,8 @@ def export_tensorrt_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, de
     with exporting():
         optimize_onnx(model, rewrite=False)
     export_s = time.perf_counter() - t0
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    nbytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    external = nbytes > EXTERNAL_DATA_BYTES
-    ir.save(model, str(dest), external_data=f"{dest.name}.data" if external else None)
-    return {"file": dest.name, "opset": OPSET, "precision": str(dtype).removeprefix("torch."),
+    external = save_onnx(model, dest)
+    return {"file": dest.name, "opset": OPSET, "precision": precision,
             "export_seconds": round(export_s, 2), "external_data": external, "inputs": inputs, "outputs": outputs,
             "kv_cache": kv_info, **check_tensorrt_onnx(dest)}
 
@@ -296,13 +286,10 @@ def check_tensorrt_onnx(path: Path) -> dict:
 
     import onnx
 
-    from lowbit.compiler.lower_onnx import op_name
+    from lowbit.compiler.lower_onnx import op_name, run_checker
     from lowbit.compiler.tensorrt_ops import TENSORRT_VERSION, check_ops
 
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise LowbitError(f"the TensorRT ONNX model fails onnx.checker: {str(e).splitlines()[0]}") from None
+    run_checker(path, "TensorRT ONNX model")
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     problems = check_ops(model, PLUGIN_DOMAIN)
     if problems:
@@ -313,8 +300,9 @@ def check_tensorrt_onnx(path: Path) -> dict:
         if node.domain != PLUGIN_DOMAIN:
             continue
         attrs = {a.name for a in node.attribute}
-        want = {"plugin_namespace", "aot", *(k for k, _ in PLUGINS[node.op_type].attrs)}
-        if node.op_type not in PLUGINS or attrs != want:
+        plugin = PLUGINS.get(node.op_type)
+        want = {"plugin_namespace", "aot", *(k for k, _ in plugin.attrs)} if plugin else set()
+        if plugin is None or attrs != want:
             raise LowbitError(f"plugin node {node.name} ({node.op_type}) has attributes {sorted(attrs)}, expected "
                               f"{sorted(want)}; report this as a lowbit bug")
         plugins[node.op_type] += 1

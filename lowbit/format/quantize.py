@@ -77,6 +77,12 @@ def num_groups(k: int, group: int) -> int:
     return math.ceil(k / group)
 
 
+def block_groups(k: int, block: int, group: int, n_groups: int) -> torch.Tensor:
+    """For K split into blocks of ``block`` (a divisor of ``group``; the last block padded), the index of the
+    lowbit group each block belongs to: blocks never straddle groups, so a block takes its group's scale."""
+    return torch.clamp(torch.arange(-(-k // block)) * block // group, max=n_groups - 1)
+
+
 def expand_groups(t: torch.Tensor, k: int, group: int) -> torch.Tensor:
     """[N, G] per-group values -> [N, K] per-column values (handles the ragged last group)."""
     return t.repeat_interleave(group, dim=1)[:, :k]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from lowbit.errors import LowbitError
 from lowbit.plugins.onnx.integer_matmul import U8S8_EXACT_MAX_ABS_B
 from lowbit.plugins.ops import quantize_rows_int8, signed_weight
-from lowbit.format.quantize import dequantize_codes, pack_codes, unpack_codes
+from lowbit.format.quantize import block_groups, dequantize_codes, pack_codes, unpack_codes
 
 MIN_BLOCK = 16
 CONTRIB_DOMAIN = "com.microsoft"
@@ -69,8 +69,7 @@ def to_matmul_nbits(qweight, scales, zeros, bits: int, group: int, k: int, dtype
     n_blocks = -(-k // block)
     codes = F.pad(unpack_codes(qweight, bits, k), (0, n_blocks * block - k))     # [N, n_blocks * block]
     b = pack_codes(codes, cb).view(n, n_blocks, block * cb // 8)
-    # Which lowbit group each block belongs to (blocks never straddle groups: block divides group).
-    owner = torch.clamp(torch.arange(n_blocks) * block // group, max=scales.shape[1] - 1)
+    owner = block_groups(k, block, group, scales.shape[1])
     return {"b": b.contiguous(), "scales": scales[:, owner].to(dtype).reshape(-1).contiguous(),
             "zero_points": None if (zp := packed_zero_points(zeros[:, owner], cb)) is None else zp.reshape(-1),
             "bits": cb, "block_size": block}
