@@ -1,8 +1,8 @@
 """Accuracy tables on the demo assets: LM perplexity (FP, RTN, GPTQ, ZeroQuant) and encoder embedding cosine.
 
-    python bench/accuracy.py                      # every LM recipe and the encoder rows, the whole eval.txt
-    python bench/accuracy.py --set zeroquant      # only the ZeroQuant rows (LM and encoder)
-    python bench/accuracy.py --recipes rtn-w4g64 --max-windows 40 --json out/acc.json
+    python -m bench.accuracy                      # every LM recipe and the encoder rows, the whole eval.txt
+    python -m bench.accuracy --set zeroquant      # only the ZeroQuant rows (LM and encoder)
+    python -m bench.accuracy --recipes rtn-w4g64 --max-windows 40 --json out/acc.json
 
 Each row: recipe, perplexity, ratio to FP, quantization time (the pass, calibration forward included),
 size of the quantized layers and of the whole weights file. The FP row uses the float model folder.
@@ -14,6 +14,9 @@ over --sentences sentences of eval.txt.
 """
 
 from __future__ import annotations
+
+if __package__ != "bench":  # run as a file, bench/ would lead sys.path and shadow installed packages
+    raise SystemExit("run it from the repository root: python -m bench.accuracy")
 
 import argparse
 import json

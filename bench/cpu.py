@@ -20,9 +20,9 @@ files' sizes, and perplexity on ``eval.txt`` windows (``--ppl-windows`` of 512 t
 logits, the builder's included) plus, for the torch rows, on the decode path (one cached step per token,
 ``--decode-ppl-windows`` of 128: what the bfloat16 kernels compute)::
 
-    python bench/cpu.py                                   # everything, batch 1 and 4
-    python bench/cpu.py --variants torch-fp32,torch-int4 --batch 1 --reps 5 --ppl-windows 0
-    python bench/cpu.py --variants ort-fp32,ort-w8a8,ort-w8a8-u8s8    # what the exact W8A8 form costs
+    python -m bench.cpu                                   # everything, batch 1 and 4
+    python -m bench.cpu --variants torch-fp32,torch-int4 --batch 1 --reps 5 --ppl-windows 0
+    python -m bench.cpu --variants ort-fp32,ort-w8a8,ort-w8a8-u8s8    # what the exact W8A8 form costs
 
 ``ort-w8a8-u8s8`` is not a lowbit output: the W8A8 artifact rewritten to the uint8 x int8 form, whose integer sums
 saturate on x86 CPUs without VNNI (``lowbit/plugins/onnx/integer_matmul.py``); its perplexity shows how wrong
@@ -30,6 +30,9 @@ that is on the CPU at hand.
 """
 
 from __future__ import annotations
+
+if __package__ != "bench":  # run as a file, bench/ would lead sys.path and shadow installed packages
+    raise SystemExit("run it from the repository root: python -m bench.cpu")
 
 import argparse
 import json
@@ -50,7 +53,7 @@ import lowbit
 from lowbit.cli import run_script
 from lowbit.compiler.recipe import Override, Recipe
 from lowbit.demo.assets import ensure_assets
-from lowbit.device import describe_cpu
+from lowbit.host import describe_cpu
 from lowbit.eval import perplexity as eval_perplexity, read_text
 from lowbit.format.artifact import is_artifact, read_manifest, sha256_file
 from lowbit.runtime.engine import load_tokenizer

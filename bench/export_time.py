@@ -7,10 +7,13 @@ same with `--onnx-exporter torch.onnx` (torch.export + torch.onnx.export of the 
 median wall seconds (a fresh process each: imports included), lowbit's own step times from the manifest
 (trace, export_onnx), and the ratios against the builder.
 
-    python bench/export_time.py [--recipe rtn-w4g64] [--reps 3] [--no-torch-onnx]
+    python -m bench.export_time [--recipe rtn-w4g64] [--reps 3] [--no-torch-onnx]
 """
 
 from __future__ import annotations
+
+if __package__ != "bench":  # run as a file, bench/ would lead sys.path and shadow installed packages
+    raise SystemExit("run it from the repository root: python -m bench.export_time")
 
 import argparse
 import json
@@ -21,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from cpu import build_genai
+from bench.cpu import build_genai
 
 from lowbit.demo.assets import ensure_assets
-from lowbit.device import describe_cpu
+from lowbit.host import describe_cpu
 
 
 def compile_once(recipe: str, exporter: str, out: Path) -> dict:

@@ -1,13 +1,16 @@
 """GPTQ compile time on a Llama-1B-shaped random-weight model (GPU when present, else CPU).
 
-    python bench/gptq_speed.py                         # 128 x 2048 calibration tokens, w4g128, act-order
-    python bench/gptq_speed.py --layers 2 --samples 8  # a quick smoke run
+    python -m bench.gptq_speed                         # 128 x 2048 calibration tokens, w4g128, act-order
+    python -m bench.gptq_speed --layers 2 --samples 8  # a quick smoke run
 
 Random weights and random token ids: this measures speed (calibration forward, Hessians, the GPTQ
 solves), not accuracy. Prints per-stage times, the per-layer mean and the peak activation memory.
 """
 
 from __future__ import annotations
+
+if __package__ != "bench":  # run as a file, bench/ would lead sys.path and shadow installed packages
+    raise SystemExit("run it from the repository root: python -m bench.gptq_speed")
 
 import argparse
 import time

@@ -2,7 +2,7 @@
 # The GPU half of the Triton kernels' checks, as one run on a lent machine (at most BUDGET seconds):
 #   1. the kernel and op tests, compiled on the GPU (the same tests CI runs in Triton's interpreter), and the
 #      CUDA-graph replay test that only a GPU can run; then a tiny model compiled and run with --device cuda;
-#   2. bench/kernels.py: W4A16 and W8A8 against cuBLAS FP16 and torch's int4/int8 kernels.
+#   2. bench.kernels: W4A16 and W8A8 against cuBLAS FP16 and torch's int4/int8 kernels.
 # Everything lands in $OUT (default out/gpu): env.txt, pytest.txt, kernels.txt, kernels.json. The benchmark
 # rewrites kernels.json after every shape, so a run cut short still returns what it measured.
 #
@@ -39,7 +39,7 @@ e2e=${PIPESTATUS[0]}
 
 left=$((BUDGET - SECONDS - 5))
 echo "benchmark: ${left}s left of the ${BUDGET}s budget" | tee -a "$OUT/env.txt"
-timeout "$((left > 30 ? left : 30))" $PY bench/kernels.py ${QUICK:+--quick} --markdown --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
+timeout "$((left > 30 ? left : 30))" $PY -m bench.kernels ${QUICK:+--quick} --markdown --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.txt"
 bench=${PIPESTATUS[0]}
 echo "kernel tests exit $tests, end-to-end test exit $e2e, bench exit $bench" | tee -a "$OUT/env.txt"
 [ "$tests" = 0 ] && [ "$e2e" = 0 ] && [ "$bench" = 0 ]

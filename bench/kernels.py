@@ -1,9 +1,9 @@
 """Kernel benchmark (one CUDA GPU): lowbit's Triton W4A16 / W8A8 GEMMs against cuBLAS FP16 and torch's own kernels.
 
-    python bench/kernels.py                          # full sweep (a few minutes: autotuning dominates)
-    python bench/kernels.py --quick                  # W4A16 on 2 shapes x M in 1, 16, 64; W8A8 on 1 shape
-    python bench/kernels.py --json out/kernels.json --markdown
-    python bench/kernels.py --dry-run                # no GPU: every code path on tiny shapes in Triton's
+    python -m bench.kernels                          # full sweep (a few minutes: autotuning dominates)
+    python -m bench.kernels --quick                  # W4A16 on 2 shapes x M in 1, 16, 64; W8A8 on 1 shape
+    python -m bench.kernels --json out/kernels.json --markdown
+    python -m bench.kernels --dry-run                # no GPU: every code path on tiny shapes in Triton's
                                                      # interpreter, timed by the wall clock (numbers mean nothing)
 
 W4A16 (g128, asymmetric): FP16 ``F.linear`` (cuBLAS), torch's built-in int4 kernel
@@ -22,6 +22,9 @@ shape is checked against ``F.linear`` on the dequantized weight before it is tim
 """
 
 from __future__ import annotations
+
+if __package__ != "bench":  # run as a file, bench/ would lead sys.path and shadow installed packages
+    raise SystemExit("run it from the repository root: python -m bench.kernels")
 
 import argparse
 import itertools

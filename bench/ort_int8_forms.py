@@ -6,8 +6,8 @@ times each form on the demo model's matmul shapes (K x N) at decode (M = 1, 4) a
 sizes, next to an FP32 ``MatMul`` of the same weight measured in the same run, and checks every form's
 int32 result against exact integer math on inputs that saturate a non-VNNI uint8 x int8 kernel::
 
-    python bench/ort_int8_forms.py                 # median of --reps runs, 2 ORT threads
-    python bench/ort_int8_forms.py --m 1 --reps 500
+    python -m bench.ort_int8_forms                 # median of --reps runs, 2 ORT threads
+    python -m bench.ort_int8_forms --m 1 --reps 500
 
 Forms: ``u8s8`` (uint8 activations with zero point 128 x int8 weights: what lowbit emitted before, wrong on
 x86 without VNNI), ``u8u8`` (weights shifted to uint8 with zero point 128: lowbit's form for 8-bit weights),
@@ -17,13 +17,16 @@ uint8 x int8 cannot saturate; twice the weight bytes).
 
 from __future__ import annotations
 
+if __package__ != "bench":  # run as a file, bench/ would lead sys.path and shadow installed packages
+    raise SystemExit("run it from the repository root: python -m bench.ort_int8_forms")
+
 import argparse
 import statistics
 import time
 
 import numpy as np
 
-from lowbit.device import describe_cpu
+from lowbit.host import describe_cpu
 
 # SmolLM2-135M's matmul shapes (K, N) and how often each occurs in a decoder block: q/o, k/v, gate/up, down.
 SHAPES = {(576, 576): 2, (576, 192): 2, (576, 1536): 2, (1536, 576): 1}

@@ -7,11 +7,14 @@ transformers (sdpa attention, ``DynamicCache``: what lowbit's runtime ran before
 quantized recipes get their layers swapped in as lowbit modules from the same artifact tensors). The two
 take turns within each of ``--reps`` repetitions; medians. Also checks both give the same greedy tokens::
 
-    python bench/runtime_decode.py                      # fp, batch 1, 128-token prompt
-    python bench/runtime_decode.py --recipe rtn-w4g64 --reps 5
+    python -m bench.runtime_decode                      # fp, batch 1, 128-token prompt
+    python -m bench.runtime_decode --recipe rtn-w4g64 --reps 5
 """
 
 from __future__ import annotations
+
+if __package__ != "bench":  # run as a file, bench/ would lead sys.path and shadow installed packages
+    raise SystemExit("run it from the repository root: python -m bench.runtime_decode")
 
 import argparse
 import json
@@ -26,7 +29,7 @@ import lowbit
 from lowbit.cli import run_script
 from lowbit.format.artifact import is_artifact
 from lowbit.compiler.frontend import cache_kwarg, load_model
-from lowbit.device import describe_cpu
+from lowbit.host import describe_cpu
 from lowbit.format.graph import mask_positions
 from lowbit.eval import read_text
 

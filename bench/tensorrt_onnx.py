@@ -8,7 +8,7 @@ the first N windows of eval.txt with `--backend torch --kernels reference` (floa
 their scales, and the fold matrices ``s * (8 - z)`` of asymmetric weights (the extra bytes a decode step reads
 for folding zero points instead of a zero-point plugin).
 
-    python bench/tensorrt_onnx.py [--recipes rtn-w4g64-sym,rtn-w4g64,zq-w8a8,gptq-w4g128@float16]
+    python -m bench.tensorrt_onnx [--recipes rtn-w4g64-sym,rtn-w4g64,zq-w8a8,gptq-w4g128@float16]
                                   [--precisions float32,float16] [--windows 8] [--out out/trt-bench]
 
 ``RECIPE@P1+P2`` limits a recipe to those precisions (GPTQ calibrates for minutes per compile).
@@ -16,13 +16,16 @@ for folding zero points instead of a zero-point plugin).
 
 from __future__ import annotations
 
+if __package__ != "bench":  # run as a file, bench/ would lead sys.path and shadow installed packages
+    raise SystemExit("run it from the repository root: python -m bench.tensorrt_onnx")
+
 import argparse
 import json
 import time
 from pathlib import Path
 
 import lowbit
-from lowbit.device import describe_cpu
+from lowbit.host import describe_cpu
 from lowbit.eval import evaluate_perplexity
 
 

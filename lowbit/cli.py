@@ -1,4 +1,4 @@
-"""The ``lowbit`` command: compile | run | eval | profile | inspect | recipes | assets.
+"""The ``lowbit`` command: compile | run | eval | profile | inspect | build-engine | recipes | assets | doctor.
 
 User errors (LowbitError) print one line on stderr and exit 2 with no traceback; progress goes to
 stderr so ``--json`` output on stdout can be piped.
@@ -112,6 +112,12 @@ def _cmd_assets(a) -> int:
     return main_assets(a.json)
 
 
+def _cmd_doctor(a) -> int:
+    from lowbit.tools.doctor import main as doctor
+
+    return doctor(a.json)
+
+
 def _cmd_build_engine(a) -> int:
     from lowbit.plugins.tensorrt.engine import Limits, build_artifact_engine
 
@@ -133,10 +139,11 @@ def _runtime_device_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lowbit import __version__
     from lowbit.targets import TARGETS
 
     p = argparse.ArgumentParser(prog="lowbit", description="Quantizing compiler and runtime for transformer LMs.")
-    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     c = sub.add_parser("compile", help="quantize a model into an artifact folder")
@@ -261,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("assets", help="fetch and convert the demo model, encoder and text (cached)")
     s.add_argument("--json", action="store_true", help='print {"model", "encoder", "calib", "eval"} paths')
     s.set_defaults(fn=_cmd_assets)
+
+    d = sub.add_parser("doctor", help="what this machine has for lowbit: versions, CPU flags, GPUs, usable targets "
+                       "and backends")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(fn=_cmd_doctor)
     return p
 
 
@@ -269,11 +281,6 @@ def main(argv=None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.version:
-        from lowbit import __version__
-
-        print(__version__)
-        return 0
     if not getattr(args, "fn", None):
         parser.print_help()
         return 2

@@ -1,11 +1,7 @@
-"""Device and dtype choice shared by the compiler (where passes run) and the torch runtime (where models run),
-and the description of the host CPU that benchmarks print."""
+"""Device and dtype choice shared by the compiler (where passes run) and the torch runtime (where models run)."""
 
 from __future__ import annotations
 
-import platform
-import re
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -36,22 +32,3 @@ def pick_dtype(dtype: Optional[Union[str, torch.dtype]], device: str) -> torch.d
     if dtype not in DTYPES:
         raise LowbitError(f"unknown --dtype '{dtype}'; valid: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-# The flags that decide which integer and float kernels CPU runtimes pick (x86 and ARM64 names in /proc/cpuinfo).
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "avx_vnni_int8",
-             "amx_int8", "asimddp", "i8mm", "sve")
-
-
-def describe_cpu() -> str:
-    """'<model name>; flags: <the CPU_FLAGS it has>' (Linux), or what ``platform`` knows elsewhere."""
-    model, flags = platform.processor() or platform.machine(), []
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        text = info.read_text()
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        model = m.group(1).strip() if m else model
-        f = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
-        have = set(f.group(1).split()) if f else set()
-        flags = [x for x in CPU_FLAGS if x in have]
-    return f"{model}; flags: {' '.join(flags) or 'none of ' + ' '.join(CPU_FLAGS)}"

@@ -29,7 +29,7 @@ def _assets():
 ASSETS = _assets()
 # One xdist worker runs them all (make test: --dist loadgroup), so the demo compiles once.
 pytestmark = [pytest.mark.skipif(ASSETS is None, reason="demo assets missing: run 'lowbit assets' (make test does)"),
-              pytest.mark.xdist_group("demo")]
+              pytest.mark.xdist_group("demo"), pytest.mark.slow]
 
 
 # Session scope: xdist may run other modules' tests between these on their worker, which would tear down a
@@ -96,19 +96,23 @@ def test_onnx_int4_parity_on_demo(w4_onnx):
     assert m["onnx"]["ops"]["com.microsoft::MatMulNBits"] == 30 * 4
 
 
-@pytest.mark.parametrize("recipe", ["rtn-w4g64", "zq-w8a8"])
-def test_tensorrt_onnx_perplexity_on_demo(recipe, tmp_path):
+# Windows of 256 tokens and the bar on the perplexity ratio. Both sides compute the same float32 math, so they
+# differ by rounding. Weight-only INT4 passes that on unchanged: one window, 0.5%. Per-token INT8 activations
+# amplify it: 1e-6 relative noise on the torch backend's own embeddings moves one window's zq-w8a8 perplexity by
+# up to 3.7% (1.7% typical) and the mean of 8 windows by up to 0.44% (3 draws; python -m bench.parity_noise), so
+# W8A8 is held to 2% over 8 windows, over 3 standard deviations of that noise (+0.14% on an AVX-512/AMX Xeon,
+# where one window differed by 1.06% and failed the 0.5% this test once held it to).
+@pytest.mark.parametrize("recipe,windows,bar", [("rtn-w4g64", 1, 0.005), ("zq-w8a8", 8, 0.02)])
+def test_tensorrt_onnx_perplexity_on_demo(recipe, windows, bar, tmp_path):
     """The TensorRT target on the real model: its ONNX (native INT4 DequantizeLinear with the asymmetric zero points
     folded, which symmetric weights skip; W8A8 plugins on their reference implementations) in ONNX Runtime scores
-    the perplexity of the torch backend of the same artifact within 0.5%. float32, so the comparison is of the
-    lowering, not of float16 (bench/tensorrt_onnx.py measures both, GPTQ too)."""
+    the perplexity of the torch backend of the same artifact. float32, so the comparison is of the lowering, not
+    of float16 (bench.tensorrt_onnx measures both, GPTQ too)."""
     art = lowbit.compile("demo", recipe, out=tmp_path / recipe, target="tensorrt", quiet=True,
                          trt_precision="float32")
-    # One window of 256 tokens: both sides compute the same float32 math (prefill-sized steps run the torch
-    # backend's float32 GEMMs), so the difference is rounding, far inside the bar.
-    ppl = {b: evaluate_perplexity(str(art), "demo", seq_len=256, max_windows=1, show_progress=False,
+    ppl = {b: evaluate_perplexity(str(art), "demo", seq_len=256, max_windows=windows, show_progress=False,
                                   backend=b)["ppl"] for b in ("torch", "ort")}
-    assert abs(ppl["ort"] / ppl["torch"] - 1) < 0.005, ppl
+    assert abs(ppl["ort"] / ppl["torch"] - 1) < bar, ppl
     info = lowbit.format.artifact.read_manifest(art)["tensorrt"]
     if recipe == "zq-w8a8":
         assert info["plugins"]["int8_linear"] == 30 * 4 and info["plugins"]["rmsnorm_quant_int8"] == 30 * 2

@@ -94,6 +94,7 @@ def _compile_cmd(model_dir, calib_file, out, *extra):
             "--calib", str(calib_file), "--calib-samples", "8", "--calib-seq-len", "48", "-q", *extra]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(model_dirs, calib_file, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_compile_cmd(model_dirs["qwen2"], calib_file, ref), check=True, capture_output=True)

@@ -19,6 +19,7 @@ FORBIDDEN = {
     "format": COMPILER_SIDE + RUNTIME_SIDE,
     "plugins": COMPILER_SIDE + RUNTIME_SIDE,
     "targets.py": COMPILER_SIDE + RUNTIME_SIDE,
+    "host.py": COMPILER_SIDE + RUNTIME_SIDE + ("torch",),
 }
 
 

@@ -597,7 +597,7 @@ def test_import_lowbit_does_not_import_triton():
 
 
 def test_kernel_bench_dry_run(tmp_path):
-    """bench/kernels.py runs every code path (correctness gates, baselines, tables, JSON) on tiny CPU shapes
+    """bench.kernels runs every code path (correctness gates, baselines, tables, JSON) on tiny CPU shapes
     in the interpreter, so a GPU session's few minutes are not lost to a broken script."""
     import json
     import os
@@ -605,8 +605,8 @@ def test_kernel_bench_dry_run(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(root / "bench" / "kernels.py"), "--dry-run", "--markdown", "--json",
-                          str(tmp_path / "k.json")], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "bench.kernels", "--dry-run", "--markdown", "--json",
+                          str(tmp_path / "k.json")], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     rows = json.loads((tmp_path / "k.json").read_text())
     assert [r["M"] for r in rows["w4a16"]] == [1, 16, 80] and [r["M"] for r in rows["w8a8"]] == [16, 80]
@@ -628,6 +628,7 @@ def test_in_flight_model_parts():
     assert resident_programs(80, 255, 1024, 8) == 1             # 255 -> 256 registers a thread: 8 warps fill it
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
     """Every kernel variant (two autotuning configs per hot path) compiles to a cubin for A100, A6000 and H100
     class GPUs and fits their shared memory: Triton's compiler needs no GPU for that, so CI catches what the

@@ -36,18 +36,13 @@ float unless ``quantize_lm_head = true``, the token embedding unless ``quantize_
 from __future__ import annotations
 
 import fnmatch
-import sys
+import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import ACT_BITS, MAX_BITS, MIN_BITS, QuantSpec
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 METHODS = ("fp", "rtn", "gptq")
 HESSIAN_DTYPES = ("float32", "float64")

@@ -361,7 +361,7 @@ def unexplained(rows: list, measured_ms: dict) -> dict:
 
 
 def host_info() -> dict:
-    from lowbit.device import describe_cpu
+    from lowbit.host import describe_cpu
 
     try:
         import onnxruntime

@@ -1,0 +1,49 @@
+"""What this machine's CPU is: its model and the instruction-set flags that decide which kernels CPU runtimes
+pick. No torch, so the torch-free runtime and ``lowbit doctor`` can use it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+# The flags that decide which integer and float kernels torch, ONNX Runtime (MLAS) and llama.cpp pick on this
+# CPU, as /proc/cpuinfo names them.
+X86_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "avx_vnni_int8", "amx_tile", "amx_int8", "amx_bf16")
+ARM_FLAGS = ("asimddp", "i8mm", "bf16", "sve", "sve2")
+CPU_FLAGS = X86_FLAGS + ARM_FLAGS
+
+
+def flag_family() -> tuple:
+    """The flags that can exist on this machine's architecture."""
+    return ARM_FLAGS if platform.machine().lower() in ("aarch64", "arm64") else X86_FLAGS
+
+
+def _cpuinfo() -> str:
+    info = Path("/proc/cpuinfo")
+    return info.read_text() if info.is_file() else ""
+
+
+def cpu_model() -> str:
+    m = re.search(r"^model name\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return m.group(1).strip() if m else (platform.processor() or platform.machine())
+
+
+def cpu_flags() -> list[str]:
+    """The CPU_FLAGS this CPU has, in CPU_FLAGS' order (empty where /proc/cpuinfo does not exist)."""
+    f = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", _cpuinfo(), re.M)
+    have = set(f.group(1).split()) if f else set()
+    return [x for x in CPU_FLAGS if x in have]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, which containers narrow), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def describe_cpu() -> str:
+    """'<model name>; flags: <the CPU_FLAGS it has>', the line benchmarks print beside their numbers."""
+    flags = cpu_flags()
+    return f"{cpu_model()}; flags: {' '.join(flags) or 'none of ' + ' '.join(CPU_FLAGS)}"
