@@ -31,7 +31,7 @@ assets: setup
 test: assets
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup tests
 
-# The suite without the tests marked slow (the demo model's, and those over 10 s).
+# The suite without the tests marked slow (the demo model's, the sweeps over every model family, those over 10 s).
 test-fast: setup
 	$(PY) -m pytest -q -n $(WORKERS) --dist loadgroup -m "not slow" tests
 

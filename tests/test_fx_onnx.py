@@ -151,6 +151,7 @@ PROGRAMS = [("llama", "zq-w8a8"), ("gpt2", "fp"), ("bert", "rtn-w4g64"), ("bloom
             ("falcon", "fp"), ("gptj", "rtn-w4g64"), ("gpt_neox", "rtn-w4g64")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,recipe", PROGRAMS)
 def test_program_matches_torch_onnx_export(arch, recipe, model_dirs, more_model_dirs, tmp_path):
     """The whole program through lowbit's emitter and through torch.onnx: same outputs in ONNX Runtime, same fused

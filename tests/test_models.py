@@ -177,6 +177,7 @@ def test_embedding_quantized_when_asked(arch, model_dirs, inputs, tmp_path):
 
 
 @pytest.mark.parametrize("arch", sorted(MORE_CAUSAL))
+@pytest.mark.slow
 def test_more_architectures_compile_run_eval(arch, more_model_dirs, text_file, tmp_path):
     """Any architecture that traces: the fp artifact's perplexity equals transformers' labels= computation;
     RTN and GPTQ w4g64 compile, quantize every linear layer but the output head, stay within a few percent of

@@ -238,7 +238,7 @@ def format_report(doc: dict) -> str:
         if p["version"] is None:
             note = f"  ({p['used_for']})"
         elif p["locked"] and p["version"].split("+")[0] != p["locked"].split("+")[0] and not note:
-            note = "  (untested version)"
+            note = "  (not the lock's)"
         lines.append(f"{p['name']:24s} {version:18s} {asked:16s} {p['locked'] or '-'}{note}")
     cpu = doc["cpu"]
     missing = [f for f in flag_family() if f not in cpu["flags"]]
