@@ -173,8 +173,8 @@ def usability(versions: dict, torch_info: dict, ort_info: dict) -> dict:
     if torch_why:
         torch_detail = torch_why
     else:
-        kernels = (torch_info.get("int4pack") is True and "CPU: torch's int4pack / int8pack kernels for 4/8-bit "
-                   "matmuls" or "CPU: reference kernels only (this torch lacks the int4pack kernels lowbit uses)")
+        kernels = ("CPU: torch's int4pack / int8pack kernels for 4/8-bit matmuls" if torch_info.get("int4pack") is True
+                   else "CPU: reference kernels only (this torch lacks the int4pack kernels lowbit uses)")
         cuda = (f"CUDA: {len(gpus)} GPU(s), " + ("Triton kernels" if versions["triton"] else
                                                  "reference kernels (pip install triton for the fast ones)")
                 if gpus else f"CUDA: {no_gpu}")
