@@ -22,27 +22,23 @@ import statistics
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import lowbit
 from lowbit.cli import run_script
 from lowbit.demo.assets import ensure_assets
-from lowbit.eval import read_text, windows
+from lowbit.eval import perplexity, read_text, windows
 from lowbit.host import describe_cpu
 
 
 def window_nll(engine, wins: torch.Tensor) -> list:
-    out = []
-    for w in wins:
-        logits = torch.as_tensor(engine.forward(w[None])).float()[0]
-        out.append(float(F.cross_entropy(logits[:-1], w[1:])))
-    return out
+    """Each window's mean token NLL, by lowbit.eval's perplexity on that window alone."""
+    return [perplexity(engine.forward, w[None], show_progress=False)["nll"] for w in wins]
 
 
-def diffs(nll: list, base: list) -> tuple:
-    """(per-window perplexity ratios - 1, mean-perplexity ratio - 1), in percent."""
-    per = [100 * (math.exp(a - b) - 1) for a, b in zip(nll, base)]
-    return per, 100 * (math.exp(statistics.fmean(nll) - statistics.fmean(base)) - 1)
+def row(label: str, nll: list, base: list) -> str:
+    """A table row: the mean-perplexity and per-window perplexity ratios against ``base``, minus 1, in percent."""
+    per = " ".join(f"{100 * (math.exp(a - b) - 1):+.2f}" for a, b in zip(nll, base))
+    return f"| {label} | {100 * (math.exp(statistics.fmean(nll) - statistics.fmean(base)) - 1):+.2f} | {per} |"
 
 
 def main() -> int:
@@ -56,31 +52,26 @@ def main() -> int:
     ap.add_argument("--out", default="out/parity-noise")
     args = ap.parse_args()
     paths = ensure_assets(quiet=True)
+    arts = {t: lowbit.compile("demo", args.recipe, out=Path(args.out) / f"{args.recipe}-{t}", target=t, force=True,
+                              quiet=True, **({"trt_precision": "float32"} if t == "tensorrt" else {}))
+            for t in args.targets.split(",")}
+    # The torch backend once: every target ships the same program to it.
+    torch_engine = lowbit.load(next(iter(arts.values())), backend="torch", kernels="reference")
+    wins = windows(torch_engine.tokenizer, read_text(paths["eval"]), args.seq_len, args.windows)
+    base = window_nll(torch_engine, wins)
     print(f"CPU: {describe_cpu()}; torch {torch.__version__}; {args.recipe}, {args.windows} windows x "
           f"{args.seq_len} of eval.txt; ratios to the torch backend (reference kernels), percent\n")
     print("| run | mean | per window |\n|---|---|---|")
-    base_art = None
-    for target in args.targets.split(","):
-        extra = {"trt_precision": "float32"} if target == "tensorrt" else {}
-        art = lowbit.compile("demo", args.recipe, out=Path(args.out) / f"{args.recipe}-{target}", target=target,
-                             force=True, quiet=True, **extra)
-        torch_engine = lowbit.load(art, backend="torch", kernels="reference")
-        wins = windows(torch_engine.tokenizer, read_text(paths["eval"]), args.seq_len, args.windows)
-        base = window_nll(torch_engine, wins)
-        if base_art is None:      # the yardstick once: every target ships the same program to the torch backend
-            base_art = art
-            gm = torch_engine.runner.gm
-            table = next(t for n, t in itertools.chain(gm.named_parameters(), gm.named_buffers()) if "embed" in n)
-            clean, gen = table.detach().clone(), torch.Generator().manual_seed(0)
-            for d in range(args.draws):
-                with torch.no_grad():
-                    table.copy_(clean * (1 + args.noise * torch.randn(clean.shape, generator=gen)))
-                per, mean = diffs(window_nll(torch_engine, wins), base)
-                print(f"| torch, {args.noise:g} noise, draw {d} | {mean:+.2f} | {' '.join(f'{x:+.2f}' for x in per)} |")
-            with torch.no_grad():
-                table.copy_(clean)
-        per, mean = diffs(window_nll(lowbit.load(art, backend="ort"), wins), base)
-        print(f"| ort, --target {target} | {mean:+.2f} | {' '.join(f'{x:+.2f}' for x in per)} |")
+    gm = torch_engine.runner.gm
+    table = next(t for n, t in itertools.chain(gm.named_parameters(), gm.named_buffers()) if "embed" in n)
+    clean, gen = table.detach().clone(), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for d in range(args.draws):
+            table.copy_(clean * (1 + args.noise * torch.randn(clean.shape, generator=gen)))
+            print(row(f"torch, {args.noise:g} noise, draw {d}", window_nll(torch_engine, wins), base))
+        table.copy_(clean)
+    for target, art in arts.items():
+        print(row(f"ort, --target {target}", window_nll(lowbit.load(art, backend="ort"), wins), base))
     return 0
 
 
