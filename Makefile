@@ -6,7 +6,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 LOCK    := constraints.txt
 OLDEST  := constraints-oldest.txt
-EXTRAS  := dev,bench
+EXTRAS  := dev,bench,sign
 STAMP   := $(VENV)/.lowbit-installed
 WORKERS ?= 2
 # The torch that `make lock` keeps: the CPU build this project's machines hold on disk. Bump it here, then make lock.

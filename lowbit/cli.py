@@ -1,4 +1,5 @@
-"""The ``lowbit`` command: compile | run | eval | profile | inspect | build-engine | recipes | assets | doctor.
+"""The ``lowbit`` command: compile | run | eval | profile | inspect | keygen | sign | verify | build-engine | recipes |
+assets | doctor.
 
 User errors (LowbitError) print one line on stderr and exit 2 with no traceback; progress goes to
 stderr so ``--json`` output on stdout can be piped.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 
@@ -29,10 +32,12 @@ def _cmd_compile(a) -> int:
 
 def _cmd_run(a) -> int:
     import lowbit
+    from lowbit.runtime.sampling import check_sampling
 
+    check_sampling(a.max_new_tokens, a.sample, a.temperature, a.top_k, a.top_p)      # before the model loads
     # lowbit.load, not Engine.load: without torch an ONNX artifact still runs (runtime/lite.py).
     eng = lowbit.load(a.artifact, backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype,
-                      kernels=a.kernels)
+                      kernels=a.kernels, verify=a.verify_key or True)
     texts = eng.generate(a.prompt, max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
                          top_k=a.top_k, top_p=a.top_p, seed=a.seed)
     for prompt, text in zip(a.prompt, texts):
@@ -65,13 +70,19 @@ def _cmd_eval(a) -> int:
     return 0
 
 
-def _int_list(text: str, what: str) -> list[int]:
+def _int_list(text: str, what: str, meaning: str) -> list[int]:
     from lowbit.errors import LowbitError
 
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise LowbitError(f"{what} '{text}': give comma-separated integers, e.g. 1,4") from None
+    if not values:
+        raise LowbitError(f"{what} '{text}': give at least one integer >= 1, e.g. 1,4")
+    for v in values:
+        if v < 1:
+            raise LowbitError(f"{what} {v}: {meaning}; give integers >= 1")
+    return values
 
 
 def _cmd_profile(a) -> int:
@@ -82,12 +93,38 @@ def _cmd_profile(a) -> int:
         percentiles = [float(v) for v in a.percentiles.split(",") if v.strip()]
     except ValueError:
         raise LowbitError(f"--percentiles '{a.percentiles}': give comma-separated numbers, e.g. 50,90,99") from None
-    doc = profile(a.artifacts, backend=a.backend, device=a.device, batches=_int_list(a.batch, "--batch"),
-                  prompt_lens=_int_list(a.prompt_len, "--prompt-len"), new_tokens=a.new_tokens,
-                  warmup_s=a.warmup_s, duration_s=a.duration_s, iterations=a.iterations, percentiles=percentiles,
-                  quiet=a.quiet, per_layer=a.per_layer, trace=a.trace, plot_dir=a.plot, provider=a.provider,
-                  dtype=a.dtype, kernels=a.kernels)
+    doc = profile(a.artifacts, backend=a.backend, device=a.device,
+                  batches=_int_list(a.batch, "--batch", "a batch needs at least one sequence"),
+                  prompt_lens=_int_list(a.prompt_len, "--prompt-len", "a prompt needs at least one token"),
+                  new_tokens=a.new_tokens, warmup_s=a.warmup_s, duration_s=a.duration_s, iterations=a.iterations,
+                  percentiles=percentiles, quiet=a.quiet, per_layer=a.per_layer, trace=a.trace, plot_dir=a.plot,
+                  provider=a.provider, dtype=a.dtype, kernels=a.kernels)
     print(json.dumps(doc, indent=1) if a.json else format_table(doc))
+    return 0
+
+
+def _cmd_keygen(a) -> int:
+    from lowbit.format.signing import keygen
+
+    private, public = keygen(a.name)
+    print(f"wrote {private} (private: keep it to yourself) and {public} (give it to whoever runs your artifacts)")
+    return 0
+
+
+def _cmd_sign(a) -> int:
+    from lowbit.format.signing import sign
+
+    print(f"signed: {sign(a.artifact, a.key)}")
+    return 0
+
+
+def _cmd_verify(a) -> int:
+    from lowbit.format.artifact import read_manifest
+    from lowbit.format.signing import verify
+
+    manifest = verify(a.artifact, a.key) if a.key else read_manifest(a.artifact)
+    print(f"{a.artifact}: {len(manifest['files'])} files match their hashes" + (f"; signed by {a.key}'s owner"
+                                                                                if a.key else ""))
     return 0
 
 
@@ -129,6 +166,61 @@ def _cmd_build_engine(a) -> int:
     return 0
 
 
+def _int_in(lo: int, hi=None, hi_text=None):
+    """Parser of an integer in lo..hi (no upper bound when hi is None); ValueError says the accepted range."""
+    accepted = f"at least {lo}" if hi is None else f"in {lo}..{hi_text or hi}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"must be an integer {accepted}, got '{text}'") from None
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"must be {accepted}, got {value}")
+        return value
+    return parse
+
+
+def _float_from(lo: float, strict: bool):
+    """Parser of a finite number > lo (strict) or >= lo."""
+    accepted = f"{'>' if strict else '>='} {lo:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < lo or (strict and value == lo):
+            raise ValueError(f"must be a finite number {accepted}, got '{text}'")
+        return value
+    return parse
+
+
+def _checked(parse):
+    """An argparse action storing ``parse(text)``. Its ValueError becomes a LowbitError naming the flag, raised
+    while parsing: one line and exit 2 like every other user error, before any work starts."""
+    class Checked(argparse.Action):
+        def __call__(self, parser, namespace, text, option_string=None):
+            from lowbit.errors import LowbitError
+
+            try:
+                setattr(namespace, self.dest, parse(text))
+            except ValueError as e:
+                raise LowbitError(f"{option_string} {e}") from None
+    return Checked
+
+
+def _accuracy_level(text: str) -> int:
+    from lowbit.compiler.lower_onnx import ACCURACY_LEVELS
+
+    return _int_in(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS))(text)
+
+
+_COUNT = _checked(_int_in(1))            # how many of something: windows, samples, steps, sequences
+_WINDOW = _checked(_int_in(2))           # a token window: its first token is only context, so at least 2
+_SEED = _checked(_int_in(0, 2**64 - 1, "2**64-1"))    # what both torch's and numpy's generators take
+
+
 def _runtime_device_args(p):
     p.add_argument("--device", default="cpu", help="torch backend: cpu (default) | cuda[:N] (Triton kernels) | auto")
     p.add_argument("--dtype", default="auto", help="torch backend: auto (float32 on CPU, float16 on CUDA) | "
@@ -151,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", "-r", default="rtn-w4g128", help="built-in recipe name or .toml file (see 'lowbit recipes')")
     c.add_argument("--target", "-t", default="torch", help="what to emit (default torch): " + "; ".join(
         f"{t.name}: {t.summary}" for t in TARGETS.values()))
-    c.add_argument("--onnx-accuracy-level", type=int, default=0, metavar="N",
+    c.add_argument("--onnx-accuracy-level", action=_checked(_accuracy_level), default=0, metavar="N",
                    help="MatMulNBits accuracy_level for --target onnx: 0 exact float math (default), "
                         "4 int8 activations inside the kernel (faster on CPU, less exact)")
     c.add_argument("--no-onnx-fusions", action="store_true",
@@ -167,20 +259,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress output")
     c.add_argument("--calib", default="demo", help="calibration text file, or 'demo' (calib.txt); GPTQ only")
-    c.add_argument("--calib-samples", type=int, default=128, help="random windows of calibration text (default 128)")
-    c.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
-    c.add_argument("--seed", type=int, default=0, help="seed for choosing calibration windows")
+    c.add_argument("--calib-samples", action=_COUNT, default=128,
+                   help="random windows of calibration text (default 128)")
+    c.add_argument("--calib-seq-len", action=_WINDOW, default=512, help="tokens per calibration window (default 512)")
+    c.add_argument("--seed", action=_SEED, default=0, help="seed for choosing calibration windows")
     c.add_argument("--device", default="auto", help="where passes run: auto (CUDA if present), cpu, cuda[:N]")
     c.add_argument("--resume", action="store_true", help="continue a killed compile from its last finished block")
     c.add_argument("--eval", default=None, metavar="TEXT", help="also measure perplexity before/after on TEXT (file or demo)")
-    c.add_argument("--eval-windows", type=int, default=40, help="windows for --eval (default 40)")
-    c.add_argument("--eval-seq-len", type=int, default=512, help="window length for --eval (default 512)")
-    c.add_argument("--lkd-steps", type=int, default=None, help="LKD: Adam steps per block (-lkd recipes; default 100)")
-    c.add_argument("--lkd-lr", type=float, default=None, help="LKD: learning rate (default 1e-4)")
-    c.add_argument("--lkd-batch", type=int, default=None, help="LKD: sequences per step (default 4)")
+    c.add_argument("--eval-windows", action=_COUNT, default=40, help="windows for --eval (default 40)")
+    c.add_argument("--eval-seq-len", action=_WINDOW, default=512, help="window length for --eval (default 512)")
+    c.add_argument("--lkd-steps", action=_COUNT, default=None,
+                   help="LKD: Adam steps per block (-lkd recipes; default 100)")
+    c.add_argument("--lkd-lr", action=_checked(_float_from(0, strict=True)), default=None,
+                   help="LKD: learning rate (default 1e-4)")
+    c.add_argument("--lkd-batch", action=_COUNT, default=None, help="LKD: sequences per step (default 4)")
     c.add_argument("--lkd-data", default=None, help="LKD data: calib (the --calib text, default) or random tokens")
-    c.add_argument("--lkd-samples", type=int, default=None, help="LKD: sequences distilled on (default 32)")
-    c.add_argument("--lkd-seq-len", type=int, default=None, help="LKD: tokens per sequence (default 256)")
+    c.add_argument("--lkd-samples", action=_COUNT, default=None, help="LKD: sequences distilled on (default 32)")
+    c.add_argument("--lkd-seq-len", action=_WINDOW, default=None, help="LKD: tokens per sequence (default 256)")
     c.add_argument("--lkd-inputs", default=None, help="LKD: the student's block input: quantized (the distilled "
                    "blocks' output, default) or float (the float model's)")
     c.add_argument("--lkd-loss", default=None, help="LKD loss: token (each token's squared error relative to its "
@@ -190,29 +285,32 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate text with an artifact")
     r.add_argument("artifact")
     r.add_argument("--prompt", "-p", action="append", required=True, help="prompt text; repeat for a batch")
-    r.add_argument("--max-new-tokens", "-n", type=int, default=32)
+    # Ranges: runtime.sampling.check_sampling (in _cmd_run), the one definition the library shares.
+    r.add_argument("--max-new-tokens", "-n", type=int, default=32, help="tokens to generate, >= 1 (default 32)")
     r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    r.add_argument("--temperature", type=float, default=1.0)
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--temperature", type=float, default=1.0, help="> 0 with --sample (default 1)")
+    r.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0 (default): all")
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, 0 < p <= 1; 1 (default): off")
+    r.add_argument("--seed", action=_SEED, default=None)
     r.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts, tensorrt for tensorrt ones) | torch | ort | "
                    "tensorrt")
     r.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
     _runtime_device_args(r)
+    r.add_argument("--verify-key", default=None, metavar="PUB",
+                   help="run the artifact only if it is signed by this Ed25519 public key (lowbit sign)")
     r.add_argument("--json", action="store_true", help="one JSON object per prompt")
     r.set_defaults(fn=_cmd_run)
 
     e = sub.add_parser("eval", help="perplexity of an artifact or a model folder on a text")
     e.add_argument("target", help="artifact folder, model folder, or 'demo' (the float demo model)")
     e.add_argument("--text", default="demo", help="UTF-8 text file, or 'demo' (eval.txt); default demo")
-    e.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default 512)")
-    e.add_argument("--max-windows", type=int, default=None, help="score at most this many windows")
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--seq-len", action=_WINDOW, default=512, help="window length in tokens (default 512)")
+    e.add_argument("--max-windows", action=_COUNT, default=None, help="score at most this many windows")
+    e.add_argument("--batch-size", action=_COUNT, default=1)
     e.add_argument("--embeddings", default=None, metavar="TEXT",
                    help="encoders: mean cosine of sentence embeddings vs the float source over TEXT's sentences "
                         "(file or demo)")
-    e.add_argument("--max-sentences", type=int, default=256, help="sentences for --embeddings (default 256)")
+    e.add_argument("--max-sentences", action=_COUNT, default=256, help="sentences for --embeddings (default 256)")
     e.add_argument("--backend", default="auto", help="for artifacts: auto (ort for onnx artifacts, tensorrt for tensorrt "
                    "ones) | torch | ort | tensorrt")
     e.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
@@ -229,11 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     _runtime_device_args(pr)
     pr.add_argument("--batch", default="1", help="comma list of batch sizes (default 1)")
     pr.add_argument("--prompt-len", default="128", help="comma list of prompt lengths in tokens (default 128)")
-    pr.add_argument("--new-tokens", type=int, default=None,
+    pr.add_argument("--new-tokens", action=_checked(_int_in(0)), default=None,
                     help="greedy decode steps per iteration (default 64; encoders: 0, a forward pass only)")
-    pr.add_argument("--warmup-s", type=float, default=2.0, help="untimed warm-up seconds (default 2)")
-    pr.add_argument("--duration-s", type=float, default=10.0, help="timed seconds per run (default 10)")
-    pr.add_argument("--iterations", type=int, default=None, help="timed iterations per run instead of a duration")
+    pr.add_argument("--warmup-s", action=_checked(_float_from(0, strict=False)), default=2.0,
+                    help="untimed warm-up seconds (default 2)")
+    pr.add_argument("--duration-s", action=_checked(_float_from(0, strict=True)), default=10.0,
+                    help="timed seconds per run (default 10)")
+    pr.add_argument("--iterations", action=_COUNT, default=None, help="timed iterations per run instead of a duration")
     pr.add_argument("--percentiles", default="50,90,95,99", help="comma list (default 50,90,95,99)")
     pr.add_argument("--per-layer", action="store_true",
                     help="also break one prefill and the decode step down by layer and op kind (CPU)")
@@ -251,12 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_inspect)
 
+    kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts (NAME.key, NAME.pub)")
+    kg.add_argument("name", help="path prefix of the two key files")
+    kg.set_defaults(fn=_cmd_keygen)
+    sg = sub.add_parser("sign", help="sign an artifact (its manifest, which hashes every file) with a private key")
+    sg.add_argument("artifact")
+    sg.add_argument("--key", required=True, help="Ed25519 private key, PEM (lowbit keygen)")
+    sg.set_defaults(fn=_cmd_sign)
+    vf = sub.add_parser("verify", help="check an artifact's file hashes and, with --key, its signature")
+    vf.add_argument("artifact")
+    vf.add_argument("--key", default=None, help="the signer's Ed25519 public key, PEM")
+    vf.set_defaults(fn=_cmd_verify)
+
     be = sub.add_parser("build-engine", help="build the TensorRT engine of a --target tensorrt artifact, on the "
                         "machine (TensorRT >= 10.7, NVIDIA GPU) it will run on")
     be.add_argument("artifact")
-    be.add_argument("--max-batch", type=int, default=8, help="largest batch the engine takes (default 8)")
-    be.add_argument("--max-new-tokens", type=int, default=512, help="largest prefill, in tokens (default 512)")
-    be.add_argument("--max-past", type=int, default=2048, help="largest KV cache of a decode step (default 2048)")
+    be.add_argument("--max-batch", action=_COUNT, default=8, help="largest batch the engine takes (default 8)")
+    be.add_argument("--max-new-tokens", action=_COUNT, default=512, help="largest prefill, in tokens (default 512)")
+    be.add_argument("--max-past", action=_COUNT, default=2048, help="largest KV cache of a decode step (default 2048)")
     be.add_argument("--jit-plugins", action="store_true", help="run lowbit's plugins through Python (Triton's "
                     "launcher) instead of their AOT-compiled kernels; the engine then needs Python to run")
     be.add_argument("--quiet", "-q", action="store_true")
@@ -280,18 +392,30 @@ def main(argv=None) -> int:
     from lowbit.errors import LowbitError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "fn", None):
-        parser.print_help()
-        return 2
     try:
-        return args.fn(args)
+        args = parser.parse_args(argv)
+        if not getattr(args, "fn", None):
+            parser.print_help()
+            return 2
+        code = args.fn(args)
+        sys.stdout.flush()            # a closed pipe shows here, inside the try, not at interpreter exit
+        return code
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lowbit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``lowbit inspect ART | head``): stop quietly, as the Python docs' note on
+    SIGPIPE recommends. stdout goes to devnull so the interpreter's final flush does not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1
 
 
 def run_script(main_fn, prog: str):

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 
 from lowbit.cli import main
 
@@ -93,7 +94,7 @@ def test_bad_artifacts(model_dirs, tmp_path, capsys):
     m = json.loads((art / "manifest.json").read_text())
     m["format_version"] = 99
     (art / "manifest.json").write_text(json.dumps(m))
-    _bad(capsys, tmp_path, "inspect", art, needle="format version 99, newer")
+    _bad(capsys, tmp_path, "inspect", art, needle="format version 99; this lowbit reads versions 1 to")
     _bad(capsys, tmp_path, "run", tmp_path, "-p", "x", needle="not a lowbit artifact")
 
 
@@ -150,3 +151,114 @@ def test_runtime_device_and_dtype(model_dirs, text_file, tmp_path, capsys):
     _bad(capsys, tmp_path, "eval", art, "--text", text_file, "--device", "tpu", needle="unknown --device 'tpu'")
     _bad(capsys, tmp_path, "run", art, "-p", "the model", "--backend", "ort", "--dtype", "float16",
          needle="backend 'ort' cannot run")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "demo", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["eval", "demo", "--batch-size", "-1"], "--batch-size must be at least 1, got -1"),
+    (["eval", "demo", "--batch-size", "two"], "--batch-size must be an integer at least 1, got 'two'"),
+    (["eval", "demo", "--max-windows", "0"], "--max-windows must be at least 1, got 0"),
+    (["eval", "demo", "--max-windows", "-1"], "--max-windows must be at least 1, got -1"),
+    (["eval", "demo", "--seq-len", "1"], "--seq-len must be at least 2, got 1"),
+    (["eval", "demo", "--embeddings", "demo", "--max-sentences", "0"], "--max-sentences must be at least 1, got 0"),
+    (["compile", "demo", "-o", "x", "--eval", "demo", "--eval-windows", "0"], "--eval-windows must be at least 1"),
+    (["compile", "demo", "-o", "x", "--eval-seq-len", "0"], "--eval-seq-len must be at least 2, got 0"),
+    (["compile", "demo", "-o", "x", "--calib-samples", "0"], "--calib-samples must be at least 1, got 0"),
+    (["compile", "demo", "-o", "x", "--calib-seq-len", "1"], "--calib-seq-len must be at least 2, got 1"),
+    (["compile", "demo", "-o", "x", "--seed", "-1"], "--seed must be in 0..2**64-1, got -1"),
+    (["compile", "demo", "-o", "x", "--lkd-steps", "0"], "--lkd-steps must be at least 1, got 0"),
+    (["compile", "demo", "-o", "x", "--lkd-lr", "0"], "--lkd-lr must be a finite number > 0, got '0'"),
+    (["compile", "demo", "-o", "x", "--lkd-lr", "nan"], "--lkd-lr must be a finite number > 0, got 'nan'"),
+    (["compile", "demo", "-o", "x", "--lkd-batch", "0"], "--lkd-batch must be at least 1, got 0"),
+    (["compile", "demo", "-o", "x", "--lkd-samples", "-2"], "--lkd-samples must be at least 1, got -2"),
+    (["compile", "demo", "-o", "x", "--lkd-seq-len", "1"], "--lkd-seq-len must be at least 2, got 1"),
+    (["compile", "demo", "-o", "x", "--onnx-accuracy-level", "9"], "--onnx-accuracy-level must be in 0..4, got 9"),
+    (["run", "art", "-p", "x", "--seed", "many"], "--seed must be an integer in 0..2**64-1, got 'many'"),
+    (["profile", "art", "--new-tokens", "-1"], "--new-tokens must be at least 0, got -1"),
+    (["profile", "art", "--iterations", "0"], "--iterations must be at least 1, got 0"),
+    (["profile", "art", "--warmup-s", "-1"], "--warmup-s must be a finite number >= 0, got '-1'"),
+    (["profile", "art", "--duration-s", "0"], "--duration-s must be a finite number > 0, got '0'"),
+    (["profile", "art", "--duration-s", "inf"], "--duration-s must be a finite number > 0, got 'inf'"),
+    (["build-engine", "art", "--max-batch", "0"], "--max-batch must be at least 1, got 0"),
+    (["build-engine", "art", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["build-engine", "art", "--max-past", "-5"], "--max-past must be at least 1, got -5"),
+])
+def test_out_of_range_flags_are_refused_while_parsing(args, needle, tmp_path, capsys):
+    _bad(capsys, tmp_path, *args, needle=needle)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["-n", "-3"], "max_new_tokens (-n) must be an integer at least 1, got -3"),
+    (["-n", "0"], "max_new_tokens (-n) must be an integer at least 1, got 0"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--temperature", "0", "--sample"], "temperature must be a finite number > 0 when sampling"),
+    (["--temperature", "nan", "--sample"], "temperature must be a finite number > 0 when sampling"),
+    (["--top-p", "2"], "top_p (--top-p) must be a number in 0 < top_p <= 1"),
+    (["--top-p", "0", "--sample"], "top_p (--top-p) must be a number in 0 < top_p <= 1"),
+    (["--top-k", "-5"], "top_k (--top-k) must be an integer at least 0"),
+])
+def test_run_sampling_ranges_are_checked_before_loading(args, needle, tmp_path, capsys):
+    # A missing artifact: the range error comes first, so no backend (torch or ONNX Runtime) is ever reached.
+    _bad(capsys, tmp_path, "run", tmp_path / "no-artifact", "-p", "x", *args, needle=needle)
+
+
+def test_check_sampling_edges_and_types():
+    from lowbit.errors import LowbitError
+    from lowbit.runtime.sampling import check_sampling
+
+    check_sampling(1, False, 0.0, 0, 1.0)          # greedy: temperature 0 is the usual "greedy"
+    check_sampling(1, True, 1e-3, 5, 1e-6)
+    for args, needle in [((2.5, False, 1.0, 0, 1.0), "max_new_tokens"), ((True, False, 1.0, 0, 1.0), "max_new_tokens"),
+                         ((4, True, float("inf"), 0, 1.0), "temperature"), ((4, False, 1.0, 1.5, 1.0), "top_k"),
+                         ((4, True, 1.0, 0, float("nan")), "top_p"), ((4, True, "1", 0, 1.0), "temperature")]:
+        with pytest.raises(LowbitError, match=needle):
+            check_sampling(*args)
+
+
+def test_compile_refuses_unusable_output_paths(tmp_path, capsys, monkeypatch):
+    """-o is checked before the model is even looked at (the model path here does not exist)."""
+    (tmp_path / "file").write_text("x")
+    model = tmp_path / "no-model"
+    _bad(capsys, tmp_path, "compile", model, "-o", tmp_path / "file", "--force", needle="exists and is not a folder")
+    _bad(capsys, tmp_path, "compile", model, "-o", "/proc/x", needle="is under /proc")
+    monkeypatch.chdir(tmp_path)
+    _bad(capsys, tmp_path, "compile", model, "-o", ".", "--force", needle="'.' is the current folder")
+
+
+def test_compile_refuses_unreadable_or_custom_code_configs(tmp_path, capsys):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    out = tmp_path / "o"
+    (folder / "config.json").write_bytes(b'{"model_type": "llama", "name": "\xff\xfe"}')
+    _bad(capsys, tmp_path, "compile", folder, "-o", out, needle="config.json: not UTF-8 text (byte 0xff at offset")
+    (folder / "config.json").write_text("[1, 2]")
+    _bad(capsys, tmp_path, "compile", folder, "-o", out, needle="a transformers config is a JSON object")
+    # A folder that ships its own architecture: its Python must not run, and the refusal says why.
+    marker = tmp_path / "ran"
+    (folder / "configuration_mine.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "mine", "architectures": ["MineForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_mine.MineConfig", "AutoModelForCausalLM": "modeling_mine.Mine"}}))
+    _bad(capsys, tmp_path, "compile", folder, "-o", out, needle="lowbit does not run a model folder's own code")
+    assert not marker.exists()
+
+
+def test_closed_stdout_pipe_is_quiet(tmp_path):
+    """``lowbit ... | head -1``: the reader goes away mid-output; exit 1 with nothing on stderr. The output is made
+    far larger than a pipe's buffer so the write really fails."""
+    big = ("import sys\nimport lowbit.compiler.recipe as r\n"
+           "r.BUILTIN = {f'recipe-{i}': r.BUILTIN['fp'] for i in range(100000)}\n")
+
+    def first_line_then_close(code: str):
+        p = subprocess.Popen([sys.executable, "-c", big + code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        first = p.stdout.readline()
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        p.wait(timeout=120)
+        return first, p.returncode, err
+
+    first, rc, err = first_line_then_close("from lowbit.cli import main\nsys.exit(main(['recipes']))\n")
+    assert first.startswith(b"recipe-0") and rc == 1 and err == "", err
+    # Negative control: the same printing outside main dies with the traceback main now prevents.
+    _, rc, err = first_line_then_close("from lowbit.cli import _cmd_recipes\n_cmd_recipes(None)\n")
+    assert rc != 0 and "BrokenPipeError" in err

@@ -74,13 +74,19 @@ def test_profile_cli_json(tiny_artifacts, capsys):
     (["{art}", "--batch", "one"], "--batch"),
     (["{art}", "--prompt-len", "100000"], "exceeds the model's context"),
     (["{art}", "--trace", "t.json"], "--per-layer"),
+    (["{art}", "--prompt-len", "8,0"], "--prompt-len 0: a prompt needs at least one token"),
+    (["{art}", "--batch", ","], "--batch ',': give at least one integer >= 1"),
+    (["{art}", "--percentiles", "50,101"], "percentile 101.0 is outside 0..100"),
+    (["{art}", "--plot", "{art}/manifest.json"], "--plot '{art}/manifest.json' is an existing file; give a folder"),
+    (["{art}", "--per-layer", "--trace", "{art}"], "--trace '{art}' is an existing folder; give a file name"),
+    (["{art}", "--trace", "{art}/manifest.json/t.json"], "cannot write under '{art}/manifest.json'"),
 ])
 def test_profile_bad_input_is_one_line_and_exit_2(args, msg, tiny_artifacts, capsys):
     argv = ["profile", *[a.format(art=tiny_artifacts[0]) for a in args], "--new-tokens", "2", "--warmup-s", "0",
             "--iterations", "1", "-q"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and msg in err[0], err
+    assert len(err) == 1 and msg.format(art=tiny_artifacts[0]) in err[0], err
 
 
 def test_encoder_profiles_its_forward_pass_and_refuses_decode(model_dirs, tmp_path, capsys):

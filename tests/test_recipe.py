@@ -41,6 +41,26 @@ def test_toml_with_overrides(tmp_path):
     ("group_size = 3\n", "group_size=3 is too small"),
     ('[[overrides]]\nbits = 8\n', "needs 'pattern'"),
     ('[[overrides]]\npattern = "*"\nbitz = 8\n', "needs 'pattern' and only fields"),
+    ("overrides = [1, 2]\n", "override #1 must be a table ([[overrides]] with pattern"),
+    ('overrides = "*.mlp.*"\n', "'overrides' must be an array of tables"),
+    ('[[overrides]]\npattern = ""\n', "field 'pattern' must be a non-empty module-name glob"),
+    ('[[overrides]]\npattern = 3\n', "field 'pattern' must be str, got 3"),
+    ('[[overrides]]\npattern = "*"\nbits = 1\n', "override '*' in 'bad': bits=1 is out of range; valid: 2..8"),
+    ('[[overrides]]\npattern = "*"\nsym = "yes"\n', "field 'sym' must be bool, got 'yes'"),
+    ('min_zero = "abc"\n', "field 'min_zero' must be int, got 'abc'"),
+    ("min_zero = 300\n", "min_zero=300 is out of range; valid: 0..1"),
+    ("min_zero = -1\n", "min_zero=-1 is out of range; valid: 0..1"),
+    ("act_bits = 4\n", "act_bits=4; valid: 0, 8"),
+    ("bits = true\n", "field 'bits' must be int, got True"),
+    ("lkd_steps = 0\n", "lkd_steps=0 must be >= 1"),
+    ("lkd_batch = -2\n", "lkd_batch=-2 must be >= 1"),
+    ("lkd_lr = 0\n", "lkd_lr=0 must be a finite number > 0"),
+    ("lkd_lr = nan\n", "lkd_lr=nan must be a finite number > 0"),
+    ('lkd_lr = "fast"\n', "field 'lkd_lr' must be float, got 'fast'"),
+    ("damp = 0\n", "damp=0 is out of range; valid: 0 < damp < 10"),
+    ("block = 0\n", "block=0 must be >= 1"),
+    ('hessian_dtype = "float16"\n', "hessian_dtype 'float16'; valid: float32, float64"),
+    ("[bits]\nvalue = 4\n", "field 'bits' must be int"),
 ])
 def test_bad_recipe_files(tmp_path, text, needle):
     p = tmp_path / "bad.toml"
@@ -56,3 +76,33 @@ def test_unknown_recipe_lists_valid_ones():
     assert "unknown recipe 'rtn-w5g7'" in str(e.value) and "rtn-w4g64" in str(e.value)
     with pytest.raises(LowbitError, match="does not exist"):
         load_recipe("missing.toml")
+
+
+def test_every_recipe_field_has_a_checked_type():
+    from lowbit.compiler.recipe import _FIELDS, _OVERRIDE_FIELDS, _TYPES
+
+    assert (_FIELDS | _OVERRIDE_FIELDS) - {"overrides"} <= set(_TYPES)
+
+
+def test_non_utf8_recipe_file(tmp_path):
+    p = tmp_path / "latin1.toml"
+    p.write_bytes('name = "d\u00e9j\u00e0"\n'.encode("latin-1"))
+    with pytest.raises(LowbitError) as e:
+        load_recipe(str(p))
+    assert "is not UTF-8 text (byte 0xe9 at offset 9); save it as UTF-8" in str(e.value)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("overrides = [1, 2]\n", "override #1 must be a table"),
+    ("min_zero = 300\n", "min_zero=300 is out of range; valid: 0..1"),
+    (b"bits = 4 # \xff\n", "is not UTF-8 text"),
+])
+def test_bad_recipe_through_the_cli(text, needle, model_dirs, tmp_path, capsys):
+    from lowbit.cli import main
+
+    p = tmp_path / "bad.toml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert main(["compile", str(model_dirs["llama"]), "-r", str(p), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lowbit: error: ") and needle in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

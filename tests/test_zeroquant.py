@@ -168,7 +168,7 @@ def test_bad_inputs(model_dirs, text_file, tmp_path, capsys):
     fp_lkd.write_text('method = "fp"\nlkd = true\n')
     fails("compile", llama, "-r", fp_lkd, "-o", tmp_path / "x", "-q", match="LKD needs quantized weights")
     fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-steps", "0",
-          match="--lkd-steps 0")
+          match="--lkd-steps must be at least 1, got 0")
     fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-data", "web",
           match="--lkd-data web")
     fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-inputs", "teacher",

@@ -60,7 +60,7 @@ def load_tokenizer(path: Path):
 
     quiet_transformers()
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except Exception:  # a folder without tokenizer files is still a model; callers that need one say so
         return None
 
@@ -92,24 +92,44 @@ def resolve_model_path(arg: str) -> Path:
     return path
 
 
+def _raw_config(path: Path) -> dict:
+    """config.json as a dict, or a one-line error saying why it is not one."""
+    file = path / "config.json"
+    try:
+        raw = json.loads(file.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise LowbitError(f"cannot read {file}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"cannot read {file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); pass a folder written by save_pretrained()") from None
+    except json.JSONDecodeError as e:
+        raise LowbitError(f"cannot read {file}: {e}") from None
+    if not isinstance(raw, dict):
+        raise LowbitError(f"cannot read {file}: a transformers config is a JSON object, this is a "
+                          f"{type(raw).__name__}")
+    return raw
+
+
 def read_config(path: Path):
     """The folder's transformers config, refused with the reason when lowbit cannot compile its architecture."""
     from transformers import AutoConfig
 
+    raw = _raw_config(path)
+    names = raw.get("architectures") if isinstance(raw.get("architectures"), list) else []
+    arch = ",".join(map(str, names)) or f"model_type={raw.get('model_type')!r}"
     try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LowbitError(f"cannot read {path / 'config.json'}: {e}") from None
-    arch = ",".join(raw.get("architectures") or []) or f"model_type={raw.get('model_type')!r}"
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError) as e:
+        # Never run (or offer to run) Python shipped in the folder: its auto_map is ignored.
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as e:
+        if raw.get("auto_map"):
+            raise LowbitError(f"{arch} needs the Python code in its model folder (auto_map in config.json); lowbit "
+                              "does not run a model folder's own code, only architectures transformers has built in"
+                              ) from None
         raise LowbitError(f"transformers cannot read the config of {arch} ({str(e).splitlines()[0][:160]}); "
                           "a newer transformers may know it") from None
     if getattr(config, "is_encoder_decoder", False):
         raise LowbitError(f"{arch} is an encoder-decoder model; lowbit compiles decoder-only causal LMs and encoders")
-    names = raw.get("architectures") or []
-    if any(n.endswith("ForConditionalGeneration") for n in names) and task_of(config) != "causal-lm":
+    if any(str(n).endswith("ForConditionalGeneration") for n in names) and task_of(config) != "causal-lm":
         raise LowbitError(f"{arch} is a vision-language or sequence-to-sequence model; lowbit compiles decoder-only "
                           "causal LMs (a *ForCausalLM checkpoint) and encoders")
     moe = [f for f in MOE_FIELDS if (getattr(config, f, None) or 0) > 1]
@@ -162,11 +182,37 @@ def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
                           "pass a complete model folder")
     task = task_of(config)
     try:
-        model = model_class(config).from_pretrained(path, dtype=dtype,
+        model = model_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=False,
                                                     attn_implementation=attn_implementation(config)).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise LowbitError(f"cannot load model from '{path}': {str(e).splitlines()[0]}") from None
+    check_finite(model)
     return LoadedModel(model, load_tokenizer(path), config, path, task)
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse a model with a NaN or Inf weight, naming the first such parameter: caught here, it would otherwise
+    surface later as a confusing failure (the decode check, a NaN perplexity). Counting runs only on failure."""
+    bad = [(name, p) for name, p in model.named_parameters() if not _finite(p)]
+    if not bad:
+        return
+    name, p = bad[0]
+    more = f" (and {len(bad) - 1} more weight tensors hold NaN or Inf)" if len(bad) > 1 else ""
+    raise LowbitError(f"model weight {name} holds {_non_finite_counts(p)}{more}; the checkpoint is corrupted "
+                      "(re-download or re-convert it)")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every value of t is finite. A NaN or Inf makes the sum non-finite, so one reduction clears almost
+    every tensor (5x faster than isfinite on CPU); isfinite settles the rest, whose sum may only have overflowed."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+def _non_finite_counts(t: torch.Tensor) -> str:
+    """'12 NaN values', '1 Inf value' or '3 NaN and 2 Inf values' for a tensor known to hold some."""
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    parts = [f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n]
+    return " and ".join(parts) + (" value" if nan + inf == 1 else " values")
 
 
 def cache_kwarg(model) -> str:
@@ -305,7 +351,7 @@ def trace(loaded: LoadedModel) -> Graph:
             ids = example_encoder_input(vocab, min(16, loaded.max_positions))
             dynamic = {"input_ids": {0: dyn, 1: dyn}, "attention_mask": {0: dyn, 1: dyn}}
             ep = _export(EncoderForward(loaded.model).eval(), (ids, torch.ones_like(ids)), dynamic, loaded)
-    gm = _drop_empty_cats(_drop_guards(ep.module()))
+    gm = _functional(_drop_empty_cats(_drop_guards(ep.module())))
     graph = Graph(gm, loaded.model_type, loaded.task, kv=kv, dtype=dtype, attention=attention)
     graph.vocab_size = vocab
     emb = loaded.model.get_input_embeddings()
@@ -345,6 +391,37 @@ def _drop_empty_cats(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if first.op == "get_attr" and getattr(gm, first.target).numel() == 0:
             n.replace_all_uses_with(n.args[0][1])
     gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _functional(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The graph without in-place operators, which a shipped program may not hold (``format.op_table``):
+    ``detach_`` (a no-op without autograd) is dropped and ``x.add_(y)``-style calls on ``self`` become their
+    out-of-place form, every later reader of ``x`` reading the result instead."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload) or not n.target._schema.is_mutable:
+            continue
+        packet = n.target.overloadpacket.__name__
+        mutated = [a.name for a in n.target._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+        functional = getattr(getattr(torch.ops.aten, packet.rstrip("_"), None), n.target._overloadname, None)
+        if n.target.namespace != "aten" or mutated != ["self"] or not packet.endswith("_") or functional is None:
+            raise LowbitError(f"the traced graph writes in place with {n.target} (node {n.name}), which a lowbit "
+                              "program cannot hold; report the architecture")
+        self_arg = n.args[0]
+        if packet == "detach_":
+            n.replace_all_uses_with(self_arg)
+        else:
+            with gm.graph.inserting_after(n):
+                new = gm.graph.call_function(functional, n.args, n.kwargs)
+            new.meta.update(n.meta)         # the traced value (shape, dtype) the rules read
+            n.replace_all_uses_with(new)
+            for user in list(self_arg.users):
+                if user is not new and order.get(user, -1) > order[n]:
+                    user.replace_input_with(self_arg, new)
+        gm.graph.erase_node(n)
+    gm.graph.lint()
     gm.recompile()
     return gm
 

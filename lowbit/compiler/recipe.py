@@ -36,6 +36,7 @@ float unless ``quantize_lm_head = true``, the token embedding unless ``quantize_
 from __future__ import annotations
 
 import fnmatch
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,6 +47,7 @@ from lowbit.format.quantize import ACT_BITS, MAX_BITS, MIN_BITS, QuantSpec
 
 METHODS = ("fp", "rtn", "gptq")
 HESSIAN_DTYPES = ("float32", "float64")
+MIN_ZEROS = (0, 1)
 HEAD_NAMES = ("lm_head",)
 ATTENTION_PATTERNS = ("*.self_attn.*", "*.attn.*", "*.attention.*")
 
@@ -107,16 +109,18 @@ class Recipe:
                                   "so both matmul operands are plain integers")
         if not (0 < self.damp < 10):
             raise LowbitError(f"recipe '{self.name}': damp={self.damp} is out of range; valid: 0 < damp < 10")
-        if self.block < 1:
-            raise LowbitError(f"recipe '{self.name}': block={self.block} must be >= 1")
-        if self.lkd and self.lkd_steps <= 0:
-            raise LowbitError(f"recipe '{self.name}': lkd_steps={self.lkd_steps} must be >= 1")
-        if self.lkd and not self.lkd_lr > 0:
-            raise LowbitError(f"recipe '{self.name}': lkd_lr={self.lkd_lr} must be > 0")
+        for key in ("block", "lkd_steps", "lkd_batch"):
+            if getattr(self, key) < 1:
+                raise LowbitError(f"recipe '{self.name}': {key}={getattr(self, key)} must be >= 1")
+        if not (self.lkd_lr > 0 and math.isfinite(self.lkd_lr)):
+            raise LowbitError(f"recipe '{self.name}': lkd_lr={self.lkd_lr} must be a finite number > 0")
+        # min_zero is a floor on stored asymmetric zero points: 1 for formats that store "zero - 1" (hf-gptq).
+        # Anything above 1 would only shrink the grid, and >= 2**bits - 1 leaves no code above the zero.
+        if self.min_zero not in MIN_ZEROS:
+            raise LowbitError(f"recipe '{self.name}': min_zero={self.min_zero} is out of range; valid: 0..1")
         if self.hessian_dtype not in HESSIAN_DTYPES:
             raise LowbitError(f"recipe '{self.name}': hessian_dtype '{self.hessian_dtype}'; valid: "
                               f"{', '.join(HESSIAN_DTYPES)}")
-
 
     @property
     def needs_calibration(self) -> bool:
@@ -195,7 +199,7 @@ _OVERRIDE_FIELDS = {f for f in Override.__dataclass_fields__}
 _TYPES = {"name": str, "method": str, "bits": int, "group_size": int, "sym": bool, "quantize_lm_head": bool,
           "quantize_embeddings": bool, "mse": bool, "act_bits": int, "lkd": bool, "lkd_steps": int,
           "lkd_lr": float, "lkd_batch": int, "act_order": bool, "static_groups": bool, "damp": float,
-          "block": int, "hessian_dtype": str, "fuse": bool,
+          "block": int, "hessian_dtype": str, "min_zero": int, "fuse": bool,
           "pattern": str, "skip": bool}
 
 
@@ -208,29 +212,45 @@ def _check_types(where: str, table: dict):
             raise LowbitError(f"{where}: field '{key}' must be {want.__name__}, got {value!r}")
 
 
-def from_toml(path: Path) -> Recipe:
+def _read_toml(path: Path) -> dict:
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise LowbitError(f"malformed recipe file '{path}': {e}") from None
+        text = path.read_bytes().decode("utf-8")        # TOML is UTF-8 whatever the locale says
     except OSError as e:
         raise LowbitError(f"cannot read recipe file '{path}': {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"recipe file '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise LowbitError(f"malformed recipe file '{path}': {e}") from None
+
+
+def _override(path: Path, i: int, o) -> Override:
+    where = f"recipe file '{path}', override #{i + 1}"
+    if not isinstance(o, dict):
+        raise LowbitError(f"{where} must be a table ([[overrides]] with pattern = \"...\"), got {o!r}")
+    bad = set(o) - _OVERRIDE_FIELDS
+    if bad or "pattern" not in o:
+        raise LowbitError(f"{where} needs 'pattern' and only fields {', '.join(sorted(_OVERRIDE_FIELDS))} "
+                          f"(got {', '.join(sorted(o))})")
+    _check_types(where, o)
+    if not o["pattern"]:
+        raise LowbitError(f"{where}: field 'pattern' must be a non-empty module-name glob, e.g. \"*.mlp.down_proj\"")
+    return Override(**o)
+
+
+def from_toml(path: Path) -> Recipe:
+    data = _read_toml(path)
     unknown = set(data) - _FIELDS
     if unknown:
         raise LowbitError(f"recipe file '{path}': unknown field(s) {', '.join(sorted(unknown))}; valid: "
                           f"{', '.join(sorted(_FIELDS))}")
     _check_types(f"recipe file '{path}'", {k: v for k, v in data.items() if k != "overrides"})
-    overrides = []
     raw_overrides = data.pop("overrides", [])
     if not isinstance(raw_overrides, list):
         raise LowbitError(f"recipe file '{path}': 'overrides' must be an array of tables ([[overrides]])")
-    for i, o in enumerate(raw_overrides):
-        bad = set(o) - _OVERRIDE_FIELDS
-        if bad or "pattern" not in o:
-            raise LowbitError(f"recipe file '{path}': override #{i + 1} needs 'pattern' and only fields "
-                              f"{', '.join(sorted(_OVERRIDE_FIELDS))} (got {', '.join(sorted(o))})")
-        _check_types(f"recipe file '{path}', override #{i + 1}", o)
-        overrides.append(Override(**o))
+    overrides = [_override(path, i, o) for i, o in enumerate(raw_overrides)]
     data.setdefault("name", path.stem)
     return Recipe(**data, overrides=overrides)
 

@@ -4,9 +4,63 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lowbit.format.quantize import MAX_LISTED_OUTLIERS, OUTLIER_STEP_RATIO
+
 
 def mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
+
+
+MAX_WARNED_LAYERS = 5          # compile output: one warning line for each of the first layers, then a count
+
+
+def outlier_layers(graph_or_layers) -> list:
+    """The quantized layers (a Graph's, or any iterable / mapping of QuantizedLayer) with an outlier weight group."""
+    layers = getattr(graph_or_layers, "quantized", graph_or_layers)
+    layers = layers.values() if hasattr(layers, "values") else layers
+    return [q for q in layers if q.stats.get("outlier_groups")]
+
+
+def _columns(q, group: int) -> str:
+    return f"{group * q.group_size}-{min((group + 1) * q.group_size, q.in_features) - 1}"
+
+
+def outlier_lines(graph_or_layers) -> list[str]:
+    """Compile-output warnings: one per layer with outlier weight groups (the first MAX_WARNED_LAYERS, then how many
+    more), its largest-step group's place and max |error| against the layer's mean |error|."""
+    bad = outlier_layers(graph_or_layers)
+    lines = []
+    for q in bad[:MAX_WARNED_LAYERS]:
+        st, o = q.stats, q.stats["outliers"][0]
+        n = st["outlier_groups"]
+        lines.append(f"warning: {q.name}: {n} outlier weight group{'s' if n > 1 else ''} (row {o['row']}, group "
+                     f"{o['group']} = columns {_columns(q, o['group'])}: step {o['step_ratio']:.3g}x the layer's "
+                     f"median, max |error| {o['max_abs_err']:.3g} vs the layer's mean {st['weight_mean_abs_err']:.3g}); "
+                     "a weight far outside its group rounds the rest to zero: check the checkpoint, or keep the layer "
+                     "float (recipe override skip = true)")
+    if len(bad) > MAX_WARNED_LAYERS:
+        lines.append(f"warning: {len(bad) - MAX_WARNED_LAYERS} more layers have outlier weight groups (see report.md)")
+    return lines
+
+
+def outlier_section(graph) -> list[str]:
+    """report.md's table of outlier weight groups (nothing when there are none)."""
+    bad = outlier_layers(graph)
+    if not bad:
+        return []
+    lines = ["", "## Outlier weight groups", "",
+             f"Groups whose quantization step is over {OUTLIER_STEP_RATIO:g}x their layer's median step: one weight far "
+             "outside the rest of its group, whose other weights then round to the zero point. Up to "
+             f"{MAX_LISTED_OUTLIERS} per layer, largest step first.", "",
+             "| layer | row | group (columns) | max abs. error | layer mean abs. error | group MSE / median | "
+             "step / median | outlier groups in layer |", "|---|---|---|---|---|---|---|---|"]
+    for q in bad:
+        st = q.stats
+        for o in st["outliers"]:
+            lines.append(f"| {q.name} | {o['row']} | {o['group']} ({_columns(q, o['group'])}) | {o['max_abs_err']:.4g} "
+                         f"| {st['weight_mean_abs_err']:.4g} | {o['mse_ratio']:.4g} | {o['step_ratio']:.4g} | "
+                         f"{st['outlier_groups']} |")
+    return lines
 
 
 def write_report(path: Path, body: dict, graph) -> None:
@@ -41,6 +95,7 @@ def write_report(path: Path, body: dict, graph) -> None:
             t = f"{st['seconds']:.2f}s" if "seconds" in st else "-"
             lines.append(f"| {site.name} | {q.in_features} | {q.out_features} | {q.spec.describe()} | {q.method} | "
                          f"{st.get('weight_rel_err', '')} | {st.get('loss', '-')} | {t} |")
+    lines += outlier_section(graph)
     if body.get("rules"):
         lines += ["", "## Fusion rules", "", "| rule | fired | left alone | rewrites |", "|---|---|---|---|"]
         for name, info in body["rules"].items():

@@ -1,15 +1,16 @@
 """The shipped program: an fx graph of ``aten`` / ``lowbit`` ops as JSON, its tensors in safetensors.
 
-Loading executes nothing from the files: node targets resolve only to operators of the namespaces in
-``NAMESPACES`` (``torch.ops.<ns>.<op>.<overload>``) or to the fixed table ``PY_FUNCTIONS`` (symbolic-size
-arithmetic), and argument values are JSON scalars, node references and tagged dtypes, devices, layouts
-and memory formats. The document layout and its version are described in docs/formats.md.
+A program is untrusted data. Loading it executes nothing from the files: node targets resolve only to the
+operators of the closed table in ``op_table`` (each call's arguments checked against the table's schema
+before anything runs) or to its fixed size functions; argument values are JSON scalars, node references and
+tagged dtypes, devices, layouts and memory formats; a quantized op's packed tensors are checked against the
+layout its arguments describe. Anything else is refused with one line. The document layout and its version
+are described in docs/formats.md.
 """
 
 from __future__ import annotations
 
 import math
-import operator
 import re
 from typing import Optional
 
@@ -17,23 +18,21 @@ import torch
 import torch.fx as fx
 
 from lowbit.errors import LowbitError
+from lowbit.format import op_table
+from lowbit.format.quantize import check_packed
 
 FORMAT = "lowbit.graph"
 # 2: lowbit's quantized linear ops may carry a ``residual`` keyword (the residual_add rule). Readers take every
 # version up to theirs.
 VERSION = 2
-NAMESPACES = ("aten", "prims", "lowbit")
-PY_FUNCTIONS = {
-    **{f"operator.{n}": getattr(operator, n) for n in (
-        "getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne", "lt", "le", "gt",
-        "ge", "and_", "or_", "not_")},
-    **{f"torch.{n}": getattr(torch, n) for n in ("sym_max", "sym_min", "sym_not", "sym_float", "sym_int", "sym_ite")},
-    "math.ceil": math.ceil, "math.floor": math.floor, "math.sqrt": math.sqrt,
-}
 # Checks of what the tracer saw (dtype and device metadata, shape guards): not part of the computation, and
 # wrong once the program runs in another dtype or on another device.
 _DROPPED = {torch.ops.aten._assert_tensor_metadata.default}
 _TAGS = {torch.dtype: "dtype", torch.layout: "layout", torch.memory_format: "memory_format"}
+_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+# Quantized ops and the argument that names their weight's K (the embedding's row width).
+_PACKED = {"lowbit::wna16_linear.default": "in_features", "lowbit::w8a8_linear.default": "in_features",
+           "lowbit::w8a8_linear_codes.default": "in_features", "lowbit::wna16_embedding.default": "dim"}
 
 
 def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -44,28 +43,16 @@ def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _target_name(target) -> str:
     if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}::{target._opname}.{target._overloadname}"
-    for name, fn in PY_FUNCTIONS.items():
+        name = f"{target.namespace}::{target._opname}.{target._overloadname}"
+        if name in op_table.SCHEMAS:
+            return name
+        raise LowbitError(f"the graph calls {name}, which is not in lowbit's operator table (lowbit/format/op_table.py)"
+                          "; a program may hold only those operators: report the architecture")
+    for name, fn in op_table.PY_FUNCTIONS.items():
         if fn is target:
             return name
     raise LowbitError(f"the graph calls {getattr(target, '__qualname__', target)!r}, which the lowbit graph format "
-                      "cannot store (only aten, prims and lowbit operators and symbolic-size arithmetic)")
-
-
-def _resolve(name: str):
-    if "::" not in name:
-        if name not in PY_FUNCTIONS:
-            raise LowbitError(f"program calls unknown function '{name}'; it was written by a newer lowbit")
-        return PY_FUNCTIONS[name]
-    ns, rest = name.split("::", 1)
-    op, _, overload = rest.rpartition(".")
-    if ns not in NAMESPACES:
-        raise LowbitError(f"program calls operator '{name}' outside {', '.join(NAMESPACES)}; refusing to load it")
-    try:
-        return getattr(getattr(getattr(torch.ops, ns), op), overload)
-    except (AttributeError, RuntimeError):
-        raise LowbitError(f"program calls operator '{name}', which this torch / lowbit does not have; upgrade "
-                          "them or recompile") from None
+                      "cannot store (only the operator table's operators and symbolic-size arithmetic)")
 
 
 def _encode_value(v):
@@ -93,27 +80,31 @@ def _torch_attr(name: str, cls):
     return value
 
 
-def _decode_value(v, env: dict, device: torch.device, dtype_map: dict):
-    if not isinstance(v, dict):
+def _decode_value(v, env: dict, device: torch.device, dtype_map: dict, where: str):
+    if v is None or isinstance(v, (bool, int, float, str)):
         return v
+    if not (isinstance(v, dict) and len(v) == 1):
+        raise LowbitError(f"{where}: malformed argument value {str(v)[:60]}; recompile")
     (tag, x), = v.items()
     if tag == "node":
+        if not isinstance(x, str) or x not in env:
+            raise LowbitError(f"{where}: an argument reads node {str(x)[:60]!r}, which no earlier node defines")
         return env[x]
-    if tag in ("list", "tuple"):
-        items = [_decode_value(i, env, device, dtype_map) for i in x]
+    if tag in ("list", "tuple") and isinstance(x, list):
+        items = [_decode_value(i, env, device, dtype_map, where) for i in x]
         return items if tag == "list" else tuple(items)
-    if tag == "float":
+    if tag == "float" and x in ("inf", "-inf", "nan"):
         return float(x)
-    if tag == "device":
+    if tag == "device" and isinstance(x, str):
         return device
-    if tag == "dtype":
+    if tag == "dtype" and isinstance(x, str):
         d = _torch_attr(x, torch.dtype)
         return dtype_map.get(d, d)
-    if tag == "layout":
+    if tag == "layout" and isinstance(x, str):
         return _torch_attr(x, torch.layout)
-    if tag == "memory_format":
+    if tag == "memory_format" and isinstance(x, str):
         return _torch_attr(x, torch.memory_format)
-    raise LowbitError(f"program holds a value tagged '{tag}', unknown to this lowbit; upgrade it")
+    raise LowbitError(f"{where}: argument value tagged {tag!r} is unknown to this lowbit or malformed")
 
 
 def _attr(gm: torch.nn.Module, target: str):
@@ -152,51 +143,107 @@ def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None)
         else:
             raise LowbitError(f"graph node {n.name} is a {n.op} ({n.target}); the lowbit graph format stores "
                               "flat graphs of operator calls")
-    doc = {"format": FORMAT, "version": VERSION, "dtype": str(dtype).removeprefix("torch."), "nodes": nodes}
+    doc = {"format": FORMAT, "version": VERSION, "op_table": op_table.TABLE_VERSION,
+           "dtype": str(dtype).removeprefix("torch."), "nodes": nodes}
     return doc, tensors
 
 
-def check_document(doc: dict, where: str):
-    if doc.get("format") != FORMAT:
-        raise LowbitError(f"{where} is not a lowbit program (format {doc.get('format')!r})")
+def check_document(doc, where: str):
+    """Refuse a document that is not a program this lowbit reads: its format, version, operator table, dtype
+    and node list."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise LowbitError(f"{where} is not a lowbit program (format {doc.get('format') if isinstance(doc, dict) else None!r})")
     version = doc.get("version")
-    if not (isinstance(version, int) and 1 <= version <= VERSION):
+    if not (_is_int(version) and 1 <= version <= VERSION):
         raise LowbitError(f"{where} is program format version {version}; this lowbit reads versions 1 to "
                           f"{VERSION}: use the lowbit that wrote it, or recompile")
+    table = doc.get("op_table", 1)
+    if not (_is_int(table) and 1 <= table):
+        raise LowbitError(f"{where}: op_table must be a positive integer, not {table!r}")
+    if doc.get("dtype") not in _FLOAT_DTYPES or not isinstance(doc.get("nodes"), list):
+        raise LowbitError(f"{where}: dtype must be one of {', '.join(_FLOAT_DTYPES)} and nodes a list; recompile")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def decode(doc: dict, tensors: dict[str, torch.Tensor], device="cpu", dtype: Optional[torch.dtype] = None,
            where: str = "program") -> fx.GraphModule:
     """The GraphModule of a document on ``device``; with ``dtype``, float tensors and float dtype arguments that
-    were the traced dtype become ``dtype``."""
-    from lowbit.plugins import ops  # noqa: F401  (registers torch.ops.lowbit.*)
-
+    were the traced dtype become ``dtype``. Refuses (LowbitError) anything outside the format."""
     check_document(doc, where)
     device = torch.device(device)
     traced = _torch_attr(doc["dtype"], torch.dtype)
     dtype_map = {traced: dtype} if dtype is not None and dtype != traced else {}
-    root = torch.nn.Module()
-    names: dict[str, str] = {}
-    for i, (key, t) in enumerate(tensors.items()):
-        names[key] = f"c{i}_" + re.sub(r"\W", "_", key)[-60:]
-        root.register_buffer(names[key], t.to(device=device, dtype=dtype_map.get(t.dtype, t.dtype)))
+    try:
+        return _build(doc, tensors, device, dtype_map, where)
+    except RecursionError:
+        raise LowbitError(f"{where}: argument values nested too deeply; refusing it") from None
+
+
+def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, where: str) -> fx.GraphModule:
+    table = doc.get("op_table", 1)
     g = fx.Graph()
     env: dict[str, fx.Node] = {}
-    for nd in doc["nodes"]:
-        op = nd["op"]
+    constants: dict[str, str] = {}          # stored tensor name -> attribute on the module
+    outputs = 0
+    for i, nd in enumerate(doc["nodes"]):
+        at = f"{where}: node {i}"
+        name = nd.get("name") if isinstance(nd, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", name) or name in env:
+            raise LowbitError(f"{at} has no name, a malformed one or a duplicate")
+        op = nd.get("op")
+        if outputs:
+            raise LowbitError(f"{at} follows the output node")
         if op == "placeholder":
-            env[nd["name"]] = g.placeholder(nd["name"])
+            env[name] = g.placeholder(name)
         elif op == "get_attr":
-            if nd["tensor"] not in names:
-                raise LowbitError(f"{where}: node {nd['name']} reads tensor {nd['tensor']}, which the tensors file "
-                                  "lacks; recompile")
-            env[nd["name"]] = g.get_attr(names[nd["tensor"]])
+            key = nd.get("tensor")
+            if not isinstance(key, str) or key not in tensors:
+                raise LowbitError(f"{at} ({name}) reads tensor {str(key)[:80]!r}, which the tensors file lacks; "
+                                  "recompile")
+            constants.setdefault(key, f"c{len(constants)}_" + re.sub(r"\W", "_", key)[-60:])
+            env[name] = g.get_attr(constants[key])
         elif op == "call":
-            args = _decode_value({"tuple": nd["args"]["list"]}, env, device, dtype_map)
-            kwargs = {k: _decode_value(v, env, device, dtype_map) for k, v in nd["kwargs"].items()}
-            env[nd["name"]] = g.call_function(_resolve(nd["target"]), args, kwargs)
+            target, args, kwargs = nd.get("target"), nd.get("args"), nd.get("kwargs", {})
+            if not (isinstance(target, str) and isinstance(args, dict) and list(args) == ["list"]
+                    and isinstance(args["list"], list) and isinstance(kwargs, dict)):
+                raise LowbitError(f"{at} ({name}) is a malformed call")
+            fn = op_table.resolve(target, table, where)
+            op_table.check_call(target, args["list"], kwargs, f"{at} ({name})")
+            call_args = _decode_value({"tuple": args["list"]}, env, device, dtype_map, where)
+            call_kwargs = {k: _decode_value(v, env, device, dtype_map, where) for k, v in kwargs.items()}
+            if target in _PACKED:
+                _check_packed_call(target, call_args, call_kwargs, tensors, constants, f"{at} ({name})")
+            env[name] = g.call_function(fn, call_args, call_kwargs)
         elif op == "output":
-            g.output(_decode_value(nd["args"], env, device, dtype_map))
+            g.output(_decode_value(nd.get("args"), env, device, dtype_map, where))
+            outputs += 1
         else:
-            raise LowbitError(f"{where}: node kind '{op}' is unknown to this lowbit; upgrade it")
+            raise LowbitError(f"{at}: node kind {str(op)[:40]!r} is unknown to this lowbit; upgrade it")
+    if not outputs:
+        raise LowbitError(f"{where} has no output node; recompile")
+    root = torch.nn.Module()
+    for key, attr in constants.items():
+        t = tensors[key]
+        root.register_buffer(attr, t.to(device=device, dtype=dtype_map.get(t.dtype, t.dtype)))
     return fx.GraphModule(root, g)
+
+
+def _check_packed_call(target: str, args: tuple, kwargs: dict, tensors: dict, constants: dict, where: str):
+    """A quantized op's stored weight must have the layout its bits / group / K arguments describe."""
+    names = [p[0] for p in op_table.arguments(target)]
+    bound = {**dict(zip(names, args)), **kwargs}
+    by_attr = {attr: tensors[key] for key, attr in constants.items()}
+
+    def stored(arg):
+        node = bound.get(arg)
+        if node is None:
+            return None
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            raise LowbitError(f"{where}: its {arg} must be a stored tensor")
+        return by_attr[node.target]
+
+    check_packed(stored("qweight"), stored("scales"), stored("zeros"), stored("bias"), bound.get("bits"),
+                 bound.get("group_size"), bound.get(_PACKED[target]), where)

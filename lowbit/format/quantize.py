@@ -185,6 +185,63 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, g
     return w.view(n, -1)[:, :k]
 
 
+# A group is an outlier when its quantization step |s| (the resolution each of its weights is rounded to) is over
+# this multiple of its layer's median step: one weight far outside the rest of its group stretches the step until
+# the others round to the zero point. The step, not the realized error, tells that apart: a collapsed group's error
+# is bounded by its own small weights (about 100x the median squared error at 4 bits), which ordinary rows of
+# another scale also reach (SmolLM2-135M at w4g64, w4g128, w8g128: up to 440x in squared error but 19x in step).
+OUTLIER_STEP_RATIO = 100.0
+MAX_LISTED_OUTLIERS = 8        # outlier groups listed per layer (the count covers them all)
+
+
+def group_error_stats(w: torch.Tensor, deq: torch.Tensor, scales: torch.Tensor, group: int) -> dict:
+    """Per-group error of a quantized weight w [N, K] (``deq`` dequantized, ``scales`` [N, G]) as plain JSON numbers:
+    the layer's mean |error| and median group MSE, the group of largest MSE, and the outlier groups
+    (OUTLIER_STEP_RATIO, largest step first), each as row, group index, max |error|, MSE, MSE over the median and
+    step over the median step."""
+    err = (deq.detach().float() - w.detach().float()).abs_()     # in place from here: a weight-sized copy at most
+    n, k = err.shape
+    cols = torch.full((num_groups(k, group),), float(group), device=err.device)
+    cols[-1] = k - (cols.numel() - 1) * group                       # the ragged last group's own columns
+    max_abs = _grouped(err, group).amax(-1)
+    mean_abs = float(err.mean())
+    mse = _grouped(err.square_(), group).sum(-1) / cols              # zero padding adds nothing
+    step = _group_steps(w, scales, group)
+    live = step[step > 0]
+    median_step = float(live.median()) if live.numel() else 0.0
+    median_mse = float(mse.median())
+    flat = step.flatten()
+    outlier = flat > OUTLIER_STEP_RATIO * median_step if median_step else torch.zeros_like(flat, dtype=torch.bool)
+    n_out = int(outlier.sum())
+    listed = torch.topk(torch.where(outlier, flat, -1.0), min(n_out, MAX_LISTED_OUTLIERS)).indices
+
+    def entry(i: int) -> dict:
+        r, g = divmod(int(i), mse.shape[1])
+        return {"row": r, "group": g, "max_abs_err": _sig(max_abs[r, g]), "mse": _sig(mse[r, g]),
+                "mse_ratio": _ratio(mse[r, g], median_mse), "step_ratio": _ratio(step[r, g], median_step)}
+
+    return {"weight_mean_abs_err": _sig(mean_abs), "group_mse_median": _sig(median_mse),
+            "worst_group": entry(mse.flatten().argmax()), "outlier_groups": n_out,
+            "outliers": [entry(i) for i in listed]}
+
+
+def _group_steps(w: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """|scale| per group [N, G], 0 for an all-zero group (its stored scale is a placeholder, not a step)."""
+    wg = _grouped(w.detach().float(), group)
+    nonzero = (wg.amax(-1) != 0) | (wg.amin(-1) != 0)                  # zero padding cannot make a group nonzero
+    return scales.detach().float().abs().to(nonzero.device) * nonzero
+
+
+def _ratio(x, typical: float) -> float:
+    """x over the layer's typical value, in Python floats: float32 could overflow to inf, which JSON cannot hold."""
+    return _sig(float(x) / max(typical, torch.finfo(torch.float32).tiny))
+
+
+def _sig(x) -> float:
+    """A plain float to 4 significant digits: errors span many decades, so fixed decimals would zero them."""
+    return float(f"{float(x):.4g}")
+
+
 def quantize_weight(w: torch.Tensor, spec: QuantSpec, mse: bool = False):
     """Round-to-nearest quantization of w [N, K]: returns (codes uint8 [N,K], scale f16 [N,G], zero u8 [N,G])."""
     scale, zero = compute_qparams(w, spec, mse=mse)
@@ -246,3 +303,26 @@ def storage_bytes(n: int, k: int, spec: QuantSpec) -> int:
     """Bytes of a quantized weight as stored: packed codes + float16 scales + uint8 zeros."""
     g = spec.group(k)
     return n * packed_cols(k, spec.bits) + n * num_groups(k, g) * (2 + 1)
+
+
+def check_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias, bits, group_size,
+                 k, where: str) -> None:
+    """Refuse a quantized weight whose tensors do not have the layout its arguments describe (a kernel would
+    read past them, or unpack garbage): ``bits`` 1-8, ``group_size`` and K positive, codes uint8
+    [N, ceil(K*bits/8)], scales float [N, G] and zeros uint8 [N, G] with G = ceil(K/group_size), bias [N]."""
+    from lowbit.errors import LowbitError
+
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, group_size, k)) \
+            or not 1 <= bits <= 8 or group_size < 1 or k < 1:
+        raise LowbitError(f"{where}: bits {bits!r}, group {group_size!r}, K {k!r} out of range (bits 1-8, positive "
+                          "group and K)")
+    n = qweight.shape[0] if qweight.dim() == 2 else -1
+    g = num_groups(k, group_size)
+    expect = [(qweight, torch.uint8, (n, packed_cols(k, bits)), "codes"), (zeros, torch.uint8, (n, g), "zeros"),
+              (scales, None, (n, g), "scales")] + ([(bias, None, (n,), "bias")] if bias is not None else [])
+    for t, dtype, shape, what in expect:
+        if n < 0 or tuple(t.shape) != shape or (dtype is not None and t.dtype != dtype) \
+                or (dtype is None and not t.is_floating_point()):
+            raise LowbitError(f"{where}: {what} are {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, but "
+                              f"{bits}-bit codes of K={k} in groups of {group_size} need "
+                              f"{str(dtype or 'float').removeprefix('torch.')} {list(shape)}")

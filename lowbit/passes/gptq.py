@@ -184,7 +184,7 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
     from lowbit.compiler.calibration import StreamingCalibrator
     from lowbit.compiler.ir import QuantizedLayer
     from lowbit.progress import progress_bar
-    from lowbit.format.quantize import dequantize_codes, pack_codes
+    from lowbit.format.quantize import dequantize_codes, group_error_stats, pack_codes
     from lowbit.passes.rtn import quantizable, quantize_embedding, tied_to
 
     todo = list(quantizable(graph, recipe))
@@ -207,14 +207,15 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
         if tied is not None:
             return tied
         t0 = time.perf_counter()
-        w = graph.weight(site).float()
+        w = graph.weight(site).float().cpu()          # beside the CPU codes it is compared with (gptq_quantize moves it)
         r = gptq_quantize(w, hessian, spec, opts, name=site.name)
         group = spec.group(site.in_features)
         deq = dequantize_codes(r.codes, r.scales, r.zeros, group)
         bias = graph.bias(site)
         bias = None if bias is None else bias.detach().cpu().clone()      # the graph may live on the GPU
         stats = {"loss": round(r.loss, 6), "weight_rel_err": round(float((deq - w).norm() / w.norm().clamp_min(1e-12)), 6),
-                 "seconds": round(time.perf_counter() - t0, 3), "damp": r.damp, "dead_inputs": r.dead}
+                 "seconds": round(time.perf_counter() - t0, 3), "damp": r.damp, "dead_inputs": r.dead,
+                 **group_error_stats(w, deq, r.scales, group)}
         return QuantizedLayer(name=site.name, op=spec.linear_op, spec=spec, in_features=site.in_features,
                               out_features=site.out_features, group_size=group, qweight=pack_codes(r.codes, spec.bits),
                               scales=r.scales, zeros=r.zeros, bias=bias,

@@ -13,7 +13,8 @@ import torch
 
 from lowbit.compiler.ir import Graph, QuantizedLayer
 from lowbit.progress import progress_bar
-from lowbit.format.quantize import dequantize_codes, pack_codes, quantize_codes, quantize_weight
+from lowbit.format.quantize import (dequantize_codes, group_error_stats, pack_codes, quantize_codes,
+                                    quantize_weight)
 
 
 def quantizable(graph: Graph, recipe):
@@ -37,11 +38,12 @@ def quantize_layer(name: str, op: str, w: torch.Tensor, spec, bias, method: str 
         scale, zero = qparams
         q = quantize_codes(w, scale, zero, spec)
     group = spec.group(w.shape[1])
-    err = (dequantize_codes(q, scale, zero, group) - w).norm() / w.norm().clamp_min(1e-12)
+    deq = dequantize_codes(q, scale, zero, group)
+    err = (deq - w).norm() / w.norm().clamp_min(1e-12)
     return QuantizedLayer(name=name, op=op, spec=spec, in_features=w.shape[1], out_features=w.shape[0],
                           group_size=group, qweight=pack_codes(q, spec.bits), scales=scale, zeros=zero,
                           bias=None if bias is None else bias.clone(), method=method,
-                          stats={"weight_rel_err": round(float(err), 6)})
+                          stats={"weight_rel_err": round(float(err), 6), **group_error_stats(w, deq, scale, group)})
 
 
 def quantize_embedding(graph: Graph, recipe) -> tuple[Optional[QuantizedLayer], Optional[torch.Tensor]]:

@@ -391,6 +391,8 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, 
 
 
 def act_mul_reference(y: torch.Tensor, act: str) -> torch.Tensor:
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act_mul: unknown activation {act!r}; one of {', '.join(ACTIVATIONS)}")
     gate, up = y.chunk(2, dim=-1)
     return ACTIVATIONS[act](gate) * up
 

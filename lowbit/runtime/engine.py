@@ -10,7 +10,9 @@ import torch
 from lowbit.format import artifact
 from lowbit import targets
 from lowbit.errors import LowbitError
+from lowbit.runtime.sampling import check_sampling
 from lowbit.format.graph import mask_positions
+from lowbit.runtime.tokenizer_files import tokenizer_file
 
 
 class Engine:
@@ -27,13 +29,15 @@ class Engine:
         self._eos = list(generation.get("eos_token_ids") or [])
 
     @classmethod
-    def load(cls, path, backend: str = "auto", dtype=None, verify: bool = True, provider: str = "auto",
+    def load(cls, path, backend: str = "auto", dtype=None, verify=True, provider: str = "auto",
              threads: int = 0, device: str = "cpu", kernels: str = "auto") -> "Engine":
         """Load an artifact. ``backend``: torch, ort (ONNX Runtime; ``provider`` auto/cpu/cuda), or auto (ort
         for artifacts compiled with --target onnx, torch otherwise). The torch backend runs on ``device``
         (cpu, the default; cuda[:N], where the lowbit ops run Triton kernels; or auto) in ``dtype`` (default
         float32 on CPU, float16 on CUDA), with ``kernels`` auto (the fastest the device has) or reference (the
-        ops' reference kernels, the oracle the others are tested against)."""
+        ops' reference kernels, the oracle the others are tested against). ``verify``: True (default) checks every
+        file's sha256 against the manifest; a public key file also checks the artifact's signature
+        (``lowbit sign``); False checks only the manifest's structure and file list."""
         from lowbit.device import pick_device, pick_dtype
 
         path = Path(path)
@@ -42,13 +46,14 @@ class Engine:
         device = pick_device(device)
         explicit_dtype = dtype not in (None, "auto")
         dtype = pick_dtype(dtype, device)
-        manifest = artifact.read_manifest(path, verify=verify)
+        manifest = artifact.open_manifest(path, verify)
         backend = targets.backend_for(manifest.get("target"), backend, f"artifact '{path}'")
         runner = targets.backend(backend).open(path, manifest, device=device, dtype=dtype,
                                                explicit_dtype=explicit_dtype, provider=provider, threads=threads,
                                                kernels=kernels)
-        return cls(path, manifest, runner, load_tokenizer(path / "tokenizer"), backend,
-                   artifact.generation_info(path, manifest))
+        generation = artifact.generation_info(path, manifest)
+        tokenizer = load_tokenizer(artifact.listed_folder(path, manifest, "tokenizer"))
+        return cls(path, manifest, runner, tokenizer, backend, generation)
 
     # ---- forward ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -76,6 +81,7 @@ class Engine:
         """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token."""
         if self.task != "causal-lm":
             raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
+        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         max_pos = self.max_positions
         if input_ids.shape[1] + max_new_tokens > max_pos:
             raise LowbitError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -140,17 +146,15 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def load_tokenizer(path: Path):
-    """The artifact's tokenizer. A tokenizer.json loads through the tokenizers backend directly: AutoTokenizer
-    would import transformers' model registry (``models.auto.modeling_auto``), which the runtime does not need."""
-    if not path.is_dir():
+    """The tokenizer in folder ``path`` (an artifact's ``tokenizer/``), or None when there is none: from its
+    tokenizer.json through the tokenizers backend, data only. AutoTokenizer is never used: it would import
+    transformers' model registry (``models.auto.modeling_auto``), which the runtime does not need, and could
+    run code the folder ships (``auto_map``)."""
+    if not tokenizer_file(path):
         return None
-    if (path / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+    return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
 
 
 def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,

@@ -7,7 +7,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE, read_manifest
+from lowbit.errors import LowbitError
+from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE, member, read_json, read_manifest
 
 
 def _mib(n) -> str:
@@ -26,9 +27,25 @@ def program_line(doc: dict) -> str:
 def describe(path, as_json: bool = False) -> str:
     path = Path(path)
     m = read_manifest(path, verify=True)        # hashes checked: inspect doubles as an integrity check
-    layers = json.loads((path / GRAPH_FILE).read_text())["layers"] if (path / GRAPH_FILE).is_file() else {}
+    layers = _json(path, m, GRAPH_FILE).get("layers", {}) if GRAPH_FILE in m["files"] else {}
     if as_json:
         return json.dumps({"manifest": m, "layers": layers}, indent=2)
+    try:
+        return _describe(path, m, layers)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        # A manifest that passed the checks but lacks a field this summary shows: the artifact is damaged.
+        raise LowbitError(f"artifact '{path}': its manifest or {GRAPH_FILE} lacks or garbles a field ({type(e).__name__}: "
+                          f"{str(e)[:80]}); recompile it") from None
+
+
+def _json(path: Path, manifest: dict, name: str) -> dict:
+    doc = read_json(member(path, manifest, name), f"artifact '{path}': {name}")
+    if not isinstance(doc, dict):
+        raise LowbitError(f"artifact '{path}': {name} is not a JSON object; recompile it")
+    return doc
+
+
+def _describe(path: Path, m: dict, layers: dict) -> str:
     r, s, src = m["recipe"], m.get("sizes", {}), m["source"]
     out = [f"artifact   {path}",
            f"format     {m['format']} v{m['format_version']}, target {m['target']}",
@@ -42,8 +59,8 @@ def describe(path, as_json: bool = False) -> str:
            "timings    " + ", ".join(f"{k} {v:.1f}s" for k, v in m.get("timings", {}).items()),
            "tools      " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()),
            f"layers     {len(layers)} quantized of {s.get('matmul_layers', '?')} matmuls"]
-    if (path / PROGRAM_FILE).is_file():
-        out.insert(-1, program_line(json.loads((path / PROGRAM_FILE).read_text())))
+    if PROGRAM_FILE in m["files"]:
+        out.insert(-1, program_line(_json(path, m, PROGRAM_FILE)))
     for name, info in (m.get("rules") or {}).items():
         kinds = Counter(re.sub(r"\S*\.", "", r) for r in info["rewrites"])      # module paths -> last names
         out.insert(-1, f"rule       {name}: fired {info['fired']}x"
@@ -84,4 +101,5 @@ def describe(path, as_json: bool = False) -> str:
     out.append("files")
     for name, digest in m["files"].items():
         out.append(f"  {name:40s} {(path / name).stat().st_size:>12d} B  sha256 {digest[:16]}...")
-    return "\n".join(out)
+    # The manifest's strings are the artifact's: no terminal control sequences reach the user's terminal.
+    return re.sub(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", "?", "\n".join(out))

@@ -9,13 +9,13 @@ samples than the torch Engine's.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.runtime.sampling import check_sampling
 from lowbit.format import artifact
 from lowbit.runtime.ort_session import OrtSession, mask_positions_np
 
@@ -28,14 +28,14 @@ class LiteEngine:
         self.task = manifest["source"]["task"]
         generation = artifact.generation_info(path, manifest)
         self.max_positions = int(generation["max_positions"])
-        self.tokenizer = LiteTokenizer.load(path / "tokenizer")
+        self.tokenizer = LiteTokenizer.load(artifact.listed_folder(path, manifest, "tokenizer"))
         self._eos = list(generation.get("eos_token_ids") or []) or (
             [self.tokenizer.eos_id] if self.tokenizer is not None and self.tokenizer.eos_id is not None else [])
 
     @classmethod
-    def load(cls, path, provider: str = "auto", threads: int = 0, verify: bool = True, **_) -> "LiteEngine":
+    def load(cls, path, provider: str = "auto", threads: int = 0, verify=True, **_) -> "LiteEngine":
         path = Path(path)
-        manifest = artifact.read_manifest(path, verify=verify)
+        manifest = artifact.open_manifest(path, verify)
         return cls(path, manifest, OrtSession(path, manifest, provider, threads))
 
     def forward(self, input_ids: np.ndarray, attention_mask: Optional[np.ndarray] = None) -> np.ndarray:
@@ -52,6 +52,7 @@ class LiteEngine:
         """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token."""
         if self.task != "causal-lm":
             raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
+        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         input_ids, mask = np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64)
         if input_ids.shape[1] + max_new_tokens > self.max_positions:
             raise LowbitError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -139,13 +140,14 @@ class LiteTokenizer:
 
     @classmethod
     def load(cls, folder: Path) -> Optional["LiteTokenizer"]:
-        if not (folder / "tokenizer.json").is_file():
+        from lowbit.runtime.tokenizer_files import tokenizer_config, tokenizer_file
+
+        file = tokenizer_file(folder)
+        if file is None:
             return None
         from tokenizers import Tokenizer
 
-        config_file = folder / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), config)
+        return cls(Tokenizer.from_file(str(file)), tokenizer_config(folder))
 
     def encode_batch(self, texts: list[str], side: str = "left") -> tuple[np.ndarray, np.ndarray]:
         """(ids, attention mask) [B, T], padded on ``side`` to the longest text."""

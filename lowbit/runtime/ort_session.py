@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.format import artifact
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -67,7 +68,13 @@ class OrtSession:
         if info is None:
             raise LowbitError(f"artifact '{path}' was compiled for target '{manifest.get('target')}' and has no ONNX "
                               "model; recompile it with --target onnx to use --backend ort")
-        file = path / ("tensorrt" if self.tensorrt else "onnx") / info["file"]
+        folder = "tensorrt" if self.tensorrt else "onnx"
+        if not (isinstance(info, dict) and isinstance(info.get("file"), str)):
+            raise LowbitError(f"artifact '{path}': the manifest's {folder} record names no model file; recompile it")
+        # ONNX Runtime opens the model's external data itself (by names inside the model, kept in the model's
+        # folder by ONNX Runtime): every file there must be listed, hence hashed.
+        artifact.listed_folder(path, manifest, folder)
+        file = artifact.member(path, manifest, f"{folder}/{info['file']}")
         if info.get("ops", {}).get("MatMulInteger") and "integer_matmuls" not in info:
             # Compiled before the check in integer_matmul: its uint8 x int8 GEMMs saturate on x86 without VNNI.
             raise LowbitError(f"artifact '{path}' has a W8A8 ONNX model from an older lowbit whose integer matmuls "

@@ -360,6 +360,21 @@ def unexplained(rows: list, measured_ms: dict) -> dict:
     return out
 
 
+def check_output(path, flag: str, folder: bool):
+    """Refuse, before any run, a --trace file or --plot folder that could only fail to be written after the
+    profiling: a path of the other kind, or one under no folder this user can write to."""
+    p = Path(path)
+    if p.exists() and p.is_dir() != folder:
+        want = "a folder" if folder else f"a file name, e.g. {p / 'trace.json'}"
+        raise LowbitError(f"{flag} '{path}' is an existing {'file' if folder else 'folder'}; give {want}")
+    existing = Path(os.path.abspath(p if folder else p.parent))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LowbitError(f"{flag} '{path}': cannot write under '{existing}'; give a path in a folder you can "
+                          "write to")
+
+
 def host_info() -> dict:
     from lowbit.host import describe_cpu
 
@@ -392,6 +407,10 @@ def profile(artifacts, backend: str = "auto", device: str = "cpu", batches: Sequ
     bad = [q for q in percentiles if not 0 <= q <= 100]
     if bad:
         raise LowbitError(f"percentile {bad[0]} is outside 0..100")
+    if trace is not None:
+        check_output(trace, "--trace", folder=False)
+    if plot_dir is not None:
+        check_output(plot_dir, "--plot", folder=True)
     engines = [a if hasattr(a, "runner") else lowbit.load(a, backend=backend, device=device, **load_kw)
                for a in artifacts]
     plan = []

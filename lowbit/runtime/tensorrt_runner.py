@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.format.artifact import TENSORRT_ENGINE_FILE
+from lowbit.format.artifact import TENSORRT_ENGINE_FILE, member
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -35,7 +35,7 @@ class TensorRTRunner:
         self.device = torch.device("cuda")
         self.logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self.logger)
-        self.engine = runtime.deserialize_cuda_engine((path / TENSORRT_ENGINE_FILE).read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(member(path, manifest, TENSORRT_ENGINE_FILE).read_bytes())
         if self.engine is None:
             raise LowbitError(f"TensorRT cannot load the engine of '{path}' (built by another TensorRT version or for "
                               "another GPU?); rebuild it with 'lowbit build-engine'")
@@ -53,9 +53,10 @@ class TensorRTRunner:
         """The runner of an artifact (``targets`` backend entry point)."""
         if manifest.get("tensorrt") is None:
             raise LowbitError(f"artifact '{path}' has no TensorRT model; recompile it with --target tensorrt")
-        if not (path / TENSORRT_ENGINE_FILE).is_file():
+        if TENSORRT_ENGINE_FILE not in manifest["files"] and not (path / TENSORRT_ENGINE_FILE).exists():
             raise LowbitError(f"artifact '{path}' has no TensorRT engine yet; build it on this machine with "
                               f"'lowbit build-engine {path}', or run its ONNX in ONNX Runtime with --backend ort")
+        member(path, manifest, TENSORRT_ENGINE_FILE)          # an engine the manifest does not hash is never read
         if not torch.cuda.is_available():
             raise LowbitError("--backend tensorrt needs an NVIDIA GPU and torch with CUDA; none is available here")
         if explicit_dtype and dtype != _DTYPES[manifest["tensorrt"]["precision"]]:

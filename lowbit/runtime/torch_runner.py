@@ -6,16 +6,16 @@ itself, with lowbit's ops on the packed weights.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lowbit.errors import LowbitError
 from lowbit.format import graph as graph_format
-from lowbit.format.artifact import PROGRAM_FILE, WEIGHTS_FILE
+from lowbit.format.artifact import PROGRAM_FILE, WEIGHTS_FILE, member, read_json, read_manifest
 from lowbit.format.graph import mask_positions
 from lowbit.runtime.cpu_kernels import use_cpu_kernels
 
@@ -34,29 +34,49 @@ class TorchRunner:
         self.task = program["task"]
         self.kv = program.get("kv")
         self.kernels = kernels or {}      # what use_cpu_kernels swapped in, for inspection and benchmarks
+        self.where = "program"
+
+    def _run(self, *inputs):
+        # A program that passed the load-time checks can still fail on shapes it computes; that is the
+        # artifact's fault, said in one line.
+        try:
+            return self.gm.forward(*inputs)      # not gm(...): fx's wrapper prints its own traceback to stderr
+        except (RuntimeError, LookupError, TypeError, ValueError, ArithmeticError) as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise LowbitError(f"{self.where} failed while running: {first}") from None
 
     @classmethod
     def open(cls, path: Path, manifest: dict, device="cpu", dtype=torch.float32, kernels: str = "auto",
              **_) -> "TorchRunner":
         """The runner of an artifact (``targets`` backend entry point)."""
-        if not (path / PROGRAM_FILE).is_file():
+        if PROGRAM_FILE not in manifest["files"]:
             raise LowbitError(f"artifact '{path}' has no {PROGRAM_FILE} (compiled by a lowbit that shipped no "
                               "graph); recompile it")
-        return cls.load(path, device, dtype, kernels)
+        return cls.load(path, device, dtype, kernels, manifest)
 
     @classmethod
-    def load(cls, path: Path, device="cpu", dtype=torch.float32, kernels: str = "auto") -> "TorchRunner":
+    def load(cls, path: Path, device="cpu", dtype=torch.float32, kernels: str = "auto",
+             manifest: Optional[dict] = None) -> "TorchRunner":
         """``kernels``: ``auto`` (on CPU, the quantized matmuls repacked for torch's CPU kernels) or
-        ``reference`` (every op's reference kernel: the oracle)."""
+        ``reference`` (every op's reference kernel: the oracle). Reads only files ``manifest`` (read and
+        verified here when not given) lists."""
         if kernels not in KERNELS:
             raise LowbitError(f"unknown kernels '{kernels}'; choose one of: {', '.join(KERNELS)}")
-        program = json.loads((path / PROGRAM_FILE).read_text())
+        path = Path(path)
+        manifest = manifest or read_manifest(path)
         where = f"artifact '{path}': {PROGRAM_FILE}"
+        program = read_json(member(path, manifest, PROGRAM_FILE), where)
         graph_format.check_document(program, where)
-        gm = graph_format.decode(program, load_file(str(path / WEIGHTS_FILE)), device=device, dtype=dtype,
-                                 where=where)
+        check_interface(program, where)
+        try:
+            tensors = load_file(str(member(path, manifest, WEIGHTS_FILE)))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise LowbitError(f"artifact '{path}': {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
+        gm = graph_format.decode(program, tensors, device=device, dtype=dtype, where=where)
         swapped = use_cpu_kernels(gm) if kernels == "auto" and torch.device(device).type == "cpu" else None
-        return cls(gm, program, device, dtype, swapped)
+        runner = cls(gm, program, device, dtype, swapped)
+        runner.where = where
+        return runner
 
     def start(self, batch: int, capacity: int = 0) -> list:
         """An empty cache; the step program appends to it (``capacity`` is a hint this runner does not need)."""
@@ -68,7 +88,7 @@ class TorchRunner:
         # Token ids, masks and positions arrive on the CPU; logits and the cache stay on the device.
         input_ids, attention_mask, position_ids = (t.to(self.device) for t in (input_ids, attention_mask,
                                                                                 position_ids))
-        out = self.gm(input_ids, attention_mask, position_ids, *cache)
+        out = self._run(input_ids, attention_mask, position_ids, *cache)
         return out[0], list(out[1:])
 
     @torch.no_grad()
@@ -76,5 +96,25 @@ class TorchRunner:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.task == "encoder":
-            return self.gm(input_ids.to(self.device), attention_mask.to(self.device))[0]
+            return self._run(input_ids.to(self.device), attention_mask.to(self.device))[0]
         return self.step(input_ids, attention_mask, mask_positions(attention_mask), self.start(input_ids.shape[0]))[0]
+
+
+def check_interface(program: dict, where: str) -> None:
+    """The program's task, KV layout and inputs / outputs are what this runner feeds and reads."""
+    task, kv = program.get("task"), program.get("kv")
+    if task not in ("causal-lm", "encoder"):
+        raise LowbitError(f"{where}: task must be causal-lm or encoder, not {str(task)[:40]!r}")
+    if task == "causal-lm" and not (isinstance(kv, list) and kv and all(
+            isinstance(layer, list) and len(layer) == 3 and all(type(v) is int and 0 < v <= 1 << 16 for v in layer)
+            for layer in kv)):
+        raise LowbitError(f"{where}: kv must list each layer's [kv heads, key dim, value dim] as positive integers")
+    inputs = 3 + 2 * len(kv) if task == "causal-lm" else 2
+    nodes = program["nodes"]
+    placeholders = sum(1 for n in nodes if isinstance(n, dict) and n.get("op") == "placeholder")
+    out = next((n.get("args") for n in nodes if isinstance(n, dict) and n.get("op") == "output"), None)
+    outputs = len(out.get("tuple", out.get("list", []))) if isinstance(out, dict) else -1
+    if placeholders != inputs or outputs != inputs - 2 + (task == "encoder"):
+        raise LowbitError(f"{where}: a {task} program takes {inputs} inputs and returns "
+                          f"{inputs - 2 + (task == 'encoder')} values; this one takes {placeholders} and returns "
+                          f"{outputs}")
