@@ -178,6 +178,20 @@ def test_argument_schemas_checked():
         check("operator.getitem", [-1, 0], {}, "p")
 
 
+def test_programs_from_before_the_table_still_load(art, tmp_path):
+    """Older compilers left an in-place detach after each lifted constant: read as its input, nothing runs."""
+    old = copy_of(art, tmp_path)
+
+    def add_detach(doc):
+        doc.pop("op_table")
+        i, const = next((i, n) for i, n in enumerate(doc["nodes"]) if n["op"] == "get_attr")
+        doc["nodes"].insert(i + 1, {"op": "call", "name": "detach_", "target": "aten::detach_.default",
+                                    "args": {"list": [{"node": const["name"]}]}, "kwargs": {}})
+
+    edit_program(old, add_detach)
+    torch.testing.assert_close(lowbit.load(old).forward(ids()), lowbit.load(art).forward(ids()))
+
+
 def test_program_and_weights_bit_width_mismatch(art, tmp_path):
     bad = copy_of(art, tmp_path)
 

@@ -30,6 +30,9 @@ VERSION = 2
 _DROPPED = {torch.ops.aten._assert_tensor_metadata.default}
 _TAGS = {torch.dtype: "dtype", torch.layout: "layout", torch.memory_format: "memory_format"}
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+# What programs written before the operator table held after every lifted constant: an in-place detach, a no-op
+# without autograd. Read as its input (nothing runs), so those artifacts still load.
+_LEGACY_NO_OP = "aten::detach_.default"
 # Quantized ops and the argument that names their weight's K (the embedding's row width).
 _PACKED = {"lowbit::wna16_linear.default": "in_features", "lowbit::w8a8_linear.default": "in_features",
            "lowbit::w8a8_linear_codes.default": "in_features", "lowbit::wna16_embedding.default": "dim"}
@@ -164,6 +167,10 @@ def check_document(doc, where: str):
         raise LowbitError(f"{where}: dtype must be one of {', '.join(_FLOAT_DTYPES)} and nodes a list; recompile")
 
 
+def _is_ref(v) -> bool:
+    return isinstance(v, dict) and list(v) == ["node"]
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -210,6 +217,9 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
             if not (isinstance(target, str) and isinstance(args, dict) and list(args) == ["list"]
                     and isinstance(args["list"], list) and isinstance(kwargs, dict)):
                 raise LowbitError(f"{at} ({name}) is a malformed call")
+            if target == _LEGACY_NO_OP and args["list"] and _is_ref(args["list"][0]) and not kwargs:
+                env[name] = _decode_value(args["list"][0], env, device, dtype_map, where)
+                continue
             fn = op_table.resolve(target, table, where)
             op_table.check_call(target, args["list"], kwargs, f"{at} ({name})")
             call_args = _decode_value({"tuple": args["list"]}, env, device, dtype_map, where)

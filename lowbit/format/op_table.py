@@ -337,7 +337,8 @@ def resolve(name: str, version: int, where: str):
         return PY_FUNCTIONS[name]
     if name not in SCHEMAS:
         raise LowbitError(f"{where} calls '{name}', which is not in lowbit's operator table; refusing to load it "
-                          "(a program may call only the operators the compiler emits)")
+                          "(a program may call only the operators the compiler emits; if this lowbit compiled it "
+                          "earlier, recompile it)")
     ns, rest = name.split("::", 1)
     op, _, overload = rest.rpartition(".")
     if ns == "lowbit":
