@@ -30,7 +30,7 @@ from lowbit.demo.assets import ensure_assets
 from lowbit.format.artifact import read_manifest
 from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.cli import run_script
-from lowbit.eval import evaluate_perplexity
+from lowbit.tools.eval import evaluate_perplexity
 
 SETS = {
     "gptq": ["rtn-w8", "rtn-w4g128", "gptq-w4g128", "gptq-w4g128-noact",
@@ -70,7 +70,7 @@ def run(recipes, seq_len: int, max_windows, workdir: Path, calib) -> list[dict]:
 
 
 def run_encoder(recipes, workdir: Path, sentences: int) -> list[dict]:
-    from lowbit.eval import evaluate_embeddings
+    from lowbit.tools.eval import evaluate_embeddings
 
     paths = ensure_assets()
     rows = []

@@ -3,7 +3,7 @@
 Variants (``--variants``, comma list):
 
 - ``torch-*``: the torch backend (the shipped program; ``kernels="auto"``, the CPU kernels of
-  ``lowbit/plugins/cpu.py``) on the same artifacts as the ORT rows;
+  ``lowbit/kernels/cpu.py``) on the same artifacts as the ORT rows;
 - ``ort-*``: lowbit's ONNX (``--target onnx``) in ONNX Runtime, at MatMulNBits accuracy level 0 or 4 (``-acc4``),
   with a float, INT8 (``-head8``: groups of 64; ``-head8c``: per channel) or INT4 (``-head4``) lm_head, or the
   tied embedding and lm_head as one INT4 table (``-tied4``, the builder's layout; ``int4sym`` / ``gptqsym``:
@@ -25,7 +25,7 @@ logits, the builder's included) plus, for the torch rows, on the decode path (on
     python -m bench.cpu --variants ort-fp32,ort-w8a8,ort-w8a8-u8s8    # what the exact W8A8 form costs
 
 ``ort-w8a8-u8s8`` is not a lowbit output: the W8A8 artifact rewritten to the uint8 x int8 form, whose integer sums
-saturate on x86 CPUs without VNNI (``lowbit/plugins/onnx/integer_matmul.py``); its perplexity shows how wrong
+saturate on x86 CPUs without VNNI (``lowbit/lowering/onnx/integer_matmul.py``); its perplexity shows how wrong
 that is on the CPU at hand.
 """
 
@@ -51,10 +51,10 @@ import torch
 
 import lowbit
 from lowbit.cli import run_script
-from lowbit.compiler.recipe import Override, Recipe
+from lowbit.passes.recipe import Override, Recipe
 from lowbit.demo.assets import ensure_assets
 from lowbit.host import describe_cpu
-from lowbit.eval import perplexity as eval_perplexity, read_text
+from lowbit.metrics import perplexity as eval_perplexity, read_text
 from lowbit.format.artifact import is_artifact, read_manifest, sha256_file
 from lowbit.runtime.engine import load_tokenizer
 from lowbit.runtime.ort_session import KVBuffers
@@ -244,7 +244,7 @@ def time_generation(runner, ids: torch.Tensor, new_tokens: int) -> dict:
 
 
 def perplexity(runner, windows: list[torch.Tensor], one_token_steps: bool = False) -> float:
-    """``lowbit.eval.perplexity`` over the windows through a runner: logits from whole-window prefills, or from one
+    """``lowbit.metrics.perplexity`` over the windows through a runner: logits from whole-window prefills, or from one
     cached step per token."""
     def logits(ids):
         mask = torch.ones_like(ids)

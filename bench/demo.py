@@ -17,7 +17,7 @@ import lowbit
 from lowbit.demo.assets import ensure_assets
 from lowbit.format.artifact import read_manifest
 from lowbit.cli import run_script
-from lowbit.eval import evaluate_perplexity
+from lowbit.tools.eval import evaluate_perplexity
 
 
 def main() -> int:

@@ -23,8 +23,9 @@ from lowbit.cli import run_script
 def main() -> int:
     import transformers as tf
 
-    from lowbit.compiler.frontend import LoadedModel, trace
-    from lowbit.compiler.recipe import load_recipe
+    from lowbit.frontend.load import LoadedModel
+    from lowbit.frontend.trace import trace
+    from lowbit.passes.recipe import load_recipe
     from lowbit.passes.gptq import gptq_pass
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

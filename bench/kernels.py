@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from lowbit.cli import run_script
 from lowbit.errors import LowbitError
-from lowbit.plugins.triton import W4A16_SHAPES as W4_SHAPES         # (N, K)
+from lowbit.kernels.triton import W4A16_SHAPES as W4_SHAPES         # (N, K)
 
 W4_MS = [1, 2, 4, 8, 16, 32, 64, 128]
 W8_SHAPES = [(4096, 4096), (11008, 4096), (8192, 8192)]
@@ -122,8 +122,8 @@ def torch_int4_weight(qweight, scales, zeros):
 
 
 def bench_w4a16(shapes, ms, l2: int, copy_bw: float, gen, rows: list, save=None) -> list[dict]:
-    from lowbit.plugins.ops import dequantized_weight
-    from lowbit.plugins.triton.w4a16 import wna16_matmul
+    from lowbit.ops import dequantized_weight
+    from lowbit.kernels.triton.w4a16 import wna16_matmul
 
     for n, k in shapes:
         qweight, scales, zeros = random_w4(n, k, gen)
@@ -182,9 +182,9 @@ def random_w8(n: int, k: int, gen: torch.Generator):
 
 
 def bench_w8a8(shapes, ms, l2: int, peak_fp16: float, gen, rows: list, save=None) -> list[dict]:
-    from lowbit.plugins.ops import dequantized_weight, quantize_rows_int8
-    from lowbit.plugins.triton.act_quant import quantize_rows
-    from lowbit.plugins.triton.w8a8 import w8a8_linear, w8a8_matmul
+    from lowbit.ops import dequantized_weight, quantize_rows_int8
+    from lowbit.kernels.triton.act_quant import quantize_rows
+    from lowbit.kernels.triton.w8a8 import w8a8_linear, w8a8_matmul
 
     for n, k in shapes:
         qweight, scales, zeros = random_w8(n, k, gen)
@@ -262,7 +262,7 @@ def bench_w8a8(shapes, ms, l2: int, peak_fp16: float, gen, rows: list, save=None
 
 def autotuned_configs() -> dict:
     """The config each autotuned kernel picked, per tuning key: what to start from when tuning further."""
-    from lowbit.plugins.triton import w4a16, w8a8
+    from lowbit.kernels.triton import w4a16, w8a8
 
     out = {}
     for name, tuner in (("w4a16 split-K", w4a16._splitk_tuned), ("w4a16 tiled", w4a16._tiled_tuned),

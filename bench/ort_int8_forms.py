@@ -1,7 +1,7 @@
 """ONNX Runtime's MatMulInteger forms on this CPU: speed against FP32 MatMul, and exactness on adversarial inputs.
 
 The W8A8 ONNX lowering needs int8 x int8 products summed exactly in int32. ONNX Runtime's CPU kernels pick
-their GEMM by operand types and instruction set (``lowbit/plugins/onnx/integer_matmul.py``); this script
+their GEMM by operand types and instruction set (``lowbit/lowering/onnx/integer_matmul.py``); this script
 times each form on the demo model's matmul shapes (K x N) at decode (M = 1, 4) and prefill (M = 128)
 sizes, next to an FP32 ``MatMul`` of the same weight measured in the same run, and checks every form's
 int32 result against exact integer math on inputs that saturate a non-VNNI uint8 x int8 kernel::

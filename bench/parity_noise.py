@@ -26,12 +26,12 @@ import torch
 import lowbit
 from lowbit.cli import run_script
 from lowbit.demo.assets import ensure_assets
-from lowbit.eval import perplexity, read_text, windows
+from lowbit.metrics import perplexity, read_text, windows
 from lowbit.host import describe_cpu
 
 
 def window_nll(engine, wins: torch.Tensor) -> list:
-    """Each window's mean token NLL, by lowbit.eval's perplexity on that window alone."""
+    """Each window's mean token NLL, by lowbit.tools.eval's perplexity on that window alone."""
     return [perplexity(engine.forward, w[None], show_progress=False)["nll"] for w in wins]
 
 

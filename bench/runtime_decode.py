@@ -28,15 +28,16 @@ from safetensors.torch import load_file
 import lowbit
 from lowbit.cli import run_script
 from lowbit.format.artifact import is_artifact
-from lowbit.compiler.frontend import cache_kwarg, load_model
+from lowbit.frontend.load import load_model
+from lowbit.frontend.trace import cache_kwarg
 from lowbit.host import describe_cpu
-from lowbit.format.graph import mask_positions
-from lowbit.eval import read_text
+from lowbit.format.program import mask_positions
+from lowbit.metrics import read_text
 
 
 def transformers_model(art: Path):
     """The demo model in transformers, with the artifact's quantized layers as lowbit modules."""
-    from lowbit.compiler.hf_modules import quant_module, swap_module
+    from lowbit.frontend.hf_modules import quant_module, swap_module
 
     model = load_model("demo").model
     layers = json.loads((art / "graph.json").read_text())["layers"]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import lowbit
 from lowbit.host import describe_cpu
-from lowbit.eval import evaluate_perplexity
+from lowbit.tools.eval import evaluate_perplexity
 
 
 def weight_bytes(onnx_path: Path) -> dict:

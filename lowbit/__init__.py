@@ -6,9 +6,8 @@
     print(engine.generate("The capital of France is", max_new_tokens=16))
 """
 
-__version__ = "0.1.0"
-
-from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.errors import LowbitError
+from lowbit.version import __version__
 
 
 def compile(model: str, recipe="rtn-w4g128", out=None, target: str = "torch", force: bool = False,
@@ -43,16 +42,16 @@ def load(path, backend: str = "auto", **kw):
 
 def profile(artifacts, **kw) -> dict:
     """Latency of one or more artifacts (folders or loaded engines): prefill, decode per token and end-to-end
-    statistics, tokens/s, peak memory, bandwidth; see ``lowbit.runtime.profiler.profile`` for the options and
+    statistics, tokens/s, peak memory, bandwidth; see ``lowbit.tools.profiler.profile`` for the options and
     docs/formats.md for the document."""
-    from lowbit.runtime.profiler import profile as run_profile
+    from lowbit.tools.profiler import profile as run_profile
 
     return run_profile(artifacts, **kw)
 
 
 def __getattr__(name):
     if name == "Recipe":
-        from lowbit.compiler.recipe import Recipe
+        from lowbit.passes.recipe import Recipe
 
         return Recipe
     raise AttributeError(name)

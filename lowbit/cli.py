@@ -49,7 +49,7 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_eval(a) -> int:
-    from lowbit.eval import evaluate_embeddings, evaluate_perplexity
+    from lowbit.tools.eval import evaluate_embeddings, evaluate_perplexity
 
     if a.embeddings:
         result = evaluate_embeddings(a.target, a.embeddings, max_sentences=a.max_sentences, show_progress=not a.quiet,
@@ -87,7 +87,7 @@ def _int_list(text: str, what: str, meaning: str) -> list[int]:
 
 def _cmd_profile(a) -> int:
     from lowbit.errors import LowbitError
-    from lowbit.runtime.profiler import format_table, profile
+    from lowbit.tools.profiler import format_table, profile
 
     try:
         percentiles = [float(v) for v in a.percentiles.split(",") if v.strip()]
@@ -120,23 +120,23 @@ def _cmd_sign(a) -> int:
 
 def _cmd_verify(a) -> int:
     from lowbit.format.artifact import read_manifest
-    from lowbit.format.signing import verify
+    from lowbit.format.signing import verify_signature
 
-    manifest = verify(a.artifact, a.key) if a.key else read_manifest(a.artifact)
+    manifest = verify_signature(a.artifact, a.key) if a.key else read_manifest(a.artifact)
     print(f"{a.artifact}: {len(manifest['files'])} files match their hashes" + (f"; signed by {a.key}'s owner"
                                                                                 if a.key else ""))
     return 0
 
 
 def _cmd_inspect(a) -> int:
-    from lowbit.runtime.inspect_artifact import describe
+    from lowbit.tools.inspect_artifact import describe
 
     print(describe(a.artifact, as_json=a.json))
     return 0
 
 
 def _cmd_recipes(a) -> int:
-    from lowbit.compiler.recipe import BUILTIN
+    from lowbit.passes.recipe import BUILTIN
 
     for name, r in BUILTIN.items():
         print(f"{name:18s} {r.describe()}")
@@ -156,7 +156,8 @@ def _cmd_doctor(a) -> int:
 
 
 def _cmd_build_engine(a) -> int:
-    from lowbit.plugins.tensorrt.engine import Limits, build_artifact_engine
+    from lowbit.kernels.tensorrt.engine import Limits
+    from lowbit.tools.build_engine import build_artifact_engine
 
     record = build_artifact_engine(a.artifact, Limits(a.max_batch, a.max_new_tokens, a.max_past),
                                    aot=not a.jit_plugins)
@@ -211,7 +212,7 @@ def _checked(parse):
 
 
 def _accuracy_level(text: str) -> int:
-    from lowbit.compiler.lower_onnx import ACCURACY_LEVELS
+    from lowbit.lowering.onnx.lower import ACCURACY_LEVELS
 
     return _int_in(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS))(text)
 

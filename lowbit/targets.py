@@ -26,14 +26,14 @@ class Target:
 
 
 TARGETS = {t.name: t for t in (
-    Target("torch", "the shipped graph for lowbit's torch runtime", "lowbit.compiler.lower_torch:LOWERING",
+    Target("torch", "the shipped graph for lowbit's torch runtime", "lowbit.lowering.program:LOWERING",
            ("torch",)),
-    Target("onnx", "the torch target plus onnx/model.onnx for ONNX Runtime", "lowbit.compiler.lower_onnx:LOWERING",
+    Target("onnx", "the torch target plus onnx/model.onnx for ONNX Runtime", "lowbit.lowering.onnx.lower:LOWERING",
            ("ort", "torch")),
     Target("tensorrt", "the torch target plus tensorrt/model.onnx (TensorRT's dialect, lowbit plugins) for TensorRT",
-           "lowbit.compiler.lower_tensorrt:LOWERING", ("tensorrt", "ort", "torch")),
+           "lowbit.lowering.tensorrt.lower:LOWERING", ("tensorrt", "ort", "torch")),
     Target("hf-gptq", "a transformers GPTQ checkpoint folder (for other runtimes)",
-           "lowbit.compiler.lower_hf_gptq:LOWERING", ()),
+           "lowbit.lowering.hf_gptq:LOWERING", ()),
 )}
 BACKENDS = {"torch": "lowbit.runtime.torch_runner:TorchRunner", "ort": "lowbit.runtime.ort_backend:OrtRunner",
             "tensorrt": "lowbit.runtime.tensorrt_runner:TensorRTRunner"}

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # thread per core each would oversubscribe the cores.
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     torch.set_num_threads(1)
-# Without a GPU the Triton kernels (lowbit.plugins.triton) run in Triton's CPU interpreter. Triton reads this
+# Without a GPU the Triton kernels (lowbit.kernels.triton) run in Triton's CPU interpreter. Triton reads this
 # when a kernel is decorated, so it must be set before anything imports triton: conftest loads first.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -226,7 +226,7 @@ class OrtA8(torch.nn.Module):
     or, with ``norm_weight``, RMSNorm + INT8 quantize feeding ``lowbit::ort_matmul_a8_codes``."""
 
     def __init__(self, layer, norm_weight=None):
-        from lowbit.plugins.onnx.ort_ops import to_matmul_a8
+        from lowbit.lowering.onnx.ort_ops import to_matmul_a8
 
         super().__init__()
         t = to_matmul_a8(layer.qweight, layer.scales, layer.zeros, layer.bits, layer.group_size, layer.in_features)

@@ -54,7 +54,7 @@ def test_newer_format_rejected(art, tmp_path):
 
 def test_program_versions_read():
     """A program of any version up to this lowbit's loads; a newer one is refused with the reason."""
-    from lowbit.format import graph
+    from lowbit.format import program as graph
 
     for version in range(1, graph.VERSION + 1):
         graph.check_document({"format": graph.FORMAT, "version": version, "dtype": "float32", "nodes": []},

@@ -246,7 +246,7 @@ def test_compile_refuses_unreadable_or_custom_code_configs(tmp_path, capsys):
 def test_closed_stdout_pipe_is_quiet(tmp_path):
     """``lowbit ... | head -1``: the reader goes away mid-output; exit 1 with nothing on stderr. The output is made
     far larger than a pipe's buffer so the write really fails."""
-    big = ("import sys\nimport lowbit.compiler.recipe as r\n"
+    big = ("import sys\nimport lowbit.passes.recipe as r\n"
            "r.BUILTIN = {f'recipe-{i}': r.BUILTIN['fp'] for i in range(100000)}\n")
 
     def first_line_then_close(code: str):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lowbit.plugins import cpu
-from lowbit.plugins.ops import wna16_linear_reference
+from lowbit.kernels import cpu
+from lowbit.ops import wna16_linear_reference
 from test_ops import _layer
 
 pytestmark = pytest.mark.skipif(not cpu.int4pack_layout_ok(), reason="this torch lacks the int4pack CPU kernels")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.eval import evaluate_perplexity
+from lowbit.tools.eval import evaluate_perplexity
 
 SEQ, WINDOWS = 512, 4
 

@@ -4,7 +4,8 @@ import pytest
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.eval import evaluate_perplexity, windows
+from lowbit.metrics import windows
+from lowbit.tools.eval import evaluate_perplexity
 
 from conftest import transformers_perplexity
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.compiler import fx_onnx
-from lowbit.compiler.fx_onnx import Unsupported, dim_name, to_onnx
-from lowbit.runtime.inspect_artifact import describe
+from lowbit.lowering.onnx import fx_onnx
+from lowbit.lowering.onnx.fx_onnx import Unsupported, dim_name, to_onnx
+from lowbit.tools.inspect_artifact import describe
 
 aten = torch.ops.aten
 

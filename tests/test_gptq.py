@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lowbit.passes.gptq import GPTQOptions, Hessian, gptq_quantize, output_error
+from lowbit.ir.calibration import Hessian
+from lowbit.passes.gptq import GPTQOptions, gptq_quantize, output_error
 from lowbit.format.quantize import QuantSpec, compute_qparams, dequantize_codes, quantize_weight
 
 

@@ -9,11 +9,12 @@ import torch
 
 import lowbit
 from lowbit.cli import main
-from lowbit.compiler.calibration import StreamingCalibrator, calibration_windows
-from lowbit.compiler.frontend import load_model, trace
+from lowbit.ir.calibration import StreamingCalibrator, calibration_windows
+from lowbit.frontend.load import load_model
+from lowbit.frontend.trace import trace
 from lowbit.compiler.pipeline import CalibrationArgs
-from lowbit.compiler.recipe import load_recipe
-from lowbit.passes.gptq import Hessian
+from lowbit.passes.recipe import load_recipe
+from lowbit.ir.calibration import Hessian
 from lowbit.passes.rtn import quantize_layer
 
 from conftest import sample_text
@@ -78,7 +79,7 @@ def test_calibration_is_true_sequential(model_dirs, calib_file):
 
     name = "model.layers.1.mlp.down_proj"
     # Reference: the quantized layers swapped into a float copy of the model.
-    from lowbit.compiler.hf_modules import quantize_modules
+    from lowbit.frontend.hf_modules import quantize_modules
 
     qmodel = quantize_modules(load_model(str(model_dirs["llama"])).model, graph)
     h_seq = hessian_of_input(qmodel, name)
@@ -140,7 +141,7 @@ def test_bad_calibration_inputs(model_dirs, calib_file, tmp_path, capsys):
 
 
 def test_checkpoint_refuses_a_different_command(tmp_path):
-    from lowbit.compiler.checkpoint import Checkpoint, checkpoint_dir
+    from lowbit.passes.checkpoint import Checkpoint, checkpoint_dir
     from lowbit.errors import LowbitError
 
     out = tmp_path / "art"

@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 import lowbit
 from dataclasses import replace
 
-from lowbit.compiler.recipe import load_recipe
+from lowbit.passes.recipe import load_recipe
 from lowbit.cli import main
 from lowbit.compiler.pipeline import CalibrationArgs
-from lowbit.plugins.ops import dequantized_weight
+from lowbit.ops import dequantized_weight
 
 from conftest import sample_text
 

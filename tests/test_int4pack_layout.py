@@ -4,7 +4,7 @@ depends on the instruction set (AVX2 or AVX-512), so each is written here from i
 import pytest
 import torch
 
-from lowbit.plugins import cpu
+from lowbit.kernels import cpu
 
 
 def _pack(q: torch.Tensor, layout) -> torch.Tensor:

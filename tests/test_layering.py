@@ -1,5 +1,6 @@
-"""Imports point one way (docs/architecture.md): the runtime never imports the compiler side, the compiler side
-never the runtime, and the neutral packages (formats, plugins, the target registry) neither."""
+"""The package's layers and the one direction of their imports (docs/architecture.md, "Layout"): every import
+statement in lowbit, at module or function level, names only its own layer or one the layer declares below it,
+and the declared layers form no cycle."""
 
 import ast
 from pathlib import Path
@@ -9,46 +10,135 @@ import pytest
 import lowbit
 
 ROOT = Path(lowbit.__file__).parent
-COMPILER_SIDE = ("lowbit.compiler", "lowbit.passes", "lowbit.rules")
-RUNTIME_SIDE = ("lowbit.runtime",)
-FORBIDDEN = {
-    "runtime": COMPILER_SIDE + ("lowbit.eval", "lowbit.demo.assets", "lowbit.demo"),
-    "compiler": RUNTIME_SIDE,
-    "passes": RUNTIME_SIDE,
-    "rules": RUNTIME_SIDE,
-    "format": COMPILER_SIDE + RUNTIME_SIDE,
-    "plugins": COMPILER_SIDE + RUNTIME_SIDE,
-    "targets.py": COMPILER_SIDE + RUNTIME_SIDE,
-    "host.py": COMPILER_SIDE + RUNTIME_SIDE + ("torch",),
+
+# layer: the layers it may import (besides itself). A layer is a module or package path under lowbit; a module
+# belongs to the longest layer path that prefixes it.
+LAYERS = {
+    "base": set(),                      # errors, version, progress, host, device, targets (the registry, by name)
+    "demo": {"base"},                   # demo assets: the model, encoder and texts behind the word 'demo'
+    "format": {"base"},                 # the contract: quantization math, program, op table, artifact, signing
+    "metrics": {"base", "demo"},        # text windows and perplexity
+    "kernels": {"base"},                # the folder's __init__ (a docstring)
+    "kernels.triton": {"base"},
+    "kernels.cpu": {"base", "format"},
+    "ops": {"base", "format", "kernels.triton"},       # the lowbit:: op contract and reference kernels
+    "kernels.tensorrt": {"base", "format", "ops", "kernels.triton"},
+    "ir": {"base", "format", "ops"},
+    "frontend": {"base", "demo", "format", "ops", "ir"},
+    "passes": {"base", "format", "ops", "ir", "frontend"},
+    "rules": {"base", "format", "ops", "ir"},
+    "lowering": {"base", "format", "ops", "ir", "frontend", "passes", "kernels.tensorrt"},
+    "compiler": {"base", "demo", "metrics", "format", "ops", "ir", "frontend", "passes", "rules", "lowering"},
+    "runtime": {"base", "format", "ops", "kernels.cpu", "kernels.tensorrt"},
+    "tools": {"base", "demo", "metrics", "format", "ops", "kernels.cpu", "kernels.tensorrt", "frontend", "runtime"},
+    "cli": {"base", "demo", "format", "kernels.tensorrt", "passes", "lowering", "compiler", "runtime", "tools"},
+    "api": {"base", "compiler", "passes", "runtime", "tools"},       # lowbit/__init__.py: compile, load, profile
 }
+BASE_MODULES = ("errors", "version", "progress", "host", "device", "targets")
 
 
-def imported_modules(source: str) -> set[str]:
-    """Every module an import statement names, at any depth (function-level imports included)."""
+def layer_of(module: str):
+    """The layer of a dotted module name under lowbit, or None for anything outside lowbit."""
+    if module == "lowbit":
+        return "api"
+    if not module.startswith("lowbit."):
+        return None
+    rest = module[len("lowbit."):]
+    if rest.split(".")[0] in BASE_MODULES:
+        return "base"
+    for layer in sorted(LAYERS, key=len, reverse=True):
+        if rest == layer or rest.startswith(layer + "."):
+            return layer
+    raise AssertionError(f"{module} belongs to no declared layer: add it to LAYERS")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(source: str, known: set) -> set:
+    """Every lowbit module an import statement names, at any depth: ``from lowbit import x`` is module
+    ``lowbit.x`` when that exists, and importing the package root ``lowbit`` itself (its module-level code imports
+    only base modules) counts as base."""
+    out = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                     for a in node.names]
+        else:
+            continue
+        out.update(n for n in names if n.startswith("lowbit.") or n == "lowbit")
+    return {"lowbit.errors" if n == "lowbit" else n for n in out}
+
+
+def allowed(layer: str) -> set:
+    seen, todo = set(), [layer]
+    while todo:
+        for dep in LAYERS[todo.pop()]:
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen | {layer}
+
+
+def backward_imports(files: dict) -> dict:
+    """{module: [imports it may not make]} for {module: source}."""
+    known = set(files)
+    bad = {}
+    for module, source in files.items():
+        layer = layer_of(module)
+        wrong = sorted(m for m in imported(source, known) if layer_of(m) not in allowed(layer))
+        if wrong:
+            bad[module] = wrong
+    return bad
+
+
+def package_sources() -> dict:
+    return {module_name(p): p.read_text() for p in sorted(ROOT.rglob("*.py"))}
+
+
+def test_declared_layers_form_no_cycle():
+    for layer in LAYERS:
+        assert all(layer not in allowed(dep) for dep in LAYERS[layer]), f"{layer} is on a cycle"
+
+
+def test_every_module_has_a_layer():
+    for module in package_sources():
+        layer_of(module)
+
+
+def test_imports_point_one_way():
+    assert not backward_imports(package_sources())
+
+
+@pytest.mark.parametrize("module,source,wrong", [
+    ("lowbit.runtime.engine", "def f():\n    from lowbit.frontend.load import load_model\n",
+     ["lowbit.frontend.load"]),
+    ("lowbit.format.program", "import lowbit.ops\n", ["lowbit.ops"]),
+    ("lowbit.passes.rtn", "from lowbit.lowering import program\n", ["lowbit.lowering.program"]),
+    ("lowbit.ir.graph", "from lowbit.tools.eval import scorer\n", ["lowbit.tools.eval"]),
+])
+def test_checker_catches_a_backward_import(module, source, wrong):
+    """Negative control: function-level and module-level imports up the layers are found; imports down are not."""
+    files = {module: source, "lowbit.frontend.load": "", "lowbit.ops": "", "lowbit.lowering.program": "",
+             "lowbit.tools.eval": ""}
+    assert backward_imports(files) == {module: wrong}
+    assert backward_imports({module: "from lowbit.errors import LowbitError\nimport lowbit\n"}) == {}
+
+
+def test_host_needs_no_torch():
+    """lowbit doctor describes the CPU where torch is broken or missing."""
+    assert "torch" not in {n.split(".")[0] for n in _all_imports((ROOT / "host.py").read_text())}
+
+
+def _all_imports(source: str) -> set:
     out = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
     return out
-
-
-def violations(source: str, forbidden: tuple) -> list[str]:
-    return sorted(m for m in imported_modules(source) if any(m == f or m.startswith(f + ".") for f in forbidden))
-
-
-@pytest.mark.parametrize("part", sorted(FORBIDDEN))
-def test_imports_point_one_way(part):
-    files = [ROOT / part] if part.endswith(".py") else sorted((ROOT / part).rglob("*.py"))
-    assert files
-    bad = {str(f.relative_to(ROOT)): v for f in files if (v := violations(f.read_text(), FORBIDDEN[part]))}
-    assert not bad, bad
-
-
-def test_checker_catches_a_backward_import():
-    """Negative control: a function-level import of the compiler in runtime code is found."""
-    src = "def f():\n    from lowbit.compiler.frontend import load_model\n    return load_model\n"
-    assert violations(src, FORBIDDEN["runtime"]) == ["lowbit.compiler.frontend", "lowbit.compiler.frontend.load_model"]
-    assert violations("from lowbit import targets\n", FORBIDDEN["runtime"]) == []

@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import lowbit
-from lowbit.compiler.frontend import load_model, trace
-from lowbit.compiler.recipe import Recipe
+from lowbit.frontend.load import load_model
+from lowbit.frontend.trace import trace
+from lowbit.passes.recipe import Recipe
 from lowbit.passes.rtn import rtn_pass
 
 from conftest import ARCHS, CAUSAL, MORE_CAUSAL, VOCAB, transformers_perplexity
@@ -185,7 +186,7 @@ def test_more_architectures_compile_run_eval(arch, more_model_dirs, text_file, t
     shorter than the sequence included; with the reference kernels, which compute every step as the prefill
     does)."""
     from lowbit.compiler.pipeline import CalibrationArgs
-    from lowbit.eval import evaluate_perplexity
+    from lowbit.tools.eval import evaluate_perplexity
 
     d = str(more_model_dirs[arch])
     fp_art = lowbit.compile(d, "fp", out=tmp_path / "fp", quiet=True)
@@ -220,7 +221,7 @@ import lowbit
 eng = lowbit.load(sys.argv[1])
 print(eng.generate("the model reads", max_new_tokens=4))
 if len(sys.argv) > 2:                      # negative control: a transformers model in the same process
-    from lowbit.compiler.frontend import load_model
+    from lowbit.frontend.load import load_model
     load_model(sys.argv[2])
 modeling = [m for m in sys.modules if re.match(r"transformers[.]models[.].*[.]modeling_", m)]
 assert not modeling, modeling

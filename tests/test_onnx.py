@@ -17,8 +17,8 @@ from lowbit.format.artifact import read_manifest
 from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import QuantSpec, pack_codes, quantize_weight
-from lowbit.plugins.onnx.ort_ops import (block_size_for, to_gather_nbits, to_matmul_a8, to_matmul_nbits)
-from lowbit.runtime.inspect_artifact import describe
+from lowbit.lowering.onnx.ort_ops import (block_size_for, to_gather_nbits, to_matmul_a8, to_matmul_nbits)
+from lowbit.tools.inspect_artifact import describe
 
 from conftest import OrtA8, W8A8Layer, assert_cached_steps_match, sample_text
 
@@ -80,7 +80,7 @@ def test_block_sizes():
 def test_matmul_a8_in_onnxruntime_equals_w8a8(k, group, fused_norm, tmp_path):
     """The W8A8 subgraph (per-token quantize, MatMulInteger, rescale) as exported, run by ONNX Runtime; with
     ``fused_norm``, the codes form behind the RMSNorm + quantize translation."""
-    from lowbit.plugins.onnx import translations
+    from lowbit.lowering.onnx.translations import translations
 
     n = 24
     qweight, scales, zeros, eff = _layer(n, k, 8, group, sym=True)
@@ -239,7 +239,7 @@ def test_tied_embedding_and_head_quantized_alike_are_stored_once(model_dirs, tok
     weights.safetensors, and GatherBlockQuantized reads the head's MatMulNBits initializers (through reshapes)."""
     from dataclasses import replace
 
-    from lowbit.compiler.recipe import Recipe
+    from lowbit.passes.recipe import Recipe
 
     tied = Recipe("tied4", "rtn", 4, 32, quantize_lm_head=True, quantize_embeddings=True)
     art = _compile_onnx(model_dirs["llama"], tied, tmp_path / "t")
@@ -341,7 +341,7 @@ def test_eval_cli_backends_agree(model_dirs, text_file, tmp_path, capsys):
 
 def test_external_data_when_large(model_dirs, tokenizer, tmp_path, monkeypatch):
     """Over the protobuf limit the weights go to an external data file, which the manifest hashes too."""
-    import lowbit.compiler.lower_onnx as lower_onnx
+    import lowbit.lowering.onnx.lower as lower_onnx
 
     monkeypatch.setattr(lower_onnx, "EXTERNAL_DATA_BYTES", 0)
     art = _compile_onnx(model_dirs["llama"], "rtn-w4g64", tmp_path / "x")

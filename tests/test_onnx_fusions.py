@@ -10,7 +10,7 @@ import torch
 
 import lowbit
 from lowbit.format.artifact import MANIFEST, read_manifest, sha256_file
-from lowbit.runtime.inspect_artifact import describe
+from lowbit.tools.inspect_artifact import describe
 
 # arch -> the fusions that fire in a 2-block tiny model (rtn-w4g64): GroupQueryAttention per layer (rotary Llama),
 # a skip norm per residual Add feeding a norm (Llama and GPT-2: every one, the last block's output meeting the
@@ -120,7 +120,7 @@ def test_attention_rule_reports_why_it_does_not_match(llama_pair):
     """Wrong head counts for the graph: nothing is rewritten and each layer says why."""
     import onnx_ir as ir
 
-    from lowbit.compiler.ort_attention import fuse_group_query_attention
+    from lowbit.lowering.onnx.ort_attention import fuse_group_query_attention
 
     _, plain = llama_pair
     model = ir.load(str(plain / "onnx" / "model.onnx"))
@@ -207,7 +207,7 @@ def test_tanh_gelu_rule_fires_only_on_the_formula(coef, fused):
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from lowbit.compiler.ort_gelu import fuse_tanh_gelu
+    from lowbit.lowering.onnx.ort_gelu import fuse_tanh_gelu
 
     proto = _tanh_gelu_model(coef)
     model = ir.serde.deserialize_model(proto)

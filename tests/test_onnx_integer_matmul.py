@@ -17,10 +17,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import pack_codes
-from lowbit.plugins.onnx import translations
-from lowbit.plugins.onnx.integer_matmul import check_integer_matmuls, integer_matmul_forms
-from lowbit.plugins.onnx.ort_ops import to_matmul_a8
-from lowbit.plugins.ops import quantize_rows_int8, signed_weight
+from lowbit.lowering.onnx.translations import translations
+from lowbit.lowering.onnx.integer_matmul import check_integer_matmuls, integer_matmul_forms
+from lowbit.lowering.onnx.ort_ops import to_matmul_a8
+from lowbit.ops import quantize_rows_int8, signed_weight
 
 from conftest import OrtA8, W8A8Layer, non_vnni_matmul_integer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lowbit.plugins.ops  # noqa: F401  (registers the lowbit:: ops)
+import lowbit.ops  # noqa: F401  (registers the lowbit:: ops)
 from lowbit.format.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight
 
 
@@ -108,7 +108,7 @@ def test_linear_ops_replay_in_cuda_graphs():
                 torch.cuda.synchronize()
                 assert torch.equal(static_y, eager), (op, m)
                 assert torch.allclose(static_y.cpu().float(), ref.float(), rtol=1e-2, atol=1e-2), (op, m)
-    from lowbit.plugins.triton import w4a16
+    from lowbit.kernels.triton import w4a16
 
     assert not w4a16._COUNTERS[static_x.device].any()
 
@@ -116,7 +116,7 @@ def test_linear_ops_replay_in_cuda_graphs():
 def test_fusion_ops_equal_their_unfused_forms():
     """The ops the fusion rules substitute compute exactly what they replace (and pass opcheck): norm + per-token
     INT8 then ``w8a8_linear_codes`` == norm then ``w8a8_linear``; ``attention`` == sdpa with its heads grouped."""
-    from lowbit.plugins.ops import quantize_rows_int8, rms_norm_reference
+    from lowbit.ops import quantize_rows_int8, rms_norm_reference
 
     g = torch.Generator().manual_seed(11)
     x, w_norm, b_norm = torch.randn(2, 5, 96, generator=g), torch.randn(96, generator=g), torch.randn(96, generator=g)

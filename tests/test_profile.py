@@ -8,8 +8,8 @@ import pytest
 
 import lowbit
 from lowbit.cli import main
-from lowbit.runtime.breakdown import KINDS
-from lowbit.runtime.profiler import SUM_TOLERANCE, format_table, stats, unexplained
+from lowbit.tools.breakdown import KINDS
+from lowbit.tools.profiler import SUM_TOLERANCE, format_table, stats, unexplained
 
 STAT_KEYS = ["count", "mean", "std", "min", "p50", "p90", "p95", "p99", "max"]
 RUN_KEYS = {"artifact", "recipe", "backend", "device", "batch", "prompt_len", "new_tokens", "iterations",

@@ -5,7 +5,7 @@ import torch
 
 from lowbit.format.quantize import (QuantSpec, compute_qparams, dequantize_codes, expand_groups, fake_quantize,
                                     pack_codes, packed_cols, quantize_weight, unpack_codes)
-from lowbit.plugins.ops import dequantized_weight
+from lowbit.ops import dequantized_weight
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

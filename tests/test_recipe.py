@@ -2,7 +2,7 @@
 
 import pytest
 
-from lowbit.compiler.recipe import BUILTIN, Recipe, load_recipe
+from lowbit.passes.recipe import BUILTIN, Recipe, load_recipe
 from lowbit.errors import LowbitError
 
 
@@ -79,7 +79,7 @@ def test_unknown_recipe_lists_valid_ones():
 
 
 def test_every_recipe_field_has_a_checked_type():
-    from lowbit.compiler.recipe import _FIELDS, _OVERRIDE_FIELDS, _TYPES
+    from lowbit.passes.recipe import _FIELDS, _OVERRIDE_FIELDS, _TYPES
 
     assert (_FIELDS | _OVERRIDE_FIELDS) - {"overrides"} <= set(_TYPES)
 

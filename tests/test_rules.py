@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.compiler.frontend import LoadedModel, trace
-from lowbit.compiler.recipe import Override, Recipe, load_recipe
+from lowbit.frontend.load import LoadedModel
+from lowbit.frontend.trace import trace
+from lowbit.passes.recipe import Override, Recipe, load_recipe
 from lowbit.errors import LowbitError
 from lowbit.passes.rtn import rtn_pass
 from lowbit.rules import RuleResult, apply_rules
@@ -201,7 +202,7 @@ def test_rule_result_counts():
 
 
 def test_artifact_ships_the_merged_graph(model_dirs, tmp_path):
-    from lowbit.runtime.inspect_artifact import describe
+    from lowbit.tools.inspect_artifact import describe
 
     art = lowbit.compile(str(model_dirs["llama"]), "rtn-w4g64", out=tmp_path / "a", quiet=True)
     m = json.loads((art / "manifest.json").read_text())

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.compiler.frontend import LoadedModel, trace
-from lowbit.compiler.lower_torch import program
+from lowbit.frontend.load import LoadedModel
+from lowbit.frontend.trace import trace
+from lowbit.lowering.program import program
 from lowbit.errors import LowbitError
-from lowbit.format import graph as graph_format
-from lowbit.format.graph import mask_positions
+from lowbit.format import program as graph_format
+from lowbit.format.program import mask_positions
 from lowbit.runtime.static_cache import StaticCacheRunner
 from lowbit.runtime.torch_runner import TorchRunner
 

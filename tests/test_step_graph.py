@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from lowbit.compiler.frontend import LoadedModel, trace
-from lowbit.compiler.recipe import Recipe
+from lowbit.frontend.load import LoadedModel
+from lowbit.frontend.trace import trace
+from lowbit.passes.recipe import Recipe
 from lowbit.passes.rtn import rtn_pass
 
 from conftest import CAUSAL, MORE_CAUSAL, VOCAB, make_model
@@ -98,7 +99,7 @@ def test_quantized_step_graph_decodes_like_its_prefill():
 def test_decode_check_catches_a_wrong_one_token_step():
     """Negative control of the frontend's one-token proof: a step graph that is wrong only for one token (as a
     specialized trace of a q_len == 1 branch would be) is caught."""
-    from lowbit.compiler.frontend import _decode_check
+    from lowbit.frontend.trace import _decode_check
 
     _, graph = _traced("llama")
     assert _decode_check(graph) is None

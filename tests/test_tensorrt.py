@@ -15,13 +15,13 @@ import torch
 
 import lowbit
 from lowbit.cli import main
-from lowbit.compiler.lower_tensorrt import dequantize_linear_weight
+from lowbit.lowering.tensorrt.lower import dequantize_linear_weight
 from lowbit.compiler.pipeline import CalibrationArgs
-from lowbit.compiler.tensorrt_ops import check_ops
+from lowbit.lowering.tensorrt.tensorrt_ops import check_ops
 from lowbit.format.artifact import read_manifest
 from lowbit.format.quantize import QuantSpec, quantize_weight
-from lowbit.plugins.ops import dequantized_weight
-from lowbit.plugins.tensorrt import PLUGIN_DOMAIN, PLUGINS, reference
+from lowbit.ops import dequantized_weight
+from lowbit.kernels.tensorrt import PLUGIN_DOMAIN, PLUGINS, reference
 from conftest import assert_cached_steps_match, rel_error, sample_text
 
 REL = 1e-3          # the issue's parity bar at float32: ORT logits vs torch logits, relative to the logits' scale
@@ -167,7 +167,7 @@ def _kernel_cases():
 
 @pytest.mark.parametrize("case", range(5))
 def test_row_quant_plugin_kernels_match_reference(case):
-    from lowbit.plugins.tensorrt import kernels
+    from lowbit.kernels.tensorrt import kernels
 
     name, inputs, attrs = _kernel_cases()[case]
     got, ref = kernels.launch(name, inputs, attrs), reference.run(name, inputs, attrs)
@@ -180,7 +180,7 @@ def test_row_quant_plugin_kernels_match_reference(case):
 
 @pytest.mark.parametrize("group,tactic", [(192, 1), (64, 1), (192, 2)])
 def test_int8_linear_plugin_kernel_matches_reference(group, tactic):
-    from lowbit.plugins.tensorrt import kernels
+    from lowbit.kernels.tensorrt import kernels
 
     g = torch.Generator().manual_seed(group + tactic)
     codes, scales = reference.run("quantize_int8", [torch.randn(9, 192, generator=g)], {})
@@ -203,7 +203,7 @@ def test_plugin_kernels_compile_to_ptx_for_every_gpu():
     the 48 KiB of shared memory a launch gets without opting in."""
     code = """
 import json, torch
-from lowbit.plugins.tensorrt import kernels, PLUGINS
+from lowbit.kernels.tensorrt import kernels, PLUGINS
 cases = {"quantize_int8": ([[1, 576]], {}), "rmsnorm_quant_int8": ([[1, 576], [576]], {"eps": 1e-5}),
          "layernorm_quant_int8": ([[1, 576], [576], [576]], {"eps": 1e-5}),
          "act_mul_quant_int8": ([[1, 3072]], {"act": "silu"}),
@@ -301,10 +301,10 @@ def test_qdp_definitions_against_a_stand_in_tensorrt(monkeypatch):
     trt, trtp = _stand_in_tensorrt()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
-    monkeypatch.delitem(sys.modules, "lowbit.plugins.tensorrt.qdp", raising=False)
+    monkeypatch.delitem(sys.modules, "lowbit.kernels.tensorrt.qdp", raising=False)
     import importlib
 
-    qdp = importlib.import_module("lowbit.plugins.tensorrt.qdp")
+    qdp = importlib.import_module("lowbit.kernels.tensorrt.qdp")
     assert set(trtp.registry) == {p.id for p in PLUGINS.values()}
     assert all(set(v) == {"register", "impl", "aot_impl", "autotune"} for v in trtp.registry.values())
     x = _Desc([6, 576], "fp16")
@@ -320,7 +320,7 @@ def test_qdp_definitions_against_a_stand_in_tensorrt(monkeypatch):
 
     def fake_compile(name, shapes, dtype, attrs, arch, tactic=1):
         calls.append((name, shapes, dtype, attrs, tactic))
-        from lowbit.plugins.tensorrt.kernels import plan
+        from lowbit.kernels.tensorrt.kernels import plan
 
         p = plan(name, shapes, dtype, attrs, arch, tactic)
         return {"kernel_name": "k", "ptx": "ptx", "num_warps": p.num_warps, "shared": 0, "scalars": list(p.scalars),

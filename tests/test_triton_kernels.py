@@ -1,4 +1,4 @@
-"""Triton kernels (lowbit.plugins.triton) against the reference ops of lowbit.plugins.ops.
+"""Triton kernels (lowbit.kernels.triton) against the reference ops of lowbit.ops.
 
 Without a GPU they run on CPU tensors in Triton's interpreter (conftest sets TRITON_INTERPRET=1); with one,
 on CUDA tensors, compiled. References are always computed on CPU. Shapes stay small: the interpreter runs
@@ -17,8 +17,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from lowbit.format.quantize import QuantSpec, dequantize_codes, pack_codes, quantize_weight, unpack_codes  # noqa: E402
-from lowbit.plugins import ops  # noqa: E402
-from lowbit.plugins.triton import act_quant, w4a16, w8a8  # noqa: E402
+from lowbit import ops  # noqa: E402
+from lowbit.kernels.triton import act_quant, w4a16, w8a8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SPLITK = {"BN": 32, "BK": 32, "SPLIT_K": 3}     # BK 32 with g128: a split ends mid-group; K=256: one split idle
@@ -167,7 +167,7 @@ def test_nibble_floats_every_int16(bf16):
     """The paired route's dequantization, over all 65536 int16 values and the four nibble positions: MAGIC +
     nibble, exactly. Compiled this runs the inline PTX (two lanes per register); interpreted, its per-element
     twin."""
-    from lowbit.plugins.triton import interpreting
+    from lowbit.kernels.triton import interpreting
 
     v = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     magic = 128.0 if bf16 else 1024.0
@@ -285,7 +285,7 @@ def test_split_k_reduction_by_the_last_split():
 
 
 def test_split_k_pruning():
-    from lowbit.plugins.triton.packed import bk_pruner
+    from lowbit.kernels.triton.packed import bk_pruner
 
     # At BM = 64 the tiles that would spill (more than 32 accumulator values a thread) are pruned; at 16 none.
     spill_aware = bk_pruner(max_acc_per_thread=32)
@@ -591,7 +591,7 @@ def test_residual_epilogues():
 
 
 def test_import_lowbit_does_not_import_triton():
-    code = "import sys, lowbit, lowbit.plugins.ops, lowbit.plugins.triton; print('triton' in sys.modules)"
+    code = "import sys, lowbit, lowbit.ops, lowbit.kernels.triton; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -617,7 +617,7 @@ def test_in_flight_model_parts():
     """The pieces of compile_check's bytes-in-flight model: load widths read off SASS, and resident programs
     as the tightest of an SM's registers (per-warp units of 256), shared memory (+1 KiB a block), warp and
     block slots."""
-    from lowbit.plugins.triton.sass import _load_bytes, resident_programs
+    from lowbit.kernels.triton.sass import _load_bytes, resident_programs
 
     loop = ["LDGSTS.E.BYPASS.128 [R98+0x200], desc[UR12][R10.64], P5", "@!P4 LDG.E.U16 R40, desc[UR12][R44.64]",
             "LDG.E R1, desc[UR4][R2.64]", "@P0 LDG.E.64 R4, desc[UR4][R6.64]", "LDS.128 R40, [R26+UR7+0x4800]"]
@@ -632,7 +632,7 @@ def test_in_flight_model_parts():
 def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
     """Every kernel variant (two autotuning configs per hot path) compiles to a cubin for A100, A6000 and H100
     class GPUs and fits their shared memory: Triton's compiler needs no GPU for that, so CI catches what the
-    interpreter cannot (lowering, layouts, resources). The full sweep: python -m lowbit.plugins.triton.compile_check
+    interpreter cannot (lowering, layouts, resources). The full sweep: python -m lowbit.kernels.triton.compile_check
 
     The hot loops are also held to their machine-code budgets, a static proxy for speed, not a timing:
     - W4A16 at M = 1: no int -> float conversions (a quarter-rate pipe), no register spills, at most 9
@@ -650,7 +650,7 @@ def test_kernels_compile_for_sm80_sm86_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     rows_json = tmp_path / "rows.json"
-    out = subprocess.run([sys.executable, "-m", "lowbit.plugins.triton.compile_check", "--quick", "--sass",
+    out = subprocess.run([sys.executable, "-m", "lowbit.kernels.triton.compile_check", "--quick", "--sass",
                           "--json", str(rows_json)], env=env, capture_output=True, text=True, timeout=600)
     last = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0 and "0 failed, 0 over the shared-memory limit" in last, \

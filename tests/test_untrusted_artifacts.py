@@ -150,7 +150,7 @@ def test_in_place_write_is_refused_even_alone(art, tmp_path):
 def test_operator_table_is_closed_and_pure():
     """Every table entry exists in this torch with the table's schema, writes none of its arguments, and none is
     an I/O or uninitialized-memory operator."""
-    from lowbit.plugins import ops  # noqa: F401
+    from lowbit import ops  # noqa: F401
 
     for name, text in op_table.SCHEMAS.items():
         fn = op_table.resolve(name, op_table.TABLE_VERSION, "test")

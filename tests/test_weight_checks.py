@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.cli import main
-from lowbit.compiler.frontend import check_finite, load_model
+from lowbit.frontend.load import check_finite, load_model
 from lowbit.compiler.report import MAX_WARNED_LAYERS, outlier_lines
 from lowbit.format.quantize import QuantSpec, dequantize_codes, group_error_stats
 from lowbit.passes.gptq import gptq_quantize

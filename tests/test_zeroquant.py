@@ -8,11 +8,11 @@ import torch
 import lowbit
 from lowbit.cli import main
 from lowbit.format.artifact import read_manifest
-from lowbit.compiler.frontend import load_model
+from lowbit.frontend.load import load_model
 from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.passes.lkd import block_loss
 from lowbit.format.quantize import QuantSpec, pack_codes, quantize_weight
-from lowbit.plugins.ops import int8_matmul, quantize_rows_int8, signed_weight
+from lowbit.ops import int8_matmul, quantize_rows_int8, signed_weight
 
 from conftest import sample_text
 

@@ -10,11 +10,12 @@ from typing import Optional
 import torch
 
 from lowbit.format import artifact
-from lowbit.compiler.frontend import (eos_token_ids, hash_model_folder, load_model, load_tokenizer, max_positions,
-                                     read_config, resolve_model_path, task_of, trace)
+from lowbit.frontend.load import (eos_token_ids, hash_model_folder, load_model, load_tokenizer, max_positions,
+                                  read_config, resolve_model_path, task_of)
+from lowbit.frontend.trace import trace
 from lowbit.progress import say, timed
 from lowbit.compiler.output_path import check_output_path
-from lowbit.compiler.recipe import load_recipe
+from lowbit.passes.recipe import load_recipe
 from lowbit.compiler.report import outlier_lines, write_report
 from lowbit.device import pick_device
 from lowbit import targets
@@ -79,7 +80,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     ``lkd`` (``passes.lkd.LKDOptions``) sets the distillation data and overrides the recipe's LKD steps, lr
     and batch; it needs a recipe with ``lkd = true``.
     """
-    from lowbit.compiler.checkpoint import Checkpoint
+    from lowbit.passes.checkpoint import Checkpoint
 
     lowering = targets.lowering(target)
     if out is None:
@@ -98,7 +99,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         # Validate the model folder and texts before any progress output, so a bad input is one clean line.
         model_path = resolve_model_path(model)
         config = read_config(model_path)
-        from lowbit.eval import read_text, windows
+        from lowbit.metrics import read_text, windows
 
         lkd_opts = lkd_options(recipe, lkd)
         needs_text = recipe.needs_calibration or (lkd_opts is not None and lkd_opts.data == "calib")
@@ -112,7 +113,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
             tokenizer = load_tokenizer(model_path)
             if tokenizer is None:
                 raise LowbitError(f"'{model_path}' has no tokenizer; calibration and --eval need one to tokenize text")
-            from lowbit.compiler.calibration import calibration_windows
+            from lowbit.ir.calibration import calibration_windows
 
             if calib_text is not None and recipe.needs_calibration:
                 calib_ids = calibration_windows(tokenizer, calib_text, calib.samples, calib.seq_len, calib.seed,
@@ -142,7 +143,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
             f"quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", quiet)
         metrics: dict = {}
         if eval_wins is not None:
-            from lowbit.eval import perplexity
+            from lowbit.metrics import perplexity
 
             with timed(timings, "eval_before", quiet, "perplexity before quantization"):
                 metrics["ppl_before"] = perplexity(lambda ids: loaded.model(input_ids=ids, use_cache=False).logits,
@@ -172,7 +173,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
             for line in outlier_lines(graph):
                 say(line, quiet)
         if eval_wins is not None:
-            from lowbit.eval import perplexity
+            from lowbit.metrics import perplexity
 
             with timed(timings, "eval_after", quiet, "perplexity after quantization"):
                 metrics["ppl_after"] = perplexity(lambda ids: graph(ids, torch.ones_like(ids)), eval_wins,

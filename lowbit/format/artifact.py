@@ -4,7 +4,7 @@ Layout (format version 2)::
 
     manifest.json        format, source model + hash, recipe, target, timings, metrics, sizes, generation
                          (context length, end-of-sequence ids), file hashes, tools
-    program.json         the shipped program: the traced, quantized graph (``format.graph``)
+    program.json         the shipped program: the traced, quantized graph (``format.program``)
     weights.safetensors  the program's tensors under their transformers names; quantized layers as
                          <layer>.qweight / .scales / .zeros (/ .bias)
     graph.json           the quantized layers: name -> op, bits, group, sym, shapes, method, stats
@@ -73,7 +73,7 @@ def tool_versions() -> dict:
     import torch
     import transformers
 
-    from lowbit import __version__
+    from lowbit.version import __version__
 
     return {"lowbit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}
@@ -409,16 +409,6 @@ def read_manifest(path, verify: bool = True) -> dict:
     if not isinstance(manifest.get("target"), str):
         raise LowbitError(f"artifact '{path}': the manifest names no target; recompile it")
     return manifest
-
-
-def open_manifest(path, verify=True) -> dict:
-    """The manifest a runtime trusts: ``verify`` True checks every file's hash, a public key file (str or Path)
-    also the artifact's signature by its owner (``format.signing``), False only the manifest's structure."""
-    if isinstance(verify, (str, os.PathLike)):
-        from lowbit.format.signing import verify as verify_signature
-
-        return verify_signature(path, verify)
-    return read_manifest(path, verify=bool(verify))
 
 
 def read_json(file: Path, what: str):

@@ -1,6 +1,6 @@
 """The closed table of operators a lowbit program may call, with their argument schemas.
 
-A program (``format.graph``) is data: loading it must run nothing but the compiler's own vocabulary. This
+A program (``format.program``) is data: loading it must run nothing but the compiler's own vocabulary. This
 table is that vocabulary: every operator the compiler emits for the architectures it is tested on, plus a
 few pure ones the same models produce under other settings, each with the schema its arguments are checked
 against before anything runs. No entry writes to its arguments (``schema.is_mutable`` is false for all; a
@@ -341,13 +341,11 @@ def resolve(name: str, version: int, where: str):
                           "earlier, recompile it)")
     ns, rest = name.split("::", 1)
     op, _, overload = rest.rpartition(".")
-    if ns == "lowbit":
-        from lowbit.plugins import ops  # noqa: F401  (registers torch.ops.lowbit.*)
     try:
         return getattr(getattr(getattr(torch.ops, ns), op), overload)
     except (AttributeError, RuntimeError):
-        raise LowbitError(f"{where} calls operator '{name}', which this torch lacks; install the torch in "
-                          "constraints.txt") from None
+        raise LowbitError(f"{where} calls operator '{name}', which this torch lacks (or lowbit's ops are not "
+                          "registered: import lowbit.ops first); install the torch in constraints.txt") from None
 
 
 def check_call(name: str, args: list, kwargs: dict, where: str) -> None:

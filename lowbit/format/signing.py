@@ -1,7 +1,7 @@
 """Authenticity of an artifact: an Ed25519 signature of its ``manifest.json``, which lists every file's
 sha256, so one signature covers the whole folder. ``lowbit keygen`` makes a key pair, ``lowbit sign`` writes
-``manifest.sig``, ``lowbit verify`` and ``lowbit.load(dir, verify=PUBLIC_KEY)`` check it before anything
-else is read. Keys are PEM files (PKCS#8 private key, SubjectPublicKeyInfo public key), the form
+``manifest.sig``, ``lowbit verify`` (``verify_signature``) and ``lowbit.load(dir, verify=PUBLIC_KEY)``
+(``open_manifest``) check it before anything else is read. Keys are PEM files (PKCS#8 private key, SubjectPublicKeyInfo public key), the form
 ``openssl genpkey -algorithm ed25519`` writes too. Needs the ``cryptography`` package (``lowbit[sign]``).
 """
 
@@ -71,7 +71,7 @@ def sign(path, private_key) -> Path:
     return path / SIGNATURE_FILE
 
 
-def verify(path, public_key) -> dict:
+def verify_signature(path, public_key) -> dict:
     """The manifest of the artifact at ``path`` once its signature by ``public_key``'s owner and every file's
     hash are checked; LowbitError otherwise."""
     path = Path(path)
@@ -90,3 +90,11 @@ def verify(path, public_key) -> dict:
     if (path / MANIFEST).read_bytes() != signed:
         raise LowbitError(f"artifact '{path}': {MANIFEST} changed while it was verified; try again")
     return manifest
+
+
+def open_manifest(path, verify=True) -> dict:
+    """The manifest a runtime trusts: ``verify`` True checks every file's hash, a public key file (str or Path)
+    also the artifact's signature by its owner (``format.signing``), False only the manifest's structure."""
+    if isinstance(verify, (str, os.PathLike)):
+        return verify_signature(path, verify)
+    return read_manifest(path, verify=bool(verify))

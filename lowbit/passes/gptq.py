@@ -38,22 +38,6 @@ class GPTQOptions:
     max_damp_tries: int = 6
 
 
-class Hessian:
-    """Running ``H = 2/n * sum(x^T x)`` over calibration tokens, float32 (or float64) accumulation."""
-
-    def __init__(self, k: int, device="cpu", dtype=torch.float32):
-        self.sum = torch.zeros(k, k, device=device, dtype=dtype)
-        self.n = 0
-
-    def add(self, x: torch.Tensor):
-        x = x.reshape(-1, x.shape[-1]).to(self.sum.dtype)
-        self.sum.addmm_(x.t(), x)
-        self.n += x.shape[0]
-
-    def value(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.n, 1))
-
-
 @dataclass
 class GPTQResult:
     codes: torch.Tensor           # uint8 [N, K]
@@ -181,8 +165,8 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
     """
     import time
 
-    from lowbit.compiler.calibration import StreamingCalibrator
-    from lowbit.compiler.ir import QuantizedLayer
+    from lowbit.ir.calibration import StreamingCalibrator
+    from lowbit.ir.graph import QuantizedLayer
     from lowbit.progress import progress_bar
     from lowbit.format.quantize import dequantize_codes, group_error_stats, pack_codes
     from lowbit.passes.rtn import quantizable, quantize_embedding, tied_to

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from lowbit.progress import progress_bar
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import QuantSpec, compute_qparams, dequantize_codes, quantize_codes
-from lowbit.plugins.ops import quantize_rows_int8
+from lowbit.ops import quantize_rows_int8
 
 LKD_DATA = ("calib", "random")
 LKD_LOSSES = ("token", "mse")
@@ -145,7 +145,7 @@ def _run(block, hidden, args, kwargs):
 def _student(model, name: str, plan: list, graph, recipe):
     """A float copy of block ``name`` whose quantized matmuls are FakeQuantLinear; only their weights and biases
     learn. Returns (student, {site name: FakeQuantLinear})."""
-    from lowbit.compiler.hf_modules import swap_module
+    from lowbit.frontend.hf_modules import swap_module
 
     student = copy.deepcopy(model.get_submodule(name)).float()
     for p in student.parameters():

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from lowbit.compiler.ir import Graph, QuantizedLayer
+from lowbit.ir.graph import Graph, QuantizedLayer
 from lowbit.progress import progress_bar
 from lowbit.format.quantize import (dequantize_codes, group_error_stats, pack_codes, quantize_codes,
                                     quantize_weight)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from lowbit.compiler.ir import module_of
+from lowbit.ir.graph import module_of
 from lowbit.rules import RuleResult, feed_codes, keep_meta
 
 aten = torch.ops.aten

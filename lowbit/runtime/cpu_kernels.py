@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from lowbit.plugins import cpu
+from lowbit.kernels import cpu
 
 
 def use_cpu_kernels(gm: torch.fx.GraphModule) -> dict:

@@ -8,10 +8,11 @@ from typing import Optional, Sequence, Union
 import torch
 
 from lowbit.format import artifact
+from lowbit.format.signing import open_manifest
 from lowbit import targets
 from lowbit.errors import LowbitError
 from lowbit.runtime.sampling import check_sampling
-from lowbit.format.graph import mask_positions
+from lowbit.format.program import mask_positions
 from lowbit.runtime.tokenizer_files import tokenizer_file
 
 
@@ -46,7 +47,7 @@ class Engine:
         device = pick_device(device)
         explicit_dtype = dtype not in (None, "auto")
         dtype = pick_dtype(dtype, device)
-        manifest = artifact.open_manifest(path, verify)
+        manifest = open_manifest(path, verify)
         backend = targets.backend_for(manifest.get("target"), backend, f"artifact '{path}'")
         runner = targets.backend(backend).open(path, manifest, device=device, dtype=dtype,
                                                explicit_dtype=explicit_dtype, provider=provider, threads=threads,

@@ -17,6 +17,7 @@ import numpy as np
 from lowbit.errors import LowbitError
 from lowbit.runtime.sampling import check_sampling
 from lowbit.format import artifact
+from lowbit.format.signing import open_manifest
 from lowbit.runtime.ort_session import OrtSession, mask_positions_np
 
 
@@ -35,7 +36,7 @@ class LiteEngine:
     @classmethod
     def load(cls, path, provider: str = "auto", threads: int = 0, verify=True, **_) -> "LiteEngine":
         path = Path(path)
-        manifest = artifact.open_manifest(path, verify)
+        manifest = open_manifest(path, verify)
         return cls(path, manifest, OrtSession(path, manifest, provider, threads))
 
     def forward(self, input_ids: np.ndarray, attention_mask: Optional[np.ndarray] = None) -> np.ndarray:

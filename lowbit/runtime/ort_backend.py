@@ -1,4 +1,4 @@
-"""ONNX Runtime backend: run an artifact's ``onnx/model.onnx`` (see ``compiler.lower_onnx`` for its inputs) with
+"""ONNX Runtime backend: run an artifact's ``onnx/model.onnx`` (see ``lowering.onnx.lower`` for its inputs) with
 the Engine's runner interface on torch tensors, over the numpy session of ``ort_session``."""
 
 from __future__ import annotations

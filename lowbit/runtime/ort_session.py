@@ -42,7 +42,7 @@ def pick_providers(requested: str = "auto") -> list[str]:
 
 
 def mask_positions_np(mask: np.ndarray) -> np.ndarray:
-    """Position ids of left-padded rows: 0 at each row's first real token (``format.graph.mask_positions``)."""
+    """Position ids of left-padded rows: 0 at each row's first real token (``format.program.mask_positions``)."""
     return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
 
 
@@ -112,7 +112,7 @@ class OrtSession:
             import onnx
 
             try:
-                from lowbit.plugins.tensorrt import reference
+                from lowbit.kernels.tensorrt import reference
             except ImportError as e:
                 raise LowbitError(f"a TensorRT artifact's ONNX runs in ONNX Runtime with lowbit's plugins on their "
                                   f"reference implementations, which need {e.name}; install it") from None

@@ -3,7 +3,7 @@ Engine's runner interface, on torch CUDA tensors.
 
 The KV cache stays on the GPU: each step binds the previous step's ``present.*`` tensors as ``past_key_values.*``
 without a copy. Prefill (no cache) runs in the engine's optimization profile 0 and decode in profile 1, each in
-its own execution context, so switching costs nothing (``plugins.tensorrt.engine.profiles``).
+its own execution context, so switching costs nothing (``kernels.tensorrt.engine.profiles``).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ class TensorRTRunner:
     """One deserialized engine and an execution context per optimization profile."""
 
     def __init__(self, path: Path, manifest: dict):
-        from lowbit.plugins.tensorrt.engine import require_tensorrt
+        from lowbit.kernels.tensorrt.engine import require_tensorrt
 
         trt = require_tensorrt()
-        from lowbit.plugins.tensorrt import qdp  # noqa: F401  (plugin definitions the engine's nodes resolve to)
+        from lowbit.kernels.tensorrt import qdp  # noqa: F401  (plugin definitions the engine's nodes resolve to)
 
         info = manifest["tensorrt"]
         self.info, self.task = info, manifest["source"]["task"]

@@ -1,4 +1,4 @@
-"""The torch backend: the artifact's program (``format.graph``) as an fx GraphModule, run as it was shipped.
+"""The torch backend: the artifact's program (``format.program``) as an fx GraphModule, run as it was shipped.
 
 No transformers modeling code: the program is the traced, quantized step (causal LMs) or forward (encoders)
 itself, with lowbit's ops on the packed weights.
@@ -14,9 +14,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lowbit.errors import LowbitError
-from lowbit.format import graph as graph_format
+from lowbit.format import program as graph_format
+from lowbit import ops  # noqa: F401  (registers the torch.ops.lowbit.* operators the program calls)
 from lowbit.format.artifact import PROGRAM_FILE, WEIGHTS_FILE, member, read_json, read_manifest
-from lowbit.format.graph import mask_positions
+from lowbit.format.program import mask_positions
 from lowbit.runtime.cpu_kernels import use_cpu_kernels
 
 KERNELS = ("auto", "reference")

@@ -20,6 +20,7 @@ from typing import Optional
 
 import lowbit
 from lowbit.host import cpu_flags, cpu_model, usable_cores
+from lowbit.version import __version__
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def probe_torch() -> dict:
             info["devices"].append({"name": p.name, "capability": [p.major, p.minor],
                                     "memory_gib": round(p.total_memory / 2**30, 1)})
     try:
-        from lowbit.plugins.cpu import int4pack_layout_ok
+        from lowbit.kernels.cpu import int4pack_layout_ok
 
         info["int4pack"] = int4pack_layout_ok()
     except Exception as e:
@@ -130,7 +131,7 @@ def probe_onnxruntime() -> dict:
 
 def _tensorrt_ok(version: Optional[str]) -> Optional[str]:
     """Why TensorRT cannot build or run engines here, or None."""
-    from lowbit.plugins.tensorrt.engine import MIN_VERSION
+    from lowbit.kernels.tensorrt.engine import MIN_VERSION
 
     if version is None:
         return "tensorrt is not installed (pip install tensorrt: NVIDIA's wheels, on a machine with its GPU)"
@@ -213,7 +214,7 @@ def report() -> dict:
     ort_info = probe_onnxruntime() if versions["onnxruntime"] else {}
     use = usability(versions, torch_info, ort_info)
     return {
-        "lowbit": lowbit.__version__, "lowbit_path": str(Path(lowbit.__file__).parent),
+        "lowbit": __version__, "lowbit_path": str(Path(lowbit.__file__).parent),
         "python": platform.python_version(), "python_path": sys.executable, "platform": platform.platform(),
         "packages": packages,
         "cpu": {"model": cpu_model(), "cores": usable_cores(), "flags": cpu_flags(),

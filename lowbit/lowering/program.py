@@ -1,0 +1,117 @@
+"""Lowering for the native torch runtime: the quantized IR itself -> program.json + weights.safetensors.
+
+The artifact ships the traced, quantized graph (``format.program``): the torch runtime runs it as it is.
+Tensors are stored under transformers' module names: float tensors as they were, quantized layers as
+``<layer>.qweight/.scales/.zeros``. ``graph.json`` describes each quantized layer (for ``lowbit inspect``,
+the report and the ONNX lowering).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lowbit.ir.graph import Graph
+from lowbit.progress import timed
+from lowbit.format import program as graph_format
+from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE, WEIGHTS_FILE
+
+
+
+def artifact_tensors(graph: Graph, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the transformers model with its quantized layers packed, by transformers name, tied
+    (shared) tensors once: what a transformers-layout checkpoint (hf-gptq) holds."""
+    replaced = {f"{name}.weight" for name in graph.quantized} | {f"{name}.bias" for name in graph.quantized}
+    out: dict[str, torch.Tensor] = {}
+    seen: set = set()
+    for key, t in model.state_dict().items():
+        if key in replaced:
+            continue
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ptr in seen:          # tied weights (lm_head <- embed_tokens): the runtime re-ties them
+            continue
+        seen.add(ptr)
+        out[key] = t.detach().contiguous()
+    for name, q in graph.quantized.items():
+        for suffix, t in q.tensors().items():
+            out[f"{name}.{suffix}"] = t.detach().contiguous()
+    return out
+
+
+def graph_description(graph: Graph) -> dict:
+    return {"task": graph.task, "model_type": graph.model_type,
+            "layers": {name: q.layout() for name, q in graph.quantized.items()}}
+
+
+def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The shipped program document and its tensors."""
+    doc, tensors = graph_format.encode(graph.gm, graph.dtype, graph.stored_names())
+    doc.update({"task": graph.task, "model_type": graph.model_type,
+                "inputs": [n["name"] for n in doc["nodes"] if n["op"] == "placeholder"]})
+    if graph.kv is not None:
+        doc["kv"] = [list(layer) for layer in graph.kv]
+    return doc, tensors
+
+
+def write_torch_target(tmp: Path, graph: Graph, loaded) -> dict:
+    """Write the torch target files into ``tmp``; returns size accounting for the manifest."""
+    doc, tensors = program(graph)
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": graph_format.FORMAT})
+    (tmp / PROGRAM_FILE).write_text(json.dumps(doc) + "\n")
+    (tmp / GRAPH_FILE).write_text(json.dumps(graph_description(graph), indent=1) + "\n")
+    loaded.config.save_pretrained(tmp)
+    src_tok = [f for f in loaded.path.iterdir() if f.name.startswith(("tokenizer", "special_tokens", "vocab",
+                                                                        "merges", "added_tokens"))]
+    if loaded.tokenizer is not None:
+        (tmp / "tokenizer").mkdir()
+        loaded.tokenizer.save_pretrained(tmp / "tokenizer")
+    elif src_tok:
+        (tmp / "tokenizer").mkdir()
+        for f in src_tok:
+            shutil.copy2(f, tmp / "tokenizer" / f.name)
+    return size_report(graph, loaded.model, tmp / WEIGHTS_FILE)
+
+
+def size_report(graph: Graph, model, weights_path: Path) -> dict:
+    elem = next(model.parameters()).element_size()
+    matmul_float = sum(s.in_features * s.out_features * elem for s in graph.sites.values())
+    quantized_float = sum(q.in_features * q.out_features * elem for q in graph.quantized.values())
+    quantized_bytes = sum(q.nbytes for q in graph.quantized.values())
+    matmuls = [q for q in graph.quantized.values() if q.op.endswith("_linear")]
+    matmul_after = matmul_float - sum(q.in_features * q.out_features * elem - q.nbytes for q in matmuls)
+    seen, model_bytes = set(), 0
+    for t in model.state_dict().values():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            model_bytes += t.numel() * t.element_size()
+    return {"source_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "model_bytes_before": model_bytes,
+            "weights_file_bytes": weights_path.stat().st_size,
+            "matmul_bytes_before": matmul_float,
+            "matmul_bytes_after": matmul_after,
+            "quantized_bytes_before": quantized_float, "quantized_bytes_after": quantized_bytes,
+            "quantized_layers": len(graph.quantized), "quantized_matmuls": len(matmuls),
+            "matmul_layers": len(graph.sites)}
+
+
+class TorchLowering:
+    """The ``torch`` target (``lowbit.targets``)."""
+    fuse = True
+
+    def prepare(self, recipe, options: dict):
+        return recipe
+
+    def check(self, graph: Graph, recipe):
+        pass
+
+    def write(self, tmp: Path, graph: Graph, loaded, recipe, options: dict, timings: dict, quiet: bool) -> dict:
+        with timed(timings, "write", quiet, "writing the program and its weights"):
+            return {"sizes": write_torch_target(tmp, graph, loaded)}
+
+
+LOWERING = TorchLowering()

@@ -1,0 +1,114 @@
+"""Resumable compiles: finished blocks' quantized layers saved as they complete.
+
+A long calibrated compile (GPTQ) writes every finished block's layers to ``.<out>.ckpt/`` beside the
+output folder (safetensors + JSON, one file per block, each written atomically, then ``state.json``).
+Restarted with the same command and ``--resume``, the compile loads those layers instead of quantizing
+them again: the calibration activations they produce are recomputed and identical, so every later block
+is quantized exactly as in an uninterrupted run (a bit-identical artifact). The checkpoint is removed
+when the artifact is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from safetensors.torch import load_file, save_file
+
+from lowbit.ir.graph import QuantizedLayer
+from lowbit.progress import say
+from lowbit.errors import LowbitError
+from lowbit.format.quantize import QuantSpec
+
+STATE = "state.json"
+
+
+def checkpoint_dir(out: Path) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.ckpt"
+
+
+def layer_from_saved(name: str, layout: dict, tensors: dict) -> QuantizedLayer:
+    spec = QuantSpec(layout["bits"], layout["recipe_group_size"], layout["sym"])
+    return QuantizedLayer(name=name, op=layout["op"], spec=spec, in_features=layout["in_features"],
+                          out_features=layout["out_features"], group_size=layout["group_size"],
+                          qweight=tensors["qweight"], scales=tensors["scales"], zeros=tensors["zeros"],
+                          bias=tensors.get("bias"), method=layout["method"], stats=layout["stats"])
+
+
+class Checkpoint:
+    def __init__(self, out: Path, fingerprint: dict, resume: bool, quiet: bool = False):
+        self.dir = checkpoint_dir(out)
+        self.fingerprint = fingerprint
+        self.layers: dict[str, QuantizedLayer] = {}
+        self.files: list[str] = []
+        self.pending: dict[str, QuantizedLayer] = {}
+        if resume and (self.dir / STATE).is_file():
+            state = json.loads((self.dir / STATE).read_text())
+            if state.get("fingerprint") != fingerprint:
+                raise LowbitError(f"the checkpoint in '{self.dir}' was made by a different command (model, recipe "
+                                  "or calibration differ); rerun without --resume to start over")
+            for f in state["files"]:
+                self._load(f)
+            say(f"resuming: {len(self.layers)} layers from {len(self.files)} finished blocks", quiet)
+        else:
+            if resume:
+                say(f"no checkpoint at '{self.dir}'; starting from the beginning", quiet)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+            self._write_state()
+
+    def _load(self, fname: str):
+        tensors = load_file(str(self.dir / fname))
+        layouts = json.loads((self.dir / (fname + ".json")).read_text())
+        for name, layout in layouts.items():
+            self.layers[name] = layer_from_saved(name, layout, {k.split("/", 1)[1]: v for k, v in tensors.items()
+                                                                if k.split("/", 1)[0] == name})
+        self.files.append(fname)
+
+    def get(self, name: str) -> Optional[QuantizedLayer]:
+        return self.layers.get(name)
+
+    def add(self, q: QuantizedLayer):
+        if q.name not in self.layers:
+            self.pending[q.name] = q
+
+    def flush(self):
+        """Persist the pending layers as one block file (atomic), then record it in state.json."""
+        if not self.pending:
+            return
+        fname = f"block-{len(self.files):04d}.safetensors"
+        tensors = {f"{name}/{k}": t.contiguous() for name, q in self.pending.items() for k, t in q.tensors().items()}
+        tmp = self.dir / (fname + ".tmp")
+        save_file(tensors, str(tmp))
+        _atomic_text(self.dir / (fname + ".json"), json.dumps({n: q.layout() for n, q in self.pending.items()}))
+        os.replace(tmp, self.dir / fname)
+        self.files.append(fname)
+        self.layers.update(self.pending)
+        self.pending = {}
+        self._write_state()
+        _fault_injection(len(self.files))
+
+    def _write_state(self):
+        _atomic_text(self.dir / STATE, json.dumps({"fingerprint": self.fingerprint, "files": self.files}, indent=1))
+
+    def discard(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _atomic_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fault_injection(blocks_written: int):
+    """Tests kill the process here (SIGKILL) to prove --resume: LOWBIT_KILL_AFTER_BLOCKS=N."""
+    n = os.environ.get("LOWBIT_KILL_AFTER_BLOCKS")
+    if n and blocks_written >= int(n):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
