@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from lowbit.errors import LowbitError
 
+    # The CLI owns its process (the library leaves these alone): transformers stays quiet and offline, lowbit
+    # printing its own progress and never downloading.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

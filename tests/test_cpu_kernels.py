@@ -1,4 +1,4 @@
-"""CPU kernels of wna16_linear (plugins/cpu.py) against the reference kernel, on both of their paths."""
+"""CPU kernels of wna16_linear (kernels/cpu.py) against the reference kernel, on both of their paths."""
 
 import pytest
 import torch

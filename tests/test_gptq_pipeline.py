@@ -1,6 +1,5 @@
 """GPTQ through the whole pipeline on tiny models: true-sequential calibration, resume, bad inputs."""
 
-import os
 import subprocess
 import sys
 
@@ -95,13 +94,29 @@ def _compile_cmd(model_dir, calib_file, out, *extra):
             "--calib", str(calib_file), "--calib-samples", "8", "--calib-seq-len", "48", "-q", *extra]
 
 
+# The CLI with Checkpoint._write_state wrapped to SIGKILL the process once the first block is on disk: a kill at
+# the worst moment, injected from outside (lowbit itself has no fault hook).
+KILLED_AFTER_FIRST_BLOCK = """
+import os, signal, sys
+from lowbit.passes import checkpoint
+write = checkpoint.Checkpoint._write_state
+def write_then_die(self):
+    write(self)
+    if self.files:
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.Checkpoint._write_state = write_then_die
+from lowbit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(model_dirs, calib_file, tmp_path):
     ref = tmp_path / "ref"
     subprocess.run(_compile_cmd(model_dirs["qwen2"], calib_file, ref), check=True, capture_output=True)
     out = tmp_path / "out"
-    env = {**os.environ, "LOWBIT_KILL_AFTER_BLOCKS": "1"}
-    r = subprocess.run(_compile_cmd(model_dirs["qwen2"], calib_file, out), env=env, capture_output=True)
+    killed = [sys.executable, "-c", KILLED_AFTER_FIRST_BLOCK, *_compile_cmd(model_dirs["qwen2"], calib_file, out)[3:]]
+    r = subprocess.run(killed, capture_output=True)
     assert r.returncode == -9 and not out.exists()
     assert (tmp_path / ".out.ckpt" / "block-0000.safetensors").is_file()
     r = subprocess.run(_compile_cmd(model_dirs["qwen2"], calib_file, out, "--resume"), capture_output=True, text=True)

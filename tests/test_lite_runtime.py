@@ -22,16 +22,19 @@ if eng.task == "encoder":
 else:
     ids, mask = eng.tokenizer.encode_batch(prompts)
     print(json.dumps({"ids": eng.generate_ids(ids, mask, max_new_tokens=10, stop_at_eos=False).tolist(),
+                      "sampled": eng.generate_ids(ids, mask, stop_at_eos=False, **SAMPLING).tolist(),
                       "texts": eng.generate(prompts, max_new_tokens=10)}))
 assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
 """
 
 PROMPTS = ["four bit weights", "the model reads every weight once per step"]
+SAMPLING = dict(max_new_tokens=10, do_sample=True, temperature=1.3, top_k=40, top_p=0.95, seed=7)
 
 
 def _child(art, prompts=PROMPTS):
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(art), json.dumps(prompts)], capture_output=True,
-                          text=True, timeout=300)
+    code = f"SAMPLING = {SAMPLING!r}\n" + CHILD
+    proc = subprocess.run([sys.executable, "-c", code, str(art), json.dumps(prompts)], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -45,6 +48,14 @@ def test_causal_lm_runs_without_torch(model_dirs, tmp_path):
     want = eng.generate_ids(enc["input_ids"], enc["attention_mask"], max_new_tokens=10, stop_at_eos=False)
     assert got["ids"] == want.tolist()
     assert got["texts"] == eng.generate(PROMPTS, max_new_tokens=10)
+    # One loop and sampler for every runtime path: the same seed samples the same tokens with and without torch,
+    # on ONNX Runtime and on the torch backend; another seed samples others (the check can fail).
+    sampled = eng.generate_ids(enc["input_ids"], enc["attention_mask"], stop_at_eos=False, **SAMPLING).tolist()
+    torch_backend = lowbit.load(art, backend="torch")
+    assert got["sampled"] == sampled == torch_backend.generate_ids(
+        enc["input_ids"], enc["attention_mask"], stop_at_eos=False, **SAMPLING).tolist()
+    assert sampled != eng.generate_ids(enc["input_ids"], enc["attention_mask"], stop_at_eos=False,
+                                       **{**SAMPLING, "seed": 8}).tolist()
 
 
 def test_encoder_embeds_without_torch(model_dirs, tmp_path):

@@ -349,3 +349,22 @@ def test_external_data_when_large(model_dirs, tokenizer, tmp_path, monkeypatch):
     data = [f for f in m["files"] if f.startswith("onnx/") and f not in ("onnx/model.onnx", "onnx/io.json")]
     assert m["onnx"]["external_data"] and data and (art / data[0]).stat().st_size > 100_000
     _check_parity(art, tokenizer)
+
+
+def test_contrib_schemas_are_onnx_runtimes_own():
+    """The MatMulNBits / GatherBlockQuantized schemas onnx.checker uses come from ONNX Runtime itself (a hand copy
+    lacked MatMulNBits' weight_prepacked); an op ONNX Runtime lacks is refused in one line."""
+    from onnx import defs
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    from lowbit.lowering.onnx.ort_ops import CONTRIB_DOMAIN, CONTRIB_OPS, ort_schema, register_contrib_schemas
+
+    register_contrib_schemas()
+    for name in CONTRIB_OPS:
+        ours = defs.get_schema(name, 1, CONTRIB_DOMAIN)
+        theirs = next(s for s in ort_c.get_all_operator_schema() if s.domain == CONTRIB_DOMAIN and s.name == name)
+        assert [p.name for p in ours.inputs] == [p.name for p in theirs.inputs]
+        assert set(ours.attributes) == set(theirs.attributes)
+    assert "weight_prepacked" in defs.get_schema("MatMulNBits", 1, CONTRIB_DOMAIN).attributes
+    with pytest.raises(LowbitError, match="has no com.microsoft::NoSuchOp"):
+        ort_schema("NoSuchOp")

@@ -151,7 +151,8 @@ def test_in_place_cache_matches_the_concatenated_one(llama_pair):
     """With GroupQueryAttention in every layer the ORT session keeps the cache in preallocated buffers that the graph
     writes in place; prefill (left-padded) and decode steps give the logits of the growing cache."""
     from lowbit.errors import LowbitError
-    from lowbit.runtime.ort_session import KVBuffers, OrtSession, mask_positions_np
+    from lowbit.runtime.generation import mask_positions as mask_positions_np
+    from lowbit.runtime.ort_session import KVBuffers, OrtSession
 
     fused, plain = llama_pair
     session = OrtSession(fused, read_manifest(fused))

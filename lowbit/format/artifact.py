@@ -97,7 +97,8 @@ def check_output_dir(out: Path, force: bool):
         manifest = json.loads((out / MANIFEST).read_bytes())
     except (OSError, ValueError, RecursionError):
         manifest = None
-    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT and isinstance(manifest.get("files"), dict)):
+    if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
+            and isinstance(manifest.get("files"), dict)):
         raise LowbitError(f"output folder '{out}' exists and is not a lowbit artifact; refusing to replace it")
     foreign = foreign_files(out, manifest)
     if foreign:
@@ -454,8 +455,8 @@ def generation_info(path: Path, manifest: dict) -> dict:
     positions, eos = gen.get("max_positions"), gen.get("eos_token_ids") or []
     limit = _config_positions(path, manifest)
     if not (type(positions) is int and 1 <= positions <= (limit or MAX_POSITIONS)):
-        raise LowbitError(f"artifact '{path}': generation.max_positions must be an integer in 1..{limit or MAX_POSITIONS}"
-                          f" (the model's context), not {str(positions)[:20]}")
+        raise LowbitError(f"artifact '{path}': generation.max_positions must be an integer in "
+                          f"1..{limit or MAX_POSITIONS} (the model's context), not {str(positions)[:20]}")
     if not (isinstance(eos, list) and all(type(i) is int and 0 <= i < 2**31 for i in eos)):
         raise LowbitError(f"artifact '{path}': generation.eos_token_ids must be a list of token ids (integers), not "
                           f"{str(eos)[:40]}")

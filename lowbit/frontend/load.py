@@ -5,10 +5,10 @@ code (``trust_remote_code=False`` everywhere).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,24 +53,35 @@ def load_tokenizer(path: Path):
     """The folder's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
 
-    quiet_transformers()
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except Exception:  # a folder without tokenizer files is still a model; callers that need one say so
         return None
 
 
+@contextlib.contextmanager
 def quiet_transformers():
-    """transformers is chatty (per-weight progress bars, config warnings); lowbit prints its own progress."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
+    """transformers is chatty (per-weight progress bars, config warnings) and lowbit prints its own progress: quiet
+    while lowbit calls it, then as the caller had it (a library leaves logging and warnings alone)."""
+    from transformers.utils import logging as hf_logging
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("torch._export").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="torch._export")
-    warnings.filterwarnings("ignore", module="transformers")
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    export_log = logging.getLogger("torch._export")
+    level = export_log.level
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    export_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module="torch._export")
+            warnings.filterwarnings("ignore", module="transformers")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        export_log.setLevel(level)
 
 
 def resolve_model_path(arg: str) -> Path:
@@ -114,7 +125,8 @@ def read_config(path: Path):
     arch = ",".join(map(str, names)) or f"model_type={raw.get('model_type')!r}"
     try:
         # Never run (or offer to run) Python shipped in the folder: its auto_map is ignored.
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     except (ValueError, KeyError, TypeError) as e:
         if raw.get("auto_map"):
             raise LowbitError(f"{arch} needs the Python code in its model folder (auto_map in config.json); lowbit "
@@ -169,7 +181,6 @@ def attn_implementation(config) -> str:
 
 def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
     """Load a model folder (or 'demo') with its tokenizer, in eval mode on CPU."""
-    quiet_transformers()
     path = resolve_model_path(arg)
     config = read_config(path)
     if not any((path / f).exists() for f in WEIGHT_FILES):
@@ -177,8 +188,10 @@ def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
                           "pass a complete model folder")
     task = task_of(config)
     try:
-        model = model_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=False,
-                                                    attn_implementation=attn_implementation(config)).eval()
+        with quiet_transformers():
+            model = model_class(config).from_pretrained(path, dtype=dtype, trust_remote_code=False,
+                                                        local_files_only=True,
+                                                        attn_implementation=attn_implementation(config)).eval()
     except (OSError, ValueError, RuntimeError) as e:
         raise LowbitError(f"cannot load model from '{path}': {str(e).splitlines()[0]}") from None
     check_finite(model)

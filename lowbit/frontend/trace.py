@@ -135,9 +135,13 @@ def _export(root, args, dynamic, loaded):
 
 def trace(loaded: LoadedModel) -> Graph:
     """torch.export the model's step (causal LMs) or forward (encoders), every dimension dynamic; the IR Graph."""
+    with quiet_transformers():
+        return _trace(loaded)
+
+
+def _trace(loaded: LoadedModel) -> Graph:
     from torch.export import Dim
 
-    quiet_transformers()
     vocab = int(loaded.config.vocab_size)
     dyn = Dim.DYNAMIC
     dtype = next(loaded.model.parameters()).dtype

@@ -90,7 +90,6 @@ class Checkpoint:
         self.layers.update(self.pending)
         self.pending = {}
         self._write_state()
-        _fault_injection(len(self.files))
 
     def _write_state(self):
         _atomic_text(self.dir / STATE, json.dumps({"fingerprint": self.fingerprint, "files": self.files}, indent=1))
@@ -103,12 +102,3 @@ def _atomic_text(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _fault_injection(blocks_written: int):
-    """Tests kill the process here (SIGKILL) to prove --resume: LOWBIT_KILL_AFTER_BLOCKS=N."""
-    n = os.environ.get("LOWBIT_KILL_AFTER_BLOCKS")
-    if n and blocks_written >= int(n):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)

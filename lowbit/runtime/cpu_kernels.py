@@ -1,4 +1,4 @@
-"""Run the program's quantized matmuls on the CPU kernels (``plugins/cpu.py``): at load, each
+"""Run the program's quantized matmuls on the CPU kernels (``kernels/cpu.py``): at load, each
 ``lowbit::wna16_linear`` node whose format they cover becomes a call of its repacked layer, and the packed
 tensors it no longer reads are dropped, so the weight is held once. The rest keep the reference kernel, said
 once per reason."""

@@ -11,7 +11,7 @@ from lowbit.format import artifact
 from lowbit.format.signing import open_manifest
 from lowbit import targets
 from lowbit.errors import LowbitError
-from lowbit.runtime.sampling import check_sampling
+from lowbit.runtime import generation
 from lowbit.format.program import mask_positions
 from lowbit.runtime.tokenizer_files import tokenizer_file
 
@@ -79,36 +79,22 @@ class Engine:
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 32,
                      do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      seed: Optional[int] = None, stop_at_eos: bool = True) -> torch.Tensor:
-        """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token."""
+        """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token
+        (``runtime.generation``, the loop and sampler every backend shares: the same seed, the same tokens)."""
         if self.task != "causal-lm":
             raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
-        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
-        max_pos = self.max_positions
-        if input_ids.shape[1] + max_new_tokens > max_pos:
-            raise LowbitError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                              f"model's context of {max_pos} tokens; shorten the prompt or generate fewer tokens")
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
         eos = self._eos or ([self.tokenizer.eos_token_id] if self.tokenizer is not None
                             and self.tokenizer.eos_token_id is not None else [])
-        mask = attention_mask.clone()
-        positions = mask_positions(mask)
-        cache = self.runner.start(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits, cache = self.runner.step(input_ids, mask, positions, cache)
-        out = input_ids
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            # The next token is picked on the CPU (where the sampling generator lives) whatever the device.
-            nxt = pick_next(logits[:, -1, :].float().cpu(), do_sample, temperature, top_k, top_p, gen)
-            if eos and stop_at_eos:
-                nxt = torch.where(done, torch.full_like(nxt, eos[0]), nxt)
-                done |= torch.isin(nxt, torch.tensor(eos))
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            if stop_at_eos and eos and bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
-            positions = positions[:, -1:] + 1
-            logits, cache = self.runner.step(nxt[:, None], mask, positions, cache)
-        return out
+
+        def step(ids, mask, positions, cache):
+            logits, cache = self.runner.step(*(torch.from_numpy(a) for a in (ids, mask, positions)), cache)
+            # The next token is picked on the CPU whatever the device: the last position's logits only.
+            return logits[:, -1, :].float().cpu().numpy(), cache
+
+        out = generation.generate(step, self.runner.start, input_ids.cpu().numpy(), attention_mask.cpu().numpy(),
+                                  max_new_tokens, self.max_positions, eos, do_sample, temperature, top_k, top_p,
+                                  seed, stop_at_eos)
+        return torch.from_numpy(out)
 
     def generate(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 32, **kw) -> Union[str, list[str]]:
         """Text continuations (only the new text) for one prompt or a batch of prompts."""
@@ -156,25 +142,6 @@ def load_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-
-
-def pick_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
-              gen: Optional[torch.Generator]) -> torch.Tensor:
-    """Greedy argmax, or sampling with temperature / top-k / top-p (nucleus)."""
-    if not do_sample or temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass before it already reaches top_p (always keeps the first).
-        drop = probs.cumsum(-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
 def load(path, backend: str = "auto", **kw) -> Engine:

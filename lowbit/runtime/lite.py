@@ -3,8 +3,7 @@ library only (``pip install --no-deps lowbit`` + ``pip install onnxruntime numpy
 ``lowbit[runtime]`` set). ``lowbit.load(art, backend="ort")`` returns a ``LiteEngine`` where torch is not
 installed; it has the Engine's ``forward``, ``generate_ids``, ``generate`` and ``embed`` on numpy arrays.
 
-Greedy decoding gives the Engine's tokens; sampling draws from numpy's generator, so a seed gives other
-samples than the torch Engine's.
+Generation is the Engine's own loop and sampler (``runtime.generation``): the same seed gives the same tokens.
 """
 
 from __future__ import annotations
@@ -15,10 +14,10 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.sampling import check_sampling
+from lowbit.runtime import generation
 from lowbit.format import artifact
 from lowbit.format.signing import open_manifest
-from lowbit.runtime.ort_session import OrtSession, mask_positions_np
+from lowbit.runtime.ort_session import OrtSession
 
 
 class LiteEngine:
@@ -50,32 +49,17 @@ class LiteEngine:
     def generate_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int = 32,
                      do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      seed: Optional[int] = None, stop_at_eos: bool = True) -> np.ndarray:
-        """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token."""
+        """Token ids [B, T + new] from left-padded ids (``runtime.generation``: the Engine's loop and sampler)."""
         if self.task != "causal-lm":
             raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
-        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
-        input_ids, mask = np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64)
-        if input_ids.shape[1] + max_new_tokens > self.max_positions:
-            raise LowbitError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                              f"model's context of {self.max_positions} tokens; shorten the prompt or generate fewer "
-                              "tokens")
-        rng = np.random.default_rng(seed)
-        positions = mask_positions_np(mask)
-        cache = self.runner.start(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        logits, cache = self.runner.step_np(input_ids, mask, positions, cache)
-        out, done = input_ids, np.zeros(input_ids.shape[0], bool)
-        for _ in range(max_new_tokens):
-            nxt = pick_next_np(logits[:, -1, :], do_sample, temperature, top_k, top_p, rng)
-            if self._eos and stop_at_eos:
-                nxt = np.where(done, self._eos[0], nxt)
-                done |= np.isin(nxt, self._eos)
-            out = np.concatenate([out, nxt[:, None]], axis=1)
-            if stop_at_eos and self._eos and done.all():
-                break
-            mask = np.concatenate([mask, np.ones_like(nxt[:, None])], axis=1)
-            positions = positions[:, -1:] + 1
-            logits, cache = self.runner.step_np(nxt[:, None], mask, positions, cache)
-        return out
+
+        def step(ids, mask, positions, cache):
+            logits, cache = self.runner.step_np(ids, mask, positions, cache)
+            return logits[:, -1, :], cache
+
+        return generation.generate(step, self.runner.start, input_ids, attention_mask, max_new_tokens,
+                                   self.max_positions, self._eos, do_sample, temperature, top_k, top_p, seed,
+                                   stop_at_eos)
 
     def generate(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 32, **kw) -> Union[str, list[str]]:
         """Text continuations (only the new text) for one prompt or a batch of prompts."""
@@ -101,26 +85,6 @@ class LiteEngine:
             m = mask[..., None].astype(hidden.dtype)
             out.append((hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9))
         return np.concatenate(out)
-
-
-def pick_next_np(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                 rng: np.random.Generator) -> np.ndarray:
-    """Greedy argmax, or sampling with temperature / top-k / top-p (``engine.pick_next``'s rules)."""
-    if not do_sample or temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.astype(np.float64) / temperature
-    if top_k and top_k > 0:
-        kth = np.sort(logits, -1)[:, -min(top_k, logits.shape[-1])][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    if top_p < 1.0:
-        order = np.argsort(-probs, -1)
-        sorted_p = np.take_along_axis(probs, order, -1)
-        drop = np.cumsum(sorted_p, -1) - sorted_p >= top_p      # keeps the first token always
-        np.put_along_axis(probs, order, np.where(drop, 0.0, sorted_p), -1)
-        probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(probs.shape[-1], p=p) for p in probs])
 
 
 class LiteTokenizer:

@@ -21,6 +21,7 @@ import numpy as np
 
 from lowbit.errors import LowbitError
 from lowbit.format import artifact
+from lowbit.runtime.generation import mask_positions
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -39,11 +40,6 @@ def pick_providers(requested: str = "auto") -> list[str]:
         raise LowbitError(f"ONNX Runtime provider {PROVIDERS[requested]} is not available{hint}; this onnxruntime "
                           f"has {', '.join(available)}")
     return [PROVIDERS[requested]] + ([PROVIDERS["cpu"]] if requested != "cpu" else [])
-
-
-def mask_positions_np(mask: np.ndarray) -> np.ndarray:
-    """Position ids of left-padded rows: 0 at each row's first real token (``format.program.mask_positions``)."""
-    return np.maximum(np.cumsum(mask, axis=-1) - 1, 0).astype(np.int64)
 
 
 class KVBuffers(list):
@@ -186,5 +182,5 @@ class OrtSession:
             self._check_inputs(["input_ids", "attention_mask"])
             return self._run({"input_ids": input_ids.astype(np.int64),
                               "attention_mask": attention_mask.astype(np.int64)})[0].numpy().astype(np.float32, copy=False)
-        return self.step_np(input_ids, attention_mask, mask_positions_np(attention_mask),
+        return self.step_np(input_ids, attention_mask, mask_positions(attention_mask),
                             self.start(input_ids.shape[0]))[0]

@@ -2,7 +2,7 @@
 
 TensorRT takes INT4 weights natively (blocked ``DequantizeLinear``, symmetric) but has no per-token dynamic INT8
 activation quantization and no INT8 x INT8 GEMM behind it, which ZeroQuant's W8A8 needs. These plugins supply
-them, from the same Triton kernels the torch runtime runs on CUDA (``plugins/triton``):
+them, from the same Triton kernels the torch runtime runs on CUDA (``kernels/triton``):
 
 - ``lowbit::quantize_int8(x) -> (codes, scales)``: per-token symmetric INT8, ``codes`` int8 like x, ``scales``
   float32 [..., 1] (``ops.quantize_rows_int8``, bit for bit);

@@ -1,9 +1,9 @@
 """The TensorRT plugins' Triton kernels, in the argument order TensorRT launches an AOT plugin's kernel with:
 the inputs' pointers, then int32 scalars, then the outputs' pointers (``tensorrt.plugin.aot_impl``).
 
-Each is a thin wrapper over a kernel the torch runtime runs on CUDA: the INT8 GEMM of ``plugins/triton/w8a8.py``
+Each is a thin wrapper over a kernel the torch runtime runs on CUDA: the INT8 GEMM of ``kernels/triton/w8a8.py``
 (its ``SIGNED`` variant: int8 weights as stored for the plugin, no zero points) and the row quantization of
-``plugins/triton/act_quant.py`` (plain, behind RMSNorm / LayerNorm, behind a gated activation). Float attributes
+``kernels/triton/act_quant.py`` (plain, behind RMSNorm / LayerNorm, behind a gated activation). Float attributes
 (eps) are compile-time constants: an AOT kernel takes only integer scalars.
 
 ``launch`` runs a plugin's kernel through Triton's own launcher (the plugins' JIT implementation, and the tests

@@ -292,11 +292,17 @@ def _torch_onnx_export(gm, args, dynamic: dict, inputs: list[str], outputs: list
     from lowbit.lowering.onnx.translations import translations
 
     # torch.onnx prints its own step-by-step log; lowbit reports the export as one timed step instead.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), exporting():
-        ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
-        return torch.onnx.export(ep, input_names=inputs, output_names=outputs, dynamo=True, optimize=False,
-                                 opset_version=OPSET, custom_translation_table=translations(), verbose=False).model
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), exporting():
+            ep = torch.export.export(gm, args, dynamic_shapes=dynamic, strict=False)
+            return torch.onnx.export(ep, input_names=inputs, output_names=outputs, dynamo=True, optimize=False,
+                                     opset_version=OPSET, custom_translation_table=translations(),
+                                     verbose=False).model
+    finally:
+        onnx_log.setLevel(level)
 
 
 def op_name(node) -> str:

@@ -185,41 +185,44 @@ def _(ids, data, scales, zero_points, bits, block_size, dim):
     return scales.new_empty((*ids.shape, dim))
 
 
+# The ONNX Runtime contrib operators lowbit emits.
+CONTRIB_OPS = ("MatMulNBits", "GatherBlockQuantized")
+
+
 def register_contrib_schemas():
-    """Register the schemas of the ONNX Runtime contrib ops lowbit emits with onnx (which ships none), so
-    onnxscript can build the nodes and onnx.checker can check them. Signatures follow ONNX Runtime's
-    ContribOperators documentation."""
+    """Register with onnx (which ships none) ONNX Runtime's own schemas of the contrib ops lowbit emits, so
+    onnxscript can build the nodes and onnx.checker checks them against what ONNX Runtime will accept."""
     from onnx import defs
 
-    P, A = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
-    opt = defs.OpSchema.FormalParameterOption.Optional
-    INT = defs.OpSchema.AttrType.INT
-    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
-    schemas = [
-        defs.OpSchema(
-            "MatMulNBits", CONTRIB_DOMAIN, 1, "Y = A @ dequant(B).T + bias; B blockwise quantized along K.",
-            inputs=[P("A", "T1", "activations"), P("B", "T2", "packed weight"), P("scales", "T1", "block scales"),
-                    P("zero_points", "T3", "block zero points", param_option=opt),
-                    P("g_idx", "T4", "group of each column", param_option=opt),
-                    P("bias", "T1", "bias", param_option=opt)],
-            outputs=[P("Y", "T1", "output")],
-            type_constraints=[("T1", floats, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
-                              ("T3", ["tensor(uint8)", "tensor(int32)", *floats], ""), ("T4", ["tensor(int32)"], "")],
-            attributes=[A("K", INT, "", required=True), A("N", INT, "", required=True),
-                        A("bits", INT, "", required=False), A("block_size", INT, "", required=True),
-                        A("accuracy_level", INT, "", required=False)]),
-        defs.OpSchema(
-            "GatherBlockQuantized", CONTRIB_DOMAIN, 1, "Gather rows of a blockwise quantized table, dequantized.",
-            inputs=[P("data", "T1", "packed table"), P("indices", "Tind", "indices"), P("scales", "T2", "scales"),
-                    P("zero_points", "T1", "zero points", param_option=opt)],
-            outputs=[P("output", "T2", "rows")],
-            type_constraints=[("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"], ""), ("T2", floats, ""),
-                              ("Tind", ["tensor(int32)", "tensor(int64)"], "")],
-            attributes=[A("gather_axis", INT, "", required=False), A("quantize_axis", INT, "", required=False),
-                        A("block_size", INT, "", required=False), A("bits", INT, "", required=False)]),
-    ]
-    for schema in schemas:
+    for name in CONTRIB_OPS:
         try:
-            defs.get_schema(schema.name, schema.since_version, schema.domain)
+            defs.get_schema(name, 1, CONTRIB_DOMAIN)
         except defs.SchemaError:
-            defs.register_schema(schema)
+            defs.register_schema(ort_schema(name))
+
+
+def ort_schema(name: str):
+    """ONNX Runtime's schema of contrib op ``name`` (``get_all_operator_schema``), as an ``onnx.defs.OpSchema``."""
+    from onnx import AttributeProto, defs
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_c
+
+    src = next((s for s in ort_c.get_all_operator_schema() if s.domain == CONTRIB_DOMAIN and s.name == name), None)
+    if src is None:
+        raise LowbitError(f"this onnxruntime has no {CONTRIB_DOMAIN}::{name}; install the onnxruntime constraints.txt "
+                          "pins")
+    param, attr = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+
+    def formal(p):
+        option = defs.OpSchema.FormalParameterOption(int(p.option))
+        return param(p.name, p.typeStr, p.description or "", param_option=option, is_homogeneous=p.isHomogeneous)
+
+    attributes = []
+    for a in src.attributes.values():
+        default = AttributeProto.FromString(a._default_value) if a._default_value else None
+        attributes.append(attr(a.name, default, a.description or "") if default is not None and default.name
+                          else attr(a.name, defs.OpSchema.AttrType(int(a.type)), a.description or "",
+                                    required=a.required))
+    return defs.OpSchema(name, CONTRIB_DOMAIN, src.since_version, src.doc or "",
+                         inputs=[formal(p) for p in src.inputs], outputs=[formal(p) for p in src.outputs],
+                         type_constraints=[(t.type_param_str, list(t.allowed_type_strs), t.description or "")
+                                           for t in src.type_constraints], attributes=attributes)

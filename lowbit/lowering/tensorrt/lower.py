@@ -42,7 +42,7 @@ from lowbit.kernels.tensorrt import NAMESPACE, PLUGIN_DOMAIN, PLUGINS, describe
 OPSET = 22                       # blocked DequantizeLinear and INT4 (21); bfloat16 Cos, Sin, ... (22)
 BLOCKS = (64, 128)               # INT4 block sizes TensorRT takes
 PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-MIN_W8A8_GROUP = 32              # the INT8 GEMM's smallest K tile (plugins/triton/w8a8.py)
+MIN_W8A8_GROUP = 32              # the INT8 GEMM's smallest K tile (kernels/triton/w8a8.py)
 
 
 def check_precision(precision: str):
