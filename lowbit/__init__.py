@@ -15,8 +15,10 @@ def compile(model: str, recipe="rtn-w4g128", out=None, target: str = "torch", fo
     """Compile a model folder (or 'demo') with a recipe (name, .toml path or Recipe) into an artifact folder.
 
     Keyword options (see ``lowbit.compiler.pipeline.compile_model``): ``calib`` (CalibrationArgs: text,
-    samples, seq_len, seed), ``device``, ``resume``, ``eval_text``, ``eval_windows``, ``eval_seq_len``,
-    ``onnx_accuracy_level``, ``onnx_fusions``, ``onnx_exporter``, ``trt_precision``.
+    samples, seq_len, seed), ``device``, ``resume``, ``eval_text``, ``eval_windows``, ``eval_seq_len``, ``lkd``;
+    the target's options as an object (``options=OnnxOptions(accuracy_level=4)``, the classes
+    ``lowbit.targets.options_class(target)`` names) or as keywords: ``onnx_accuracy_level``, ``onnx_fusions``,
+    ``onnx_exporter`` (--target onnx), ``trt_precision`` (--target tensorrt).
     """
     from lowbit.compiler.pipeline import compile_model
 

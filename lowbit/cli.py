@@ -20,14 +20,21 @@ def _cmd_compile(a) -> int:
     calib = CalibrationArgs(a.calib, a.calib_samples, a.calib_seq_len, a.seed)
     out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet,
                         calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
-                        eval_seq_len=a.eval_seq_len, onnx_accuracy_level=a.onnx_accuracy_level,
-                        onnx_fusions=not a.no_onnx_fusions, onnx_exporter=a.onnx_exporter,
-                        trt_precision=a.trt_precision,
+                        eval_seq_len=a.eval_seq_len, **_target_option_keywords(a),
                         lkd={"steps": a.lkd_steps, "lr": a.lkd_lr, "batch": a.lkd_batch, "data": a.lkd_data,
                              "samples": a.lkd_samples, "seq_len": a.lkd_seq_len, "loss": a.lkd_loss,
                              "inputs": a.lkd_inputs})
     print(out)
     return 0
+
+
+def _target_option_keywords(a) -> dict:
+    """The target-option flags given on the command line, as ``lowbit.compile`` keywords."""
+    from lowbit.options import keywords
+    from lowbit.targets import TARGETS, options_class
+
+    names = {k for t in TARGETS.values() if t.options for k in keywords(options_class(t.name))}
+    return {k: getattr(a, k) for k in sorted(names) if getattr(a, k) is not None}
 
 
 def _cmd_run(a) -> int:
@@ -211,12 +218,6 @@ def _checked(parse):
     return Checked
 
 
-def _accuracy_level(text: str) -> int:
-    from lowbit.lowering.onnx.lower import ACCURACY_LEVELS
-
-    return _int_in(min(ACCURACY_LEVELS), max(ACCURACY_LEVELS))(text)
-
-
 _COUNT = _checked(_int_in(1))            # how many of something: windows, samples, steps, sequences
 _WINDOW = _checked(_int_in(2))           # a token window: its first token is only context, so at least 2
 _SEED = _checked(_int_in(0, 2**64 - 1, "2**64-1"))    # what both torch's and numpy's generators take
@@ -233,7 +234,8 @@ def _runtime_device_args(p):
 
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
-    from lowbit.targets import TARGETS
+    from lowbit.options import add_flags
+    from lowbit.targets import TARGETS, options_class
 
     p = argparse.ArgumentParser(prog="lowbit", description="Quantizing compiler and runtime for transformer LMs.")
     p.add_argument("--version", action="version", version=f"lowbit {__version__}")
@@ -244,18 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", "-r", default="rtn-w4g128", help="built-in recipe name or .toml file (see 'lowbit recipes')")
     c.add_argument("--target", "-t", default="torch", help="what to emit (default torch): " + "; ".join(
         f"{t.name}: {t.summary}" for t in TARGETS.values()))
-    c.add_argument("--onnx-accuracy-level", action=_checked(_accuracy_level), default=0, metavar="N",
-                   help="MatMulNBits accuracy_level for --target onnx: 0 exact float math (default), "
-                        "4 int8 activations inside the kernel (faster on CPU, less exact)")
-    c.add_argument("--no-onnx-fusions", action="store_true",
-                   help="--target onnx: keep the plain ops instead of ONNX Runtime's fused ones "
-                        "(SkipSimplifiedLayerNormalization, Gelu, ...)")
-    c.add_argument("--onnx-exporter", default="lowbit", metavar="NAME",
-                   help="--target onnx: lowbit (default) writes the shipped graph as ONNX itself, in seconds, and "
-                        "falls back to torch.onnx for an op it does not know; torch.onnx always re-traces with it")
-    c.add_argument("--trt-precision", default="float16", metavar="DTYPE",
-                   help="--target tensorrt: the float type of the TensorRT ONNX (and engine): float16 (default), "
-                        "bfloat16 or float32")
+    for t in TARGETS.values():       # each target's options, flags derived from its options class
+        if t.options:
+            add_flags(c.add_argument_group(f"--target {t.name}"), options_class(t.name))
     c.add_argument("--output", "-o", required=True, help="artifact folder to create")
     c.add_argument("--force", action="store_true", help="replace an existing output folder")
     c.add_argument("--quiet", "-q", action="store_true", help="no progress output")

@@ -5,8 +5,10 @@ Each target names its compiler lowering and the runtime backends that run its ar
 side loads only its own half. A lowering (``compiler/lower_*.py``) provides ``fuse`` (whether the fusion rules
 rewrite the graph first), ``prepare(recipe, options) -> recipe`` (before any work), ``check(graph, recipe)``
 (after tracing, before the passes) and ``write(tmp, graph, loaded, recipe, options, timings, quiet) -> dict``
-(the manifest entries it adds). A backend (``runtime/*``) provides ``open(path, manifest, options) -> runner``.
-Adding a target is one entry here and one lowering module.
+(the manifest entries it adds), with ``options`` the target's options object (its class named here, fields
+declared with ``lowbit.options.option``: the CLI derives the flags, ``lowbit.compile`` the keywords). A backend
+(``runtime/*``) provides ``open(path, manifest, options) -> runner``. Adding a target is one entry here, one
+lowering module and, when it takes options, one options class.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ class Target:
     summary: str
     lowering: str                  # "module:attribute" of the compiler's lowering
     backends: tuple[str, ...]      # runtime backends that run its artifacts, the default ("auto") first
+    options: str | None = None     # "module:class" of its options (lowbit.options fields; torch-free module)
 
 
 TARGETS = {t.name: t for t in (
     Target("torch", "the shipped graph for lowbit's torch runtime", "lowbit.lowering.program:LOWERING",
            ("torch",)),
     Target("onnx", "the torch target plus onnx/model.onnx for ONNX Runtime", "lowbit.lowering.onnx.lower:LOWERING",
-           ("ort", "torch")),
+           ("ort", "torch"), "lowbit.lowering.onnx.options:OnnxOptions"),
     Target("tensorrt", "the torch target plus tensorrt/model.onnx (TensorRT's dialect, lowbit plugins) for TensorRT",
-           "lowbit.lowering.tensorrt.lower:LOWERING", ("tensorrt", "ort", "torch")),
+           "lowbit.lowering.tensorrt.lower:LOWERING", ("tensorrt", "ort", "torch"),
+           "lowbit.lowering.tensorrt.options:TensorRTOptions"),
     Target("hf-gptq", "a transformers GPTQ checkpoint folder (for other runtimes)",
            "lowbit.lowering.hf_gptq:LOWERING", ()),
 )}
@@ -53,6 +57,42 @@ def target(name: str) -> Target:
 def lowering(name: str):
     """The compiler's lowering for target ``name``."""
     return _resolve(target(name).lowering)
+
+
+def options_class(name: str):
+    """The options class of target ``name``, or None when it takes none."""
+    spec = target(name).options
+    return _resolve(spec) if spec else None
+
+
+def target_options(name: str, given=None, **keywords):
+    """The options object of target ``name``: ``given`` (an instance of its class), or one built from
+    ``lowbit.compile`` keywords; a keyword of another target's options is refused, naming that target."""
+    from lowbit import options as typed
+
+    cls = options_class(name)
+    if given is not None:
+        if cls is None or not isinstance(given, cls):
+            raise LowbitError(f"target '{name}' takes {cls.__name__ if cls else 'no options'}, not "
+                              f"{type(given).__name__}")
+        if keywords:
+            raise LowbitError("give target options either as an options object or as keywords, not both")
+        return given
+    try:
+        return typed.from_keywords(cls, keywords) if cls else typed.from_keywords(_NoOptions, keywords)
+    except KeyError as e:
+        keyword = e.args[0]
+        owner = next((t for t in TARGETS.values() if t.options and keyword in typed.keywords(options_class(t.name))),
+                     None)
+        if owner is None:
+            raise TypeError(f"compile() got an unexpected keyword argument '{keyword}'") from None
+        raise LowbitError(f"{typed.flag(options_class(owner.name), keyword)} ({keyword}) applies to --target "
+                          f"{owner.name}, not {name}") from None
+
+
+@dataclass(frozen=True)
+class _NoOptions:
+    """The options of a target that takes none."""
 
 
 def backend_for(target_name: str, requested: str, where: str) -> str:

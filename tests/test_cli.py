@@ -172,7 +172,12 @@ def test_runtime_device_and_dtype(model_dirs, text_file, tmp_path, capsys):
     (["compile", "demo", "-o", "x", "--lkd-batch", "0"], "--lkd-batch must be at least 1, got 0"),
     (["compile", "demo", "-o", "x", "--lkd-samples", "-2"], "--lkd-samples must be at least 1, got -2"),
     (["compile", "demo", "-o", "x", "--lkd-seq-len", "1"], "--lkd-seq-len must be at least 2, got 1"),
-    (["compile", "demo", "-o", "x", "--onnx-accuracy-level", "9"], "--onnx-accuracy-level must be in 0..4, got 9"),
+    (["compile", "demo", "-o", "x", "-t", "onnx", "--onnx-accuracy-level", "9"],
+     "--onnx-accuracy-level 9: valid 0, 1, 2, 3, 4"),
+    (["compile", "demo", "-o", "x", "-t", "onnx", "--onnx-accuracy-level", "high"],
+     "--onnx-accuracy-level must be an integer, got 'high'"),
+    (["compile", "demo", "-o", "x", "--onnx-accuracy-level", "4"],
+     "--onnx-accuracy-level (onnx_accuracy_level) applies to --target onnx, not torch"),
     (["run", "art", "-p", "x", "--seed", "many"], "--seed must be an integer in 0..2**64-1, got 'many'"),
     (["profile", "art", "--new-tokens", "-1"], "--new-tokens must be at least 0, got -1"),
     (["profile", "art", "--iterations", "0"], "--iterations must be at least 1, got 0"),
@@ -262,3 +267,22 @@ def test_closed_stdout_pipe_is_quiet(tmp_path):
     # Negative control: the same printing outside main dies with the traceback main now prevents.
     _, rc, err = first_line_then_close("from lowbit.cli import _cmd_recipes\n_cmd_recipes(None)\n")
     assert rc != 0 and "BrokenPipeError" in err
+
+
+def test_target_options_are_typed():
+    """Each target's options are one frozen class: keywords and objects build it, ranges are checked once, a
+    keyword of another target is refused naming that target, an unknown one is a TypeError as in Python."""
+    from lowbit.errors import LowbitError
+    from lowbit.lowering.onnx.options import OnnxOptions
+    from lowbit.targets import target_options
+
+    assert target_options("onnx", onnx_accuracy_level=4, onnx_fusions=False) == OnnxOptions(4, False, "lowbit")
+    assert target_options("onnx", OnnxOptions(exporter="torch.onnx")).exporter == "torch.onnx"
+    with pytest.raises(LowbitError, match="applies to --target tensorrt, not onnx"):
+        target_options("onnx", trt_precision="float32")
+    with pytest.raises(LowbitError, match="takes TensorRTOptions, not OnnxOptions"):
+        target_options("tensorrt", OnnxOptions())
+    with pytest.raises(LowbitError, match="--onnx-accuracy-level 5: valid"):
+        OnnxOptions(accuracy_level=5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'onnx_speed'"):
+        target_options("onnx", onnx_speed=1)

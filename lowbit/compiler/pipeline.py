@@ -73,12 +73,13 @@ def check_groups(graph, recipe):
 def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=None, force: bool = False,
                   quiet: bool = False, calib: Optional[CalibrationArgs] = None, device: str = "auto",
                   resume: bool = False, eval_text: Optional[str] = None, eval_windows: int = 40,
-                  eval_seq_len: int = 512, onnx_accuracy_level: int = 0, onnx_fusions: bool = True,
-                  lkd=None, onnx_exporter: str = "lowbit", trt_precision: str = "float16") -> Path:
+                  eval_seq_len: int = 512, lkd=None, options=None, **option_keywords) -> Path:
     """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``.
 
     ``lkd`` (``passes.lkd.LKDOptions``) sets the distillation data and overrides the recipe's LKD steps, lr
-    and batch; it needs a recipe with ``lkd = true``.
+    and batch; it needs a recipe with ``lkd = true``. The target's options: ``options`` (its options object,
+    e.g. ``lowering.onnx.options.OnnxOptions``) or their keywords (``onnx_accuracy_level``, ``onnx_fusions``,
+    ``onnx_exporter``, ``trt_precision``: ``lowbit.targets.target_options``).
     """
     from lowbit.passes.checkpoint import Checkpoint
 
@@ -86,8 +87,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     if out is None:
         raise LowbitError("no output folder given; pass -o DIR")
     out = Path(out)
-    options = {"onnx_accuracy_level": onnx_accuracy_level, "onnx_fusions": onnx_fusions,
-               "onnx_exporter": onnx_exporter, "trt_precision": trt_precision}
+    options = targets.target_options(target, options, **option_keywords)
     recipe = lowering.prepare(load_recipe(recipe), options)
     calib = calib or CalibrationArgs()
     device = pick_device(device)

@@ -124,14 +124,14 @@ class HfGptqLowering:
     """The ``hf-gptq`` target (``lowbit.targets``): transformers' layer layout, so no fusion rewrites."""
     fuse = False
 
-    def prepare(self, recipe, options: dict):
+    def prepare(self, recipe, options=None):
         # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.
         return replace(recipe, min_zero=1)
 
     def check(self, graph, recipe):
         check_exportable(graph, recipe)
 
-    def write(self, tmp, graph, loaded, recipe, options: dict, timings: dict, quiet: bool) -> dict:
+    def write(self, tmp, graph, loaded, recipe, options, timings: dict, quiet: bool) -> dict:
         from lowbit.progress import timed
 
         with timed(timings, "write", quiet, "writing the GPTQ checkpoint"):

@@ -103,13 +103,13 @@ class TorchLowering:
     """The ``torch`` target (``lowbit.targets``)."""
     fuse = True
 
-    def prepare(self, recipe, options: dict):
+    def prepare(self, recipe, options=None):
         return recipe
 
     def check(self, graph: Graph, recipe):
         pass
 
-    def write(self, tmp: Path, graph: Graph, loaded, recipe, options: dict, timings: dict, quiet: bool) -> dict:
+    def write(self, tmp: Path, graph: Graph, loaded, recipe, options, timings: dict, quiet: bool) -> dict:
         with timed(timings, "write", quiet, "writing the program and its weights"):
             return {"sizes": write_torch_target(tmp, graph, loaded)}
 

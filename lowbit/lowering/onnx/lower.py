@@ -35,12 +35,11 @@ from lowbit.frontend.trace import example_encoder_input, example_step, exporting
 from lowbit.lowering.onnx.genai_config import write_genai_config
 from lowbit.errors import LowbitError
 from lowbit.format.artifact import ONNX_FILE, ONNX_IO_FILE, PROGRAM_FILE, WEIGHTS_FILE
+from lowbit.lowering.onnx.options import OnnxOptions
 
 OPSET = 18
 # Protobuf cannot hold a model over 2 GiB; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 2 * 1024 ** 3 - 64 * 1024 ** 2
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-EXPORTERS = ("lowbit", "torch.onnx")
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "com.microsoft::MatMulNBits"}
 
 
@@ -81,17 +80,6 @@ def run_checker(path: Path, what: str) -> None:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise LowbitError(f"the {what} fails onnx.checker: {str(e).splitlines()[0]}") from None
-
-
-def check_accuracy_level(level: int):
-    if level not in ACCURACY_LEVELS:
-        raise LowbitError(f"--onnx-accuracy-level {level}: valid {', '.join(map(str, ACCURACY_LEVELS))} "
-                          "(0: float math, exact; 4: int8 activations inside MatMulNBits, faster, less exact)")
-
-
-def check_exporter(exporter: str):
-    if exporter not in EXPORTERS:
-        raise LowbitError(f"--onnx-exporter {exporter}: valid {', '.join(EXPORTERS)}")
 
 
 def check_onnx_exportable(graph, recipe):
@@ -345,8 +333,7 @@ def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: b
     from safetensors.torch import load_file
 
     from lowbit.format import program as graph_format
-    check_accuracy_level(accuracy_level)
-    check_exporter(exporter)
+    OnnxOptions(accuracy_level, fusions, exporter)          # the ranges, for direct callers
     program = json.loads((tmp / PROGRAM_FILE).read_text())
     gm = graph_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=torch.float32)
     lowered = lower_program(gm, accuracy_level)
@@ -358,19 +345,16 @@ def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: b
 
 class OnnxLowering:
     """The ``onnx`` target (``lowbit.targets``): the torch target, then its program lowered to ONNX.
-    ``options["onnx_accuracy_level"]``: MatMulNBits' accuracy_level; ``options["onnx_fusions"]`` (default true):
-    ONNX Runtime's fused operators (``onnx_fusions.py``)."""
+    Its options: ``OnnxOptions`` (``options.py``)."""
     fuse = True
 
-    def prepare(self, recipe, options: dict):
-        check_accuracy_level(options.get("onnx_accuracy_level", 0))
-        check_exporter(options.get("onnx_exporter", "lowbit"))
+    def prepare(self, recipe, options: OnnxOptions):
         return recipe
 
     def check(self, graph, recipe):
         check_onnx_exportable(graph, recipe)
 
-    def write(self, tmp: Path, graph, loaded, recipe, options: dict, timings: dict, quiet: bool) -> dict:
+    def write(self, tmp: Path, graph, loaded, recipe, options: OnnxOptions, timings: dict, quiet: bool) -> dict:
         from lowbit.lowering.program import LOWERING as TORCH
         from lowbit.progress import say, timed
 
@@ -378,10 +362,9 @@ class OnnxLowering:
 
         body = TORCH.write(tmp, graph, loaded, recipe, options, timings, quiet)
         positions = loaded.max_positions if graph.task == "causal-lm" and plain_causal(loaded.config) else None
-        exporter = options.get("onnx_exporter", "lowbit")
-        with timed(timings, "export_onnx", quiet, f"exporting ONNX ({exporter})"):
-            info = write_onnx_target(tmp, graph.vocab_size, options.get("onnx_accuracy_level", 0),
-                                     options.get("onnx_fusions", True), positions, exporter)
+        with timed(timings, "export_onnx", quiet, f"exporting ONNX ({options.exporter})"):
+            info = write_onnx_target(tmp, graph.vocab_size, options.accuracy_level, options.fusions, positions,
+                                     options.exporter)
         if graph.task == "causal-lm":
             kv = info["kv_cache"]
             info["genai"] = write_genai_config(tmp, loaded.config, list(zip(kv["kv_heads"], kv["head_dim"],

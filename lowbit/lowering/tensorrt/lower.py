@@ -38,16 +38,12 @@ from lowbit.errors import LowbitError
 from lowbit.format.artifact import PROGRAM_FILE, TENSORRT_FILE, TENSORRT_PLUGINS_FILE, WEIGHTS_FILE
 from lowbit.format.quantize import block_groups, unpack_codes
 from lowbit.kernels.tensorrt import NAMESPACE, PLUGIN_DOMAIN, PLUGINS, describe
+from lowbit.lowering.tensorrt.options import TensorRTOptions
 
 OPSET = 22                       # blocked DequantizeLinear and INT4 (21); bfloat16 Cos, Sin, ... (22)
 BLOCKS = (64, 128)               # INT4 block sizes TensorRT takes
-PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}   # options.PRECISIONS
 MIN_W8A8_GROUP = 32              # the INT8 GEMM's smallest K tile (kernels/triton/w8a8.py)
-
-
-def check_precision(precision: str):
-    if precision not in PRECISIONS:
-        raise LowbitError(f"--trt-precision {precision}: valid {', '.join(PRECISIONS)}")
 
 
 def int4_block(group: int, k: int) -> int | None:
@@ -319,9 +315,9 @@ def write_tensorrt_target(tmp: Path, vocab: int, precision: str = "float16") -> 
 
     from lowbit.format import program as graph_format
 
-    check_precision(precision)
+    TensorRTOptions(precision)                  # the range, for direct callers
     program = json.loads((tmp / PROGRAM_FILE).read_text())
-    dtype = PRECISIONS[precision]
+    dtype = DTYPES[precision]
     gm = graph_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=dtype)
     info = export_tensorrt_onnx(gm, program, vocab, tmp / TENSORRT_FILE, dtype)
     (tmp / TENSORRT_PLUGINS_FILE).write_text(json.dumps(describe(), indent=1) + "\n")
@@ -330,22 +326,21 @@ def write_tensorrt_target(tmp: Path, vocab: int, precision: str = "float16") -> 
 
 class TensorRTLowering:
     """The ``tensorrt`` target (``lowbit.targets``): the torch target, then its program as TensorRT-dialect ONNX.
-    ``options["trt_precision"]``: float16 (default), bfloat16 or float32."""
+    Its options: ``TensorRTOptions`` (``options.py``)."""
     fuse = True
 
-    def prepare(self, recipe, options: dict):
-        check_precision(options.get("trt_precision", "float16"))
+    def prepare(self, recipe, options: TensorRTOptions):
         return recipe
 
     def check(self, graph, recipe):
         check_tensorrt_lowerable(graph, recipe)
 
-    def write(self, tmp: Path, graph, loaded, recipe, options: dict, timings: dict, quiet: bool) -> dict:
+    def write(self, tmp: Path, graph, loaded, recipe, options: TensorRTOptions, timings: dict, quiet: bool) -> dict:
         from lowbit.lowering.program import LOWERING as TORCH
         from lowbit.progress import say, timed
 
         body = TORCH.write(tmp, graph, loaded, recipe, options, timings, quiet)
-        precision = options.get("trt_precision", "float16")
+        precision = options.precision
         with timed(timings, "export_tensorrt_onnx", quiet, f"writing TensorRT ONNX ({precision})"):
             info = write_tensorrt_target(tmp, graph.vocab_size, precision)
         say(f"TensorRT ONNX: {info['bytes'] / 2**20:.1f} MiB, {info['int4_weights']} INT4 weights, plugins "
