@@ -234,12 +234,24 @@ def _runtime_device_args(p):
 
 def build_parser() -> argparse.ArgumentParser:
     from lowbit import __version__
-    from lowbit.options import add_flags
-    from lowbit.targets import TARGETS, options_class
 
     p = argparse.ArgumentParser(prog="lowbit", description="Quantizing compiler and runtime for transformer LMs.")
     p.add_argument("--version", action="version", version=f"lowbit {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    _add_compile(sub)
+    _add_run(sub)
+    _add_eval(sub)
+    _add_profile(sub)
+    _add_artifact(sub)
+    _add_setup(sub)
+    return p
+
+
+def _add_compile(sub) -> None:
+    """lowbit compile."""
+    from lowbit.options import add_flags
+    from lowbit.targets import TARGETS, options_class
 
     c = sub.add_parser("compile", help="quantize a model into an artifact folder")
     c.add_argument("model", help="local transformers model folder, or 'demo'")
@@ -276,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "energy, default) or mse")
     c.set_defaults(fn=_cmd_compile)
 
+
+def _add_run(sub) -> None:
+    """lowbit run."""
     r = sub.add_parser("run", help="generate text with an artifact")
     r.add_argument("artifact")
     r.add_argument("--prompt", "-p", action="append", required=True, help="prompt text; repeat for a batch")
@@ -295,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="one JSON object per prompt")
     r.set_defaults(fn=_cmd_run)
 
+
+def _add_eval(sub) -> None:
+    """lowbit eval."""
     e = sub.add_parser("eval", help="perplexity of an artifact or a model folder on a text")
     e.add_argument("target", help="artifact folder, model folder, or 'demo' (the float demo model)")
     e.add_argument("--text", default="demo", help="UTF-8 text file, or 'demo' (eval.txt); default demo")
@@ -313,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(fn=_cmd_eval)
 
+
+def _add_profile(sub) -> None:
+    """lowbit profile."""
     pr = sub.add_parser("profile", help="latency of artifacts: prefill, decode per token, end to end, memory")
     pr.add_argument("artifacts", nargs="+", help="artifact folder(s); several are compared against the first")
     pr.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts, tensorrt for tensorrt ones) | torch | ort | "
@@ -340,11 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     pr.set_defaults(fn=_cmd_profile)
 
+
+def _add_artifact(sub) -> None:
+    """lowbit inspect | keygen | sign | verify | build-engine: the tools that work on one artifact."""
     i = sub.add_parser("inspect", help="describe an artifact: recipe, layers, sizes, hashes")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=_cmd_inspect)
-
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts (NAME.key, NAME.pub)")
     kg.add_argument("name", help="path prefix of the two key files")
     kg.set_defaults(fn=_cmd_keygen)
@@ -356,7 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("artifact")
     vf.add_argument("--key", default=None, help="the signer's Ed25519 public key, PEM")
     vf.set_defaults(fn=_cmd_verify)
-
     be = sub.add_parser("build-engine", help="build the TensorRT engine of a --target tensorrt artifact, on the "
                         "machine (TensorRT >= 10.7, NVIDIA GPU) it will run on")
     be.add_argument("artifact")
@@ -368,18 +390,18 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--quiet", "-q", action="store_true")
     be.set_defaults(fn=_cmd_build_engine)
 
+
+def _add_setup(sub) -> None:
+    """lowbit recipes | assets | doctor."""
     rc = sub.add_parser("recipes", help="list the built-in recipes")
     rc.set_defaults(fn=_cmd_recipes)
-
     s = sub.add_parser("assets", help="fetch and convert the demo model, encoder and text (cached)")
     s.add_argument("--json", action="store_true", help='print {"model", "encoder", "calib", "eval"} paths')
     s.set_defaults(fn=_cmd_assets)
-
     d = sub.add_parser("doctor", help="what this machine has for lowbit: versions, CPU flags, GPUs, usable targets "
                        "and backends")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     d.set_defaults(fn=_cmd_doctor)
-    return p
 
 
 def main(argv=None) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -70,6 +70,36 @@ def check_groups(graph, recipe):
                               f"K={site.in_features}; use a group <= K, or group_size = 0 for per-channel")
 
 
+@dataclass
+class _Job:
+    """One compile: what the caller asked for, checked, and what each phase adds for the next."""
+    model: str
+    target: str
+    out: Path
+    recipe: object
+    lowering: object
+    options: object
+    calib: CalibrationArgs
+    device: str
+    quiet: bool
+    timings: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    pass_info: dict = field(default_factory=dict)
+    checkpoint: object = None
+    lkd_info: Optional[dict] = None
+    rules_info: Optional[dict] = None
+
+
+@dataclass
+class _Inputs:
+    """The model folder and the token windows the compile reads, validated before any progress output."""
+    model_path: Path
+    lkd: object = None             # LKDOptions, or None
+    calib_ids: Optional[torch.Tensor] = None
+    lkd_ids: Optional[torch.Tensor] = None
+    eval_windows: Optional[torch.Tensor] = None
+
+
 def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=None, force: bool = False,
                   quiet: bool = False, calib: Optional[CalibrationArgs] = None, device: str = "auto",
                   resume: bool = False, eval_text: Optional[str] = None, eval_windows: int = 40,
@@ -81,135 +111,159 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     e.g. ``lowering.onnx.options.OnnxOptions``) or their keywords (``onnx_accuracy_level``, ``onnx_fusions``,
     ``onnx_exporter``, ``trt_precision``: ``lowbit.targets.target_options``).
     """
-    from lowbit.passes.checkpoint import Checkpoint
-
     lowering = targets.lowering(target)
     if out is None:
         raise LowbitError("no output folder given; pass -o DIR")
     out = Path(out)
     options = targets.target_options(target, options, **option_keywords)
-    recipe = lowering.prepare(load_recipe(recipe), options)
-    calib = calib or CalibrationArgs()
-    device = pick_device(device)
+    job = _Job(model, target, out, lowering.prepare(load_recipe(recipe), options), lowering, options,
+               calib or CalibrationArgs(), pick_device(device), quiet)
     check_output_path(out)
     # The output path stays locked from here to the artifact's move into place: a second compile into it
     # fails at once instead of racing this one.
     with artifact.writing(out):
         artifact.check_output_dir(out, force)
-        # Validate the model folder and texts before any progress output, so a bad input is one clean line.
-        model_path = resolve_model_path(model)
-        config = read_config(model_path)
-        from lowbit.metrics import read_text, windows
-
-        lkd_opts = lkd_options(recipe, lkd)
-        needs_text = recipe.needs_calibration or (lkd_opts is not None and lkd_opts.data == "calib")
-        calib_text = read_text(calib.text, "calib") if needs_text else None
-        if eval_text and task_of(config) != "causal-lm":
-            raise LowbitError("--eval measures perplexity, which needs a causal LM; this model is an encoder (use "
-                              "'lowbit eval ARTIFACT --embeddings TEXT' after compiling)")
-        eval_body = read_text(eval_text, "eval") if eval_text else None
-        calib_ids = eval_wins = lkd_ids = None
-        if calib_text is not None or eval_body is not None:
-            tokenizer = load_tokenizer(model_path)
-            if tokenizer is None:
-                raise LowbitError(f"'{model_path}' has no tokenizer; calibration and --eval need one to tokenize text")
-            from lowbit.ir.calibration import calibration_windows
-
-            if calib_text is not None and recipe.needs_calibration:
-                calib_ids = calibration_windows(tokenizer, calib_text, calib.samples, calib.seq_len, calib.seed,
-                                                max_positions(config))
-            if lkd_opts is not None and lkd_opts.data == "calib":
-                lkd_ids = calibration_windows(tokenizer, calib_text, lkd_opts.samples, lkd_opts.seq_len, lkd_opts.seed,
-                                              max_positions(config))
-            if eval_body is not None:
-                if eval_seq_len > max_positions(config):
-                    raise LowbitError(f"--eval-seq-len {eval_seq_len} is longer than the model's context of "
-                                      f"{max_positions(config)} tokens")
-                eval_wins = windows(tokenizer, eval_body, eval_seq_len, eval_windows)
-        timings: dict = {}
+        inputs = _read_inputs(job, lkd, eval_text, eval_windows, eval_seq_len)
         t0 = time.perf_counter()
-        # Load and trace silently, then validate against the real layer shapes: a bad recipe for this model is
-        # still a single error line. Progress starts once the inputs are known to be good.
-        with timed(timings, "load"):
-            loaded = load_model(str(model_path))
-            source_hash = hash_model_folder(loaded.path)
-        with timed(timings, "trace"):
-            graph = trace(loaded)
-        check_groups(graph, recipe)
-        if lkd_opts is not None and not any(site.block for site, _ in quantizable(graph, recipe)):
-            raise LowbitError(f"LKD needs quantized weights in the model's blocks; recipe '{recipe.name}' quantizes none")
-        lowering.check(graph, recipe)
-        say(f"loaded {model} in {timings['load']:.1f}s, traced in {timings['trace']:.1f}s: {len(graph.sites)} "
-            f"quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", quiet)
-        metrics: dict = {}
-        if eval_wins is not None:
-            from lowbit.metrics import perplexity
-
-            with timed(timings, "eval_before", quiet, "perplexity before quantization"):
-                metrics["ppl_before"] = perplexity(lambda ids: loaded.model(input_ids=ids, use_cache=False).logits,
-                                                   eval_wins, show_progress=not quiet)
-        if lkd_opts is not None:
-            from lowbit.passes.lkd import lkd_pass
-
-            if lkd_ids is None:          # --lkd-data random: uniform random token sequences, no text needed
-                gen = torch.Generator().manual_seed(lkd_opts.seed)
-                lkd_ids = torch.randint(0, loaded.config.vocab_size, (lkd_opts.samples, lkd_opts.seq_len), generator=gen)
-            with timed(timings, "lkd", quiet, f"layer-by-layer distillation, {lkd_opts.steps} steps per block"):
-                lkd_info = lkd_pass(loaded.model, graph, recipe, lkd_ids, lkd_opts, show_progress=not quiet)
-            blocks = list(lkd_info["blocks"].values())
-            before = sum(b["loss_before"] for b in blocks) / len(blocks)
-            after = sum(min(b["loss_after"], b["loss_before"]) for b in blocks) / len(blocks)
-            say(f"LKD ({lkd_opts.loss} loss): block loss reduced in {sum(b['kept'] for b in blocks)} of {len(blocks)} "
-                f"blocks; mean {before:.4g} -> {after:.4g}", quiet)
-        pass_info: dict = {}
-        if recipe.method in PASSES:
-            ckpt = None
-            if recipe.needs_calibration:
-                ckpt = Checkpoint(out, {"source": source_hash, "recipe": recipe.to_dict(), "calib": calib.to_dict()},
-                                  resume, quiet)
-            with timed(timings, f"pass_{recipe.method}", quiet, f"{recipe.method} quantization on {device}"):
-                pass_info = PASSES[recipe.method](graph, recipe, calib_ids=calib_ids, device=device,
-                                                  show_progress=not quiet, checkpoint=ckpt, chunk=calib.chunk)
-            for line in outlier_lines(graph):
-                say(line, quiet)
-        if eval_wins is not None:
-            from lowbit.metrics import perplexity
-
-            with timed(timings, "eval_after", quiet, "perplexity after quantization"):
-                metrics["ppl_after"] = perplexity(lambda ids: graph(ids, torch.ones_like(ids)), eval_wins,
-                                                  show_progress=not quiet)
-            say(f"perplexity {metrics['ppl_before']['ppl']:.3f} -> {metrics['ppl_after']['ppl']:.3f}", quiet)
-
-        rules_info = None
-        if recipe.fuse and lowering.fuse:
-            from lowbit.rules import apply_rules
-
-            with timed(timings, "fuse"):
-                rules_info = apply_rules(graph)
-            say("fusion rules: " + ", ".join(f"{k} fired {v['fired']}x" for k, v in rules_info.items()), quiet)
+        loaded, graph, source_hash = _load_and_trace(job, inputs)
+        _quantize(job, inputs, loaded, graph, source_hash, resume)
 
         def fill(tmp: Path) -> dict:
-            lowered = lowering.write(tmp, graph, loaded, recipe, options, timings, quiet)
-            timings["total"] = round(time.perf_counter() - t0, 3)
-            body = {"target": target,
-                    "source": {"path": str(loaded.path.resolve()), "model_type": loaded.model_type,
-                               "architectures": list(getattr(loaded.config, "architectures", None) or []),
-                               "task": loaded.task, "sha256": source_hash},
-                    "recipe": recipe.to_dict(), "timings": timings, "sizes": lowered.pop("sizes"), "metrics": metrics,
-                    "device": device,
-                    "generation": {"max_positions": loaded.max_positions, "eos_token_ids": eos_token_ids(loaded.config)}}
-            if rules_info is not None:
-                body["rules"] = rules_info
-            body.update(lowered)
-            if lkd_opts is not None:
-                body["lkd"] = lkd_info
-            if recipe.needs_calibration:
-                body["calibration"] = {**calib.to_dict(), "tokens": pass_info.get("calib_tokens"),
-                                       "peak_activation_bytes": pass_info.get("peak_activation_bytes")}
+            lowered = lowering.write(tmp, graph, loaded, job.recipe, options, job.timings, quiet)
+            job.timings["total"] = round(time.perf_counter() - t0, 3)
+            body = _manifest_body(job, loaded, source_hash, lowered)
             write_report(tmp / "report.md", body, graph)
             return body
 
         path = artifact.write_artifact(out, fill, force=force)
-        if recipe.needs_calibration:
-            ckpt.discard()
+        if job.checkpoint is not None:
+            job.checkpoint.discard()
         return path
+
+
+def _read_inputs(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int) -> _Inputs:
+    """The model folder, the calibration / LKD / --eval texts tokenized into windows: every input checked before
+    any progress output, so a bad one is one clean line."""
+    from lowbit.metrics import read_text, windows
+
+    recipe = job.recipe
+    inputs = _Inputs(resolve_model_path(job.model))
+    config = read_config(inputs.model_path)
+    inputs.lkd = lkd_options(recipe, lkd)
+    needs_text = recipe.needs_calibration or (inputs.lkd is not None and inputs.lkd.data == "calib")
+    calib_text = read_text(job.calib.text, "calib") if needs_text else None
+    if eval_text and task_of(config) != "causal-lm":
+        raise LowbitError("--eval measures perplexity, which needs a causal LM; this model is an encoder (use "
+                          "'lowbit eval ARTIFACT --embeddings TEXT' after compiling)")
+    eval_body = read_text(eval_text, "eval") if eval_text else None
+    if calib_text is None and eval_body is None:
+        return inputs
+    tokenizer = load_tokenizer(inputs.model_path)
+    if tokenizer is None:
+        raise LowbitError(f"'{inputs.model_path}' has no tokenizer; calibration and --eval need one to tokenize text")
+    from lowbit.ir.calibration import calibration_windows
+
+    context = max_positions(config)
+    if calib_text is not None and recipe.needs_calibration:
+        c = job.calib
+        inputs.calib_ids = calibration_windows(tokenizer, calib_text, c.samples, c.seq_len, c.seed, context)
+    if inputs.lkd is not None and inputs.lkd.data == "calib":
+        o = inputs.lkd
+        inputs.lkd_ids = calibration_windows(tokenizer, calib_text, o.samples, o.seq_len, o.seed, context)
+    if eval_body is not None:
+        if eval_seq_len > context:
+            raise LowbitError(f"--eval-seq-len {eval_seq_len} is longer than the model's context of {context} tokens")
+        inputs.eval_windows = windows(tokenizer, eval_body, eval_seq_len, eval_windows)
+    return inputs
+
+
+def _load_and_trace(job: _Job, inputs: _Inputs):
+    """(loaded model, traced graph, source hash). Load and trace silently, then validate against the real layer
+    shapes: a bad recipe for this model is still a single error line. Progress starts once the inputs are good."""
+    recipe = job.recipe
+    with timed(job.timings, "load"):
+        loaded = load_model(str(inputs.model_path))
+        source_hash = hash_model_folder(loaded.path)
+    with timed(job.timings, "trace"):
+        graph = trace(loaded)
+    check_groups(graph, recipe)
+    if inputs.lkd is not None and not any(site.block for site, _ in quantizable(graph, recipe)):
+        raise LowbitError(f"LKD needs quantized weights in the model's blocks; recipe '{recipe.name}' quantizes none")
+    job.lowering.check(graph, recipe)
+    say(f"loaded {job.model} in {job.timings['load']:.1f}s, traced in {job.timings['trace']:.1f}s: "
+        f"{len(graph.sites)} quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", job.quiet)
+    return loaded, graph, source_hash
+
+
+def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resume: bool) -> None:
+    """Perplexity before, LKD, the quantization pass (with its resume checkpoint), perplexity after, the fusion
+    rules: the graph rewritten in place, what each did recorded on ``job``."""
+    from lowbit.metrics import perplexity
+    from lowbit.passes.checkpoint import Checkpoint
+
+    recipe, quiet, timings = job.recipe, job.quiet, job.timings
+    if inputs.eval_windows is not None:
+        with timed(timings, "eval_before", quiet, "perplexity before quantization"):
+            job.metrics["ppl_before"] = perplexity(lambda ids: loaded.model(input_ids=ids, use_cache=False).logits,
+                                                   inputs.eval_windows, show_progress=not quiet)
+    if inputs.lkd is not None:
+        job.lkd_info = _distil(job, inputs, loaded, graph)
+    if recipe.method in PASSES:
+        if recipe.needs_calibration:
+            job.checkpoint = Checkpoint(job.out, {"source": source_hash, "recipe": recipe.to_dict(),
+                                                  "calib": job.calib.to_dict()}, resume, quiet)
+        with timed(timings, f"pass_{recipe.method}", quiet, f"{recipe.method} quantization on {job.device}"):
+            job.pass_info = PASSES[recipe.method](graph, recipe, calib_ids=inputs.calib_ids, device=job.device,
+                                                  show_progress=not quiet, checkpoint=job.checkpoint,
+                                                  chunk=job.calib.chunk)
+        for line in outlier_lines(graph):
+            say(line, quiet)
+    if inputs.eval_windows is not None:
+        with timed(timings, "eval_after", quiet, "perplexity after quantization"):
+            job.metrics["ppl_after"] = perplexity(lambda ids: graph(ids, torch.ones_like(ids)), inputs.eval_windows,
+                                                  show_progress=not quiet)
+        say(f"perplexity {job.metrics['ppl_before']['ppl']:.3f} -> {job.metrics['ppl_after']['ppl']:.3f}", quiet)
+    if recipe.fuse and job.lowering.fuse:
+        from lowbit.rules import apply_rules
+
+        with timed(timings, "fuse"):
+            job.rules_info = apply_rules(graph)
+        say("fusion rules: " + ", ".join(f"{k} fired {v['fired']}x" for k, v in job.rules_info.items()), quiet)
+
+
+def _distil(job: _Job, inputs: _Inputs, loaded, graph) -> dict:
+    """Layer-by-layer distillation on the calibration windows, or on random tokens (``--lkd-data random``)."""
+    from lowbit.passes.lkd import lkd_pass
+
+    opts, ids = inputs.lkd, inputs.lkd_ids
+    if ids is None:
+        gen = torch.Generator().manual_seed(opts.seed)
+        ids = torch.randint(0, loaded.config.vocab_size, (opts.samples, opts.seq_len), generator=gen)
+    with timed(job.timings, "lkd", job.quiet, f"layer-by-layer distillation, {opts.steps} steps per block"):
+        info = lkd_pass(loaded.model, graph, job.recipe, ids, opts, show_progress=not job.quiet)
+    blocks = list(info["blocks"].values())
+    before = sum(b["loss_before"] for b in blocks) / len(blocks)
+    after = sum(min(b["loss_after"], b["loss_before"]) for b in blocks) / len(blocks)
+    say(f"LKD ({opts.loss} loss): block loss reduced in {sum(b['kept'] for b in blocks)} of {len(blocks)} blocks; "
+        f"mean {before:.4g} -> {after:.4g}", job.quiet)
+    return info
+
+
+def _manifest_body(job: _Job, loaded, source_hash: str, lowered: dict) -> dict:
+    """The manifest's entries for this compile (``format.artifact.write_artifact`` adds hashes and versions)."""
+    body = {"target": job.target,
+            "source": {"path": str(loaded.path.resolve()), "model_type": loaded.model_type,
+                       "architectures": list(getattr(loaded.config, "architectures", None) or []),
+                       "task": loaded.task, "sha256": source_hash},
+            "recipe": job.recipe.to_dict(), "timings": job.timings, "sizes": lowered.pop("sizes"),
+            "metrics": job.metrics, "device": job.device,
+            "generation": {"max_positions": loaded.max_positions, "eos_token_ids": eos_token_ids(loaded.config)}}
+    if job.rules_info is not None:
+        body["rules"] = job.rules_info
+    body.update(lowered)
+    if job.lkd_info is not None:
+        body["lkd"] = job.lkd_info
+    if job.recipe.needs_calibration:
+        body["calibration"] = {**job.calib.to_dict(), "tokens": job.pass_info.get("calib_tokens"),
+                               "peak_activation_bytes": job.pass_info.get("peak_activation_bytes")}
+    return body

@@ -50,6 +50,8 @@ def supports(bits: int, group_size: int, in_features: int) -> bool:
 _FLIP_BYTES = tl.constexpr("xor.b32 $0, $1, 0x80808080;")       # four bytes' top bits: code - 128 as int8
 
 
+# One Triton kernel body over the ~80-line bar on purpose: the GEMM's loads, integer products and epilogue must
+# live in one jitted function (a helper call per tile would cost registers and fusion).
 @triton.jit
 def _w8a8_kernel(x_ptr, sx_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, r_ptr, y_ptr,
                  M, N, K, KP, GROUP, M_BUCKET,

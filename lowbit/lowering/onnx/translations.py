@@ -88,7 +88,8 @@ def scaled_dot_product(op, q, k, v, mask, scale: float, kv_groups: int, scalar=N
 
 def lowbit_op_functions(op, ms) -> dict:
     """{lowbit op overload: its translation} against ``op`` (the ONNX domain, opset 18) and ``ms``
-    (com.microsoft)."""
+    (com.microsoft). Over the ~80-line bar on purpose: onnxscript translations are closures over ``op`` and
+    ``ms``, one short one per lowbit op; the function is their table."""
     import onnx
 
     UINT8, FLOAT, INT8 = onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT, onnx.TensorProto.INT8
