@@ -13,10 +13,10 @@ lowering module and, when it takes options, one options class.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
+from lowbit.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,11 @@ TARGETS = {t.name: t for t in (
     Target("hf-gptq", "a transformers GPTQ checkpoint folder (for other runtimes)",
            "lowbit.lowering.hf_gptq:LOWERING", ()),
 )}
-BACKENDS = {"torch": "lowbit.runtime.torch_runner:TorchRunner", "ort": "lowbit.runtime.ort_backend:OrtRunner",
-            "tensorrt": "lowbit.runtime.tensorrt_runner:TensorRTRunner"}
-
-
-def _resolve(path: str):
-    module, _, attr = path.partition(":")
-    return getattr(importlib.import_module(module), attr)
+LOWERINGS = Registry("target", {t.name: t.lowering for t in TARGETS.values()})
+OPTIONS = Registry("target options", {t.name: t.options for t in TARGETS.values() if t.options})
+BACKENDS = Registry("backend", {"torch": "lowbit.runtime.torch_runner:TorchRunner",
+                                "ort": "lowbit.runtime.ort_backend:OrtRunner",
+                                "tensorrt": "lowbit.runtime.tensorrt_runner:TensorRTRunner"})
 
 
 def target(name: str) -> Target:
@@ -56,13 +54,12 @@ def target(name: str) -> Target:
 
 def lowering(name: str):
     """The compiler's lowering for target ``name``."""
-    return _resolve(target(name).lowering)
+    return LOWERINGS.get(target(name).name)
 
 
 def options_class(name: str):
     """The options class of target ``name``, or None when it takes none."""
-    spec = target(name).options
-    return _resolve(spec) if spec else None
+    return OPTIONS.get(name) if target(name).options else None
 
 
 def target_options(name: str, given=None, **keywords):
@@ -115,4 +112,4 @@ def backend_for(target_name: str, requested: str, where: str) -> str:
 
 def backend(name: str):
     """The runtime's runner class for backend ``name``."""
-    return _resolve(BACKENDS[name])
+    return BACKENDS.get(name)

@@ -34,7 +34,7 @@ LAYERS = {
     "cli": {"base", "demo", "format", "kernels.tensorrt", "passes", "lowering", "compiler", "runtime", "tools"},
     "api": {"base", "compiler", "passes", "runtime", "tools"},       # lowbit/__init__.py: compile, load, profile
 }
-BASE_MODULES = ("errors", "version", "progress", "host", "device", "targets", "options")
+BASE_MODULES = ("errors", "version", "progress", "host", "device", "targets", "options", "registry")
 
 
 def layer_of(module: str):

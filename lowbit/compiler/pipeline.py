@@ -20,10 +20,8 @@ from lowbit.compiler.report import outlier_lines, write_report
 from lowbit.device import pick_device
 from lowbit import targets
 from lowbit.errors import LowbitError
-from lowbit.passes.gptq import gptq_pass
-from lowbit.passes.rtn import quantizable, rtn_pass
-
-PASSES = {"rtn": rtn_pass, "gptq": gptq_pass}
+from lowbit.passes import PASSES
+from lowbit.passes.rtn import quantizable
 
 
 @dataclass
@@ -213,7 +211,7 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
             job.checkpoint = Checkpoint(job.out, {"source": source_hash, "recipe": recipe.to_dict(),
                                                   "calib": job.calib.to_dict()}, resume, quiet)
         with timed(timings, f"pass_{recipe.method}", quiet, f"{recipe.method} quantization on {job.device}"):
-            job.pass_info = PASSES[recipe.method](graph, recipe, calib_ids=inputs.calib_ids, device=job.device,
+            job.pass_info = PASSES.get(recipe.method)(graph, recipe, calib_ids=inputs.calib_ids, device=job.device,
                                                   show_progress=not quiet, checkpoint=job.checkpoint,
                                                   chunk=job.calib.chunk)
         for line in outlier_lines(graph):

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.registry import Registry
 
 # Largest output difference a rule may cause, relative to the output's largest magnitude: rules regroup exact
 # operations (concatenated weights, fused epilogues), so only float reassociation may differ.
@@ -55,15 +56,17 @@ def feed_codes(graph, x, codes, scales, site_of: dict):
         g.erase_node(user)
 
 
-def default_rules() -> list:
-    from lowbit.rules.act_mul import ActMul
-    from lowbit.rules.norm_quant import NormQuantInt8
-    from lowbit.rules.residual_add import ResidualAdd
-    from lowbit.rules.siblings import MergeSiblingMatmuls
+# In the order they run. Siblings first: the activation rule matches the halves of the merged gate/up matmul. The
+# residual last: the others rewrite the matmuls it folds into (and read their positional arguments only).
+RULES = Registry("fusion rule", {"merge_sibling_matmuls": "lowbit.rules.siblings:MergeSiblingMatmuls",
+                                 "norm_quant_int8": "lowbit.rules.norm_quant:NormQuantInt8",
+                                 "act_mul": "lowbit.rules.act_mul:ActMul",
+                                 "residual_add": "lowbit.rules.residual_add:ResidualAdd"})
 
-    # Siblings first: the activation rule matches the halves of the merged gate/up matmul. The residual last:
-    # the others rewrite the matmuls it folds into (and read their positional arguments only).
-    return [MergeSiblingMatmuls(), NormQuantInt8(), ActMul(), ResidualAdd()]
+
+def default_rules() -> list:
+    """One instance of every registered rule, in order."""
+    return [RULES.get(name)() for name in RULES.names()]
 
 
 def check_inputs(graph, seed: int = 0) -> tuple:
