@@ -62,6 +62,7 @@ def from_keywords(cls, given: dict):
 
 
 def check_choice(value, choices, flag_name: str, meaning: str = "") -> None:
+    """One line naming the flag, the value and the valid ones (and what they mean) when ``value`` is not one."""
     if value not in choices:
-        raise LowbitError(f"{flag_name} {value}: valid {', '.join(map(str, choices))}" + (f" ({meaning})" if meaning
-                                                                                          else ""))
+        why = f" ({meaning})" if meaning else ""
+        raise LowbitError(f"{flag_name} {value}: valid {', '.join(map(str, choices))}{why}")
