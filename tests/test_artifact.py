@@ -54,14 +54,15 @@ def test_newer_format_rejected(art, tmp_path):
 
 def test_program_versions_read():
     """A program of any version up to this lowbit's loads; a newer one is refused with the reason."""
-    from lowbit.format import program as graph
+    from lowbit.format import program
 
-    for version in range(1, graph.VERSION + 1):
-        graph.check_document({"format": graph.FORMAT, "version": version, "dtype": "float32", "nodes": []},
-                             "program.json")
-    for bad in (graph.VERSION + 1, 0, None):
+    for version in range(1, program.VERSION + 1):
+        program.check_document({"format": program.FORMAT, "version": version, "dtype": "float32", "nodes": []},
+                               "program.json")
+    for bad in (program.VERSION + 1, 0, None):
         with pytest.raises(LowbitError, match="program format version .* reads versions 1 to"):
-            graph.check_document({"format": graph.FORMAT, "version": bad, "dtype": "float32", "nodes": []}, "program.json")
+            program.check_document({"format": program.FORMAT, "version": bad, "dtype": "float32", "nodes": []},
+                                   "program.json")
 
 
 def test_failed_write_leaves_nothing(tmp_path):

@@ -9,7 +9,7 @@ from lowbit.frontend.load import LoadedModel
 from lowbit.frontend.trace import trace
 from lowbit.lowering.program import program
 from lowbit.errors import LowbitError
-from lowbit.format import program as graph_format
+from lowbit.format import program as program_format
 from lowbit.format.program import mask_positions
 from lowbit.runtime.static_cache import StaticCacheRunner
 from lowbit.runtime.torch_runner import TorchRunner
@@ -26,7 +26,7 @@ def _runner(arch) -> TorchRunner:
     model = make_model(arch)
     graph = trace(LoadedModel(model, None, model.config, None, "causal-lm"))
     doc, tensors = program(graph)
-    return TorchRunner(graph_format.decode(doc, tensors), doc)
+    return TorchRunner(program_format.decode(doc, tensors), doc)
 
 
 def _inputs():

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from lowbit.ir.graph import Graph
 from lowbit.progress import timed
-from lowbit.format import program as graph_format
+from lowbit.format import program as program_format
 from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE, WEIGHTS_FILE
 
 
@@ -49,7 +49,7 @@ def graph_description(graph: Graph) -> dict:
 
 def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
     """The shipped program document and its tensors."""
-    doc, tensors = graph_format.encode(graph.gm, graph.dtype, graph.stored_names())
+    doc, tensors = program_format.encode(graph.gm, graph.dtype, graph.stored_names())
     doc.update({"task": graph.task, "model_type": graph.model_type,
                 "inputs": [n["name"] for n in doc["nodes"] if n["op"] == "placeholder"]})
     if graph.kv is not None:
@@ -60,7 +60,7 @@ def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
 def write_torch_target(tmp: Path, graph: Graph, loaded) -> dict:
     """Write the torch target files into ``tmp``; returns size accounting for the manifest."""
     doc, tensors = program(graph)
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": graph_format.FORMAT})
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": program_format.FORMAT})
     (tmp / PROGRAM_FILE).write_text(json.dumps(doc) + "\n")
     (tmp / GRAPH_FILE).write_text(json.dumps(graph_description(graph), indent=1) + "\n")
     loaded.config.save_pretrained(tmp)

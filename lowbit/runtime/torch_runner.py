@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from lowbit.errors import LowbitError
-from lowbit.format import program as graph_format
+from lowbit.format import program as program_format
 from lowbit import ops  # noqa: F401  (registers the torch.ops.lowbit.* operators the program calls)
 from lowbit.format.artifact import PROGRAM_FILE, WEIGHTS_FILE, member, read_json, read_manifest
 from lowbit.format.program import mask_positions
@@ -67,13 +67,13 @@ class TorchRunner:
         manifest = manifest or read_manifest(path)
         where = f"artifact '{path}': {PROGRAM_FILE}"
         program = read_json(member(path, manifest, PROGRAM_FILE), where)
-        graph_format.check_document(program, where)
+        program_format.check_document(program, where)
         check_interface(program, where)
         try:
             tensors = load_file(str(member(path, manifest, WEIGHTS_FILE)))
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise LowbitError(f"artifact '{path}': {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
-        gm = graph_format.decode(program, tensors, device=device, dtype=dtype, where=where)
+        gm = program_format.decode(program, tensors, device=device, dtype=dtype, where=where)
         swapped = use_cpu_kernels(gm) if kernels == "auto" and torch.device(device).type == "cpu" else None
         runner = cls(gm, program, device, dtype, swapped)
         runner.where = where

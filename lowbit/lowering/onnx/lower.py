@@ -332,10 +332,10 @@ def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: b
     (``attention_positions``: see ``export_onnx``)."""
     from safetensors.torch import load_file
 
-    from lowbit.format import program as graph_format
+    from lowbit.format import program as program_format
     OnnxOptions(accuracy_level, fusions, exporter)          # the ranges, for direct callers
     program = json.loads((tmp / PROGRAM_FILE).read_text())
-    gm = graph_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=torch.float32)
+    gm = program_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=torch.float32)
     lowered = lower_program(gm, accuracy_level)
     info = export_onnx(gm, program, vocab, tmp / ONNX_FILE, fusions, attention_positions, exporter)
     (tmp / ONNX_IO_FILE).write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},

@@ -313,12 +313,12 @@ def write_tensorrt_target(tmp: Path, vocab: int, precision: str = "float16") -> 
     """Add ``tensorrt/model.onnx`` and ``tensorrt/plugins.json`` to a staged torch-target artifact in ``tmp``."""
     from safetensors.torch import load_file
 
-    from lowbit.format import program as graph_format
+    from lowbit.format import program as program_format
 
     TensorRTOptions(precision)                  # the range, for direct callers
     program = json.loads((tmp / PROGRAM_FILE).read_text())
     dtype = DTYPES[precision]
-    gm = graph_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=dtype)
+    gm = program_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=dtype)
     info = export_tensorrt_onnx(gm, program, vocab, tmp / TENSORRT_FILE, dtype)
     (tmp / TENSORRT_PLUGINS_FILE).write_text(json.dumps(describe(), indent=1) + "\n")
     return info
