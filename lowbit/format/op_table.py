@@ -353,9 +353,9 @@ def check_call(name: str, args: list, kwargs: dict, where: str) -> None:
     missing positional arguments, unknown keywords, or a value of the wrong kind."""
     if name in PY_FUNCTIONS:
         if name == "operator.getitem":      # an element of an operator's tuple output
-            ok = len(args) == 2 and _is_node(args[0]) and _is_int(args[1])
+            ok = len(args) == 2 and is_node(args[0]) and is_int(args[1])
         else:
-            ok = 1 <= len(args) <= 3 and all(_is_node(v) or _fits(v, "number") for v in args)
+            ok = 1 <= len(args) <= 3 and all(is_node(v) or _fits(v, "number") for v in args)
         if kwargs or not ok:
             raise LowbitError(f"{where}: {name} takes size values and numbers only")
         return
@@ -396,13 +396,13 @@ def _fits(v, typ: str) -> bool:
         if isinstance(v, dict) and set(v) <= {"list", "tuple"} and len(v) == 1:
             items = next(iter(v.values()))
             return isinstance(items, list) and all(_fits(x, sub) for x in items)
-        return _is_node(v) or (sub in ("int", "SymInt") and _is_int(v))      # int[1] takes a single int
-    if _is_node(v):
+        return is_node(v) or (sub in ("int", "SymInt") and is_int(v))      # int[1] takes a single int
+    if is_node(v):
         return typ not in _SCALAR_TAGS and typ != "str"
     if typ in ("int", "SymInt"):
-        return _is_int(v)
+        return is_int(v)
     if typ in ("float", "number", "Scalar", "Tensor"):     # torch wraps a number given for a Tensor
-        return _is_int(v) or isinstance(v, (float, bool)) or (isinstance(v, dict) and set(v) == {"float"}
+        return is_int(v) or isinstance(v, (float, bool)) or (isinstance(v, dict) and set(v) == {"float"}
                                                                and v["float"] in ("inf", "-inf", "nan"))
     if typ == "bool":
         return isinstance(v, bool)
@@ -413,9 +413,11 @@ def _fits(v, typ: str) -> bool:
     return False
 
 
-def _is_node(v) -> bool:
+def is_node(v) -> bool:
+    """Whether encoded value ``v`` is a reference to a node: ``{"node": name}``."""
     return isinstance(v, dict) and set(v) == {"node"} and isinstance(v["node"], str)
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An integer that is not a bool (JSON's true is not a count)."""
     return isinstance(v, int) and not isinstance(v, bool)

@@ -157,22 +157,14 @@ def check_document(doc, where: str):
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise LowbitError(f"{where} is not a lowbit program (format {doc.get('format') if isinstance(doc, dict) else None!r})")
     version = doc.get("version")
-    if not (_is_int(version) and 1 <= version <= VERSION):
+    if not (op_table.is_int(version) and 1 <= version <= VERSION):
         raise LowbitError(f"{where} is program format version {version}; this lowbit reads versions 1 to "
                           f"{VERSION}: use the lowbit that wrote it, or recompile")
     table = doc.get("op_table", 1)
-    if not (_is_int(table) and 1 <= table):
+    if not (op_table.is_int(table) and 1 <= table):
         raise LowbitError(f"{where}: op_table must be a positive integer, not {table!r}")
     if doc.get("dtype") not in _FLOAT_DTYPES or not isinstance(doc.get("nodes"), list):
         raise LowbitError(f"{where}: dtype must be one of {', '.join(_FLOAT_DTYPES)} and nodes a list; recompile")
-
-
-def _is_ref(v) -> bool:
-    return isinstance(v, dict) and list(v) == ["node"]
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def decode(doc: dict, tensors: dict[str, torch.Tensor], device="cpu", dtype: Optional[torch.dtype] = None,
@@ -194,6 +186,7 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
     g = fx.Graph()
     env: dict[str, fx.Node] = {}
     constants: dict[str, str] = {}          # stored tensor name -> attribute on the module
+    by_attr: dict[str, torch.Tensor] = {}   # attribute -> its stored tensor
     outputs = 0
     for i, nd in enumerate(doc["nodes"]):
         at = f"{where}: node {i}"
@@ -210,14 +203,16 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
             if not isinstance(key, str) or key not in tensors:
                 raise LowbitError(f"{at} ({name}) reads tensor {str(key)[:80]!r}, which the tensors file lacks; "
                                   "recompile")
-            constants.setdefault(key, f"c{len(constants)}_" + re.sub(r"\W", "_", key)[-60:])
+            if key not in constants:
+                constants[key] = f"c{len(constants)}_" + re.sub(r"\W", "_", key)[-60:]
+                by_attr[constants[key]] = tensors[key]
             env[name] = g.get_attr(constants[key])
         elif op == "call":
             target, args, kwargs = nd.get("target"), nd.get("args"), nd.get("kwargs", {})
             if not (isinstance(target, str) and isinstance(args, dict) and list(args) == ["list"]
                     and isinstance(args["list"], list) and isinstance(kwargs, dict)):
                 raise LowbitError(f"{at} ({name}) is a malformed call")
-            if target == _LEGACY_NO_OP and args["list"] and _is_ref(args["list"][0]) and not kwargs:
+            if target == _LEGACY_NO_OP and args["list"] and op_table.is_node(args["list"][0]) and not kwargs:
                 env[name] = _decode_value(args["list"][0], env, device, dtype_map, where)
                 continue
             fn = op_table.resolve(target, table, where)
@@ -225,7 +220,7 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
             call_args = _decode_value({"tuple": args["list"]}, env, device, dtype_map, where)
             call_kwargs = {k: _decode_value(v, env, device, dtype_map, where) for k, v in kwargs.items()}
             if target in _PACKED:
-                _check_packed_call(target, call_args, call_kwargs, tensors, constants, f"{at} ({name})")
+                _check_packed_call(target, call_args, call_kwargs, by_attr, f"{at} ({name})")
             env[name] = g.call_function(fn, call_args, call_kwargs)
         elif op == "output":
             g.output(_decode_value(nd.get("args"), env, device, dtype_map, where))
@@ -241,11 +236,11 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
     return fx.GraphModule(root, g)
 
 
-def _check_packed_call(target: str, args: tuple, kwargs: dict, tensors: dict, constants: dict, where: str):
-    """A quantized op's stored weight must have the layout its bits / group / K arguments describe."""
+def _check_packed_call(target: str, args: tuple, kwargs: dict, by_attr: dict, where: str):
+    """A quantized op's stored weight must have the layout its bits / group / K arguments describe
+    (``by_attr``: the module attribute of each stored tensor read so far -> the tensor)."""
     names = [p[0] for p in op_table.arguments(target)]
     bound = {**dict(zip(names, args)), **kwargs}
-    by_attr = {attr: tensors[key] for key, attr in constants.items()}
 
     def stored(arg):
         node = bound.get(arg)

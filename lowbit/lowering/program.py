@@ -57,6 +57,15 @@ def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
     return doc, tensors
 
 
+def staged_program(tmp: Path, dtype: torch.dtype) -> tuple[dict, torch.fx.GraphModule]:
+    """(document, GraphModule in ``dtype``) of the program a staged artifact in ``tmp`` holds: what the ONNX and
+    TensorRT lowerings read, so they lower exactly what the torch runtime runs."""
+    from safetensors.torch import load_file
+
+    doc = json.loads((tmp / PROGRAM_FILE).read_text())
+    return doc, program_format.decode(doc, load_file(str(tmp / WEIGHTS_FILE)), dtype=dtype)
+
+
 def write_torch_target(tmp: Path, graph: Graph, loaded) -> dict:
     """Write the torch target files into ``tmp``; returns size accounting for the manifest."""
     doc, tensors = program(graph)

@@ -27,7 +27,8 @@ class Engine:
         self.path, self.manifest, self.runner, self.tokenizer, self.backend = path, manifest, runner, tokenizer, backend
         self.task = manifest["source"]["task"]
         self.max_positions = int(generation["max_positions"])
-        self._eos = list(generation.get("eos_token_ids") or [])
+        self._eos = list(generation.get("eos_token_ids") or []) or (
+            [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else [])
 
     @classmethod
     def load(cls, path, backend: str = "auto", dtype=None, verify=True, provider: str = "auto",
@@ -83,8 +84,6 @@ class Engine:
         (``runtime.generation``, the loop and sampler every backend shares: the same seed, the same tokens)."""
         if self.task != "causal-lm":
             raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
-        eos = self._eos or ([self.tokenizer.eos_token_id] if self.tokenizer is not None
-                            and self.tokenizer.eos_token_id is not None else [])
 
         def step(ids, mask, positions, cache):
             logits, cache = self.runner.step(*(torch.from_numpy(a) for a in (ids, mask, positions)), cache)
@@ -92,7 +91,7 @@ class Engine:
             return logits[:, -1, :].float().cpu().numpy(), cache
 
         out = generation.generate(step, self.runner.start, input_ids.cpu().numpy(), attention_mask.cpu().numpy(),
-                                  max_new_tokens, self.max_positions, eos, do_sample, temperature, top_k, top_p,
+                                  max_new_tokens, self.max_positions, self._eos, do_sample, temperature, top_k, top_p,
                                   seed, stop_at_eos)
         return torch.from_numpy(out)
 

@@ -34,7 +34,7 @@ from lowbit.frontend.load import eos_token_ids
 from lowbit.frontend.trace import example_encoder_input, example_step, exporting
 from lowbit.lowering.onnx.genai_config import write_genai_config
 from lowbit.errors import LowbitError
-from lowbit.format.artifact import ONNX_FILE, ONNX_IO_FILE, PROGRAM_FILE, WEIGHTS_FILE
+from lowbit.format.artifact import ONNX_FILE, ONNX_IO_FILE
 from lowbit.lowering.onnx.options import OnnxOptions
 
 OPSET = 18
@@ -330,12 +330,10 @@ def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: b
                       attention_positions: int | None = None, exporter: str = "lowbit") -> dict:
     """Add ``onnx/model.onnx`` to a staged torch-target artifact in ``tmp``, lowered from its program
     (``attention_positions``: see ``export_onnx``)."""
-    from safetensors.torch import load_file
+    from lowbit.lowering.program import staged_program
 
-    from lowbit.format import program as program_format
     OnnxOptions(accuracy_level, fusions, exporter)          # the ranges, for direct callers
-    program = json.loads((tmp / PROGRAM_FILE).read_text())
-    gm = program_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=torch.float32)
+    program, gm = staged_program(tmp, torch.float32)
     lowered = lower_program(gm, accuracy_level)
     info = export_onnx(gm, program, vocab, tmp / ONNX_FILE, fusions, attention_positions, exporter)
     (tmp / ONNX_IO_FILE).write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},

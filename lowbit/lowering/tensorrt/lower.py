@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.format.artifact import PROGRAM_FILE, TENSORRT_FILE, TENSORRT_PLUGINS_FILE, WEIGHTS_FILE
+from lowbit.format.artifact import TENSORRT_FILE, TENSORRT_PLUGINS_FILE
 from lowbit.format.quantize import block_groups, unpack_codes
 from lowbit.kernels.tensorrt import NAMESPACE, PLUGIN_DOMAIN, PLUGINS, describe
 from lowbit.lowering.tensorrt.options import TensorRTOptions
@@ -311,14 +311,11 @@ def check_tensorrt_onnx(path: Path) -> dict:
 
 def write_tensorrt_target(tmp: Path, vocab: int, precision: str = "float16") -> dict:
     """Add ``tensorrt/model.onnx`` and ``tensorrt/plugins.json`` to a staged torch-target artifact in ``tmp``."""
-    from safetensors.torch import load_file
-
-    from lowbit.format import program as program_format
+    from lowbit.lowering.program import staged_program
 
     TensorRTOptions(precision)                  # the range, for direct callers
-    program = json.loads((tmp / PROGRAM_FILE).read_text())
     dtype = DTYPES[precision]
-    gm = program_format.decode(program, load_file(str(tmp / WEIGHTS_FILE)), dtype=dtype)
+    program, gm = staged_program(tmp, dtype)
     info = export_tensorrt_onnx(gm, program, vocab, tmp / TENSORRT_FILE, dtype)
     (tmp / TENSORRT_PLUGINS_FILE).write_text(json.dumps(describe(), indent=1) + "\n")
     return info
