@@ -51,7 +51,8 @@ import torch
 
 import lowbit
 from lowbit.cli import run_script
-from lowbit.passes.recipe import Override, Recipe
+from lowbit.passes.recipe import Recipe
+from lowbit.passes.settings import Override, Scheme
 from lowbit.demo.assets import ensure_assets
 from lowbit.host import describe_cpu
 from lowbit.metrics import perplexity as eval_perplexity, read_text
@@ -61,21 +62,22 @@ from lowbit.runtime.ort_session import KVBuffers
 
 # The lm_head is tied to the embedding (108 MiB in FP32): at batch 1 it is two thirds of what a 4-bit decode step
 # reads, so variants quantize it too, to INT8 or to INT4 (the builder's setting).
-HEAD8 = Recipe("rtn-w4g64-head8", "rtn", 4, 64, quantize_lm_head=True,
-               overrides=[Override("lm_head", bits=8, group_size=64)])
-HEAD4 = Recipe("rtn-w4g64-head4", "rtn", 4, 64, quantize_lm_head=True)
+HEAD8 = Recipe("rtn-w4g64-head8", "rtn", Scheme(4, 64, quantize_lm_head=True,
+                                                 overrides=(Override("lm_head", bits=8, group_size=64),)))
+HEAD4 = Recipe("rtn-w4g64-head4", "rtn", Scheme(4, 64, quantize_lm_head=True))
 # The builder's layout: the tied embedding and lm_head as one INT4 g64 table (GatherBlockQuantized reads the
 # head's MatMulNBits initializers).
-TIED4 = Recipe("rtn-w4g64-tied4", "rtn", 4, 64, quantize_lm_head=True, quantize_embeddings=True)
+TIED4 = Recipe("rtn-w4g64-tied4", "rtn", Scheme(4, 64, quantize_lm_head=True, quantize_embeddings=True))
 # GPTQ (act-order, static groups) on the layers, the same tied INT4 table: lower perplexity at the builder's size.
-GPTQ_TIED4 = Recipe("gptq-w4g64-tied4", "gptq", 4, 64, quantize_lm_head=True, quantize_embeddings=True)
+GPTQ_TIED4 = Recipe("gptq-w4g64-tied4", "gptq", Scheme(4, 64, quantize_lm_head=True, quantize_embeddings=True))
 # Symmetric, as the builder quantizes by default: MatMulNBits gets no zero points and runs its symmetric kernels.
-TIED4_SYM = Recipe("rtn-w4g64-sym-tied4", "rtn", 4, 64, sym=True, quantize_lm_head=True, quantize_embeddings=True)
-GPTQ_TIED4_SYM = Recipe("gptq-w4g64-sym-tied4", "gptq", 4, 64, sym=True, quantize_lm_head=True,
-                        quantize_embeddings=True)
+TIED4_SYM = Recipe("rtn-w4g64-sym-tied4", "rtn", Scheme(4, 64, sym=True, quantize_lm_head=True,
+                                                         quantize_embeddings=True))
+GPTQ_TIED4_SYM = Recipe("gptq-w4g64-sym-tied4", "gptq", Scheme(4, 64, sym=True, quantize_lm_head=True,
+                                                                quantize_embeddings=True))
 # INT8 per channel: the torch backend's int8pack kernel takes it at decode (a grouped INT8 head is dequantized).
-HEAD8C = Recipe("rtn-w4g64-head8c", "rtn", 4, 64, quantize_lm_head=True,
-                overrides=[Override("lm_head", bits=8, group_size=0)])
+HEAD8C = Recipe("rtn-w4g64-head8c", "rtn", Scheme(4, 64, quantize_lm_head=True,
+                                                   overrides=(Override("lm_head", bits=8, group_size=0),)))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ SECONDS=0
 # -n 8: the tests compile a few hundred kernel variants; xdist spreads the compilation over the CPU cores.
 xdist=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 # The dry-run test is a CPU check (it runs the interpreter, whose behaviour differs between Triton releases).
-timeout 200 $PY -m pytest -q -x $xdist -p no:cacheprovider -k "not dry_run" tests/test_triton_kernels.py tests/test_ops.py \
+timeout 200 $PY -m pytest -q -x $xdist -p no:cacheprovider -k "not dry_run" tests/kernels/test_triton_kernels.py tests/test_ops.py \
   2>&1 | tee "$OUT/pytest.txt" | tail -15
 tests=${PIPESTATUS[0]}
 # End to end on the GPU: a tiny random Llama compiled (W4 g64, W8A8), loaded with --device cuda, against CPU.

@@ -56,7 +56,12 @@ def __getattr__(name):
         from lowbit.passes.recipe import Recipe
 
         return Recipe
+    if name in ("Scheme", "GPTQSettings", "LKDSettings", "Override"):
+        from lowbit.passes import settings
+
+        return getattr(settings, name)
     raise AttributeError(name)
 
 
-__all__ = ["compile", "load", "profile", "Recipe", "LowbitError", "__version__"]
+__all__ = ["compile", "load", "profile", "Recipe", "Scheme", "GPTQSettings", "LKDSettings", "Override", "LowbitError",
+           "__version__"]

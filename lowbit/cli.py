@@ -20,10 +20,7 @@ def _cmd_compile(a) -> int:
     calib = CalibrationArgs(a.calib, a.calib_samples, a.calib_seq_len, a.seed)
     out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet,
                         calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
-                        eval_seq_len=a.eval_seq_len, **_target_option_keywords(a),
-                        lkd={"steps": a.lkd_steps, "lr": a.lkd_lr, "batch": a.lkd_batch, "data": a.lkd_data,
-                             "samples": a.lkd_samples, "seq_len": a.lkd_seq_len, "loss": a.lkd_loss,
-                             "inputs": a.lkd_inputs})
+                        eval_seq_len=a.eval_seq_len, fuse=a.fuse, **_target_option_keywords(a), lkd=_lkd_flags(a))
     print(out)
     return 0
 
@@ -35,6 +32,16 @@ def _target_option_keywords(a) -> dict:
 
     names = {k for t in TARGETS.values() if t.options for k in keywords(options_class(t.name))}
     return {k: getattr(a, k) for k in sorted(names) if getattr(a, k) is not None}
+
+
+def _lkd_flags(a) -> dict:
+    """The --lkd-* flags given, as LKDSettings fields, their ranges checked before anything loads."""
+    from lowbit.options import keywords
+    from lowbit.passes.settings import LKDSettings
+
+    given = {name: getattr(a, kw) for kw, name in keywords(LKDSettings).items() if getattr(a, kw) is not None}
+    LKDSettings(**given)
+    return given
 
 
 def _cmd_run(a) -> int:
@@ -251,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_compile(sub) -> None:
     """lowbit compile."""
     from lowbit.options import add_flags
+    from lowbit.passes.settings import LKDSettings
     from lowbit.targets import TARGETS, options_class
 
     c = sub.add_parser("compile", help="quantize a model into an artifact folder")
@@ -274,18 +282,10 @@ def _add_compile(sub) -> None:
     c.add_argument("--eval", default=None, metavar="TEXT", help="also measure perplexity before/after on TEXT (file or demo)")
     c.add_argument("--eval-windows", action=_COUNT, default=40, help="windows for --eval (default 40)")
     c.add_argument("--eval-seq-len", action=_WINDOW, default=512, help="window length for --eval (default 512)")
-    c.add_argument("--lkd-steps", action=_COUNT, default=None,
-                   help="LKD: Adam steps per block (-lkd recipes; default 100)")
-    c.add_argument("--lkd-lr", action=_checked(_float_from(0, strict=True)), default=None,
-                   help="LKD: learning rate (default 1e-4)")
-    c.add_argument("--lkd-batch", action=_COUNT, default=None, help="LKD: sequences per step (default 4)")
-    c.add_argument("--lkd-data", default=None, help="LKD data: calib (the --calib text, default) or random tokens")
-    c.add_argument("--lkd-samples", action=_COUNT, default=None, help="LKD: sequences distilled on (default 32)")
-    c.add_argument("--lkd-seq-len", action=_WINDOW, default=None, help="LKD: tokens per sequence (default 256)")
-    c.add_argument("--lkd-inputs", default=None, help="LKD: the student's block input: quantized (the distilled "
-                   "blocks' output, default) or float (the float model's)")
-    c.add_argument("--lkd-loss", default=None, help="LKD loss: token (each token's squared error relative to its "
-                   "energy, default) or mse")
+    c.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="skip the fusion rules (lowbit.rules) on the quantized graph")
+    add_flags(c.add_argument_group("distillation (recipes with lkd = true, e.g. the -lkd ones; over the recipe's "
+                                   "lkd_* values)"), LKDSettings)
     c.set_defaults(fn=_cmd_compile)
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__")
 # What leads sys.path in this project's commands: the working directory (the repository root) for
-# `python -m bench.NAME` and `python -m pytest`, and tests/ for pytest's rootdir conftest (prepend import mode).
-# bench/ itself never does: its scripts refuse to run as files.
-SEARCH_PATH = (ROOT, ROOT / "tests")
+# `python -m bench.NAME` and `python -m pytest`; tests/ is a package tree, so pytest (prepend import mode) puts
+# the repository root there too, never a test folder. bench/ never does: its scripts refuse to run as files.
+SEARCH_PATH = (ROOT,)
 
 
 def importable_names(folder: Path) -> set:
@@ -39,6 +39,19 @@ def test_nothing_on_the_search_path_shadows_an_installed_distribution():
     bad = {str(folder.relative_to(ROOT)): names for folder in SEARCH_PATH if (names := shadowed(folder, installed))}
     assert not bad, (f"these files shadow installed packages of the same import name: {bad}; rename them "
                      "(or move them into a package)")
+
+
+def test_every_test_folder_is_a_package():
+    """A test folder without ``__init__.py`` would put its parent on sys.path, and its own name then imports as a
+    namespace package: tests/lowering/tensorrt made ``import tensorrt`` succeed where TensorRT is not installed."""
+    folders = [p for p in (ROOT / "tests").rglob("*") if p.is_dir() and p.name != "__pycache__"] + [ROOT / "tests"]
+    assert len(folders) > 5 and [str(p) for p in folders if not (p / "__init__.py").is_file()] == []
+    import importlib.util
+
+    for name in {p.name for p in folders} - {"tests"}:          # in this very pytest process
+        spec = importlib.util.find_spec(name)
+        places = [] if spec is None else [spec.origin or ""] + list(spec.submodule_search_locations or [])
+        assert not [p for p in places if ROOT / "tests" in Path(p).parents], (name, places)
 
 
 def test_shadow_check_can_fail(tmp_path):

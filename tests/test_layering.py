@@ -142,3 +142,20 @@ def _all_imports(source: str) -> set:
         elif isinstance(node, ast.ImportFrom) and node.module:
             out.add(node.module)
     return out
+
+
+def stray_test_folders(tests: Path, package: Path) -> list:
+    """Folders under ``tests`` with no folder of the same path in ``package``."""
+    folders = [p.relative_to(tests) for p in tests.rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    return [str(f) for f in folders if not (package / f).is_dir()]
+
+
+def test_tests_mirror_the_layout(tmp_path):
+    """Each folder under tests/ is a package or folder of lowbit (tests/lowering/onnx -> lowbit/lowering/onnx), so a
+    stage's tests are one folder hop from its code; tests of several stages (CLI, layering, packaging) stay at the
+    top."""
+    tests = Path(__file__).parent
+    assert (tests / "lowering" / "onnx").is_dir() and stray_test_folders(tests, ROOT) == []
+    (tmp_path / "passes").mkdir()
+    (tmp_path / "compilers").mkdir()                       # negative control: a folder lowbit does not have
+    assert stray_test_folders(tmp_path, ROOT) == ["compilers"]

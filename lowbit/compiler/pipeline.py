@@ -36,29 +36,31 @@ class CalibrationArgs:
         return {"text": self.text, "samples": self.samples, "seq_len": self.seq_len, "seed": self.seed}
 
 
-def lkd_options(recipe, lkd):
-    """The LKD options for this compile, or None: the recipe's steps/lr/batch, then ``lkd`` (an LKDOptions, or
-    a dict of fields from the command line) over them."""
-    from dataclasses import replace as dc_replace
+def lkd_settings(recipe, lkd):
+    """The LKD settings for this compile, or None: the recipe's, or ``lkd`` (an LKDSettings) instead, or ``lkd``'s
+    entries (a dict of LKDSettings fields, e.g. from the --lkd-* flags; None values ignored) over the recipe's."""
+    from dataclasses import fields, replace
 
-    from lowbit.passes.lkd import LKDOptions
+    from lowbit.passes.settings import LKDSettings, field_types
 
     if isinstance(lkd, dict):
         lkd = {k: v for k, v in lkd.items() if v is not None}
-    if not recipe.lkd:
+    if recipe.lkd is None:
         if lkd:
             raise LowbitError(f"LKD options were given but recipe '{recipe.name}' does not distil; use a '-lkd' recipe "
                               "(e.g. zq-w4a8-mixed-lkd) or set lkd = true in the recipe file")
         return None
     if not recipe.quantizes:
         raise LowbitError(f"LKD needs quantized weights; recipe '{recipe.name}' keeps the model float")
-    opts = LKDOptions(steps=recipe.lkd_steps, lr=recipe.lkd_lr, batch=recipe.lkd_batch)
-    if isinstance(lkd, LKDOptions):
-        opts = lkd
-    elif lkd:
-        opts = dc_replace(opts, **lkd)
-    opts.check()
-    return opts
+    if isinstance(lkd, LKDSettings) or not lkd:
+        return lkd or recipe.lkd
+    types = field_types(LKDSettings)
+    for key, value in lkd.items():
+        if key not in types:
+            raise LowbitError(f"unknown LKD setting '{key}'; valid: {', '.join(f.name for f in fields(LKDSettings))}")
+        if type(value) is not types[key] and not (types[key] is float and type(value) is int):
+            raise LowbitError(f"LKD setting '{key}' must be {types[key].__name__}, got {value!r}")
+    return replace(recipe.lkd, **lkd)
 
 
 def check_groups(graph, recipe):
@@ -80,6 +82,7 @@ class _Job:
     calib: CalibrationArgs
     device: str
     quiet: bool
+    fuse: bool
     timings: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     pass_info: dict = field(default_factory=dict)
@@ -92,7 +95,7 @@ class _Job:
 class _Inputs:
     """The model folder and the token windows the compile reads, validated before any progress output."""
     model_path: Path
-    lkd: object = None             # LKDOptions, or None
+    lkd: object = None             # LKDSettings, or None
     calib_ids: Optional[torch.Tensor] = None
     lkd_ids: Optional[torch.Tensor] = None
     eval_windows: Optional[torch.Tensor] = None
@@ -101,11 +104,11 @@ class _Inputs:
 def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=None, force: bool = False,
                   quiet: bool = False, calib: Optional[CalibrationArgs] = None, device: str = "auto",
                   resume: bool = False, eval_text: Optional[str] = None, eval_windows: int = 40,
-                  eval_seq_len: int = 512, lkd=None, options=None, **option_keywords) -> Path:
+                  eval_seq_len: int = 512, lkd=None, fuse: bool = True, options=None, **option_keywords) -> Path:
     """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``.
 
-    ``lkd`` (``passes.lkd.LKDOptions``) sets the distillation data and overrides the recipe's LKD steps, lr
-    and batch; it needs a recipe with ``lkd = true``. The target's options: ``options`` (its options object,
+    ``lkd`` (``passes.settings.LKDSettings``, or a dict of its fields) replaces or overrides the recipe's LKD
+    settings; it needs a recipe that distils. ``fuse=False`` skips the fusion rules. The target's options: ``options`` (its options object,
     e.g. ``lowering.onnx.options.OnnxOptions``) or their keywords (``onnx_accuracy_level``, ``onnx_fusions``,
     ``onnx_exporter``, ``trt_precision``: ``lowbit.targets.target_options``).
     """
@@ -115,7 +118,7 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     out = Path(out)
     options = targets.target_options(target, options, **option_keywords)
     job = _Job(model, target, out, lowering.prepare(load_recipe(recipe), options), lowering, options,
-               calib or CalibrationArgs(), pick_device(device), quiet)
+               calib or CalibrationArgs(), pick_device(device), quiet, fuse)
     check_output_path(out)
     # The output path stays locked from here to the artifact's move into place: a second compile into it
     # fails at once instead of racing this one.
@@ -147,7 +150,7 @@ def _read_inputs(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int
     recipe = job.recipe
     inputs = _Inputs(resolve_model_path(job.model))
     config = read_config(inputs.model_path)
-    inputs.lkd = lkd_options(recipe, lkd)
+    inputs.lkd = lkd_settings(recipe, lkd)
     needs_text = recipe.needs_calibration or (inputs.lkd is not None and inputs.lkd.data == "calib")
     calib_text = read_text(job.calib.text, "calib") if needs_text else None
     if eval_text and task_of(config) != "causal-lm":
@@ -221,7 +224,7 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
             job.metrics["ppl_after"] = perplexity(lambda ids: graph(ids, torch.ones_like(ids)), inputs.eval_windows,
                                                   show_progress=not quiet)
         say(f"perplexity {job.metrics['ppl_before']['ppl']:.3f} -> {job.metrics['ppl_after']['ppl']:.3f}", quiet)
-    if recipe.fuse and job.lowering.fuse:
+    if job.fuse and job.lowering.fuse:
         from lowbit.rules import apply_rules
 
         with timed(timings, "fuse"):

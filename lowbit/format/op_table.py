@@ -24,7 +24,7 @@ from lowbit.errors import LowbitError
 
 TABLE_VERSION = 1
 
-# name -> the operator's schema (torch's own syntax; tests/test_program_safety.py holds them equal to the
+# name -> the operator's schema (torch's own syntax; tests/format/test_untrusted_artifacts.py holds them equal to the
 # installed torch's, so a torch that changed one is noticed).
 SCHEMAS: dict[str, str] = {
     'aten::__and__.Tensor':

@@ -46,7 +46,7 @@ def check_exportable(graph, recipe):
     planned = list(quantizable(graph, recipe))
     if not planned:
         raise LowbitError("target hf-gptq needs quantized weights; use a gptq or rtn recipe, not 'fp'")
-    if recipe.quantize_embeddings:
+    if recipe.scheme.quantize_embeddings:
         raise LowbitError("target hf-gptq cannot store a quantized embedding; set quantize_embeddings = false")
     first_site, first = planned[0]
     for site, spec in planned:
@@ -111,9 +111,9 @@ def write_hf_gptq(tmp, graph, loaded, recipe) -> dict:
     config["quantization_config"] = {
         "quant_method": "gptq", "bits": first.spec.bits,
         "group_size": first.spec.group_size if first.spec.group_size > 0 else -1,
-        "desc_act": False, "sym": first.spec.sym, "true_sequential": True, "damp_percent": recipe.damp,
-        "static_groups": recipe.static_groups, "checkpoint_format": "gptq", "lm_head": "lm_head" in graph.quantized,
-        "lowbit": {"method": recipe.method, "act_order": recipe.act_order, "mse": recipe.mse}}
+        "desc_act": False, "sym": first.spec.sym, "true_sequential": True, "damp_percent": recipe.gptq.damp,
+        "static_groups": recipe.gptq.static_groups, "checkpoint_format": "gptq", "lm_head": "lm_head" in graph.quantized,
+        "lowbit": {"method": recipe.method, "act_order": recipe.gptq.act_order, "mse": recipe.scheme.mse}}
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(tmp)
@@ -126,7 +126,7 @@ class HfGptqLowering:
 
     def prepare(self, recipe, options=None):
         # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.
-        return replace(recipe, min_zero=1)
+        return replace(recipe, scheme=replace(recipe.scheme, min_zero=1))
 
     def check(self, graph, recipe):
         check_exportable(graph, recipe)

@@ -21,21 +21,19 @@ lowbit's choices beyond the reference code
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from lowbit.format.quantize import QuantSpec, compute_qparams, num_groups
+from lowbit.passes.settings import GPTQSettings
 
 
 @dataclass(frozen=True)
-class GPTQOptions:
-    damp: float = 0.01            # fraction of mean(diag(H)) added to the diagonal
-    block: int = 128              # lazy batch width
-    act_order: bool = True        # process columns by decreasing H_ii
-    static_groups: bool = True    # group params fixed up front (needed with act_order and groups)
-    mse: bool = False             # clipping search for group scales
-    max_damp_tries: int = 6
+class GPTQOptions(GPTQSettings):
+    """A recipe's GPTQ settings plus what one layer's solve also needs."""
+    mse: bool = False             # clipping search for group scales (the scheme's)
+    max_damp_tries: int = 6       # dampening x10 per failed Cholesky
 
 
 @dataclass
@@ -174,9 +172,8 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
     todo = list(quantizable(graph, recipe))
     specs = {site.name: spec for site, spec in todo}
     order = [site.name for site, _ in todo]
-    opts = GPTQOptions(damp=recipe.damp, block=recipe.block, act_order=recipe.act_order,
-                       static_groups=recipe.static_groups, mse=recipe.mse)
-    hdtype = torch.float64 if recipe.hessian_dtype == "float64" else torch.float32
+    opts = GPTQOptions(**asdict(recipe.gptq), mse=recipe.scheme.mse)
+    hdtype = torch.float64 if recipe.gptq.hessian_dtype == "float64" else torch.float32
     emb, table = quantize_embedding(graph, recipe)
     n_emb = int(emb is not None)
     bar = progress_bar(None, desc="gptq", total=len(order), disable=not show_progress)

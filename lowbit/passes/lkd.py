@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,42 +29,7 @@ from lowbit.progress import progress_bar
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import QuantSpec, compute_qparams, dequantize_codes, quantize_codes
 from lowbit.ops import quantize_rows_int8
-
-LKD_DATA = ("calib", "random")
-LKD_LOSSES = ("token", "mse")
-LKD_INPUTS = ("quantized", "float")
-
-
-@dataclass
-class LKDOptions:
-    steps: int = 100            # Adam steps per block
-    lr: float = 1e-4
-    batch: int = 4              # sequences per step
-    data: str = "calib"         # calib (the calibration text) | random (uniform random token ids)
-    samples: int = 32           # sequences distilled on
-    seq_len: int = 256
-    seed: int = 0
-    loss: str = "token"         # token (each token's error relative to its energy) | mse (plain)
-    inputs: str = "quantized"   # the student's block input: quantized (its own chain's outputs) | float (the teacher's)
-
-    def check(self):
-        if self.steps <= 0:
-            raise LowbitError(f"--lkd-steps {self.steps}: LKD needs at least one step per block")
-        if not self.lr > 0:
-            raise LowbitError(f"--lkd-lr {self.lr}: the learning rate must be > 0")
-        if self.batch <= 0 or self.samples <= 0 or self.seq_len < 2:
-            raise LowbitError(f"LKD needs batch > 0, samples > 0 and seq_len >= 2 (got {self.batch}, {self.samples}, "
-                              f"{self.seq_len})")
-        if self.data not in LKD_DATA:
-            raise LowbitError(f"--lkd-data {self.data}: valid: {', '.join(LKD_DATA)}")
-        if self.inputs not in LKD_INPUTS:
-            raise LowbitError(f"--lkd-inputs {self.inputs}: valid: {', '.join(LKD_INPUTS)}")
-        if self.loss not in LKD_LOSSES:
-            raise LowbitError(f"--lkd-loss {self.loss}: valid: {', '.join(LKD_LOSSES)}")
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
+from lowbit.passes.settings import LKDSettings
 
 def _ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """q in the forward pass, identity gradient to x in the backward pass."""
@@ -153,12 +117,12 @@ def _student(model, name: str, plan: list, graph, recipe):
     fq = {}
     for site, spec in plan:
         w = model.get_submodule(site.name).weight
-        fq[site.name] = FakeQuantLinear(w.t() if site.weight_is_kn else w, graph.bias(site), spec, recipe.mse)
+        fq[site.name] = FakeQuantLinear(w.t() if site.weight_is_kn else w, graph.bias(site), spec, recipe.scheme.mse)
         swap_module(student, site.name[len(name) + 1:], fq[site.name])
     return student, fq
 
 
-def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKDOptions,
+def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKDSettings,
              show_progress: bool = True) -> dict:
     """Distil every block that holds quantized matmuls: updates ``model``'s float weights in place and records
     each distilled layer's scales and zero points in ``graph.fixed_qparams`` for the weight pass."""

@@ -54,7 +54,7 @@ def quantize_embedding(graph: Graph, recipe) -> tuple[Optional[QuantizedLayer], 
     if spec is None:
         return None, None
     w = graph.attr(emb.weight_attr).detach()
-    layer = quantize_layer(emb.name, "wna16_embedding", w, spec, None, mse=recipe.mse)
+    layer = quantize_layer(emb.name, "wna16_embedding", w, spec, None, mse=recipe.scheme.mse)
     graph.replace_embedding(emb, layer)
     return layer, w
 
@@ -78,7 +78,7 @@ def rtn_pass(graph: Graph, recipe, show_progress: bool = True, **_) -> dict:
         layer = (None if site.name in graph.fixed_qparams
                  else tied_to(emb, table, site.name, spec.linear_op, w, spec, bias))
         graph.replace_with_quantized(site, layer or quantize_layer(site.name, spec.linear_op, w, spec, bias,
-                                                                   mse=recipe.mse,
+                                                                   mse=recipe.scheme.mse,
                                                                    qparams=graph.fixed_qparams.get(site.name)))
     graph.finalize()
     return {"layers": len(todo) + (emb is not None)}

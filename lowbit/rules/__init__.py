@@ -103,7 +103,7 @@ def apply_rules(graph, rules: Optional[list] = None, check: bool = True) -> dict
             info["max_rel_diff"] = diff
             if not diff <= CHECK_TOLERANCE:
                 raise LowbitError(f"fusion rule {rule.name} changed the graph's outputs (relative difference "
-                                  f"{diff:.2e} > {CHECK_TOLERANCE}); compile with fuse = false in the recipe and "
-                                  "report this")
+                                  f"{diff:.2e} > {CHECK_TOLERANCE}); compile with --no-fuse "
+                                  "(lowbit.compile(..., fuse=False)) and report this")
         out[rule.name] = info
     return out

@@ -12,9 +12,10 @@ import lowbit
 from lowbit.frontend.load import load_model
 from lowbit.frontend.trace import trace
 from lowbit.passes.recipe import Recipe
+from lowbit.passes.settings import Scheme
 from lowbit.passes.rtn import rtn_pass
 
-from conftest import ARCHS, CAUSAL, MORE_CAUSAL, VOCAB, transformers_perplexity
+from tests.conftest import ARCHS, CAUSAL, MORE_CAUSAL, VOCAB, transformers_perplexity
 
 EXPECTED_SITES = {"llama": 2 * 7 + 1, "qwen2": 2 * 7 + 1, "opt": 2 * 6 + 1, "gpt2": 2 * 4 + 1, "bert": 2 * 6}
 
@@ -65,7 +66,7 @@ def test_trace_finds_every_matmul_and_block(arch, model_dirs, inputs):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rtn8_in_graph_and_runtime_close_to_float(arch, model_dirs, inputs, tmp_path):
     ids, mask = inputs
-    recipe = Recipe("w8g32", "rtn", bits=8, group_size=32)
+    recipe = Recipe("w8g32", "rtn", Scheme(bits=8, group_size=32))
     loaded = load_model(str(model_dirs[arch]))
     with torch.no_grad():
         ref = _reference(loaded.model, ids, mask)
@@ -143,7 +144,7 @@ def test_generate_text_batch_and_sampling(model_dirs, tmp_path):
 
 
 def test_lm_head_quantized_when_asked(model_dirs, tmp_path, inputs):
-    r = Recipe("head", "rtn", bits=8, group_size=32, quantize_lm_head=True)
+    r = Recipe("head", "rtn", Scheme(bits=8, group_size=32, quantize_lm_head=True))
     out = lowbit.compile(str(model_dirs["llama"]), r, out=tmp_path / "a", quiet=True)   # tied embeddings
     layers = json.loads((out / "graph.json").read_text())["layers"]
     assert "lm_head" in layers
@@ -160,7 +161,7 @@ def test_lm_head_quantized_when_asked(model_dirs, tmp_path, inputs):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
 def test_embedding_quantized_when_asked(arch, model_dirs, inputs, tmp_path):
-    r = Recipe("emb", "rtn", bits=8, group_size=32, quantize_embeddings=True)
+    r = Recipe("emb", "rtn", Scheme(bits=8, group_size=32, quantize_embeddings=True))
     out = lowbit.compile(str(model_dirs[arch]), r, out=tmp_path / "a", quiet=True)
     layers = json.loads((out / "graph.json").read_text())["layers"]
     emb_name = {"llama": "model.embed_tokens", "gpt2": "transformer.wte", "bert": "embeddings.word_embeddings"}[arch]

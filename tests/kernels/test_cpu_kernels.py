@@ -5,7 +5,7 @@ import torch
 
 from lowbit.kernels import cpu
 from lowbit.ops import wna16_linear_reference
-from test_ops import _layer
+from tests.test_ops import _layer
 
 pytestmark = pytest.mark.skipif(not cpu.int4pack_layout_ok(), reason="this torch lacks the int4pack CPU kernels")
 

@@ -7,7 +7,7 @@ from lowbit.errors import LowbitError
 from lowbit.metrics import windows
 from lowbit.tools.eval import evaluate_perplexity
 
-from conftest import transformers_perplexity
+from tests.conftest import transformers_perplexity
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gpt2"])

@@ -11,13 +11,14 @@ import torch
 import lowbit
 from lowbit.frontend.load import LoadedModel
 from lowbit.frontend.trace import trace
-from lowbit.passes.recipe import Override, Recipe, load_recipe
+from lowbit.passes.recipe import Recipe, load_recipe
+from lowbit.passes.settings import Override, Scheme
 from lowbit.errors import LowbitError
 from lowbit.passes.rtn import rtn_pass
 from lowbit.rules import RuleResult, apply_rules
 from lowbit.rules.siblings import MergeSiblingMatmuls
 
-from conftest import CAUSAL, MORE_CAUSAL, make_model
+from tests.conftest import CAUSAL, MORE_CAUSAL, make_model
 
 # Sibling groups per architecture: Q/K/V (and gate/up) per block where they are separate modules; GPT-2,
 # GPT-NeoX, BLOOM and Phi-3 already store them fused as one matrix; Falcon's parallel block merges its fused
@@ -37,7 +38,7 @@ ACT_MULS = {"llama": 2, "qwen2": 2, "opt": 0, "gpt2": 0, "mistral": 2, "qwen3": 
 # sum of both then adds the stream). Gemma-3 norms the output before the add; GPT-2 reshapes it (counted).
 RESIDUALS = {"llama": 4, "qwen2": 4, "opt": 4, "gpt2": 0, "mistral": 4, "qwen3": 4, "phi3": 4, "gemma": 4,
              "gemma3_text": 0, "stablelm": 4, "gpt_neox": 2, "bloom": 4, "falcon": 2, "gptj": 2, "phi": 2, "bert": 4}
-W4 = Recipe("w4g32", "rtn", bits=4, group_size=32)
+W4 = Recipe("w4g32", "rtn", Scheme(bits=4, group_size=32))
 
 
 def _quantized(arch, recipe=W4):
@@ -117,7 +118,7 @@ def test_activation_times_up_fusion_equals_unfused_graph(arch):
 def test_activation_times_up_needs_one_merged_matmul():
     """Negative: gate and up in different formats stay two matmuls, so the product of two separate tensors is
     left alone, counted with the reason."""
-    graph = _quantized("llama", replace(W4, overrides=[Override("*.up_proj", bits=8)]))
+    graph = _quantized("llama", replace(W4, scheme=replace(W4.scheme, overrides=(Override("*.up_proj", bits=8),))))
     info = apply_rules(graph)["act_mul"]
     assert info["fired"] == 0
     assert info["skipped"] == {"gate and up are separate tensors (not one merged matmul's halves)": 2}
@@ -165,7 +166,7 @@ def test_norm_quantize_needs_int8_consumers():
 
 
 def test_siblings_in_different_formats_are_left_alone_with_the_reason():
-    recipe = replace(W4, overrides=[Override("*.v_proj", bits=8)])
+    recipe = replace(W4, scheme=replace(W4.scheme, overrides=(Override("*.v_proj", bits=8),)))
     graph = _quantized("llama", recipe)
     info = apply_rules(graph)["merge_sibling_matmuls"]
     # Q and K still merge; V (8-bit) stays alone, counted once per block with what differs.
@@ -212,8 +213,7 @@ def test_artifact_ships_the_merged_graph(model_dirs, tmp_path):
     assert calls.count("lowbit::wna16_linear.default") == 2 * 7 - 2 * 3
     assert "merge_sibling_matmuls: fired 4x (q_proj+k_proj+v_proj x2, gate_proj+up_proj x2)" in describe(art)
     assert "| merge_sibling_matmuls | 4 |" in (art / "report.md").read_text()
-    unfused = lowbit.compile(str(model_dirs["llama"]), replace(load_recipe("rtn-w4g64"), fuse=False),
-                             out=tmp_path / "b", quiet=True)
+    unfused = lowbit.compile(str(model_dirs["llama"]), "rtn-w4g64", out=tmp_path / "b", quiet=True, fuse=False)
     assert "rules" not in json.loads((unfused / "manifest.json").read_text())
     ids = torch.randint(2, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(lowbit.load(art).forward(ids), lowbit.load(unfused).forward(ids), atol=1e-5)

@@ -22,7 +22,7 @@ from lowbit.format.artifact import read_manifest
 from lowbit.format.quantize import QuantSpec, quantize_weight
 from lowbit.ops import dequantized_weight
 from lowbit.kernels.tensorrt import PLUGIN_DOMAIN, PLUGINS, reference
-from conftest import assert_cached_steps_match, rel_error, sample_text
+from tests.conftest import assert_cached_steps_match, rel_error, sample_text
 
 REL = 1e-3          # the issue's parity bar at float32: ORT logits vs torch logits, relative to the logits' scale
 REL_FP16 = 1e-2     # a float16 graph against the float32 torch reference: float16 rounding, not a wrong op

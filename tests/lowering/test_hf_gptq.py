@@ -14,7 +14,7 @@ from lowbit.cli import main
 from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.ops import dequantized_weight
 
-from conftest import sample_text
+from tests.conftest import sample_text
 
 
 def read_gptq_layer(t: dict, name: str, bits: int) -> torch.Tensor:
@@ -34,13 +34,14 @@ def read_gptq_layer(t: dict, name: str, bits: int) -> torch.Tensor:
 def test_export_reads_back_bit_exactly(recipe, sym, model_dirs, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text(6000, 3))
-    r = replace(load_recipe(recipe), sym=sym, group_size=64, min_zero=1)   # min_zero=1: what hf-gptq asks for
+    r = load_recipe(recipe)
+    r = replace(r, scheme=replace(r.scheme, sym=sym, group_size=64, min_zero=1))   # min_zero=1: what hf-gptq asks for
     kw = dict(calib=CalibrationArgs(str(calib), 8, 48), quiet=True)
-    # fuse = false: the torch artifact keeps one tensor per layer, to compare layer by layer.
-    ours = lowbit.compile(str(model_dirs["llama"]), replace(r, fuse=False), out=tmp_path / "torch", **kw)
+    # fuse=False: the torch artifact keeps one tensor per layer, to compare layer by layer.
+    ours = lowbit.compile(str(model_dirs["llama"]), r, out=tmp_path / "torch", fuse=False, **kw)
     exp = lowbit.compile(str(model_dirs["llama"]), r, out=tmp_path / "hf", target="hf-gptq", **kw)
     qc = json.loads((exp / "config.json").read_text())["quantization_config"]
-    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"]) == ("gptq", r.bits, 64, sym)
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"]) == ("gptq", r.scheme.bits, 64, sym)
     assert qc["desc_act"] is False and qc["checkpoint_format"] == "gptq"
     t = load_file(str(exp / "model.safetensors"))
     mine = load_file(str(ours / "weights.safetensors"))
@@ -48,12 +49,12 @@ def test_export_reads_back_bit_exactly(recipe, sym, model_dirs, tmp_path):
     assert len(layers) == 14
     for name, spec in layers.items():
         k, n = spec["in_features"], spec["out_features"]
-        assert t[f"{name}.qweight"].dtype == torch.int32 and t[f"{name}.qweight"].shape == (k * r.bits // 32, n)
-        assert t[f"{name}.qzeros"].shape == (-(-k // 64), n * r.bits // 32)
+        assert t[f"{name}.qweight"].dtype == torch.int32 and t[f"{name}.qweight"].shape == (k * r.scheme.bits // 32, n)
+        assert t[f"{name}.qzeros"].shape == (-(-k // 64), n * r.scheme.bits // 32)
         assert t[f"{name}.scales"].shape == (-(-k // 64), n) and t[f"{name}.g_idx"].shape == (k,)
-        ref = dequantized_weight(mine[f"{name}.qweight"], mine[f"{name}.scales"], mine[f"{name}.zeros"], r.bits,
+        ref = dequantized_weight(mine[f"{name}.qweight"], mine[f"{name}.scales"], mine[f"{name}.zeros"], r.scheme.bits,
                                  spec["group_size"], k)
-        assert torch.equal(read_gptq_layer(t, name, r.bits), ref), name
+        assert torch.equal(read_gptq_layer(t, name, r.scheme.bits), ref), name
     assert t["model.embed_tokens.weight"].dtype == torch.float16
     assert (exp / "tokenizer.json").is_file()
 

@@ -15,7 +15,7 @@ from lowbit.format.quantize import QuantSpec, dequantize_codes, group_error_stat
 from lowbit.passes.gptq import gptq_quantize
 from lowbit.passes.rtn import quantize_layer
 
-from conftest import make_model
+from tests.conftest import make_model
 
 W4G64 = QuantSpec(4, 64)
 

@@ -207,7 +207,7 @@ def test_program_and_weights_bit_width_mismatch(art, tmp_path):
 def test_every_architecture_loads_under_the_table(model_dirs, tmp_path):
     """Falcon's traced MLP adds in place (add_): the compiler writes it out of place, and the program runs."""
     d = tmp_path / "falcon"
-    from conftest import make_model
+    from tests.conftest import make_model
 
     make_model("falcon").save_pretrained(d)
     out = lowbit.compile(str(d), "fp", out=tmp_path / "art", quiet=True)

@@ -603,7 +603,7 @@ def test_kernel_bench_dry_run(tmp_path):
     import os
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "bench.kernels", "--dry-run", "--markdown", "--json",
                           str(tmp_path / "k.json")], cwd=root, env=env, capture_output=True, text=True, timeout=600)

@@ -8,9 +8,10 @@ from transformers import DynamicCache
 from lowbit.frontend.load import LoadedModel
 from lowbit.frontend.trace import trace
 from lowbit.passes.recipe import Recipe
+from lowbit.passes.settings import Scheme
 from lowbit.passes.rtn import rtn_pass
 
-from conftest import CAUSAL, MORE_CAUSAL, VOCAB, make_model
+from tests.conftest import CAUSAL, MORE_CAUSAL, VOCAB, make_model
 
 STEP_ARCHS = list(CAUSAL) + list(MORE_CAUSAL)
 # Their attention code is their own (not transformers' AttentionInterface) and branches on a one-token
@@ -88,7 +89,7 @@ def test_step_graph_cache_is_consumed():
 def test_quantized_step_graph_decodes_like_its_prefill():
     """After RTN the step graph still computes one function: cached steps equal one prefill of the same tokens."""
     _, graph = _traced("qwen2")
-    rtn_pass(graph, Recipe("w4g32", "rtn", bits=4, group_size=32), show_progress=False)
+    rtn_pass(graph, Recipe("w4g32", "rtn", Scheme(bits=4, group_size=32)), show_progress=False)
     ids, mask = _inputs()
     with torch.no_grad():
         whole = graph(ids, mask)

@@ -16,7 +16,7 @@ from lowbit.passes.recipe import load_recipe
 from lowbit.ir.calibration import Hessian
 from lowbit.passes.rtn import quantize_layer
 
-from conftest import sample_text
+from tests.conftest import sample_text
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from lowbit.lowering.onnx.integer_matmul import check_integer_matmuls, integer_m
 from lowbit.lowering.onnx.ort_ops import to_matmul_a8
 from lowbit.ops import quantize_rows_int8, signed_weight
 
-from conftest import OrtA8, W8A8Layer, non_vnni_matmul_integer
+from tests.conftest import OrtA8, W8A8Layer, non_vnni_matmul_integer
 
 
 def exact_matmul_integer(a, b, a_zero, b_zero) -> np.ndarray:

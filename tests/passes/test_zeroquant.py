@@ -14,7 +14,7 @@ from lowbit.passes.lkd import block_loss
 from lowbit.format.quantize import QuantSpec, pack_codes, quantize_weight
 from lowbit.ops import int8_matmul, quantize_rows_int8, signed_weight
 
-from conftest import sample_text
+from tests.conftest import sample_text
 
 
 def _cli(capsys, *args):
@@ -168,13 +168,13 @@ def test_bad_inputs(model_dirs, text_file, tmp_path, capsys):
     fp_lkd.write_text('method = "fp"\nlkd = true\n')
     fails("compile", llama, "-r", fp_lkd, "-o", tmp_path / "x", "-q", match="LKD needs quantized weights")
     fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-steps", "0",
-          match="--lkd-steps must be at least 1, got 0")
+          match="lkd_steps=0 (--lkd-steps): must be >= 1")
     fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-data", "web",
-          match="--lkd-data web")
+          match="lkd_data='web' (--lkd-data)")
     fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-inputs", "teacher",
-          match="--lkd-inputs teacher")
+          match="lkd_inputs='teacher' (--lkd-inputs)")
     fails("compile", llama, "-r", "zq-w4a8-mixed-lkd", "-o", tmp_path / "x", "-q", "--lkd-loss", "l1",
-          match="--lkd-loss l1")
+          match="lkd_loss='l1' (--lkd-loss)")
     fails("compile", llama, "-r", "zq-w4a8-mixed", "-o", tmp_path / "x", "-q", "--lkd-steps", "5",
           match="does not distil")
     asym = tmp_path / "asym.toml"

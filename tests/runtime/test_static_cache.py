@@ -14,7 +14,7 @@ from lowbit.format.program import mask_positions
 from lowbit.runtime.static_cache import StaticCacheRunner
 from lowbit.runtime.torch_runner import TorchRunner
 
-from conftest import CAUSAL, MORE_CAUSAL, make_model
+from tests.conftest import CAUSAL, MORE_CAUSAL, make_model
 
 OWN_ATTENTION = {"bloom", "falcon", "stablelm"}
 STATIC_ARCHS = [a for a in list(CAUSAL) + list(MORE_CAUSAL) if a not in OWN_ATTENTION]

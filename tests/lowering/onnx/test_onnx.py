@@ -20,7 +20,7 @@ from lowbit.format.quantize import QuantSpec, pack_codes, quantize_weight
 from lowbit.lowering.onnx.ort_ops import (block_size_for, to_gather_nbits, to_matmul_a8, to_matmul_nbits)
 from lowbit.tools.inspect_artifact import describe
 
-from conftest import OrtA8, W8A8Layer, assert_cached_steps_match, sample_text
+from tests.conftest import OrtA8, W8A8Layer, assert_cached_steps_match, sample_text
 
 REL = 1e-3       # the issue's parity bar: ORT logits vs torch logits, relative to the logits' scale
 
@@ -150,7 +150,7 @@ def _rel(a, b, mask=None):
 def _check_parity(art, tokenizer):
     """ORT vs torch on one artifact: prefill logits, cached decode steps, greedy generation of 32 tokens. The torch
     side runs the reference kernels, the oracle: its CPU kernels take few-token steps in bfloat16
-    (tests/test_cpu_kernels.py bounds that)."""
+    (tests/kernels/test_cpu_kernels.py bounds that)."""
     t_eng, o_eng = lowbit.load(art, backend="torch", kernels="reference"), lowbit.load(art, backend="ort")
     assert o_eng.backend == "ort" and lowbit.load(art).backend == "ort"            # auto picks ort for onnx
     ids = torch.randint(2, 320, (3, 12), generator=torch.Generator().manual_seed(1))
@@ -240,8 +240,9 @@ def test_tied_embedding_and_head_quantized_alike_are_stored_once(model_dirs, tok
     from dataclasses import replace
 
     from lowbit.passes.recipe import Recipe
+    from lowbit.passes.settings import Scheme
 
-    tied = Recipe("tied4", "rtn", 4, 32, quantize_lm_head=True, quantize_embeddings=True)
+    tied = Recipe("tied4", "rtn", Scheme(4, 32, quantize_lm_head=True, quantize_embeddings=True))
     art = _compile_onnx(model_dirs["llama"], tied, tmp_path / "t")
     _check_parity(art, tokenizer)
     keys = load_file(str(art / "weights.safetensors")).keys()
@@ -261,7 +262,7 @@ def test_tied_embedding_and_head_quantized_alike_are_stored_once(model_dirs, tok
     assert json.loads((g_art / "graph.json").read_text())["layers"]["lm_head"]["method"] == "rtn"
     _check_parity(g_art, tokenizer)
     # Symmetric: ONNX Runtime's default zero point (8) is implied, so neither op has a zero-point input.
-    s_art = _compile_onnx(model_dirs["llama"], replace(tied, name="tied4sym", sym=True), tmp_path / "s")
+    s_art = _compile_onnx(model_dirs["llama"], replace(tied, name="tied4sym", scheme=replace(tied.scheme, sym=True)), tmp_path / "s")
     _check_parity(s_art, tokenizer)
     assert read_manifest(s_art)["onnx"]["lowered_ops"]["shared_embedding_head"] == 1
     s_nodes = onnx.load(str(s_art / "onnx" / "model.onnx")).graph.node
