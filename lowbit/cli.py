@@ -21,7 +21,8 @@ def _cmd_compile(a) -> int:
     out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet,
                         calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
                         eval_seq_len=a.eval_seq_len, fuse=a.fuse, **_target_option_keywords(a), lkd=_lkd_flags(a))
-    print(out)
+    if os.environ.get("RANK", "0") == "0":          # under torchrun, rank 0 wrote the artifact
+        print(out)
     return 0
 
 

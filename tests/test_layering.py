@@ -14,7 +14,7 @@ ROOT = Path(lowbit.__file__).parent
 # layer: the layers it may import (besides itself). A layer is a module or package path under lowbit; a module
 # belongs to the longest layer path that prefixes it.
 LAYERS = {
-    "base": set(),                      # errors, version, progress, host, device, targets (by name), options
+    "base": set(),                      # errors, version, progress, host, device, targets (by name), options, distributed
     "demo": {"base"},                   # demo assets: the model, encoder and texts behind the word 'demo'
     "format": {"base"},                 # the contract: quantization math, program, op table, artifact, signing
     "metrics": {"base", "demo"},        # text windows and perplexity
@@ -33,8 +33,9 @@ LAYERS = {
     "tools": {"base", "demo", "metrics", "format", "ops", "kernels.cpu", "kernels.tensorrt", "frontend", "runtime"},
     "cli": {"base", "demo", "format", "kernels.tensorrt", "passes", "lowering", "compiler", "runtime", "tools"},
     "api": {"base", "compiler", "passes", "runtime", "tools"},       # lowbit/__init__.py: compile, load, profile
+    "__main__": {"cli"},                                              # python -m lowbit (what torchrun starts)
 }
-BASE_MODULES = ("errors", "version", "progress", "host", "device", "targets", "options", "registry")
+BASE_MODULES = ("errors", "version", "progress", "host", "device", "targets", "options", "registry", "distributed")
 
 
 def layer_of(module: str):

@@ -18,7 +18,7 @@ from lowbit.compiler.output_path import check_output_path
 from lowbit.passes.recipe import load_recipe
 from lowbit.compiler.report import outlier_lines, write_report
 from lowbit.device import pick_device
-from lowbit import targets
+from lowbit import distributed, targets
 from lowbit.errors import LowbitError
 from lowbit.passes import PASSES
 from lowbit.passes.rtn import quantizable
@@ -83,6 +83,7 @@ class _Job:
     device: str
     quiet: bool
     fuse: bool
+    ranks: distributed.Ranks
     timings: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     pass_info: dict = field(default_factory=dict)
@@ -117,9 +118,47 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         raise LowbitError("no output folder given; pass -o DIR")
     out = Path(out)
     options = targets.target_options(target, options, **option_keywords)
-    job = _Job(model, target, out, lowering.prepare(load_recipe(recipe), options), lowering, options,
-               calib or CalibrationArgs(), pick_device(device), quiet, fuse)
+    recipe = lowering.prepare(load_recipe(recipe), options)
+    device = pick_device(distributed.local_device(device))
     check_output_path(out)
+    ranks = distributed.join(device)
+    try:
+        job = _Job(model, target, out, recipe, lowering, options, calib or CalibrationArgs(), device,
+                   quiet or not ranks.main, fuse, ranks)
+        _check_distributed(job, lkd, resume)
+        if not ranks.main:
+            return _follow(job, lkd, resume, force)
+        return _lead(job, lkd, eval_text, eval_windows, eval_seq_len, resume, force)
+    finally:
+        distributed.leave(ranks)
+
+
+def _check_distributed(job: _Job, lkd, resume: bool) -> None:
+    """What a compile split over processes does not do yet, refused on every rank before any collective call."""
+    if job.ranks.world == 1:
+        return
+    if resume:
+        raise LowbitError("--resume is for one process; resume the compile without torchrun, or start it over")
+    if job.recipe.needs_calibration and job.calib.samples < job.ranks.world:
+        raise LowbitError(f"--calib-samples {job.calib.samples} is fewer than the {job.ranks.world} processes; give "
+                          "each process at least one sample")
+    if job.recipe.lkd is not None or lkd:
+        raise LowbitError(f"recipe '{job.recipe.name}' distils (LKD), which runs in one process; start it without "
+                          "torchrun")
+
+
+def _follow(job: _Job, lkd, resume: bool, force: bool) -> Path:
+    """A rank other than 0: the same checks and passes (its share of the calibration), no artifact."""
+    artifact.check_output_dir(job.out, force)          # the same refusal as rank 0's, before any collective
+    inputs = _read_inputs(job, lkd, None, 0, 0)
+    loaded, graph, source_hash = _load_and_trace(job, inputs)
+    _quantize(job, inputs, loaded, graph, source_hash, resume)
+    return job.out
+
+
+def _lead(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int, resume: bool, force: bool) -> Path:
+    """Rank 0 (the only rank of a one-process compile): checks, passes, and the artifact."""
+    out, lowering, options, quiet = job.out, job.lowering, job.options, job.quiet
     # The output path stays locked from here to the artifact's move into place: a second compile into it
     # fails at once instead of racing this one.
     with artifact.writing(out):
@@ -210,13 +249,17 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
     if inputs.lkd is not None:
         job.lkd_info = _distil(job, inputs, loaded, graph)
     if recipe.method in PASSES:
-        if recipe.needs_calibration:
+        if recipe.needs_calibration and job.ranks.main:
             job.checkpoint = Checkpoint(job.out, {"source": source_hash, "recipe": recipe.to_dict(),
                                                   "calib": job.calib.to_dict()}, resume, quiet)
-        with timed(timings, f"pass_{recipe.method}", quiet, f"{recipe.method} quantization on {job.device}"):
-            job.pass_info = PASSES.get(recipe.method)(graph, recipe, calib_ids=inputs.calib_ids, device=job.device,
-                                                  show_progress=not quiet, checkpoint=job.checkpoint,
-                                                  chunk=job.calib.chunk)
+        ids = inputs.calib_ids
+        where = job.device + (f", {job.ranks.world} processes" if job.ranks.world > 1 else "")
+        with timed(timings, f"pass_{recipe.method}", quiet, f"{recipe.method} quantization on {where}"):
+            job.pass_info = PASSES.get(recipe.method)(
+                graph, recipe, calib_ids=None if ids is None else ids[job.ranks.share(len(ids))], device=job.device,
+                show_progress=not quiet, checkpoint=job.checkpoint, chunk=job.calib.chunk, ranks=job.ranks)
+        if ids is not None:
+            job.pass_info.update(calib_tokens=int(ids.numel()), processes=job.ranks.world)
         for line in outlier_lines(graph):
             say(line, quiet)
     if inputs.eval_windows is not None:
@@ -224,7 +267,7 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
             job.metrics["ppl_after"] = perplexity(lambda ids: graph(ids, torch.ones_like(ids)), inputs.eval_windows,
                                                   show_progress=not quiet)
         say(f"perplexity {job.metrics['ppl_before']['ppl']:.3f} -> {job.metrics['ppl_after']['ppl']:.3f}", quiet)
-    if job.fuse and job.lowering.fuse:
+    if job.fuse and job.lowering.fuse and job.ranks.main:
         from lowbit.rules import apply_rules
 
         with timed(timings, "fuse"):
@@ -266,5 +309,6 @@ def _manifest_body(job: _Job, loaded, source_hash: str, lowered: dict) -> dict:
         body["lkd"] = job.lkd_info
     if job.recipe.needs_calibration:
         body["calibration"] = {**job.calib.to_dict(), "tokens": job.pass_info.get("calib_tokens"),
+                               "processes": job.pass_info.get("processes", 1),
                                "peak_activation_bytes": job.pass_info.get("peak_activation_bytes")}
     return body

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from lowbit.distributed import Ranks
 from lowbit.ir.graph import Graph, MatmulSite, QuantizedLayer
 from lowbit.errors import LowbitError
 
@@ -83,8 +84,9 @@ class StreamingCalibrator:
     """Runs ``graph`` over calibration ``ids`` node by node, quantizing ``targets`` in graph order."""
 
     def __init__(self, graph: Graph, ids: torch.Tensor, chunk: int = 8, device="cpu",
-                 hessian_dtype=torch.float32):
+                 hessian_dtype=torch.float32, ranks: Optional[Ranks] = None):
         self.graph, self.device, self.hessian_dtype = graph, torch.device(device), hessian_dtype
+        self.ranks = ranks or Ranks()        # ids: this process's share; Hessians summed over all processes
         ids = ids.to(self.device)
         graph.gm.to(self.device)
         # Every placeholder of the graph per chunk: a prefill of the chunk over an empty cache.
@@ -120,6 +122,7 @@ class StreamingCalibrator:
         for name in targets:
             sharing.setdefault(g.sites[name].input_node, []).append(name)
         hessians: dict[fx.Node, torch.Tensor] = {}
+        solved: dict[str, Optional[QuantizedLayer]] = {}      # layers solved ahead, across processes
         env: dict[fx.Node, list] = {}
         placeholders = {n: [c[j] for c in self.chunks]
                         for j, n in enumerate(x for x in g.gm.graph.nodes if x.op == "placeholder")}
@@ -129,7 +132,9 @@ class StreamingCalibrator:
                 inp = site.input_node
                 if inp not in hessians:
                     hessians[inp] = self._hessian(env[inp], site.in_features)
-                q = quantize(site, hessians[inp])
+                    if self.ranks.world > 1:
+                        solved.update(self._solve_shared(sharing[inp], hessians[inp], quantize))
+                q = solved.pop(site.name) if site.name in solved else quantize(site, hessians[inp])
                 sharing[inp].remove(site.name)
                 if not sharing[inp]:
                     del hessians[inp]
@@ -159,8 +164,17 @@ class StreamingCalibrator:
         h = Hessian(k, device=self.device, dtype=self.hessian_dtype)
         for x in chunks:
             h.add(x)
+        if self.ranks.world > 1:
+            self.ranks.sum(h.sum)
+            h.n = int(self.ranks.sum(torch.tensor([h.n], device=self.device))[0])
         self.stats.hessians += 1
         return h.value()
+
+    def _solve_shared(self, names: list[str], hessian: torch.Tensor, quantize: QuantizeFn) -> dict:
+        """The layers that share one Hessian (Q/K/V, gate/up), each solved by one process and sent to all."""
+        mine = {name: quantize(self.graph.sites[name], hessian) for i, name in enumerate(names)
+                if self.ranks.owner(i) == self.ranks.rank}
+        return {name: self.ranks.broadcast(mine.get(name), src=self.ranks.owner(i)) for i, name in enumerate(names)}
 
     def _execute(self, node: fx.Node, env: dict, placeholders) -> list:
         """The node's value for every chunk (a shared value for constants)."""

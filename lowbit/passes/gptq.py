@@ -155,11 +155,12 @@ def output_error(weight: torch.Tensor, dequant: torch.Tensor, hessian: torch.Ten
 
 
 def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progress: bool = True,
-              checkpoint=None, chunk: int = 8, **_) -> dict:
+              checkpoint=None, chunk: int = 8, ranks=None, **_) -> dict:
     """GPTQ every matmul the recipe selects, true-sequentially over the calibration ids [S, T].
 
     Returns per-layer stats and the streaming calibrator's peak activation memory. With a ``checkpoint``,
-    finished layers are taken from it and new ones are saved block by block.
+    finished layers are taken from it and new ones are saved block by block. With ``ranks`` (a compile under
+    torchrun), ``calib_ids`` is this process's share and the calibrator sums the Hessians over the processes.
     """
     import time
 
@@ -212,7 +213,7 @@ def gptq_pass(graph, recipe, calib_ids: torch.Tensor, device="cpu", show_progres
             if i + 1 == len(order) or graph.sites[order[i + 1]].block != site.block:
                 checkpoint.flush()
 
-    cal = StreamingCalibrator(graph, calib_ids, chunk=chunk, device=device, hessian_dtype=hdtype)
+    cal = StreamingCalibrator(graph, calib_ids, chunk=chunk, device=device, hessian_dtype=hdtype, ranks=ranks)
     stats = cal.run(order, quantize, on_layer)
     bar.close()
     return {"layers": len(order) + n_emb, "peak_activation_bytes": stats.peak_frontier_bytes,
