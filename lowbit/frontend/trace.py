@@ -133,13 +133,14 @@ def _export(root, args, dynamic, loaded):
         raise LowbitError(f"cannot trace architecture {arch} with torch.export: {msg}") from None
 
 
-def trace(loaded: LoadedModel) -> Graph:
-    """torch.export the model's step (causal LMs) or forward (encoders), every dimension dynamic; the IR Graph."""
+def trace(loaded: LoadedModel, decode_check: bool = True) -> Graph:
+    """torch.export the model's step (causal LMs) or forward (encoders), every dimension dynamic; the IR Graph.
+    ``decode_check=False``: skip the numeric one-token decode check (a weightless model, frontend/skeleton.py)."""
     with quiet_transformers():
-        return _trace(loaded)
+        return _trace(loaded, decode_check)
 
 
-def _trace(loaded: LoadedModel) -> Graph:
+def _trace(loaded: LoadedModel, decode_check: bool = True) -> Graph:
     from torch.export import Dim
 
     vocab = int(loaded.config.vocab_size)
@@ -162,7 +163,7 @@ def _trace(loaded: LoadedModel) -> Graph:
     graph.vocab_size = vocab
     emb = loaded.model.get_input_embeddings()
     graph.input_embedding = next((n for n, m in loaded.model.named_modules() if m is emb), None)
-    if kv is not None:
+    if kv is not None and decode_check:
         err = _decode_check(graph)
         if err is not None:
             arch = ",".join(getattr(loaded.config, "architectures", None) or [loaded.model_type])
