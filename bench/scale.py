@@ -195,7 +195,8 @@ def main() -> int:
         print(f"CPU: {describe_cpu()}; {os.cpu_count()} cores")
         rows = torchrun_rows(a.model, a.recipe, a.samples, a.seq_len, a.processes, Path(a.out))
         print(f"{a.model}, {a.recipe}, {a.samples} x {a.seq_len} calibration tokens\n"
-              "| processes | wall s | CPU s (all) | peak RSS GiB (largest) | speedup | tensors identical to 1 process |\n"
+              "| processes | wall s | CPU s (all) | peak RSS GiB (largest) | speedup | "
+              "tensors identical to 1 process |\n"
               "|---|---|---|---|---|---|")
         for r in rows:
             print(f"| {r['processes']} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gib']} | "

@@ -58,7 +58,8 @@ def test_two_processes_give_the_codes_of_one(model_dirs, tmp_path):
 @pytest.mark.parametrize("kw,needle", [
     (dict(recipe="gptq-w4g64", resume=True), "--resume is for one process"),
     (dict(recipe="zq-w8a8-lkd"), "distils (LKD), which runs in one process"),
-    (dict(recipe="gptq-w4g64", calib=CalibrationArgs("demo", 1, 32)), "--calib-samples 1 is fewer than the 2 processes"),
+    (dict(recipe="gptq-w4g64", calib=CalibrationArgs("demo", 1, 32)),
+     "--calib-samples 1 is fewer than the 2 processes"),
 ])
 def test_what_a_split_compile_refuses(kw, needle, model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "join", lambda device: distributed.Ranks(0, 2))

@@ -109,9 +109,11 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``.
 
     ``lkd`` (``passes.settings.LKDSettings``, or a dict of its fields) replaces or overrides the recipe's LKD
-    settings; it needs a recipe that distils. ``fuse=False`` skips the fusion rules. The target's options: ``options`` (its options object,
-    e.g. ``lowering.onnx.options.OnnxOptions``) or their keywords (``onnx_accuracy_level``, ``onnx_fusions``,
-    ``onnx_exporter``, ``trt_precision``: ``lowbit.targets.target_options``).
+    settings; it needs a recipe that distils. ``fuse=False`` skips the fusion rules. The target's options:
+    ``options`` (its options object, e.g. ``lowering.onnx.options.OnnxOptions``) or their keywords
+    (``onnx_accuracy_level``, ``onnx_fusions``, ``onnx_exporter``, ``trt_precision``: ``targets.target_options``).
+    Under torchrun (``WORLD_SIZE`` > 1) each process runs this; GPTQ splits its calibration over them and rank 0
+    writes the artifact (``lowbit.distributed``).
     """
     lowering = targets.lowering(target)
     if out is None:

@@ -86,8 +86,8 @@ class CheckpointWeights:
         except LowbitError:
             raise
         except Exception as e:         # a truncated or corrupt shard
-            raise LowbitError(f"cannot read tensor '{name}' from '{self.folder / self.files[name]}': "
-                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}") from None
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise LowbitError(f"cannot read tensor '{name}' from '{self.folder / self.files[name]}': {why}") from None
         return t if dtype is None else t.to(dtype)
 
 
@@ -99,7 +99,8 @@ def _source_name(name: str, available: set, tied: dict, prefix: str) -> str:
             continue
         variants = [candidate]
         if prefix:
-            variants.append(candidate[len(prefix) + 1:] if candidate.startswith(prefix + ".") else f"{prefix}.{candidate}")
+            stripped = candidate.startswith(prefix + ".")
+            variants.append(candidate[len(prefix) + 1:] if stripped else f"{prefix}.{candidate}")
         for v in variants:
             if v in available:
                 return v

@@ -125,7 +125,8 @@ def _from_flat(data: dict, where: str) -> Recipe:
             raise LowbitError(f"{where}: {why}")
     unknown = set(data) - _FIELDS
     if unknown:
-        raise LowbitError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_FIELDS))}")
+        raise LowbitError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: "
+                          f"{', '.join(sorted(_FIELDS))}")
     raw_overrides = data.pop("overrides", [])
     _check_types(where, data)
     if not isinstance(raw_overrides, list):
