@@ -13,6 +13,7 @@ from lowbit.format import artifact
 from lowbit.frontend.load import (eos_token_ids, hash_model_folder, load_model, load_tokenizer, max_positions,
                                   read_config, resolve_model_path, task_of)
 from lowbit.frontend.trace import trace
+from lowbit.frontend.weights import checkpoint_dtype
 from lowbit.progress import say, timed
 from lowbit.compiler.output_path import check_output_path
 from lowbit.passes.recipe import load_recipe
@@ -228,6 +229,7 @@ def _load_and_trace(job: _Job, inputs: _Inputs):
         source_hash = hash_model_folder(loaded.path)
     with timed(job.timings, "trace"):
         graph = trace(loaded)
+    graph.storage_dtype = checkpoint_dtype(loaded.path)
     check_groups(graph, recipe)
     if inputs.lkd is not None and not any(site.block for site, _ in quantizable(graph, recipe)):
         raise LowbitError(f"LKD needs quantized weights in the model's blocks; recipe '{recipe.name}' quantizes none")

@@ -22,9 +22,11 @@ from lowbit.format import op_table
 from lowbit.format.quantize import check_packed
 
 FORMAT = "lowbit.graph"
-# 2: lowbit's quantized linear ops may carry a ``residual`` keyword (the residual_add rule). Readers take every
-# version up to theirs.
-VERSION = 2
+# 2: lowbit's quantized linear ops may carry a ``residual`` keyword (the residual_add rule). 3: float tensors may be
+# stored narrower than the traced dtype (``widen``: the checkpoint's bfloat16 / float16 kept as it was). Readers take
+# every version up to theirs; a writer stamps the lowest version its document needs.
+VERSION = 3
+WIDEN_VERSION = 3
 # Checks of what the tracer saw (dtype and device metadata, shape guards): not part of the computation, and
 # wrong once the program runs in another dtype or on another device.
 _DROPPED = {torch.ops.aten._assert_tensor_metadata.default}
@@ -117,12 +119,14 @@ def _attr(gm: torch.nn.Module, target: str):
     return obj
 
 
-def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None) -> tuple[dict, dict[str, torch.Tensor]]:
+def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None,
+           storage: Optional[torch.dtype] = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(document, tensors) for ``gm``, whose float tensors and float dtype arguments are ``dtype``; ``names`` maps
     a constant's attribute path to the name it is stored under. Tensors that share storage (tied embeddings)
-    are stored once."""
+    are stored once. With ``storage`` (the checkpoint's dtype), a ``dtype`` tensor whose every value it holds
+    exactly is stored in it and listed under ``widen`` (so it is never silently widened on disk)."""
     names = names or {}
-    nodes, tensors, stored = [], {}, {}
+    nodes, tensors, stored, widen = [], {}, {}, []
     for n in gm.graph.nodes:
         if (n.op == "call_module" or (n.op == "call_function" and n.target in _DROPPED)) and not n.users:
             continue
@@ -136,6 +140,9 @@ def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None)
             key = stored.setdefault(ident, names.get(n.target, n.target))
             if key not in tensors:
                 tensors[key] = t.detach().contiguous()
+                if storage is not None and storage != dtype and t.dtype == dtype and _holds(storage, tensors[key]):
+                    tensors[key] = tensors[key].to(storage)
+                    widen.append(key)
             nodes.append({"op": "get_attr", "name": n.name, "tensor": key})
         elif n.op == "call_function":
             nodes.append({"op": "call", "name": n.name, "target": _target_name(n.target),
@@ -146,9 +153,16 @@ def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None)
         else:
             raise LowbitError(f"graph node {n.name} is a {n.op} ({n.target}); the lowbit graph format stores "
                               "flat graphs of operator calls")
-    doc = {"format": FORMAT, "version": VERSION, "op_table": op_table.TABLE_VERSION,
+    doc = {"format": FORMAT, "version": WIDEN_VERSION if widen else 2, "op_table": op_table.TABLE_VERSION,
            "dtype": str(dtype).removeprefix("torch."), "nodes": nodes}
+    if widen:
+        doc["widen"] = widen
     return doc, tensors
+
+
+def _holds(storage: torch.dtype, t: torch.Tensor) -> bool:
+    """Whether ``storage`` holds every value of ``t`` exactly (a bfloat16 checkpoint's weights loaded as float32)."""
+    return bool(torch.equal(t.to(storage).to(t.dtype), t))
 
 
 def check_document(doc, where: str):
@@ -165,6 +179,9 @@ def check_document(doc, where: str):
         raise LowbitError(f"{where}: op_table must be a positive integer, not {table!r}")
     if doc.get("dtype") not in _FLOAT_DTYPES or not isinstance(doc.get("nodes"), list):
         raise LowbitError(f"{where}: dtype must be one of {', '.join(_FLOAT_DTYPES)} and nodes a list; recompile")
+    widen = doc.get("widen", [])
+    if not (isinstance(widen, list) and all(isinstance(k, str) for k in widen)):
+        raise LowbitError(f"{where}: widen must be a list of tensor names; recompile")
 
 
 def decode(doc: dict, tensors: dict[str, torch.Tensor], device="cpu", dtype: Optional[torch.dtype] = None,
@@ -230,8 +247,14 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
     if not outputs:
         raise LowbitError(f"{where} has no output node; recompile")
     root = torch.nn.Module()
+    traced = _torch_attr(doc["dtype"], torch.dtype)
+    widen = set(doc.get("widen", []))
     for key, attr in constants.items():
         t = tensors[key]
+        if key in widen:
+            if not t.is_floating_point():
+                raise LowbitError(f"{where}: tensor {key[:80]!r} is listed to widen but holds {t.dtype}; recompile")
+            t = t.to(traced)               # stored in the checkpoint's narrower dtype: the value the trace held
         root.register_buffer(attr, t.to(device=device, dtype=dtype_map.get(t.dtype, t.dtype)))
     return fx.GraphModule(root, g)
 

@@ -91,6 +91,22 @@ class CheckpointWeights:
         return t if dtype is None else t.to(dtype)
 
 
+def checkpoint_dtype(folder: Path) -> Optional[torch.dtype]:
+    """The float dtype most of a safetensors checkpoint's values are stored in (bfloat16, float16 or float32), or
+    None for a folder without safetensors weights."""
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    try:
+        weights = CheckpointWeights(folder)
+    except LowbitError:
+        return None
+    counts: dict = {}
+    for name in weights.names():
+        shape, dtype = weights.shape_dtype(name)
+        if dtype in names:
+            counts[names[dtype]] = counts.get(names[dtype], 0) + int(torch.Size(shape).numel())
+    return max(counts, key=counts.get) if counts else None
+
+
 def _source_name(name: str, available: set, tied: dict, prefix: str) -> str:
     """The checkpoint's name for the model's tensor ``name``: itself, the tensor it is tied to, or either with the
     base model's prefix added or removed (a checkpoint saved from the bare model or from a head model)."""

@@ -134,7 +134,8 @@ class Graph:
         self.dtype = dtype
         self.vocab_size = 0                   # set by the frontend: the token ids the graph accepts
         self.attention = attention            # the transformers attention implementation that was traced
-        # Why the traced step cannot run a one-token step over an empty cache (None: it serves decode too).
+        # The checkpoint's float dtype (set by the frontend): float tensors it holds exactly are stored in it.
+        self.storage_dtype: Optional[torch.dtype] = None
         # Constants added by rewrites (packed layers): attribute -> the name the artifact stores them under.
         self.tensor_names: dict[str, str] = {}
         # Scales/zero points a pass before the weight pass fixed per layer (LKD): {layer: (scale, zero)}.

@@ -49,7 +49,7 @@ def graph_description(graph: Graph) -> dict:
 
 def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
     """The shipped program document and its tensors."""
-    doc, tensors = program_format.encode(graph.gm, graph.dtype, graph.stored_names())
+    doc, tensors = program_format.encode(graph.gm, graph.dtype, graph.stored_names(), storage=graph.storage_dtype)
     doc.update({"task": graph.task, "model_type": graph.model_type,
                 "inputs": [n["name"] for n in doc["nodes"] if n["op"] == "placeholder"]})
     if graph.kv is not None:
@@ -98,7 +98,7 @@ def size_report(graph: Graph, model, weights_path: Path) -> dict:
         if ptr not in seen:
             seen.add(ptr)
             model_bytes += t.numel() * t.element_size()
-    return {"source_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+    return {"source_dtype": str(graph.storage_dtype or next(model.parameters()).dtype).replace("torch.", ""),
             "model_bytes_before": model_bytes,
             "weights_file_bytes": weights_path.stat().st_size,
             "matmul_bytes_before": matmul_float,
