@@ -62,6 +62,7 @@ def build(shape: str, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     if (folder / "model.safetensors.index.json").is_file():
+        add_tokenizer(folder)
         return folder
     cfg = config(shape)
     tmp = folder.with_name(folder.name + ".partial")
@@ -96,8 +97,29 @@ def build(shape: str, folder: Path) -> Path:
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     cfg.save_pretrained(tmp)
+    add_tokenizer(tmp)
     tmp.rename(folder)
     return folder
+
+
+def add_tokenizer(folder: Path, vocab: int = 4096) -> None:
+    """A byte-level BPE tokenizer trained on the demo's calibration text (ids below every shape's vocabulary), so
+    GPTQ can calibrate and ``lowbit run`` can generate: the weights are random, the text only has to tokenize."""
+    if (folder / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.demo.assets import ensure_assets
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(ensure_assets()["calib"])], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(folder)
 
 
 def parameters(shape: str) -> int:
