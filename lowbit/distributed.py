@@ -52,12 +52,6 @@ class Ranks:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
 
 def world_size() -> int:
     """The number of processes torchrun started (1 without torchrun)."""

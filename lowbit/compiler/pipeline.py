@@ -40,9 +40,9 @@ class CalibrationArgs:
 def lkd_settings(recipe, lkd):
     """The LKD settings for this compile, or None: the recipe's, or ``lkd`` (an LKDSettings) instead, or ``lkd``'s
     entries (a dict of LKDSettings fields, e.g. from the --lkd-* flags; None values ignored) over the recipe's."""
-    from dataclasses import fields, replace
+    from dataclasses import replace
 
-    from lowbit.passes.settings import LKDSettings, field_types
+    from lowbit.passes.settings import LKDSettings, check_types, field_types
 
     if isinstance(lkd, dict):
         lkd = {k: v for k, v in lkd.items() if v is not None}
@@ -56,11 +56,10 @@ def lkd_settings(recipe, lkd):
     if isinstance(lkd, LKDSettings) or not lkd:
         return lkd or recipe.lkd
     types = field_types(LKDSettings)
-    for key, value in lkd.items():
-        if key not in types:
-            raise LowbitError(f"unknown LKD setting '{key}'; valid: {', '.join(f.name for f in fields(LKDSettings))}")
-        if type(value) is not types[key] and not (types[key] is float and type(value) is int):
-            raise LowbitError(f"LKD setting '{key}' must be {types[key].__name__}, got {value!r}")
+    unknown = sorted(set(lkd) - set(types))
+    if unknown:
+        raise LowbitError(f"unknown LKD setting '{unknown[0]}'; valid: {', '.join(types)}")
+    check_types("LKD settings", lkd, types)
     return replace(recipe.lkd, **lkd)
 
 

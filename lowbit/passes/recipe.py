@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Optional
 
 from lowbit.errors import LowbitError
-from lowbit.passes.settings import GPTQSettings, LKDSettings, Override, Scheme, field_types
+from lowbit.passes.settings import GPTQSettings, LKDSettings, Override, Scheme, check_types, field_types
 
 METHODS = ("fp", "rtn", "gptq")
 ATTENTION_PATTERNS = ("*.self_attn.*", "*.attn.*", "*.attention.*")
@@ -128,7 +128,7 @@ def _from_flat(data: dict, where: str) -> Recipe:
         raise LowbitError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}; valid: "
                           f"{', '.join(sorted(_FIELDS))}")
     raw_overrides = data.pop("overrides", [])
-    _check_types(where, data)
+    check_types(where, data, _TYPES)
     if not isinstance(raw_overrides, list):
         raise LowbitError(f"{where}: 'overrides' must be an array of tables ([[overrides]])")
     overrides = tuple(_override(where, i, o) for i, o in enumerate(raw_overrides))
@@ -180,15 +180,6 @@ def _builtin() -> dict[str, Recipe]:
 BUILTIN = _builtin()
 
 
-def _check_types(where: str, table: dict):
-    for key, value in table.items():
-        want = _TYPES.get(key)
-        if want is float and type(value) is int:
-            value = table[key] = float(value)
-        if want is not None and (type(value) is not want):
-            raise LowbitError(f"{where}: field '{key}' must be {want.__name__}, got {value!r}")
-
-
 def _read_toml(path: Path) -> dict:
     try:
         text = path.read_bytes().decode("utf-8")        # TOML is UTF-8 whatever the locale says
@@ -211,7 +202,7 @@ def _override(where: str, i: int, o) -> Override:
     if bad or "pattern" not in o:
         raise LowbitError(f"{where} needs 'pattern' and only fields {', '.join(sorted(_OVERRIDE_FIELDS))} "
                           f"(got {', '.join(sorted(o))})")
-    _check_types(where, o)
+    check_types(where, o, _TYPES)
     if not o["pattern"]:
         raise LowbitError(f"{where}: field 'pattern' must be a non-empty module-name glob, e.g. \"*.mlp.down_proj\"")
     return Override(**o)

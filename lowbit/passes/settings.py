@@ -150,6 +150,17 @@ class LKDSettings:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def check_types(where: str, table: dict, types: dict) -> None:
+    """Refuse a value of ``table`` whose type is not ``types[key]`` (keys it lacks pass), in one line; an int where
+    a float is wanted becomes that float, in place (TOML and JSON write 1 for 1.0)."""
+    for key, value in table.items():
+        want = types.get(key)
+        if want is float and type(value) is int:
+            value = table[key] = float(value)
+        if want is not None and type(value) is not want:
+            raise LowbitError(f"{where}: field '{key}' must be {want.__name__}, got {value!r}")
+
+
 def field_types(cls) -> dict:
     """{field: type} of the fields of ``cls`` whose default is a plain value, for checking what TOML gave."""
     return {f.name: type(f.default) for f in fields(cls)
