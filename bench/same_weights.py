@@ -1,7 +1,9 @@
 """Whether a change left the compiled weights alone: compiles the demo LM with each recipe (and target) at a base
 commit and at this checkout, and compares every file the two artifacts hold, byte for byte, except: ``manifest.json``
 and ``graph.json`` are compared as JSON without their timing entries and the manifest without its hashes, tool
-versions, source path and recipe entry (which restate the other files and the code); ``report.md`` is skipped.
+versions, source path, recipe entry (which restate the other files and the code) and ``streamed`` (how the compile
+ran, not what it wrote); ``program.json`` as JSON with its call nodes named by position on both sides
+(``format.program.canonical_names``, so a base that named them in rewrite order compares); ``report.md`` is skipped.
 
     python -m bench.same_weights [--base HEAD~1] [--recipes rtn-w4g64 zq-w8a8 gptq-w4g64 rtn-w4g64-sym:onnx ...]
 
@@ -24,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["rtn-w4g64", "zq-w8a8", "gptq-w4g64", "rtn-w4g64-sym:onnx", "gptq-w4g64:hf-gptq"]
-VOLATILE = {"seconds", "timings", "files", "tools", "recipe", "source", "export_seconds"}
+VOLATILE = {"seconds", "timings", "files", "tools", "recipe", "source", "export_seconds", "streamed"}
 
 
 def compile_at(src: Path, spec: str, out: Path) -> None:
@@ -45,6 +47,12 @@ def _stable(doc):
     return doc
 
 
+def _named(doc: dict) -> dict:
+    from lowbit.format.program import canonical_names
+
+    return {**doc, "nodes": canonical_names(doc["nodes"])}
+
+
 def differing(a: Path, b: Path) -> tuple[list[str], int]:
     """(files that differ or exist on one side only, files compared)."""
     names = sorted({p.relative_to(a) for p in a.rglob("*") if p.is_file()}
@@ -57,6 +65,9 @@ def differing(a: Path, b: Path) -> tuple[list[str], int]:
             bad.append(f"{n} (one side only)")
         elif n.name in ("manifest.json", "graph.json"):
             if _stable(json.loads(x.read_text())) != _stable(json.loads(y.read_text())):
+                bad.append(str(n))
+        elif n.name == "program.json":
+            if _named(json.loads(x.read_text())) != _named(json.loads(y.read_text())):
                 bad.append(str(n))
         elif x.read_bytes() != y.read_bytes():
             bad.append(str(n))

@@ -47,3 +47,18 @@ def describe_cpu() -> str:
     """'<model name>; flags: <the CPU_FLAGS it has>', the line benchmarks print beside their numbers."""
     flags = cpu_flags()
     return f"{cpu_model()}; flags: {' '.join(flags) or 'none of ' + ' '.join(CPU_FLAGS)}"
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing elsewhere). glibc raises
+    its mmap threshold to the largest block freed so far (up to 32 MiB), so a long run that frees many tensors of
+    a few MiB leaves them in the heap, and the resident set grows although nothing is held."""
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -90,6 +90,7 @@ class _Job:
     checkpoint: object = None
     lkd_info: Optional[dict] = None
     rules_info: Optional[dict] = None
+    streamed: bool = False         # compiled block by block from the checkpoint (compiler/stream.py)
 
 
 @dataclass
@@ -167,10 +168,12 @@ def _lead(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int, resum
         artifact.check_output_dir(out, force)
         inputs = _read_inputs(job, lkd, eval_text, eval_windows, eval_seq_len)
         t0 = time.perf_counter()
-        loaded, graph, source_hash = _load_and_trace(job, inputs)
-        _quantize(job, inputs, loaded, graph, source_hash, resume)
+        loaded, traced, source_hash = _load_and_trace(job, inputs)
+        if traced.source is None or job.recipe.needs_calibration:       # streaming: the calibration pass only
+            _quantize(job, inputs, loaded, traced, source_hash, resume)
 
         def fill(tmp: Path) -> dict:
+            graph = traced if traced.source is None else _stream(job, loaded, traced, tmp)
             lowered = lowering.write(tmp, graph, loaded, job.recipe, options, job.timings, quiet)
             job.timings["total"] = round(time.perf_counter() - t0, 3)
             body = _manifest_body(job, loaded, source_hash, lowered)
@@ -219,15 +222,50 @@ def _read_inputs(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int
     return inputs
 
 
+def _streams(job: _Job, inputs: _Inputs) -> bool:
+    """Whether this compile runs block by block from the checkpoint (compiler/stream.py). Not yet: LKD and --eval
+    (they run the float model), exports in transformers' layout, a quantized embedding,
+    torchrun, checkpoints not in safetensors or whose loading converts tensors (``_open``)."""
+    recipe = job.recipe
+    return (recipe.method in ("rtn", "gptq", "fp") and inputs.lkd is None and inputs.eval_windows is None
+            and getattr(job.lowering, "streams", False) and job.ranks.world == 1
+            and not recipe.scheme.quantize_embeddings and checkpoint_dtype(inputs.model_path) is not None)
+
+
+def _open(job: _Job, inputs: _Inputs):
+    """(loaded model, its CheckpointWeights): a weightless model with the config and tokenizer, read block by block
+    later, when the compile streams; else the model in memory and None."""
+    path = inputs.model_path
+    if _streams(job, inputs):
+        from lowbit.frontend.load import LoadedModel
+        from lowbit.frontend.skeleton import weightless_model
+        from lowbit.frontend.weights import CheckpointWeights
+
+        config = read_config(path)
+        weights, model = CheckpointWeights(path), weightless_model(config)
+        if weights.model_names(model) is not None:
+            return LoadedModel(model, load_tokenizer(path), config, path, task_of(config)), weights
+    return load_model(str(path)), None
+
+
 def _load_and_trace(job: _Job, inputs: _Inputs):
     """(loaded model, traced graph, source hash). Load and trace silently, then validate against the real layer
     shapes: a bad recipe for this model is still a single error line. Progress starts once the inputs are good."""
+    from lowbit.compiler.stream import range_keys
+
     recipe = job.recipe
     with timed(job.timings, "load"):
-        loaded = load_model(str(inputs.model_path))
+        loaded, weights = _open(job, inputs)
         source_hash = hash_model_folder(loaded.path)
     with timed(job.timings, "trace"):
-        graph = trace(loaded)
+        # Streaming RTN runs the decode check with the compile (compiler/stream.py), in its one read of the
+        # checkpoint; a calibrated method checks here, before the long pass.
+        graph = trace(loaded, decode_check=weights is None or recipe.needs_calibration, weights=weights)
+    if weights is not None and range_keys(graph) is None:        # blocks interleave: compile it in memory
+        with timed(job.timings, "load"):
+            loaded = load_model(str(inputs.model_path))
+        with timed(job.timings, "trace"):
+            graph = trace(loaded)
     graph.storage_dtype = checkpoint_dtype(loaded.path)
     check_groups(graph, recipe)
     if inputs.lkd is not None and not any(site.block for site, _ in quantizable(graph, recipe)):
@@ -270,12 +308,53 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
             job.metrics["ppl_after"] = perplexity(lambda ids: graph(ids, torch.ones_like(ids)), inputs.eval_windows,
                                                   show_progress=not quiet)
         say(f"perplexity {job.metrics['ppl_before']['ppl']:.3f} -> {job.metrics['ppl_after']['ppl']:.3f}", quiet)
-    if job.fuse and job.lowering.fuse and job.ranks.main:
+    if job.fuse and job.lowering.fuse and job.ranks.main and graph.source is None:
         from lowbit.rules import apply_rules
 
         with timed(timings, "fuse"):
             job.rules_info = apply_rules(graph)
         say("fusion rules: " + ", ".join(f"{k} fired {v['fired']}x" for k, v in job.rules_info.items()), quiet)
+
+
+def _stream(job: _Job, loaded, graph, tmp: Path):
+    """The streaming compile (compiler/stream.py): quantize, fuse and write ``graph`` block by block into ``tmp``;
+    returns the graph to lower. A calibrated method's layers were made by its pass on ``graph`` and saved block by
+    block (passes/checkpoint.py): a fresh trace of the model takes them from there."""
+    from lowbit.compiler.stream import StreamCompile
+    from lowbit.frontend.trace import decode_check_runs, decode_failure
+    from lowbit.lowering.program import weight_writer
+    from lowbit.passes.checkpoint import checkpoint_node
+    from lowbit.passes.rtn import quantizable, rtn_node
+    from lowbit.rules import CHECK_TOLERANCE, check_inputs, default_rules
+
+    recipe, quiet = job.recipe, job.quiet
+    fuse = job.fuse and job.lowering.fuse
+    if recipe.needs_calibration:
+        storage = graph.storage_dtype
+        graph = trace(loaded, decode_check=False, weights=graph.source.weights)
+        graph.storage_dtype = storage
+    graph.writer, job.streamed = weight_writer(tmp), True
+    layers = len(list(quantizable(graph, recipe))) if recipe.quantizes else 0
+    quantize = (checkpoint_node(graph, recipe, job.checkpoint) if recipe.needs_calibration
+                else rtn_node(graph, recipe) if layers else (lambda node: None))
+    decode = graph.kv is not None and not recipe.needs_calibration      # (else checked when traced)
+    what = (f"{'writing the calibrated layers' if recipe.needs_calibration else recipe.method + ' quantization'}"
+            f"{' with fusion' if fuse else ''}, block by block on {job.device}")
+    with timed(job.timings, "emit" if recipe.needs_calibration else f"pass_{recipe.method}", quiet, what):
+        stream = StreamCompile(graph, graph.writer, check_inputs(graph), quantize, default_rules() if fuse else None,
+                               CHECK_TOLERANCE, not quiet, decode_check_runs(graph) if decode else None)
+        rules = stream.run()
+    why = stream.decode_mismatch() if decode else None
+    if why is not None:
+        raise decode_failure(graph, loaded.config, why)
+    if recipe.method in PASSES and not recipe.needs_calibration:
+        job.pass_info = {"layers": layers}
+        for line in outlier_lines(graph):
+            say(line, quiet)
+    if fuse:
+        job.rules_info = rules
+        say("fusion rules: " + ", ".join(f"{k} fired {v['fired']}x" for k, v in rules.items()), quiet)
+    return graph
 
 
 def _distil(job: _Job, inputs: _Inputs, loaded, graph) -> dict:
@@ -303,7 +382,7 @@ def _manifest_body(job: _Job, loaded, source_hash: str, lowered: dict) -> dict:
                        "architectures": list(getattr(loaded.config, "architectures", None) or []),
                        "task": loaded.task, "sha256": source_hash},
             "recipe": job.recipe.to_dict(), "timings": job.timings, "sizes": lowered.pop("sizes"),
-            "metrics": job.metrics, "device": job.device,
+            "metrics": job.metrics, "device": job.device, "streamed": job.streamed,
             "generation": {"max_positions": loaded.max_positions, "eos_token_ids": eos_token_ids(loaded.config)}}
     if job.rules_info is not None:
         body["rules"] = job.rules_info

@@ -120,18 +120,25 @@ def _attr(gm: torch.nn.Module, target: str):
 
 
 def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None,
-           storage: Optional[torch.dtype] = None) -> tuple[dict, dict[str, torch.Tensor]]:
+           storage: Optional[torch.dtype] = None,
+           written: Optional[dict] = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(document, tensors) for ``gm``, whose float tensors and float dtype arguments are ``dtype``; ``names`` maps
     a constant's attribute path to the name it is stored under. Tensors that share storage (tied embeddings)
     are stored once. With ``storage`` (the checkpoint's dtype), a ``dtype`` tensor whose every value it holds
-    exactly is stored in it and listed under ``widen`` (so it is never silently widened on disk)."""
-    names = names or {}
+    exactly is stored in it and listed under ``widen`` (so it is never silently widened on disk). ``written``:
+    constants already stored (attribute -> (name, widened), from ``stored_form``), named here, not returned."""
+    names, written = names or {}, written or {}
     nodes, tensors, stored, widen = [], {}, {}, []
     for n in gm.graph.nodes:
         if (n.op == "call_module" or (n.op == "call_function" and n.target in _DROPPED)) and not n.users:
             continue
         if n.op == "placeholder":
             nodes.append({"op": "placeholder", "name": n.name})
+        elif n.op == "get_attr" and n.target in written:
+            key, widened = written[n.target]
+            if widened and key not in widen:
+                widen.append(key)
+            nodes.append({"op": "get_attr", "name": n.name, "tensor": key})
         elif n.op == "get_attr":
             t = _attr(gm, n.target)
             if not isinstance(t, torch.Tensor):
@@ -139,9 +146,8 @@ def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None,
             ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
             key = stored.setdefault(ident, names.get(n.target, n.target))
             if key not in tensors:
-                tensors[key] = t.detach().contiguous()
-                if storage is not None and storage != dtype and t.dtype == dtype and _holds(storage, tensors[key]):
-                    tensors[key] = tensors[key].to(storage)
+                tensors[key], widened = stored_form(t, dtype, storage)
+                if widened:
                     widen.append(key)
             nodes.append({"op": "get_attr", "name": n.name, "tensor": key})
         elif n.op == "call_function":
@@ -154,10 +160,59 @@ def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None,
             raise LowbitError(f"graph node {n.name} is a {n.op} ({n.target}); the lowbit graph format stores "
                               "flat graphs of operator calls")
     doc = {"format": FORMAT, "version": WIDEN_VERSION if widen else 2, "op_table": op_table.TABLE_VERSION,
-           "dtype": str(dtype).removeprefix("torch."), "nodes": nodes}
+           "dtype": str(dtype).removeprefix("torch."), "nodes": canonical_names(nodes)}
     if widen:
         doc["widen"] = widen
     return doc, tensors
+
+
+def canonical_names(nodes: list) -> list:
+    """``nodes`` (a document's) with every call node renamed by its position: the name fx gave it without its
+    counter, numbered in order (``to``, ``to_1``, ...). Rewrites number their nodes in the order they ran (rule by
+    rule over the graph, or block by block in the streaming compile); the program is the same either way."""
+    taken = {nd["name"] for nd in nodes if nd["op"] != "call"}
+    counts: dict[str, int] = {}
+    rename: dict[str, str] = {}
+    for nd in nodes:
+        if nd["op"] != "call":
+            continue
+        base = re.sub(r"_\d+$", "", nd["name"])
+        while True:
+            k = counts.get(base, 0)
+            counts[base] = k + 1
+            name = base if k == 0 else f"{base}_{k}"
+            if name not in taken:
+                break
+        rename[nd["name"]] = name
+        taken.add(name)
+
+    def fix(v):                     # an encoded argument value (_encode_value)
+        if isinstance(v, dict) and len(v) == 1:
+            (tag, x), = v.items()
+            if tag == "node":
+                return {"node": rename.get(x, x)}
+            if tag in ("list", "tuple"):
+                return {tag: [fix(i) for i in x]}
+        return v
+
+    out = []
+    for nd in nodes:
+        nd = {**nd, "name": rename.get(nd["name"], nd["name"])}
+        if "args" in nd:
+            nd["args"] = fix(nd["args"])
+        if "kwargs" in nd:
+            nd["kwargs"] = {k: fix(v) for k, v in nd["kwargs"].items()}
+        out.append(nd)
+    return out
+
+
+def stored_form(t: torch.Tensor, dtype: torch.dtype, storage: Optional[torch.dtype]) -> tuple[torch.Tensor, bool]:
+    """(the tensor as stored, whether it is stored narrower than ``dtype``): a ``dtype`` tensor that ``storage``
+    (the checkpoint's dtype) holds exactly is stored in ``storage``."""
+    t = t.detach().contiguous()
+    if storage is not None and storage != dtype and t.dtype == dtype and _holds(storage, t):
+        return t.to(storage), True
+    return t, False
 
 
 def _holds(storage: torch.dtype, t: torch.Tensor) -> bool:
@@ -185,20 +240,24 @@ def check_document(doc, where: str):
 
 
 def decode(doc: dict, tensors: dict[str, torch.Tensor], device="cpu", dtype: Optional[torch.dtype] = None,
-           where: str = "program") -> fx.GraphModule:
+           where: str = "program", narrow_tables: bool = False) -> fx.GraphModule:
     """The GraphModule of a document on ``device``; with ``dtype``, float tensors and float dtype arguments that
-    were the traced dtype become ``dtype``. Refuses (LowbitError) anything outside the format."""
+    were the traced dtype become ``dtype``. Refuses (LowbitError) anything outside the format. ``tensors`` is
+    emptied as they move into the module (so a caller's dict does not hold a second copy). ``narrow_tables``: a
+    ``widen`` tensor read only as the table of ``aten.embedding`` stays in its stored dtype and the looked-up rows
+    are converted instead (the same values, in half the memory for a bfloat16 vocabulary table)."""
     check_document(doc, where)
     device = torch.device(device)
     traced = _torch_attr(doc["dtype"], torch.dtype)
     dtype_map = {traced: dtype} if dtype is not None and dtype != traced else {}
     try:
-        return _build(doc, tensors, device, dtype_map, where)
+        return _build(doc, tensors, device, dtype_map, where, narrow_tables)
     except RecursionError:
         raise LowbitError(f"{where}: argument values nested too deeply; refusing it") from None
 
 
-def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, where: str) -> fx.GraphModule:
+def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, where: str,
+           narrow_tables: bool = False) -> fx.GraphModule:
     table = doc.get("op_table", 1)
     g = fx.Graph()
     env: dict[str, fx.Node] = {}
@@ -249,14 +308,37 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
     root = torch.nn.Module()
     traced = _torch_attr(doc["dtype"], torch.dtype)
     widen = set(doc.get("widen", []))
+    narrow = _narrow_tables(g, constants, widen, dtype_map.get(traced, traced)) if narrow_tables else set()
     for key, attr in constants.items():
-        t = tensors[key]
+        t = tensors.pop(key)
         if key in widen:
             if not t.is_floating_point():
                 raise LowbitError(f"{where}: tensor {key[:80]!r} is listed to widen but holds {t.dtype}; recompile")
+            if attr in narrow:
+                root.register_buffer(attr, t.to(device=device))
+                continue
             t = t.to(traced)               # stored in the checkpoint's narrower dtype: the value the trace held
         root.register_buffer(attr, t.to(device=device, dtype=dtype_map.get(t.dtype, t.dtype)))
+        del t
     return fx.GraphModule(root, g)
+
+
+def _narrow_tables(g: fx.Graph, constants: dict, widen: set, dtype: torch.dtype) -> set:
+    """The attributes of ``widen`` tensors that only ``aten.embedding`` reads, as its table; each lookup's rows are
+    converted to ``dtype`` after it (the graph rewritten in place)."""
+    attrs = {constants[k] for k in widen if k in constants}
+    out = set()
+    for n in list(g.nodes):
+        if n.op != "get_attr" or n.target not in attrs or not n.users:
+            continue
+        if all(u.target is torch.ops.aten.embedding.default and u.args[0] is n and n not in u.args[1:]
+               for u in n.users):
+            for u in list(n.users):
+                with g.inserting_after(u):
+                    cast = g.call_function(torch.ops.aten.to.dtype, (u, dtype))
+                u.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
+            out.add(n.target)
+    return out
 
 
 def _check_packed_call(target: str, args: tuple, kwargs: dict, by_attr: dict, where: str):

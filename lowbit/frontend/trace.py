@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import Optional
 
 import torch
 
@@ -133,14 +134,16 @@ def _export(root, args, dynamic, loaded):
         raise LowbitError(f"cannot trace architecture {arch} with torch.export: {msg}") from None
 
 
-def trace(loaded: LoadedModel, decode_check: bool = True) -> Graph:
+def trace(loaded: LoadedModel, decode_check: bool = True, weights=None) -> Graph:
     """torch.export the model's step (causal LMs) or forward (encoders), every dimension dynamic; the IR Graph.
-    ``decode_check=False``: skip the numeric one-token decode check (a weightless model, frontend/skeleton.py)."""
+    A weightless model (frontend/skeleton.py) traces too: with ``weights`` (its ``frontend.weights.
+    CheckpointWeights``) the graph reads each constant from them when used (``Graph.source``); without,
+    pass ``decode_check=False``, as the numeric one-token decode check needs weights."""
     with quiet_transformers():
-        return _trace(loaded, decode_check)
+        return _trace(loaded, decode_check, weights)
 
 
-def _trace(loaded: LoadedModel, decode_check: bool = True) -> Graph:
+def _trace(loaded: LoadedModel, decode_check: bool = True, weights=None) -> Graph:
     from torch.export import Dim
 
     vocab = int(loaded.config.vocab_size)
@@ -163,11 +166,14 @@ def _trace(loaded: LoadedModel, decode_check: bool = True) -> Graph:
     graph.vocab_size = vocab
     emb = loaded.model.get_input_embeddings()
     graph.input_embedding = next((n for n, m in loaded.model.named_modules() if m is emb), None)
+    if weights is not None:
+        from lowbit.frontend.weights import CheckpointSource
+
+        graph.source = CheckpointSource(graph, weights, loaded.model)
     if kv is not None and decode_check:
         err = _decode_check(graph)
         if err is not None:
-            arch = ",".join(getattr(loaded.config, "architectures", None) or [loaded.model_type])
-            raise LowbitError(f"architecture {arch}: the traced step does not serve one-token decode ({err})")
+            raise decode_failure(graph, loaded.config, err)
     return graph
 
 
@@ -233,22 +239,42 @@ def _functional(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
-def _decode_check(graph: Graph):
-    """None when the traced step also serves one-token decode, else why not: a prefill of 7 tokens then a
-    one-token step over its cache must give the logits of a prefill of all 8 (the step path the tracer did not
-    see against the one it did)."""
+def decode_check_runs(graph: Graph) -> list[tuple]:
+    """The step's arguments for the one-token decode check: a prefill of 8 tokens (one row left-padded), a prefill
+    of the first 7, and a one-token step whose past K/V must be the 7-token prefill's present K/V (here zeros of
+    their shape)."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, max(graph.vocab_size, 1), (2, 8), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    try:
-        with torch.no_grad():
-            full = graph.gm(*graph.step_args(ids, mask))[0][:, -1]
-            prefix = graph.gm(*graph.step_args(ids[:, :-1], mask[:, :-1]))
-            step = graph.gm(*graph.step_args(ids[:, -1:], mask, prefix[1:]))[0][:, -1]
-    except Exception as e:
-        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    past = [torch.zeros(2, h, 7, d, dtype=graph.dtype) for h, dk, dv in graph.kv for d in (dk, dv)]
+    return [graph.step_args(ids, mask), graph.step_args(ids[:, :-1], mask[:, :-1]),
+            graph.step_args(ids[:, -1:], mask, past)]
+
+
+def decode_mismatch(full: torch.Tensor, step: torch.Tensor) -> Optional[str]:
+    """None when the one-token step's last logits equal the full prefill's, else how far apart they are."""
     err = float((step - full).abs().max() / full.abs().max().clamp_min(1e-6))
     return None if err < 1e-4 else f"a one-token step differs from the prefill by {err:.1e} (relative)"
 
 
+def _decode_check(graph: Graph):
+    """None when the traced step also serves one-token decode, else why not: a prefill of 7 tokens then a
+    one-token step over its cache must give the logits of a prefill of all 8 (the step path the tracer did not
+    see against the one it did)."""
+    full_args, prefix_args, step_args = decode_check_runs(graph)
+    try:
+        with torch.no_grad():
+            full = graph.run(*full_args)[0][:, -1]
+            prefix = graph.run(*prefix_args)
+            step = graph.run(*step_args[:3], list(prefix[1:]))[0][:, -1]
+    except LowbitError:
+        raise                       # a checkpoint tensor the run read is bad: its own message
+    except Exception as e:
+        return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    return decode_mismatch(full, step)
+
+
+def decode_failure(graph: Graph, config, why: str) -> LowbitError:
+    arch = ",".join(getattr(config, "architectures", None) or [graph.model_type])
+    return LowbitError(f"architecture {arch}: the traced step does not serve one-token decode ({why})")

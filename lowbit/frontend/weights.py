@@ -1,5 +1,5 @@
 """A model folder's weights, one tensor at a time: ``model.safetensors``, or the shards a
-``model.safetensors.index.json`` lists, memory-mapped and read in their stored dtype when asked for. What the
+``model.safetensors.index.json`` lists, each tensor read in its stored dtype when asked for. What the
 streaming compile binds to a weightless trace (frontend/skeleton.py) block by block, instead of loading the model.
 
 The folder is untrusted input: the index must be a JSON object mapping tensor names to plain file names in the
@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.format.safetensors_file import read_header, read_tensor
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -22,8 +23,6 @@ INDEX = "model.safetensors.index.json"
 
 def _shard_map(folder: Path) -> dict[str, str]:
     """{tensor name: file name} of the folder's checkpoint, every file checked to be a plain file inside it."""
-    from safetensors import safe_open
-
     index = folder / INDEX
     if index.is_file():
         try:
@@ -36,8 +35,7 @@ def _shard_map(folder: Path) -> dict[str, str]:
             raise LowbitError(f"{index}: 'weight_map' must map tensor names to shard file names; re-save the model "
                               "with save_pretrained()")
     elif (folder / SINGLE).is_file():
-        with safe_open(str(folder / SINGLE), framework="pt") as f:
-            weight_map = {name: SINGLE for name in f.keys()}
+        weight_map = {name: SINGLE for name in read_header(folder / SINGLE)}
     else:
         raise LowbitError(f"'{folder}' has no {SINGLE} and no {INDEX}; lowbit reads safetensors checkpoints "
                           "(re-save the model with save_pretrained(), which writes them)")
@@ -53,42 +51,67 @@ def _shard_map(folder: Path) -> dict[str, str]:
 
 
 class CheckpointWeights:
-    """Read-only access to a checkpoint's tensors by name; each ``read`` copies one tensor out of its mapped shard."""
+    """Read-only access to a checkpoint's tensors by name; each ``read`` reads one tensor from its shard into
+    memory of its own (no memory map: the resident set holds what the caller keeps, not what it has read)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.files = _shard_map(self.folder)
-        self._open: dict[str, object] = {}
+        self._headers: dict[str, dict] = {}
 
     def names(self) -> set[str]:
         return set(self.files)
 
-    def _handle(self, name: str):
-        from safetensors import safe_open
+    def model_names(self, model) -> Optional[dict[str, str]]:
+        """{the model's name for a tensor: the checkpoint's name}, through the key renames transformers applies
+        when it loads this model class (GPT-NeoX's ``embed_out`` is ``lm_head``); None when loading it converts
+        tensors (merges, splits), which only transformers' own loader does."""
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightRenaming
+            transforms = get_model_conversion_mapping(model)
+        except ImportError:
+            return {name: name for name in self.files}
+        out = {}
+        for key in self.files:
+            name = key
+            for t in transforms:
+                renamed, matched = t.rename_source_key(name)
+                if matched is None:
+                    continue
+                if type(t) is not WeightRenaming:
+                    return None
+                name = renamed
+            out[name] = key
+        return out
 
+    def _entry(self, name: str):
         if name not in self.files:
             raise LowbitError(f"the checkpoint in '{self.folder}' has no tensor '{name}'; its weights do not match "
                               "config.json (re-save the model with save_pretrained())")
         file = self.files[name]
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.folder / file), framework="pt")
-        return self._open[file]
+        if file not in self._headers:
+            self._headers[file] = read_header(self.folder / file)
+        entry = self._headers[file].get(name)
+        if entry is None:
+            raise LowbitError(f"'{self.folder / file}' has no tensor '{name}', which {INDEX} places there; re-save "
+                              "the model with save_pretrained()")
+        return entry
 
     def shape_dtype(self, name: str) -> tuple[tuple, str]:
         """(shape, safetensors dtype name) of ``name`` without reading it."""
-        s = self._handle(name).get_slice(name)
-        return tuple(s.get_shape()), s.get_dtype()
+        entry = self._entry(name)
+        return entry.shape, entry.dtype
 
     def read(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The tensor ``name`` in its stored dtype, or converted to ``dtype``."""
+        entry = self._entry(name)
         try:
-            t = self._handle(name).get_tensor(name)
-        except LowbitError:
-            raise
-        except Exception as e:         # a truncated or corrupt shard
-            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise LowbitError(f"cannot read tensor '{name}' from '{self.folder / self.files[name]}': {why}") from None
-        return t if dtype is None else t.to(dtype)
+            with open(self.folder / self.files[name], "rb") as f:
+                return read_tensor(f, entry, dtype)
+        except OSError as e:
+            raise LowbitError(f"cannot read tensor '{name}' from '{self.folder / self.files[name]}': {e.strerror}"
+                              ) from None
 
 
 def checkpoint_dtype(folder: Path) -> Optional[torch.dtype]:
@@ -124,34 +147,55 @@ def _source_name(name: str, available: set, tied: dict, prefix: str) -> str:
                       "the model with save_pretrained())")
 
 
-def bind(graph, weights: CheckpointWeights, model, dtype: torch.dtype = torch.float32,
-         attrs: Optional[list[str]] = None) -> int:
-    """Give the weightless ``graph`` (traced from ``model``, frontend/skeleton.py) the checkpoint's tensors in
-    ``dtype``: every FakeTensor constant, or only those in ``attrs`` (a block's, for the streaming compile).
-    Returns how many were bound."""
-    from torch._subclasses.fake_tensor import FakeTensor
+class CheckpointSource:
+    """A weightless graph's constants read from the checkpoint (``Graph.source``): each FakeTensor constant of the
+    graph traced from ``model`` (frontend/skeleton.py) maps to the checkpoint tensor of its name (or the tensor it
+    is tied to), read in the constant's traced dtype, or as stored; shapes are checked and NaN / Inf refused."""
 
-    from lowbit.ir.graph import ROOT_PREFIX
+    def __init__(self, graph, weights: CheckpointWeights, model):
+        from torch._subclasses.fake_tensor import FakeTensor
 
-    gm = graph.gm
-    targets = attrs if attrs is not None else sorted({n.target for n in gm.graph.nodes if n.op == "get_attr"})
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    prefix, available = getattr(model, "base_model_prefix", "") or "", weights.names()
-    bound = 0
+        from lowbit.ir.graph import ROOT_PREFIX
+
+        tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        renamed = weights.model_names(model)
+        if renamed is None:
+            raise LowbitError(f"loading '{weights.folder}' converts tensors (transformers' weight conversion for "
+                              f"{type(model).__name__}), which a weightless trace cannot read one at a time")
+        prefix, available = getattr(model, "base_model_prefix", "") or "", set(renamed)
+        self.weights = weights
+        self.names: dict[str, str] = {}            # attribute -> checkpoint name
+        self.shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        for target in graph.constants():
+            t = graph.attr_value(target)
+            if isinstance(t, FakeTensor):
+                name = target[len(ROOT_PREFIX):] if target.startswith(ROOT_PREFIX) else target
+                self.names[target] = renamed[_source_name(name, available, tied, prefix)]
+                self.shapes[target], self.dtypes[target] = tuple(t.shape), t.dtype
+
+    def read(self, target: str, stored: bool = False) -> torch.Tensor:
+        """The constant ``target`` in the traced dtype, or with ``stored`` in the checkpoint's dtype."""
+        from lowbit.frontend.load import _finite, _non_finite_counts
+
+        name = self.names[target]
+        shape, dtype = self.weights.shape_dtype(name)
+        if tuple(shape) != self.shapes[target]:
+            raise LowbitError(f"checkpoint tensor '{name}' has shape {tuple(shape)}, the model expects "
+                              f"{self.shapes[target]}; its weights do not match config.json")
+        floating = dtype in ("F64", "F32", "F16", "BF16")
+        value = self.weights.read(name, None if stored or not floating else self.dtypes[target])
+        if value.is_floating_point() and not _finite(value):
+            raise LowbitError(f"model weight {name} holds {_non_finite_counts(value)}; the checkpoint is corrupted "
+                              "(re-download or re-convert it)")
+        return value
+
+
+def bind(graph, weights: CheckpointWeights, model, attrs: Optional[list[str]] = None) -> int:
+    """Give the weightless ``graph`` (traced from ``model``) the checkpoint's tensors: every FakeTensor constant,
+    or only those in ``attrs``. Returns how many were bound."""
+    source = CheckpointSource(graph, weights, model)
+    targets = [t for t in (attrs if attrs is not None else source.names) if t in source.names]
     for target in targets:
-        owner_path, _, attr = target.rpartition(".")
-        owner = gm.get_submodule(owner_path)
-        current = getattr(owner, attr)
-        if not isinstance(current, FakeTensor):
-            continue
-        name = target[len(ROOT_PREFIX):] if target.startswith(ROOT_PREFIX) else target
-        value = weights.read(_source_name(name, available, tied, prefix), dtype)
-        if tuple(value.shape) != tuple(current.shape):
-            raise LowbitError(f"checkpoint tensor for '{name}' has shape {tuple(value.shape)}, the model expects "
-                              f"{tuple(current.shape)}; its weights do not match config.json")
-        if attr in owner._parameters:
-            owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-        else:
-            owner._buffers[attr] = value
-        bound += 1
-    return bound
+        graph.set_constant(target, source.read(target))
+    return len(targets)

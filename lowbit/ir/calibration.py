@@ -12,7 +12,7 @@ Nodes that no quantized layer depends on (the lm_head and the loss of a causal L
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
@@ -21,6 +21,9 @@ import torch.fx as fx
 from lowbit.distributed import Ranks
 from lowbit.ir.graph import Graph, MatmulSite, QuantizedLayer
 from lowbit.errors import LowbitError
+
+
+_QUANTIZED_OPS = {torch.ops.lowbit.wna16_linear.default, torch.ops.lowbit.w8a8_linear.default}
 
 
 class Hessian:
@@ -88,7 +91,10 @@ class StreamingCalibrator:
         self.graph, self.device, self.hessian_dtype = graph, torch.device(device), hessian_dtype
         self.ranks = ranks or Ranks()        # ids: this process's share; Hessians summed over all processes
         ids = ids.to(self.device)
-        graph.gm.to(self.device)
+        # A weightless graph (Graph.source) moves each constant when it is read (_constant) instead.
+        self.moves = graph.source is None
+        if self.moves:
+            graph.gm.to(self.device)
         # Every placeholder of the graph per chunk: a prefill of the chunk over an empty cache.
         self.chunks = [graph.flat_inputs(c, torch.ones_like(c)) for c in ids.split(chunk)]
         self.stats = StreamStats()
@@ -112,11 +118,15 @@ class StreamingCalibrator:
         sites_by_node = {g.sites[name].node: g.sites[name] for name in targets}
         needed = self._needed(target_set)
         order = [n for n in g.gm.graph.nodes if n in needed or n in sites_by_node]
-        # Last use of every value among the nodes we run; the quantized sites' outputs count too.
+        # Last use of every value among the nodes we run; the quantized sites' outputs count too. A weightless
+        # graph's constants (Graph.source) are read when first used and dropped after their last use.
         last_use: dict[fx.Node, int] = {}
+        last_read: dict[str, int] = {}
         for i, n in enumerate(order):
             for a in n.all_input_nodes:
                 last_use[a] = i
+                if a.op == "get_attr":
+                    last_read[a.target] = i
         # Sites sharing an input share one Hessian; it lives until the last of them is quantized.
         sharing: dict[fx.Node, list[str]] = {}
         for name in targets:
@@ -127,6 +137,7 @@ class StreamingCalibrator:
         placeholders = {n: [c[j] for c in self.chunks]
                         for j, n in enumerate(x for x in g.gm.graph.nodes if x.op == "placeholder")}
         for i, node in enumerate(order):
+            read = list(node.all_input_nodes)       # with a quantized site's float weight, which the swap drops
             if node in sites_by_node:
                 site = sites_by_node[node]
                 inp = site.input_node
@@ -140,15 +151,22 @@ class StreamingCalibrator:
                     del hessians[inp]
                 if q is not None:
                     g.replace_with_quantized(site, q)     # site.node is now the lowbit op
-                    g.gm.to(self.device)                  # its new buffers too
+                    if self.moves:
+                        g.gm.to(self.device)              # its new buffers too
                     if node in last_use:
                         last_use[site.node] = last_use.pop(node)
                     node = site.node
+                    for a in node.all_input_nodes:
+                        if a.op == "get_attr":
+                            last_read[a.target] = i
                 if on_layer is not None:
                     on_layer(site, q)
             env[node] = self._execute(node, env, placeholders)
             self.stats.nodes_run += 1
-            for a in list(node.all_input_nodes):
+            read = list(dict.fromkeys(read + node.all_input_nodes))
+            if g.source is not None:
+                self._drop_constants(node, read, i, last_read)
+            for a in read:
                 if last_use.get(a, -1) <= i and a in env:
                     del env[a]
             if node not in last_use:                 # a value nobody we run reads (a target's output)
@@ -157,8 +175,25 @@ class StreamingCalibrator:
             self.stats.peak_frontier_bytes = max(self.stats.peak_frontier_bytes,
                                                  sum(_nbytes(v) for n, v in env.items() if n.op != "get_attr"))
         g.finalize()
-        g.gm.to("cpu")
+        if self.moves:
+            g.gm.to("cpu")
         return self.stats
+
+    def _constant(self, target: str) -> torch.Tensor:
+        t = self.graph.attr(target)
+        return t if self.moves else t.to(self.device)
+
+    def _drop_constants(self, node: fx.Node, read: list, i: int, last_read: dict):
+        """A weightless graph's constants (``read`` by ``node``) that no later node reads: checkpoint tensors are
+        read again if needed, a quantized layer's packed tensors are in the pass's checkpoint by now."""
+        g = self.graph
+        for a in read:
+            if a.op == "get_attr" and last_read.get(a.target, -1) <= i:
+                g.unbind(a.target)
+        if node.target in _QUANTIZED_OPS:
+            name = next((s.name for s in g.sites.values() if s.node is node), None)
+            if name in g.quantized:
+                g.quantized[name] = replace(g.quantized[name], qweight=None, scales=None, zeros=None, bias=None)
 
     def _hessian(self, chunks: list, k: int) -> torch.Tensor:
         h = Hessian(k, device=self.device, dtype=self.hessian_dtype)
@@ -182,11 +217,11 @@ class StreamingCalibrator:
         if node.op == "placeholder":
             return placeholders[node]
         if node.op == "get_attr":
-            return [self.graph.attr(node.target)] * n_chunks
+            return [self._constant(node.target)] * n_chunks
 
         def value(a, c):
             # get_attr nodes added by a rewrite are not in the precomputed order: read them directly.
-            return env[a][c] if a in env else self.graph.attr(a.target)
+            return env[a][c] if a in env else self._constant(a.target)
 
         out = []
         for c in range(n_chunks):

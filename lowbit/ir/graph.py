@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from lowbit.format.program import mask_positions
 from lowbit.format.quantize import QuantSpec, storage_bytes
@@ -32,6 +33,8 @@ _MATMULS = {_aten.linear.default: "linear", _aten.addmm.default: "addmm", _aten.
 _FULL_TRANSPOSES = {_aten.t.default, _aten.numpy_T.default}
 _TRANSPOSES = {*_FULL_TRANSPOSES, _aten.transpose.int, _aten.permute.default}
 _BLOCK_RE = re.compile(r"^(.*?\.\d+)(\.|$)")
+# Where a dropped constant's stand-in (shape and dtype, no storage) is made.
+_FAKE = FakeTensorMode(allow_non_fake_inputs=True)
 
 
 @dataclass
@@ -136,6 +139,13 @@ class Graph:
         self.attention = attention            # the transformers attention implementation that was traced
         # The checkpoint's float dtype (set by the frontend): float tensors it holds exactly are stored in it.
         self.storage_dtype: Optional[torch.dtype] = None
+        # Where a weightless graph's constants come from (frontend.weights.CheckpointSource): ``attr`` reads a
+        # FakeTensor constant from it on first use; None when the graph holds its weights.
+        self.source = None
+        # Constants already in the artifact's weight shards (the streaming compile): attribute -> (stored name,
+        # stored narrower than the traced dtype); in the graph they are FakeTensors.
+        self.written: dict[str, tuple[str, bool]] = {}
+        self.writer = None                    # the format.shards.ShardWriter those went to
         # Constants added by rewrites (packed layers): attribute -> the name the artifact stores them under.
         self.tensor_names: dict[str, str] = {}
         # Scales/zero points a pass before the weight pass fixed per layer (LKD): {layer: (scale, zero)}.
@@ -212,10 +222,41 @@ class Graph:
 
     # ---- access ----------------------------------------------------------------------------
     def attr(self, target: str) -> torch.Tensor:
+        """The constant ``target``; a weightless graph's (a FakeTensor) is read from ``source`` and kept."""
+        obj = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        if self.source is not None and isinstance(obj, FakeTensor):
+            obj = self.source.read(target)
+            self.set_constant(target, obj)
+        return obj
+
+    def set_constant(self, target: str, value: torch.Tensor):
+        owner_path, _, name = target.rpartition(".")
+        owner = self.gm.get_submodule(owner_path)
+        if name in owner._parameters:
+            owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[name] = value
+
+    def unbind(self, target: str):
+        """Drop the constant's value, keeping its shape and dtype (a FakeTensor): read again from ``source`` when
+        next used, or already written to the artifact."""
+        t = self.attr_value(target)
+        if not isinstance(t, FakeTensor):
+            with _FAKE:
+                self.set_constant(target, torch.empty(t.shape, dtype=t.dtype))
+
+    def attr_value(self, target: str) -> torch.Tensor:
+        """The constant as it is now (a FakeTensor when not read yet), reading nothing."""
         obj = self.gm
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj
+
+    def constants(self) -> list[str]:
+        """Every constant's attribute, in first-use order."""
+        return list(dict.fromkeys(n.target for n in self.gm.graph.nodes if n.op == "get_attr"))
 
     def weight(self, site: MatmulSite) -> torch.Tensor:
         """The site's float weight in [out_features, in_features] orientation."""
@@ -265,10 +306,19 @@ class Graph:
             site.node.args[1], a["qweight"], a["scales"], a["zeros"], q.spec.bits, q.group_size, q.in_features,
             dtype), q)
 
-    def finalize(self):
-        """Drop dead nodes and unused float weights after rewrites, then recompile the module."""
+    def prune(self):
+        """Drop dead nodes, the float weights and packed buffers no node reads any more (a rule that merged layers
+        leaves theirs behind)."""
         self.gm.graph.eliminate_dead_code()
         self.gm.delete_all_unused_submodules()
+        read = {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
+        for attr in [a for a in self.tensor_names if a not in read]:
+            delattr(self.gm, attr)
+            del self.tensor_names[attr]
+
+    def finalize(self):
+        """``prune``, then recompile the module."""
+        self.prune()
         self.gm.recompile()
 
     # ---- running ---------------------------------------------------------------------------
@@ -301,9 +351,18 @@ class Graph:
         """``gm``'s arguments for a prefill of ``input_ids`` (the whole input of an encoder)."""
         return (input_ids, attention_mask) if self.kv is None else self.step_args(input_ids, attention_mask)
 
+    def run(self, *args):
+        """The graph's outputs for its placeholders ``args``; a weightless graph reads each constant from
+        ``source`` when first used and drops it after its last (``ir.lazy``)."""
+        if self.source is None:
+            return self.gm(*args)
+        from lowbit.ir.lazy import run_lazily
+
+        return run_lazily(self, args)
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits of a prefill of ``input_ids`` (causal LMs), last hidden states (encoders)."""
-        out = self.gm(*self.call_args(input_ids, attention_mask))
+        out = self.run(*self.call_args(input_ids, attention_mask))
         return out if self.kv is None else out[0]
 
     def summary(self) -> str:

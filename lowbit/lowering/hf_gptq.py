@@ -117,12 +117,13 @@ def write_hf_gptq(tmp, graph, loaded, recipe) -> dict:
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(tmp)
-    return size_report(graph, loaded.model, tmp / "model.safetensors")
+    return size_report(graph, loaded.model, (tmp / "model.safetensors").stat().st_size)
 
 
 class HfGptqLowering:
     """The ``hf-gptq`` target (``lowbit.targets``): transformers' layer layout, so no fusion rewrites."""
     fuse = False
+    streams = False          # writes from the transformers model's state dict
 
     def prepare(self, recipe, options=None):
         # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.

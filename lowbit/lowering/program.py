@@ -13,12 +13,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lowbit.ir.graph import Graph
 from lowbit.progress import timed
 from lowbit.format import program as program_format
-from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE, WEIGHTS_FILE
+from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE
+from lowbit.format.shards import ShardWriter, load_weights, weight_files
 
 
 
@@ -48,8 +48,9 @@ def graph_description(graph: Graph) -> dict:
 
 
 def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The shipped program document and its tensors."""
-    doc, tensors = program_format.encode(graph.gm, graph.dtype, graph.stored_names(), storage=graph.storage_dtype)
+    """The shipped program document and its tensors (those not yet written: ``graph.written``)."""
+    doc, tensors = program_format.encode(graph.gm, graph.dtype, graph.stored_names(), storage=graph.storage_dtype,
+                                         written=graph.written)
     doc.update({"task": graph.task, "model_type": graph.model_type,
                 "inputs": [n["name"] for n in doc["nodes"] if n["op"] == "placeholder"]})
     if graph.kv is not None:
@@ -60,16 +61,24 @@ def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
 def staged_program(tmp: Path, dtype: torch.dtype) -> tuple[dict, torch.fx.GraphModule]:
     """(document, GraphModule in ``dtype``) of the program a staged artifact in ``tmp`` holds: what the ONNX and
     TensorRT lowerings read, so they lower exactly what the torch runtime runs."""
-    from safetensors.torch import load_file
-
     doc = json.loads((tmp / PROGRAM_FILE).read_text())
-    return doc, program_format.decode(doc, load_file(str(tmp / WEIGHTS_FILE)), dtype=dtype)
+    tensors = load_weights(tmp, weight_files(p.name for p in tmp.iterdir()), "staged artifact")
+    return doc, program_format.decode(doc, tensors, dtype=dtype)
+
+
+def weight_writer(tmp: Path) -> ShardWriter:
+    """Where the artifact's weights go: the streaming compile writes each block's as it finishes."""
+    return ShardWriter(tmp, metadata={"format": program_format.FORMAT})
 
 
 def write_torch_target(tmp: Path, graph: Graph, loaded) -> dict:
-    """Write the torch target files into ``tmp``; returns size accounting for the manifest."""
+    """Write the torch target files into ``tmp`` (the weights through ``graph.writer`` when a streaming compile
+    wrote some already); returns size accounting for the manifest."""
     doc, tensors = program(graph)
-    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": program_format.FORMAT})
+    writer = graph.writer or weight_writer(tmp)
+    for key, t in tensors.items():
+        writer.add(key, t)
+    files = writer.close()
     (tmp / PROGRAM_FILE).write_text(json.dumps(doc) + "\n")
     (tmp / GRAPH_FILE).write_text(json.dumps(graph_description(graph), indent=1) + "\n")
     loaded.config.save_pretrained(tmp)
@@ -82,10 +91,10 @@ def write_torch_target(tmp: Path, graph: Graph, loaded) -> dict:
         (tmp / "tokenizer").mkdir()
         for f in src_tok:
             shutil.copy2(f, tmp / "tokenizer" / f.name)
-    return size_report(graph, loaded.model, tmp / WEIGHTS_FILE)
+    return size_report(graph, loaded.model, sum((tmp / f).stat().st_size for f in files))
 
 
-def size_report(graph: Graph, model, weights_path: Path) -> dict:
+def size_report(graph: Graph, model, weights_bytes: int) -> dict:
     elem = next(model.parameters()).element_size()
     matmul_float = sum(s.in_features * s.out_features * elem for s in graph.sites.values())
     quantized_float = sum(q.in_features * q.out_features * elem for q in graph.quantized.values())
@@ -93,14 +102,13 @@ def size_report(graph: Graph, model, weights_path: Path) -> dict:
     matmuls = [q for q in graph.quantized.values() if q.op.endswith("_linear")]
     matmul_after = matmul_float - sum(q.in_features * q.out_features * elem - q.nbytes for q in matmuls)
     seen, model_bytes = set(), 0
-    for t in model.state_dict().values():
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in seen:
-            seen.add(ptr)
+    for t in model.state_dict(keep_vars=True).values():        # tied tensors are one object
+        if id(t) not in seen:
+            seen.add(id(t))
             model_bytes += t.numel() * t.element_size()
     return {"source_dtype": str(graph.storage_dtype or next(model.parameters()).dtype).replace("torch.", ""),
             "model_bytes_before": model_bytes,
-            "weights_file_bytes": weights_path.stat().st_size,
+            "weights_file_bytes": weights_bytes,
             "matmul_bytes_before": matmul_float,
             "matmul_bytes_after": matmul_after,
             "quantized_bytes_before": quantized_float, "quantized_bytes_after": quantized_bytes,
@@ -111,6 +119,7 @@ def size_report(graph: Graph, model, weights_path: Path) -> dict:
 class TorchLowering:
     """The ``torch`` target (``lowbit.targets``)."""
     fuse = True
+    streams = True           # compiles block by block from the checkpoint (compiler/stream.py)
 
     def prepare(self, recipe, options=None):
         return recipe

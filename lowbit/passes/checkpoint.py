@@ -43,7 +43,8 @@ class Checkpoint:
     def __init__(self, out: Path, fingerprint: dict, resume: bool, quiet: bool = False):
         self.dir = checkpoint_dir(out)
         self.fingerprint = fingerprint
-        self.layers: dict[str, QuantizedLayer] = {}
+        self.layers: dict[str, str] = {}             # finished layer -> its block's file
+        self._cached: tuple = (None, {})
         self.files: list[str] = []
         self.pending: dict[str, QuantizedLayer] = {}
         if resume and (self.dir / STATE).is_file():
@@ -62,15 +63,27 @@ class Checkpoint:
             self._write_state()
 
     def _load(self, fname: str):
-        tensors = load_file(str(self.dir / fname))
-        layouts = json.loads((self.dir / (fname + ".json")).read_text())
-        for name, layout in layouts.items():
-            self.layers[name] = layer_from_saved(name, layout, {k.split("/", 1)[1]: v for k, v in tensors.items()
-                                                                if k.split("/", 1)[0] == name})
+        for name in json.loads((self.dir / (fname + ".json")).read_text()):
+            self.layers[name] = fname
         self.files.append(fname)
 
+    def _read_block(self, fname: str) -> dict[str, QuantizedLayer]:
+        tensors = load_file(str(self.dir / fname))
+        layouts = json.loads((self.dir / (fname + ".json")).read_text())
+        return {name: layer_from_saved(name, layout, {k.split("/", 1)[1]: v for k, v in tensors.items()
+                                                      if k.split("/", 1)[0] == name})
+                for name, layout in layouts.items()}
+
     def get(self, name: str) -> Optional[QuantizedLayer]:
-        return self.layers.get(name)
+        """A finished layer, read from its block's file (the last block read stays in memory), or None."""
+        if name in self.pending:
+            return self.pending[name]
+        fname = self.layers.get(name)
+        if fname is None:
+            return None
+        if self._cached[0] != fname:
+            self._cached = (fname, self._read_block(fname))
+        return self._cached[1][name]
 
     def add(self, q: QuantizedLayer):
         if q.name not in self.layers:
@@ -87,7 +100,7 @@ class Checkpoint:
         _atomic_text(self.dir / (fname + ".json"), json.dumps({n: q.layout() for n, q in self.pending.items()}))
         os.replace(tmp, self.dir / fname)
         self.files.append(fname)
-        self.layers.update(self.pending)
+        self.layers.update({name: fname for name in self.pending})
         self.pending = {}
         self._write_state()
 
@@ -102,3 +115,25 @@ def _atomic_text(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def checkpoint_node(graph, recipe, checkpoint: Checkpoint):
+    """The streaming compile's quantization after a calibrated pass (compiler/stream.py): a matmul the recipe
+    selects takes the layer the pass saved in ``checkpoint``; returns the node that replaced it, or None."""
+    from lowbit.passes.rtn import quantizable
+
+    todo = {site.node: site for site, _ in quantizable(graph, recipe)}
+
+    def quantize(node):
+        site = todo.pop(node, None)
+        if site is None:
+            return None
+        q = checkpoint.get(site.name)
+        if q is None:
+            raise LowbitError(f"layer {site.name} is missing from the compile's checkpoint '{checkpoint.dir}'; "
+                              "compile again without --resume")
+        graph.replace_with_quantized(site, q)
+        if graph.source is not None:
+            graph.unbind(site.weight_attr)
+        return site.node
+    return quantize

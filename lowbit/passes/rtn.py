@@ -7,7 +7,7 @@ is rewritten to ``lowbit::wna16_linear``. No calibration data is needed.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -70,9 +70,9 @@ def tied_to(embedding: Optional[QuantizedLayer], table: Optional[torch.Tensor], 
     return replace(embedding, name=name, op=op)
 
 
-def rtn_pass(graph: Graph, recipe, show_progress: bool = True, **_) -> dict:
-    todo = list(quantizable(graph, recipe))
-    emb, table = quantize_embedding(graph, recipe)
+def quantize_sites(graph: Graph, recipe, todo: list, emb=None, table=None, show_progress: bool = False):
+    """RTN-quantize the (site, spec) pairs ``todo`` in place; ``emb``/``table``: a quantized embedding and its float
+    table, which a tied lm_head shares."""
     for site, spec in progress_bar(todo, desc="rtn", disable=not show_progress):
         w, bias = graph.weight(site), graph.bias(site)
         layer = (None if site.name in graph.fixed_qparams
@@ -80,5 +80,28 @@ def rtn_pass(graph: Graph, recipe, show_progress: bool = True, **_) -> dict:
         graph.replace_with_quantized(site, layer or quantize_layer(site.name, spec.linear_op, w, spec, bias,
                                                                    mse=recipe.scheme.mse,
                                                                    qparams=graph.fixed_qparams.get(site.name)))
+        if graph.source is not None:                 # a weightless graph: the float weight leaves memory now
+            del w, bias
+            graph.unbind(site.weight_attr)
+
+
+def rtn_pass(graph: Graph, recipe, show_progress: bool = True, **_) -> dict:
+    todo = list(quantizable(graph, recipe))
+    emb, table = quantize_embedding(graph, recipe)
+    quantize_sites(graph, recipe, todo, emb, table, show_progress)
     graph.finalize()
     return {"layers": len(todo) + (emb is not None)}
+
+
+def rtn_node(graph: Graph, recipe) -> Callable:
+    """The streaming compile's RTN (compiler/stream.py): quantize a node when it is a matmul the recipe selects;
+    returns the node that replaced it, or None."""
+    todo = {site.node: (site, spec) for site, spec in quantizable(graph, recipe)}
+
+    def quantize(node):
+        if node not in todo:
+            return None
+        site, spec = todo.pop(node)
+        quantize_sites(graph, recipe, [(site, spec)])
+        return site.node
+    return quantize

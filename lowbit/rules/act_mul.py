@@ -57,11 +57,11 @@ def _half(n):
 class ActMul:
     name = "act_mul"
 
-    def apply(self, graph) -> RuleResult:
+    def apply(self, graph, nodes=None) -> RuleResult:
         result = RuleResult()
         g = graph.gm.graph
         site_of = {s.node: s for s in graph.sites.values()}
-        for m in list(g.nodes):
+        for m in list(g.nodes if nodes is None else nodes):
             if not (m.op == "call_function" and m.target == aten.mul.Tensor and len(m.args) == 2):
                 continue
             a, b = m.args

@@ -107,10 +107,10 @@ def _layernorm(out: fx.Node) -> Optional[tuple]:
 class NormQuantInt8:
     name = "norm_quant_int8"
 
-    def apply(self, graph) -> RuleResult:
+    def apply(self, graph, nodes=None) -> RuleResult:
         result = RuleResult()
         inputs = {}
-        for n in graph.gm.graph.nodes:
+        for n in graph.gm.graph.nodes if nodes is None else nodes:
             if _call(n, W8A8) and isinstance(n.args[0], fx.Node):
                 inputs.setdefault(n.args[0], None)
         site_of = {s.node: s for s in graph.sites.values()}

@@ -46,11 +46,11 @@ def _shape(n) -> tuple | None:
 class ResidualAdd:
     name = "residual_add"
 
-    def apply(self, graph) -> RuleResult:
+    def apply(self, graph, nodes=None) -> RuleResult:
         result = RuleResult()
         g = graph.gm.graph
         site_of = {s.node: s for s in graph.sites.values()}
-        for add in list(g.nodes):
+        for add in list(g.nodes if nodes is None else nodes):
             if not (add.op == "call_function" and add.target in (aten.add.Tensor, aten.add_.Tensor)
                     and len(add.args) == 2 and not add.kwargs):
                 continue

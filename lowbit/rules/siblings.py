@@ -38,10 +38,10 @@ def _merged_name(names: list[str]) -> str:
 class MergeSiblingMatmuls:
     name = "merge_sibling_matmuls"
 
-    def apply(self, graph) -> "RuleResult":
+    def apply(self, graph, nodes=None) -> "RuleResult":
         result = RuleResult()
         by_input: dict[fx.Node, list[fx.Node]] = {}
-        for n in graph.gm.graph.nodes:
+        for n in graph.gm.graph.nodes if nodes is None else nodes:
             if n.op == "call_function" and n.target in LINEAR_OPS:
                 by_input.setdefault(n.args[0], []).append(n)
         site_of = {s.node: s for s in graph.sites.values()}

@@ -38,6 +38,10 @@ def use_cpu_kernels(gm: torch.fx.GraphModule) -> dict:
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
         swapped += 1
+        for n in (qweight, scales, zeros, bias):        # the packed form leaves memory as its copy is made
+            if n is not None and not n.users and n.target in gm._buffers:
+                del gm._buffers[n.target]
+                gm.graph.erase_node(n)
     gm.graph.eliminate_dead_code()
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in [b for b in gm._buffers if b not in read]:

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from lowbit.errors import LowbitError
 from lowbit.format import program as program_format
 from lowbit import ops  # noqa: F401  (registers the torch.ops.lowbit.* operators the program calls)
-from lowbit.format.artifact import PROGRAM_FILE, WEIGHTS_FILE, member, read_json, read_manifest
+from lowbit.format.artifact import PROGRAM_FILE, member, read_json, read_manifest
+from lowbit.format.shards import load_weights, weight_files
 from lowbit.format.program import mask_positions
 from lowbit.runtime.cpu_kernels import use_cpu_kernels
 
@@ -69,11 +68,10 @@ class TorchRunner:
         program = read_json(member(path, manifest, PROGRAM_FILE), where)
         program_format.check_document(program, where)
         check_interface(program, where)
-        try:
-            tensors = load_file(str(member(path, manifest, WEIGHTS_FILE)))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            raise LowbitError(f"artifact '{path}': {WEIGHTS_FILE} is not a readable safetensors file ({e})") from None
-        gm = program_format.decode(program, tensors, device=device, dtype=dtype, where=where)
+        files = [member(path, manifest, name).name for name in weight_files(manifest["files"])]
+        tensors = load_weights(path, files, f"artifact '{path}'")
+        # decode empties ``tensors`` as it builds the module: the stored form is not held beside the running one.
+        gm = program_format.decode(program, tensors, device=device, dtype=dtype, where=where, narrow_tables=True)
         swapped = use_cpu_kernels(gm) if kernels == "auto" and torch.device(device).type == "cpu" else None
         runner = cls(gm, program, device, dtype, swapped)
         runner.where = where

@@ -78,3 +78,15 @@ class _Add(torch.nn.Module):
 
     def forward(self, x):
         return x + self.exact + self.inexact
+
+
+def test_the_torch_runtime_keeps_the_vocabulary_table_narrow(tmp_path):
+    """A bfloat16 embedding table that only lookups read stays bfloat16 in the running program (the rows are
+    widened after the lookup: same outputs, the test above); the float32 artifact's stays float32 (the control)."""
+    narrow, wide = _checkpoints("qwen2", tmp_path)
+    tables = []
+    for src, out in ((narrow, "a"), (wide, "b")):
+        gm = lowbit.load(lowbit.compile(str(src), "rtn-w4g64", out=tmp_path / out, quiet=True)).runner.gm
+        tables.append({n.args[0].target: getattr(gm, n.args[0].target).dtype for n in gm.graph.nodes
+                       if n.target is torch.ops.aten.embedding.default})
+    assert list(tables[0].values()) == [torch.bfloat16] and list(tables[1].values()) == [torch.float32]

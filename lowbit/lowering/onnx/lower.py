@@ -345,6 +345,7 @@ class OnnxLowering:
     """The ``onnx`` target (``lowbit.targets``): the torch target, then its program lowered to ONNX.
     Its options: ``OnnxOptions`` (``options.py``)."""
     fuse = True
+    streams = True           # compiles block by block from the checkpoint (compiler/stream.py)
 
     def prepare(self, recipe, options: OnnxOptions):
         return recipe

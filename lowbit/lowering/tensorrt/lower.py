@@ -325,6 +325,7 @@ class TensorRTLowering:
     """The ``tensorrt`` target (``lowbit.targets``): the torch target, then its program as TensorRT-dialect ONNX.
     Its options: ``TensorRTOptions`` (``options.py``)."""
     fuse = True
+    streams = True           # compiles block by block from the checkpoint (compiler/stream.py)
 
     def prepare(self, recipe, options: TensorRTOptions):
         return recipe

@@ -1,0 +1,204 @@
+"""The streaming compile (compiler/stream.py): block by block from the checkpoint, it writes the artifact the
+in-memory compile writes (same tensor bytes, same program), holds one block's weights at a time, and its per-block
+fusion check fails a rule that changes what a block computes."""
+
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.compiler import pipeline
+from lowbit.errors import LowbitError
+from lowbit.format import shards
+
+from tests.conftest import CAUSAL, MORE_CAUSAL, make_model
+
+
+def _save(tmp_path, tokenizer, arch, dtype):
+    folder = tmp_path / f"{arch}-{str(dtype)[6:]}"
+    make_model(arch).to(dtype).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _in_memory(monkeypatch):
+    monkeypatch.setattr(pipeline, "_streams", lambda job, inputs: False)
+
+
+def _same_artifact(a, b):
+    ma, mb = (json.loads((x / "manifest.json").read_text()) for x in (a, b))
+    assert ma["streamed"] and not mb["streamed"]
+    files = shards.weight_files(ma["files"])
+    assert files == shards.weight_files(mb["files"])
+    for f in files:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert (a / "program.json").read_text() == (b / "program.json").read_text()
+    # The same firings; the check's difference is measured per block here, on the model's outputs in memory.
+    strip = lambda rules: {k: {f: v for f, v in r.items() if f != "max_rel_diff"} for k, r in rules.items()}
+    assert strip(ma["rules"]) == strip(mb["rules"]) if "rules" in mb else "rules" not in ma
+
+
+def _compare(tmp_path, folder, monkeypatch, **kw):
+    a = lowbit.compile(str(folder), out=tmp_path / "stream", quiet=True, **kw)
+    with monkeypatch.context() as m:
+        _in_memory(m)
+        b = lowbit.compile(str(folder), out=tmp_path / "memory", quiet=True, **kw)
+    _same_artifact(a, b)
+    return a, b
+
+
+@pytest.mark.parametrize("arch", [*CAUSAL, "bert"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_streaming_writes_the_in_memory_artifact(arch, dtype, tmp_path, tokenizer, monkeypatch):
+    _compare(tmp_path, _save(tmp_path, tokenizer, arch, dtype), monkeypatch, recipe="rtn-w4g64")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(MORE_CAUSAL))
+def test_streaming_every_family(arch, tmp_path, tokenizer, monkeypatch):
+    _compare(tmp_path, _save(tmp_path, tokenizer, arch, torch.bfloat16), monkeypatch, recipe="rtn-w4g64")
+
+
+@pytest.mark.parametrize("recipe", ["zq-w8a8", "fp"])
+def test_streaming_w8a8_and_float(recipe, tmp_path, tokenizer, monkeypatch):
+    """W8A8 fires the norm and activation rules; fp quantizes nothing and copies the checkpoint's tensors."""
+    a, _ = _compare(tmp_path, _save(tmp_path, tokenizer, "llama", torch.bfloat16), monkeypatch, recipe=recipe)
+    if recipe == "zq-w8a8":
+        rules = json.loads((a / "manifest.json").read_text())["rules"]
+        assert rules["norm_quant_int8"]["fired"] and rules["act_mul"]["fired"]
+
+
+def test_streaming_onnx_target(tmp_path, tokenizer, monkeypatch):
+    folder = _save(tmp_path, tokenizer, "llama", torch.bfloat16)
+    a, b = _compare(tmp_path, folder, monkeypatch, recipe="rtn-w4g64", target="onnx")
+    assert (a / "onnx" / "model.onnx").read_bytes() == (b / "onnx" / "model.onnx").read_bytes()
+
+
+def test_the_artifact_shards_and_loads(tmp_path, tokenizer, monkeypatch):
+    folder = _save(tmp_path, tokenizer, "qwen2", torch.bfloat16)
+    whole = lowbit.compile(str(folder), recipe="rtn-w4g64", out=tmp_path / "whole", quiet=True)
+    monkeypatch.setattr(shards, "SHARD_BYTES", 20_000)
+    split = lowbit.compile(str(folder), recipe="rtn-w4g64", out=tmp_path / "split", quiet=True)
+    files = shards.weight_files(json.loads((split / "manifest.json").read_text())["files"])
+    assert len(files) > 2 and files[0] == f"weights-00001-of-{len(files):05d}.safetensors"
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(3))
+    a, b = lowbit.load(whole), lowbit.load(split)
+    assert torch.equal(a.forward(ids), b.forward(ids))
+    with pytest.raises(LowbitError, match="incomplete or inconsistent"):
+        shards.weight_files(files[:-1])
+
+
+@pytest.mark.parametrize("keep_all", [False, True])
+def test_one_block_in_memory_at_a_time(keep_all, tmp_path, tokenizer, monkeypatch):
+    """Whenever a checkpoint tensor is read, the float checkpoint tensors in memory belong to at most two ranges
+    (the one finishing and the one starting) -- never the model. Negative control: a compile that writes nothing
+    until the end holds every block."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from lowbit.compiler.stream import StreamCompile
+    from lowbit.frontend.weights import CheckpointSource
+
+    if keep_all:
+        write = StreamCompile._write_finished
+        monkeypatch.setattr(StreamCompile, "_write_finished", lambda self, everything: everything and write(self, True))
+    from lowbit.ir.graph import block_of
+
+    arch = "llama"
+    model = make_model(arch)
+    model.config.num_hidden_layers = 4
+    model = type(model)(model.config)
+    folder = tmp_path / "m"
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    seen: list[set] = []
+    read = CheckpointSource.read
+
+    def spy(self, target, stored=False):
+        gm = graph_of[0].gm
+        held = set()
+        for t in self.names:
+            obj = gm
+            for p in t.split("."):
+                obj = getattr(obj, p, None)
+            if obj is not None and not isinstance(obj, FakeTensor):
+                held.add(block_of(t.removeprefix("hf.")))
+        seen.append(held)
+        return read(self, target, stored)
+
+    graph_of = []
+    init = CheckpointSource.__init__
+
+    def keep(self, graph, *a, **k):
+        graph_of.append(graph)
+        init(self, graph, *a, **k)
+
+    monkeypatch.setattr(CheckpointSource, "__init__", keep)
+    monkeypatch.setattr(CheckpointSource, "read", spy)
+    lowbit.compile(str(folder), recipe="rtn-w4g64", out=tmp_path / "out", quiet=True)
+    held = max(len(h - {None}) for h in seen)
+    assert held == 4 if keep_all else 1 <= held <= 2
+
+
+def test_a_rule_that_changes_a_block_fails_the_compile(tmp_path, tokenizer, monkeypatch):
+    """Negative control of the per-block check: a residual_add that drops the residual."""
+    from lowbit.rules.residual_add import ResidualAdd
+
+    folder = _save(tmp_path, tokenizer, "llama", torch.bfloat16)
+    apply = ResidualAdd.apply
+
+    def broken(self, graph, nodes=None):
+        result = apply(self, graph, nodes)
+        for n in graph.gm.graph.nodes:
+            if "residual" in n.kwargs:
+                n.kwargs = {k: v for k, v in n.kwargs.items() if k != "residual"}
+        return result
+
+    monkeypatch.setattr(ResidualAdd, "apply", broken)
+    with pytest.raises(LowbitError, match="fusion rule residual_add changed the outputs of model.layers.0"):
+        lowbit.compile(str(folder), recipe="rtn-w4g64", out=tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_checkpoint_tensor_is_one_line(tmp_path, tokenizer):
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(LowbitError) as e:
+        lowbit.compile(str(tmp_path / "m"), recipe="rtn-w4g64", out=tmp_path / "out", quiet=True)
+    assert "model.layers.1.mlp.up_proj.weight holds 1 NaN value" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_streamed_decode_check_can_fail(tmp_path, tokenizer, monkeypatch):
+    """The one-token decode check runs with the streaming compile (the step's past fed block by block from the
+    7-token prefill). Negative control: a step that never receives that past (it attends to zeros) fails it."""
+    from lowbit.compiler.stream import StreamCompile
+
+    folder = _save(tmp_path, tokenizer, "qwen2", torch.bfloat16)
+    init = StreamCompile.__init__
+
+    def no_feed(self, *a, **k):
+        init(self, *a, **k)
+        self.past = []
+
+    monkeypatch.setattr(StreamCompile, "__init__", no_feed)
+    with pytest.raises(LowbitError, match="does not serve one-token decode .a one-token step differs"):
+        lowbit.compile(str(folder), recipe="rtn-w4g64", out=tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_streaming_gptq_writes_the_in_memory_artifact(arch, tmp_path, tokenizer, text_file, monkeypatch):
+    """GPTQ streams too: its calibrated pass on the weightless graph (each block's weights read when reached, its
+    layers saved to the compile's checkpoint), then the layers written block by block from a fresh trace."""
+    from lowbit.compiler.pipeline import CalibrationArgs
+
+    calib = CalibrationArgs(str(text_file), samples=4, seq_len=32)
+    a, _ = _compare(tmp_path, _save(tmp_path, tokenizer, arch, torch.bfloat16), monkeypatch, recipe="gptq-w4g64",
+                    calib=calib)
+    m = json.loads((a / "manifest.json").read_text())
+    assert m["calibration"]["tokens"] == 4 * 32 and "emit" in m["timings"]
+    assert not list(tmp_path.glob(".stream.ckpt*"))             # the checkpoint is gone with the artifact written
