@@ -8,8 +8,8 @@ compile's own phase times (the manifest), the artifact's size and its bytes per 
     python -m bench.scale torchrun --model demo --processes 2     # GPTQ calibration: 1 process vs torchrun
 
 Memory and time do not depend on the weights' values, so random weights measure what a real checkpoint of the same
-shapes costs. Building never holds more than one shard (<= 5 GB, as the hub's) in memory. The ``predict`` column is
-the block-size estimate of what a compile that holds one block at a time needs (docs/big-models.md).
+shapes costs. Building never holds more than one shard (<= 5 GB, as the hub's) in memory. The ``predicted`` column is
+the estimate of docs/big-models.md's formula for the streaming compile (``predicted_peak_bytes``).
 """
 
 from __future__ import annotations
@@ -136,6 +136,22 @@ def block_bytes(shape: str) -> int:
     return 4 * (hidden * hidden * 2 + 2 * hidden * kv * head_dim + 3 * hidden * inter)
 
 
+def predicted_peak_bytes(shape: str, recipe: str, extra: list[str]) -> int:
+    """The streaming compile's peak RSS by the formula of docs/big-models.md: 0.5 GiB (interpreter, torch,
+    transformers, the weightless trace) + the largest of: a vocabulary table in float32 (read for the check runs)
+    + the artifact's shard buffer; one block's float32 weights + the shard buffer; for a calibrated recipe, one
+    block's float32 weights + the calibration activations of one block (5 hidden-size and 2 intermediate-size
+    values per token) + the largest Hessian and its factor."""
+    hidden, inter, _, _, _, vocab, _, _ = SHAPES[shape]
+    base, shard = 2**29, 2**29
+    flags = dict(zip(extra[::2], extra[1::2]))
+    tokens = int(flags.get("--calib-samples", 128)) * int(flags.get("--calib-seq-len", 512))
+    need = max(4 * vocab * hidden + shard, block_bytes(shape) + shard)
+    if recipe.startswith("gptq"):
+        need = max(need, block_bytes(shape) + 4 * tokens * (5 * hidden + 2 * inter) + 2 * 4 * inter * inter)
+    return base + need
+
+
 def measure(cmd: list[str]) -> dict:
     """Run ``cmd`` to the end; its wall time, CPU time and peak RSS (the child's own maxrss, in KiB on Linux)."""
     t0 = time.perf_counter()
@@ -164,7 +180,8 @@ def compile_row(shape: str, recipe: str, target: str, out: Path, extra: list[str
     row.update(shape=shape, recipe=recipe, target=target, params_b=round(n / 1e9, 2),
                checkpoint_gib=round(folder_bytes(src) / 2**30, 2), artifact_gib=round(folder_bytes(out) / 2**30, 2),
                bytes_per_param=round(folder_bytes(out) / n, 3), phases=manifest.get("timings", {}),
-               block_f32_gib=round(block_bytes(shape) / 2**30, 2))
+               block_f32_gib=round(block_bytes(shape) / 2**30, 2),
+               predicted_gib=round(predicted_peak_bytes(shape, recipe, extra) / 2**30, 2))
     return row
 
 
@@ -232,8 +249,8 @@ def main() -> int:
         return 0
     print(f"CPU: {describe_cpu()}")
     rows = []
-    print("| shape | recipe | target | params | wall s | CPU s | peak RSS GiB | block f32 GiB | artifact GiB | "
-          "bytes/param | phases (s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | recipe | target | params | wall s | CPU s | peak RSS GiB | predicted GiB | block f32 GiB | "
+          "artifact GiB | bytes/param | phases (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in a.shape:
         for recipe in a.recipe or ["rtn-w4g128"]:
             for target in a.target or ["torch"]:
@@ -241,7 +258,8 @@ def main() -> int:
                 rows.append(r)
                 phases = ", ".join(f"{k} {v:.0f}" for k, v in r["phases"].items() if k != "total")
                 print(f"| {shape} | {recipe} | {target} | {r['params_b']}B | {r['wall_s']} | {r['cpu_s']} | "
-                      f"{r['peak_rss_gib']} | {r['block_f32_gib']} | {r['artifact_gib']} | {r['bytes_per_param']} | "
+                      f"{r['peak_rss_gib']} | {r['predicted_gib']} | {r['block_f32_gib']} | {r['artifact_gib']} | "
+                      f"{r['bytes_per_param']} | "
                       f"{phases} |", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "stdout"} for r in rows], indent=2))

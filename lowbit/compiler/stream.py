@@ -2,14 +2,15 @@
 
 The graph was traced without weights (frontend/skeleton.py) and reads each constant from the checkpoint when first
 used (``Graph.source``). It is walked in ranges: the prologue (embedding, masks, rotary tables), each block, the
-epilogue (final norm, head). For each range the pass quantizes its matmuls, the range runs on a few random tokens,
-each fusion rule rewrites it and the range runs again from the same inputs: the values it hands on must agree with
-the unfused range's to the rules' tolerance (the in-memory compile checks the whole graph's outputs instead). Then
-every constant no later node reads goes to the artifact's weight shards and leaves memory: a checkpoint tensor no
-pass changed is copied in its stored dtype, never widened. Memory holds one block's float weights, its quantized
-form until its shard is written, and one range's activations on the check tokens.
+epilogue (final norm, head). In each range the one-token decode check's runs compute every node on the float
+weights, and each matmul is quantized as soon as they have its output (its float weight is dropped then); the range
+runs on random check tokens, each fusion rule rewrites it and the range runs again from the same inputs: the values
+it hands on must agree with the unfused range's to the rules' tolerance (the in-memory compile checks the whole
+graph's outputs instead). Then every constant no later node reads goes to the artifact's weight shards and leaves
+memory: a checkpoint tensor no pass changed is copied in its stored dtype, never widened. Memory holds one float
+matmul weight (or the vocabulary table) at a time, a block's quantized form until its shard is written, and one
+range's activations on a few tokens.
 """
-
 from __future__ import annotations
 
 from dataclasses import replace

@@ -137,6 +137,8 @@ class StreamingCalibrator:
         placeholders = {n: [c[j] for c in self.chunks]
                         for j, n in enumerate(x for x in g.gm.graph.nodes if x.op == "placeholder")}
         for i, node in enumerate(order):
+            if node.op == "get_attr":
+                continue                            # a constant is read where it is used (_execute)
             read = list(node.all_input_nodes)       # with a quantized site's float weight, which the swap drops
             if node in sites_by_node:
                 site = sites_by_node[node]
@@ -216,12 +218,9 @@ class StreamingCalibrator:
         n_chunks = len(self.chunks)
         if node.op == "placeholder":
             return placeholders[node]
-        if node.op == "get_attr":
-            return [self._constant(node.target)] * n_chunks
 
         def value(a, c):
-            # get_attr nodes added by a rewrite are not in the precomputed order: read them directly.
-            return env[a][c] if a in env else self._constant(a.target)
+            return self._constant(a.target) if a.op == "get_attr" else env[a][c]
 
         out = []
         for c in range(n_chunks):
