@@ -13,7 +13,6 @@ range's activations on a few tokens.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -119,7 +118,7 @@ class StreamCompile:
         self._float_runs(self._range(key, last))
         for name, q in g.quantized.items():           # the packed tensors live on in the graph until written
             if q.qweight is not None:
-                g.quantized[name] = replace(q, qweight=None, scales=None, zeros=None, bias=None)
+                g.forget_packed(name)
         self._prune()
         nodes = self._range(key, last)
         users = self._outside_users(nodes)

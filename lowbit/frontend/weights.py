@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.format.safetensors_file import read_header, read_tensor
+from lowbit.format.safetensors_file import DTYPES, read_header, read_tensor
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -183,8 +183,7 @@ class CheckpointSource:
         if tuple(shape) != self.shapes[target]:
             raise LowbitError(f"checkpoint tensor '{name}' has shape {tuple(shape)}, the model expects "
                               f"{self.shapes[target]}; its weights do not match config.json")
-        floating = dtype in ("F64", "F32", "F16", "BF16")
-        value = self.weights.read(name, None if stored or not floating else self.dtypes[target])
+        value = self.weights.read(name, None if stored or not DTYPES[dtype].is_floating_point else self.dtypes[target])
         if value.is_floating_point() and not _finite(value):
             raise LowbitError(f"model weight {name} holds {_non_finite_counts(value)}; the checkpoint is corrupted "
                               "(re-download or re-convert it)")

@@ -12,7 +12,7 @@ Nodes that no quantized layer depends on (the lm_head and the loss of a causal L
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -21,9 +21,6 @@ import torch.fx as fx
 from lowbit.distributed import Ranks
 from lowbit.ir.graph import Graph, MatmulSite, QuantizedLayer
 from lowbit.errors import LowbitError
-
-
-_QUANTIZED_OPS = {torch.ops.lowbit.wna16_linear.default, torch.ops.lowbit.w8a8_linear.default}
 
 
 class Hessian:
@@ -140,6 +137,7 @@ class StreamingCalibrator:
             if node.op == "get_attr":
                 continue                            # a constant is read where it is used (_execute)
             read = list(node.all_input_nodes)       # with a quantized site's float weight, which the swap drops
+            swapped = None
             if node in sites_by_node:
                 site = sites_by_node[node]
                 inp = site.input_node
@@ -157,7 +155,7 @@ class StreamingCalibrator:
                         g.gm.to(self.device)              # its new buffers too
                     if node in last_use:
                         last_use[site.node] = last_use.pop(node)
-                    node = site.node
+                    node, swapped = site.node, site.name
                     for a in node.all_input_nodes:
                         if a.op == "get_attr":
                             last_read[a.target] = i
@@ -167,7 +165,9 @@ class StreamingCalibrator:
             self.stats.nodes_run += 1
             read = list(dict.fromkeys(read + node.all_input_nodes))
             if g.source is not None:
-                self._drop_constants(node, read, i, last_read)
+                self._drop_constants(read, i, last_read)
+                if swapped is not None:
+                    g.forget_packed(swapped)              # in the pass's checkpoint by now
             for a in read:
                 if last_use.get(a, -1) <= i and a in env:
                     del env[a]
@@ -185,17 +185,12 @@ class StreamingCalibrator:
         t = self.graph.attr(target)
         return t if self.moves else t.to(self.device)
 
-    def _drop_constants(self, node: fx.Node, read: list, i: int, last_read: dict):
-        """A weightless graph's constants (``read`` by ``node``) that no later node reads: checkpoint tensors are
-        read again if needed, a quantized layer's packed tensors are in the pass's checkpoint by now."""
-        g = self.graph
+    def _drop_constants(self, read: list, i: int, last_read: dict):
+        """A weightless graph's constants in ``read`` that no later node reads: checkpoint tensors are read again
+        if needed, a quantized layer's packed tensors are in the pass's checkpoint by now."""
         for a in read:
             if a.op == "get_attr" and last_read.get(a.target, -1) <= i:
-                g.unbind(a.target)
-        if node.target in _QUANTIZED_OPS:
-            name = next((s.name for s in g.sites.values() if s.node is node), None)
-            if name in g.quantized:
-                g.quantized[name] = replace(g.quantized[name], qweight=None, scales=None, zeros=None, bias=None)
+                self.graph.unbind(a.target)
 
     def _hessian(self, chunks: list, k: int) -> torch.Tensor:
         h = Hessian(k, device=self.device, dtype=self.hessian_dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -223,9 +223,7 @@ class Graph:
     # ---- access ----------------------------------------------------------------------------
     def attr(self, target: str) -> torch.Tensor:
         """The constant ``target``; a weightless graph's (a FakeTensor) is read from ``source`` and kept."""
-        obj = self.gm
-        for part in target.split("."):
-            obj = getattr(obj, part)
+        obj = self.attr_value(target)
         if self.source is not None and isinstance(obj, FakeTensor):
             obj = self.source.read(target)
             self.set_constant(target, obj)
@@ -292,6 +290,14 @@ class Graph:
         g.erase_node(site.node)
         site.node = new
         self.quantized[site.name] = q
+        if self.source is not None and isinstance(site, MatmulSite):
+            self.unbind(site.weight_attr)      # a weightless graph: the float weight leaves memory with the swap
+
+    def forget_packed(self, name: str):
+        """Drop layer ``name``'s packed tensors from its QuantizedLayer (the graph's buffers keep them until the
+        streaming compile writes them); its layout and stats stay."""
+        q = self.quantized[name]
+        self.quantized[name] = replace(q, qweight=None, scales=None, zeros=None, bias=None)
 
     def replace_with_quantized(self, site: MatmulSite, q: QuantizedLayer):
         """Swap the site's matmul for ``q``'s op (``lowbit::wna16_linear`` / ``w8a8_linear``) on packed buffers."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves, tree_unflatten
 
 from lowbit.errors import LowbitError
@@ -39,7 +40,7 @@ def run_lazily(graph, args: tuple):
     for i, n in enumerate(nodes):
         for a in n.all_input_nodes:
             last[a.target if a.op == "get_attr" else a] = i
-    before = {t for t in graph.constants() if not _is_fake(graph.attr_value(t))}
+    before = {t for t in graph.constants() if not isinstance(graph.attr_value(t), FakeTensor)}
     env = dict(zip([n for n in nodes if n.op == "placeholder"], flat_args(args)))
     for i, n in enumerate(nodes):
         if n.op in ("placeholder", "get_attr"):
@@ -64,8 +65,3 @@ def flat_args(args: tuple) -> list:
     """The graph's placeholder values for its call arguments (the step's past K/V list is one argument)."""
     return tree_leaves(list(args))
 
-
-def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)

@@ -133,7 +133,5 @@ def checkpoint_node(graph, recipe, checkpoint: Checkpoint):
             raise LowbitError(f"layer {site.name} is missing from the compile's checkpoint '{checkpoint.dir}'; "
                               "compile again without --resume")
         graph.replace_with_quantized(site, q)
-        if graph.source is not None:
-            graph.unbind(site.weight_attr)
         return site.node
     return quantize

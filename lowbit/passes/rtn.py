@@ -80,9 +80,7 @@ def quantize_sites(graph: Graph, recipe, todo: list, emb=None, table=None, show_
         graph.replace_with_quantized(site, layer or quantize_layer(site.name, spec.linear_op, w, spec, bias,
                                                                    mse=recipe.scheme.mse,
                                                                    qparams=graph.fixed_qparams.get(site.name)))
-        if graph.source is not None:                 # a weightless graph: the float weight leaves memory now
-            del w, bias
-            graph.unbind(site.weight_attr)
+        del w, bias            # the last references to a weightless graph's float weight, dropped by the swap
 
 
 def rtn_pass(graph: Graph, recipe, show_progress: bool = True, **_) -> dict:
