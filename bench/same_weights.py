@@ -53,6 +53,14 @@ def _named(doc: dict) -> dict:
     return {**doc, "nodes": canonical_names(doc["nodes"])}
 
 
+def _differing_keys(x, y, path: str = "") -> list[str]:
+    """The dotted paths where two JSON documents differ."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        return [k for key in sorted(set(x) | set(y))
+                for k in _differing_keys(x.get(key), y.get(key), f"{path}.{key}" if path else key)]
+    return [] if x == y else [path or "(root)"]
+
+
 def differing(a: Path, b: Path) -> tuple[list[str], int]:
     """(files that differ or exist on one side only, files compared)."""
     names = sorted({p.relative_to(a) for p in a.rglob("*") if p.is_file()}
@@ -64,8 +72,9 @@ def differing(a: Path, b: Path) -> tuple[list[str], int]:
         if not (x.is_file() and y.is_file()):
             bad.append(f"{n} (one side only)")
         elif n.name in ("manifest.json", "graph.json"):
-            if _stable(json.loads(x.read_text())) != _stable(json.loads(y.read_text())):
-                bad.append(str(n))
+            keys = _differing_keys(_stable(json.loads(x.read_text())), _stable(json.loads(y.read_text())))
+            if keys:
+                bad.append(f"{n} ({', '.join(keys[:4])})")
         elif n.name == "program.json":
             if _named(json.loads(x.read_text())) != _named(json.loads(y.read_text())):
                 bad.append(str(n))

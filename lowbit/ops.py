@@ -45,6 +45,11 @@ Ops
     -> (codes, scales)`` is the same followed by the per-token INT8 quantization of ``w8a8_linear``: what the
     fusion rule ``act_mul`` substitutes so the product never travels through memory in float.
 
+``lowbit::narrow_linear(x, weight, bias) -> y``
+    ``F.linear(x, weight.to(x.dtype), bias)`` for a float weight stored narrower than ``x`` (a bfloat16 head run in
+    float32): the weight is widened a block of rows at a time, so memory holds it narrow plus one block. Each
+    output is the same dot product in ``x``'s dtype (equal to the wide linear up to the GEMM's summation order).
+
 CUDA kernels: every op but ``wna16_embedding`` and ``attention`` (PyTorch's own kernels serve those) runs a
 Triton kernel (``lowbit.kernels.triton``) when Triton is installed and the format is supported, and the
 reference math otherwise. Triton is imported on the first CUDA call, never at ``import lowbit``.
@@ -297,6 +302,27 @@ def wna16_embedding(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 @wna16_embedding.register_fake
 def _wna16_embedding_fake(ids, qweight, scales, zeros, bits, group_size, dim, dtype):
     return torch.empty((*ids.shape, dim), dtype=dtype, device=ids.device)
+
+
+NARROW_BLOCK_BYTES = 16 << 20         # one widened block of a narrow_linear weight: rows in x's dtype
+
+
+@torch.library.custom_op("lowbit::narrow_linear", mutates_args=())
+def narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    out = x2.new_empty((x2.shape[0], n))
+    step = max(1, NARROW_BLOCK_BYTES // (k * x.element_size()))
+    for r in range(0, n, step):
+        out[:, r:r + step] = x2 @ weight[r:r + step].to(x.dtype).t()
+    if bias is not None:
+        out += bias.to(x.dtype)
+    return out.reshape(*x.shape[:-1], n)
+
+
+@narrow_linear.register_fake
+def _narrow_linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],

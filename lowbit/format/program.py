@@ -320,25 +320,42 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
             t = t.to(traced)               # stored in the checkpoint's narrower dtype: the value the trace held
         root.register_buffer(attr, t.to(device=device, dtype=dtype_map.get(t.dtype, t.dtype)))
         del t
-    return fx.GraphModule(root, g)
+    gm = fx.GraphModule(root, g)
+    gm.meta["tensor_keys"] = {attr: key for key, attr in constants.items()}     # attribute -> stored tensor
+    return gm
 
 
 def _narrow_tables(g: fx.Graph, constants: dict, widen: set, dtype: torch.dtype) -> set:
-    """The attributes of ``widen`` tensors that only ``aten.embedding`` reads, as its table; each lookup's rows are
-    converted to ``dtype`` after it (the graph rewritten in place)."""
+    """The attributes of ``widen`` tensors read only as the table of ``aten.embedding`` or the weight of
+    ``aten.linear``; the graph is rewritten in place so they stay narrow: each lookup's rows are converted to
+    ``dtype`` after it, each linear becomes ``lowbit::narrow_linear`` (the weight widened block by block)."""
+    embedding, linear = torch.ops.aten.embedding.default, torch.ops.aten.linear.default
     attrs = {constants[k] for k in widen if k in constants}
     out = set()
     for n in list(g.nodes):
         if n.op != "get_attr" or n.target not in attrs or not n.users:
             continue
-        if all(u.target is torch.ops.aten.embedding.default and u.args[0] is n and n not in u.args[1:]
+        if all(_reads_only_as(u, n, 0) if u.target is embedding else u.target is linear and _reads_only_as(u, n, 1)
                for u in n.users):
             for u in list(n.users):
+                if u.target is linear:
+                    with g.inserting_after(u):
+                        narrow = g.call_function(torch.ops.lowbit.narrow_linear.default,
+                                                 (u.args[0], n, u.args[2] if len(u.args) > 2 else None))
+                    u.replace_all_uses_with(narrow)
+                    g.erase_node(u)
+                    continue
                 with g.inserting_after(u):
                     cast = g.call_function(torch.ops.aten.to.dtype, (u, dtype))
                 u.replace_all_uses_with(cast, delete_user_cb=lambda user: user is not cast)
             out.add(n.target)
     return out
+
+
+def _reads_only_as(user: fx.Node, n: fx.Node, index: int) -> bool:
+    """Whether ``user`` reads ``n`` as its positional argument ``index`` and nowhere else."""
+    return (len(user.args) > index and user.args[index] is n and sum(a is n for a in user.args) == 1
+            and n not in user.kwargs.values())
 
 
 def _check_packed_call(target: str, args: tuple, kwargs: dict, by_attr: dict, where: str):

@@ -23,6 +23,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 MAX_HEADER = 100 << 20             # safetensors' own limit on the JSON header
+RESAVE = "re-save it with save_pretrained()"      # the fix for a bad checkpoint file; an artifact's is to recompile
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,9 @@ class Entry:
     end: int
 
 
-def read_header(path: Path) -> dict[str, Entry]:
-    """{tensor name: Entry} of the file at ``path``; a malformed or truncated file is one LowbitError line."""
+def read_header(path: Path, fix: str = RESAVE) -> dict[str, Entry]:
+    """{tensor name: Entry} of the file at ``path``; a malformed or truncated file is one LowbitError line ending
+    in ``fix``."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -49,30 +51,30 @@ def read_header(path: Path) -> dict[str, Entry]:
     except OSError as e:
         raise LowbitError(f"cannot read '{path}': {e.strerror}") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise LowbitError(f"'{path}' is not a safetensors file ({str(e)[:120]}); re-save it with save_pretrained()"
+        raise LowbitError(f"'{path}' is not a safetensors file ({str(e)[:120]}); {fix}"
                           ) from None
     if not isinstance(doc, dict):
-        raise LowbitError(f"'{path}': the safetensors header is not a JSON object; re-save it with save_pretrained()")
+        raise LowbitError(f"'{path}': the safetensors header is not a JSON object; {fix}")
     base, entries = 8 + n, {}
     for name, e in doc.items():
         if name == "__metadata__":
             continue
-        entries[name] = _entry(path, name, e, base, size)
+        entries[name] = _entry(path, name, e, base, size, fix)
     return entries
 
 
-def _entry(path: Path, name: str, e, base: int, size: int) -> Entry:
+def _entry(path: Path, name: str, e, base: int, size: int, fix: str) -> Entry:
     bad = f"'{path}': tensor '{str(name)[:80]}' has a malformed header entry"
     if not (isinstance(e, dict) and e.get("dtype") in DTYPES and isinstance(e.get("shape"), list)
             and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2):
-        raise LowbitError(f"{bad}; re-save it with save_pretrained()")
+        raise LowbitError(f"{bad}; {fix}")
     shape, (b, end) = e["shape"], e["data_offsets"]
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in (*shape, b, end)):
         raise LowbitError(f"{bad} (shape and offsets must be non-negative integers)")
     nbytes = math.prod(shape) * torch.empty((), dtype=DTYPES[e["dtype"]]).element_size()
     if end - b != nbytes or base + end > size:
         raise LowbitError(f"{bad}: its {end - b} bytes do not hold shape {shape} of {e['dtype']} inside the file "
-                          "(truncated or corrupt); re-save it with save_pretrained()")
+                          f"(truncated or corrupt); {fix}")
     return Entry(e["dtype"], tuple(shape), base + b, base + end)
 
 
@@ -80,12 +82,12 @@ def _entry(path: Path, name: str, e, base: int, size: int) -> Entry:
 CHUNK = 64 << 20
 
 
-def read_tensor(f, entry: Entry, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def read_tensor(f, entry: Entry, dtype: Optional[torch.dtype] = None, fix: str = RESAVE) -> torch.Tensor:
     """The tensor ``entry`` describes, read from the open binary file ``f`` into memory of its own; with ``dtype``,
     converted chunk by chunk as it is read (memory for the result, not the result and the stored form)."""
     stored = DTYPES[entry.dtype]
     if dtype is None or dtype == stored or len(entry.shape) == 0:
-        t = _read(f, entry.start, entry.end - entry.start).view(stored).reshape(entry.shape)
+        t = _read(f, entry.start, entry.end - entry.start, fix).view(stored).reshape(entry.shape)
         return t if dtype is None else t.to(dtype)
     out = torch.empty(entry.shape, dtype=dtype)
     flat = out.view(-1)
@@ -93,13 +95,13 @@ def read_tensor(f, entry: Entry, dtype: Optional[torch.dtype] = None) -> torch.T
     step = max(1, CHUNK // size)
     for i in range(0, flat.numel(), step):
         n = min(step, flat.numel() - i)
-        flat[i:i + n] = _read(f, entry.start + i * size, n * size).view(stored)
+        flat[i:i + n] = _read(f, entry.start + i * size, n * size, fix).view(stored)
     return out
 
 
-def _read(f, offset: int, nbytes: int) -> torch.Tensor:
+def _read(f, offset: int, nbytes: int, fix: str) -> torch.Tensor:
     buf = torch.empty(nbytes, dtype=torch.uint8)
     f.seek(offset)
     if nbytes and f.readinto(buf.numpy()) != nbytes:
-        raise LowbitError(f"'{f.name}' ends inside tensor data (truncated); re-save it with save_pretrained()")
+        raise LowbitError(f"'{f.name}' ends inside tensor data (truncated); {fix}")
     return buf

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.format.safetensors_file import read_header, read_tensor
 
 SINGLE = "weights.safetensors"
 SHARD_RE = re.compile(r"weights-(\d{5})-of-(\d{5})\.safetensors")
@@ -109,18 +110,17 @@ def weight_files(names) -> list[str]:
 
 
 def load_weights(folder: Path, files: list[str], where: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the weight ``files`` in ``folder`` by name (a name in two files is refused)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """Every tensor of the weight ``files`` in ``folder`` by name (a name in two files is refused), each read into
+    memory of its own (``safetensors_file``: no memory map, whose pages would stay resident beside the copies the
+    runtime makes of packed layers)."""
     tensors: dict[str, torch.Tensor] = {}
+    fix = "recompile the artifact"
     for name in files:
-        try:
-            part = load_file(str(Path(folder) / name))
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            raise LowbitError(f"{where}: {name} is not a readable safetensors file ({e})") from None
-        twice = set(part) & set(tensors)
+        path = Path(folder) / name
+        entries = read_header(path, fix)
+        twice = set(entries) & set(tensors)
         if twice:
             raise LowbitError(f"{where}: tensor '{sorted(twice)[0]}' is in two weight files; recompile")
-        tensors.update(part)
+        with open(path, "rb") as f:
+            tensors.update({key: read_tensor(f, e, fix=fix) for key, e in entries.items()})
     return tensors

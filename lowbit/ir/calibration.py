@@ -1,12 +1,13 @@
 """Calibration: text -> token windows, and the streaming calibrator that quantizes true-sequentially.
 
-The streaming calibrator runs the calibration set through the traced graph *node by node* (every node
-over all calibration chunks before the next node), freeing each value after its last use. When it
-reaches a matmul that is to be quantized, the matmul's input is already there for every sample: it
-builds the Hessian from it (once per input node, so Q/K/V and gate/up share one), asks the quantizer for
-the layer, rewrites the node to the quantized op and computes the node's output *with the quantized
-weight*. Every later layer therefore calibrates on inputs that went through the quantized layers before
-it (GPTQ's "true sequential"), in one pass over the graph, holding one frontier of activations.
+The streaming calibrator runs the calibration set through the traced graph from one quantized matmul to the
+next. When it reaches a matmul that is to be quantized, the matmul's input is there for every sample: it builds
+the Hessian from it (once per input node, so Q/K/V and gate/up share one), asks the quantizer for the layers
+reading it and rewrites their nodes to the quantized op. It then runs the nodes up to the next matmul to quantize
+one sample chunk at a time, *with the quantized weights*, keeping for every chunk only the values later nodes
+read (that matmul's input, the residual stream). Every later layer therefore calibrates on inputs that went
+through the quantized layers before it (GPTQ's "true sequential"), in one pass over the graph, holding one
+frontier of activations: what crosses from one quantized matmul to the next, not every intermediate value.
 Nodes that no quantized layer depends on (the lm_head and the loss of a causal LM) are never run.
 """
 
@@ -124,58 +125,50 @@ class StreamingCalibrator:
                 last_use[a] = i
                 if a.op == "get_attr":
                     last_read[a.target] = i
-        # Sites sharing an input share one Hessian; it lives until the last of them is quantized.
+        # Sites sharing an input share one Hessian.
         sharing: dict[fx.Node, list[str]] = {}
         for name in targets:
             sharing.setdefault(g.sites[name].input_node, []).append(name)
-        hessians: dict[fx.Node, torch.Tensor] = {}
-        solved: dict[str, Optional[QuantizedLayer]] = {}      # layers solved ahead, across processes
+        swapped: list[str] = []                    # layers swapped in, whose packed tensors go after their segment
         env: dict[fx.Node, list] = {}
         placeholders = {n: [c[j] for c in self.chunks]
                         for j, n in enumerate(x for x in g.gm.graph.nodes if x.op == "placeholder")}
-        for i, node in enumerate(order):
-            if node.op == "get_attr":
-                continue                            # a constant is read where it is used (_execute)
-            read = list(node.all_input_nodes)       # with a quantized site's float weight, which the swap drops
-            swapped = None
-            if node in sites_by_node:
-                site = sites_by_node[node]
-                inp = site.input_node
-                if inp not in hessians:
-                    hessians[inp] = self._hessian(env[inp], site.in_features)
-                    if self.ranks.world > 1:
-                        solved.update(self._solve_shared(sharing[inp], hessians[inp], quantize))
-                q = solved.pop(site.name) if site.name in solved else quantize(site, hessians[inp])
-                sharing[inp].remove(site.name)
-                if not sharing[inp]:
-                    del hessians[inp]
-                if q is not None:
-                    g.replace_with_quantized(site, q)     # site.node is now the lowbit op
-                    if self.moves:
-                        g.gm.to(self.device)              # its new buffers too
-                    if node in last_use:
-                        last_use[site.node] = last_use.pop(node)
-                    node, swapped = site.node, site.name
-                    for a in node.all_input_nodes:
-                        if a.op == "get_attr":
-                            last_read[a.target] = i
-                if on_layer is not None:
-                    on_layer(site, q)
-            env[node] = self._execute(node, env, placeholders)
-            self.stats.nodes_run += 1
-            read = list(dict.fromkeys(read + node.all_input_nodes))
+        position = {n: i for i, n in enumerate(order)}
+        pending = set(sites_by_node)               # sites not quantized yet: each needs its input for every chunk
+        i = 0
+        while i < len(order):
+            if order[i] in pending:
+                # The sites reading this input (Q/K/V, gate/up) share one Hessian: all are quantized now.
+                inp = sites_by_node[order[i]].input_node
+                names = sharing[inp]
+                hessian = self._hessian(env[inp], sites_by_node[order[i]].in_features)
+                solved = self._solve(names, hessian, quantize)
+                del hessian
+                for name in names:
+                    site = g.sites[name]
+                    old = site.node
+                    pending.discard(old)
+                    if solved[name] is not None:
+                        g.replace_with_quantized(site, solved[name])       # site.node is now the lowbit op
+                        if self.moves:
+                            g.gm.to(self.device)                         # its new buffers too
+                        order[position[old]] = site.node
+                        if old in last_use:
+                            last_use[site.node] = last_use.pop(old)
+                        for a in site.node.all_input_nodes:
+                            if a.op == "get_attr":
+                                last_read[a.target] = position[old]
+                        swapped.append(name)
+                    if on_layer is not None:
+                        on_layer(site, solved[name])
+            # Up to the next site still to quantize, one sample chunk at a time.
+            j = next((k for k in range(i + 1, len(order)) if order[k] in pending), len(order))
+            self._run_segment(order, i, j, env, placeholders, last_use, last_read)
             if g.source is not None:
-                self._drop_constants(read, i, last_read)
-                if swapped is not None:
-                    g.forget_packed(swapped)              # in the pass's checkpoint by now
-            for a in read:
-                if last_use.get(a, -1) <= i and a in env:
-                    del env[a]
-            if node not in last_use:                 # a value nobody we run reads (a target's output)
-                env.pop(node, None)
-            # Activations only: constants (weights read by get_attr) are not part of the frontier.
-            self.stats.peak_frontier_bytes = max(self.stats.peak_frontier_bytes,
-                                                 sum(_nbytes(v) for n, v in env.items() if n.op != "get_attr"))
+                for name in swapped:
+                    g.forget_packed(name)                # in the pass's checkpoint by now
+            swapped.clear()
+            i = j
         g.finalize()
         if self.moves:
             g.gm.to("cpu")
@@ -202,31 +195,67 @@ class StreamingCalibrator:
         self.stats.hessians += 1
         return h.value()
 
-    def _solve_shared(self, names: list[str], hessian: torch.Tensor, quantize: QuantizeFn) -> dict:
-        """The layers that share one Hessian (Q/K/V, gate/up), each solved by one process and sent to all."""
+    def _solve(self, names: list[str], hessian: torch.Tensor, quantize: QuantizeFn) -> dict:
+        """The layers that share one Hessian (Q/K/V, gate/up); under torchrun each is solved by one process and
+        sent to all."""
+        if self.ranks.world == 1:
+            return {name: quantize(self.graph.sites[name], hessian) for name in names}
         mine = {name: quantize(self.graph.sites[name], hessian) for i, name in enumerate(names)
                 if self.ranks.owner(i) == self.ranks.rank}
         return {name: self.ranks.broadcast(mine.get(name), src=self.ranks.owner(i)) for i, name in enumerate(names)}
 
-    def _execute(self, node: fx.Node, env: dict, placeholders) -> list:
-        """The node's value for every chunk (a shared value for constants)."""
-        n_chunks = len(self.chunks)
+    def _run_segment(self, order: list, start: int, stop: int, env: dict, placeholders, last_use: dict,
+                     last_read: dict):
+        """Run ``order[start:stop]`` (no quantized site among them) one sample chunk at a time: a value only these
+        nodes read lives for one chunk, and only the values later nodes read are kept for every chunk. The
+        results are the node-by-node ones (each chunk's ops are the same); the frontier between two sites holds
+        what crosses it, not every intermediate (an MLP's gate, up and activation for all samples)."""
+        nodes = [(i, order[i]) for i in range(start, stop) if order[i].op != "get_attr"]
+        kept = {n: [] for _, n in nodes if last_use.get(n, -1) >= stop}
+        for c in range(len(self.chunks)):
+            local: dict = {}
+            for i, node in nodes:
+                local[node] = self._execute(node, c, env, placeholders, local)
+                for a in node.all_input_nodes:
+                    if a in local and a not in kept and last_use.get(a, -1) <= i:
+                        del local[a]
+            for n, values in kept.items():
+                values.append(local[n])
+        env.update(kept)
+        self.stats.nodes_run += len(nodes)
+        read = list(dict.fromkeys(a for _, n in nodes for a in n.all_input_nodes))
+        self._release(read, [n for _, n in nodes], stop - 1, env, last_use, last_read)
+
+    def _release(self, read: list, ran: list, i: int, env: dict, last_use: dict, last_read: dict):
+        """After ``order[i]``: drop the values and constants no later node reads; record the frontier."""
+        if self.graph.source is not None:
+            self._drop_constants(read, i, last_read)
+        for a in read:
+            if last_use.get(a, -1) <= i and a in env:
+                del env[a]
+        for n in ran:
+            if n not in last_use:                    # a value nobody we run reads (a target's output)
+                env.pop(n, None)
+        # Activations only: constants (weights read by get_attr) are not part of the frontier.
+        self.stats.peak_frontier_bytes = max(self.stats.peak_frontier_bytes,
+                                             sum(_nbytes(v) for n, v in env.items() if n.op != "get_attr"))
+
+    def _execute(self, node: fx.Node, c: int, env: dict, placeholders, local: Optional[dict] = None):
+        """The node's value for sample chunk ``c`` (its inputs from ``local``, this chunk's own, or ``env``)."""
         if node.op == "placeholder":
-            return placeholders[node]
+            return placeholders[node][c]
 
-        def value(a, c):
-            return self._constant(a.target) if a.op == "get_attr" else env[a][c]
+        def value(a):
+            if a.op == "get_attr":
+                return self._constant(a.target)
+            return local[a] if local is not None and a in local else env[a][c]
 
-        out = []
-        for c in range(n_chunks):
-            args = fx.node.map_arg(node.args, lambda a: value(a, c))
-            kwargs = fx.node.map_arg(node.kwargs, lambda a: value(a, c))
-            if node.op == "call_function":
-                out.append(node.target(*args, **kwargs))
-            elif node.op == "call_method":
-                out.append(getattr(args[0], node.target)(*args[1:], **kwargs))
-            elif node.op == "call_module":
-                out.append(self.graph.gm.get_submodule(node.target)(*args, **kwargs))
-            else:
-                raise RuntimeError(f"streaming calibrator cannot run node {node.op} {node.target}")
-        return out
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        if node.op == "call_module":
+            return self.graph.gm.get_submodule(node.target)(*args, **kwargs)
+        raise RuntimeError(f"streaming calibrator cannot run node {node.op} {node.target}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,7 +19,9 @@ from lowbit.ir.graph import Graph
 from lowbit.progress import timed
 from lowbit.format import program as program_format
 from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE
+from lowbit.format.safetensors_file import DTYPES, read_header, read_tensor
 from lowbit.format.shards import ShardWriter, load_weights, weight_files
+from lowbit.lowering import deferred
 
 
 
@@ -58,12 +61,37 @@ def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
     return doc, tensors
 
 
-def staged_program(tmp: Path, dtype: torch.dtype) -> tuple[dict, torch.fx.GraphModule]:
+def staged_program(tmp: Path, dtype: torch.dtype, defer: bool = False) -> tuple[dict, torch.fx.GraphModule]:
     """(document, GraphModule in ``dtype``) of the program a staged artifact in ``tmp`` holds: what the ONNX and
-    TensorRT lowerings read, so they lower exactly what the torch runtime runs."""
+    TensorRT lowerings read, so they lower exactly what the torch runtime runs. ``defer``: the module's tensors of
+    ``deferred.DEFER_BYTES`` or more are ``lowering.deferred.Deferred`` attributes, read from the weight files
+    when they are used, not now."""
     doc = json.loads((tmp / PROGRAM_FILE).read_text())
-    tensors = load_weights(tmp, weight_files(p.name for p in tmp.iterdir()), "staged artifact")
-    return doc, program_format.decode(doc, tensors, dtype=dtype)
+    files = weight_files(p.name for p in tmp.iterdir())
+    if not defer:
+        return doc, program_format.decode(doc, load_weights(tmp, files, "staged artifact"), dtype=dtype)
+    stored = {}                                  # key -> (file, its safetensors entry)
+    for name in files:
+        stored.update({key: (tmp / name, e) for key, e in read_header(tmp / name).items()})
+    gm = program_format.decode(doc, {k: torch.empty(e.shape, dtype=DTYPES[e.dtype], device="meta")
+                                    for k, (_, e) in stored.items()}, device="meta", dtype=dtype)
+    cpu = torch.device("cpu")
+    for node in gm.graph.nodes:                  # device arguments back on the CPU: only the tensors were meta
+        node.args, node.kwargs = torch.fx.node.map_aggregate(
+            (node.args, node.kwargs), lambda a: cpu if isinstance(a, torch.device) else a)
+    for attr, key in gm.meta["tensor_keys"].items():
+        meta = getattr(gm, attr)
+        later = deferred.Deferred(meta.shape, meta.dtype, partial(_read_stored, *stored[key]))
+        delattr(gm, attr)
+        big = meta.numel() * meta.element_size() >= deferred.DEFER_BYTES
+        setattr(gm, attr, later if big else later.materialize())
+    gm.recompile()
+    return doc, gm
+
+
+def _read_stored(path: Path, entry) -> torch.Tensor:
+    with open(path, "rb") as f:
+        return read_tensor(f, entry)
 
 
 def weight_writer(tmp: Path) -> ShardWriter:

@@ -80,13 +80,37 @@ class _Add(torch.nn.Module):
         return x + self.exact + self.inexact
 
 
-def test_the_torch_runtime_keeps_the_vocabulary_table_narrow(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])          # a separate head, a head tied to the table
+def test_the_torch_runtime_keeps_the_vocabulary_table_and_head_narrow(arch, tmp_path):
     """A bfloat16 embedding table that only lookups read stays bfloat16 in the running program (the rows are
-    widened after the lookup: same outputs, the test above); the float32 artifact's stays float32 (the control)."""
-    narrow, wide = _checkpoints("qwen2", tmp_path)
-    tables = []
+    widened after the lookup: same outputs, the test above), and so does a bfloat16 head (``narrow_linear``
+    widens it block by block); the float32 artifact's stay float32 (the control)."""
+    narrow, wide = _checkpoints(arch, tmp_path)
+    read = []
     for src, out in ((narrow, "a"), (wide, "b")):
         gm = lowbit.load(lowbit.compile(str(src), "rtn-w4g64", out=tmp_path / out, quiet=True)).runner.gm
-        tables.append({n.args[0].target: getattr(gm, n.args[0].target).dtype for n in gm.graph.nodes
-                       if n.target is torch.ops.aten.embedding.default})
-    assert list(tables[0].values()) == [torch.bfloat16] and list(tables[1].values()) == [torch.float32]
+        read.append({(n.target, getattr(gm, n.args[i].target).dtype) for n in gm.graph.nodes for i in (0, 1)
+                     if n.target in (torch.ops.aten.embedding.default, torch.ops.aten.linear.default,
+                                     torch.ops.lowbit.narrow_linear.default)
+                     and isinstance(n.args[i], torch.fx.Node) and n.args[i].op == "get_attr"})
+    lookup, linear, narrow_linear = (torch.ops.aten.embedding.default, torch.ops.aten.linear.default,
+                                     torch.ops.lowbit.narrow_linear.default)
+    assert read[0] == {(lookup, torch.bfloat16), (narrow_linear, torch.bfloat16)}
+    assert read[1] == {(lookup, torch.float32), (linear, torch.float32)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_narrow_linear_is_the_wide_linear(monkeypatch, dtype):
+    """``narrow_linear`` over several row blocks gives float32 ``F.linear`` on the widened weight (to float32
+    rounding), not the cheaper product with x rounded to the weight's dtype (the negative control)."""
+    from lowbit import ops
+
+    monkeypatch.setattr(ops, "NARROW_BLOCK_BYTES", 64 * 4 * 5)
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 2, 64, generator=g), torch.randn(37, 64, generator=g).to(dtype), torch.randn(37)
+    got = torch.ops.lowbit.narrow_linear(x, w, b)
+    want = torch.nn.functional.linear(x, w.float(), b)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    cheap = torch.nn.functional.linear(x.to(dtype), w, b.to(dtype)).float()
+    assert (cheap - want).abs().max() > 1e-3

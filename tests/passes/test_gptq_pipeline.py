@@ -49,6 +49,43 @@ def test_gptq_artifact_runs_and_beats_rtn(arch, model_dirs, calib_file, text_fil
     assert "GPTQ loss" in report and sum("| gptq |" in line for line in report.splitlines()) == n_layers
 
 
+def test_calibrator_runs_between_sites_chunk_by_chunk(model_dirs, calib_file, monkeypatch):
+    """From one quantized matmul to the next the calibrator runs one sample chunk at a time (the quantized
+    matmuls' outputs too): its frontier never holds two of an MLP's gate, up and activation for every sample, and
+    the Hessians are bitwise those of running every node over all chunks before the next (the negative control:
+    that order's frontier does hold them)."""
+    loaded = load_model(str(model_dirs["llama"]))
+    ids = calibration_windows(loaded.tokenizer, calib_file.read_text(), 8, 40, seed=2)
+    recipe = load_recipe("rtn-w4g64")
+    cfg = loaded.config
+    tokens = ids.numel()
+
+    def calibrate():
+        graph = trace(loaded)
+        seen = {}
+
+        def quantize(site, hessian):
+            seen[site.name] = hessian.clone()
+            return quantize_layer(site.name, "wna16_linear", graph.weight(site), recipe.spec_for(site.name),
+                                  graph.bias(site))
+
+        stats = StreamingCalibrator(graph, ids, chunk=2).run([n for n in graph.sites if n != "lm_head"], quantize)
+        return seen, stats.peak_frontier_bytes
+
+    chunked, chunked_peak = calibrate()
+    segment = StreamingCalibrator._run_segment
+
+    def node_by_node(self, order, start, stop, *rest):
+        for i in range(start, stop):
+            segment(self, order, i, i + 1, *rest)
+
+    monkeypatch.setattr(StreamingCalibrator, "_run_segment", node_by_node)
+    whole, whole_peak = calibrate()
+    assert chunked.keys() == whole.keys() and all(torch.equal(chunked[k], whole[k]) for k in whole)
+    mlp_values = tokens * 2 * cfg.intermediate_size * 4          # two of gate, up, act(gate) in float32
+    assert chunked_peak < mlp_values <= whole_peak
+
+
 def test_calibration_is_true_sequential(model_dirs, calib_file):
     """A later layer's Hessian comes from inputs that went through the already-quantized earlier layers."""
     loaded = load_model(str(model_dirs["llama"]))

@@ -25,6 +25,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from lowbit.lowering.deferred import Deferred, materialized
+from lowbit.lowering.onnx.deferred_tensor import DeferredTensor
+
 INT64_MAX = 2 ** 63 - 1
 # Results computed at export time up to this size become initializers; larger ones (a reshape of a weight) stay
 # ops on the initializer so the file does not hold the bytes twice.
@@ -167,8 +170,10 @@ class Emitter:
         return node.outputs[0] if n == 1 else tuple(node.outputs)
 
     def const(self, value, dtype: torch.dtype | None = None, name: str | None = None):
-        """An initializer holding ``value`` (a torch tensor or Python number), named ``name`` or, unnamed, shared
-        with every other unnamed constant of the same small value."""
+        """An initializer holding ``value`` (a torch tensor, a ``Deferred`` one or a Python number), named ``name``
+        or, unnamed, shared with every other unnamed constant of the same small value."""
+        if isinstance(value, Deferred):
+            return self._deferred(value if dtype is None else value.to(dtype), name)
         t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dtype)
         if dtype is not None and t.dtype != dtype:
             t = t.to(dtype)
@@ -189,6 +194,12 @@ class Emitter:
         if key is not None:
             self._small[key] = v
         return v
+
+    def _deferred(self, value: Deferred, name: str) -> "ir.Value":
+        """An initializer read when the model is written (``deferred_tensor``)."""
+        if name in self.initializers:
+            return self.initializers[name]
+        return self.initializer(name, DeferredTensor(value, _dtype(value.dtype), name))
 
     def initializer(self, name: str, tensor) -> "ir.Value":
         """An initializer holding an ``onnx_ir`` tensor (for types torch has no dtype for, such as INT4)."""
@@ -349,7 +360,7 @@ class Emitter:
         dtype, shape = t[0]
         if int(np.prod(shape)) * dtype.itemsize > FOLD_BYTES:
             return False
-        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: self.consts[n][0])
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: materialized(self.consts[n][0]))
         with torch.no_grad():
             out = node.target(*args, **kwargs)
         self.consts[node] = (out.detach().clone(), f"folded_{node.name}")

@@ -26,20 +26,21 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from lowbit.frontend.load import eos_token_ids
 from lowbit.frontend.trace import example_encoder_input, example_step, exporting
+from lowbit.lowering.deferred import Deferred, deferred_call, materialized
 from lowbit.lowering.onnx.genai_config import write_genai_config
 from lowbit.errors import LowbitError
 from lowbit.format.artifact import ONNX_FILE, ONNX_IO_FILE
 from lowbit.lowering.onnx.options import OnnxOptions
 
 OPSET = 18
-# Protobuf cannot hold a model over 2 GiB; keep a margin for the graph itself.
-EXTERNAL_DATA_BYTES = 2 * 1024 ** 3 - 64 * 1024 ** 2
+# Initializers beyond this go to external data, written tensor by tensor: protobuf cannot hold a model over 2 GiB,
+# and an embedded model is serialized whole in memory.
+EXTERNAL_DATA_BYTES = 512 * 1024 ** 2
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "com.microsoft::MatMulNBits"}
 
 
@@ -114,11 +115,17 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
     def tensor(node):
         return getattr(gm, node.target)
 
-    def constant(base: str, suffix: str, t: Optional[torch.Tensor]):
+    def small(node):                    # scales and zero points: read now, the repacks' choices depend on them
+        return materialized(tensor(node))
+
+    def constant(base: str, suffix: str, t):
         if t is None:                   # an optional input left out (symmetric zero points)
             return None
         name = f"{base}_{suffix}"
-        gm.register_buffer(name, t)
+        if isinstance(t, Deferred):
+            setattr(gm, name, t)
+        else:
+            gm.register_buffer(name, t)
         # At the top of the graph, so a node anywhere may read it (a tied embedding reads the lm_head's).
         with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")):
             return gm.graph.get_attr(name)
@@ -143,7 +150,7 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
         if node.target == L.wna16_linear.default:
             x, qw, s, z, bias, bits, group, k = node.args
             n = tensor(qw).shape[0]
-            t = to_matmul_nbits(tensor(qw), tensor(s), tensor(z), bits, group, k)
+            t = deferred_call(to_matmul_nbits, (tensor(qw), small(s), small(z), bits, group, k))
             with gm.graph.inserting_before(node):
                 packed = [constant(qw.target, key, t[key]) for key in ("b", "scales", "zero_points")]
             nbits[(qw.target, s.target, z.target)] = (t, packed)
@@ -153,7 +160,7 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
             codes = node.target == L.w8a8_linear_codes.default
             lead, (qw, s, z, bias, bits, group, k) = node.args[:1 + codes], node.args[1 + codes:8 + codes]
             n = tensor(qw).shape[0]
-            t = to_matmul_a8(tensor(qw), tensor(s), tensor(z), bits, group, k)
+            t = deferred_call(to_matmul_a8, (tensor(qw), small(s), small(z), bits, group, k), (False, True, True))
             with gm.graph.inserting_before(node):
                 w, scales = constant(qw.target, "w", t["w"]), constant(qw.target, "a8_scales", t["scales"])
             tail = (bias, k, n, group, t["w_zero"])
@@ -163,7 +170,7 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
                 replace(node, L.ort_matmul_a8.default, (*lead, w, scales, *tail))
         elif node.target == L.wna16_embedding.default:
             ids, qw, s, z, bits, group, dim, _ = node.args
-            t = to_gather_nbits(tensor(qw), tensor(s), tensor(z), bits, group, dim)
+            t = deferred_call(to_gather_nbits, (tensor(qw), small(s), small(z), bits, group, dim))
             with gm.graph.inserting_before(node):
                 packed = _shared(gm, t, nbits.get((qw.target, s.target, z.target)))
                 if packed:
@@ -173,8 +180,9 @@ def lower_program(gm: torch.fx.GraphModule, accuracy_level: int = 0) -> dict:
             replace(node, L.ort_gather_nbits.default, (ids, *packed, t["bits"], t["block_size"], dim))
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
-    for name, _ in list(gm.named_buffers()):
-        if not any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [*dict(gm.named_buffers()), *(k for k, v in vars(gm).items() if isinstance(v, Deferred))]:
+        if name not in read:
             delattr(gm, name)
     gm.recompile()
     return dict(counts)
@@ -188,8 +196,9 @@ def _shared(gm, gather: dict, matmul) -> list:
     t, nodes = matmul
     pairs = list(zip((gather["data"], gather["scales"], gather["zero_points"]), (t["b"], t["scales"],
                                                                                  t["zero_points"]), nodes))
-    if any((g is None) != (m is None) or g is not None and (g.dtype != m.dtype or
-                                                              not torch.equal(g.reshape(-1), m.reshape(-1)))
+    if any((g is None) != (m is None) or g is not None and (g.dtype != m.dtype or g.numel() != m.numel() or
+                                                              not torch.equal(materialized(g).reshape(-1),
+                                                                              materialized(m).reshape(-1)))
            for g, m, _ in pairs):
         return []
     return [None if g is None else gm.graph.call_function(torch.ops.aten.reshape.default, (node, list(g.shape)))
@@ -333,7 +342,7 @@ def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: b
     from lowbit.lowering.program import staged_program
 
     OnnxOptions(accuracy_level, fusions, exporter)          # the ranges, for direct callers
-    program, gm = staged_program(tmp, torch.float32)
+    program, gm = staged_program(tmp, torch.float32, defer=True)
     lowered = lower_program(gm, accuracy_level)
     info = export_onnx(gm, program, vocab, tmp / ONNX_FILE, fusions, attention_positions, exporter)
     (tmp / ONNX_IO_FILE).write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},
