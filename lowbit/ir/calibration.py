@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from lowbit.distributed import Ranks
+from lowbit.host import release_free_memory
 from lowbit.ir.graph import Graph, MatmulSite, QuantizedLayer
 from lowbit.errors import LowbitError
 
@@ -168,6 +169,7 @@ class StreamingCalibrator:
                 for name in swapped:
                     g.forget_packed(name)                # in the pass's checkpoint by now
             swapped.clear()
+            release_free_memory()                        # the chunks' freed values, back to the system
             i = j
         g.finalize()
         if self.moves:
