@@ -208,10 +208,11 @@ class StreamingCalibrator:
 
     def _run_segment(self, order: list, start: int, stop: int, env: dict, placeholders, last_use: dict,
                      last_read: dict):
-        """Run ``order[start:stop]`` (no quantized site among them) one sample chunk at a time: a value only these
-        nodes read lives for one chunk, and only the values later nodes read are kept for every chunk. The
-        results are the node-by-node ones (each chunk's ops are the same); the frontier between two sites holds
-        what crosses it, not every intermediate (an MLP's gate, up and activation for all samples)."""
+        """Run ``order[start:stop]`` (no site still to quantize among them; the ones just quantized lead) one
+        sample chunk at a time: a value only these nodes read lives for one chunk, and only the values later nodes
+        read are kept for every chunk. The results are the node-by-node ones (each chunk's ops are the same); the
+        frontier holds what crosses to the next site, not every intermediate (an MLP's gate, up and activation
+        for all samples)."""
         nodes = [(i, order[i]) for i in range(start, stop) if order[i].op != "get_attr"]
         kept = {n: [] for _, n in nodes if last_use.get(n, -1) >= stop}
         for c in range(len(self.chunks)):

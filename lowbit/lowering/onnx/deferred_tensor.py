@@ -14,6 +14,8 @@ from lowbit.lowering.deferred import Deferred
 
 
 class DeferredTensor(ir.LazyTensor):
+    """``deferred``'s value as an initializer named ``name`` of ONNX type ``dtype``."""
+
     def __init__(self, deferred: Deferred, dtype: ir.DataType, name: str):
         super().__init__(lambda: ir.tensor(_numpy_or_torch(deferred.materialize()), name=name), dtype,
                          ir.Shape(list(deferred.shape)), name=name)
