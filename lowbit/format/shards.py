@@ -23,6 +23,7 @@ SINGLE = "weights.safetensors"
 SHARD_RE = re.compile(r"weights-(\d{5})-of-(\d{5})\.safetensors")
 # Bytes of tensors held before a shard is written: what a streaming compile keeps of the artifact in memory.
 SHARD_BYTES = 512 << 20
+RECOMPILE = "recompile the artifact"          # the fix for an unreadable weight file of an artifact
 
 
 class ShardWriter:
@@ -109,18 +110,28 @@ def weight_files(names) -> list[str]:
     return want
 
 
-def load_weights(folder: Path, files: list[str], where: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the weight ``files`` in ``folder`` by name (a name in two files is refused), each read into
-    memory of its own (``safetensors_file``: no memory map, whose pages would stay resident beside the copies the
-    runtime makes of packed layers)."""
-    tensors: dict[str, torch.Tensor] = {}
-    fix = "recompile the artifact"
+def weight_entries(folder: Path, files: list[str], where: str) -> dict:
+    """{tensor name: (file path, its safetensors_file.Entry)} of the weight ``files`` in ``folder``, headers checked,
+    nothing read (a name in two files is refused)."""
+    entries: dict = {}
     for name in files:
         path = Path(folder) / name
-        entries = read_header(path, fix)
-        twice = set(entries) & set(tensors)
+        part = read_header(path, RECOMPILE)
+        twice = set(part) & set(entries)
         if twice:
             raise LowbitError(f"{where}: tensor '{sorted(twice)[0]}' is in two weight files; recompile")
-        with open(path, "rb") as f:
-            tensors.update({key: read_tensor(f, e, fix=fix) for key, e in entries.items()})
-    return tensors
+        entries.update({key: (path, e) for key, e in part.items()})
+    return entries
+
+
+def read_weight(path: Path, entry) -> torch.Tensor:
+    """One tensor of a weight file (``weight_entries``), read into memory of its own."""
+    with open(path, "rb") as f:
+        return read_tensor(f, entry, fix=RECOMPILE)
+
+
+def load_weights(folder: Path, files: list[str], where: str) -> dict[str, torch.Tensor]:
+    """Every tensor of the weight ``files`` in ``folder`` by name, each read into memory of its own
+    (``safetensors_file``: no memory map, whose pages would stay resident beside the copies the runtime makes of
+    packed layers)."""
+    return {key: read_weight(path, e) for key, (path, e) in weight_entries(folder, files, where).items()}

@@ -19,8 +19,8 @@ from lowbit.ir.graph import Graph
 from lowbit.progress import timed
 from lowbit.format import program as program_format
 from lowbit.format.artifact import GRAPH_FILE, PROGRAM_FILE
-from lowbit.format.safetensors_file import DTYPES, read_header, read_tensor
-from lowbit.format.shards import ShardWriter, load_weights, weight_files
+from lowbit.format.safetensors_file import DTYPES
+from lowbit.format.shards import ShardWriter, load_weights, read_weight, weight_entries, weight_files
 from lowbit.lowering import deferred
 
 
@@ -70,9 +70,7 @@ def staged_program(tmp: Path, dtype: torch.dtype, defer: bool = False) -> tuple[
     files = weight_files(p.name for p in tmp.iterdir())
     if not defer:
         return doc, program_format.decode(doc, load_weights(tmp, files, "staged artifact"), dtype=dtype)
-    stored = {}                                  # key -> (file, its safetensors entry)
-    for name in files:
-        stored.update({key: (tmp / name, e) for key, e in read_header(tmp / name).items()})
+    stored = weight_entries(tmp, files, "staged artifact")
     gm = program_format.decode(doc, {k: torch.empty(e.shape, dtype=DTYPES[e.dtype], device="meta")
                                     for k, (_, e) in stored.items()}, device="meta", dtype=dtype)
     cpu = torch.device("cpu")
@@ -81,17 +79,12 @@ def staged_program(tmp: Path, dtype: torch.dtype, defer: bool = False) -> tuple[
             (node.args, node.kwargs), lambda a: cpu if isinstance(a, torch.device) else a)
     for attr, key in gm.meta["tensor_keys"].items():
         meta = getattr(gm, attr)
-        later = deferred.Deferred(meta.shape, meta.dtype, partial(_read_stored, *stored[key]))
+        later = deferred.Deferred(meta.shape, meta.dtype, partial(read_weight, *stored[key]))
         delattr(gm, attr)
         big = meta.numel() * meta.element_size() >= deferred.DEFER_BYTES
         setattr(gm, attr, later if big else later.materialize())
     gm.recompile()
     return doc, gm
-
-
-def _read_stored(path: Path, entry) -> torch.Tensor:
-    with open(path, "rb") as f:
-        return read_tensor(f, entry)
 
 
 def weight_writer(tmp: Path) -> ShardWriter:
