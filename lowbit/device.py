@@ -27,8 +27,14 @@ def pick_dtype(dtype: Optional[Union[str, torch.dtype]], device: str) -> torch.d
     on CPU (the reference kernels' exact path)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype in (None, "auto"):
+    named = named_dtype(dtype or "auto")
+    if named is None:
         return torch.float16 if device.startswith("cuda") else torch.float32
-    if dtype not in DTYPES:
+    return named
+
+
+def named_dtype(dtype: str) -> Optional[torch.dtype]:
+    """The float dtype a --dtype value names; None for 'auto'."""
+    if dtype != "auto" and dtype not in DTYPES:
         raise LowbitError(f"unknown --dtype '{dtype}'; valid: auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return DTYPES.get(dtype)

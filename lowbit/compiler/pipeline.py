@@ -11,14 +11,14 @@ import torch
 
 from lowbit.format import artifact
 from lowbit.frontend.load import (eos_token_ids, hash_model_folder, load_model, load_tokenizer, max_positions,
-                                  read_config, resolve_model_path, task_of)
+                                  read_config, resolve_model_path, round_weights, task_of)
 from lowbit.frontend.trace import trace
 from lowbit.frontend.weights import checkpoint_dtype
 from lowbit.progress import say, timed
 from lowbit.compiler.output_path import check_output_path
 from lowbit.passes.recipe import load_recipe
 from lowbit.compiler.report import outlier_lines, write_report
-from lowbit.device import pick_device
+from lowbit.device import named_dtype, pick_device
 from lowbit import distributed, targets
 from lowbit.errors import LowbitError
 from lowbit.passes import PASSES
@@ -84,6 +84,7 @@ class _Job:
     quiet: bool
     fuse: bool
     ranks: distributed.Ranks
+    precision: Optional[torch.dtype] = None      # --dtype: the float weights' precision; None: the checkpoint's
     timings: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     pass_info: dict = field(default_factory=dict)
@@ -106,11 +107,14 @@ class _Inputs:
 def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=None, force: bool = False,
                   quiet: bool = False, calib: Optional[CalibrationArgs] = None, device: str = "auto",
                   resume: bool = False, eval_text: Optional[str] = None, eval_windows: int = 40,
-                  eval_seq_len: int = 512, lkd=None, fuse: bool = True, options=None, **option_keywords) -> Path:
+                  eval_seq_len: int = 512, lkd=None, fuse: bool = True, dtype: str = "auto", options=None,
+                  **option_keywords) -> Path:
     """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``.
 
     ``lkd`` (``passes.settings.LKDSettings``, or a dict of its fields) replaces or overrides the recipe's LKD
-    settings; it needs a recipe that distils. ``fuse=False`` skips the fusion rules. The target's options:
+    settings; it needs a recipe that distils. ``fuse=False`` skips the fusion rules. ``dtype`` (auto | bfloat16 |
+    float16 | float32): the precision of the model's float weights, rounded to it before anything else (auto: the
+    checkpoint's); the tensors left unquantized are stored in it. The target's options:
     ``options`` (its options object, e.g. ``lowering.onnx.options.OnnxOptions``) or their keywords
     (``onnx_accuracy_level``, ``onnx_fusions``, ``onnx_exporter``, ``trt_precision``: ``targets.target_options``).
     Under torchrun (``WORLD_SIZE`` > 1) each process runs this; GPTQ splits its calibration over them and rank 0
@@ -122,18 +126,30 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     out = Path(out)
     options = targets.target_options(target, options, **option_keywords)
     recipe = lowering.prepare(load_recipe(recipe), options)
+    precision = storage_precision(dtype, target, lowering)
     device = pick_device(distributed.local_device(device))
     check_output_path(out)
     ranks = distributed.join(device)
     try:
         job = _Job(model, target, out, recipe, lowering, options, calib or CalibrationArgs(), device,
-                   quiet or not ranks.main, fuse, ranks)
+                   quiet or not ranks.main, fuse, ranks, precision)
         _check_distributed(job, lkd, resume)
         if not ranks.main:
             return _follow(job, lkd, resume, force)
         return _lead(job, lkd, eval_text, eval_windows, eval_seq_len, resume, force)
     finally:
         distributed.leave(ranks)
+
+
+def storage_precision(dtype: str, target: str, lowering) -> Optional[torch.dtype]:
+    """The torch dtype ``--dtype`` names (None for auto), refused when ``target`` stores one dtype of its own
+    (``lowering.dtypes``)."""
+    precision = named_dtype(dtype)
+    allowed = getattr(lowering, "dtypes", None)
+    if allowed is not None and dtype not in allowed:
+        raise LowbitError(f"--target {target} stores {' or '.join(d for d in allowed if d != 'auto')} weights; "
+                          f"drop --dtype {dtype} or pass --dtype {allowed[-1]}")
+    return precision
 
 
 def _check_distributed(job: _Job, lkd, resume: bool) -> None:
@@ -242,10 +258,17 @@ def _open(job: _Job, inputs: _Inputs):
         from lowbit.frontend.weights import CheckpointWeights
 
         config = read_config(path)
-        weights, model = CheckpointWeights(path), weightless_model(config)
+        weights, model = CheckpointWeights(path, job.precision), weightless_model(config)
         if weights.model_names(model) is not None:
             return LoadedModel(model, load_tokenizer(path), config, path, task_of(config)), weights
-    return load_model(str(path)), None
+    return _load(job, path), None
+
+
+def _load(job: _Job, path: Path):
+    """The model in memory, its weights rounded to ``--dtype``."""
+    loaded = load_model(str(path))
+    round_weights(loaded.model, job.precision)
+    return loaded
 
 
 def _load_and_trace(job: _Job, inputs: _Inputs):
@@ -263,10 +286,10 @@ def _load_and_trace(job: _Job, inputs: _Inputs):
         graph = trace(loaded, decode_check=weights is None or recipe.needs_calibration, weights=weights)
     if weights is not None and range_keys(graph) is None:        # blocks interleave: compile it in memory
         with timed(job.timings, "load"):
-            loaded = load_model(str(inputs.model_path))
+            loaded = _load(job, inputs.model_path)
         with timed(job.timings, "trace"):
             graph = trace(loaded)
-    graph.storage_dtype = checkpoint_dtype(loaded.path)
+    graph.storage_dtype = job.precision or checkpoint_dtype(loaded.path)
     check_groups(graph, recipe)
     if inputs.lkd is not None and not any(site.block for site, _ in quantizable(graph, recipe)):
         raise LowbitError(f"LKD needs quantized weights in the model's blocks; recipe '{recipe.name}' quantizes none")
@@ -375,10 +398,15 @@ def _distil(job: _Job, inputs: _Inputs, loaded, graph) -> dict:
     return info
 
 
+def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
 def _manifest_body(job: _Job, loaded, source_hash: str, lowered: dict) -> dict:
     """The manifest's entries for this compile (``format.artifact.write_artifact`` adds hashes and versions)."""
     body = {"target": job.target,
             "source": {"path": str(loaded.path.resolve()), "model_type": loaded.model_type,
+                       "dtype": _dtype_name(checkpoint_dtype(loaded.path)),
                        "architectures": list(getattr(loaded.config, "architectures", None) or []),
                        "task": loaded.task, "sha256": source_hash},
             "recipe": job.recipe.to_dict(), "timings": job.timings, "sizes": lowered.pop("sizes"),

@@ -12,6 +12,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -196,6 +197,18 @@ def load_model(arg: str, dtype=torch.float32) -> LoadedModel:
         raise LowbitError(f"cannot load model from '{path}': {str(e).splitlines()[0]}") from None
     check_finite(model)
     return LoadedModel(model, load_tokenizer(path), config, path, task)
+
+
+def round_weights(model: torch.nn.Module, precision: Optional[torch.dtype]) -> None:
+    """Round ``model``'s float weights (what its checkpoint holds) in place to values ``precision`` holds, as if
+    the checkpoint were stored in it: the compile's ``--dtype`` (``CheckpointWeights.precision`` when it streams)."""
+    from lowbit.frontend.weights import in_precision
+
+    if precision is None:
+        return
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.is_floating_point() and t.dtype != precision:
+            t.data.copy_(in_precision(t.data, precision, name))
 
 
 def check_finite(model: torch.nn.Module) -> None:

@@ -52,11 +52,13 @@ def _shard_map(folder: Path) -> dict[str, str]:
 
 class CheckpointWeights:
     """Read-only access to a checkpoint's tensors by name; each ``read`` reads one tensor from its shard into
-    memory of its own (no memory map: the resident set holds what the caller keeps, not what it has read)."""
+    memory of its own (no memory map: the resident set holds what the caller keeps, not what it has read).
+    ``precision`` (the compile's ``--dtype``): float tensors are read as if the checkpoint held them in it."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, precision: Optional[torch.dtype] = None):
         self.folder = Path(folder)
         self.files = _shard_map(self.folder)
+        self.precision = precision
         self._headers: dict[str, dict] = {}
 
     def names(self) -> set[str]:
@@ -104,14 +106,32 @@ class CheckpointWeights:
         return entry.shape, entry.dtype
 
     def read(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """The tensor ``name`` in its stored dtype, or converted to ``dtype``."""
+        """The tensor ``name`` in its stored dtype (or ``precision``), or converted to ``dtype``."""
         entry = self._entry(name)
+        stored = DTYPES[entry.dtype]
+        if self.precision is not None and stored.is_floating_point and stored != self.precision:
+            value = in_precision(self._read(name, entry, None), self.precision, name)
+            return value if dtype is None else value.to(dtype)
+        return self._read(name, entry, dtype)
+
+    def _read(self, name: str, entry, dtype: Optional[torch.dtype]) -> torch.Tensor:
         try:
             with open(self.folder / self.files[name], "rb") as f:
                 return read_tensor(f, entry, dtype)
         except OSError as e:
             raise LowbitError(f"cannot read tensor '{name}' from '{self.folder / self.files[name]}': {e.strerror}"
                               ) from None
+
+
+def in_precision(t: torch.Tensor, precision: torch.dtype, name: str) -> torch.Tensor:
+    """``t`` rounded to ``precision`` (in that dtype); a finite value it cannot hold (float16 past 65504) is
+    refused, naming the weight, rather than stored as Inf."""
+    out = t.to(precision)
+    if not torch.isfinite(out).all() and torch.isfinite(t).all():
+        biggest = float(t.abs().max())
+        raise LowbitError(f"model weight {name} holds {biggest:.4g}, beyond {str(precision).replace('torch.', '')}'s "
+                          f"range; compile with --dtype bfloat16 or float32")
+    return out
 
 
 def checkpoint_dtype(folder: Path) -> Optional[torch.dtype]:

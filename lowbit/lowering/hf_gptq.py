@@ -124,6 +124,7 @@ class HfGptqLowering:
     """The ``hf-gptq`` target (``lowbit.targets``): transformers' layer layout, so no fusion rewrites."""
     fuse = False
     streams = False          # writes from the transformers model's state dict
+    dtypes = ("auto", "float16")         # the GPTQ checkpoint's float16
 
     def prepare(self, recipe, options=None):
         # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.

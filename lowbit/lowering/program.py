@@ -127,7 +127,7 @@ def size_report(graph: Graph, model, weights_bytes: int) -> dict:
         if id(t) not in seen:
             seen.add(id(t))
             model_bytes += t.numel() * t.element_size()
-    return {"source_dtype": str(graph.storage_dtype or next(model.parameters()).dtype).replace("torch.", ""),
+    return {"stored_dtype": str(graph.storage_dtype or next(model.parameters()).dtype).replace("torch.", ""),
             "model_bytes_before": model_bytes,
             "weights_file_bytes": weights_bytes,
             "matmul_bytes_before": matmul_float,

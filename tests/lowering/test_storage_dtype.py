@@ -41,7 +41,7 @@ def test_a_bf16_checkpoint_is_stored_in_bf16_and_computes_the_same(arch, recipe,
         (b / "program.json").read_text())                    # a float32 checkpoint: the artifact as before
     assert sum(t.numel() * t.element_size() for t in ta.values()) < sum(
         t.numel() * t.element_size() for t in tb.values())
-    assert json.loads((a / "manifest.json").read_text())["sizes"]["source_dtype"] == "bfloat16"
+    assert json.loads((a / "manifest.json").read_text())["sizes"]["stored_dtype"] == "bfloat16"
     ids = torch.randint(2, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     for backend in (["torch"] if target == "torch" else ["torch", "ort"]):
         assert torch.equal(torch.as_tensor(lowbit.load(a, backend=backend).forward(ids)),
@@ -114,3 +114,68 @@ def test_narrow_linear_is_the_wide_linear(monkeypatch, dtype):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
     cheap = torch.nn.functional.linear(x.to(dtype), w, b.to(dtype)).float()
     assert (cheap - want).abs().max() > 1e-3
+
+
+def _float32_and_rounded(arch: str, root, dtype):
+    """A float32 checkpoint whose values ``dtype`` does not hold, and the same model saved in ``dtype``."""
+    wide = make_model(arch)
+    for name, m in (("f32", wide), ("rounded", make_model(arch).to(dtype))):
+        m.save_pretrained(root / name)
+        make_tokenizer().save_pretrained(root / name)
+    return root / "f32", root / "rounded"
+
+
+def _same_artifact(a, b) -> bool:
+    ta, tb = load_file(str(a / "weights.safetensors")), load_file(str(b / "weights.safetensors"))
+    return ((a / "program.json").read_text() == (b / "program.json").read_text() and ta.keys() == tb.keys()
+            and all(ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta))
+
+
+def _embedding_recipe():
+    from lowbit.passes.recipe import Recipe, Scheme
+
+    return Recipe("emb8", "rtn", Scheme(bits=8, group_size=32, quantize_embeddings=True))      # compiled in memory
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w4g64", "gptq-w4g64", "emb8"])
+def test_dtype_compiles_a_float32_checkpoint_as_if_it_were_saved_in_that_dtype(recipe, text_file, tmp_path):
+    """``dtype="bfloat16"`` on a float32 checkpoint gives the artifact of the same model saved in bfloat16, whether
+    the compile streams (RTN, GPTQ) or loads the model (a quantized embedding); without it the artifacts differ
+    (the control)."""
+    from lowbit.compiler.pipeline import CalibrationArgs
+
+    f32, rounded = _float32_and_rounded("llama", tmp_path, torch.bfloat16)
+    kw = dict(recipe=_embedding_recipe() if recipe == "emb8" else recipe, quiet=True,
+              calib=CalibrationArgs(str(text_file), samples=4, seq_len=32))
+    chosen = lowbit.compile(str(f32), out=tmp_path / "chosen", dtype="bfloat16", **kw)
+    saved = lowbit.compile(str(rounded), out=tmp_path / "saved", **kw)
+    assert _same_artifact(chosen, saved)
+    manifest = json.loads((chosen / "manifest.json").read_text())
+    assert manifest["source"]["dtype"] == "float32" and manifest["sizes"]["stored_dtype"] == "bfloat16"
+    ids = torch.randint(2, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(lowbit.load(chosen).forward(ids), lowbit.load(saved).forward(ids))
+    if recipe == "rtn-w4g64":
+        assert not _same_artifact(lowbit.compile(str(f32), out=tmp_path / "auto", **kw), saved)
+
+
+def test_dtype_float32_widens_a_bfloat16_checkpoint(tmp_path):
+    """``dtype="float32"`` stores a bfloat16 checkpoint's tensors in float32: the artifact of its float32 copy."""
+    narrow, wide = _checkpoints("llama", tmp_path)
+    a = lowbit.compile(str(narrow), "rtn-w4g64", out=tmp_path / "a", dtype="float32", quiet=True)
+    assert _same_artifact(a, lowbit.compile(str(wide), "rtn-w4g64", out=tmp_path / "b", quiet=True))
+    assert "widen" not in json.loads((a / "program.json").read_text())
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w4g64", "emb8"])
+def test_a_weight_float16_cannot_hold_is_refused(recipe, tmp_path):
+    """A finite weight past float16's range is one error naming it, not an Inf in the artifact; nothing is left."""
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = 1e5
+    model.save_pretrained(tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    with pytest.raises(LowbitError, match=r"model weight model\.layers\.0\.mlp\.up_proj\.weight holds 1e\+05, "
+                                          r"beyond float16's range; compile with --dtype bfloat16 or float32"):
+        lowbit.compile(str(tmp_path / "m"), _embedding_recipe() if recipe == "emb8" else recipe,
+                       out=tmp_path / "out", dtype="float16", quiet=True)
+    assert not (tmp_path / "out").exists()
