@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import lowbit
 from lowbit import distributed
+from lowbit.compiler import pipeline
 from lowbit.compiler.pipeline import CalibrationArgs
 from lowbit.errors import LowbitError
 
@@ -46,8 +47,9 @@ def test_two_processes_give_the_codes_of_one(model_dirs, tmp_path):
     # rounding, which on this model changes no code.
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    cal = json.loads((tmp_path / "two" / "manifest.json").read_text())["calibration"]
-    assert cal["processes"] == 2 and cal["tokens"] == 16 * 32
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert manifest["calibration"]["processes"] == 2 and manifest["calibration"]["tokens"] == 16 * 32
+    assert manifest["streamed"]               # every process reads the checkpoint block by block
     # Negative control: other calibration windows give other codes, which the comparison sees.
     other = lowbit.compile(model, "gptq-w4g64", out=tmp_path / "seed1",
                            calib=CalibrationArgs(str(calib), 16, 32, seed=1), quiet=True)
@@ -66,3 +68,17 @@ def test_what_a_split_compile_refuses(kw, needle, model_dirs, tmp_path, monkeypa
     with pytest.raises(LowbitError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         lowbit.compile(str(model_dirs["llama"]), out=tmp_path / "x", quiet=True, **kw)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("recipe,passes", [("rtn-w4g64", False), ("gptq-w4g64", True)])
+def test_a_process_other_than_rank_0_runs_only_the_calibrated_pass(recipe, passes, model_dirs, tmp_path,
+                                                                   monkeypatch):
+    """A streaming RTN compile quantizes as rank 0 writes: the other processes have nothing to do (and write
+    nothing); GPTQ's calibrated pass runs on every process (the control: the check sees a pass run)."""
+    monkeypatch.setattr(distributed, "join", lambda device: distributed.Ranks(1, 2))
+    ran = []
+    monkeypatch.setattr(pipeline, "_quantize", lambda *a: ran.append(a[3].source is not None))
+    out = lowbit.compile(str(model_dirs["llama"]), recipe, out=tmp_path / "x", quiet=True,
+                         calib=CalibrationArgs("demo", 4, 32))
+    assert out == tmp_path / "x" and not out.exists()
+    assert ran == ([True] if passes else [])

@@ -167,12 +167,20 @@ def _check_distributed(job: _Job, lkd, resume: bool) -> None:
 
 
 def _follow(job: _Job, lkd, resume: bool, force: bool) -> Path:
-    """A rank other than 0: the same checks and passes (its share of the calibration), no artifact."""
+    """A rank other than 0: the same checks and passes (its share of the calibration), no artifact. A streaming
+    RTN compile has no pass before rank 0 writes, so nothing to do here."""
     artifact.check_output_dir(job.out, force)          # the same refusal as rank 0's, before any collective
     inputs = _read_inputs(job, lkd, None, 0, 0)
     loaded, graph, source_hash = _load_and_trace(job, inputs)
-    _quantize(job, inputs, loaded, graph, source_hash, resume)
+    if _passes_before_writing(job, graph):
+        _quantize(job, inputs, loaded, graph, source_hash, resume)
     return job.out
+
+
+def _passes_before_writing(job: _Job, traced) -> bool:
+    """Whether passes run on the traced graph before the artifact is written: always in memory; when the compile
+    streams, only a calibrated pass or LKD (RTN runs block by block as it writes)."""
+    return traced.source is None or job.recipe.needs_calibration or job.recipe.lkd is not None
 
 
 def _lead(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int, resume: bool, force: bool) -> Path:
@@ -185,8 +193,6 @@ def _lead(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int, resum
         inputs = _read_inputs(job, lkd, eval_text, eval_windows, eval_seq_len)
         t0 = time.perf_counter()
         loaded, traced, source_hash = _load_and_trace(job, inputs)
-        if traced.source is None or job.recipe.needs_calibration:       # streaming: the calibration pass only
-            _quantize(job, inputs, loaded, traced, source_hash, resume)
 
         def fill(tmp: Path) -> dict:
             graph = traced if traced.source is None else _stream(job, loaded, traced, tmp)
@@ -196,7 +202,14 @@ def _lead(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int, resum
             write_report(tmp / "report.md", body, graph)
             return body
 
-        path = artifact.write_artifact(out, fill, force=force)
+        try:
+            if _passes_before_writing(job, traced):
+                _quantize(job, inputs, loaded, traced, source_hash, resume)
+            path = artifact.write_artifact(out, fill, force=force)
+        except BaseException:
+            if job.checkpoint is not None and not job.recipe.needs_calibration:
+                job.checkpoint.discard()         # only a calibrated compile resumes from its checkpoint
+            raise
         if job.checkpoint is not None:
             job.checkpoint.discard()
         return path
@@ -239,12 +252,13 @@ def _read_inputs(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int
 
 
 def _streams(job: _Job, inputs: _Inputs) -> bool:
-    """Whether this compile runs block by block from the checkpoint (compiler/stream.py). Not yet: LKD and --eval
-    (they run the float model), exports in transformers' layout, a quantized embedding,
-    torchrun, checkpoints not in safetensors or whose loading converts tensors (``_open``)."""
+    """Whether this compile runs block by block from the checkpoint (compiler/stream.py). Not yet: --eval (it runs
+    the float model), LKD before GPTQ, exports in transformers' layout, a quantized embedding, checkpoints not in
+    safetensors or whose loading converts tensors (``_open``)."""
     recipe = job.recipe
-    return (recipe.method in ("rtn", "gptq", "fp") and inputs.lkd is None and inputs.eval_windows is None
-            and getattr(job.lowering, "streams", False) and job.ranks.world == 1
+    return (recipe.method in ("rtn", "gptq", "fp") and (inputs.lkd is None or recipe.method == "rtn")
+            and inputs.eval_windows is None
+            and getattr(job.lowering, "streams", False)
             and not recipe.scheme.quantize_embeddings and checkpoint_dtype(inputs.model_path) is not None)
 
 
@@ -312,7 +326,7 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
                                                    inputs.eval_windows, show_progress=not quiet)
     if inputs.lkd is not None:
         job.lkd_info = _distil(job, inputs, loaded, graph)
-    if recipe.method in PASSES:
+    if recipe.method in PASSES and (graph.source is None or recipe.needs_calibration):
         if recipe.needs_calibration and job.ranks.main:
             job.checkpoint = Checkpoint(job.out, {"source": source_hash, "recipe": recipe.to_dict(),
                                                   "calib": job.calib.to_dict()}, resume, quiet)
@@ -358,12 +372,15 @@ def _stream(job: _Job, loaded, graph, tmp: Path):
         graph.storage_dtype = storage
     graph.writer, job.streamed = weight_writer(tmp), True
     layers = len(list(quantizable(graph, recipe))) if recipe.quantizes else 0
-    quantize = (checkpoint_node(graph, recipe, job.checkpoint) if recipe.needs_calibration
-                else rtn_node(graph, recipe) if layers else (lambda node: None))
+    rtn = rtn_node(graph, recipe) if layers else (lambda node: None)
+    saved = job.checkpoint is not None            # the layers GPTQ or LKD made
+    quantize = (checkpoint_node(graph, recipe, job.checkpoint, None if recipe.needs_calibration else rtn) if saved
+                else rtn)
     decode = graph.kv is not None and not recipe.needs_calibration      # (else checked when traced)
-    what = (f"{'writing the calibrated layers' if recipe.needs_calibration else recipe.method + ' quantization'}"
+    made = "calibrated" if recipe.needs_calibration else "distilled"
+    what = (f"{f'writing the {made} layers' if saved else recipe.method + ' quantization'}"
             f"{' with fusion' if fuse else ''}, block by block on {job.device}")
-    with timed(job.timings, "emit" if recipe.needs_calibration else f"pass_{recipe.method}", quiet, what):
+    with timed(job.timings, "emit" if saved else f"pass_{recipe.method}", quiet, what):
         stream = StreamCompile(graph, graph.writer, check_inputs(graph), quantize, default_rules() if fuse else None,
                                CHECK_TOLERANCE, not quiet, decode_check_runs(graph) if decode else None)
         rules = stream.run()
@@ -388,8 +405,12 @@ def _distil(job: _Job, inputs: _Inputs, loaded, graph) -> dict:
     if ids is None:
         gen = torch.Generator().manual_seed(opts.seed)
         ids = torch.randint(0, loaded.config.vocab_size, (opts.samples, opts.seq_len), generator=gen)
+    weights, on_block = None, None
+    if graph.source is not None:        # streaming: each block read, distilled, quantized and saved in turn
+        weights, on_block = _distilled_layers(job, loaded, graph)
     with timed(job.timings, "lkd", job.quiet, f"layer-by-layer distillation, {opts.steps} steps per block"):
-        info = lkd_pass(loaded.model, graph, job.recipe, ids, opts, show_progress=not job.quiet)
+        info = lkd_pass(loaded.model, graph, job.recipe, ids, opts, show_progress=not job.quiet, weights=weights,
+                        on_block=on_block)
     blocks = list(info["blocks"].values())
     before = sum(b["loss_before"] for b in blocks) / len(blocks)
     after = sum(min(b["loss_after"], b["loss_before"]) for b in blocks) / len(blocks)
@@ -400,6 +421,22 @@ def _distil(job: _Job, inputs: _Inputs, loaded, graph) -> dict:
 
 def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
     return None if dtype is None else str(dtype).replace("torch.", "")
+
+
+def _distilled_layers(job: _Job, loaded, graph):
+    """(ModuleWeights, on_block) for LKD in a streaming compile: each block's final float weights are quantized by
+    the weight pass's own RTN at once and saved in ``job.checkpoint``, which the stream then writes."""
+    from lowbit.frontend.weights import ModuleWeights
+    from lowbit.passes.checkpoint import Checkpoint
+    from lowbit.passes.rtn import rtn_layer
+
+    job.checkpoint = Checkpoint(job.out, {"recipe": job.recipe.to_dict()}, resume=False, quiet=True)
+
+    def on_block(layers):
+        for site, spec, w, bias in layers:
+            job.checkpoint.add(rtn_layer(graph, job.recipe, site, spec, w, bias))
+        job.checkpoint.flush()
+    return ModuleWeights(loaded.model, graph.source.weights), on_block
 
 
 def _manifest_body(job: _Job, loaded, source_hash: str, lowered: dict) -> dict:

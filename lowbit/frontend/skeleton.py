@@ -29,12 +29,20 @@ def weightless_model(config, dtype: torch.dtype = torch.float32) -> torch.nn.Mod
     with quiet_transformers():
         for module in owners.values():
             model._init_weights(module)
+    drop_weights(model)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model
+
+
+def drop_weights(model: torch.nn.Module, names=None) -> None:
+    """Replace ``model``'s parameters (all, or those ``names`` lists) by FakeTensors of their shapes and dtypes:
+    their memory is let go."""
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     for name, p in list(model.named_parameters()):
+        if names is not None and name not in names:
+            continue
         owner, _, attr = name.rpartition(".")
         with fake:
             value = torch.empty(p.shape, dtype=p.dtype, device="cpu")
         model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model

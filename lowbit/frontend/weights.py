@@ -167,6 +167,38 @@ def _source_name(name: str, available: set, tied: dict, prefix: str) -> str:
                       "the model with save_pretrained())")
 
 
+class _CheckpointNames:
+    """The checkpoint's name for a tensor of the weightless ``model``: through transformers' key renames, ties and
+    the base-model prefix."""
+
+    def __init__(self, weights: CheckpointWeights, model):
+        self.tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        self.renamed = weights.model_names(model)
+        if self.renamed is None:
+            raise LowbitError(f"loading '{weights.folder}' converts tensors (transformers' weight conversion for "
+                              f"{type(model).__name__}), which a weightless trace cannot read one at a time")
+        self.prefix, self.available = getattr(model, "base_model_prefix", "") or "", set(self.renamed)
+
+    def __call__(self, name: str) -> str:
+        return self.renamed[_source_name(name, self.available, self.tied, self.prefix)]
+
+
+def read_checked(weights: CheckpointWeights, name: str, shape: tuple, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """Checkpoint tensor ``name``, which the model expects of ``shape``, converted to ``dtype`` when it is a float
+    (None: as stored); a shape mismatch or a NaN / Inf is one line."""
+    from lowbit.frontend.load import _finite, _non_finite_counts
+
+    stored_shape, stored = weights.shape_dtype(name)
+    if tuple(stored_shape) != tuple(shape):
+        raise LowbitError(f"checkpoint tensor '{name}' has shape {tuple(stored_shape)}, the model expects "
+                          f"{tuple(shape)}; its weights do not match config.json")
+    value = weights.read(name, dtype if DTYPES[stored].is_floating_point else None)
+    if value.is_floating_point() and not _finite(value):
+        raise LowbitError(f"model weight {name} holds {_non_finite_counts(value)}; the checkpoint is corrupted "
+                          "(re-download or re-convert it)")
+    return value
+
+
 class CheckpointSource:
     """A weightless graph's constants read from the checkpoint (``Graph.source``): each FakeTensor constant of the
     graph traced from ``model`` (frontend/skeleton.py) maps to the checkpoint tensor of its name (or the tensor it
@@ -177,12 +209,7 @@ class CheckpointSource:
 
         from lowbit.ir.graph import ROOT_PREFIX
 
-        tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-        renamed = weights.model_names(model)
-        if renamed is None:
-            raise LowbitError(f"loading '{weights.folder}' converts tensors (transformers' weight conversion for "
-                              f"{type(model).__name__}), which a weightless trace cannot read one at a time")
-        prefix, available = getattr(model, "base_model_prefix", "") or "", set(renamed)
+        checkpoint_name = _CheckpointNames(weights, model)
         self.weights = weights
         self.names: dict[str, str] = {}            # attribute -> checkpoint name
         self.shapes: dict[str, tuple] = {}
@@ -190,24 +217,50 @@ class CheckpointSource:
         for target in graph.constants():
             t = graph.attr_value(target)
             if isinstance(t, FakeTensor):
-                name = target[len(ROOT_PREFIX):] if target.startswith(ROOT_PREFIX) else target
-                self.names[target] = renamed[_source_name(name, available, tied, prefix)]
+                self.names[target] = checkpoint_name(target[len(ROOT_PREFIX):] if target.startswith(ROOT_PREFIX)
+                                                     else target)
                 self.shapes[target], self.dtypes[target] = tuple(t.shape), t.dtype
 
     def read(self, target: str, stored: bool = False) -> torch.Tensor:
         """The constant ``target`` in the traced dtype, or with ``stored`` in the checkpoint's dtype."""
-        from lowbit.frontend.load import _finite, _non_finite_counts
+        return read_checked(self.weights, self.names[target], self.shapes[target],
+                            None if stored else self.dtypes[target])
 
-        name = self.names[target]
-        shape, dtype = self.weights.shape_dtype(name)
-        if tuple(shape) != self.shapes[target]:
-            raise LowbitError(f"checkpoint tensor '{name}' has shape {tuple(shape)}, the model expects "
-                              f"{self.shapes[target]}; its weights do not match config.json")
-        value = self.weights.read(name, None if stored or not DTYPES[dtype].is_floating_point else self.dtypes[target])
-        if value.is_floating_point() and not _finite(value):
-            raise LowbitError(f"model weight {name} holds {_non_finite_counts(value)}; the checkpoint is corrupted "
-                              "(re-download or re-convert it)")
-        return value
+
+class ModuleWeights:
+    """Parameters of the weightless ``model`` made real from the checkpoint (``load``) and weightless again
+    (``drop``): what a pass that runs the transformers modules themselves (LKD) holds, one block at a time."""
+
+    def __init__(self, model, weights: CheckpointWeights):
+        self.model, self.weights = model, weights
+        self.checkpoint_name = _CheckpointNames(weights, model)
+
+    def under(self, path: str) -> list[str]:
+        """The names of the parameters of module ``path``."""
+        return [n for n, _ in self.model.named_parameters() if n.startswith(path + ".")]
+
+    def before(self, path: str) -> list[str]:
+        """The names of the parameters the model registers before module ``path``'s (the embeddings, before the
+        first block), which are all a forward up to that module reads."""
+        names = []
+        for n, _ in self.model.named_parameters():
+            if n.startswith(path + "."):
+                return names
+            names.append(n)
+        raise LowbitError(f"the model has no parameters under '{path}'")
+
+    def load(self, names: list[str]) -> None:
+        params = dict(self.model.named_parameters())
+        for name in names:
+            p = params[name]
+            owner, _, attr = name.rpartition(".")
+            value = read_checked(self.weights, self.checkpoint_name(name), tuple(p.shape), p.dtype)
+            self.model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+
+    def drop(self, names: list[str]) -> None:
+        from lowbit.frontend.skeleton import drop_weights
+
+        drop_weights(self.model, set(names))
 
 
 def bind(graph, weights: CheckpointWeights, model, attrs: Optional[list[str]] = None) -> int:

@@ -117,9 +117,10 @@ def _atomic_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def checkpoint_node(graph, recipe, checkpoint: Checkpoint):
-    """The streaming compile's quantization after a calibrated pass (compiler/stream.py): a matmul the recipe
-    selects takes the layer the pass saved in ``checkpoint``; returns the node that replaced it, or None."""
+def checkpoint_node(graph, recipe, checkpoint: Checkpoint, missing=None):
+    """The streaming compile's quantization after a pass that saved layers (GPTQ, LKD; compiler/stream.py): a
+    matmul the recipe selects takes the layer the pass saved in ``checkpoint``, or one it did not save goes to
+    ``missing`` (e.g. ``rtn_node``; None: an error); returns the node that replaced it, or None."""
     from lowbit.passes.rtn import quantizable
 
     todo = {site.node: site for site, _ in quantizable(graph, recipe)}
@@ -129,6 +130,8 @@ def checkpoint_node(graph, recipe, checkpoint: Checkpoint):
         if site is None:
             return None
         q = checkpoint.get(site.name)
+        if q is None and missing is not None:
+            return missing(node)
         if q is None:
             raise LowbitError(f"layer {site.name} is missing from the compile's checkpoint '{checkpoint.dir}'; "
                               "compile again without --resume")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,14 @@ def _run(block, hidden, args, kwargs):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _student(model, name: str, plan: list, graph, recipe):
+def _site_weights(model, site) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight [N, K], bias) of a quantized matmul's module."""
+    module = model.get_submodule(site.name)
+    return (module.weight.t() if site.weight_is_kn else module.weight), (
+        None if site.bias_attr is None else module.bias)
+
+
+def _student(model, name: str, plan: list, recipe):
     """A float copy of block ``name`` whose quantized matmuls are FakeQuantLinear; only their weights and biases
     learn. Returns (student, {site name: FakeQuantLinear})."""
     from lowbit.frontend.hf_modules import swap_module
@@ -116,16 +124,19 @@ def _student(model, name: str, plan: list, graph, recipe):
         p.requires_grad_(False)
     fq = {}
     for site, spec in plan:
-        w = model.get_submodule(site.name).weight
-        fq[site.name] = FakeQuantLinear(w.t() if site.weight_is_kn else w, graph.bias(site), spec, recipe.scheme.mse)
+        fq[site.name] = FakeQuantLinear(*_site_weights(model, site), spec, recipe.scheme.mse)
         swap_module(student, site.name[len(name) + 1:], fq[site.name])
     return student, fq
 
 
 def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKDSettings,
-             show_progress: bool = True) -> dict:
+             show_progress: bool = True, weights=None, on_block: Optional[Callable] = None) -> dict:
     """Distil every block that holds quantized matmuls: updates ``model``'s float weights in place and records
-    each distilled layer's scales and zero points in ``graph.fixed_qparams`` for the weight pass."""
+    each distilled layer's scales and zero points in ``graph.fixed_qparams`` for the weight pass.
+
+    A streaming compile passes the weightless ``model`` with ``weights`` (``frontend.weights.ModuleWeights``):
+    the embeddings are read for the block inputs and each block while it is distilled, then let go, after
+    ``on_block([(site, spec, weight [N, K], bias)])`` took the block's final float weights for the weight pass."""
     from lowbit.passes.rtn import quantizable
 
     plan: dict[str, list] = {}
@@ -138,17 +149,22 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
     blocks = [b for b in graph.blocks if b in plan]
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
+    weights = weights or _Loaded()
+    held = weights.before(blocks[0])
+    weights.load(held)
     data = block_inputs(model, model.get_submodule(blocks[0]), ids, opts.batch)
+    weights.drop(held)
     student_in = [h for h, _, _ in data]
     stats: dict = {}
-    qparams: dict = {}
     bar = progress_bar(blocks, desc="lkd", disable=not show_progress)
     for name in bar:
+        held = weights.under(name)
+        weights.load(held)
         block = model.get_submodule(name)
         tb = time.perf_counter()
         with torch.no_grad():
             targets = [_run(block, h, a, k) for h, a, k in data]
-        student, fq = _student(model, name, plan[name], graph, recipe)
+        student, fq = _student(model, name, plan[name], recipe)
         params = [p for m in fq.values() for p in m.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -177,17 +193,37 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
                     if fq[site.name].bias is not None:
                         mod.bias.copy_(fq[site.name].bias.to(mod.bias.dtype))
                     # The weight pass must quantize onto the grid the student learned against, not a new one.
-                    qparams[site.name] = (fq[site.name].scale.clone(), fq[site.name].zero.clone())
+                    graph.fixed_qparams[site.name] = (fq[site.name].scale.clone(), fq[site.name].zero.clone())
+            if on_block is not None:
+                on_block([(site, spec, *_site_weights(model, site)) for site, spec in plan[name]])
             if opts.inputs == "quantized":
                 if not kept:
-                    student, _ = _student(model, name, plan[name], graph, recipe)
+                    student, _ = _student(model, name, plan[name], recipe)
                 student_in = [_run(student, x, a, k) for x, (_, a, k) in zip(student_in, data)]
             else:
                 student_in = targets
             # The teacher's next block sees the float model's activations: its own outputs.
             data = [(t, a, k) for t, (_, a, k) in zip(targets, data)]
+        block = student = fq = params = opt = None          # this block's copies go before the next block's come
+        weights.drop(held)
         stats[name] = {"loss_before": before, "loss_after": after, "kept": kept,
                        "seconds": round(time.perf_counter() - tb, 2)}
         bar.set_postfix_str(f"{name} loss {before:.3g} -> {after:.3g}")
-    graph.fixed_qparams.update(qparams)
     return {"blocks": stats, "seconds": round(time.perf_counter() - t0, 2), "options": opts.to_dict()}
+
+
+
+class _Loaded:
+    """A model in memory: no weights to read or let go."""
+
+    def under(self, path: str) -> list:
+        return []
+
+    def before(self, path: str) -> list:
+        return []
+
+    def load(self, names: list) -> None:
+        pass
+
+    def drop(self, names: list) -> None:
+        pass

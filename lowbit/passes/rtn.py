@@ -70,6 +70,13 @@ def tied_to(embedding: Optional[QuantizedLayer], table: Optional[torch.Tensor], 
     return replace(embedding, name=name, op=op)
 
 
+def rtn_layer(graph: Graph, recipe, site, spec, w: torch.Tensor, bias) -> QuantizedLayer:
+    """The site's layer from its float weight w [N, K]: on the grid LKD fixed for it (``graph.fixed_qparams``), or
+    its own."""
+    return quantize_layer(site.name, spec.linear_op, w, spec, bias, mse=recipe.scheme.mse,
+                          qparams=graph.fixed_qparams.get(site.name))
+
+
 def quantize_sites(graph: Graph, recipe, todo: list, emb=None, table=None, show_progress: bool = False):
     """RTN-quantize the (site, spec) pairs ``todo`` in place; ``emb``/``table``: a quantized embedding and its float
     table, which a tied lm_head shares."""
@@ -77,9 +84,7 @@ def quantize_sites(graph: Graph, recipe, todo: list, emb=None, table=None, show_
         w, bias = graph.weight(site), graph.bias(site)
         layer = (None if site.name in graph.fixed_qparams
                  else tied_to(emb, table, site.name, spec.linear_op, w, spec, bias))
-        graph.replace_with_quantized(site, layer or quantize_layer(site.name, spec.linear_op, w, spec, bias,
-                                                                   mse=recipe.scheme.mse,
-                                                                   qparams=graph.fixed_qparams.get(site.name)))
+        graph.replace_with_quantized(site, layer or rtn_layer(graph, recipe, site, spec, w, bias))
         del w, bias            # the last references to a weightless graph's float weight, dropped by the swap
 
 

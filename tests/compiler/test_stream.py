@@ -202,3 +202,47 @@ def test_streaming_gptq_writes_the_in_memory_artifact(arch, tmp_path, tokenizer,
     m = json.loads((a / "manifest.json").read_text())
     assert m["calibration"]["tokens"] == 4 * 32 and "emit" in m["timings"]
     assert not list(tmp_path.glob(".stream.ckpt*"))             # the checkpoint is gone with the artifact written
+
+
+_LKD = {"steps": 20, "lr": 1e-4, "samples": 4, "seq_len": 32}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])          # gpt2: Conv1D weights stored [K, N], with biases
+def test_streaming_lkd_writes_the_in_memory_artifact(arch, tmp_path, tokenizer, text_file, monkeypatch):
+    """LKD streams: each block's weights are read from the checkpoint when it is distilled, its final weights
+    quantized at once and saved to the compile's checkpoint, then written block by block."""
+    from lowbit.compiler.pipeline import CalibrationArgs
+
+    calib = CalibrationArgs(str(text_file), samples=4, seq_len=32)
+    a, _ = _compare(tmp_path, _save(tmp_path, tokenizer, arch, torch.bfloat16), monkeypatch,
+                    recipe="zq-w4a8-mixed-lkd", calib=calib, lkd=_LKD)
+    m = json.loads((a / "manifest.json").read_text())
+    assert any(b["kept"] for b in m["lkd"]["blocks"].values())          # distilled weights were written
+    assert not list(tmp_path.glob(".stream.ckpt*"))
+
+
+@pytest.mark.parametrize("keep_all", [False, True])
+def test_streaming_lkd_holds_one_block(keep_all, tmp_path, tokenizer, monkeypatch):
+    """When LKD reads a block, no other block's weights are real; the control keeps every block it read."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from lowbit.frontend.weights import ModuleWeights
+
+    model = make_model("llama")
+    model.config.num_hidden_layers = 4
+    type(model)(model.config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    held, load = [], ModuleWeights.load
+
+    def spy(self, names):
+        held.append({n.split(".")[2] for n, p in self.model.named_parameters()
+                     if ".layers." in n and not isinstance(p, FakeTensor) and not isinstance(p.data, FakeTensor)})
+        load(self, names)
+
+    monkeypatch.setattr(ModuleWeights, "load", spy)
+    if keep_all:
+        monkeypatch.setattr(ModuleWeights, "drop", lambda self, names: None)
+    lowbit.compile(str(tmp_path / "m"), recipe="zq-w4a8-mixed-lkd", out=tmp_path / "out", quiet=True,
+                   lkd={**_LKD, "steps": 2, "data": "random"})
+    assert len(held) == 5                          # the embeddings, then each block
+    assert max(map(len, held)) == (3 if keep_all else 0)
