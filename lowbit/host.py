@@ -62,3 +62,27 @@ def release_free_memory() -> None:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def resident_bytes() -> int:
+    """This process's resident set in bytes (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class MemoryReleaser:
+    """``release_free_memory`` when the resident set grew by ``margin`` bytes since it last ran: often enough to
+    bound what a long run of allocations and frees leaves in the heap, rarely enough that the next work does not
+    fault the same pages in again each time (after every step of GPTQ's calibrator: 25% more time on the demo LM)."""
+
+    def __init__(self, margin: int = 128 << 20):
+        self.margin = margin
+        self.floor = resident_bytes()
+
+    def __call__(self) -> None:
+        if resident_bytes() > self.floor + self.margin:
+            release_free_memory()
+            self.floor = resident_bytes()

@@ -240,24 +240,25 @@ def check_document(doc, where: str):
 
 
 def decode(doc: dict, tensors: dict[str, torch.Tensor], device="cpu", dtype: Optional[torch.dtype] = None,
-           where: str = "program", narrow_tables: bool = False) -> fx.GraphModule:
+           where: str = "program", narrow_tables: bool = False, narrow_heads: bool = True) -> fx.GraphModule:
     """The GraphModule of a document on ``device``; with ``dtype``, float tensors and float dtype arguments that
     were the traced dtype become ``dtype``. Refuses (LowbitError) anything outside the format. ``tensors`` is
     emptied as they move into the module (so a caller's dict does not hold a second copy). ``narrow_tables``: a
     ``widen`` tensor read only as the table of ``aten.embedding`` stays in its stored dtype and the looked-up rows
-    are converted instead (the same values, in half the memory for a bfloat16 vocabulary table)."""
+    are converted instead (the same values, in half the memory for a bfloat16 vocabulary table); so does one read
+    as the weight of ``aten.linear`` (a head, ``lowbit::narrow_linear``) unless ``narrow_heads`` is False."""
     check_document(doc, where)
     device = torch.device(device)
     traced = _torch_attr(doc["dtype"], torch.dtype)
     dtype_map = {traced: dtype} if dtype is not None and dtype != traced else {}
     try:
-        return _build(doc, tensors, device, dtype_map, where, narrow_tables)
+        return _build(doc, tensors, device, dtype_map, where, narrow_tables, narrow_heads)
     except RecursionError:
         raise LowbitError(f"{where}: argument values nested too deeply; refusing it") from None
 
 
 def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, where: str,
-           narrow_tables: bool = False) -> fx.GraphModule:
+           narrow_tables: bool = False, narrow_heads: bool = True) -> fx.GraphModule:
     table = doc.get("op_table", 1)
     g = fx.Graph()
     env: dict[str, fx.Node] = {}
@@ -308,7 +309,8 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
     root = torch.nn.Module()
     traced = _torch_attr(doc["dtype"], torch.dtype)
     widen = set(doc.get("widen", []))
-    narrow = _narrow_tables(g, constants, widen, dtype_map.get(traced, traced)) if narrow_tables else set()
+    narrow = (_narrow_tables(g, constants, widen, dtype_map.get(traced, traced), narrow_heads) if narrow_tables
+              else set())
     for key, attr in constants.items():
         t = tensors.pop(key)
         if key in widen:
@@ -325,11 +327,12 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
     return gm
 
 
-def _narrow_tables(g: fx.Graph, constants: dict, widen: set, dtype: torch.dtype) -> set:
-    """The attributes of ``widen`` tensors read only as the table of ``aten.embedding`` or the weight of
-    ``aten.linear``; the graph is rewritten in place so they stay narrow: each lookup's rows are converted to
+def _narrow_tables(g: fx.Graph, constants: dict, widen: set, dtype: torch.dtype, heads: bool = True) -> set:
+    """The attributes of ``widen`` tensors read only as the table of ``aten.embedding`` or (``heads``) the weight
+    of ``aten.linear``; the graph is rewritten in place so they stay narrow: each lookup's rows are converted to
     ``dtype`` after it, each linear becomes ``lowbit::narrow_linear`` (the weight widened block by block)."""
-    embedding, linear = torch.ops.aten.embedding.default, torch.ops.aten.linear.default
+    embedding = torch.ops.aten.embedding.default
+    linear = torch.ops.aten.linear.default if heads else None
     attrs = {constants[k] for k in widen if k in constants}
     out = set()
     for n in list(g.nodes):

@@ -20,8 +20,9 @@ import torch
 import torch.fx as fx
 
 from lowbit.distributed import Ranks
-from lowbit.host import release_free_memory
+from lowbit.host import MemoryReleaser
 from lowbit.ir.graph import Graph, MatmulSite, QuantizedLayer
+from lowbit.ir.lazy import call
 from lowbit.errors import LowbitError
 
 
@@ -136,7 +137,7 @@ class StreamingCalibrator:
                         for j, n in enumerate(x for x in g.gm.graph.nodes if x.op == "placeholder")}
         position = {n: i for i, n in enumerate(order)}
         pending = set(sites_by_node)               # sites not quantized yet: each needs its input for every chunk
-        current = g.sites[targets[0]].block if targets else None
+        release = MemoryReleaser()
         i = 0
         while i < len(order):
             if order[i] in pending:
@@ -170,12 +171,7 @@ class StreamingCalibrator:
                 for name in swapped:
                     g.forget_packed(name)                # in the pass's checkpoint by now
             swapped.clear()
-            block = sites_by_node[order[j]].block if j < len(order) else None
-            if block != current:
-                # The block's freed values back to the system. Once per block, not per segment: pages handed
-                # back are faulted in again by the next segment (per segment, 25% more time on the demo LM).
-                release_free_memory()
-                current = block
+            release()                                    # the chunks' freed values, back to the system
             i = j
         g.finalize()
         if self.moves:
@@ -259,12 +255,4 @@ class StreamingCalibrator:
                 return self._constant(a.target)
             return local[a] if local is not None and a in local else env[a][c]
 
-        args = fx.node.map_arg(node.args, value)
-        kwargs = fx.node.map_arg(node.kwargs, value)
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], node.target)(*args[1:], **kwargs)
-        if node.op == "call_module":
-            return self.graph.gm.get_submodule(node.target)(*args, **kwargs)
-        raise RuntimeError(f"streaming calibrator cannot run node {node.op} {node.target}")
+        return call(node, fx.node.map_arg(node.args, value), fx.node.map_arg(node.kwargs, value), self.graph.gm)

@@ -8,6 +8,8 @@ pass over a model of any size holds one frontier of activations and the weights 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
@@ -25,10 +27,17 @@ def run_node(graph, node: fx.Node, env: dict):
     """Compute one call node from the values in ``env``."""
     args = fx.node.map_arg(node.args, lambda a: node_value(graph, env, a))
     kwargs = fx.node.map_arg(node.kwargs, lambda a: node_value(graph, env, a))
+    return call(node, args, kwargs)
+
+
+def call(node: fx.Node, args, kwargs, gm: Optional[fx.GraphModule] = None):
+    """One call node applied to its argument values; a ``call_module`` node needs its GraphModule ``gm``."""
     if node.op == "call_function":
         return node.target(*args, **kwargs)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "call_module" and gm is not None:
+        return gm.get_submodule(node.target)(*args, **kwargs)
     raise LowbitError(f"cannot run graph node {node.name} ({node.op} {node.target}) node by node")
 
 

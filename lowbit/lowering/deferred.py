@@ -42,7 +42,7 @@ class Deferred:
         return torch.empty((), dtype=self.dtype).element_size()
 
     def stride(self) -> tuple:
-        return torch.empty(self.shape, dtype=self.dtype, device="meta").stride()
+        return self.meta().stride()
 
     def meta(self) -> torch.Tensor:
         return torch.empty(self.shape, dtype=self.dtype, device="meta")

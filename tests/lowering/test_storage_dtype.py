@@ -11,7 +11,7 @@ import lowbit
 from lowbit.errors import LowbitError
 from lowbit.format import program as program_format
 
-from tests.conftest import make_model, make_tokenizer
+from tests.conftest import VOCAB, make_model, make_tokenizer
 
 
 def _checkpoints(arch: str, root, dtype=torch.bfloat16):
@@ -26,7 +26,8 @@ def _checkpoints(arch: str, root, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("arch,recipe,target", [("llama", "rtn-w4g64", "torch"), ("qwen2", "zq-w8a8", "torch"),
-                                                 ("gpt2", "rtn-w4g64", "torch"), ("llama", "rtn-w4g64-sym", "onnx")])
+                                                 ("gpt2", "rtn-w4g64", "torch"), ("llama", "rtn-w4g64-sym", "onnx"),
+                                                 ("qwen2", "rtn-w4g64", "onnx")])
 def test_a_bf16_checkpoint_is_stored_in_bf16_and_computes_the_same(arch, recipe, target, tmp_path):
     narrow, wide = _checkpoints(arch, tmp_path)
     a = lowbit.compile(str(narrow), recipe, out=tmp_path / "a", target=target, quiet=True)
@@ -44,8 +45,28 @@ def test_a_bf16_checkpoint_is_stored_in_bf16_and_computes_the_same(arch, recipe,
     assert json.loads((a / "manifest.json").read_text())["sizes"]["stored_dtype"] == "bfloat16"
     ids = torch.randint(2, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     for backend in (["torch"] if target == "torch" else ["torch", "ort"]):
-        assert torch.equal(torch.as_tensor(lowbit.load(a, backend=backend).forward(ids)),
-                           torch.as_tensor(lowbit.load(b, backend=backend).forward(ids))), backend
+        ya = torch.as_tensor(lowbit.load(a, backend=backend).forward(ids))
+        yb = torch.as_tensor(lowbit.load(b, backend=backend).forward(ids))
+        if backend == "ort" and arch == "qwen2":
+            # The untied table stays bfloat16 in ONNX and the first norm reads its rows through a Cast, which
+            # onnxscript's RMSNorm rule does not match: that norm keeps its plain ops, another float order.
+            torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(ya, yb), backend
+
+
+@pytest.mark.parametrize("arch,narrow", [("qwen2", True), ("llama", False)])   # a separate head; a tied one
+def test_the_onnx_model_keeps_a_looked_up_table_narrow(arch, narrow, tmp_path):
+    """ONNX: a bfloat16 vocabulary table that only Gather reads stays a bfloat16 initializer (its rows cast to
+    float32 after the lookup); one the head's MatMul also reads is float32, as ONNX Runtime's CPU MatMul needs."""
+    import onnx
+
+    a = lowbit.compile(str(_checkpoints(arch, tmp_path)[0]), "rtn-w4g64", out=tmp_path / "a", target="onnx",
+                       quiet=True)
+    model = onnx.load(str(a / "onnx" / "model.onnx"), load_external_data=False)
+    tables = {v.name: v.data_type for v in model.graph.initializer if len(v.dims) == 2 and v.dims[0] == VOCAB}
+    looked_up = [tables[n.input[0]] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables]
+    assert looked_up == [onnx.TensorProto.BFLOAT16 if narrow else onnx.TensorProto.FLOAT]
 
 
 def test_only_exact_values_are_narrowed():

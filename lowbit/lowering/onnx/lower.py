@@ -342,7 +342,7 @@ def write_onnx_target(tmp: Path, vocab: int, accuracy_level: int = 0, fusions: b
     from lowbit.lowering.program import staged_program
 
     OnnxOptions(accuracy_level, fusions, exporter)          # the ranges, for direct callers
-    program, gm = staged_program(tmp, torch.float32, defer=True)
+    program, gm = staged_program(tmp, torch.float32, defer=True, narrow_lookups=True)
     lowered = lower_program(gm, accuracy_level)
     info = export_onnx(gm, program, vocab, tmp / ONNX_FILE, fusions, attention_positions, exporter)
     (tmp / ONNX_IO_FILE).write_text(json.dumps({k: info[k] for k in ("inputs", "outputs", "kv_cache")},
