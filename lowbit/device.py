@@ -33,6 +33,11 @@ def pick_dtype(dtype: Optional[Union[str, torch.dtype]], device: str) -> torch.d
     return named
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: how manifests and messages name a dtype."""
+    return str(dtype).replace("torch.", "")
+
+
 def named_dtype(dtype: str) -> Optional[torch.dtype]:
     """The float dtype a --dtype value names; None for 'auto'."""
     if dtype != "auto" and dtype not in DTYPES:

@@ -18,7 +18,7 @@ from lowbit.progress import say, timed
 from lowbit.compiler.output_path import check_output_path
 from lowbit.passes.recipe import load_recipe
 from lowbit.compiler.report import outlier_lines, write_report
-from lowbit.device import named_dtype, pick_device
+from lowbit.device import dtype_name, named_dtype, pick_device
 from lowbit import distributed, targets
 from lowbit.errors import LowbitError
 from lowbit.passes import PASSES
@@ -419,10 +419,6 @@ def _distil(job: _Job, inputs: _Inputs, loaded, graph) -> dict:
     return info
 
 
-def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
-    return None if dtype is None else str(dtype).replace("torch.", "")
-
-
 def _distilled_layers(job: _Job, loaded, graph):
     """(ModuleWeights, on_block) for LKD in a streaming compile: each block's final float weights are quantized by
     the weight pass's own RTN at once and saved in ``job.checkpoint``, which the stream then writes."""
@@ -439,11 +435,16 @@ def _distilled_layers(job: _Job, loaded, graph):
     return ModuleWeights(loaded.model, graph.source.weights), on_block
 
 
+def _source_dtype(path: Path) -> Optional[str]:
+    dtype = checkpoint_dtype(path)
+    return None if dtype is None else dtype_name(dtype)
+
+
 def _manifest_body(job: _Job, loaded, source_hash: str, lowered: dict) -> dict:
     """The manifest's entries for this compile (``format.artifact.write_artifact`` adds hashes and versions)."""
     body = {"target": job.target,
             "source": {"path": str(loaded.path.resolve()), "model_type": loaded.model_type,
-                       "dtype": _dtype_name(checkpoint_dtype(loaded.path)),
+                       "dtype": _source_dtype(loaded.path),
                        "architectures": list(getattr(loaded.config, "architectures", None) or []),
                        "task": loaded.task, "sha256": source_hash},
             "recipe": job.recipe.to_dict(), "timings": job.timings, "sizes": lowered.pop("sizes"),

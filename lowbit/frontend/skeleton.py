@@ -42,7 +42,12 @@ def drop_weights(model: torch.nn.Module, names=None) -> None:
     for name, p in list(model.named_parameters()):
         if names is not None and name not in names:
             continue
-        owner, _, attr = name.rpartition(".")
         with fake:
             value = torch.empty(p.shape, dtype=p.dtype, device="cpu")
-        model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        set_parameter(model, name, value)
+
+
+def set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` the parameter ``name`` (a dotted path) of ``model``, frozen."""
+    owner, _, attr = name.rpartition(".")
+    model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)

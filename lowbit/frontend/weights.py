@@ -14,8 +14,10 @@ from typing import Optional
 
 import torch
 
+from lowbit.device import dtype_name
 from lowbit.errors import LowbitError
 from lowbit.format.safetensors_file import DTYPES, read_header, read_tensor
+from lowbit.frontend.skeleton import drop_weights, set_parameter
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -129,8 +131,8 @@ def in_precision(t: torch.Tensor, precision: torch.dtype, name: str) -> torch.Te
     out = t.to(precision)
     if not torch.isfinite(out).all() and torch.isfinite(t).all():
         biggest = float(t.abs().max())
-        raise LowbitError(f"model weight {name} holds {biggest:.4g}, beyond {str(precision).replace('torch.', '')}'s "
-                          f"range; compile with --dtype bfloat16 or float32")
+        raise LowbitError(f"model weight {name} holds {biggest:.4g}, beyond {dtype_name(precision)}'s range; compile "
+                          "with --dtype bfloat16 or float32")
     return out
 
 
@@ -253,13 +255,10 @@ class ModuleWeights:
         params = dict(self.model.named_parameters())
         for name in names:
             p = params[name]
-            owner, _, attr = name.rpartition(".")
-            value = read_checked(self.weights, self.checkpoint_name(name), tuple(p.shape), p.dtype)
-            self.model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+            set_parameter(self.model, name, read_checked(self.weights, self.checkpoint_name(name), tuple(p.shape),
+                                                         p.dtype))
 
     def drop(self, names: list[str]) -> None:
-        from lowbit.frontend.skeleton import drop_weights
-
         drop_weights(self.model, set(names))
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.device import dtype_name
 from lowbit.ir.graph import Graph
 from lowbit.progress import timed
 from lowbit.format import program as program_format
@@ -131,7 +132,7 @@ def size_report(graph: Graph, model, weights_bytes: int) -> dict:
         if id(t) not in seen:
             seen.add(id(t))
             model_bytes += t.numel() * t.element_size()
-    return {"stored_dtype": str(graph.storage_dtype or next(model.parameters()).dtype).replace("torch.", ""),
+    return {"stored_dtype": dtype_name(graph.storage_dtype or next(model.parameters()).dtype),
             "model_bytes_before": model_bytes,
             "weights_file_bytes": weights_bytes,
             "matmul_bytes_before": matmul_float,
