@@ -139,8 +139,9 @@ def block_bytes(shape: str) -> int:
 def predicted_peak_bytes(shape: str, recipe: str, extra: list[str]) -> int:
     """The streaming compile's peak RSS by the formula of docs/big-models.md: 0.5 GiB (interpreter, torch,
     transformers, the weightless trace) + the largest of: a vocabulary table in float32 (read for the check runs)
-    + the artifact's shard buffer; one block's float32 weights + the shard buffer (+ the table when the head is tied
-    to it, which keeps it from the prologue to the epilogue); for a calibrated recipe, one
+    + the artifact's shard buffer; one block's float32 weights + three float32 copies of its largest matmul weight
+    (the quantizer's dequantized weight and error, the check runs' dequantized weight) + the shard buffer (+ the
+    table when the head is tied to it, which keeps it from the prologue to the epilogue); for a calibrated recipe, one
     block's float32 weights + the activations that cross from one quantized matmul to the next for every
     calibration token (2 hidden-size and 1 intermediate-size values) + one sample chunk's intermediate values (3
     intermediate-size values, or two heads x sequence attention score rows, per token) + the largest Hessian and
@@ -155,7 +156,8 @@ def predicted_peak_bytes(shape: str, recipe: str, extra: list[str]) -> int:
     chunk_tokens = CalibrationArgs.chunk * seq_len
     table = 4 * vocab * hidden
     # A table tied to the head is read in the prologue and kept for the head's check runs: every block beside it.
-    need = max(table + shard, block_bytes(shape) + shard + (table if tied else 0))
+    temporaries = 3 * 4 * hidden * inter
+    need = max(table + shard, block_bytes(shape) + temporaries + shard + (table if tied else 0))
     if recipe.startswith("gptq"):
         need = max(need, block_bytes(shape) + 4 * tokens * (2 * hidden + inter)
                    + 4 * chunk_tokens * max(3 * inter, 2 * heads * seq_len) + 2 * 4 * inter * inter)

@@ -202,14 +202,9 @@ def _lead(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int, resum
             write_report(tmp / "report.md", body, graph)
             return body
 
-        try:
-            if _passes_before_writing(job, traced):
-                _quantize(job, inputs, loaded, traced, source_hash, resume)
-            path = artifact.write_artifact(out, fill, force=force)
-        except BaseException:
-            if job.checkpoint is not None and not job.recipe.needs_calibration:
-                job.checkpoint.discard()         # only a calibrated compile resumes from its checkpoint
-            raise
+        if _passes_before_writing(job, traced):     # a failure keeps their checkpoint, for --resume
+            _quantize(job, inputs, loaded, traced, source_hash, resume)
+        path = artifact.write_artifact(out, fill, force=force)
         if job.checkpoint is not None:
             job.checkpoint.discard()
         return path
@@ -324,12 +319,13 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
         with timed(timings, "eval_before", quiet, "perplexity before quantization"):
             job.metrics["ppl_before"] = perplexity(lambda ids: loaded.model(input_ids=ids, use_cache=False).logits,
                                                    inputs.eval_windows, show_progress=not quiet)
+    fingerprint = {"source": source_hash, "dtype": job.precision and dtype_name(job.precision),
+                   "recipe": recipe.to_dict()}
     if inputs.lkd is not None:
-        job.lkd_info = _distil(job, inputs, loaded, graph)
+        job.lkd_info = _distil(job, inputs, loaded, graph, fingerprint, resume)
     if recipe.method in PASSES and (graph.source is None or recipe.needs_calibration):
-        if recipe.needs_calibration and job.ranks.main:
-            job.checkpoint = Checkpoint(job.out, {"source": source_hash, "recipe": recipe.to_dict(),
-                                                  "calib": job.calib.to_dict()}, resume, quiet)
+        if recipe.method == "gptq" and job.ranks.main:
+            job.checkpoint = Checkpoint(job.out, {**fingerprint, "calib": job.calib.to_dict()}, resume, quiet)
         ids = inputs.calib_ids
         where = job.device + (f", {job.ranks.world} processes" if job.ranks.world > 1 else "")
         with timed(timings, f"pass_{recipe.method}", quiet, f"{recipe.method} quantization on {where}"):
@@ -397,20 +393,27 @@ def _stream(job: _Job, loaded, graph, tmp: Path):
     return graph
 
 
-def _distil(job: _Job, inputs: _Inputs, loaded, graph) -> dict:
+def _distil(job: _Job, inputs: _Inputs, loaded, graph, fingerprint: dict, resume: bool) -> dict:
     """Layer-by-layer distillation on the calibration windows, or on random tokens (``--lkd-data random``)."""
+    from lowbit.passes.checkpoint import Checkpoint, DistillationChain
     from lowbit.passes.lkd import lkd_pass
 
     opts, ids = inputs.lkd, inputs.lkd_ids
     if ids is None:
         gen = torch.Generator().manual_seed(opts.seed)
         ids = torch.randint(0, loaded.config.vocab_size, (opts.samples, opts.seq_len), generator=gen)
-    weights, on_block = None, None
+    weights, on_block, chain = None, None, None
     if graph.source is not None:        # streaming: each block read, distilled, quantized and saved in turn
+        calib = job.calib.to_dict() if opts.data == "calib" else None
+        job.checkpoint = Checkpoint(job.out, {**fingerprint, "lkd": opts.to_dict(), "calib": calib}, resume,
+                                    job.quiet)
         weights, on_block = _distilled_layers(job, loaded, graph)
+        chain = DistillationChain(job.checkpoint)
+    elif resume:
+        say("--resume: LKD on a model held in memory (see docs/big-models.md) starts from the first block", job.quiet)
     with timed(job.timings, "lkd", job.quiet, f"layer-by-layer distillation, {opts.steps} steps per block"):
         info = lkd_pass(loaded.model, graph, job.recipe, ids, opts, show_progress=not job.quiet, weights=weights,
-                        on_block=on_block)
+                        on_block=on_block, chain=chain)
     blocks = list(info["blocks"].values())
     before = sum(b["loss_before"] for b in blocks) / len(blocks)
     after = sum(min(b["loss_after"], b["loss_before"]) for b in blocks) / len(blocks)
@@ -423,10 +426,7 @@ def _distilled_layers(job: _Job, loaded, graph):
     """(ModuleWeights, on_block) for LKD in a streaming compile: each block's final float weights are quantized by
     the weight pass's own RTN at once and saved in ``job.checkpoint``, which the stream then writes."""
     from lowbit.frontend.weights import ModuleWeights
-    from lowbit.passes.checkpoint import Checkpoint
     from lowbit.passes.rtn import rtn_layer
-
-    job.checkpoint = Checkpoint(job.out, {"recipe": job.recipe.to_dict()}, resume=False, quiet=True)
 
     def on_block(layers):
         for site, spec, w, bias in layers:

@@ -4,8 +4,10 @@ A long calibrated compile (GPTQ) writes every finished block's layers to ``.<out
 output folder (safetensors + JSON, one file per block, each written atomically, then ``state.json``).
 Restarted with the same command and ``--resume``, the compile loads those layers instead of quantizing
 them again: the calibration activations they produce are recomputed and identical, so every later block
-is quantized exactly as in an uninterrupted run (a bit-identical artifact). The checkpoint is removed
-when the artifact is written.
+is quantized exactly as in an uninterrupted run (a bit-identical artifact). A streaming LKD compile saves its
+distilled blocks' layers the same way, and after each block the activations it hands to the next
+(``DistillationChain``): its student's inputs come from the learned float weights, which the layers alone cannot
+give back. The checkpoint is removed when the artifact is written.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
 from safetensors.torch import load_file, save_file
 
+from lowbit.format.shards import write_safetensors
 from lowbit.ir.graph import QuantizedLayer
 from lowbit.progress import say
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import QuantSpec
 
 STATE = "state.json"
+CHAIN = "lkd-chain.safetensors"
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -109,6 +114,39 @@ class Checkpoint:
 
     def discard(self):
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class DistillationChain:
+    """LKD's state between two blocks, in the checkpoint's folder: how many blocks are done, the teacher's and the
+    student's activations at the next block's input (one tensor per batch), the blocks' loss records and the
+    random generator's state. Written after the block's layers (``Checkpoint.flush``): a compile killed between the
+    two distils that block again, to the same result, and ``Checkpoint.add`` keeps the layers saved first."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.path = checkpoint.dir / CHAIN
+
+    def save(self, done: int, teacher: list, student: list, stats: dict) -> None:
+        tensors = {f"teacher/{i}": t.contiguous() for i, t in enumerate(teacher)}
+        tensors.update({f"student/{i}": t.contiguous() for i, t in enumerate(student)})
+        tensors["rng"] = torch.get_rng_state()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        write_safetensors(tmp, tensors, {"done": str(done), "stats": json.dumps(stats)})
+        os.replace(tmp, self.path)
+
+    def load(self) -> Optional[tuple[int, list, list, dict]]:
+        """(blocks done, teacher activations, student activations, loss records) as saved, the random generator
+        restored; None when no block finished."""
+        from safetensors import safe_open
+
+        if not self.path.is_file():
+            return None
+        with safe_open(str(self.path), "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        batches = sum(k.startswith("teacher/") for k in tensors)
+        torch.set_rng_state(tensors["rng"])
+        return (int(meta["done"]), [tensors[f"teacher/{i}"] for i in range(batches)],
+                [tensors[f"student/{i}"] for i in range(batches)], json.loads(meta["stats"]))
 
 
 def _atomic_text(path: Path, text: str):

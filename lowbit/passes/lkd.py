@@ -130,13 +130,15 @@ def _student(model, name: str, plan: list, recipe):
 
 
 def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKDSettings,
-             show_progress: bool = True, weights=None, on_block: Optional[Callable] = None) -> dict:
+             show_progress: bool = True, weights=None, on_block: Optional[Callable] = None, chain=None) -> dict:
     """Distil every block that holds quantized matmuls: updates ``model``'s float weights in place and records
     each distilled layer's scales and zero points in ``graph.fixed_qparams`` for the weight pass.
 
     A streaming compile passes the weightless ``model`` with ``weights`` (``frontend.weights.ModuleWeights``):
     the embeddings are read for the block inputs and each block while it is distilled, then let go, after
-    ``on_block([(site, spec, weight [N, K], bias)])`` took the block's final float weights for the weight pass."""
+    ``on_block([(site, spec, weight [N, K], bias)])`` took the block's final float weights for the weight pass.
+    ``chain`` (``passes.checkpoint.DistillationChain``) saves the activations after each block and, when it holds
+    some, starts after the blocks they come from (``--resume``: those blocks' layers are in the checkpoint)."""
     from lowbit.passes.rtn import quantizable
 
     plan: dict[str, list] = {}
@@ -156,7 +158,12 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
     weights.drop(held)
     student_in = [h for h, _, _ in data]
     stats: dict = {}
-    bar = progress_bar(blocks, desc="lkd", disable=not show_progress)
+    saved = chain.load() if chain is not None else None
+    done = 0
+    if saved is not None:
+        done, teacher, student_in, stats = saved
+        data = [(t, a, k) for t, (_, a, k) in zip(teacher, data)]
+    bar = progress_bar(blocks[done:], desc="lkd", disable=not show_progress)
     for name in bar:
         held = weights.under(name)
         weights.load(held)
@@ -208,6 +215,9 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
         weights.drop(held)
         stats[name] = {"loss_before": before, "loss_after": after, "kept": kept,
                        "seconds": round(time.perf_counter() - tb, 2)}
+        if chain is not None:
+            done += 1
+            chain.save(done, [h for h, _, _ in data], student_in, stats)
         bar.set_postfix_str(f"{name} loss {before:.3g} -> {after:.3g}")
     return {"blocks": stats, "seconds": round(time.perf_counter() - t0, 2), "options": opts.to_dict()}
 

@@ -246,3 +246,73 @@ def test_streaming_lkd_holds_one_block(keep_all, tmp_path, tokenizer, monkeypatc
                    lkd={**_LKD, "steps": 2, "data": "random"})
     assert len(held) == 5                          # the embeddings, then each block
     assert max(map(len, held)) == (3 if keep_all else 0)
+
+
+# The CLI with DistillationChain.save wrapped to SIGKILL the process once two blocks are distilled and saved: a kill
+# injected from outside (lowbit itself has no fault hook).
+KILLED_AFTER_TWO_BLOCKS = """
+import os, signal, sys
+from lowbit.passes import checkpoint
+save = checkpoint.DistillationChain.save
+def save_then_die(self, done, *rest):
+    save(self, done, *rest)
+    if done == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.DistillationChain.save = save_then_die
+from lowbit.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_streaming_lkd_resumes_after_sigkill(tmp_path, tokenizer, monkeypatch):
+    """A streaming LKD compile killed after two of four blocks resumes at the third (the first two are not distilled
+    again) and writes the uninterrupted artifact byte for byte; the control: the same resume from a checkpoint whose
+    saved student activations were nudged by 1% writes different weights, so the resume reads them."""
+    import shutil
+    import subprocess
+    import sys
+
+    from lowbit.passes import lkd
+    from lowbit.passes.checkpoint import CHAIN, checkpoint_dir
+
+    model = make_model("llama")
+    model.config.num_hidden_layers = 4
+    type(model)(model.config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    opts = {"steps": 30, "lr": 1e-3, "samples": 4, "seq_len": 32, "batch": 2, "data": "random"}
+    flags = [f"--lkd-{k.replace('_', '-')}={v}" for k, v in opts.items()]
+
+    def compile_(out, resume=False):
+        return lowbit.compile(str(tmp_path / "m"), recipe="zq-w4a8-mixed-lkd", out=out, quiet=True, lkd=opts,
+                              resume=resume)
+
+    ref = compile_(tmp_path / "ref")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", KILLED_AFTER_TWO_BLOCKS, "compile", str(tmp_path / "m"), "-o", str(out),
+                        "-r", "zq-w4a8-mixed-lkd", "-q", *flags], capture_output=True)
+    assert r.returncode == -9 and not out.exists(), r.stderr
+    saved = tmp_path / "saved.ckpt"
+    shutil.copytree(checkpoint_dir(out), saved)
+
+    distilled, student = [], lkd._student
+    monkeypatch.setattr(lkd, "_student", lambda model, name, *a: distilled.append(name) or student(model, name, *a))
+    compile_(out, resume=True)
+    assert sorted(set(distilled)) == ["model.layers.2", "model.layers.3"]
+    files = shards.weight_files(json.loads((ref / "manifest.json").read_text())["files"])
+    assert all((out / f).read_bytes() == (ref / f).read_bytes() for f in files)
+    blocks = lambda a: {b: {k: v for k, v in s.items() if k != "seconds"}           # noqa: E731
+                        for b, s in json.loads((a / "manifest.json").read_text())["lkd"]["blocks"].items()}
+    assert blocks(out) == blocks(ref)
+    assert not checkpoint_dir(out).exists()
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(saved / CHAIN), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    nudge = lambda k, v: v + 0.1 * v.std() * torch.randn_like(v) if k.startswith("student/") else v  # noqa: E731
+    save_file({k: nudge(k, v) for k, v in tensors.items()}, str(saved / CHAIN), meta)
+    nudged = tmp_path / "nudged"
+    shutil.copytree(saved, checkpoint_dir(nudged))
+    compile_(nudged, resume=True)
+    assert any((nudged / f).read_bytes() != (ref / f).read_bytes() for f in files)
