@@ -2,10 +2,13 @@
 
     python -m bench.accuracy                      # every LM recipe and the encoder rows, the whole eval.txt
     python -m bench.accuracy --set zeroquant      # only the ZeroQuant rows (LM and encoder)
+    python -m bench.accuracy --set awq            # RTN, AWQ, GPTQ and AWQ + GPTQ at w4g128, w4g64, w3g64, w2g64
     python -m bench.accuracy --recipes rtn-w4g64 --max-windows 40 --json out/acc.json
 
 Each row: recipe, perplexity, ratio to FP, quantization time (the pass, calibration forward included),
 size of the quantized layers and of the whole weights file. The FP row uses the float model folder.
+"awq-" rows scale activations (AWQ) on the same calibration windows before RTN or GPTQ; their quantize time
+includes the scaling.
 GPTQ rows calibrate on --calib-samples random 512-token windows of calib.txt (seed 0); "-noact" is the
 paper's column order, "-mse" adds the clipping search for scales. ZeroQuant "-lkd" rows distil with the
 recipe's defaults on calib.txt; their LKD time is its own column. Encoder rows compile the demo encoder
@@ -36,26 +39,28 @@ SETS = {
     "gptq": ["rtn-w8", "rtn-w4g128", "gptq-w4g128", "gptq-w4g128-noact",
              "rtn-w4g64", "rtn-w4g64-mse", "gptq-w4g64", "gptq-w4g64-noact", "gptq-w4g64-mse",
              "rtn-w3g64", "rtn-w3g64-mse", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-mse"],
+    "awq": [f"{m}-w{b}" for b in ("4g128", "4g64", "3g64", "2g64") for m in ("rtn", "awq", "gptq", "awq-gptq")],
     "zeroquant": ["zq-w8a8", "zq-w8a8-lkd", "zq-w4a16-mixed", "zq-w4a16-mixed-lkd", "zq-w4a8-mixed",
                   "zq-w4a8-mixed-lkd"],
 }
-ENCODER_SETS = {"gptq": [], "zeroquant": ["rtn-w8", "zq-w8a8", "zq-w4a16-mixed", "zq-w4a8-mixed",
+ENCODER_SETS = {"gptq": [], "awq": [], "zeroquant": ["rtn-w8", "zq-w8a8", "zq-w4a16-mixed", "zq-w4a8-mixed",
                                           "zq-w4a8-mixed-lkd"]}
 
 
-def run(recipes, seq_len: int, max_windows, workdir: Path, calib) -> list[dict]:
+def run(recipes, seq_len: int, max_windows, workdir: Path, calib, model: str = "demo") -> list[dict]:
     paths = ensure_assets()
+    folder = paths["model"] if model == "demo" else model
     rows = []
     t0 = time.perf_counter()
-    fp = evaluate_perplexity("demo", paths["eval"], seq_len=seq_len, max_windows=max_windows)
-    model_bytes = sum(f.stat().st_size for f in Path(paths["model"]).glob("*.safetensors"))
+    fp = evaluate_perplexity(model, paths["eval"], seq_len=seq_len, max_windows=max_windows)
+    model_bytes = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
     rows.append({"recipe": "fp", "ppl": fp["ppl"], "ratio": 1.0, "quant_s": 0.0, "layers_mib": None,
                  "file_mib": model_bytes / 2**20, "eval_s": time.perf_counter() - t0, "tokens": fp["tokens"]})
     for name in recipes:
         art = workdir / name
-        lowbit.compile("demo", recipe=name, out=art, force=True, quiet=True, calib=calib)
+        lowbit.compile(model, recipe=name, out=art, force=True, quiet=True, calib=calib)
         m = read_manifest(art)
-        quant_s = sum(v for k, v in m["timings"].items() if k.startswith("pass_"))
+        quant_s = sum(v for k, v in m["timings"].items() if k.startswith("pass_") or k == "awq")
         lkd_s = m["timings"].get("lkd", 0.0)
         t0 = time.perf_counter()
         r = evaluate_perplexity(str(art), paths["eval"], seq_len=seq_len, max_windows=max_windows)
@@ -110,6 +115,8 @@ def markdown_encoder(rows) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", choices=[*SETS, "all"], default="all", help="which rows (default all)")
+    ap.add_argument("--model", default="demo", choices=["demo", "gemma-3-270m"],
+                    help="the LM: the demo SmolLM2-135M, or Gemma-3-270M (bench/second_model.py; no encoder rows)")
     ap.add_argument("--recipes", nargs="*", default=None, help="LM recipes (default: the --set's)")
     ap.add_argument("--encoder-recipes", nargs="*", default=None, help="encoder recipes (default: the --set's)")
     ap.add_argument("--sentences", type=int, default=256, help="eval.txt sentences for the encoder cosine")
@@ -124,10 +131,15 @@ def main() -> int:
     sets = list(SETS) if a.set == "all" else [a.set]
     recipes = a.recipes if a.recipes is not None else [r for s in sets for r in SETS[s]]
     enc_recipes = a.encoder_recipes if a.encoder_recipes is not None else [r for s in sets for r in ENCODER_SETS[s]]
+    model, title = "demo", "SmolLM2-135M-Instruct"
+    if a.model == "gemma-3-270m":
+        from bench.second_model import ensure_gemma3_270m
+
+        model, title, enc_recipes = str(ensure_gemma3_270m()), "Gemma-3-270M", []
     with tempfile.TemporaryDirectory() as tmp:
-        rows = run(recipes, a.seq_len, a.max_windows or None, Path(a.workdir or tmp), calib)
+        rows = run(recipes, a.seq_len, a.max_windows or None, Path(a.workdir or tmp), calib, model)
         enc_rows = run_encoder(enc_recipes, Path(a.workdir or tmp), a.sentences)
-    print(f"\nSmolLM2-135M-Instruct, demo eval.txt, {rows[0]['tokens']} predicted tokens in {a.seq_len}-token "
+    print(f"\n{title}, demo eval.txt, {rows[0]['tokens']} predicted tokens in {a.seq_len}-token "
           f"windows; GPTQ calibrated on {a.calib_samples} x {a.calib_seq_len} tokens of calib.txt\n")
     print(markdown(rows))
     if enc_rows:

@@ -22,6 +22,7 @@ from lowbit.device import dtype_name, named_dtype, pick_device
 from lowbit import distributed, targets
 from lowbit.errors import LowbitError
 from lowbit.passes import PASSES
+from lowbit.passes.awq import awq_pass
 from lowbit.passes.rtn import quantizable
 
 
@@ -90,6 +91,7 @@ class _Job:
     pass_info: dict = field(default_factory=dict)
     checkpoint: object = None
     lkd_info: Optional[dict] = None
+    awq_info: Optional[dict] = None
     rules_info: Optional[dict] = None
     streamed: bool = False         # compiled block by block from the checkpoint (compiler/stream.py)
 
@@ -248,10 +250,11 @@ def _read_inputs(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int
 
 def _streams(job: _Job, inputs: _Inputs) -> bool:
     """Whether this compile runs block by block from the checkpoint (compiler/stream.py). Not yet: --eval (it runs
-    the float model), LKD before GPTQ, exports in transformers' layout, a quantized embedding, checkpoints not in
-    safetensors or whose loading converts tensors (``_open``)."""
+    the float model), LKD before GPTQ, activation-aware scaling (it rewrites the float graph before the weight pass),
+    exports in transformers' layout, a quantized embedding, checkpoints not in safetensors or whose loading converts
+    tensors (``_open``)."""
     recipe = job.recipe
-    return (recipe.method in ("rtn", "gptq", "fp") and (inputs.lkd is None or recipe.method == "rtn")
+    return (recipe.method in ("rtn", "gptq", "fp") and (inputs.lkd is None or recipe.method == "rtn") and not recipe.awq
             and inputs.eval_windows is None
             and getattr(job.lowering, "streams", False)
             and not recipe.scheme.quantize_embeddings and checkpoint_dtype(inputs.model_path) is not None)
@@ -323,6 +326,12 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
                    "recipe": recipe.to_dict()}
     if inputs.lkd is not None:
         job.lkd_info = _distil(job, inputs, loaded, graph, fingerprint, resume)
+    if recipe.awq:         # every process measures all the windows itself: the scaling is not split yet
+        with timed(timings, "awq", quiet, f"activation-aware scaling on {job.device}"):
+            job.awq_info = awq_pass(graph, recipe, inputs.calib_ids, device=job.device, show_progress=not quiet,
+                                    chunk=job.calib.chunk)
+        say(f"activation-aware scaling: {len(job.awq_info['folds'])} sets of matmuls scaled"
+            + "".join(f"; {n} inputs left unscaled: {why}" for why, n in job.awq_info["unscaled"].items()), quiet)
     if recipe.method in PASSES and (graph.source is None or recipe.needs_calibration):
         if recipe.method == "gptq" and job.ranks.main:
             job.checkpoint = Checkpoint(job.out, {**fingerprint, "calib": job.calib.to_dict()}, resume, quiet)
@@ -455,6 +464,8 @@ def _manifest_body(job: _Job, loaded, source_hash: str, lowered: dict) -> dict:
     body.update(lowered)
     if job.lkd_info is not None:
         body["lkd"] = job.lkd_info
+    if job.awq_info is not None:
+        body["awq"] = job.awq_info
     if job.recipe.needs_calibration:
         body["calibration"] = {**job.calib.to_dict(), "tokens": job.pass_info.get("calib_tokens"),
                                "processes": job.pass_info.get("processes", 1),

@@ -22,6 +22,9 @@ file is the flat form of the same fields (``Recipe.to_dict``, which the manifest
     damp = 0.01
     block = 128
     hessian_dtype = "float32"  # or "float64"
+    # activation-aware scaling (AWQ) of each norm's or up projection's readers before the weight pass;
+    # calibrates on --calib like GPTQ (passes/awq.py)
+    awq = false
     # layer-by-layer distillation before the weight pass (ZeroQuant LKD); lkd_* keys only with lkd = true
     lkd = true
     lkd_steps = 100            # also lkd_lr, lkd_batch, lkd_data, lkd_samples, lkd_seq_len, lkd_seed, lkd_loss,
@@ -58,10 +61,14 @@ class Recipe:
     scheme: Scheme = Scheme()
     gptq: GPTQSettings = GPTQSettings()
     lkd: Optional[LKDSettings] = None     # None: no distillation
+    awq: bool = False                     # activation-aware scaling before the weight pass (passes/awq.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise LowbitError(f"recipe '{self.name}': unknown method '{self.method}'; valid: {', '.join(METHODS)}")
+        if self.awq and self.lkd is not None:
+            raise LowbitError(f"recipe '{self.name}': awq and lkd do not combine yet (LKD fixes each layer's grid "
+                              "before the scaling would change its weights); use one of them")
         for key, cls in (("scheme", Scheme), ("gptq", GPTQSettings), ("lkd", (LKDSettings, type(None)))):
             if not isinstance(getattr(self, key), cls):
                 raise LowbitError(f"recipe '{self.name}': {key} must be a {getattr(cls, '__name__', 'LKDSettings')}, "
@@ -69,7 +76,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq"
+        return self.method == "gptq" or self.awq
 
     @property
     def quantizes(self) -> bool:
@@ -85,6 +92,7 @@ class Recipe:
         out = f"{self.method}: {self.scheme.describe()}"
         if self.method == "gptq":
             out += ", act-order + static groups" if self.gptq.act_order else ", column order"
+        out = ("activation-aware scaling, then " if self.awq else "") + out
         return out + (f", + LKD ({self.lkd.steps} steps/block)" if self.lkd else "")
 
     def to_dict(self) -> dict:
@@ -92,6 +100,8 @@ class Recipe:
         out = {"name": self.name, "method": self.method}
         out.update({k: getattr(self.scheme, k) for k in SCHEME_KEYS})
         out.update({k: getattr(self.gptq, k) for k in GPTQ_KEYS})
+        if self.awq:                      # absent when false: the manifests of recipes without it stay as they were
+            out["awq"] = True
         out["lkd"] = self.lkd is not None
         if self.lkd is not None:
             out.update({f"lkd_{k}": v for k, v in self.lkd.to_dict().items()})
@@ -108,11 +118,12 @@ class Recipe:
 SCHEME_KEYS = tuple(f.name for f in fields(Scheme) if f.name not in ("overrides", "min_zero"))
 GPTQ_KEYS = tuple(f.name for f in fields(GPTQSettings))
 LKD_KEYS = {f"lkd_{f.name}": f.name for f in fields(LKDSettings)}
-_FIELDS = {"name", "method", "lkd", "overrides", *SCHEME_KEYS, *GPTQ_KEYS, *LKD_KEYS}
+_FIELDS = {"name", "method", "awq", "lkd", "overrides", *SCHEME_KEYS, *GPTQ_KEYS, *LKD_KEYS}
 _OVERRIDE_FIELDS = {f.name for f in fields(Override)}
 _SCHEME_TYPES = field_types(Scheme)
-_TYPES = {"name": str, "method": str, "lkd": bool, "pattern": str, **_SCHEME_TYPES, **field_types(GPTQSettings),
-          **{k: field_types(LKDSettings)[v] for k, v in LKD_KEYS.items()}, **field_types(Override)}
+_TYPES = {"name": str, "method": str, "awq": bool, "lkd": bool, "pattern": str, **_SCHEME_TYPES,
+          **field_types(GPTQSettings), **{k: field_types(LKDSettings)[v] for k, v in LKD_KEYS.items()},
+          **field_types(Override)}
 _NOT_RECIPE_FIELDS = {
     "min_zero": "'min_zero' is not a recipe field: the target sets it (hf-gptq stores zero points as zero - 1)",
     "fuse": "'fuse' is not a recipe field: fusion is a compile option (lowbit compile --no-fuse, or "
@@ -142,7 +153,10 @@ def _from_flat(data: dict, where: str) -> Recipe:
         lkd = LKDSettings(**{LKD_KEYS[k]: data[k] for k in lkd_given}) if data.get("lkd") else None
     except LowbitError as e:
         raise LowbitError(f"{where}: {e}") from None
-    return Recipe(data.get("name", "custom"), data.get("method", "rtn"), scheme, gptq, lkd)
+    recipe = Recipe(data.get("name", "custom"), data.get("method", "rtn"), scheme, gptq, lkd, data.get("awq", False))
+    if recipe.awq and not recipe.quantizes:
+        raise LowbitError(f"{where}: awq = true scales activations for quantized weights; method 'fp' has none")
+    return recipe
 
 
 def _builtin() -> dict[str, Recipe]:
@@ -163,6 +177,10 @@ def _builtin() -> dict[str, Recipe]:
         r[f"{base}-noact"] = Recipe(f"{base}-noact", "gptq", Scheme(bits, group),
                                     GPTQSettings(act_order=False, static_groups=False))
         r[f"{base}-mse"] = Recipe(f"{base}-mse", "gptq", Scheme(bits, group, mse=True))
+    # Activation-aware scaling (AWQ) folded into the graph, then RTN ("awq-") or GPTQ ("awq-gptq-").
+    for bits, group in [(4, 128), (4, 64), (3, 64), (2, 64)]:
+        r[f"awq-w{bits}g{group}"] = Recipe(f"awq-w{bits}g{group}", "rtn", Scheme(bits, group), awq=True)
+        r[f"awq-gptq-w{bits}g{group}"] = Recipe(f"awq-gptq-w{bits}g{group}", "gptq", Scheme(bits, group), awq=True)
     # ZeroQuant. W8A8: symmetric per-channel INT8 weights, per-token dynamic INT8 activations. Mixed:
     # symmetric INT4 for the MLP/FC matmuls, INT8 for the attention projections (by module name:
     # Llama-family self_attn, GPT-2 attn, BERT attention), groups of 32 with the MSE clipping search (on
