@@ -83,22 +83,21 @@ def _carrier(graph: Graph, x: fx.Node, sites: list, uses: dict) -> tuple[Optiona
     if any(uses.get(s.weight_attr, 0) != 1 for s in sites):
         return None, "a weight is shared with another op"
     out = norm_output(x)
-    if out is not None:
-        rms, _ = rmsnorm_parts(out)
-        if rms is not None:
-            weight, offset = rms[1]
-            if uses.get(weight.target) == 1:
-                return ("norm", weight.target, float(offset or 0.0), None), ""
-            return None, "the norm's weight is shared"
-        ln = layernorm_parts(out)
-        if ln is not None:
-            weight, bias = ln[1], ln[2]
-            if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and uses.get(weight.target) == 1):
-                return None, "the LayerNorm has no weight of its own"
-            bias_attr = bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
-            if bias is not None and (bias_attr is None or uses.get(bias_attr) != 1):
-                return None, "the LayerNorm's bias is not a constant of its own"
-            return ("norm", weight.target, 0.0, bias_attr), ""
+    rms, _ = rmsnorm_parts(out)
+    if rms is not None:
+        weight, offset = rms[1]
+        if uses.get(weight.target) == 1:
+            return ("norm", weight.target, float(offset or 0.0), None), ""
+        return None, "the norm's weight is shared"
+    ln = layernorm_parts(out)
+    if ln is not None:
+        weight, bias = ln[1], ln[2]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and uses.get(weight.target) == 1):
+            return None, "the LayerNorm has no weight of its own"
+        bias_attr = bias.target if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+        if bias is not None and (bias_attr is None or uses.get(bias_attr) != 1):
+            return None, "the LayerNorm's bias is not a constant of its own"
+        return ("norm", weight.target, 0.0, bias_attr), ""
     if call(x, torch.ops.aten.mul.Tensor):
         made_by = made_by_site(graph)
         for a, b in (x.args, x.args[::-1]):
