@@ -254,8 +254,8 @@ def _streams(job: _Job, inputs: _Inputs) -> bool:
     exports in transformers' layout, a quantized embedding, checkpoints not in safetensors or whose loading converts
     tensors (``_open``)."""
     recipe = job.recipe
-    return (recipe.method in ("rtn", "gptq", "fp") and (inputs.lkd is None or recipe.method == "rtn") and not recipe.awq
-            and inputs.eval_windows is None
+    return (recipe.method in ("rtn", "gptq", "fp") and (inputs.lkd is None or recipe.method == "rtn")
+            and not recipe.awq and inputs.eval_windows is None
             and getattr(job.lowering, "streams", False)
             and not recipe.scheme.quantize_embeddings and checkpoint_dtype(inputs.model_path) is not None)
 

@@ -14,8 +14,8 @@ calibration tokens, read off the Hessian diagonal GPTQ also uses (``H = 2/n X^T 
 scaling: the plain quantizer) to 1 minimizes the set's output error on the calibration inputs, summed over its
 matmuls: ``tr(D H D^T)`` with ``D = W - Q(W diag s) / s`` and Q round-to-nearest on the layer's scheme. Statistics
 come from the float model (no layer is quantized while they are gathered); the weight pass (RTN or GPTQ) then
-quantizes the scaled graph, GPTQ on its own calibration of it. Where x comes from anything else (an attention
-a GELU, fused Q/K/V sliced apart, an op another reader shares) the matmuls keep s = 1 and the reason is counted.
+quantizes the scaled graph, GPTQ on its own calibration of it. Where x comes from anything else (a GELU, values
+sliced from a fused Q/K/V, an op another reader shares) the matmuls keep s = 1 and the reason is counted.
 """
 
 from __future__ import annotations
@@ -64,11 +64,13 @@ def find_folds(graph: Graph, recipe) -> tuple[list[Fold], dict]:
         if n.op == "get_attr":
             readers_of = [u for u in n.users if not call(u, torch.ops.aten._assert_tensor_metadata.default)]
             uses[n.target] = uses.get(n.target, 0) + len(readers_of)
+    made_by = {s.node: s for s in graph.sites.values()}
+    order = {n: i for i, n in enumerate(graph.gm.graph.nodes)}
     folds, skipped = [], {}
     for x, sites in readers.items():
         if not any(recipe.spec_for(s.name) for s in sites):
             continue
-        carrier, why = _carrier(graph, x, sites, uses)
+        carrier, why = _carrier(x, sites, uses, made_by, order)
         if carrier is None:
             skipped[why] = skipped.get(why, 0) + 1
         else:
@@ -76,8 +78,9 @@ def find_folds(graph: Graph, recipe) -> tuple[list[Fold], dict]:
     return folds, skipped
 
 
-def _carrier(graph: Graph, x: fx.Node, sites: list, uses: dict) -> tuple[Optional[tuple], str]:
-    """Where ``x``'s division can go, or (None, why not)."""
+def _carrier(x: fx.Node, sites: list, uses: dict, made_by: dict, order: dict) -> tuple[Optional[tuple], str]:
+    """Where ``x``'s division can go, or (None, why not). ``made_by``: site by its output node; ``order``: each
+    node's position in the graph."""
     if set(x.users) != {s.node for s in sites}:
         return None, "the input is also read by a float op"
     if any(uses.get(s.weight_attr, 0) != 1 for s in sites):
@@ -99,22 +102,17 @@ def _carrier(graph: Graph, x: fx.Node, sites: list, uses: dict) -> tuple[Optiona
             return None, "the LayerNorm's bias is not a constant of its own"
         return ("norm", weight.target, 0.0, bias_attr), ""
     if call(x, torch.ops.aten.mul.Tensor):
-        made_by = made_by_site(graph)
         for a, b in (x.args, x.args[::-1]):
             up = made_by.get(skip_casts(a)) if isinstance(a, fx.Node) else None
             if (up is not None and len(up.node.users) == 1 and (a is up.node or len(a.users) == 1)
-                    and uses.get(up.weight_attr) == 1 and isinstance(b, fx.Node) and not _depends_on(b, up.node)):
+                    and uses.get(up.weight_attr) == 1 and isinstance(b, fx.Node) and not _depends_on(b, up.node, order)):
                 if up.bias_attr is not None and uses.get(up.bias_attr) != 1:
                     return None, "the up projection's bias is shared"
                 return ("rows", up), ""
-    values = _values(x, made_by_site(graph), uses)
+    values = _values(x, made_by, uses)
     if values is not None:
         return ("values", *values), ""
     return None, "the input is not made by a norm, a gated MLP's up projection or attention's value projection"
-
-
-def made_by_site(graph: Graph) -> dict:
-    return {s.node: s for s in graph.sites.values()}
 
 
 def _values(x: fx.Node, made_by: dict, uses: dict) -> Optional[tuple]:
@@ -144,9 +142,8 @@ def _values(x: fx.Node, made_by: dict, uses: dict) -> Optional[tuple]:
     return site, channel
 
 
-def _depends_on(n: fx.Node, target: fx.Node) -> bool:
-    """Whether ``n`` reads ``target``: only nodes after it in the graph's (topological) order can."""
-    order = {m: i for i, m in enumerate(target.graph.nodes)}
+def _depends_on(n: fx.Node, target: fx.Node, order: dict) -> bool:
+    """Whether ``n`` reads ``target``: only nodes after it in the graph's (topological) ``order`` can."""
     stack, seen = [n], set()
     while stack:
         m = stack.pop()
