@@ -20,8 +20,8 @@ def _cmd_compile(a) -> int:
     calib = CalibrationArgs(a.calib, a.calib_samples, a.calib_seq_len, a.seed)
     out = compile_model(a.model, recipe=a.recipe, target=a.target, out=a.output, force=a.force, quiet=a.quiet,
                         calib=calib, device=a.device, resume=a.resume, eval_text=a.eval, eval_windows=a.eval_windows,
-                        eval_seq_len=a.eval_seq_len, fuse=a.fuse, dtype=a.dtype, **_target_option_keywords(a),
-                        lkd=_lkd_flags(a))
+                        eval_seq_len=a.eval_seq_len, fuse=a.fuse, dtype=a.dtype, budget_bits=a.budget_bits,
+                        **_target_option_keywords(a), lkd=_lkd_flags(a))
     if os.environ.get("RANK", "0") == "0":          # under torchrun, rank 0 wrote the artifact
         print(out)
     return 0
@@ -283,6 +283,10 @@ def _add_compile(sub) -> None:
     c.add_argument("--dtype", default="auto", help="precision of the model's float weights and of what stays "
                    "unquantized: auto (the checkpoint's, default) | bfloat16 | float16 | float32")
     c.add_argument("--resume", action="store_true", help="continue a killed compile from its last finished block")
+    c.add_argument("--budget-bits", action=_checked(_float_from(0, True)), default=None, metavar="BITS",
+                   help="choose each layer's bits and group (the recipe's method) to lose least within BITS stored "
+                   "bits per weight, scales and zero points included (w4g64 is 4.375, w3g64 3.375); the plan is "
+                   "written to the artifact's plan.toml")
     c.add_argument("--eval", default=None, metavar="TEXT", help="also measure perplexity before/after on TEXT (file or demo)")
     c.add_argument("--eval-windows", action=_COUNT, default=40, help="windows for --eval (default 40)")
     c.add_argument("--eval-seq-len", action=_WINDOW, default=512, help="window length for --eval (default 512)")

@@ -342,6 +342,25 @@ def _attention_fake(q, k, v, mask, scale, kv_groups):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], v.shape[-1]))
 
 
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, scale, kv_groups = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.scale, ctx.kv_groups = scale, kv_groups
+
+
+def _attention_backward(ctx, grad):
+    """Gradients through the reference (passes that differentiate the float graph: passes/budget.py)."""
+    q, k, v, mask = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attention_reference(*leaves, mask, ctx.scale, ctx.kv_groups)
+        gq, gk, gv = torch.autograd.grad(out, leaves, grad)
+    return gq, gk, gv, None, None, None
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalize in float32, round to x's dtype, times the weight (promoted dtype)."""
     h = x.float()

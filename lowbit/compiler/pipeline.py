@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -16,13 +16,15 @@ from lowbit.frontend.trace import trace
 from lowbit.frontend.weights import checkpoint_dtype
 from lowbit.progress import say, timed
 from lowbit.compiler.output_path import check_output_path
-from lowbit.passes.recipe import load_recipe
+from lowbit.passes.recipe import load_recipe, to_toml
 from lowbit.compiler.report import outlier_lines, write_report
 from lowbit.device import dtype_name, named_dtype, pick_device
 from lowbit import distributed, targets
 from lowbit.errors import LowbitError
 from lowbit.passes import PASSES
 from lowbit.passes.awq import awq_pass
+from lowbit.passes.budget import candidates, check_fits, plan
+from lowbit.passes.rotate import find_plan, rotate_pass
 from lowbit.passes.rtn import quantizable
 
 
@@ -92,6 +94,9 @@ class _Job:
     checkpoint: object = None
     lkd_info: Optional[dict] = None
     awq_info: Optional[dict] = None
+    rotate_info: Optional[dict] = None
+    budget_info: Optional[dict] = None
+    formats: list = field(default_factory=list)  # the (bits, group) formats a size budget chooses from
     rules_info: Optional[dict] = None
     streamed: bool = False         # compiled block by block from the checkpoint (compiler/stream.py)
 
@@ -110,11 +115,11 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
                   quiet: bool = False, calib: Optional[CalibrationArgs] = None, device: str = "auto",
                   resume: bool = False, eval_text: Optional[str] = None, eval_windows: int = 40,
                   eval_seq_len: int = 512, lkd=None, fuse: bool = True, dtype: str = "auto", options=None,
-                  **option_keywords) -> Path:
+                  budget_bits: Optional[float] = None, **option_keywords) -> Path:
     """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``.
 
     ``lkd`` (``passes.settings.LKDSettings``, or a dict of its fields) replaces or overrides the recipe's LKD
-    settings; it needs a recipe that distils. ``fuse=False`` skips the fusion rules. ``dtype`` (auto | bfloat16 |
+    settings; it needs a recipe that distils. ``budget_bits`` sets the recipe's size budget (``passes/budget.py``). ``fuse=False`` skips the fusion rules. ``dtype`` (auto | bfloat16 |
     float16 | float32): the precision of the model's float weights, rounded to it before anything else (auto: the
     checkpoint's); the tensors left unquantized are stored in it. The target's options:
     ``options`` (its options object, e.g. ``lowering.onnx.options.OnnxOptions``) or their keywords
@@ -127,7 +132,10 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
         raise LowbitError("no output folder given; pass -o DIR")
     out = Path(out)
     options = targets.target_options(target, options, **option_keywords)
-    recipe = lowering.prepare(load_recipe(recipe), options)
+    recipe = load_recipe(recipe)
+    if budget_bits is not None:
+        recipe = replace(recipe, budget_bits=float(budget_bits))
+    recipe = lowering.prepare(recipe, options)
     precision = storage_precision(dtype, target, lowering)
     device = pick_device(distributed.local_device(device))
     check_output_path(out)
@@ -202,6 +210,8 @@ def _lead(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int, resum
             job.timings["total"] = round(time.perf_counter() - t0, 3)
             body = _manifest_body(job, loaded, source_hash, lowered)
             write_report(tmp / "report.md", body, graph)
+            if job.budget_info is not None:          # the plan, as a recipe to edit and compile again
+                (tmp / "plan.toml").write_text(to_toml(job.recipe), encoding="utf-8")
             return body
 
         if _passes_before_writing(job, traced):     # a failure keeps their checkpoint, for --resume
@@ -250,12 +260,12 @@ def _read_inputs(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int
 
 def _streams(job: _Job, inputs: _Inputs) -> bool:
     """Whether this compile runs block by block from the checkpoint (compiler/stream.py). Not yet: --eval (it runs
-    the float model), LKD before GPTQ, activation-aware scaling (it rewrites the float graph before the weight pass),
-    exports in transformers' layout, a quantized embedding, checkpoints not in safetensors or whose loading converts
-    tensors (``_open``)."""
+    the float model), LKD before GPTQ, activation-aware scaling, rotations and size budgets (they rewrite or
+    measure the float graph before the weight pass), exports in transformers' layout, a quantized embedding, checkpoints not in safetensors or
+    whose loading converts tensors (``_open``)."""
     recipe = job.recipe
     return (recipe.method in ("rtn", "gptq", "fp") and (inputs.lkd is None or recipe.method == "rtn")
-            and not recipe.awq and inputs.eval_windows is None
+            and not (recipe.awq or recipe.rotate or recipe.budget_bits) and inputs.eval_windows is None
             and getattr(job.lowering, "streams", False)
             and not recipe.scheme.quantize_embeddings and checkpoint_dtype(inputs.model_path) is not None)
 
@@ -306,6 +316,11 @@ def _load_and_trace(job: _Job, inputs: _Inputs):
     if inputs.lkd is not None and not any(site.block for site, _ in quantizable(graph, recipe)):
         raise LowbitError(f"LKD needs quantized weights in the model's blocks; recipe '{recipe.name}' quantizes none")
     job.lowering.check(graph, recipe)
+    if recipe.rotate:
+        find_plan(graph)                # refuses a model whose residual stream a rotation cannot pass
+    if recipe.budget_bits:
+        job.formats = candidates(graph, recipe, lambda r: job.lowering.check(graph, r))
+        check_fits(graph, recipe, job.formats)
     say(f"loaded {job.model} in {job.timings['load']:.1f}s, traced in {job.timings['trace']:.1f}s: "
         f"{len(graph.sites)} quantizable matmuls in {len([b for b in graph.blocks if b])} blocks", job.quiet)
     return loaded, graph, source_hash
@@ -326,6 +341,17 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
                    "recipe": recipe.to_dict()}
     if inputs.lkd is not None:
         job.lkd_info = _distil(job, inputs, loaded, graph, fingerprint, resume)
+    if recipe.rotate:
+        with timed(timings, "rotate", quiet, "rotations folded into the weights"):
+            job.rotate_info = rotate_pass(graph)
+    if recipe.budget_bits:
+        with timed(timings, "budget", quiet, f"formats planned within {recipe.budget_bits:g} bits per weight"):
+            job.recipe, job.budget_info = plan(graph, recipe, inputs.calib_ids, job.formats, recipe.budget_bits,
+                                               show_progress=not quiet)
+        recipe = job.recipe
+        job.lowering.check(graph, recipe)
+        say(f"budget plan: {job.budget_info['bits_per_weight']:.3f} bits per weight, "
+            + ", ".join(f"{n} {f}" for f, n in sorted(job.budget_info["formats"].items())), quiet)
     if recipe.awq:         # every process measures all the windows itself: the scaling is not split yet
         with timed(timings, "awq", quiet, f"activation-aware scaling on {job.device}"):
             job.awq_info = awq_pass(graph, recipe, inputs.calib_ids, device=job.device, show_progress=not quiet,
@@ -466,6 +492,10 @@ def _manifest_body(job: _Job, loaded, source_hash: str, lowered: dict) -> dict:
         body["lkd"] = job.lkd_info
     if job.awq_info is not None:
         body["awq"] = job.awq_info
+    if job.rotate_info is not None:
+        body["rotate"] = job.rotate_info
+    if job.budget_info is not None:
+        body["budget"] = job.budget_info
     if job.recipe.needs_calibration:
         body["calibration"] = {**job.calib.to_dict(), "tokens": job.pass_info.get("calib_tokens"),
                                "processes": job.pass_info.get("processes", 1),

@@ -76,6 +76,15 @@ def write_report(path: Path, body: dict, graph) -> None:
         c = body["calibration"]
         lines.append(f"- calibration: {c['samples']} x {c['seq_len']} tokens of {c['text']} (seed {c['seed']}), "
                      f"peak activation memory {mib(c.get('peak_activation_bytes') or 0)}")
+    if "rotate" in body:
+        o = body["rotate"]
+        lines.append(f"- rotations: residual stream ({o['dim']} channels, {o['norms']} norms, {o['writers']} writers), "
+                     f"{o['values']} attentions' values" + (f"; untied: {', '.join(o['untied'])}" if o["untied"] else ""))
+    if "budget" in body:
+        b = body["budget"]
+        lines.append(f"- size budget {b['budget_bits']:g} bits per weight: {b['bits_per_weight']:.3f} used, "
+                     + ", ".join(f"{n} layers {f}" for f, n in sorted(b["formats"].items()))
+                     + " (plan.toml: the plan as a recipe)")
     for key, label in (("ppl_before", "perplexity before"), ("ppl_after", "perplexity after")):
         if key in body.get("metrics", {}):
             m = body["metrics"][key]

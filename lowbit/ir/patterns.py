@@ -104,3 +104,41 @@ def last_dim_view(x: fx.Node) -> bool:
 def norm_output(x: fx.Node) -> fx.Node:
     """The node a norm would have made ``x`` from: ``x``, or what a last-dimension-keeping view reshaped."""
     return x.args[0] if last_dim_view(x) else x
+
+
+def constant_uses(graph: fx.Graph) -> dict[str, int]:
+    """How many ops read each constant (by ``get_attr`` target; shape assertions aside)."""
+    uses: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            readers = [u for u in n.users if not call(u, aten._assert_tensor_metadata.default)]
+            uses[n.target] = uses.get(n.target, 0) + len(readers)
+    return uses
+
+
+def attention_values(x: fx.Node, made_by: dict, uses: dict) -> Optional[tuple]:
+    """(value projection site, channel map) when ``x`` is attention's output [.., heads, head_dim] reshaped for the
+    output projection and its values are a projection's output only viewed as heads and transposed (after the
+    past values, a cache only this attention reads); ``made_by``: matmul sites by output node, ``uses``: readers of
+    each constant. Output channel h * D + d reads value channel (h // kv_groups) * D + d (grouped-query heads
+    share a value head)."""
+    att = x.args[0] if call(x, *VIEWS) else None
+    if not (call(att, torch.ops.lowbit.attention.default) and len(att.users) == 1):
+        return None
+    heads, dim = (int(d) for d in att.meta["val"].shape[-2:])
+    groups, v = int(att.args[5]), att.args[2]
+    if call(v, torch.ops.aten.cat.default):
+        parts = v.args[0]
+        if len(parts) != 2 or parts[0].op != "placeholder":
+            return None
+        v = parts[1]
+    if not (call(v, torch.ops.aten.transpose.int) and sorted(v.args[1:3]) == [1, 2] and len(v.users) == 1):
+        return None
+    view = v.args[0]
+    site = made_by.get(view.args[0]) if call(view, *VIEWS) and len(view.users) == 1 else None
+    if (site is None or len(site.node.users) != 1 or uses.get(site.weight_attr) != 1
+            or (site.bias_attr is not None and uses.get(site.bias_attr) != 1)
+            or site.out_features != heads // groups * dim or heads % groups):
+        return None
+    channel = torch.tensor([(h // groups) * dim + d for h in range(heads) for d in range(dim)])
+    return site, channel

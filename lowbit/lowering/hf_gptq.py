@@ -127,9 +127,11 @@ class HfGptqLowering:
     dtypes = ("auto", "float16")         # the GPTQ checkpoint's float16
 
     def prepare(self, recipe, options=None):
-        if recipe.awq:
-            raise LowbitError(f"target hf-gptq writes the model's own float tensors, not the norm weights recipe "
-                              f"'{recipe.name}' scales (awq); use --target torch or onnx, or a recipe without awq")
+        for key, what in (("awq", "the norm weights it scales (awq)"),
+                          ("rotate", "the rotated embedding and norms (rotate)")):
+            if getattr(recipe, key):
+                raise LowbitError(f"target hf-gptq writes the model's own float tensors, not {what} of recipe "
+                                  f"'{recipe.name}'; use --target torch or onnx, or a recipe without {key}")
         # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.
         return replace(recipe, scheme=replace(recipe.scheme, min_zero=1))
 

@@ -29,14 +29,11 @@ import torch.fx as fx
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import fake_quantize
 from lowbit.ir.graph import Graph, MatmulSite
-from lowbit.ir.patterns import VIEWS, call, layernorm_parts, norm_output, rmsnorm_parts, skip_casts
+from lowbit.ir.patterns import attention_values, call, constant_uses, layernorm_parts, norm_output, rmsnorm_parts, skip_casts
+from lowbit.passes.exact import check_unchanged
 
 ALPHAS = 20                   # alpha in 0, 1/20, ..., 1
 MIN_SCALE = 1e-4              # a channel no calibration token used stays representable
-# Largest relative difference of the graph's logits before and after the folds: float32 rounding, or one rounding
-# of each folded weight in half precision.
-FOLD_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
-HALF_FOLD_TOLERANCE = 3e-2
 
 
 @dataclass
@@ -59,11 +56,7 @@ def find_folds(graph: Graph, recipe) -> tuple[list[Fold], dict]:
     readers: dict[fx.Node, list[MatmulSite]] = {}
     for site in graph.sites.values():
         readers.setdefault(site.input_node, []).append(site)
-    uses: dict[str, int] = {}          # readers of each constant (shape assertions aside)
-    for n in graph.gm.graph.nodes:
-        if n.op == "get_attr":
-            readers_of = [u for u in n.users if not call(u, torch.ops.aten._assert_tensor_metadata.default)]
-            uses[n.target] = uses.get(n.target, 0) + len(readers_of)
+    uses = constant_uses(graph.gm.graph)
     made_by = {s.node: s for s in graph.sites.values()}
     order = {n: i for i, n in enumerate(graph.gm.graph.nodes)}
     folds, skipped = [], {}
@@ -109,37 +102,10 @@ def _carrier(x: fx.Node, sites: list, uses: dict, made_by: dict, order: dict) ->
                 if up.bias_attr is not None and uses.get(up.bias_attr) != 1:
                     return None, "the up projection's bias is shared"
                 return ("rows", up), ""
-    values = _values(x, made_by, uses)
+    values = attention_values(x, made_by, uses)
     if values is not None:
         return ("values", *values), ""
     return None, "the input is not made by a norm, a gated MLP's up projection or attention's value projection"
-
-
-def _values(x: fx.Node, made_by: dict, uses: dict) -> Optional[tuple]:
-    """(value projection site, channel map) when ``x`` is attention's output [.., heads, head_dim] reshaped for the
-    output projection and its values are a projection's output only viewed as heads and transposed (after the
-    past values, a cache only this attention reads). Output channel h * D + d reads value channel
-    (h // kv_groups) * D + d (grouped-query heads share a value head), so their scales must be equal."""
-    att = x.args[0] if call(x, *VIEWS) else None
-    if not (call(att, torch.ops.lowbit.attention.default) and len(att.users) == 1):
-        return None
-    heads, dim = (int(d) for d in att.meta["val"].shape[-2:])
-    groups, v = int(att.args[5]), att.args[2]
-    if call(v, torch.ops.aten.cat.default):
-        parts = v.args[0]
-        if len(parts) != 2 or parts[0].op != "placeholder":
-            return None
-        v = parts[1]
-    if not (call(v, torch.ops.aten.transpose.int) and sorted(v.args[1:3]) == [1, 2] and len(v.users) == 1):
-        return None
-    view = v.args[0]
-    site = made_by.get(view.args[0]) if call(view, *VIEWS) and len(view.users) == 1 else None
-    if (site is None or len(site.node.users) != 1 or uses.get(site.weight_attr) != 1
-            or (site.bias_attr is not None and uses.get(site.bias_attr) != 1)
-            or site.out_features != heads // groups * dim or heads % groups):
-        return None
-    channel = torch.tensor([(h // groups) * dim + d for h in range(heads) for d in range(dim)])
-    return site, channel
 
 
 def _depends_on(n: fx.Node, target: fx.Node, order: dict) -> bool:
@@ -244,15 +210,10 @@ def awq_pass(graph: Graph, recipe, calib_ids: torch.Tensor, device="cpu", show_p
     StreamingCalibrator(graph, calib_ids, chunk=chunk, device=device).run(targets, measure)
     bar.close()
     probe = calib_ids[:1, : min(32, calib_ids.shape[1])].cpu()
-    before = graph(probe, torch.ones_like(probe)).float()
+    before = check_unchanged(graph, probe)
     for fold in folds:
         apply_fold(graph, fold, chosen[id(fold)]["scales"].cpu())
-    after = graph(probe, torch.ones_like(probe)).float()
-    diff = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
-    tolerance = FOLD_TOLERANCE.get(graph.dtype, HALF_FOLD_TOLERANCE)
-    if not diff <= tolerance:
-        raise LowbitError(f"activation-aware scaling changed the float model's logits by {diff:.2e} (> {tolerance}); "
-                          "report this, and compile without awq meanwhile")
+    diff = check_unchanged(graph, probe, before, "activation-aware scaling (awq)")
     return {"folds": {f.name: {"alpha": chosen[id(f)]["alpha"], "error": float(f"{chosen[id(f)]['error']:.6g}"),
                                "plain_error": float(f"{chosen[id(f)]['plain_error']:.6g}")} for f in folds},
             "unscaled": skipped, "max_rel_diff": diff}

@@ -25,6 +25,12 @@ file is the flat form of the same fields (``Recipe.to_dict``, which the manifest
     # activation-aware scaling (AWQ) of each norm's or up projection's readers before the weight pass;
     # calibrates on --calib like GPTQ (passes/awq.py)
     awq = false
+    # orthogonal rotations of the residual stream and of each attention's values folded into the weights, first
+    # (passes/rotate.py; RMSNorm models)
+    rotate = false
+    # each quantized matmul's bits and group chosen to minimize the estimated loss within this many stored bits
+    # per weight (scales and zero points included: w4g64 is 4.375, w3g64 3.375): lowbit compile --budget-bits
+    budget_bits = 3.5
     # layer-by-layer distillation before the weight pass (ZeroQuant LKD); lkd_* keys only with lkd = true
     lkd = true
     lkd_steps = 100            # also lkd_lr, lkd_batch, lkd_data, lkd_samples, lkd_seq_len, lkd_seed, lkd_loss,
@@ -41,6 +47,8 @@ file is the flat form of the same fields (``Recipe.to_dict``, which the manifest
 
 from __future__ import annotations
 
+import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -62,13 +70,24 @@ class Recipe:
     gptq: GPTQSettings = GPTQSettings()
     lkd: Optional[LKDSettings] = None     # None: no distillation
     awq: bool = False                     # activation-aware scaling before the weight pass (passes/awq.py)
+    rotate: bool = False                  # rotations of the residual stream and values first (passes/rotate.py)
+    budget_bits: float = 0.0              # > 0: each layer's format planned within this size (passes/budget.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise LowbitError(f"recipe '{self.name}': unknown method '{self.method}'; valid: {', '.join(METHODS)}")
-        if self.awq and self.lkd is not None:
-            raise LowbitError(f"recipe '{self.name}': awq and lkd do not combine yet (LKD fixes each layer's grid "
-                              "before the scaling would change its weights); use one of them")
+        for key in ("awq", "rotate"):
+            if getattr(self, key) and self.lkd is not None:
+                raise LowbitError(f"recipe '{self.name}': {key} and lkd do not combine yet (LKD fixes each layer's "
+                                  f"grid before the {key} rewrite would change its weights); use one of them")
+        if not (self.budget_bits >= 0 and math.isfinite(self.budget_bits)):
+            raise LowbitError(f"recipe '{self.name}': budget_bits must be a positive number of stored bits per weight "
+                              f"(e.g. 3.5), or 0 for none; got {self.budget_bits}")
+        if self.budget_bits and not self.quantizes:
+            raise LowbitError(f"recipe '{self.name}': budget_bits is for quantized weights; method 'fp' has none")
+        if self.budget_bits and (self.lkd is not None or self.scheme.act_bits):
+            raise LowbitError(f"recipe '{self.name}': a size budget plans weight-only formats without LKD; drop "
+                              "budget_bits, or act_bits and lkd")
         for key, cls in (("scheme", Scheme), ("gptq", GPTQSettings), ("lkd", (LKDSettings, type(None)))):
             if not isinstance(getattr(self, key), cls):
                 raise LowbitError(f"recipe '{self.name}': {key} must be a {getattr(cls, '__name__', 'LKDSettings')}, "
@@ -76,7 +95,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq" or self.awq
+        return self.method == "gptq" or self.awq or self.budget_bits > 0
 
     @property
     def quantizes(self) -> bool:
@@ -93,6 +112,8 @@ class Recipe:
         if self.method == "gptq":
             out += ", act-order + static groups" if self.gptq.act_order else ", column order"
         out = ("activation-aware scaling, then " if self.awq else "") + out
+        out = ("rotations, then " if self.rotate else "") + out
+        out += f", formats planned within {self.budget_bits:g} bits per weight" if self.budget_bits else ""
         return out + (f", + LKD ({self.lkd.steps} steps/block)" if self.lkd else "")
 
     def to_dict(self) -> dict:
@@ -100,8 +121,9 @@ class Recipe:
         out = {"name": self.name, "method": self.method}
         out.update({k: getattr(self.scheme, k) for k in SCHEME_KEYS})
         out.update({k: getattr(self.gptq, k) for k in GPTQ_KEYS})
-        if self.awq:                      # absent when false: the manifests of recipes without it stay as they were
-            out["awq"] = True
+        for key in ("awq", "rotate", "budget_bits"):   # absent when unset: other recipes' manifests stay as they were
+            if getattr(self, key):
+                out[key] = getattr(self, key)
         out["lkd"] = self.lkd is not None
         if self.lkd is not None:
             out.update({f"lkd_{k}": v for k, v in self.lkd.to_dict().items()})
@@ -118,10 +140,10 @@ class Recipe:
 SCHEME_KEYS = tuple(f.name for f in fields(Scheme) if f.name not in ("overrides", "min_zero"))
 GPTQ_KEYS = tuple(f.name for f in fields(GPTQSettings))
 LKD_KEYS = {f"lkd_{f.name}": f.name for f in fields(LKDSettings)}
-_FIELDS = {"name", "method", "awq", "lkd", "overrides", *SCHEME_KEYS, *GPTQ_KEYS, *LKD_KEYS}
+_FIELDS = {"name", "method", "awq", "rotate", "budget_bits", "lkd", "overrides", *SCHEME_KEYS, *GPTQ_KEYS, *LKD_KEYS}
 _OVERRIDE_FIELDS = {f.name for f in fields(Override)}
 _SCHEME_TYPES = field_types(Scheme)
-_TYPES = {"name": str, "method": str, "awq": bool, "lkd": bool, "pattern": str, **_SCHEME_TYPES,
+_TYPES = {"name": str, "method": str, "awq": bool, "rotate": bool, "budget_bits": float, "lkd": bool, "pattern": str, **_SCHEME_TYPES,
           **field_types(GPTQSettings), **{k: field_types(LKDSettings)[v] for k, v in LKD_KEYS.items()},
           **field_types(Override)}
 _NOT_RECIPE_FIELDS = {
@@ -153,9 +175,12 @@ def _from_flat(data: dict, where: str) -> Recipe:
         lkd = LKDSettings(**{LKD_KEYS[k]: data[k] for k in lkd_given}) if data.get("lkd") else None
     except LowbitError as e:
         raise LowbitError(f"{where}: {e}") from None
-    recipe = Recipe(data.get("name", "custom"), data.get("method", "rtn"), scheme, gptq, lkd, data.get("awq", False))
+    recipe = Recipe(data.get("name", "custom"), data.get("method", "rtn"), scheme, gptq, lkd, data.get("awq", False),
+                    data.get("rotate", False), float(data.get("budget_bits", 0.0)))
     if recipe.awq and not recipe.quantizes:
         raise LowbitError(f"{where}: awq = true scales activations for quantized weights; method 'fp' has none")
+    if recipe.rotate and not recipe.quantizes:
+        raise LowbitError(f"{where}: rotate = true rotates weights for their quantization; method 'fp' has none")
     return recipe
 
 
@@ -224,6 +249,20 @@ def _override(where: str, i: int, o) -> Override:
     if not o["pattern"]:
         raise LowbitError(f"{where}: field 'pattern' must be a non-empty module-name glob, e.g. \"*.mlp.down_proj\"")
     return Override(**o)
+
+
+def to_toml(recipe: Recipe) -> str:
+    """The recipe as a file ``from_toml`` reads back to the same Recipe (its flat form, overrides as tables)."""
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return json.dumps(v)              # a JSON string or number is a TOML one
+
+    flat = recipe.to_dict()
+    lines = [f"{k} = {value(v)}" for k, v in flat.items() if k != "overrides"]
+    for o in flat["overrides"]:
+        lines += ["", "[[overrides]]"] + [f"{k} = {value(v)}" for k, v in o.items()]
+    return "\n".join(lines) + "\n"
 
 
 def from_toml(path: Path) -> Recipe:
