@@ -3,12 +3,15 @@
     python -m bench.accuracy                      # every LM recipe and the encoder rows, the whole eval.txt
     python -m bench.accuracy --set zeroquant      # only the ZeroQuant rows (LM and encoder)
     python -m bench.accuracy --set awq            # RTN, AWQ, GPTQ and AWQ + GPTQ at w4g128, w4g64, w3g64, w2g64
+    python -m bench.accuracy --set rotate         # rotations, then GPTQ (and AWQ + GPTQ), at the same formats
+    python -m bench.accuracy --set budget         # size-budget plans: RECIPE@BITS, e.g. gptq-w4g64@3.5
     python -m bench.accuracy --recipes rtn-w4g64 --max-windows 40 --json out/acc.json
 
 Each row: recipe, perplexity, ratio to FP, quantization time (the pass, calibration forward included),
 size of the quantized layers and of the whole weights file. The FP row uses the float model folder.
-"awq-" rows scale activations (AWQ) on the same calibration windows before RTN or GPTQ; their quantize time
-includes the scaling.
+"awq-" rows scale activations (AWQ) on the same calibration windows before RTN or GPTQ; "rot-" rows rotate the
+residual stream and values first; "RECIPE@BITS" rows plan each layer's format within BITS stored bits per weight
+(``--budget-bits``). Their quantize time includes the scaling, rotation and planning.
 GPTQ rows calibrate on --calib-samples random 512-token windows of calib.txt (seed 0); "-noact" is the
 paper's column order, "-mse" adds the clipping search for scales. ZeroQuant "-lkd" rows distil with the
 recipe's defaults on calib.txt; their LKD time is its own column. Encoder rows compile the demo encoder
@@ -40,10 +43,12 @@ SETS = {
              "rtn-w4g64", "rtn-w4g64-mse", "gptq-w4g64", "gptq-w4g64-noact", "gptq-w4g64-mse",
              "rtn-w3g64", "rtn-w3g64-mse", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-mse"],
     "awq": [f"{m}-w{b}" for b in ("4g128", "4g64", "3g64", "2g64") for m in ("rtn", "awq", "gptq", "awq-gptq")],
+    "rotate": [f"{m}-w{b}" for b in ("4g128", "4g64", "3g64", "2g64") for m in ("rot-gptq", "rot-awq-gptq")],
+    "budget": ["gptq-w4g64@3.5", "awq-gptq-w4g64@3.5", "awq-gptq-w4g64@3.875"],
     "zeroquant": ["zq-w8a8", "zq-w8a8-lkd", "zq-w4a16-mixed", "zq-w4a16-mixed-lkd", "zq-w4a8-mixed",
                   "zq-w4a8-mixed-lkd"],
 }
-ENCODER_SETS = {"gptq": [], "awq": [], "zeroquant": ["rtn-w8", "zq-w8a8", "zq-w4a16-mixed", "zq-w4a8-mixed",
+ENCODER_SETS = {"gptq": [], "awq": [], "rotate": [], "budget": [], "zeroquant": ["rtn-w8", "zq-w8a8", "zq-w4a16-mixed", "zq-w4a8-mixed",
                                           "zq-w4a8-mixed-lkd"]}
 
 
@@ -58,9 +63,11 @@ def run(recipes, seq_len: int, max_windows, workdir: Path, calib, model: str = "
                  "file_mib": model_bytes / 2**20, "eval_s": time.perf_counter() - t0, "tokens": fp["tokens"]})
     for name in recipes:
         art = workdir / name
-        lowbit.compile(model, recipe=name, out=art, force=True, quiet=True, calib=calib)
+        recipe, _, bits = name.partition("@")
+        lowbit.compile(model, recipe=recipe, out=art, force=True, quiet=True, calib=calib,
+                       budget_bits=float(bits) if bits else None)
         m = read_manifest(art)
-        quant_s = sum(v for k, v in m["timings"].items() if k.startswith("pass_") or k == "awq")
+        quant_s = sum(v for k, v in m["timings"].items() if k.startswith("pass_") or k in ("awq", "rotate", "budget"))
         lkd_s = m["timings"].get("lkd", 0.0)
         t0 = time.perf_counter()
         r = evaluate_perplexity(str(art), paths["eval"], seq_len=seq_len, max_windows=max_windows)

@@ -206,6 +206,13 @@ def _builtin() -> dict[str, Recipe]:
     for bits, group in [(4, 128), (4, 64), (3, 64), (2, 64)]:
         r[f"awq-w{bits}g{group}"] = Recipe(f"awq-w{bits}g{group}", "rtn", Scheme(bits, group), awq=True)
         r[f"awq-gptq-w{bits}g{group}"] = Recipe(f"awq-gptq-w{bits}g{group}", "gptq", Scheme(bits, group), awq=True)
+    # Rotations of the residual stream and values folded into the weights (RMSNorm models), then GPTQ
+    # ("rot-gptq-") or AWQ + GPTQ ("rot-awq-gptq-"). Not then RTN: on the demo LM rotated RTN w4g64 is 1.70x float
+    # perplexity against RTN's 1.28x (docs/benchmarks.md).
+    for bits, group in [(4, 128), (4, 64), (3, 64), (2, 64)]:
+        for prefix, awq in (("rot-gptq", False), ("rot-awq-gptq", True)):
+            name = f"{prefix}-w{bits}g{group}"
+            r[name] = Recipe(name, "gptq", Scheme(bits, group), awq=awq, rotate=True)
     # ZeroQuant. W8A8: symmetric per-channel INT8 weights, per-token dynamic INT8 activations. Mixed:
     # symmetric INT4 for the MLP/FC matmuls, INT8 for the attention projections (by module name:
     # Llama-family self_attn, GPT-2 attn, BERT attention), groups of 32 with the MSE clipping search (on
