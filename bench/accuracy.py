@@ -48,8 +48,8 @@ SETS = {
     "zeroquant": ["zq-w8a8", "zq-w8a8-lkd", "zq-w4a16-mixed", "zq-w4a16-mixed-lkd", "zq-w4a8-mixed",
                   "zq-w4a8-mixed-lkd"],
 }
-ENCODER_SETS = {"gptq": [], "awq": [], "rotate": [], "budget": [], "zeroquant": ["rtn-w8", "zq-w8a8", "zq-w4a16-mixed", "zq-w4a8-mixed",
-                                          "zq-w4a8-mixed-lkd"]}
+ENCODER_SETS = {"gptq": [], "awq": [], "rotate": [], "budget": [],
+                "zeroquant": ["rtn-w8", "zq-w8a8", "zq-w4a16-mixed", "zq-w4a8-mixed", "zq-w4a8-mixed-lkd"]}
 
 
 def run(recipes, seq_len: int, max_windows, workdir: Path, calib, model: str = "demo") -> list[dict]:

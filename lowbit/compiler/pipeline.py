@@ -119,9 +119,10 @@ def compile_model(model: str, recipe="rtn-w4g128", target: str = "torch", out=No
     """Compile ``model`` (a folder or 'demo') with ``recipe`` into an artifact folder ``out``.
 
     ``lkd`` (``passes.settings.LKDSettings``, or a dict of its fields) replaces or overrides the recipe's LKD
-    settings; it needs a recipe that distils. ``budget_bits`` sets the recipe's size budget (``passes/budget.py``). ``fuse=False`` skips the fusion rules. ``dtype`` (auto | bfloat16 |
-    float16 | float32): the precision of the model's float weights, rounded to it before anything else (auto: the
-    checkpoint's); the tensors left unquantized are stored in it. The target's options:
+    settings; it needs a recipe that distils. ``budget_bits`` sets the recipe's size budget (``passes/budget.py``).
+    ``fuse=False`` skips the fusion rules. ``dtype`` (auto | bfloat16 | float16 | float32): the precision of the
+    model's float weights, rounded to it before anything else (auto: the checkpoint's); the tensors left
+    unquantized are stored in it. The target's options:
     ``options`` (its options object, e.g. ``lowering.onnx.options.OnnxOptions``) or their keywords
     (``onnx_accuracy_level``, ``onnx_fusions``, ``onnx_exporter``, ``trt_precision``: ``targets.target_options``).
     Under torchrun (``WORLD_SIZE`` > 1) each process runs this; GPTQ splits its calibration over them and rank 0
@@ -261,8 +262,8 @@ def _read_inputs(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int
 def _streams(job: _Job, inputs: _Inputs) -> bool:
     """Whether this compile runs block by block from the checkpoint (compiler/stream.py). Not yet: --eval (it runs
     the float model), LKD before GPTQ, activation-aware scaling, rotations and size budgets (they rewrite or
-    measure the float graph before the weight pass), exports in transformers' layout, a quantized embedding, checkpoints not in safetensors or
-    whose loading converts tensors (``_open``)."""
+    measure the float graph before the weight pass), exports in transformers' layout, a quantized embedding,
+    checkpoints not in safetensors or whose loading converts tensors (``_open``)."""
     recipe = job.recipe
     return (recipe.method in ("rtn", "gptq", "fp") and (inputs.lkd is None or recipe.method == "rtn")
             and not (recipe.awq or recipe.rotate or recipe.budget_bits) and inputs.eval_windows is None

@@ -79,7 +79,8 @@ def write_report(path: Path, body: dict, graph) -> None:
     if "rotate" in body:
         o = body["rotate"]
         lines.append(f"- rotations: residual stream ({o['dim']} channels, {o['norms']} norms, {o['writers']} writers), "
-                     f"{o['values']} attentions' values" + (f"; untied: {', '.join(o['untied'])}" if o["untied"] else ""))
+                     f"{o['values']} attentions' values"
+                     + (f"; untied: {', '.join(o['untied'])}" if o["untied"] else ""))
     if "budget" in body:
         b = body["budget"]
         lines.append(f"- size budget {b['budget_bits']:g} bits per weight: {b['bits_per_weight']:.3f} used, "

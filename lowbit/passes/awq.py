@@ -29,7 +29,8 @@ import torch.fx as fx
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import fake_quantize
 from lowbit.ir.graph import Graph, MatmulSite
-from lowbit.ir.patterns import attention_values, call, constant_uses, layernorm_parts, norm_output, rmsnorm_parts, skip_casts
+from lowbit.ir.patterns import (attention_values, call, constant_uses, layernorm_parts, norm_output, rmsnorm_parts,
+                                skip_casts)
 from lowbit.passes.exact import check_unchanged
 
 ALPHAS = 20                   # alpha in 0, 1/20, ..., 1

@@ -143,7 +143,8 @@ LKD_KEYS = {f"lkd_{f.name}": f.name for f in fields(LKDSettings)}
 _FIELDS = {"name", "method", "awq", "rotate", "budget_bits", "lkd", "overrides", *SCHEME_KEYS, *GPTQ_KEYS, *LKD_KEYS}
 _OVERRIDE_FIELDS = {f.name for f in fields(Override)}
 _SCHEME_TYPES = field_types(Scheme)
-_TYPES = {"name": str, "method": str, "awq": bool, "rotate": bool, "budget_bits": float, "lkd": bool, "pattern": str, **_SCHEME_TYPES,
+_TYPES = {"name": str, "method": str, "awq": bool, "rotate": bool, "budget_bits": float, "lkd": bool, "pattern": str,
+          **_SCHEME_TYPES,
           **field_types(GPTQSettings), **{k: field_types(LKDSettings)[v] for k, v in LKD_KEYS.items()},
           **field_types(Override)}
 _NOT_RECIPE_FIELDS = {

@@ -69,9 +69,9 @@ def test_rotation_is_exact_in_float(arch):
 
 @pytest.mark.parametrize("part", ["writers", "values", "norm weights", "untie"])
 def test_each_part_is_needed(part):
-    """Controls: leaving out the down projections' rotation or the output projections' half of the values', keeping the norms' weights beside their
-    fold into the readers, or a head that reads the rotated embedding table (still tied) moves the logits by more
-    than the check allows."""
+    """Controls: leaving out the down projections' rotation or the output projections' half of the values',
+    keeping the norms' weights beside their fold into the readers, or a head that reads the rotated embedding
+    table (still tied) moves the logits by more than the check allows."""
     graph = _graph("llama")
     probe = _probe(graph)
     before = check_unchanged(graph, probe)
@@ -139,7 +139,8 @@ def test_rotate_refusals(model_dirs, tmp_path, capsys):
     left behind."""
     before = set(tmp_path.iterdir())
     files = {}
-    for name, body in (("gptq", 'method = "gptq"\nrotate = true\n'), ("rtn", 'method = "rtn"\ngroup_size = 32\nrotate = true\n'),
+    for name, body in (("gptq", 'method = "gptq"\nrotate = true\n'),
+                       ("rtn", 'method = "rtn"\ngroup_size = 32\nrotate = true\n'),
                        ("fp", 'method = "fp"\nrotate = true\n'),
                        ("lkd", 'method = "rtn"\nrotate = true\nlkd = true\n')):
         files[name] = tmp_path / f"{name}.toml"
