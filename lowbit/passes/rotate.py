@@ -10,7 +10,7 @@ The outputs are unchanged in float; the weights' columns lose their outliers (a 
 each over all channels), which is what a per-group grid needs. The rotation before a gated MLP's down projection
 would have to run on activations (an online Hadamard op), so it is not made.
 
-Q is ``diag(signs) (R_m ⊗ H_p) `` for ``d = m p`` with p the largest power of two dividing d: H_p Sylvester's
+Q is ``diag(signs) (R_m ⊗ H_p)`` for ``d = m p`` with p the largest power of two dividing d: H_p Sylvester's
 Hadamard matrix, R_m a random orthogonal matrix of the odd rest (1 x 1 when d is a power of two), from a fixed
 seed. Where the residual stream is read or written by anything else (LayerNorm's mean subtraction, Gemma-2/3's
 weighted norms on the block outputs, an encoder's hidden-state output) the pass refuses with the reason.
