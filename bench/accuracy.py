@@ -44,11 +44,12 @@ SETS = {
              "rtn-w3g64", "rtn-w3g64-mse", "gptq-w3g64", "gptq-w3g64-noact", "gptq-w3g64-mse"],
     "awq": [f"{m}-w{b}" for b in ("4g128", "4g64", "3g64", "2g64") for m in ("rtn", "awq", "gptq", "awq-gptq")],
     "rotate": [f"{m}-w{b}" for b in ("4g128", "4g64", "3g64", "2g64") for m in ("rot-gptq", "rot-awq-gptq")],
+    "rounding": [f"{m}-w{b}" for b in ("4g128", "4g64", "3g64", "2g64") for m in ("rtn", "ar")],
     "budget": ["rtn-w4g64@3.875", "gptq-w4g64@3.5", "awq-gptq-w4g64@3.5", "awq-gptq-w4g64@3.875"],
     "zeroquant": ["zq-w8a8", "zq-w8a8-lkd", "zq-w4a16-mixed", "zq-w4a16-mixed-lkd", "zq-w4a8-mixed",
                   "zq-w4a8-mixed-lkd"],
 }
-ENCODER_SETS = {"gptq": [], "awq": [], "rotate": [], "budget": [],
+ENCODER_SETS = {"gptq": [], "awq": [], "rotate": [], "rounding": [], "budget": [],
                 "zeroquant": ["rtn-w8", "zq-w8a8", "zq-w4a16-mixed", "zq-w4a8-mixed", "zq-w4a8-mixed-lkd"]}
 
 

@@ -43,8 +43,6 @@ class CalibrationArgs:
 def lkd_settings(recipe, lkd):
     """The LKD settings for this compile, or None: the recipe's, or ``lkd`` (an LKDSettings) instead, or ``lkd``'s
     entries (a dict of LKDSettings fields, e.g. from the --lkd-* flags; None values ignored) over the recipe's."""
-    from dataclasses import replace
-
     from lowbit.passes.settings import LKDSettings, check_types, field_types
 
     if isinstance(lkd, dict):
@@ -57,13 +55,16 @@ def lkd_settings(recipe, lkd):
     if not recipe.quantizes:
         raise LowbitError(f"LKD needs quantized weights; recipe '{recipe.name}' keeps the model float")
     if isinstance(lkd, LKDSettings) or not lkd:
-        return lkd or recipe.lkd
-    types = field_types(LKDSettings)
-    unknown = sorted(set(lkd) - set(types))
-    if unknown:
-        raise LowbitError(f"unknown LKD setting '{unknown[0]}'; valid: {', '.join(types)}")
-    check_types("LKD settings", lkd, types)
-    return replace(recipe.lkd, **lkd)
+        settings = lkd or recipe.lkd
+    else:
+        types = field_types(LKDSettings)
+        unknown = sorted(set(lkd) - set(types))
+        if unknown:
+            raise LowbitError(f"unknown LKD setting '{unknown[0]}'; valid: {', '.join(types)}")
+        check_types("LKD settings", lkd, types)
+        settings = replace(recipe.lkd, **lkd)
+    replace(recipe, lkd=settings)           # the recipe's own checks, on the settings this compile runs
+    return settings
 
 
 def check_groups(graph, recipe):
@@ -232,6 +233,8 @@ def _read_inputs(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int
     inputs = _Inputs(resolve_model_path(job.model))
     config = read_config(inputs.model_path)
     inputs.lkd = lkd_settings(recipe, lkd)
+    if inputs.lkd is not None:          # the manifest and a budget's plan.toml record the settings this compile ran
+        job.recipe = replace(recipe, lkd=inputs.lkd)
     needs_text = recipe.needs_calibration or (inputs.lkd is not None and inputs.lkd.data == "calib")
     calib_text = read_text(job.calib.text, "calib") if needs_text else None
     if eval_text and task_of(config) != "causal-lm":
@@ -340,8 +343,6 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
                                                    inputs.eval_windows, show_progress=not quiet)
     fingerprint = {"source": source_hash, "dtype": job.precision and dtype_name(job.precision),
                    "recipe": recipe.to_dict()}
-    if inputs.lkd is not None:
-        job.lkd_info = _distil(job, inputs, loaded, graph, fingerprint, resume)
     if recipe.rotate:
         with timed(timings, "rotate", quiet, "rotations folded into the weights"):
             job.rotate_info = rotate_pass(graph)
@@ -353,6 +354,8 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
         job.lowering.check(graph, recipe)
         say(f"budget plan: {job.budget_info['bits_per_weight']:.3f} bits per weight, "
             + ", ".join(f"{n} {f}" for f, n in sorted(job.budget_info["formats"].items())), quiet)
+    if inputs.lkd is not None:      # after the plan: each layer distils in the format it will have
+        job.lkd_info = _distil(job, inputs, loaded, graph, fingerprint, resume)
     if recipe.awq:         # every process measures all the windows itself: the scaling is not split yet
         with timed(timings, "awq", quiet, f"activation-aware scaling on {job.device}"):
             job.awq_info = awq_pass(graph, recipe, inputs.calib_ids, device=job.device, show_progress=not quiet,

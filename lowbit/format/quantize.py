@@ -125,8 +125,11 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, mse: bool = False, grid: i
     return scale, zero
 
 
-def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec):
-    """Scale and zero from per-group min/max (any shape); shared by RTN and the GPTQ group scan."""
+def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec, ste: bool = False):
+    """Scale and zero from per-group min/max (any shape); shared by RTN and the GPTQ group scan. With ``ste`` the
+    same values as float32 tensors that pass gradients to wmin and wmax (the zero point's rounding as the identity),
+    for a clip range learned by gradient descent (passes/lkd.py)."""
+    rnd = round_ste if ste else torch.round
     maxq = spec.maxq
     if spec.sym:
         half = 1 << (spec.bits - 1)
@@ -140,7 +143,7 @@ def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec):
         lo = torch.clamp(wmin, max=0.0)
         hi = torch.clamp(wmax, min=0.0)
         scale = _safe_scale((hi - lo) / maxq)
-        zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+        zero = torch.clamp(rnd(-lo / scale), 0, maxq)
         if spec.min_zero:
             # Groups that would get a smaller zero keep it at min_zero and stretch the scale so that the
             # group's max still lands on the top code.
@@ -148,7 +151,14 @@ def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec):
             stretched = _safe_scale(hi / (maxq - spec.min_zero))
             scale = torch.where(low, torch.maximum(stretched, scale), scale)
             zero = torch.clamp(zero, min=spec.min_zero)
+    if ste:
+        return scale, zero
     return scale.to(SCALE_DTYPE), zero.to(torch.uint8)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, the identity's gradient in the backward pass (straight-through)."""
+    return x + (torch.round(x) - x).detach()
 
 
 def _safe_scale(scale: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,10 @@ Each block then also learns to undo the error its predecessors leave, which is t
 model actually carries. On the demo LM (W4A8 mixed, 20 windows of eval.txt) LKD closed 12% of the
 perplexity gap to float with float inputs and plain MSE, 35% with quantized inputs and plain MSE, and 46%
 with quantized inputs and the per-token loss, the default (docs/benchmarks.md).
+
+With ``learn="rounding"`` (AutoRound) the student's weights stay; it learns how each one rounds and each group's
+clip range (``RoundingLinear``) by sign-gradient descent (``SignSGD``), and the weight pass stores the codes it
+learnt. The walk over the blocks, the losses and the inputs are the same.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import torch.nn.functional as F
 
 from lowbit.progress import progress_bar
 from lowbit.errors import LowbitError
-from lowbit.format.quantize import QuantSpec, compute_qparams, dequantize_codes, quantize_codes
+from lowbit.format.quantize import (QuantSpec, compute_qparams, dequantize_codes, expand_groups, num_groups,
+                                    qparams_from_range, quantize_codes, round_ste)
 from lowbit.ops import quantize_rows_int8
 from lowbit.passes.settings import LKDSettings
 
@@ -57,10 +62,100 @@ class FakeQuantLinear(torch.nn.Module):
         w0 = self.weight.detach()
         q = quantize_codes(w0, self.scale, self.zero, self.spec)
         w = _ste(self.weight, dequantize_codes(q, self.scale, self.zero, self.group))
-        if self.spec.act_bits:
-            q, s = quantize_rows_int8(x.detach())
-            x = _ste(x, (q.float() * s).to(x.dtype))
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return _fake_quant_matmul(x, w, self.bias, self.spec)
+
+
+class RoundingLinear(torch.nn.Module):
+    """The student's matmul when it learns the rounding (AutoRound): the float weight W stays; each weight's codes
+    are ``clamp(round(W/s + V) + z)`` with a learned offset V in [-1/2, 1/2], and each group's grid (s, z) comes
+    from a learned range [beta * min, alpha * max] with alpha, beta in [1/2, 1] (``qparams_from_range``, the
+    format's own formula). At V = 0, alpha = beta = 1 it is round-to-nearest on the min/max grid. ``freeze``
+    fixes the codes and the stored (float16) grid the artifact gets; the forward pass then runs exactly those."""
+
+    V_RANGE = 0.5
+    CLIP_RANGE = (0.5, 1.0)
+
+    def __init__(self, weight: torch.Tensor, bias, spec: QuantSpec):
+        super().__init__()
+        w = weight.detach().float().clone()                                          # [N, K]
+        n, k = w.shape
+        self.spec, self.group = spec, spec.group(k)
+        ng = num_groups(k, self.group)
+        pad = ng * self.group - k
+        # The ragged group is padded with its own first column, as compute_qparams does: padding never widens it.
+        wg = torch.cat([w, w[:, (ng - 1) * self.group:][:, :1].expand(n, pad)], dim=1).view(n, ng, self.group)
+        self.register_buffer("weight", w)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("wmin", wg.amin(dim=2))
+        self.register_buffer("wmax", wg.amax(dim=2))
+        self.v = torch.nn.Parameter(torch.zeros_like(w))
+        self.alpha = torch.nn.Parameter(torch.ones(n, ng))
+        self.beta = torch.nn.Parameter(torch.ones(n, ng))
+        self.frozen = None                              # (scale, zero, codes) once learnt
+
+    def grid(self, ste: bool = True):
+        """(scale, zero) [N, G] of the current clip range."""
+        return qparams_from_range(self.beta * self.wmin, self.alpha * self.wmax, self.spec, ste=ste)
+
+    def codes(self, scale, zero, rnd=torch.round) -> torch.Tensor:
+        k = self.weight.shape[1]
+        s, z = expand_groups(scale.float(), k, self.group), expand_groups(zero.float(), k, self.group)
+        return torch.clamp(rnd(self.weight / s + self.v) + z, 0, self.spec.maxq)
+
+    def dequantized(self) -> torch.Tensor:
+        if self.frozen is not None:
+            return dequantize_codes(self.frozen[2], self.frozen[0], self.frozen[1], self.group)
+        scale, zero = self.grid()
+        q = self.codes(scale, zero, round_ste)
+        k = self.weight.shape[1]
+        return (q - expand_groups(zero, k, self.group)) * expand_groups(scale, k, self.group)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.v.clamp_(-self.V_RANGE, self.V_RANGE)
+        for p in (self.alpha, self.beta):
+            p.clamp_(*self.CLIP_RANGE)
+
+    @torch.no_grad()
+    def freeze(self) -> tuple:
+        """(scale float16 [N, G], zero uint8 [N, G], codes uint8 [N, K]) as stored; the forward pass uses them."""
+        scale, zero = self.grid(ste=False)
+        self.frozen = (scale, zero, self.codes(scale, zero).to(torch.uint8))
+        return self.frozen
+
+    def forward(self, x):
+        return _fake_quant_matmul(x, self.dequantized(), self.bias, self.spec)
+
+
+def _fake_quant_matmul(x, w, bias, spec: QuantSpec):
+    """x @ w.T + b, with x per-token INT8 under an STE when the spec quantizes activations."""
+    if spec.act_bits:
+        q, s = quantize_rows_int8(x.detach())
+        x = _ste(x, (q.float() * s).to(x.dtype))
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class SignSGD:
+    """AutoRound's optimizer: each step moves every parameter by ``lr`` against its gradient's sign, the rate
+    decaying linearly to 0 over ``steps``; the offsets and clip factors are then clamped to their ranges."""
+
+    def __init__(self, modules: list, lr: float, steps: int):
+        self.modules, self.lr, self.steps, self.done = modules, lr, steps, 0
+        self.params = [p for m in modules for p in m.parameters()]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr = self.lr * (1 - self.done / self.steps)
+        for p in self.params:
+            if p.grad is not None:
+                p.sub_(lr * p.grad.sign())
+        for m in self.modules:
+            m.clamp_()
+        self.done += 1
 
 
 class _StopForward(Exception):
@@ -114,9 +209,9 @@ def _site_weights(model, site) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         None if site.bias_attr is None else module.bias)
 
 
-def _student(model, name: str, plan: list, recipe):
-    """A float copy of block ``name`` whose quantized matmuls are FakeQuantLinear; only their weights and biases
-    learn. Returns (student, {site name: FakeQuantLinear})."""
+def _student(model, name: str, plan: list, recipe, learn: str):
+    """A float copy of block ``name`` whose quantized matmuls are FakeQuantLinear (``learn="weights"``: their
+    weights and biases learn) or RoundingLinear (``"rounding"``). Returns (student, {site name: module})."""
     from lowbit.frontend.hf_modules import swap_module
 
     student = copy.deepcopy(model.get_submodule(name)).float()
@@ -124,9 +219,33 @@ def _student(model, name: str, plan: list, recipe):
         p.requires_grad_(False)
     fq = {}
     for site, spec in plan:
-        fq[site.name] = FakeQuantLinear(*_site_weights(model, site), spec, recipe.scheme.mse)
+        fq[site.name] = (RoundingLinear(*_site_weights(model, site), spec) if learn == "rounding"
+                         else FakeQuantLinear(*_site_weights(model, site), spec, recipe.scheme.mse))
         swap_module(student, site.name[len(name) + 1:], fq[site.name])
     return student, fq
+
+
+def _optimizer(fq: dict, opts: LKDSettings):
+    if opts.learn == "rounding":
+        return SignSGD(list(fq.values()), opts.rate, opts.steps)
+    return torch.optim.Adam([p for m in fq.values() for p in m.parameters()], lr=opts.rate)
+
+
+@torch.no_grad()
+def _keep(model, graph, site, module) -> None:
+    """Write a learnt matmul into the model's float weights, and its grid (and codes) for the weight pass."""
+    mod = model.get_submodule(site.name)
+    if isinstance(module, RoundingLinear):
+        scale, zero, codes = module.frozen
+        w, bias = dequantize_codes(codes, scale, zero, module.group), None
+        graph.fixed_qparams[site.name] = (scale, zero, codes)
+    else:
+        w, bias = module.weight, module.bias
+        # The weight pass must quantize onto the grid the student learned against, not a new one.
+        graph.fixed_qparams[site.name] = (module.scale.clone(), module.zero.clone())
+    mod.weight.copy_((w.t() if site.weight_is_kn else w).to(mod.weight.dtype))
+    if bias is not None:
+        mod.bias.copy_(bias.to(mod.bias.dtype))
 
 
 def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKDSettings,
@@ -171,11 +290,10 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
         tb = time.perf_counter()
         with torch.no_grad():
             targets = [_run(block, h, a, k) for h, a, k in data]
-        student, fq = _student(model, name, plan[name], recipe)
-        params = [p for m in fq.values() for p in m.parameters()]
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=opts.lr)
+        student, fq = _student(model, name, plan[name], recipe, opts.learn)
+        for m in fq.values():
+            m.requires_grad_(True)
+        opt = _optimizer(fq, opts)
 
         def loss_of(i):
             _, a, k = data[i]
@@ -190,28 +308,25 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
                 loss.backward()
                 opt.step()
         with torch.no_grad():
+            for m in fq.values():
+                if isinstance(m, RoundingLinear):
+                    m.freeze()       # measured as stored: the float16 grid and the codes
             after = sum(float(loss_of(i)) for i in range(len(data))) / len(data)
             kept = after < before
             if kept:               # a block LKD did not improve keeps its original weights
                 for site, _ in plan[name]:
-                    mod = model.get_submodule(site.name)
-                    w = fq[site.name].weight
-                    mod.weight.copy_((w.t() if site.weight_is_kn else w).to(mod.weight.dtype))
-                    if fq[site.name].bias is not None:
-                        mod.bias.copy_(fq[site.name].bias.to(mod.bias.dtype))
-                    # The weight pass must quantize onto the grid the student learned against, not a new one.
-                    graph.fixed_qparams[site.name] = (fq[site.name].scale.clone(), fq[site.name].zero.clone())
+                    _keep(model, graph, site, fq[site.name])
             if on_block is not None:
                 on_block([(site, spec, *_site_weights(model, site)) for site, spec in plan[name]])
             if opts.inputs == "quantized":
                 if not kept:
-                    student, _ = _student(model, name, plan[name], recipe)
+                    student, _ = _student(model, name, plan[name], recipe, "weights")
                 student_in = [_run(student, x, a, k) for x, (_, a, k) in zip(student_in, data)]
             else:
                 student_in = targets
             # The teacher's next block sees the float model's activations: its own outputs.
             data = [(t, a, k) for t, (_, a, k) in zip(targets, data)]
-        block = student = fq = params = opt = None          # this block's copies go before the next block's come
+        block = student = fq = opt = None          # this block's copies go before the next block's come
         weights.drop(held)
         stats[name] = {"loss_before": before, "loss_after": after, "kept": kept,
                        "seconds": round(time.perf_counter() - tb, 2)}
@@ -219,7 +334,8 @@ def lkd_pass(model: torch.nn.Module, graph, recipe, ids: torch.Tensor, opts: LKD
             done += 1
             chain.save(done, [h for h, _, _ in data], student_in, stats)
         bar.set_postfix_str(f"{name} loss {before:.3g} -> {after:.3g}")
-    return {"blocks": stats, "seconds": round(time.perf_counter() - t0, 2), "options": opts.to_dict()}
+    return {"blocks": stats, "seconds": round(time.perf_counter() - t0, 2), "options": opts.to_dict(),
+            "lr_used": opts.rate}
 
 
 

@@ -30,10 +30,13 @@ def quantizable(graph: Graph, recipe):
 def quantize_layer(name: str, op: str, w: torch.Tensor, spec, bias, method: str = "rtn",
                    mse: bool = False, qparams=None) -> QuantizedLayer:
     """RTN-quantize one weight w [N, K] into the stored layout, with its relative weight error. ``qparams``
-    (scale, zero) fixes the grid instead of computing it from w."""
+    (scale, zero) fixes the grid instead of computing it from w; (scale, zero, codes) fixes the codes too (learnt
+    rounding, which w, in its storage dtype, need not reproduce)."""
     w = w.float()
     if qparams is None:
         q, scale, zero = quantize_weight(w, spec, mse=mse)
+    elif len(qparams) == 3:
+        scale, zero, q = qparams
     else:
         scale, zero = qparams
         q = quantize_codes(w, scale, zero, spec)
@@ -71,8 +74,8 @@ def tied_to(embedding: Optional[QuantizedLayer], table: Optional[torch.Tensor], 
 
 
 def rtn_layer(graph: Graph, recipe, site, spec, w: torch.Tensor, bias) -> QuantizedLayer:
-    """The site's layer from its float weight w [N, K]: on the grid LKD fixed for it (``graph.fixed_qparams``), or
-    its own."""
+    """The site's layer from its float weight w [N, K]: on the grid (or with the codes) LKD fixed for it
+    (``graph.fixed_qparams``), or its own."""
     return quantize_layer(site.name, spec.linear_op, w, spec, bias, mse=recipe.scheme.mse,
                           qparams=graph.fixed_qparams.get(site.name))
 

@@ -19,6 +19,7 @@ MIN_ZEROS = (0, 1)
 LKD_DATA = ("calib", "random")
 LKD_LOSSES = ("token", "mse")
 LKD_INPUTS = ("quantized", "float")
+LKD_LEARN = ("weights", "rounding")
 
 
 @dataclass(frozen=True)
@@ -119,8 +120,9 @@ class GPTQSettings:
 class LKDSettings:
     """Layer-by-layer distillation before the weight pass (passes/lkd.py). A recipe file sets them as ``lkd_*``
     keys, the command line as ``--lkd-*`` flags, ``lowbit.compile`` as ``lkd={...}`` (field names)."""
-    steps: int = option(100, "LKD: Adam steps per block", "--lkd-steps", "lkd_steps", metavar="N")
-    lr: float = option(1e-4, "LKD: learning rate", "--lkd-lr", "lkd_lr", metavar="LR")
+    steps: int = option(100, "LKD: optimizer steps per block", "--lkd-steps", "lkd_steps", metavar="N")
+    lr: float = option(0.0, "LKD: learning rate; 0 picks 1e-4 for learn=weights (Adam) and 1/steps for "
+                       "learn=rounding (the first sign-gradient step, in grid steps)", "--lkd-lr", "lkd_lr", metavar="LR")
     batch: int = option(4, "LKD: sequences per step", "--lkd-batch", "lkd_batch", metavar="N")
     data: str = option("calib", "LKD data: calib (the --calib text) or random token ids", "--lkd-data", "lkd_data",
                        metavar="SOURCE")
@@ -131,6 +133,9 @@ class LKDSettings:
                        "--lkd-loss", "lkd_loss", metavar="LOSS")
     inputs: str = option("quantized", "LKD: the student's block input: quantized (the distilled blocks' output) or "
                          "float (the float model's)", "--lkd-inputs", "lkd_inputs", metavar="FROM")
+    learn: str = option("weights", "LKD: what each block learns: weights (Adam on the float weights, on a fixed grid) "
+                        "or rounding (sign-gradient descent on each weight's rounding and each group's clip range, "
+                        "AutoRound)", "--lkd-learn", "lkd_learn", metavar="WHAT")
 
     def __post_init__(self):
         def bad(name: str, need: str):
@@ -140,11 +145,16 @@ class LKDSettings:
         for name, low in (("steps", 1), ("batch", 1), ("samples", 1), ("seq_len", 2), ("seed", 0)):
             if getattr(self, name) < low:
                 bad(name, f"must be >= {low}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            bad("lr", "must be a finite number > 0")
-        for name, valid in (("data", LKD_DATA), ("loss", LKD_LOSSES), ("inputs", LKD_INPUTS)):
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            bad("lr", "must be a finite number >= 0 (0: automatic)")
+        for name, valid in (("data", LKD_DATA), ("loss", LKD_LOSSES), ("inputs", LKD_INPUTS), ("learn", LKD_LEARN)):
             if getattr(self, name) not in valid:
                 bad(name, f"valid: {', '.join(valid)}")
+
+    @property
+    def rate(self) -> float:
+        """The learning rate used: ``lr``, or when 0 Adam's 1e-4 on weights, AutoRound's 1/steps on rounding."""
+        return self.lr or (1e-4 if self.learn == "weights" else 1 / self.steps)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

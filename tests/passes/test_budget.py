@@ -95,17 +95,20 @@ def test_recipe_file_round_trip(tmp_path):
     assert from_toml(again) == from_toml(path) and from_toml(again).budget_bits == 3.5
 
 
-def test_budget_compile_writes_a_plan_that_recompiles(model_dirs, tmp_path):
+@pytest.mark.parametrize("recipe,lkd", [("rtn-w4g32", None), ("ar-w4g64", {"steps": 8, "samples": 4, "seq_len": 32})],
+                         ids=["rtn", "learnt-rounding"])
+def test_budget_compile_writes_a_plan_that_recompiles(recipe, lkd, model_dirs, tmp_path):
     """--budget-bits 3.5 on a tiny Llama: the layers' stored bits fit, more than one format is chosen, the manifest
-    and report record the plan, and compiling plan.toml (no budget in it) gives the same weights."""
+    and report record the plan, and compiling plan.toml (no budget in it) gives the same weights. With learnt
+    rounding each layer learns in its planned format, and plan.toml holds the LKD settings the compile ran."""
     from lowbit.compiler.pipeline import CalibrationArgs
     from tests.conftest import sample_text
 
     text = tmp_path / "calib.txt"
     text.write_text(sample_text(3000, 2))
     calib = CalibrationArgs(str(text), samples=4, seq_len=32)
-    out = lowbit.compile(model_dirs["llama"], recipe="rtn-w4g32", out=tmp_path / "plan", quiet=True, calib=calib,
-                         budget_bits=3.5)
+    out = lowbit.compile(model_dirs["llama"], recipe=recipe, out=tmp_path / "plan", quiet=True, calib=calib,
+                         budget_bits=3.5, lkd=lkd)
     m = json.loads((out / "manifest.json").read_text())
     assert m["budget"]["bits_per_weight"] <= 3.5 and len(m["budget"]["formats"]) > 1
     assert m["recipe"]["overrides"] and "budget_bits" not in m["recipe"]
@@ -118,6 +121,9 @@ def test_budget_compile_writes_a_plan_that_recompiles(model_dirs, tmp_path):
     again = lowbit.compile(model_dirs["llama"], recipe=str(out / "plan.toml"), out=tmp_path / "again", quiet=True,
                            calib=calib)
     assert (again / "weights.safetensors").read_bytes() == (out / "weights.safetensors").read_bytes()
+    if lkd:
+        assert all(b["kept"] for b in m["lkd"]["blocks"].values())
+        assert json.loads((again / "manifest.json").read_text())["recipe"]["lkd_steps"] == 8
 
 
 def test_budget_refusals(model_dirs, tmp_path, capsys):
