@@ -99,11 +99,7 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, mse: bool = False, grid: i
     g = spec.group(k)
     ng = num_groups(k, g)
     pad = ng * g - k
-    wf = w.detach().float()
-    if pad:
-        # Pad the ragged group with its own first column so padding never widens the range.
-        wf = torch.cat([wf, wf[:, (ng - 1) * g:][:, :1].expand(n, pad)], dim=1)
-    wg = wf.view(n, ng, g)
+    wg = range_groups(w.detach().float(), g)
     wmin, wmax = wg.amin(dim=2), wg.amax(dim=2)
     scale, zero = qparams_from_range(wmin, wmax, spec)
     if not mse:
@@ -123,6 +119,17 @@ def compute_qparams(w: torch.Tensor, spec: QuantSpec, mse: bool = False, grid: i
         scale = torch.where(better, s1, scale)
         zero = torch.where(better, z1, zero)
     return scale, zero
+
+
+def range_groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """[N, K] -> [N, G, group], the ragged group padded with its own first column so padding never widens its
+    range."""
+    n, k = w.shape
+    ng = num_groups(k, group)
+    pad = ng * group - k
+    if pad:
+        w = torch.cat([w, w[:, (ng - 1) * group:][:, :1].expand(n, pad)], dim=1)
+    return w.view(n, ng, group)
 
 
 def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec, ste: bool = False):

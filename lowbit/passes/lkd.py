@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from lowbit.progress import progress_bar
 from lowbit.errors import LowbitError
-from lowbit.format.quantize import (QuantSpec, compute_qparams, dequantize_codes, expand_groups, num_groups,
-                                    qparams_from_range, quantize_codes, round_ste)
+from lowbit.format.quantize import (QuantSpec, compute_qparams, dequantize_codes, expand_groups, qparams_from_range,
+                                    quantize_codes, range_groups, round_ste)
 from lowbit.ops import quantize_rows_int8
 from lowbit.passes.settings import LKDSettings
 
@@ -80,17 +80,14 @@ class RoundingLinear(torch.nn.Module):
         w = weight.detach().float().clone()                                          # [N, K]
         n, k = w.shape
         self.spec, self.group = spec, spec.group(k)
-        ng = num_groups(k, self.group)
-        pad = ng * self.group - k
-        # The ragged group is padded with its own first column, as compute_qparams does: padding never widens it.
-        wg = torch.cat([w, w[:, (ng - 1) * self.group:][:, :1].expand(n, pad)], dim=1).view(n, ng, self.group)
+        wg = range_groups(w, self.group)
         self.register_buffer("weight", w)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("wmin", wg.amin(dim=2))
         self.register_buffer("wmax", wg.amax(dim=2))
         self.v = torch.nn.Parameter(torch.zeros_like(w))
-        self.alpha = torch.nn.Parameter(torch.ones(n, ng))
-        self.beta = torch.nn.Parameter(torch.ones(n, ng))
+        self.alpha = torch.nn.Parameter(torch.ones(n, wg.shape[1]))
+        self.beta = torch.nn.Parameter(torch.ones(n, wg.shape[1]))
         self.frozen = None                              # (scale, zero, codes) once learnt
 
     def grid(self, ste: bool = True):
