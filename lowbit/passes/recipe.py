@@ -59,7 +59,9 @@ from lowbit.passes.settings import GPTQSettings, LKDSettings, Override, Scheme, 
 
 METHODS = ("fp", "rtn", "gptq")
 ATTENTION_PATTERNS = ("*.self_attn.*", "*.attn.*", "*.attention.*")
-ROUNDING = LKDSettings(learn="rounding")       # the built-in learnt-rounding settings
+# The built-in learnt-rounding settings: 100 steps on 32 sequences at 4 bits; 200 on 64 below (AutoRound's step count),
+# which takes the demo LM's w3g64 from 1.390x to 1.336x float perplexity (docs/benchmarks.md).
+ROUNDING = {4: LKDSettings(learn="rounding"), 3: LKDSettings(learn="rounding", steps=200, samples=64)}
 
 
 @dataclass(frozen=True)
@@ -224,10 +226,10 @@ def _builtin() -> dict[str, Recipe]:
             name = f"{prefix}-w{bits}g{group}"
             r[name] = Recipe(name, "gptq", Scheme(bits, group), awq=awq, rotate=True)
     # Learnt rounding (AutoRound): each block's rounding offsets and clip ranges by sign-gradient descent on its
-    # output error, 100 steps per block on 32 x 256 tokens of calibration text, then stored as learnt.
+    # output error (on 256-token sequences of calibration text), then stored as learnt.
     for bits, group in [(4, 128), (4, 64), (3, 64), (2, 64)]:
         name = f"ar-w{bits}g{group}"
-        r[name] = Recipe(name, "rtn", Scheme(bits, group), lkd=ROUNDING)
+        r[name] = Recipe(name, "rtn", Scheme(bits, group), lkd=ROUNDING[4 if bits >= 4 else 3])
     # ZeroQuant. W8A8: symmetric per-channel INT8 weights, per-token dynamic INT8 activations. Mixed:
     # symmetric INT4 for the MLP/FC matmuls, INT8 for the attention projections (by module name:
     # Llama-family self_attn, GPT-2 attn, BERT attention), groups of 32 with the MSE clipping search (on

@@ -30,12 +30,15 @@ def read_gptq_layer(t: dict, name: str, bits: int) -> torch.Tensor:
     return w.t()
 
 
-@pytest.mark.parametrize("recipe,sym", [("gptq-w4g64", False), ("rtn-w8g128", False), ("gptq-w4g64", True)])
+@pytest.mark.parametrize("recipe,sym", [("gptq-w4g64", False), ("rtn-w8g128", False), ("gptq-w4g64", True),
+                                        ("ar-w4g64", False)])
 def test_export_reads_back_bit_exactly(recipe, sym, model_dirs, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text(6000, 3))
     r = load_recipe(recipe)
     r = replace(r, scheme=replace(r.scheme, sym=sym, group_size=64, min_zero=1))   # min_zero=1: what hf-gptq asks for
+    if r.lkd is not None:               # learnt rounding: its codes, learnt on the grid hf-gptq can store
+        r = replace(r, lkd=replace(r.lkd, steps=20, samples=8, seq_len=48))
     kw = dict(calib=CalibrationArgs(str(calib), 8, 48), quiet=True)
     # fuse=False: the torch artifact keeps one tensor per layer, to compare layer by layer.
     ours = lowbit.compile(str(model_dirs["llama"]), r, out=tmp_path / "torch", fuse=False, **kw)
