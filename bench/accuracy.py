@@ -4,6 +4,7 @@
     python -m bench.accuracy --set zeroquant      # only the ZeroQuant rows (LM and encoder)
     python -m bench.accuracy --set awq            # RTN, AWQ, GPTQ and AWQ + GPTQ at w4g128, w4g64, w3g64, w2g64
     python -m bench.accuracy --set rotate         # rotations, then GPTQ (and AWQ + GPTQ), at the same formats
+    python -m bench.accuracy --set rounding       # RTN and learnt rounding ("ar-") at the same formats
     python -m bench.accuracy --set budget         # size-budget plans: RECIPE@BITS, e.g. gptq-w4g64@3.5
     python -m bench.accuracy --recipes rtn-w4g64 --max-windows 40 --json out/acc.json
 
@@ -13,10 +14,10 @@ size of the quantized layers and of the whole weights file. The FP row uses the 
 residual stream and values first; "RECIPE@BITS" rows plan each layer's format within BITS stored bits per weight
 (``--budget-bits``). Their quantize time includes the scaling, rotation and planning.
 GPTQ rows calibrate on --calib-samples random 512-token windows of calib.txt (seed 0); "-noact" is the
-paper's column order, "-mse" adds the clipping search for scales. ZeroQuant "-lkd" rows distil with the
-recipe's defaults on calib.txt; their LKD time is its own column. Encoder rows compile the demo encoder
-(MiniLM-L6) and report the mean cosine similarity of mean-pooled sentence embeddings to the float encoder
-over --sentences sentences of eval.txt.
+paper's column order, "-mse" adds the clipping search for scales. ZeroQuant "-lkd" rows distil, and "ar-" rows
+learn their rounding, with the recipe's defaults on calib.txt; their LKD time is its own column. Encoder rows
+compile the demo encoder (MiniLM-L6) and report the mean cosine similarity of mean-pooled sentence embeddings to
+the float encoder over --sentences sentences of eval.txt.
 """
 
 from __future__ import annotations

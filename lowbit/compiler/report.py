@@ -116,7 +116,8 @@ def write_report(path: Path, body: dict, graph) -> None:
         o = body["lkd"]["options"]
         learnt = ("Adam steps on the weights" if o.get("learn", "weights") == "weights"
                   else "sign-gradient steps on the rounding")
-        lines += ["", f"## LKD: {o['steps']} {learnt} per block, lr {body['lkd'].get('lr_used', o['lr']):g}, batch {o['batch']}, {o['samples']} x "
+        lr = body["lkd"].get("lr_used", o["lr"])
+        lines += ["", f"## LKD: {o['steps']} {learnt} per block, lr {lr:g}, batch {o['batch']}, {o['samples']} x "
                       f"{o['seq_len']} tokens of {o['data']} data, student on {o.get('inputs', 'float')} inputs, "
                       f"{o.get('loss', 'mse')} loss ({body['lkd']['seconds']:.1f}s)", "",
                   "| block | loss before | loss after | kept | time |", "|---|---|---|---|---|"]

@@ -59,8 +59,8 @@ from lowbit.passes.settings import GPTQSettings, LKDSettings, Override, Scheme, 
 
 METHODS = ("fp", "rtn", "gptq")
 ATTENTION_PATTERNS = ("*.self_attn.*", "*.attn.*", "*.attention.*")
-# The built-in learnt-rounding settings: 100 steps on 32 sequences at 4 bits; 200 on 64 below (AutoRound's step count),
-# which takes the demo LM's w3g64 from 1.390x to 1.336x float perplexity (docs/benchmarks.md).
+# The built-in learnt-rounding settings: 100 steps on 32 sequences at 4 bits; 200 on 64 below (AutoRound's step
+# count), which takes the demo LM's w3g64 from 1.390x to 1.336x float perplexity (docs/benchmarks.md).
 ROUNDING = {4: LKDSettings(learn="rounding"), 3: LKDSettings(learn="rounding", steps=200, samples=64)}
 
 
@@ -84,8 +84,8 @@ class Recipe:
                 raise LowbitError(f"recipe '{self.name}': {key} and lkd do not combine yet (LKD learns on the "
                                   f"transformers model's blocks, which the {key} rewrite of the graph leaves as they "
                                   "were); use one of them")
-        if isinstance(self.lkd, LKDSettings) and self.lkd.learn == "rounding" and (self.method != "rtn"
-                                                                                 or self.scheme.mse):
+        learns_rounding = isinstance(self.lkd, LKDSettings) and self.lkd.learn == "rounding"
+        if learns_rounding and (self.method != "rtn" or self.scheme.mse):
             raise LowbitError(f"recipe '{self.name}': lkd_learn = \"rounding\" learns each weight's rounding and each "
                               "group's clip range, which the weight pass then stores as learnt: use method = \"rtn\" "
                               "and mse = false")

@@ -122,7 +122,8 @@ class LKDSettings:
     keys, the command line as ``--lkd-*`` flags, ``lowbit.compile`` as ``lkd={...}`` (field names)."""
     steps: int = option(100, "LKD: optimizer steps per block", "--lkd-steps", "lkd_steps", metavar="N")
     lr: float = option(0.0, "LKD: learning rate; 0 picks 1e-4 for learn=weights (Adam) and 1/steps for "
-                       "learn=rounding (the first sign-gradient step, in grid steps)", "--lkd-lr", "lkd_lr", metavar="LR")
+                       "learn=rounding (the first sign-gradient step, in grid steps)", "--lkd-lr", "lkd_lr",
+                       metavar="LR")
     batch: int = option(4, "LKD: sequences per step", "--lkd-batch", "lkd_batch", metavar="N")
     data: str = option("calib", "LKD data: calib (the --calib text) or random token ids", "--lkd-data", "lkd_data",
                        metavar="SOURCE")
