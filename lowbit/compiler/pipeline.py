@@ -55,16 +55,13 @@ def lkd_settings(recipe, lkd):
     if not recipe.quantizes:
         raise LowbitError(f"LKD needs quantized weights; recipe '{recipe.name}' keeps the model float")
     if isinstance(lkd, LKDSettings) or not lkd:
-        settings = lkd or recipe.lkd
-    else:
-        types = field_types(LKDSettings)
-        unknown = sorted(set(lkd) - set(types))
-        if unknown:
-            raise LowbitError(f"unknown LKD setting '{unknown[0]}'; valid: {', '.join(types)}")
-        check_types("LKD settings", lkd, types)
-        settings = replace(recipe.lkd, **lkd)
-    replace(recipe, lkd=settings)           # the recipe's own checks, on the settings this compile runs
-    return settings
+        return lkd or recipe.lkd
+    types = field_types(LKDSettings)
+    unknown = sorted(set(lkd) - set(types))
+    if unknown:
+        raise LowbitError(f"unknown LKD setting '{unknown[0]}'; valid: {', '.join(types)}")
+    check_types("LKD settings", lkd, types)
+    return replace(recipe.lkd, **lkd)
 
 
 def check_groups(graph, recipe):
@@ -233,7 +230,9 @@ def _read_inputs(job: _Job, lkd, eval_text, eval_windows: int, eval_seq_len: int
     inputs = _Inputs(resolve_model_path(job.model))
     config = read_config(inputs.model_path)
     inputs.lkd = lkd_settings(recipe, lkd)
-    if inputs.lkd is not None:          # the manifest and a budget's plan.toml record the settings this compile ran
+    if inputs.lkd is not None:
+        # The recipe's own checks run on the settings this compile runs (--lkd-learn rounding on a GPTQ recipe is
+        # refused here), and the manifest and a budget's plan.toml record them.
         job.recipe = replace(recipe, lkd=inputs.lkd)
     needs_text = recipe.needs_calibration or (inputs.lkd is not None and inputs.lkd.data == "calib")
     calib_text = read_text(job.calib.text, "calib") if needs_text else None

@@ -101,11 +101,11 @@ class RoundingLinear(torch.nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         if self.frozen is not None:
-            return dequantize_codes(self.frozen[2], self.frozen[0], self.frozen[1], self.group)
-        scale, zero = self.grid()
-        q = self.codes(scale, zero, round_ste)
-        k = self.weight.shape[1]
-        return (q - expand_groups(zero, k, self.group)) * expand_groups(scale, k, self.group)
+            scale, zero, q = self.frozen
+        else:
+            scale, zero = self.grid()
+            q = self.codes(scale, zero, round_ste)
+        return dequantize_codes(q, scale, zero, self.group)
 
     @torch.no_grad()
     def clamp_(self) -> None:
