@@ -48,20 +48,64 @@ def _lkd_flags(a) -> dict:
 
 def _cmd_run(a) -> int:
     import lowbit
-    from lowbit.runtime.sampling import check_sampling
+    from lowbit.errors import LowbitError
+    from lowbit.runtime.sampling import GenerationSettings
 
-    check_sampling(a.max_new_tokens, a.sample, a.temperature, a.top_k, a.top_p)      # before the model loads
+    if a.json and a.stream:
+        raise LowbitError("--json prints whole completions; drop --stream (or --json)")
+    if not a.prompt and not a.chat:
+        raise LowbitError("give a prompt with --prompt (-p), or --chat to chat on stdin")
+    settings = GenerationSettings(                     # its ranges checked before the model loads
+        max_new_tokens=a.max_new_tokens if a.max_new_tokens is not None else 256 if a.chat else 32, do_sample=a.sample,
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty, seed=a.seed, stop=tuple(a.stop or ()))
     # lowbit.load, not Engine.load: without torch an ONNX artifact still runs (runtime/lite.py).
     eng = lowbit.load(a.artifact, backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype,
                       kernels=a.kernels, verify=a.verify_key or True)
-    texts = eng.generate(a.prompt, max_new_tokens=a.max_new_tokens, do_sample=a.sample, temperature=a.temperature,
-                         top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    kw = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
+    if a.chat:
+        return _chat(eng, a, kw)
+    if a.stream:
+        for prompt in a.prompt:
+            print(prompt, end="", flush=True)
+            eng.generate(prompt, callback=lambda piece: print(piece, end="", flush=True), **kw)
+            print()
+        return 0
+    texts = eng.generate(a.prompt, **kw)
     for prompt, text in zip(a.prompt, texts):
         if a.json:
             print(json.dumps({"prompt": prompt, "completion": text}))
         else:
             print(f"{prompt}{text}")
     return 0
+
+
+def _chat(eng, a, kw: dict) -> int:
+    """``lowbit run --chat``: each --prompt as a one-turn conversation, or without one, a conversation on stdin (a
+    line per turn, the history kept)."""
+    eng.chat_template()                                 # refused now, before any input is read, when it has none
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    show = (lambda piece: print(piece, end="", flush=True)) if a.stream else None
+    if a.prompt:
+        for prompt in a.prompt:
+            reply = eng.chat(system + [{"role": "user", "content": prompt}], callback=show, **kw)["content"]
+            print(json.dumps({"prompt": prompt, "reply": reply}) if a.json else "" if a.stream else reply)
+        return 0
+    history = list(system)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        reply = eng.chat(history, callback=show, **kw)["content"]
+        history.append({"role": "assistant", "content": reply})
+        print(json.dumps({"reply": reply}) if a.json else "" if a.stream else reply, flush=True)
 
 
 def _cmd_eval(a) -> int:
@@ -301,13 +345,26 @@ def _add_run(sub) -> None:
     """lowbit run."""
     r = sub.add_parser("run", help="generate text with an artifact")
     r.add_argument("artifact")
-    r.add_argument("--prompt", "-p", action="append", required=True, help="prompt text; repeat for a batch")
-    # Ranges: runtime.sampling.check_sampling (in _cmd_run), the one definition the library shares.
-    r.add_argument("--max-new-tokens", "-n", type=int, default=32, help="tokens to generate, >= 1 (default 32)")
+    r.add_argument("--prompt", "-p", action="append", help="prompt text; repeat for a batch")
+    r.add_argument("--chat", action="store_true", help="chat with the model's own chat template: each --prompt is "
+                   "a user's message, or without --prompt a conversation on stdin, a line per turn")
+    r.add_argument("--system", default=None, help="with --chat: the system message")
+    r.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    # Ranges: runtime.sampling.GenerationSettings (in _cmd_run), the one definition the library shares.
+    r.add_argument("--max-new-tokens", "-n", type=int, default=None,
+                   help="tokens to generate, >= 1 (default 32; with --chat 256)")
     r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     r.add_argument("--temperature", type=float, default=1.0, help="> 0 with --sample (default 1)")
     r.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0 (default): all")
     r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, 0 < p <= 1; 1 (default): off")
+    r.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min_p x the likeliest's probability, 0 <= p <= 1; 0 (default): off")
+    r.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output; 1 (default): off")
+    r.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, per token already generated")
+    r.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, per occurrence generated")
+    r.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the text before this string; repeat for several")
     r.add_argument("--seed", action=_SEED, default=None)
     r.add_argument("--backend", default="auto", help="auto (ort for onnx artifacts, tensorrt for tensorrt ones) | torch | ort | "
                    "tensorrt")

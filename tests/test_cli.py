@@ -206,6 +206,12 @@ def test_out_of_range_flags_are_refused_while_parsing(args, needle, tmp_path, ca
     (["--top-p", "2"], "top_p (--top-p) must be a number in 0 < top_p <= 1"),
     (["--top-p", "0", "--sample"], "top_p (--top-p) must be a number in 0 < top_p <= 1"),
     (["--top-k", "-5"], "top_k (--top-k) must be an integer at least 0"),
+    (["--min-p", "1.5"], "min_p (--min-p) must be a number in 0 <= min_p <= 1"),
+    (["--repetition-penalty", "0"], "repetition_penalty (--repetition-penalty) must be a number > 0"),
+    (["--presence-penalty", "-3"], "presence_penalty (--presence-penalty) must be a number in -2"),
+    (["--frequency-penalty", "inf"], "frequency_penalty (--frequency-penalty) must be a number in -2"),
+    (["--stop", ""], "stop (--stop) must be at most 16 non-empty strings"),
+    (["--stream", "--json"], "--json prints whole completions; drop --stream"),
 ])
 def test_run_sampling_ranges_are_checked_before_loading(args, needle, tmp_path, capsys):
     # A missing artifact: the range error comes first, so no backend (torch or ONNX Runtime) is ever reached.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
@@ -11,22 +11,25 @@ from lowbit.format import artifact
 from lowbit.format.signing import open_manifest
 from lowbit import targets
 from lowbit.errors import LowbitError
-from lowbit.runtime import generation
 from lowbit.format.program import mask_positions
+from lowbit.runtime.sampling import GenerationSettings
+from lowbit.runtime.text import TextGeneration
 from lowbit.runtime.tokenizer_files import tokenizer_file
 
 
-class Engine:
-    """A loaded artifact. ``Engine.load(dir)``; then ``forward``, ``generate`` or ``embed``.
+class Engine(TextGeneration):
+    """A loaded artifact. ``Engine.load(dir)``; then ``forward``, ``generate``, ``stream``, ``chat`` or ``embed``.
 
     The backend is a runner with ``full(ids, mask)`` (logits or hidden states of whole sequences),
     ``start(batch, capacity)`` (an empty KV cache for up to ``capacity`` positions) and ``step(ids, mask, positions, cache)`` (logits, cache).
     """
 
-    def __init__(self, path: Path, manifest: dict, runner, tokenizer, backend: str, generation: dict):
+    def __init__(self, path: Path, manifest: dict, runner, tokenizer, backend: str, generation: dict,
+                 tokenizer_folder: Optional[Path] = None):
         self.path, self.manifest, self.runner, self.tokenizer, self.backend = path, manifest, runner, tokenizer, backend
         self.task = manifest["source"]["task"]
         self.max_positions = int(generation["max_positions"])
+        self._text = HFText(tokenizer, tokenizer_folder) if tokenizer is not None else None
         self._eos = list(generation.get("eos_token_ids") or []) or (
             [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else [])
 
@@ -54,8 +57,8 @@ class Engine:
                                                explicit_dtype=explicit_dtype, provider=provider, threads=threads,
                                                kernels=kernels)
         generation = artifact.generation_info(path, manifest)
-        tokenizer = load_tokenizer(artifact.listed_folder(path, manifest, "tokenizer"))
-        return cls(path, manifest, runner, tokenizer, backend, generation)
+        folder = artifact.listed_folder(path, manifest, "tokenizer")
+        return cls(path, manifest, runner, load_tokenizer(folder), backend, generation, folder)
 
     # ---- forward ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -75,42 +78,24 @@ class Engine:
 
     __call__ = forward
 
-    # ---- generation ------------------------------------------------------------------------
+    # ---- generation (text: runtime.text.TextGeneration) --------------------------------------
+    def _step_np(self, ids, mask, positions, cache):
+        logits, cache = self.runner.step(*(torch.from_numpy(a) for a in (ids, mask, positions)), cache)
+        # The next token is picked on the CPU whatever the device: the last position's logits only.
+        return logits[:, -1, :].float().cpu().numpy(), cache
+
     @torch.inference_mode()
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 32,
-                     do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: Optional[int] = None, stop_at_eos: bool = True) -> torch.Tensor:
+                     **settings) -> torch.Tensor:
         """Token ids [B, T + new] from left-padded ids; one prefill, then one cached step per token
-        (``runtime.generation``, the loop and sampler every backend shares: the same seed, the same tokens)."""
-        if self.task != "causal-lm":
-            raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
+        (``runtime.generation``, the loop and sampler every backend shares: the same seed, the same tokens).
+        Settings: ``runtime.sampling.GenerationSettings``."""
+        s = GenerationSettings.of(max_new_tokens=max_new_tokens, **settings)
+        return torch.from_numpy(self._generate_np(input_ids.cpu().numpy(), attention_mask.cpu().numpy(), s))
 
-        def step(ids, mask, positions, cache):
-            logits, cache = self.runner.step(*(torch.from_numpy(a) for a in (ids, mask, positions)), cache)
-            # The next token is picked on the CPU whatever the device: the last position's logits only.
-            return logits[:, -1, :].float().cpu().numpy(), cache
-
-        out = generation.generate(step, self.runner.start, input_ids.cpu().numpy(), attention_mask.cpu().numpy(),
-                                  max_new_tokens, self.max_positions, self._eos, do_sample, temperature, top_k, top_p,
-                                  seed, stop_at_eos)
-        return torch.from_numpy(out)
-
-    def generate(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 32, **kw) -> Union[str, list[str]]:
-        """Text continuations (only the new text) for one prompt or a batch of prompts."""
-        single = isinstance(prompts, str)
-        batch = [prompts] if single else list(prompts)
-        if self.tokenizer is None:
-            raise LowbitError(f"artifact '{self.path}' has no tokenizer; use generate_ids() with token ids")
-        tok = self.tokenizer
-        tok.padding_side = "left"
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        enc = tok(batch, return_tensors="pt", padding=True)
-        if enc["input_ids"].shape[1] == 0:
-            raise LowbitError("empty prompt; give some text to continue")
-        ids = self.generate_ids(enc["input_ids"], enc["attention_mask"], max_new_tokens, **kw)
-        texts = tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        return texts[0] if single else texts
+    @torch.inference_mode()
+    def events(self, prompts, settings, add_special_tokens=True):
+        yield from super().events(prompts, settings, add_special_tokens)
 
     # ---- encoders --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -129,6 +114,21 @@ class Engine:
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+class HFText:
+    """A transformers tokenizer as ``TextGeneration`` uses it."""
+
+    def __init__(self, tok, folder: Path):
+        self.tok, self.folder = tok, folder
+        ids = (tok.pad_token_id, tok.eos_token_id, 0)
+        self.pad_id = next(i for i in ids if i is not None)
+
+    def encode(self, texts: list, add_special_tokens: bool = True) -> list[list[int]]:
+        return [list(r) for r in self.tok(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+
+    def decode(self, ids: list) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
 
 
 def load_tokenizer(path: Path):

@@ -1,7 +1,8 @@
 """The embeddable runtime without torch: an ONNX artifact run by ONNX Runtime with numpy and the ``tokenizers``
-library only (``pip install --no-deps lowbit`` + ``pip install onnxruntime numpy tokenizers``, the
-``lowbit[runtime]`` set). ``lowbit.load(art, backend="ort")`` returns a ``LiteEngine`` where torch is not
-installed; it has the Engine's ``forward``, ``generate_ids``, ``generate`` and ``embed`` on numpy arrays.
+library only (``pip install --no-deps lowbit`` + ``pip install onnxruntime numpy tokenizers jinja2``, the
+``lowbit[runtime]`` set; jinja2 for chat templates only). ``lowbit.load(art, backend="ort")`` returns a
+``LiteEngine`` where torch is not installed; it has the Engine's ``forward``, ``generate_ids``, ``generate``,
+``stream``, ``chat`` and ``embed``, on numpy arrays.
 
 Generation is the Engine's own loop and sampler (``runtime.generation``): the same seed gives the same tokens.
 """
@@ -9,26 +10,29 @@ Generation is the Engine's own loop and sampler (``runtime.generation``): the sa
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.runtime import generation
 from lowbit.format import artifact
 from lowbit.format.signing import open_manifest
+from lowbit.runtime.generation import pad_rows
 from lowbit.runtime.ort_session import OrtSession
+from lowbit.runtime.sampling import GenerationSettings
+from lowbit.runtime.text import TextGeneration
 
 
-class LiteEngine:
-    """A loaded ONNX artifact without torch: ``LiteEngine.load(dir)``; then ``forward``, ``generate``, ``embed``."""
+class LiteEngine(TextGeneration):
+    """A loaded ONNX artifact without torch: ``LiteEngine.load(dir)``; then ``forward``, ``generate``, ``stream``,
+    ``chat``, ``embed``."""
 
     def __init__(self, path: Path, manifest: dict, session: OrtSession):
         self.path, self.manifest, self.runner, self.backend = path, manifest, session, "ort"
         self.task = manifest["source"]["task"]
         generation = artifact.generation_info(path, manifest)
         self.max_positions = int(generation["max_positions"])
-        self.tokenizer = LiteTokenizer.load(artifact.listed_folder(path, manifest, "tokenizer"))
+        self.tokenizer = self._text = LiteTokenizer.load(artifact.listed_folder(path, manifest, "tokenizer"))
         self._eos = list(generation.get("eos_token_ids") or []) or (
             [self.tokenizer.eos_id] if self.tokenizer is not None and self.tokenizer.eos_id is not None else [])
 
@@ -46,33 +50,16 @@ class LiteEngine:
 
     __call__ = forward
 
+    def _step_np(self, ids, mask, positions, cache):
+        logits, cache = self.runner.step_np(ids, mask, positions, cache)
+        return logits[:, -1, :], cache
+
     def generate_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int = 32,
-                     do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                     seed: Optional[int] = None, stop_at_eos: bool = True) -> np.ndarray:
-        """Token ids [B, T + new] from left-padded ids (``runtime.generation``: the Engine's loop and sampler)."""
-        if self.task != "causal-lm":
-            raise LowbitError("generate needs a causal LM artifact; this one is an encoder")
-
-        def step(ids, mask, positions, cache):
-            logits, cache = self.runner.step_np(ids, mask, positions, cache)
-            return logits[:, -1, :], cache
-
-        return generation.generate(step, self.runner.start, input_ids, attention_mask, max_new_tokens,
-                                   self.max_positions, self._eos, do_sample, temperature, top_k, top_p, seed,
-                                   stop_at_eos)
-
-    def generate(self, prompts: Union[str, Sequence[str]], max_new_tokens: int = 32, **kw) -> Union[str, list[str]]:
-        """Text continuations (only the new text) for one prompt or a batch of prompts."""
-        single = isinstance(prompts, str)
-        batch = [prompts] if single else list(prompts)
-        if self.tokenizer is None:
-            raise LowbitError(f"artifact '{self.path}' has no tokenizer.json; use generate_ids() with token ids")
-        ids, mask = self.tokenizer.encode_batch(batch)
-        if ids.shape[1] == 0:
-            raise LowbitError("empty prompt; give some text to continue")
-        out = self.generate_ids(ids, mask, max_new_tokens, **kw)
-        texts = self.tokenizer.decode_batch(out[:, ids.shape[1]:])
-        return texts[0] if single else texts
+                     **settings) -> np.ndarray:
+        """Token ids [B, T + new] from left-padded ids (``runtime.generation``: the Engine's loop and sampler).
+        Settings: ``runtime.sampling.GenerationSettings``."""
+        s = GenerationSettings.of(max_new_tokens=max_new_tokens, **settings)
+        return self._generate_np(np.asarray(input_ids, np.int64), np.asarray(attention_mask, np.int64), s)
 
     def embed(self, sentences: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Mean-pooled sentence embeddings [S, H] (encoders)."""
@@ -91,8 +78,8 @@ class LiteTokenizer:
     """The artifact's ``tokenizer.json`` through the ``tokenizers`` library, with the special tokens of its
     ``tokenizer_config.json``: what the Engine's transformers tokenizer computes for encoding and decoding."""
 
-    def __init__(self, tok, config: dict):
-        self.tok = tok
+    def __init__(self, tok, config: dict, folder: Path):
+        self.tok, self.folder = tok, folder
         self.eos_id = self._id(config.get("eos_token"))
         pad = self._id(config.get("pad_token"))
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
@@ -112,22 +99,21 @@ class LiteTokenizer:
             return None
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(file)), tokenizer_config(folder))
+        return cls(Tokenizer.from_file(str(file)), tokenizer_config(folder), folder)
+
+    def encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def encode_batch(self, texts: list[str], side: str = "left") -> tuple[np.ndarray, np.ndarray]:
         """(ids, attention mask) [B, T], padded on ``side`` to the longest text."""
-        enc = [self.tok.encode(t) for t in texts]
-        width = max(len(e.ids) for e in enc)
-        ids = np.full((len(enc), width), self.pad_id, np.int64)
-        mask = np.zeros((len(enc), width), np.int64)
-        for row, e in enumerate(enc):
-            span = slice(width - len(e.ids), width) if side == "left" else slice(0, len(e.ids))
-            ids[row, span], mask[row, span] = e.ids, 1
-        return ids, mask
+        return pad_rows(self.encode(texts), self.pad_id, side)
+
+    def decode(self, ids: list) -> str:
+        text = self.tok.decode(list(map(int, ids)), skip_special_tokens=True)
+        return _clean_up(text) if self.clean_up else text
 
     def decode_batch(self, ids: np.ndarray) -> list[str]:
-        texts = self.tok.decode_batch([list(map(int, row)) for row in ids], skip_special_tokens=True)
-        return [_clean_up(t) for t in texts] if self.clean_up else texts
+        return [self.decode(row) for row in ids]
 
 
 def _clean_up(text: str) -> str:
