@@ -85,7 +85,11 @@ class OrtSession:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.task = manifest["source"]["task"]
         # GroupQueryAttention decides per call: past and present in one buffer means write in place.
-        self.in_place_cache = bool(self.kv) and info.get("fusions", {}).get("GroupQueryAttention") == self.kv["layers"]
+        fused = info.get("fusions", {}).get("GroupQueryAttention") or 0
+        self.in_place_cache = bool(self.kv) and fused == self.kv["layers"]
+        # GroupQueryAttention rotates by cache slot: moving rows' cache to other slots needs their keys rotated.
+        self.slot_rotary = _slot_rotary(info) if fused else None
+        self.slot_rotary_missing = bool(fused) and (self.slot_rotary is None or not self.in_place_cache)
 
     def new_session(self, providers: list, profile_prefix: Optional[str] = None,
                     optimized_model: Optional[str] = None):
@@ -176,6 +180,34 @@ class OrtSession:
         outs = self._run(feeds)
         return outs[0].numpy().astype(np.float32, copy=False), outs[1:]
 
+    # ---- continuous batching (runtime.batcher) --------------------------------------------------
+    def cache_rows(self, cache: list, rows: list[int], left: int = 0) -> list:
+        """The cache of ``rows``, with ``left`` empty slots added at the front (``left`` < 0: dropped). Keys in a
+        graph that rotates by slot are rotated by the move, so every row keeps its positions."""
+        import onnxruntime as ort
+
+        if left and self.slot_rotary_missing:
+            raise LowbitError("this artifact's GroupQueryAttention rotates by cache slot and its manifest does not "
+                              "record the rotation; recompile it with --target onnx to batch requests continuously")
+        out = []
+        for i, value in enumerate(cache):
+            a = value.numpy()[rows] if isinstance(value, ort.OrtValue) else np.asarray(value)[rows]
+            if left > 0:
+                a = np.pad(a, ((0, 0), (0, 0), (left, 0), (0, 0)))
+            elif left < 0:
+                a = a[:, :, -left:]
+            if left and self.slot_rotary is not None and i % 2 == 0:
+                a = rotate_slots(a, left, self.slot_rotary)
+            out.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0))
+        return out
+
+    def cache_concat(self, caches: list) -> list:
+        """Caches of the same width, one after another along the batch."""
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.concatenate([v.numpy() for v in values]), self.device, 0)
+                for values in zip(*caches)]
+
     def full_np(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits of a causal LM over whole sequences (empty cache), or an encoder's last hidden state."""
         if self.task == "encoder":
@@ -184,3 +216,27 @@ class OrtSession:
                               "attention_mask": attention_mask.astype(np.int64)})[0].numpy().astype(np.float32, copy=False)
         return self.step_np(input_ids, attention_mask, mask_positions(attention_mask),
                             self.start(input_ids.shape[0]))[0]
+
+
+def _slot_rotary(info: dict):
+    """The manifest's ``slot_rotary`` (GroupQueryAttention's inv_freq) as float32, or None when absent or
+    malformed."""
+    inv = info.get("slot_rotary")
+    if not (isinstance(inv, list) and 0 < len(inv) <= 4096 and all(isinstance(f, float) for f in inv)):
+        return None
+    inv = np.asarray(inv, np.float32)
+    return inv if np.isfinite(inv).all() else None
+
+
+def rotate_slots(keys: np.ndarray, shift: int, inv_freq: np.ndarray) -> np.ndarray:
+    """Keys [B, H, T, D] rotated by ``shift`` slots (the half-split rotary of the first 2 x len(inv_freq) dims, as
+    GroupQueryAttention applies it): R(s + shift) = R(shift) R(s)."""
+    half = len(inv_freq)
+    angle = np.float64(shift) * inv_freq.astype(np.float64)
+    cos, sin = np.cos(angle), np.sin(angle)
+    x = keys.astype(np.float64)
+    a, b = x[..., :half], x[..., half:2 * half]
+    out = x.copy()
+    out[..., :half] = a * cos - b * sin
+    out[..., half:2 * half] = b * cos + a * sin
+    return out.astype(keys.dtype)

@@ -90,6 +90,24 @@ class TorchRunner:
         out = self._run(input_ids, attention_mask, position_ids, *cache)
         return out[0], list(out[1:])
 
+    # ---- continuous batching (runtime.batcher): positions come from the mask, so rows may move slots -------
+    def cache_rows(self, cache: list, rows: list[int], left: int = 0) -> list:
+        """The cache of ``rows``, with ``left`` empty slots added at the front (``left`` < 0: dropped)."""
+        index = torch.tensor(rows, device=self.device)
+        out = []
+        for t in cache:
+            t = t.index_select(0, index)
+            if left > 0:
+                t = torch.nn.functional.pad(t, (0, 0, left, 0))
+            elif left < 0:
+                t = t[:, :, -left:].contiguous()
+            out.append(t)
+        return out
+
+    def cache_concat(self, caches: list) -> list:
+        """Caches of the same width, one after another along the batch."""
+        return [torch.cat(ts) for ts in zip(*caches)]
+
     @torch.no_grad()
     def full(self, input_ids, attention_mask=None):
         if attention_mask is None:

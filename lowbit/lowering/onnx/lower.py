@@ -277,10 +277,12 @@ def export_onnx(gm: torch.fx.GraphModule, program: dict, vocab: int, dest: Path,
             missed["GroupQueryAttention"] = ("the model's attention mask is more than causal + padding (a sliding "
                                              "window or chunked attention)")
     export_s = time.perf_counter() - t0
+    inv_freq = model.graph.meta.get("gqa_inv_freq") if fused.get("GroupQueryAttention") else None
+    rotary = {"slot_rotary": [float(f) for f in inv_freq]} if inv_freq is not None else {}
     external = save_onnx(model, dest)
     return {"file": str(dest.name), "opset": OPSET, "exporter": used, **({"exporter_note": note} if note else {}),
             "export_seconds": round(export_s, 2), "external_data": external, "inputs": inputs, "outputs": outputs,
-            "kv_cache": kv_info, "fusions": fused, **({"fusions_missed": missed} if missed else {}),
+            "kv_cache": kv_info, "fusions": fused, **({"fusions_missed": missed} if missed else {}), **rotary,
             **check_and_describe(dest)}
 
 

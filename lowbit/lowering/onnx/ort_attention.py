@@ -22,7 +22,9 @@ packed Q/K/V matmul's output when there is one), the past cache, and inputs deri
 Positions are the cache slot: GroupQueryAttention rotates the first prompt by slot and decodes at slot T-1,
 ignoring ``position_ids``. A left-padded row is then rotated ``pad`` positions further than transformers rotates
 it, for its queries and keys alike; rotary attention depends only on the distance between the two, so the result
-is the same (to float32 rounding). ``position_ids`` stays an input of the graph, unused.
+is the same (to float32 rounding). ``position_ids`` stays an input of the graph, unused. A runtime that moves a
+row's cache to other slots (continuous batching) rotates its keys by the move: the manifest records the one
+``inv_freq`` every layer shares as ``slot_rotary``.
 
 The caller gates the rule on the model (``plain_causal``): the mask must be causal plus padding, nothing else
 (no sliding window, no chunked attention), since GroupQueryAttention rebuilds that mask from the lengths instead
@@ -260,6 +262,7 @@ def fuse_group_query_attention(model, kv_heads: list[int], max_positions: int) -
             caches[key] = (const(f"cos_cache{len(caches)}", np.cos(angles).astype(np.float32)),
                            const(f"sin_cache{len(caches)}", np.sin(angles).astype(np.float32)))
         cos, sin = caches[key]
+        graph.meta["gqa_inv_freq"] = a.inv_freq if len(caches) == 1 else None
         packed = _packed(a)
         qkv = [packed, None, None] if packed is not None else [a.q, a.k, a.v]
         gqa = ir.Node(CONTRIB, "GroupQueryAttention",

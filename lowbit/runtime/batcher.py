@@ -1,0 +1,208 @@
+"""Continuous batching: requests join and leave one running batch between decode steps, each with its own
+settings, random stream, text and KV cache rows (``runtime.generation.Sequence``), on any engine.
+
+One thread (``Batcher.start``) owns the engine and runs the loop:
+
+1. waiting requests (up to ``max_batch`` running in all) are prefilled together, left-padded among themselves, and
+   pick their first token;
+2. their cache joins the running batch's: the narrower of the two is padded on the left (mask 0) to the wider;
+3. one decode step for every running row, each row picking its next token from its own logits;
+4. finished and cancelled rows leave: their cache rows are dropped, then the leading columns no row needs.
+
+The runner gives ``start``/``step`` (as for ``runtime.generation``) and two cache operations:
+``cache_rows(cache, rows, left)`` (keep ``rows``, then pad ``left`` > 0 empty slots at the front or drop
+-``left``) and ``cache_concat(caches)`` (along the batch). Rows keep their positions through both: positions come
+from the mask, and a graph that rotates by cache slot instead (ONNX Runtime's GroupQueryAttention) has its keys
+rotated by the shift (``ort_session``). Requests see their text through a queue; the caller's thread never
+touches the engine.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from typing import Optional
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+from lowbit.runtime.generation import Sequence, check_context, mask_positions, pad_rows
+from lowbit.runtime.sampling import GenerationSettings
+
+DONE = object()
+
+
+class Request:
+    """One prompt's place in the batcher: iterate it for ``(text, finish reason or None)`` events as they come,
+    or ``result()`` for the whole text; ``cancel()`` frees its row at the next step."""
+
+    def __init__(self, seq: Sequence):
+        self.seq = seq
+        self.events: "queue.Queue" = queue.Queue()
+        self.cancelled = threading.Event()
+        self.error: Optional[BaseException] = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.seq.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.seq.tokens)
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.seq.finish_reason
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self):
+        while True:
+            item = self.events.get()
+            if item is DONE:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def result(self) -> str:
+        return "".join(text for text, _ in self)
+
+
+class Batcher:
+    """``Batcher(engine, max_batch)``; ``start()``; ``submit(prompt ids, settings)`` from any thread; ``close()``."""
+
+    def __init__(self, engine, max_batch: int = 16):
+        if engine.task != "causal-lm":
+            raise LowbitError("serving needs a causal LM artifact; this one is an encoder")
+        if not (isinstance(max_batch, int) and max_batch >= 1):
+            raise LowbitError(f"max_batch must be an integer at least 1, got {max_batch!r}")
+        for op in ("cache_rows", "cache_concat"):
+            if not hasattr(engine.runner, op):
+                raise LowbitError(f"the {engine.backend} backend cannot batch requests continuously (no {op}); "
+                                  "use --backend torch or ort")
+        self.engine, self.runner, self.max_batch = engine, engine.runner, max_batch
+        self.pad = int(engine._eos[0]) if engine._eos else 0
+        self.decode = engine._text.decode if engine._text is not None else None
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.cache, self.mask, self.logits = None, np.zeros((0, 0), np.int64), None
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread: Optional[threading.Thread] = None
+        self.steps = 0                              # decode steps run, for tests and statistics
+
+    # ---- the caller's side -------------------------------------------------------------------
+    def submit(self, prompt: list[int], settings: GenerationSettings, index: int = 0) -> Request:
+        """Queue one prompt (token ids); refused at once when it cannot run (empty, longer than the context)."""
+        if not prompt:
+            raise LowbitError("empty prompt; give some text to continue")
+        check_context(len(prompt), settings.max_new_tokens, self.engine.max_positions)
+        req = Request(Sequence(prompt, settings, self.engine._eos, index, self.decode))
+        with self.cond:
+            if self.closed:
+                raise LowbitError("the batcher is shut down")
+            self.waiting.append(req)
+            self.cond.notify()
+        return req
+
+    def start(self) -> "Batcher":
+        self.thread = threading.Thread(target=self._loop, name="lowbit-batcher", daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, finish the running ones, then stop the loop."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting and not self.running and not self.closed:
+                    self.cond.wait()
+                if self.closed and not self.running and not self.waiting:
+                    return
+                joining = []
+                while self.waiting and len(self.running) + len(joining) < self.max_batch:
+                    joining.append(self.waiting.popleft())
+            try:
+                self.step(joining)
+            except Exception as e:  # noqa: BLE001  (every request hears of it; the loop carries on)
+                self._fail(list(dict.fromkeys(joining + self.running)), e)
+
+    def step(self, joining: list[Request]) -> None:
+        """Admit ``joining``, run one decode step, let finished rows go (the loop's body; tests call it)."""
+        for r in joining:
+            if self._gone(r):
+                r.events.put(DONE)
+        joining = [r for r in joining if not self._gone(r)]
+        if joining:
+            self._join(joining)
+            self._leave()
+        if self.running:
+            self._decode()
+            self._leave()
+
+    def _join(self, joining: list[Request]) -> None:
+        ids, mask = pad_rows([r.seq.prompt.tolist() for r in joining], self.pad)
+        logits, cache = self.engine._step_np(ids, mask, mask_positions(mask), self.runner.start(len(joining), 0))
+        self._pick(joining, logits)
+        if not self.running:
+            self.cache, self.mask, self.logits = cache, mask, None
+        else:
+            width = max(mask.shape[1], self.mask.shape[1])
+            grow_old, grow_new = width - self.mask.shape[1], width - mask.shape[1]
+            self.cache = self.runner.cache_concat([
+                self.runner.cache_rows(self.cache, list(range(len(self.running))), grow_old),
+                self.runner.cache_rows(cache, list(range(len(joining))), grow_new)])
+            self.mask = np.concatenate([np.pad(self.mask, ((0, 0), (grow_old, 0))),
+                                        np.pad(mask, ((0, 0), (grow_new, 0)))])
+        self.running += joining
+
+    def _decode(self) -> None:
+        nxt = np.array([r.seq.tokens[-1] for r in self.running], np.int64)
+        mask = np.concatenate([self.mask, np.ones((len(self.running), 1), np.int64)], axis=1)
+        positions = mask.sum(1, keepdims=True) - 1
+        logits, self.cache = self.engine._step_np(nxt[:, None], mask, positions, self.cache)
+        self.mask = mask
+        self.steps += 1
+        self._pick(self.running, logits)
+
+    def _pick(self, reqs: list[Request], logits: np.ndarray) -> None:
+        for row, r in enumerate(reqs):
+            if r.seq.finish_reason is None and not r.cancelled.is_set():
+                piece = r.seq.push(r.seq.next_token(logits[row]))
+                r.events.put((piece, r.seq.finish_reason))
+
+    def _leave(self) -> None:
+        keep = [i for i, r in enumerate(self.running) if not self._gone(r)]
+        if len(keep) == len(self.running):
+            return
+        for r in self.running:
+            if self._gone(r):
+                r.events.put(DONE)
+        self.running = [self.running[i] for i in keep]
+        if not keep:
+            self.cache, self.mask = None, np.zeros((0, 0), np.int64)
+            return
+        mask = self.mask[keep]
+        first = int(np.argmax(mask.any(0)))          # leading columns no remaining row reads
+        self.cache = self.runner.cache_rows(self.cache, keep, -first)
+        self.mask = mask[:, first:]
+
+    @staticmethod
+    def _gone(r: Request) -> bool:
+        return r.seq.finish_reason is not None or r.cancelled.is_set()
+
+    def _fail(self, reqs: list[Request], error: BaseException) -> None:
+        for r in reqs:
+            r.error = error if isinstance(error, LowbitError) else LowbitError(f"generation failed: {error}")
+            r.events.put(DONE)
+        self.running, self.cache, self.mask = [], None, np.zeros((0, 0), np.int64)

@@ -1,0 +1,154 @@
+"""Continuous batching (runtime/batcher.py): requests that join a running batch at different steps, with prompts of
+different lengths, and leave it as they finish, get the tokens each gets alone, on the torch backend, on ONNX
+Runtime's plain graph, and on its GroupQueryAttention graph (whose keys are rotated when rows move slots)."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.runtime import ort_session
+from lowbit.runtime.batcher import Batcher
+from lowbit.runtime.sampling import GenerationSettings
+
+PROMPTS = ["the model reads every weight once per step and writes", "four bit", "a group of sixty four weights"]
+SCHEDULE = [0, 2, 3]            # the step at which each prompt is submitted
+
+
+@pytest.fixture(scope="module")
+def arts(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("batcher")
+    llama = str(model_dirs["llama"])
+    return {"torch": lowbit.compile(llama, "rtn-w4g64", out=root / "t", quiet=True),
+            "ort-gqa": lowbit.compile(llama, "rtn-w4g64", out=root / "g", target="onnx", quiet=True),
+            "ort-plain": lowbit.compile(llama, "rtn-w4g64", out=root / "p", target="onnx", quiet=True,
+                                        onnx_fusions=False)}
+
+
+def load(arts, name):
+    if name == "torch":
+        return lowbit.load(arts[name], backend="torch", kernels="reference")
+    return lowbit.load(arts[name], backend="ort")
+
+
+def alone(eng, prompt, settings):
+    ids = eng._text.encode([prompt])[0]
+    out = eng.generate_ids(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                           **{f: getattr(settings, f) for f in settings.__dataclass_fields__})
+    return out[0, len(ids):].tolist()
+
+
+def batched(eng, settings, schedule=SCHEDULE, max_batch=16):
+    b = Batcher(eng, max_batch=max_batch)
+    reqs, step = [], 0
+    while len(reqs) < len(PROMPTS) or b.running or b.waiting:
+        while len(reqs) < len(PROMPTS) and schedule[len(reqs)] <= step:
+            reqs.append(b.submit(eng._text.encode([PROMPTS[len(reqs)]])[0], settings))
+        joining = []
+        while b.waiting and len(b.running) + len(joining) < b.max_batch:
+            joining.append(b.waiting.popleft())
+        b.step(joining)
+        step += 1
+    return reqs, b
+
+
+@pytest.mark.parametrize("name", ["torch", "ort-gqa", "ort-plain"])
+@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=10, stop_at_eos=False),
+                                      GenerationSettings(max_new_tokens=10, stop_at_eos=False, do_sample=True,
+                                                         top_p=0.9, seed=5)], ids=["greedy", "sampled"])
+def test_joining_and_leaving_rows_get_their_tokens_alone(arts, name, settings):
+    eng = load(arts, name)
+    if name == "ort-gqa":
+        assert eng.runner.slot_rotary is not None and eng.manifest["onnx"]["fusions"]["GroupQueryAttention"] == 2
+    reqs, b = batched(eng, settings)
+    for prompt, req in zip(PROMPTS, reqs):
+        assert req.seq.tokens == alone(eng, prompt, settings), (name, prompt)
+        assert req.finish_reason == "length" and req.completion_tokens == 10
+    assert b.steps < 3 * 9                           # the rows shared decode steps
+    assert not b.running and b.cache is None
+
+
+def shifted_step_error(eng, shift):
+    """Max |logits| difference of two decode steps, the first after the prompt's cache moved ``shift`` slots to
+    the right, the second after it moved back, from the same steps unmoved; and the logits' scale."""
+    ids = np.array([eng._text.encode([PROMPTS[0]])[0]])
+    n = ids.shape[1]
+    logits, cache = eng._step_np(ids, np.ones_like(ids), np.arange(n)[None], eng.runner.start(1, 0))
+    tok = logits.argmax(-1)[:, None]
+    want, cache2 = eng._step_np(tok, np.ones((1, n + 1), np.int64), np.array([[n]]), cache)
+    padded = np.concatenate([np.zeros((1, shift), np.int64), np.ones((1, n + 1), np.int64)], axis=1)
+    got, moved = eng._step_np(tok, padded, np.array([[n]]), eng.runner.cache_rows(cache, [0], shift))
+    tok2 = want.argmax(-1)[:, None]
+    again, _ = eng._step_np(tok2, np.ones((1, n + 2), np.int64), np.array([[n + 1]]),
+                            eng.runner.cache_rows(moved, [0], -shift))
+    ref, _ = eng._step_np(tok2, np.ones((1, n + 2), np.int64), np.array([[n + 1]]), cache2)
+    return max(np.abs(got - want).max(), np.abs(again - ref).max()), np.abs(want).max()
+
+
+@pytest.mark.parametrize("name", ["torch", "ort-gqa", "ort-plain"])
+def test_moving_rows_keeps_their_logits(arts, name):
+    err, scale = shifted_step_error(load(arts, name), 5)
+    assert err < 1e-5 * max(scale, 1), err
+
+
+def test_rows_moved_without_rotating_their_keys_go_wrong(arts, monkeypatch):
+    """Negative control: GroupQueryAttention's cache moved between slots without the rotation changes the logits."""
+    eng = load(arts, "ort-gqa")
+    monkeypatch.setattr(ort_session, "rotate_slots", lambda keys, shift, inv: keys)
+    err, scale = shifted_step_error(eng, 5)
+    assert err > 1e-3 * max(scale, 1), err
+
+
+def test_rotation_composes_and_inverts():
+    rng = np.random.default_rng(0)
+    keys = rng.normal(size=(2, 3, 5, 16)).astype(np.float32)
+    inv = (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
+    r = ort_session.rotate_slots
+    np.testing.assert_allclose(r(r(keys, 7, inv), -7, inv), keys, atol=1e-6)
+    np.testing.assert_allclose(r(r(keys, 3, inv), 4, inv), r(keys, 7, inv), atol=1e-6)
+    assert np.abs(r(keys, 1, inv) - keys).max() > 0.1
+
+
+def test_a_full_batch_makes_requests_wait_and_the_thread_serves_them(arts):
+    eng = load(arts, "ort-gqa")
+    settings = GenerationSettings(max_new_tokens=6, stop_at_eos=False)
+    b = Batcher(eng, max_batch=2).start()
+    try:
+        reqs = [b.submit(eng._text.encode([p])[0], settings) for p in PROMPTS]
+        texts = [r.result() for r in reqs]
+    finally:
+        b.close()
+    assert texts == [eng.generate(p, max_new_tokens=6, stop_at_eos=False) for p in PROMPTS]
+    assert not b.thread.is_alive()
+
+
+def test_cancelled_requests_leave_and_others_finish(arts):
+    eng = load(arts, "torch")
+    b = Batcher(eng).start()
+    try:
+        settings = GenerationSettings(max_new_tokens=40, stop_at_eos=False)
+        keep, drop = (b.submit(eng._text.encode([p])[0], settings) for p in PROMPTS[:2])
+        first = next(iter(drop))
+        drop.cancel()
+        assert keep.result() and len(keep.seq.tokens) == 40
+        assert len(drop.seq.tokens) < 40 and first is not None
+    finally:
+        b.close()
+
+
+def test_bad_requests_are_refused_before_they_queue(arts):
+    eng = load(arts, "torch")
+    b = Batcher(eng)
+    with pytest.raises(LowbitError, match="empty prompt"):
+        b.submit([], GenerationSettings())
+    with pytest.raises(LowbitError, match="exceeds the model's context"):
+        b.submit([1] * eng.max_positions, GenerationSettings())
+    with pytest.raises(LowbitError, match="max_batch"):
+        Batcher(eng, max_batch=0)
+    b.close()
+    with pytest.raises(LowbitError, match="shut down"):
+        b.submit([1, 2], GenerationSettings())
+    assert threading.active_count() >= 1
