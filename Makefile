@@ -6,7 +6,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 LOCK    := constraints.txt
 OLDEST  := constraints-oldest.txt
-EXTRAS  := dev,bench,sign
+EXTRAS  := dev,bench,sign,serve
 STAMP   := $(VENV)/.lowbit-installed
 WORKERS ?= 2
 # The torch that `make lock` keeps: the CPU build this project's machines hold on disk. Bump it here, then make lock.
@@ -60,7 +60,7 @@ test-latest:
 test-oldest:
 	rm -rf .venv-oldest
 	$(PYTHON) -m venv .venv-oldest
-	.venv-oldest/bin/python -m pip install -q -c $(OLDEST) -e '.[dev]'
+	.venv-oldest/bin/python -m pip install -q -c $(OLDEST) -e '.[dev,serve]'
 	$(call suite_in,.venv-oldest)
 
 # Refresh the lock: test-latest with the lock's torch, then its versions (local build labels dropped, so the

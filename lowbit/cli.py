@@ -1,5 +1,5 @@
-"""The ``lowbit`` command: compile | run | eval | profile | inspect | keygen | sign | verify | build-engine | recipes |
-assets | doctor.
+"""The ``lowbit`` command: compile | run | serve | eval | profile | inspect | keygen | sign | verify | build-engine |
+recipes | assets | doctor.
 
 User errors (LowbitError) print one line on stderr and exit 2 with no traceback; progress goes to
 stderr so ``--json`` output on stdout can be piped.
@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_compile(sub)
     _add_run(sub)
+    _add_serve(sub)
     _add_eval(sub)
     _add_profile(sub)
     _add_artifact(sub)
@@ -374,6 +375,37 @@ def _add_run(sub) -> None:
                    help="run the artifact only if it is signed by this Ed25519 public key (lowbit sign)")
     r.add_argument("--json", action="store_true", help="one JSON object per prompt")
     r.set_defaults(fn=_cmd_run)
+
+
+def _add_serve(sub) -> None:
+    """lowbit serve."""
+    r = sub.add_parser("serve", help="serve an artifact over HTTP, OpenAI-compatible (pip install 'lowbit[serve]')")
+    r.add_argument("artifact")
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    r.add_argument("--port", action=_checked(_int_in(0, 65535, "65535")), default=8000, help="default 8000")
+    r.add_argument("--name", default=None, help="the model's name in the API (default: the artifact folder's)")
+    r.add_argument("--max-batch", action=_COUNT, default=16, help="sequences decoded together (default 16)")
+    r.add_argument("--max-waiting", action=_COUNT, default=256,
+                   help="sequences queued beyond the batch before requests get HTTP 503 (default 256)")
+    r.add_argument("--request-timeout", action=_checked(_float_from(0, strict=True)), default=600.0,
+                   help="seconds a request may run (default 600)")
+    r.add_argument("--default-max-tokens", action=_COUNT, default=256,
+                   help="tokens generated when a request names no max_tokens (default 256)")
+    r.add_argument("--backend", default="auto", help="auto | torch | ort")
+    r.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
+    _runtime_device_args(r)
+    r.add_argument("--verify-key", default=None, metavar="PUB",
+                   help="serve the artifact only if it is signed by this Ed25519 public key (lowbit sign)")
+    r.set_defaults(fn=_cmd_serve)
+
+
+def _cmd_serve(a) -> int:
+    from lowbit.runtime.serve import ServeLimits, serve
+
+    limits = ServeLimits(a.max_batch, a.max_waiting, a.request_timeout, a.default_max_tokens)
+    serve(a.artifact, host=a.host, port=a.port, name=a.name, limits=limits, backend=a.backend, provider=a.provider,
+          device=a.device, dtype=a.dtype, kernels=a.kernels, verify=a.verify_key or True)
+    return 0
 
 
 def _add_eval(sub) -> None:

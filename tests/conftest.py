@@ -152,6 +152,23 @@ def model_dirs(tmp_path_factory, tokenizer):
     return out
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ bos_token if loop.first }}<{{ m['role'] }}>{{ m['content'] }}"
+                 "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_model(model_dirs, tokenizer, tmp_path_factory):
+    """(folder, tokenizer) of the tiny Llama whose tokenizer has a chat template (CHAT_TEMPLATE)."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("chat") / "llama"
+    shutil.copytree(model_dirs["llama"], d)
+    tok = tokenizer.__class__.from_pretrained(d)
+    tok.chat_template, tok.bos_token = CHAT_TEMPLATE, "<pad>"
+    tok.save_pretrained(d)
+    return d, tok
+
+
 @pytest.fixture(scope="session")
 def more_model_dirs(tmp_path_factory, tokenizer):
     """{arch: folder} of the MORE_CAUSAL tiny models with tokenizers."""

@@ -13,8 +13,8 @@ import lowbit
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-# Extras the lock covers: what make setup installs (dev, bench, sign) and what their packages already pull in.
-LOCKED_EXTRAS = ("dev", "bench", "runtime", "tensorrt", "plot", "sign")
+# Extras the lock covers: what make setup installs (dev, bench, sign, serve) and what their packages already pull in.
+LOCKED_EXTRAS = ("dev", "bench", "runtime", "tensorrt", "plot", "sign", "serve")
 
 
 def pins(path: Path) -> dict:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -35,13 +35,15 @@ DONE = object()
 
 class Request:
     """One prompt's place in the batcher: iterate it for ``(text, finish reason or None)`` events as they come,
-    or ``result()`` for the whole text; ``cancel()`` frees its row at the next step."""
+    or ``result()`` for the whole text; ``cancel()`` frees its row at the next step. With a ``sink``, the events
+    go to ``sink(event)`` instead (called on the batcher's thread; an asyncio server forwards them to its loop):
+    ``(text, finish reason)`` tuples, a LowbitError if generation failed, then ``DONE``."""
 
-    def __init__(self, seq: Sequence):
+    def __init__(self, seq: Sequence, sink: Optional[Callable] = None):
         self.seq = seq
         self.events: "queue.Queue" = queue.Queue()
+        self.put = sink or self.events.put
         self.cancelled = threading.Event()
-        self.error: Optional[BaseException] = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -62,9 +64,9 @@ class Request:
         while True:
             item = self.events.get()
             if item is DONE:
-                if self.error is not None:
-                    raise self.error
                 return
+            if isinstance(item, BaseException):
+                raise item
             yield item
 
     def result(self) -> str:
@@ -95,12 +97,14 @@ class Batcher:
         self.steps = 0                              # decode steps run, for tests and statistics
 
     # ---- the caller's side -------------------------------------------------------------------
-    def submit(self, prompt: list[int], settings: GenerationSettings, index: int = 0) -> Request:
-        """Queue one prompt (token ids); refused at once when it cannot run (empty, longer than the context)."""
+    def submit(self, prompt: list[int], settings: GenerationSettings, index: int = 0,
+               sink: Optional[Callable] = None) -> Request:
+        """Queue one prompt (token ids), sequence ``index`` of its call (its random stream); refused at once when
+        it cannot run (empty, longer than the context)."""
         if not prompt:
             raise LowbitError("empty prompt; give some text to continue")
         check_context(len(prompt), settings.max_new_tokens, self.engine.max_positions)
-        req = Request(Sequence(prompt, settings, self.engine._eos, index, self.decode))
+        req = Request(Sequence(prompt, settings, self.engine._eos, index, self.decode), sink)
         with self.cond:
             if self.closed:
                 raise LowbitError("the batcher is shut down")
@@ -141,7 +145,7 @@ class Batcher:
         """Admit ``joining``, run one decode step, let finished rows go (the loop's body; tests call it)."""
         for r in joining:
             if self._gone(r):
-                r.events.put(DONE)
+                r.put(DONE)
         joining = [r for r in joining if not self._gone(r)]
         if joining:
             self._join(joining)
@@ -179,7 +183,7 @@ class Batcher:
         for row, r in enumerate(reqs):
             if r.seq.finish_reason is None and not r.cancelled.is_set():
                 piece = r.seq.push(r.seq.next_token(logits[row]))
-                r.events.put((piece, r.seq.finish_reason))
+                r.put((piece, r.seq.finish_reason))
 
     def _leave(self) -> None:
         keep = [i for i, r in enumerate(self.running) if not self._gone(r)]
@@ -187,7 +191,7 @@ class Batcher:
             return
         for r in self.running:
             if self._gone(r):
-                r.events.put(DONE)
+                r.put(DONE)
         self.running = [self.running[i] for i in keep]
         if not keep:
             self.cache, self.mask = None, np.zeros((0, 0), np.int64)
@@ -202,7 +206,8 @@ class Batcher:
         return r.seq.finish_reason is not None or r.cancelled.is_set()
 
     def _fail(self, reqs: list[Request], error: BaseException) -> None:
+        error = error if isinstance(error, LowbitError) else LowbitError(f"generation failed: {error}")
         for r in reqs:
-            r.error = error if isinstance(error, LowbitError) else LowbitError(f"generation failed: {error}")
-            r.events.put(DONE)
+            r.put(error)
+            r.put(DONE)
         self.running, self.cache, self.mask = [], None, np.zeros((0, 0), np.int64)

@@ -123,6 +123,7 @@ class HFText:
         self.tok, self.folder = tok, folder
         ids = (tok.pad_token_id, tok.eos_token_id, 0)
         self.pad_id = next(i for i in ids if i is not None)
+        self.vocab_size = len(tok)
 
     def encode(self, texts: list, add_special_tokens: bool = True) -> list[list[int]]:
         return [list(r) for r in self.tok(texts, add_special_tokens=add_special_tokens)["input_ids"]]

@@ -84,6 +84,7 @@ class LiteTokenizer:
         pad = self._id(config.get("pad_token"))
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
         self.clean_up = bool(config.get("clean_up_tokenization_spaces", False))
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
 
     def _id(self, token) -> Optional[int]:
         if isinstance(token, dict):

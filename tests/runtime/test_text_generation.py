@@ -4,7 +4,6 @@ same tokens on each; stop strings cut where they say; chat renders the model's o
 in a sandbox."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -15,21 +14,9 @@ from lowbit.runtime.chat import ChatTemplate
 from lowbit.runtime.detokenize import TextDecoder
 from lowbit.runtime.lite import LiteEngine
 
-TEMPLATE = ("{% for m in messages %}{{ bos_token if loop.first }}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}\n"
-            "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
 PROMPTS = ["four bit weights", "the model reads every weight once per step and"]
 SAMPLING = dict(do_sample=True, temperature=1.2, top_k=50, top_p=0.9, min_p=0.02, repetition_penalty=1.2,
                 presence_penalty=0.3, frequency_penalty=0.2, seed=11)
-
-
-@pytest.fixture(scope="module")
-def chat_model(model_dirs, tokenizer, tmp_path_factory):
-    d = tmp_path_factory.mktemp("chat") / "llama"
-    shutil.copytree(model_dirs["llama"], d)
-    tok = tokenizer.__class__.from_pretrained(d)
-    tok.chat_template, tok.bos_token = TEMPLATE, "<pad>"
-    tok.save_pretrained(d)
-    return d, tok
 
 
 @pytest.fixture(scope="module")
