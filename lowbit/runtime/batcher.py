@@ -10,8 +10,9 @@ One thread (``Batcher.start``) owns the engine and runs the loop:
 4. finished and cancelled rows leave: their cache rows are dropped, then the leading columns no row needs.
 
 The runner gives ``start``/``step`` (as for ``runtime.generation``) and two cache operations:
-``cache_rows(cache, rows, left)`` (keep ``rows``, then pad ``left`` > 0 empty slots at the front or drop
--``left``) and ``cache_concat(caches)`` (along the batch). Rows keep their positions through both: positions come
+``cache_rows(cache, rows, left, width, capacity)`` (keep ``rows``' first ``width`` slots, then pad ``left`` > 0
+empty slots at the front or drop -``left``; in buffers of ``capacity`` slots where the graph writes its cache in
+place) and ``cache_concat(caches)`` (along the batch). Rows keep their positions through both: positions come
 from the mask, and a graph that rotates by cache slot instead (ONNX Runtime's GroupQueryAttention) has its keys
 rotated by the shift (``ort_session``). Requests see their text through a queue; the caller's thread never
 touches the engine.
@@ -86,11 +87,14 @@ class Batcher:
                 raise LowbitError(f"the {engine.backend} backend cannot batch requests continuously (no {op}); "
                                   "use --backend torch or ort")
         self.engine, self.runner, self.max_batch = engine, engine.runner, max_batch
+        # A graph that writes its cache in place (ONNX Runtime's GroupQueryAttention) decodes into buffers sized
+        # at each join and leave, so a step copies nothing.
+        self.in_place = bool(getattr(engine.runner, "in_place_cache", False))
         self.pad = int(engine._eos[0]) if engine._eos else 0
         self.decode = engine._text.decode if engine._text is not None else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.cache, self.mask, self.logits = None, np.zeros((0, 0), np.int64), None
+        self.cache, self.mask = None, np.zeros((0, 0), np.int64)
         self.cond = threading.Condition()
         self.closed = False
         self.thread: Optional[threading.Thread] = None
@@ -154,20 +158,29 @@ class Batcher:
             self._decode()
             self._leave()
 
+    def _capacity(self, width: int, reqs: list[Request]) -> int:
+        """Cache slots the rows need until the next join or leave (each of which reallocates): the width plus the
+        most tokens any of them may still make. 0 for runners whose cache grows by itself."""
+        if not self.in_place:
+            return 0
+        return width + max(r.seq.settings.max_new_tokens - len(r.seq.tokens) for r in reqs)
+
     def _join(self, joining: list[Request]) -> None:
         ids, mask = pad_rows([r.seq.prompt.tolist() for r in joining], self.pad)
-        logits, cache = self.engine._step_np(ids, mask, mask_positions(mask), self.runner.start(len(joining), 0))
+        cache = self.runner.start(len(joining), self._capacity(mask.shape[1], joining))
+        logits, cache = self.engine._step_np(ids, mask, mask_positions(mask), cache)
         self._pick(joining, logits)
-        if not self.running:
-            self.cache, self.mask, self.logits = cache, mask, None
-        else:
+        if self.running:
             width = max(mask.shape[1], self.mask.shape[1])
+            everyone = self.running + joining
+            capacity = self._capacity(width, everyone)
             grow_old, grow_new = width - self.mask.shape[1], width - mask.shape[1]
-            self.cache = self.runner.cache_concat([
-                self.runner.cache_rows(self.cache, list(range(len(self.running))), grow_old),
-                self.runner.cache_rows(cache, list(range(len(joining))), grow_new)])
-            self.mask = np.concatenate([np.pad(self.mask, ((0, 0), (grow_old, 0))),
-                                        np.pad(mask, ((0, 0), (grow_new, 0)))])
+            cache = self.runner.cache_concat([
+                self.runner.cache_rows(self.cache, list(range(len(self.running))), grow_old, self.mask.shape[1],
+                                       capacity),
+                self.runner.cache_rows(cache, list(range(len(joining))), grow_new, mask.shape[1], capacity)])
+            mask = np.concatenate([np.pad(self.mask, ((0, 0), (grow_old, 0))), np.pad(mask, ((0, 0), (grow_new, 0)))])
+        self.cache, self.mask = cache, mask
         self.running += joining
 
     def _decode(self) -> None:
@@ -198,7 +211,8 @@ class Batcher:
             return
         mask = self.mask[keep]
         first = int(np.argmax(mask.any(0)))          # leading columns no remaining row reads
-        self.cache = self.runner.cache_rows(self.cache, keep, -first)
+        self.cache = self.runner.cache_rows(self.cache, keep, -first, mask.shape[1],
+                                            self._capacity(mask.shape[1] - first, self.running))
         self.mask = mask[:, first:]
 
     @staticmethod

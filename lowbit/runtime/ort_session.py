@@ -181,9 +181,11 @@ class OrtSession:
         return outs[0].numpy().astype(np.float32, copy=False), outs[1:]
 
     # ---- continuous batching (runtime.batcher) --------------------------------------------------
-    def cache_rows(self, cache: list, rows: list[int], left: int = 0) -> list:
-        """The cache of ``rows``, with ``left`` empty slots added at the front (``left`` < 0: dropped). Keys in a
-        graph that rotates by slot are rotated by the move, so every row keeps its positions."""
+    def cache_rows(self, cache: list, rows: list[int], left: int = 0, width: Optional[int] = None,
+                   capacity: int = 0) -> list:
+        """The cache of ``rows`` (its first ``width`` slots), with ``left`` empty slots added at the front (``left``
+        < 0: dropped); with ``capacity`` (a graph that writes its cache in place), in buffers of that many slots.
+        Keys in a graph that rotates by slot are rotated by the move, so every row keeps its positions."""
         import onnxruntime as ort
 
         if left and self.slot_rotary_missing:
@@ -191,22 +193,27 @@ class OrtSession:
                               "record the rotation; recompile it with --target onnx to batch requests continuously")
         out = []
         for i, value in enumerate(cache):
-            a = value.numpy()[rows] if isinstance(value, ort.OrtValue) else np.asarray(value)[rows]
+            a = (value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value))[rows][:, :, :width]
             if left > 0:
                 a = np.pad(a, ((0, 0), (0, 0), (left, 0), (0, 0)))
             elif left < 0:
                 a = a[:, :, -left:]
             if left and self.slot_rotary is not None and i % 2 == 0:
                 a = rotate_slots(a, left, self.slot_rotary)
+            if capacity:
+                if a.shape[2] > capacity:
+                    raise LowbitError(f"a cache of {a.shape[2]} slots does not fit a capacity of {capacity}")
+                a = np.pad(a, ((0, 0), (0, 0), (0, capacity - a.shape[2]), (0, 0)))
             out.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0))
-        return out
+        return KVBuffers(out, capacity) if capacity else out
 
     def cache_concat(self, caches: list) -> list:
-        """Caches of the same width, one after another along the batch."""
+        """Caches of the same width (or capacity), one after another along the batch."""
         import onnxruntime as ort
 
-        return [ort.OrtValue.ortvalue_from_numpy(np.concatenate([v.numpy() for v in values]), self.device, 0)
-                for values in zip(*caches)]
+        out = [ort.OrtValue.ortvalue_from_numpy(np.concatenate([v.numpy() for v in values]), self.device, 0)
+               for values in zip(*caches)]
+        return KVBuffers(out, caches[0].capacity) if isinstance(caches[0], KVBuffers) else out
 
     def full_np(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Logits of a causal LM over whole sequences (empty cache), or an encoder's last hidden state."""

@@ -91,8 +91,9 @@ class TorchRunner:
         return out[0], list(out[1:])
 
     # ---- continuous batching (runtime.batcher): positions come from the mask, so rows may move slots -------
-    def cache_rows(self, cache: list, rows: list[int], left: int = 0) -> list:
-        """The cache of ``rows``, with ``left`` empty slots added at the front (``left`` < 0: dropped)."""
+    def cache_rows(self, cache: list, rows: list[int], left: int = 0, width=None, capacity: int = 0) -> list:
+        """The cache of ``rows``, with ``left`` empty slots added at the front (``left`` < 0: dropped). (Its
+        tensors are as wide as the mask: ``width`` and ``capacity`` are hints this runner does not need.)"""
         index = torch.tensor(rows, device=self.device)
         out = []
         for t in cache:

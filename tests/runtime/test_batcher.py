@@ -43,6 +43,7 @@ def alone(eng, prompt, settings):
 
 def batched(eng, settings, schedule=SCHEDULE, max_batch=16):
     b = Batcher(eng, max_batch=max_batch)
+    b.kinds = set()
     reqs, step = [], 0
     while len(reqs) < len(PROMPTS) or b.running or b.waiting:
         while len(reqs) < len(PROMPTS) and schedule[len(reqs)] <= step:
@@ -51,6 +52,7 @@ def batched(eng, settings, schedule=SCHEDULE, max_batch=16):
         while b.waiting and len(b.running) + len(joining) < b.max_batch:
             joining.append(b.waiting.popleft())
         b.step(joining)
+        b.kinds.add(type(b.cache).__name__)
         step += 1
     return reqs, b
 
@@ -68,6 +70,8 @@ def test_joining_and_leaving_rows_get_their_tokens_alone(arts, name, settings):
         assert req.seq.tokens == alone(eng, prompt, settings), (name, prompt)
         assert req.finish_reason == "length" and req.completion_tokens == 10
     assert b.steps < 3 * 9                           # the rows shared decode steps
+    # GroupQueryAttention's graph decodes into buffers written in place; the others grow their caches.
+    assert b.in_place == (name == "ort-gqa") and ("KVBuffers" in b.kinds) == (name == "ort-gqa")
     assert not b.running and b.cache is None
 
 
