@@ -137,13 +137,30 @@ class Batcher:
                     self.cond.wait()
                 if self.closed and not self.running and not self.waiting:
                     return
-                joining = []
-                while self.waiting and len(self.running) + len(joining) < self.max_batch:
-                    joining.append(self.waiting.popleft())
+                joining = self._admit()
             try:
                 self.step(joining)
             except Exception as e:  # noqa: BLE001  (every request hears of it; the loop carries on)
                 self._fail(list(dict.fromkeys(joining + self.running)), e)
+
+    def _admit(self) -> list[Request]:
+        """The waiting requests that join now, first come first served: while the batch has rows free and the
+        merged batch stays within the model's context until its next change (a slot past it has no position in
+        a graph that rotates by slot), so a long prompt waits for rows to leave rather than be passed by others."""
+        joining, width = [], self.mask.shape[1]
+        while self.waiting and len(self.running) + len(joining) < self.max_batch:
+            r = self.waiting[0]
+            w = max(width, len(r.seq.prompt))
+            rows = self.running + joining
+            if rows and w + self._remaining(rows + [r]) > self.engine.max_positions:
+                break
+            joining.append(self.waiting.popleft())
+            width = w
+        return joining
+
+    @staticmethod
+    def _remaining(reqs: list[Request]) -> int:
+        return max(r.seq.settings.max_new_tokens - len(r.seq.tokens) for r in reqs)
 
     def step(self, joining: list[Request]) -> None:
         """Admit ``joining``, run one decode step, let finished rows go (the loop's body; tests call it)."""
@@ -161,9 +178,7 @@ class Batcher:
     def _capacity(self, width: int, reqs: list[Request]) -> int:
         """Cache slots the rows need until the next join or leave (each of which reallocates): the width plus the
         most tokens any of them may still make. 0 for runners whose cache grows by itself."""
-        if not self.in_place:
-            return 0
-        return width + max(r.seq.settings.max_new_tokens - len(r.seq.tokens) for r in reqs)
+        return width + self._remaining(reqs) if self.in_place else 0
 
     def _join(self, joining: list[Request]) -> None:
         ids, mask = pad_rows([r.seq.prompt.tolist() for r in joining], self.pad)

@@ -35,7 +35,7 @@ def load(arts, name):
 
 
 def alone(eng, prompt, settings):
-    ids = eng._text.encode([prompt])[0]
+    ids = eng._text.encode([prompt])[0] if isinstance(prompt, str) else prompt
     out = eng.generate_ids(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
                            **{f: getattr(settings, f) for f in settings.__dataclass_fields__})
     return out[0, len(ids):].tolist()
@@ -48,10 +48,7 @@ def batched(eng, settings, schedule=SCHEDULE, max_batch=16):
     while len(reqs) < len(PROMPTS) or b.running or b.waiting:
         while len(reqs) < len(PROMPTS) and schedule[len(reqs)] <= step:
             reqs.append(b.submit(eng._text.encode([PROMPTS[len(reqs)]])[0], settings))
-        joining = []
-        while b.waiting and len(b.running) + len(joining) < b.max_batch:
-            joining.append(b.waiting.popleft())
-        b.step(joining)
+        b.step(b._admit())
         b.kinds.add(type(b.cache).__name__)
         step += 1
     return reqs, b
@@ -156,3 +153,32 @@ def test_bad_requests_are_refused_before_they_queue(arts):
     with pytest.raises(LowbitError, match="shut down"):
         b.submit([1, 2], GenerationSettings())
     assert threading.active_count() >= 1
+
+
+def test_the_torch_free_engine_batches_too(arts):
+    from lowbit.runtime.lite import LiteEngine
+
+    eng, ref = LiteEngine.load(arts["ort-gqa"]), load(arts, "ort-gqa")
+    settings = GenerationSettings(max_new_tokens=8, stop_at_eos=False)
+    reqs, b = batched(eng, settings)
+    assert b.in_place and [r.seq.tokens for r in reqs] == [alone(ref, p, settings) for p in PROMPTS]
+
+
+def test_a_prompt_that_would_push_the_batch_past_the_context_waits(arts):
+    eng = load(arts, "ort-gqa")
+    short = eng._text.encode([PROMPTS[1]])[0]
+    long = (eng._text.encode([" ".join(PROMPTS)])[0] * 20)[:eng.max_positions - 40]
+    b = Batcher(eng)
+    first = b.submit(short, GenerationSettings(max_new_tokens=60, stop_at_eos=False))
+    b.step(b._admit())
+    second = b.submit(long, GenerationSettings(max_new_tokens=30, stop_at_eos=False))
+    joined_at, widths = None, []
+    while b.running or b.waiting:
+        b.step(b._admit())
+        widths.append(b.mask.shape[1])
+        if joined_at is None and second in b.running:
+            joined_at = len(first.seq.tokens)
+    # It waited until the merged batch's slots fit the context: 216 + what the first still makes <= 256.
+    assert joined_at >= 60 - (eng.max_positions - len(long)) and max(widths) <= eng.max_positions
+    assert len(first.seq.tokens) == 60 and len(second.seq.tokens) == 30
+    assert second.seq.tokens == alone(eng, long, second.seq.settings)
