@@ -1,8 +1,10 @@
 """The demo LM served: ``lowbit serve`` against llama.cpp's OpenAI-compatible server, the same load, one run.
 
-- lowbit: the demo LM compiled ``--target onnx`` with the onnxruntime-genai builder's layout (``bench.cpu``'s
-  ``ort-int4-tied4-acc4``: INT4 g64 layers, the tied embedding and head as one INT4 table, MatMulNBits accuracy
-  level 4), served by ``lowbit serve`` (continuous batching, ``--max-batch`` = the most streams).
+- lowbit: the demo LM compiled ``--target onnx``, ``--lowbit tied4`` (default) with the onnxruntime-genai
+  builder's layout (``bench.cpu``'s ``ort-int4-tied4-acc4``: INT4 g64 layers, the tied embedding and head as one
+  INT4 table, MatMulNBits accuracy level 4) or ``--lowbit q4_0`` with Q4_0's (``ort-q4_0-head8-acc4``: symmetric
+  INT4 in blocks of 32, the head INT8 as llama.cpp keeps its tied table), served by ``lowbit serve`` (continuous
+  batching, ``--max-batch`` = the most streams).
 - llama.cpp: ``python -m llama_cpp.server`` (``pip install 'llama-cpp-python[server]'``, which builds llama.cpp;
   not a CI dependency) on the GGUF Q4_0 that llama.cpp's own quantizer makes of the same weights (the demo's
   SmolLM2 GGUF, requantized: its Q4_1 values are exactly the demo model's float weights).
@@ -49,8 +51,9 @@ from lowbit.host import describe_cpu
 from lowbit.metrics import perplexity, read_text
 from lowbit.runtime.engine import load_tokenizer
 
-VARIANT = "ort-int4-tied4-acc4"
 THREADS = os.cpu_count() or 1
+# lowbit's artifact: one of bench.cpu's variants.
+VARIANTS = {"tied4": "ort-int4-tied4-acc4", "q4_0": "ort-q4_0-head8-acc4"}
 
 
 def llama_gguf(out_dir: Path, rebuild: bool) -> Path:
@@ -123,7 +126,8 @@ async def load(base: str, model: str, prompts: list[str], streams: int, requests
     await client.close()
     gaps = [g for r in results for g in r["gaps"]]
     ttft = [r["ttft"] for r in results]
-    return {"tokens_per_s": streams * requests * new_tokens / wall, "wall_s": wall,
+    # Tokens counted as the chunks that carried text: one per token on both servers.
+    return {"tokens_per_s": sum(r["chunks"] for r in results) / wall, "wall_s": wall,
             "ttft_p50": float(np.percentile(ttft, 50)), "ttft_p99": float(np.percentile(ttft, 99)),
             "itl_p50": float(np.percentile(gaps, 50)), "itl_p99": float(np.percentile(gaps, 99)),
             "chunks_per_request": statistics.mean(r["chunks"] for r in results)}
@@ -161,6 +165,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2, help="rounds per level, the servers alternating (default 2)")
     ap.add_argument("--ppl-windows", type=int, default=20, help="eval.txt windows of 512 for perplexity (0: skip)")
     ap.add_argument("--decode-reps", type=int, default=3, help="batch-1 decode timings per runtime (0: skip)")
+    ap.add_argument("--max-prefill-tokens", type=int, default=256, help="lowbit serve's (default 256)")
+    ap.add_argument("--lowbit", default="tied4", choices=sorted(VARIANTS),
+                    help="lowbit's artifact: tied4 (the onnxruntime-genai builder's layout, default) or q4_0 "
+                         "(Q4_0's layout, the head in INT8 as llama.cpp keeps it)")
     ap.add_argument("--out-dir", default="out/serve-bench")
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results to this file")
@@ -173,7 +181,8 @@ def main() -> int:
     levels = [int(s) for s in args.streams.split(",")]
     out_dir = Path(args.out_dir)
     paths = ensure_assets()
-    art = artifact_for(VARIANT, out_dir, args.rebuild)
+    variant = VARIANTS[args.lowbit]
+    art = artifact_for(variant, out_dir, args.rebuild)
     gguf = llama_gguf(out_dir, args.rebuild)
     tok = load_tokenizer(art / "tokenizer")
     text_ids = tok(read_text(paths["eval"]), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
@@ -186,7 +195,7 @@ def main() -> int:
     llm = Llama(str(gguf), n_ctx=1024, n_batch=512, n_threads=THREADS, n_threads_batch=THREADS, logits_all=True,
                 verbose=False)
     eng = lowbit.load(art, backend="ort")
-    result = {"cpu": cpu, "variant": VARIANT, "gguf": gguf.name,
+    result = {"cpu": cpu, "variant": variant, "gguf": gguf.name,
               "mib": {"lowbit": sum(f.stat().st_size for f in (art / "onnx").iterdir()) / 2**20,
                       "llama.cpp": gguf.stat().st_size / 2**20}}
     if args.ppl_windows:
@@ -212,10 +221,11 @@ def main() -> int:
     ports = {"lowbit": free_port(), "llama.cpp": free_port()}
     servers = {
         "lowbit": [sys.executable, "-m", "lowbit", "serve", str(art), "--port", str(ports["lowbit"]), "--name",
-                   "demo", "--max-batch", str(max(levels))],
+                   "demo", "--max-batch", str(max(levels)), "--max-prefill-tokens", str(args.max_prefill_tokens)],
         "llama.cpp": [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "demo",
                       "--host", "127.0.0.1", "--port", str(ports["llama.cpp"]), "--n_ctx", "4096",
-                      "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS)],
+                      "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS),
+                      "--interrupt_requests", "False"],       # its default cuts a request short when another comes
     }
     # Greedy to exactly --new-tokens tokens: lowbit takes vLLM's ignore_eos, llama.cpp a logit bias on EOS.
     extra = {"lowbit": {"ignore_eos": True}, "llama.cpp": {"logit_bias": {str(eos): -100.0}}}

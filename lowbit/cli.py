@@ -391,6 +391,9 @@ def _add_serve(sub) -> None:
                    help="seconds a request may run (default 600)")
     r.add_argument("--default-max-tokens", action=_COUNT, default=256,
                    help="tokens generated when a request names no max_tokens (default 256)")
+    r.add_argument("--max-prefill-tokens", action=_COUNT, default=256,
+                   help="prompt tokens that join the running batch per decode step: fewer keeps the running "
+                        "streams' token gaps short, more shortens the time to a first token (default 256)")
     r.add_argument("--backend", default="auto", help="auto | torch | ort")
     r.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
     _runtime_device_args(r)
@@ -402,7 +405,7 @@ def _add_serve(sub) -> None:
 def _cmd_serve(a) -> int:
     from lowbit.runtime.serve import ServeLimits, serve
 
-    limits = ServeLimits(a.max_batch, a.max_waiting, a.request_timeout, a.default_max_tokens)
+    limits = ServeLimits(a.max_batch, a.max_waiting, a.request_timeout, a.default_max_tokens, a.max_prefill_tokens)
     serve(a.artifact, host=a.host, port=a.port, name=a.name, limits=limits, backend=a.backend, provider=a.provider,
           device=a.device, dtype=a.dtype, kernels=a.kernels, verify=a.verify_key or True)
     return 0

@@ -3,8 +3,8 @@ settings, random stream, text and KV cache rows (``runtime.generation.Sequence``
 
 One thread (``Batcher.start``) owns the engine and runs the loop:
 
-1. waiting requests (up to ``max_batch`` running in all) are prefilled together, left-padded among themselves, and
-   pick their first token;
+1. waiting requests (up to ``max_batch`` running in all, about ``max_prefill_tokens`` prompt tokens per step) are
+   prefilled together, left-padded among themselves, and pick their first token;
 2. their cache joins the running batch's: the narrower of the two is padded on the left (mask 0) to the wider;
 3. one decode step for every running row, each row picking its next token from its own logits;
 4. finished and cancelled rows leave: their cache rows are dropped, then the leading columns no row needs.
@@ -75,18 +75,23 @@ class Request:
 
 
 class Batcher:
-    """``Batcher(engine, max_batch)``; ``start()``; ``submit(prompt ids, settings)`` from any thread; ``close()``."""
+    """``Batcher(engine, max_batch, max_prefill_tokens)``; ``start()``; ``submit(prompt ids, settings)`` from any
+    thread; ``close()``."""
 
-    def __init__(self, engine, max_batch: int = 16):
+    def __init__(self, engine, max_batch: int = 16, max_prefill_tokens: int = 256):
         if engine.task != "causal-lm":
             raise LowbitError("serving needs a causal LM artifact; this one is an encoder")
-        if not (isinstance(max_batch, int) and max_batch >= 1):
-            raise LowbitError(f"max_batch must be an integer at least 1, got {max_batch!r}")
+        for name, value in (("max_batch", max_batch), ("max_prefill_tokens", max_prefill_tokens)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise LowbitError(f"{name} must be an integer at least 1, got {value!r}")
         for op in ("cache_rows", "cache_concat"):
             if not hasattr(engine.runner, op):
                 raise LowbitError(f"the {engine.backend} backend cannot batch requests continuously (no {op}); "
                                   "use --backend torch or ort")
         self.engine, self.runner, self.max_batch = engine, engine.runner, max_batch
+        # Running rows wait while joiners prefill: at most this many (padded) prompt tokens join per step, so a
+        # wave of arrivals spreads over steps instead of stalling every stream at once.
+        self.max_prefill_tokens = max_prefill_tokens
         # A graph that writes its cache in place (ONNX Runtime's GroupQueryAttention) decodes into buffers sized
         # at each join and leave, so a step copies nothing.
         self.in_place = bool(getattr(engine.runner, "in_place_cache", False))
@@ -147,15 +152,17 @@ class Batcher:
         """The waiting requests that join now, first come first served: while the batch has rows free and the
         merged batch stays within the model's context until its next change (a slot past it has no position in
         a graph that rotates by slot), so a long prompt waits for rows to leave rather than be passed by others."""
-        joining, width = [], self.mask.shape[1]
+        joining, width, longest = [], self.mask.shape[1], 0
         while self.waiting and len(self.running) + len(joining) < self.max_batch:
             r = self.waiting[0]
             w = max(width, len(r.seq.prompt))
             rows = self.running + joining
             if rows and w + self._remaining(rows + [r]) > self.engine.max_positions:
                 break
+            if joining and (len(joining) + 1) * max(longest, len(r.seq.prompt)) > self.max_prefill_tokens:
+                break
             joining.append(self.waiting.popleft())
-            width = w
+            width, longest = w, max(longest, len(r.seq.prompt))
         return joining
 
     @staticmethod

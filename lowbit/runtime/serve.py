@@ -30,6 +30,7 @@ class ServeLimits:
     max_waiting: int = 256            # sequences queued beyond the batch before requests get HTTP 503
     request_timeout: float = 600.0    # seconds a request may run (then HTTP 504, or an error event mid-stream)
     default_max_tokens: int = 256     # when a request names none (within the context)
+    max_prefill_tokens: int = 256     # prompt tokens that join the batch per decode step
 
 
 class BadRequest(Exception):
@@ -77,7 +78,7 @@ class Server:
         if engine._text is None:
             raise LowbitError(f"artifact '{engine.path}' has no tokenizer; lowbit serve takes text")
         self.engine, self.name, self.limits = engine, name, limits
-        self.batcher = Batcher(engine, limits.max_batch)
+        self.batcher = Batcher(engine, limits.max_batch, limits.max_prefill_tokens)
         self.created = int(time.time())
 
     # ---- requests -> sequences ---------------------------------------------------------------

@@ -182,3 +182,18 @@ def test_a_prompt_that_would_push_the_batch_past_the_context_waits(arts):
     assert joined_at >= 60 - (eng.max_positions - len(long)) and max(widths) <= eng.max_positions
     assert len(first.seq.tokens) == 60 and len(second.seq.tokens) == 30
     assert second.seq.tokens == alone(eng, long, second.seq.settings)
+
+
+def test_a_wave_of_prompts_joins_within_the_prefill_budget(arts):
+    eng = load(arts, "torch")
+    settings = GenerationSettings(max_new_tokens=6, stop_at_eos=False)
+    rows = [eng._text.encode([p])[0] for p in PROMPTS]
+    b = Batcher(eng, max_prefill_tokens=2 * max(map(len, rows)))
+    reqs = [b.submit(r, settings) for r in rows]
+    b.step(b._admit())
+    assert len(b.running) == 2 and len(b.waiting) == 1             # two prompts' worth this step, one the next
+    while b.running or b.waiting:
+        b.step(b._admit())
+    assert [r.seq.tokens for r in reqs] == [alone(eng, r, settings) for r in rows]
+    with pytest.raises(LowbitError, match="max_prefill_tokens"):
+        Batcher(eng, max_prefill_tokens=0)
