@@ -32,6 +32,7 @@ from lowbit.runtime.generation import Sequence, check_context, mask_positions, p
 from lowbit.runtime.sampling import GenerationSettings
 
 DONE = object()
+TRIM_SLOTS = 64         # leading cache slots no row reads are dropped once there are this many (or a quarter)
 
 
 class Request:
@@ -233,6 +234,8 @@ class Batcher:
             return
         mask = self.mask[keep]
         first = int(np.argmax(mask.any(0)))          # leading columns no remaining row reads
+        # Dropped only when they are many: dropping moves every row (a copy, and a rotation by slot).
+        first = first if first >= max(TRIM_SLOTS, mask.shape[1] // 4) else 0
         self.cache = self.runner.cache_rows(self.cache, keep, -first, mask.shape[1],
                                             self._capacity(mask.shape[1] - first, self.running))
         self.mask = mask[:, first:]

@@ -194,17 +194,16 @@ class OrtSession:
         out = []
         for i, value in enumerate(cache):
             a = (value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value))[rows][:, :, :width]
-            if left > 0:
-                a = np.pad(a, ((0, 0), (0, 0), (left, 0), (0, 0)))
-            elif left < 0:
-                a = a[:, :, -left:]
+            a = a[:, :, -left:] if left < 0 else a
+            slots = a.shape[2] + max(left, 0)
+            if capacity and slots > capacity:
+                raise LowbitError(f"a cache of {slots} slots does not fit a capacity of {capacity}")
+            # One copy into the new buffer, keys rotated in place there.
+            dst = np.zeros(a.shape[:2] + (capacity or slots, a.shape[3]), a.dtype)
+            dst[:, :, max(left, 0):slots] = a
             if left and self.slot_rotary is not None and i % 2 == 0:
-                a = rotate_slots(a, left, self.slot_rotary)
-            if capacity:
-                if a.shape[2] > capacity:
-                    raise LowbitError(f"a cache of {a.shape[2]} slots does not fit a capacity of {capacity}")
-                a = np.pad(a, ((0, 0), (0, 0), (0, capacity - a.shape[2]), (0, 0)))
-            out.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0))
+                rotate_slots(dst[:, :, max(left, 0):slots], left, self.slot_rotary)
+            out.append(ort.OrtValue.ortvalue_from_numpy(dst, self.device, 0))
         return KVBuffers(out, capacity) if capacity else out
 
     def cache_concat(self, caches: list) -> list:
@@ -236,14 +235,12 @@ def _slot_rotary(info: dict):
 
 
 def rotate_slots(keys: np.ndarray, shift: int, inv_freq: np.ndarray) -> np.ndarray:
-    """Keys [B, H, T, D] rotated by ``shift`` slots (the half-split rotary of the first 2 x len(inv_freq) dims, as
-    GroupQueryAttention applies it): R(s + shift) = R(shift) R(s)."""
+    """Keys [B, H, T, D] rotated in place by ``shift`` slots (the half-split rotary of the first
+    2 x len(inv_freq) dims, as GroupQueryAttention applies it): R(s + shift) = R(shift) R(s). Returns ``keys``."""
     half = len(inv_freq)
     angle = np.float64(shift) * inv_freq.astype(np.float64)
-    cos, sin = np.cos(angle), np.sin(angle)
-    x = keys.astype(np.float64)
-    a, b = x[..., :half], x[..., half:2 * half]
-    out = x.copy()
-    out[..., :half] = a * cos - b * sin
-    out[..., half:2 * half] = b * cos + a * sin
-    return out.astype(keys.dtype)
+    cos, sin = np.cos(angle).astype(keys.dtype), np.sin(angle).astype(keys.dtype)
+    a, b = keys[..., :half].copy(), keys[..., half:2 * half]
+    keys[..., :half] = a * cos - b * sin
+    keys[..., half:2 * half] = b * cos + a * sin
+    return keys

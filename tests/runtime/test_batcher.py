@@ -107,10 +107,17 @@ def test_rotation_composes_and_inverts():
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(2, 3, 5, 16)).astype(np.float32)
     inv = (1.0 / 10000 ** (np.arange(0, 16, 2) / 16)).astype(np.float32)
-    r = ort_session.rotate_slots
-    np.testing.assert_allclose(r(r(keys, 7, inv), -7, inv), keys, atol=1e-6)
-    np.testing.assert_allclose(r(r(keys, 3, inv), 4, inv), r(keys, 7, inv), atol=1e-6)
-    assert np.abs(r(keys, 1, inv) - keys).max() > 0.1
+
+    def r(k, shift):                                  # rotate_slots works in place: on a copy here
+        return ort_session.rotate_slots(k.copy(), shift, inv)
+
+    np.testing.assert_allclose(r(r(keys, 7), -7), keys, atol=1e-5)
+    np.testing.assert_allclose(r(r(keys, 3), 4), r(keys, 7), atol=1e-5)
+    assert np.abs(r(keys, 1) - keys).max() > 0.1
+    # Against the rotary's definition: x * cos + rotate_half(x) * sin at angle shift * inv_freq.
+    angle = np.concatenate([5 * inv, 5 * inv])
+    half = np.concatenate([-keys[..., 8:], keys[..., :8]], -1)
+    np.testing.assert_allclose(r(keys, 5), keys * np.cos(angle) + half * np.sin(angle), atol=1e-5)
 
 
 def test_a_full_batch_makes_requests_wait_and_the_thread_serves_them(arts):
