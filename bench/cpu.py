@@ -79,6 +79,9 @@ GPTQ_TIED4_SYM = Recipe("gptq-w4g64-sym-tied4", "gptq", Scheme(4, 64, sym=True, 
 # embedding stays float (a gather reads one row per token).
 Q4_0_HEAD8 = Recipe("rtn-w4g32-sym-head8", "rtn", Scheme(4, 32, sym=True, quantize_lm_head=True,
                                                           overrides=(Override("lm_head", bits=8, group_size=32),)))
+GPTQ_Q4_0_HEAD8 = Recipe("gptq-w4g32-sym-head8", "gptq", Scheme(4, 32, sym=True, quantize_lm_head=True,
+                                                                 overrides=(Override("lm_head", bits=8,
+                                                                                     group_size=32),)))
 # INT8 per channel: the torch backend's int8pack kernel takes it at decode (a grouped INT8 head is dequantized).
 HEAD8C = Recipe("rtn-w4g64-head8c", "rtn", Scheme(4, 64, quantize_lm_head=True,
                                                    overrides=(Override("lm_head", bits=8, group_size=0),)))
@@ -106,6 +109,7 @@ VARIANTS = {
     "ort-int4sym-tied4-acc4": Variant(TIED4_SYM, 4, "ort"),
     "ort-gptqsym-tied4-acc4": Variant(GPTQ_TIED4_SYM, 4, "ort"),
     "ort-q4_0-head8-acc4": Variant(Q4_0_HEAD8, 4, "ort"),
+    "ort-gptq-q4_0-head8-acc4": Variant(GPTQ_Q4_0_HEAD8, 4, "ort"),
     "ort-w8a8": Variant("zq-w8a8", 0, "ort"),
     "ort-w8a8-u8s8": Variant("zq-w8a8", 0, "ort"),
     "genai": Variant(None, 4, "genai"),

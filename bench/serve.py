@@ -3,8 +3,8 @@
 - lowbit: the demo LM compiled ``--target onnx``, ``--lowbit tied4`` (default) with the onnxruntime-genai
   builder's layout (``bench.cpu``'s ``ort-int4-tied4-acc4``: INT4 g64 layers, the tied embedding and head as one
   INT4 table, MatMulNBits accuracy level 4) or ``--lowbit q4_0`` with Q4_0's (``ort-q4_0-head8-acc4``: symmetric
-  INT4 in blocks of 32, the head INT8 as llama.cpp keeps its tied table), served by ``lowbit serve`` (continuous
-  batching, ``--max-batch`` = the most streams).
+  INT4 in blocks of 32, the head INT8 as llama.cpp keeps its tied table; ``--lowbit gptq-q4_0``: the same with
+  GPTQ), served by ``lowbit serve`` (continuous batching, ``--max-batch`` = the most streams).
 - llama.cpp: ``python -m llama_cpp.server`` (``pip install 'llama-cpp-python[server]'``, which builds llama.cpp;
   not a CI dependency) on the GGUF Q4_0 that llama.cpp's own quantizer makes of the same weights (the demo's
   SmolLM2 GGUF, requantized: its Q4_1 values are exactly the demo model's float weights).
@@ -53,7 +53,7 @@ from lowbit.runtime.engine import load_tokenizer
 
 THREADS = os.cpu_count() or 1
 # lowbit's artifact: one of bench.cpu's variants.
-VARIANTS = {"tied4": "ort-int4-tied4-acc4", "q4_0": "ort-q4_0-head8-acc4"}
+VARIANTS = {"tied4": "ort-int4-tied4-acc4", "q4_0": "ort-q4_0-head8-acc4", "gptq-q4_0": "ort-gptq-q4_0-head8-acc4"}
 
 
 def llama_gguf(out_dir: Path, rebuild: bool) -> Path:
@@ -167,8 +167,8 @@ def main() -> int:
     ap.add_argument("--decode-reps", type=int, default=3, help="batch-1 decode timings per runtime (0: skip)")
     ap.add_argument("--max-prefill-tokens", type=int, default=256, help="lowbit serve's (default 256)")
     ap.add_argument("--lowbit", default="tied4", choices=sorted(VARIANTS),
-                    help="lowbit's artifact: tied4 (the onnxruntime-genai builder's layout, default) or q4_0 "
-                         "(Q4_0's layout, the head in INT8 as llama.cpp keeps it)")
+                    help="lowbit's artifact: tied4 (the onnxruntime-genai builder's layout, default), q4_0 "
+                         "(Q4_0's layout, the head in INT8 as llama.cpp keeps it) or gptq-q4_0 (the same, GPTQ)")
     ap.add_argument("--out-dir", default="out/serve-bench")
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results to this file")
