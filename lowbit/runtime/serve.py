@@ -82,24 +82,24 @@ class Server:
         self.created = int(time.time())
 
     # ---- requests -> sequences ---------------------------------------------------------------
-    def _prompts(self, body: dict, chat: bool) -> tuple[list[list[int]], bool]:
+    def _prompts(self, body: dict, chat: bool) -> list[list[int]]:
         tok = self.engine._text
         if chat:
             try:
                 text = self.engine.chat_template().render(check_messages(body.get("messages")))
             except LowbitError as e:
                 raise BadRequest(str(e), "messages") from None
-            return tok.encode([text], add_special_tokens=False), False
+            return tok.encode([text], add_special_tokens=False)
         prompt = body.get("prompt")
         if isinstance(prompt, str):
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             prompts = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-            return [prompt], True                          # one prompt as token ids
+        elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
+            return [prompt]                                # one prompt as token ids
         else:
             raise BadRequest("prompt must be a string, a list of strings or a list of token ids", "prompt")
-        return tok.encode(prompts), True
+        return tok.encode(prompts)
 
     def submit(self, body: dict, chat: bool, sink_for) -> list:
         """Validate ``body`` and queue its sequences (prompts x n); returns their Requests (index order)."""
@@ -114,7 +114,7 @@ class Server:
         n = body.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES:
             raise BadRequest(f"n must be an integer in 1..{MAX_CHOICES}", "n")
-        rows, _ = self._prompts(body, chat)
+        rows = self._prompts(body, chat)
         vocab = self.engine._text.vocab_size
         for r in rows:
             if not r:

@@ -44,6 +44,9 @@ PACKAGES = (
     Package("onnxruntime-extensions", "onnxruntime_extensions", "a TensorRT artifact's ONNX in ONNX Runtime"),
     Package("onnxruntime-genai", "onnxruntime_genai", "bench/ peer; runs --target onnx artifacts too"),
     Package("tensorrt", "tensorrt", "lowbit build-engine, --backend tensorrt"),
+    Package("jinja2", "jinja2", "chat templates (lowbit run --chat, engine.chat, lowbit serve)"),
+    Package("fastapi", "fastapi", "lowbit serve"),
+    Package("uvicorn", "uvicorn", "lowbit serve"),
 )
 BY_MODULE = {p.module: p for p in PACKAGES}
 GPU_MIN_CAPABILITY = (8, 0)   # the Triton kernels and the TensorRT plugins: sm80 and newer
