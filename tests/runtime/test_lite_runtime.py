@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import lowbit
@@ -81,3 +82,26 @@ def test_lowbit_run_works_without_torch(model_dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     want = lowbit.load(art, backend="ort").generate(PROMPTS[0], max_new_tokens=6)
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"prompt": PROMPTS[0], "completion": want}
+
+
+def test_the_server_and_its_batcher_run_without_torch(model_dirs, tmp_path):
+    pytest.importorskip("fastapi")
+    art = lowbit.compile(str(model_dirs["llama"]), "rtn-w4g64", out=tmp_path / "a", target="onnx", quiet=True)
+    code = BLOCKED + """
+import json, lowbit
+from lowbit.runtime.sampling import GenerationSettings
+from lowbit.runtime.serve import Server, create_app
+server = Server(lowbit.load(sys.argv[1], backend="ort"), "m")
+create_app(server)
+server.batcher.start()
+reqs = [server.batcher.submit(server.engine._text.encode([p])[0], GenerationSettings(max_new_tokens=6))
+        for p in json.loads(sys.argv[2])]
+print(json.dumps([r.result() for r in reqs]))
+server.batcher.close()
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(art), json.dumps(PROMPTS)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    eng = lowbit.load(art, backend="ort")
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [eng.generate(p, max_new_tokens=6) for p in PROMPTS]
