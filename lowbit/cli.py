@@ -47,23 +47,27 @@ def _lkd_flags(a) -> dict:
 
 
 def _cmd_run(a) -> int:
+    from dataclasses import asdict
+
     import lowbit
     from lowbit.errors import LowbitError
     from lowbit.runtime.sampling import GenerationSettings
+    from lowbit.runtime.text import CHAT_MAX_NEW_TOKENS
 
     if a.json and a.stream:
         raise LowbitError("--json prints whole completions; drop --stream (or --json)")
     if not a.prompt and not a.chat:
         raise LowbitError("give a prompt with --prompt (-p), or --chat to chat on stdin")
     settings = GenerationSettings(                     # its ranges checked before the model loads
-        max_new_tokens=a.max_new_tokens if a.max_new_tokens is not None else 256 if a.chat else 32, do_sample=a.sample,
+        max_new_tokens=a.max_new_tokens if a.max_new_tokens is not None else CHAT_MAX_NEW_TOKENS if a.chat else 32,
+        do_sample=a.sample,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
         repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
         frequency_penalty=a.frequency_penalty, seed=a.seed, stop=tuple(a.stop or ()))
     # lowbit.load, not Engine.load: without torch an ONNX artifact still runs (runtime/lite.py).
     eng = lowbit.load(a.artifact, backend=a.backend, provider=a.provider, device=a.device, dtype=a.dtype,
                       kernels=a.kernels, verify=a.verify_key or True)
-    kw = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
+    kw = asdict(settings)
     if a.chat:
         return _chat(eng, a, kw)
     if a.stream:

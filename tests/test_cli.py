@@ -220,7 +220,11 @@ def test_run_sampling_ranges_are_checked_before_loading(args, needle, tmp_path, 
 
 def test_check_sampling_edges_and_types():
     from lowbit.errors import LowbitError
-    from lowbit.runtime.sampling import check_sampling
+    from lowbit.runtime.sampling import GenerationSettings
+
+    def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p):
+        GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                           top_p=top_p)
 
     check_sampling(1, False, 0.0, 0, 1.0)          # greedy: temperature 0 is the usual "greedy"
     check_sampling(1, True, 1e-3, 5, 1e-6)

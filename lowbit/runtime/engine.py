@@ -79,6 +79,7 @@ class Engine(TextGeneration):
     __call__ = forward
 
     # ---- generation (text: runtime.text.TextGeneration) --------------------------------------
+    @torch.inference_mode()         # every generation path (generate_ids, text, the batcher) steps through here
     def _step_np(self, ids, mask, positions, cache):
         logits, cache = self.runner.step(*(torch.from_numpy(a) for a in (ids, mask, positions)), cache)
         # The next token is picked on the CPU whatever the device: the last position's logits only.
@@ -92,10 +93,6 @@ class Engine(TextGeneration):
         Settings: ``runtime.sampling.GenerationSettings``."""
         s = GenerationSettings.of(max_new_tokens=max_new_tokens, **settings)
         return torch.from_numpy(self._generate_np(input_ids.cpu().numpy(), attention_mask.cpu().numpy(), s))
-
-    @torch.inference_mode()
-    def events(self, prompts, settings, add_special_tokens=True):
-        yield from super().events(prompts, settings, add_special_tokens)
 
     # ---- encoders --------------------------------------------------------------------------
     @torch.inference_mode()

@@ -94,12 +94,6 @@ def check(s: GenerationSettings) -> None:
         raise LowbitError(f"stop_at_eos must be true or false, got {s.stop_at_eos!r}")
 
 
-def check_sampling(max_new_tokens, do_sample: bool, temperature, top_k, top_p) -> None:
-    """The ranges of the basic settings (``check`` on the settings they make)."""
-    GenerationSettings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                       top_p=top_p)
-
-
 def sequence_rng(seed: Optional[int], index: int) -> np.random.Generator:
     """The random stream of sequence ``index`` of a call: its own, so a sequence samples the same tokens whatever
     else runs beside it (another batch, a server's other requests)."""

@@ -3,6 +3,7 @@ different lengths, and leave it as they finish, get the tokens each gets alone, 
 Runtime's plain graph, and on its GroupQueryAttention graph (whose keys are rotated when rows move slots)."""
 
 import threading
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def load(arts, name):
 def alone(eng, prompt, settings):
     ids = eng._text.encode([prompt])[0] if isinstance(prompt, str) else prompt
     out = eng.generate_ids(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
-                           **{f: getattr(settings, f) for f in settings.__dataclass_fields__})
+                           **asdict(settings))
     return out[0, len(ids):].tolist()
 
 
