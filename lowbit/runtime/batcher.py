@@ -1,21 +1,18 @@
 """Continuous batching: requests join and leave one running batch between decode steps, each with its own
 settings, random stream, text and KV cache rows (``runtime.generation.Sequence``), on any engine.
 
-One thread (``Batcher.start``) owns the engine and runs the loop:
+One thread (``Batcher.start``) owns the engine and runs the loop, each turn:
 
-1. waiting requests (up to ``max_batch`` running in all, about ``max_prefill_tokens`` prompt tokens per step) are
-   prefilled together, left-padded among themselves, and pick their first token;
-2. their cache joins the running batch's: the narrower of the two is padded on the left (mask 0) to the wider;
+1. waiting requests are admitted while fewer than ``max_batch`` are running or prefilling;
+2. prefill: the admitted prompts, in order, each in its own cache, in chunks of at most ``max_prefill_tokens``
+   prompt tokens per turn in all while rows are decoding (the running streams wait for them, so a chunk bounds
+   that wait); a prompt prefilled whole picks its first token and its row joins the running batch;
 3. one decode step for every running row, each row picking its next token from its own logits;
-4. finished and cancelled rows leave: their cache rows are dropped, then the leading columns no row needs.
+4. finished and cancelled rows leave.
 
-The runner gives ``start``/``step`` (as for ``runtime.generation``) and two cache operations:
-``cache_rows(cache, rows, left, width, capacity)`` (keep ``rows``' first ``width`` slots, then pad ``left`` > 0
-empty slots at the front or drop -``left``; in buffers of ``capacity`` slots where the graph writes its cache in
-place) and ``cache_concat(caches)`` (along the batch). Rows keep their positions through both: positions come
-from the mask, and a graph that rotates by cache slot instead (ONNX Runtime's GroupQueryAttention) has its keys
-rotated by the shift (``ort_session``). Requests see their text through a queue; the caller's thread never
-touches the engine.
+The running batch's cache is ``runtime.kv_rows``'s: rows in buffers the graph writes in place, where a join or
+leave copies one row (ONNX Runtime's GroupQueryAttention on the CPU), or the cache each step returns, merged and
+split. Requests see their text through a queue; the caller's thread never touches the engine.
 """
 
 from __future__ import annotations
@@ -28,11 +25,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.generation import Sequence, check_context, mask_positions, pad_rows
+from lowbit.runtime import kv_rows
+from lowbit.runtime.generation import Sequence, check_context
 from lowbit.runtime.sampling import GenerationSettings
 
 DONE = object()
-TRIM_SLOTS = 64         # leading cache slots no row reads are dropped once there are this many (or a quarter)
 
 
 class Request:
@@ -46,6 +43,7 @@ class Request:
         self.events: "queue.Queue" = queue.Queue()
         self.put = sink or self.events.put
         self.cancelled = threading.Event()
+        self.prefilled, self.cache = 0, None          # prompt tokens in its own cache, before it joins
 
     @property
     def prompt_tokens(self) -> int:
@@ -90,21 +88,27 @@ class Batcher:
                 raise LowbitError(f"the {engine.backend} backend cannot batch requests continuously (no {op}); "
                                   "use --backend torch or ort")
         self.engine, self.runner, self.max_batch = engine, engine.runner, max_batch
-        # Running rows wait while joiners prefill: at most this many (padded) prompt tokens join per step, so a
-        # wave of arrivals spreads over steps instead of stalling every stream at once.
+        # Running rows wait while prompts prefill: at most this many prompt tokens per turn, so an arrival costs
+        # every stream a bounded gap, spread over turns, instead of one long stall.
         self.max_prefill_tokens = max_prefill_tokens
-        # A graph that writes its cache in place (ONNX Runtime's GroupQueryAttention) decodes into buffers sized
-        # at each join and leave, so a step copies nothing.
-        self.in_place = bool(getattr(engine.runner, "in_place_cache", False))
-        self.pad = int(engine._eos[0]) if engine._eos else 0
+        self.rows = kv_rows.for_runner(engine.runner, max_batch)
+        self.in_place = isinstance(self.rows, kv_rows.SlotRows) or self.rows.in_place
         self.decode = engine._text.decode if engine._text is not None else None
         self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []
         self.running: list[Request] = []
-        self.cache, self.mask = None, np.zeros((0, 0), np.int64)
         self.cond = threading.Condition()
         self.closed = False
         self.thread: Optional[threading.Thread] = None
         self.steps = 0                              # decode steps run, for tests and statistics
+
+    @property
+    def cache(self):
+        return self.rows.cache
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.rows.mask
 
     # ---- the caller's side -------------------------------------------------------------------
     def submit(self, prompt: list[int], settings: GenerationSettings, index: int = 0,
@@ -135,83 +139,96 @@ class Batcher:
         if self.thread is not None:
             self.thread.join(timeout)
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
     # ---- the loop ----------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.waiting and not self.running and not self.closed:
+                while not self.busy and not self.closed:
                     self.cond.wait()
-                if self.closed and not self.running and not self.waiting:
+                if self.closed and not self.busy:
                     return
-                joining = self._admit()
+                admitted = self._admit()
             try:
-                self.step(joining)
+                self.step(admitted)
             except Exception as e:  # noqa: BLE001  (every request hears of it; the loop carries on)
-                self._fail(list(dict.fromkeys(joining + self.running)), e)
+                self._fail(list(dict.fromkeys(admitted + self.prefilling + self.running)), e)
 
     def _admit(self) -> list[Request]:
-        """The waiting requests that join now, first come first served: while the batch has rows free and the
-        merged batch stays within the model's context until its next change (a slot past it has no position in
-        a graph that rotates by slot), so a long prompt waits for rows to leave rather than be passed by others."""
-        joining, width, longest = [], self.mask.shape[1], 0
-        while self.waiting and len(self.running) + len(joining) < self.max_batch:
-            r = self.waiting[0]
-            w = max(width, len(r.seq.prompt))
-            rows = self.running + joining
-            if rows and w + self._remaining(rows + [r]) > self.engine.max_positions:
-                break
-            if joining and (len(joining) + 1) * max(longest, len(r.seq.prompt)) > self.max_prefill_tokens:
-                break
-            joining.append(self.waiting.popleft())
-            width, longest = w, max(longest, len(r.seq.prompt))
-        return joining
+        """The waiting requests that start prefilling now, first come first served, while rows are free."""
+        admitted = []
+        while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_batch:
+            admitted.append(self.waiting.popleft())
+        return admitted
 
     @staticmethod
     def _remaining(reqs: list[Request]) -> int:
-        return max(r.seq.settings.max_new_tokens - len(r.seq.tokens) for r in reqs)
+        return max((r.seq.settings.max_new_tokens - len(r.seq.tokens) for r in reqs), default=0)
 
-    def step(self, joining: list[Request]) -> None:
-        """Admit ``joining``, run one decode step, let finished rows go (the loop's body; tests call it)."""
-        for r in joining:
-            if self._gone(r):
-                r.put(DONE)
-        joining = [r for r in joining if not self._gone(r)]
-        if joining:
-            self._join(joining)
-            self._leave()
+    def step(self, admitted: list[Request]) -> None:
+        """Prefill (``admitted`` join the prefilling), run one decode step, let finished rows go (the loop's body;
+        tests call it)."""
+        self.prefilling += admitted
+        self._prefill()
         if self.running:
             self._decode()
             self._leave()
 
-    def _capacity(self, width: int, reqs: list[Request]) -> int:
-        """Cache slots the rows need until the next join or leave (each of which reallocates): the width plus the
-        most tokens any of them may still make. 0 for runners whose cache grows by itself."""
-        return width + self._remaining(reqs) if self.in_place else 0
+    def _prefill(self) -> None:
+        # With no row decoding, nobody waits on a prompt: the first prefills whole.
+        budget = self.max_prefill_tokens if self.running else None
+        for r in list(self.prefilling):
+            if self._gone(r):
+                self._drop(r)
+                continue
+            prompt = r.seq.prompt
+            if r.prefilled < len(prompt):
+                take = len(prompt) - r.prefilled if budget is None else min(budget, len(prompt) - r.prefilled)
+                if take == 0:
+                    return
+                if r.cache is None:
+                    r.cache = self.rows.prefill_cache(len(prompt), r.seq.settings.max_new_tokens)
+                end = r.prefilled + take
+                logits, r.cache = self.engine._step_np(prompt[None, r.prefilled:end], np.ones((1, end), np.int64),
+                                                       np.arange(r.prefilled, end)[None], r.cache)
+                r.prefilled, budget = end, None if budget is None else budget - take
+                if end < len(prompt):
+                    return
+                self._pick([r], logits)
+            if not self._fits(r):           # waits for rows to leave, and the ones behind it wait too
+                return
+            if self._gone(r):
+                self._drop(r)
+                continue
+            self.prefilling.remove(r)
+            self.rows.join(r.cache, len(prompt), self._remaining(self.running + [r]))
+            r.cache = None
+            self.running.append(r)
+            budget = self.max_prefill_tokens if budget is None else budget
 
-    def _join(self, joining: list[Request]) -> None:
-        ids, mask = pad_rows([r.seq.prompt.tolist() for r in joining], self.pad)
-        cache = self.runner.start(len(joining), self._capacity(mask.shape[1], joining))
-        logits, cache = self.engine._step_np(ids, mask, mask_positions(mask), cache)
-        self._pick(joining, logits)
-        if self.running:
-            width = max(mask.shape[1], self.mask.shape[1])
-            everyone = self.running + joining
-            capacity = self._capacity(width, everyone)
-            grow_old, grow_new = width - self.mask.shape[1], width - mask.shape[1]
-            cache = self.runner.cache_concat([
-                self.runner.cache_rows(self.cache, list(range(len(self.running))), grow_old, self.mask.shape[1],
-                                       capacity),
-                self.runner.cache_rows(cache, list(range(len(joining))), grow_new, mask.shape[1], capacity)])
-            mask = np.concatenate([np.pad(self.mask, ((0, 0), (grow_old, 0))), np.pad(mask, ((0, 0), (grow_new, 0)))])
-        self.cache, self.mask = cache, mask
-        self.running += joining
+    def _fits(self, r: Request) -> bool:
+        """Whether the batch with ``r`` stays within the model's context until its next change (a slot past it has
+        no position in a graph that rotates by slot)."""
+        if not self.running:
+            return True
+        return max(self.rows.width, len(r.seq.prompt)) + self._remaining(self.running + [r]) \
+            <= self.engine.max_positions
+
+    def _drop(self, r: Request) -> None:
+        self.prefilling.remove(r)
+        r.cache = None
+        r.put(DONE)
 
     def _decode(self) -> None:
+        cache = self.rows.step_cache()
         nxt = np.array([r.seq.tokens[-1] for r in self.running], np.int64)
-        mask = np.concatenate([self.mask, np.ones((len(self.running), 1), np.int64)], axis=1)
+        mask = np.concatenate([self.rows.mask, np.ones((len(self.running), 1), np.int64)], axis=1)
         positions = mask.sum(1, keepdims=True) - 1
-        logits, self.cache = self.engine._step_np(nxt[:, None], mask, positions, self.cache)
-        self.mask = mask
+        logits, cache = self.engine._step_np(nxt[:, None], mask, positions, cache)
+        self.rows.stepped(cache)
         self.steps += 1
         self._pick(self.running, logits)
 
@@ -228,17 +245,8 @@ class Batcher:
         for r in self.running:
             if self._gone(r):
                 r.put(DONE)
-        self.running = [self.running[i] for i in keep]
-        if not keep:
-            self.cache, self.mask = None, np.zeros((0, 0), np.int64)
-            return
-        mask = self.mask[keep]
-        first = int(np.argmax(mask.any(0)))          # leading columns no remaining row reads
-        # Dropped only when they are many: dropping moves every row (a copy, and a rotation by slot).
-        first = first if first >= max(TRIM_SLOTS, mask.shape[1] // 4) else 0
-        self.cache = self.runner.cache_rows(self.cache, keep, -first, mask.shape[1],
-                                            self._capacity(mask.shape[1] - first, self.running))
-        self.mask = mask[:, first:]
+        order = self.rows.leave(keep, self._remaining([self.running[i] for i in keep]))
+        self.running = [self.running[i] for i in order]
 
     @staticmethod
     def _gone(r: Request) -> bool:
@@ -247,6 +255,8 @@ class Batcher:
     def _fail(self, reqs: list[Request], error: BaseException) -> None:
         error = error if isinstance(error, LowbitError) else LowbitError(f"generation failed: {error}")
         for r in reqs:
+            r.cache = None
             r.put(error)
             r.put(DONE)
-        self.running, self.cache, self.mask = [], None, np.zeros((0, 0), np.int64)
+        self.prefilling, self.running = [], []
+        self.rows = kv_rows.for_runner(self.runner, self.max_batch)

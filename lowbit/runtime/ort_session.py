@@ -23,6 +23,8 @@ from lowbit.errors import LowbitError
 from lowbit.format import artifact
 from lowbit.runtime.generation import mask_positions
 
+_NO_SLOT_ROTARY = ("this artifact's GroupQueryAttention rotates by cache slot and its manifest does not record the "
+                   "rotation; recompile it with --target onnx to batch requests continuously")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -90,6 +92,8 @@ class OrtSession:
         # GroupQueryAttention rotates by cache slot: moving rows' cache to other slots needs their keys rotated.
         self.slot_rotary = _slot_rotary(info) if fused else None
         self.slot_rotary_missing = bool(fused) and (self.slot_rotary is None or not self.in_place_cache)
+        # Continuous batching keeps such a cache in host buffers, one row per request (runtime.kv_rows.SlotRows).
+        self.host_slots = self.in_place_cache and self.device == "cpu"
 
     def new_session(self, providers: list, profile_prefix: Optional[str] = None,
                     optimized_model: Optional[str] = None):
@@ -189,8 +193,7 @@ class OrtSession:
         import onnxruntime as ort
 
         if left and self.slot_rotary_missing:
-            raise LowbitError("this artifact's GroupQueryAttention rotates by cache slot and its manifest does not "
-                              "record the rotation; recompile it with --target onnx to batch requests continuously")
+            raise LowbitError(_NO_SLOT_ROTARY)
         out = []
         for i, value in enumerate(cache):
             a = (value.numpy() if isinstance(value, ort.OrtValue) else np.asarray(value))[rows][:, :, :width]
@@ -205,6 +208,34 @@ class OrtSession:
                 rotate_slots(dst[:, :, max(left, 0):slots], left, self.slot_rotary)
             out.append(ort.OrtValue.ortvalue_from_numpy(dst, self.device, 0))
         return KVBuffers(out, capacity) if capacity else out
+
+    def slot_buffers(self, rows: int, capacity: int) -> list[np.ndarray]:
+        """Host buffers [rows, heads, capacity, dim] for a cache of ``rows`` sequences (``slot_view`` binds them)."""
+        values = self.kv.get("value_dim", self.kv["head_dim"])
+        return [np.zeros((rows, h, capacity, d), self.kv_dtype)
+                for h, dk, dv in zip(self.kv["kv_heads"], self.kv["head_dim"], values) for d in (dk, dv)]
+
+    def slot_view(self, buffers: list[np.ndarray], rows: int) -> KVBuffers:
+        """The first ``rows`` rows of host ``buffers`` as a cache the graph writes in place: ONNX Runtime's CPU
+        tensors over the same memory (a row-major prefix of rows is contiguous)."""
+        import onnxruntime as ort
+
+        view = KVBuffers([ort.OrtValue.ortvalue_from_numpy(b[:rows], "cpu", 0) for b in buffers], buffers[0].shape[2])
+        view.host = buffers
+        return view
+
+    def slot_copy(self, dst: list[np.ndarray], dst_rows: list[int], dst_start: int, src: list[np.ndarray],
+                  src_rows: list[int], src_start: int, length: int) -> None:
+        """Slots [src_start, + length) of ``src``'s rows into slots from ``dst_start`` of ``dst``'s rows (host
+        buffers, the same ones allowed), keys rotated by the move in a graph that rotates by slot."""
+        shift = dst_start - src_start
+        if shift and self.slot_rotary_missing:
+            raise LowbitError(_NO_SLOT_ROTARY)
+        for i, (d, s) in enumerate(zip(dst, src)):
+            block = s[src_rows, :, src_start:src_start + length]           # a copy: moves may overlap
+            if shift and self.slot_rotary is not None and i % 2 == 0:
+                rotate_slots(block, shift, self.slot_rotary)
+            d[dst_rows, :, dst_start:dst_start + length] = block
 
     def cache_concat(self, caches: list) -> list:
         """Caches of the same width (or capacity), one after another along the batch."""

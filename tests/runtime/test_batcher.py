@@ -1,6 +1,7 @@
-"""Continuous batching (runtime/batcher.py): requests that join a running batch at different steps, with prompts of
-different lengths, and leave it as they finish, get the tokens each gets alone, on the torch backend, on ONNX
-Runtime's plain graph, and on its GroupQueryAttention graph (whose keys are rotated when rows move slots)."""
+"""Continuous batching (runtime/batcher.py, runtime/kv_rows.py): requests that join a running batch at different
+steps, with prompts of different lengths prefilled whole or in chunks, and leave it as they finish, get the tokens
+each gets alone, on the torch backend, on ONNX Runtime's plain graph, and on its GroupQueryAttention graph (rows in
+buffers written in place, whose keys are rotated when rows move slots)."""
 
 import threading
 from dataclasses import asdict
@@ -11,7 +12,7 @@ import torch
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.runtime import ort_session
+from lowbit.runtime import kv_rows, ort_session
 from lowbit.runtime.batcher import Batcher
 from lowbit.runtime.sampling import GenerationSettings
 
@@ -32,7 +33,11 @@ def arts(model_dirs, tmp_path_factory):
 def load(arts, name):
     if name == "torch":
         return lowbit.load(arts[name], backend="torch", kernels="reference")
-    return lowbit.load(arts[name], backend="ort")
+    eng = lowbit.load(arts[name.replace("-merged", "")], backend="ort")
+    # As on a GPU, where the cache is not in host memory: the in-place graph's rows merged and split instead.
+    if name.endswith("-merged"):
+        eng.runner.host_slots = False
+    return eng
 
 
 def alone(eng, prompt, settings):
@@ -42,11 +47,11 @@ def alone(eng, prompt, settings):
     return out[0, len(ids):].tolist()
 
 
-def batched(eng, settings, schedule=SCHEDULE, max_batch=16):
-    b = Batcher(eng, max_batch=max_batch)
+def batched(eng, settings, schedule=SCHEDULE, max_batch=16, max_prefill_tokens=256):
+    b = Batcher(eng, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
     b.kinds = set()
     reqs, step = [], 0
-    while len(reqs) < len(PROMPTS) or b.running or b.waiting:
+    while len(reqs) < len(PROMPTS) or b.busy:
         while len(reqs) < len(PROMPTS) and schedule[len(reqs)] <= step:
             reqs.append(b.submit(eng._text.encode([PROMPTS[len(reqs)]])[0], settings))
         b.step(b._admit())
@@ -55,22 +60,26 @@ def batched(eng, settings, schedule=SCHEDULE, max_batch=16):
     return reqs, b
 
 
-@pytest.mark.parametrize("name", ["torch", "ort-gqa", "ort-plain"])
-@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=10, stop_at_eos=False),
-                                      GenerationSettings(max_new_tokens=10, stop_at_eos=False, do_sample=True,
-                                                         top_p=0.9, seed=5)], ids=["greedy", "sampled"])
-def test_joining_and_leaving_rows_get_their_tokens_alone(arts, name, settings):
+GREEDY = GenerationSettings(max_new_tokens=10, stop_at_eos=False)
+SAMPLED = GenerationSettings(max_new_tokens=10, stop_at_eos=False, do_sample=True, top_p=0.9, seed=5)
+
+
+@pytest.mark.parametrize("name", ["torch", "ort-gqa", "ort-plain", "ort-gqa-merged"])
+@pytest.mark.parametrize("settings,chunk", [(GREEDY, 256), (SAMPLED, 256), (GREEDY, 3)],
+                         ids=["greedy", "sampled", "greedy-chunked"])
+def test_joining_and_leaving_rows_get_their_tokens_alone(arts, name, settings, chunk):
     eng = load(arts, name)
-    if name == "ort-gqa":
+    if name.startswith("ort-gqa"):
         assert eng.runner.slot_rotary is not None and eng.manifest["onnx"]["fusions"]["GroupQueryAttention"] == 2
-    reqs, b = batched(eng, settings)
+    reqs, b = batched(eng, settings, max_prefill_tokens=chunk)
     for prompt, req in zip(PROMPTS, reqs):
         assert req.seq.tokens == alone(eng, prompt, settings), (name, prompt)
         assert req.finish_reason == "length" and req.completion_tokens == 10
     assert b.steps < 3 * 9                           # the rows shared decode steps
     # GroupQueryAttention's graph decodes into buffers written in place; the others grow their caches.
-    assert b.in_place == (name == "ort-gqa") and ("KVBuffers" in b.kinds) == (name == "ort-gqa")
-    assert not b.running and b.cache is None
+    assert b.in_place == name.startswith("ort-gqa") and ("KVBuffers" in b.kinds) == name.startswith("ort-gqa")
+    assert isinstance(b.rows, kv_rows.SlotRows) == (name == "ort-gqa")
+    assert not b.busy and b.cache is None
 
 
 def shifted_step_error(eng, shift):
@@ -192,16 +201,68 @@ def test_a_prompt_that_would_push_the_batch_past_the_context_waits(arts):
     assert second.seq.tokens == alone(eng, long, second.seq.settings)
 
 
-def test_a_wave_of_prompts_joins_within_the_prefill_budget(arts):
-    eng = load(arts, "torch")
-    settings = GenerationSettings(max_new_tokens=6, stop_at_eos=False)
+def test_prompts_prefill_in_chunks_while_the_running_rows_decode(arts):
+    eng = load(arts, "ort-gqa")
+    settings = GenerationSettings(max_new_tokens=12, stop_at_eos=False)
     rows = [eng._text.encode([p])[0] for p in PROMPTS]
-    b = Batcher(eng, max_prefill_tokens=2 * max(map(len, rows)))
+    b = Batcher(eng, max_prefill_tokens=3)
     reqs = [b.submit(r, settings) for r in rows]
     b.step(b._admit())
-    assert len(b.running) == 2 and len(b.waiting) == 1             # two prompts' worth this step, one the next
-    while b.running or b.waiting:
+    assert b.running[0] is reqs[0] and reqs[0].completion_tokens == 2    # nothing was decoding: whole prompt
+    assert sum(r.prefilled for r in reqs[1:]) <= 3 and len(rows[2]) > 3        # then the budget
+    while b.busy:
+        before = [r.prefilled for r in reqs] + [len(reqs[0].seq.tokens)]
         b.step(b._admit())
+        after = [r.prefilled for r in reqs] + [len(reqs[0].seq.tokens)]
+        assert sum(after[:3]) - sum(before[:3]) <= 3                       # the budget per turn
+        assert after[3] == min(before[3] + 1, 12)                          # and the first row made its token
     assert [r.seq.tokens for r in reqs] == [alone(eng, r, settings) for r in rows]
     with pytest.raises(LowbitError, match="max_prefill_tokens"):
         Batcher(eng, max_prefill_tokens=0)
+
+
+def slot_join_error(eng):
+    """Max |logits| difference between a short prompt's next step decoded in a row beside a longer prompt (its cache
+    moved right, into in-place rows) and the same step alone; and the logits' scale."""
+    long, short = (np.array([eng._text.encode([p])[0]]) for p in PROMPTS[:2])
+    rows = kv_rows.SlotRows(eng.runner, 4)
+    last = []
+    for ids in (long, short):
+        n = ids.shape[1]
+        logits, cache = eng._step_np(ids, np.ones_like(ids), np.arange(n)[None], rows.prefill_cache(n, 4))
+        rows.join(cache, n, 4)
+        last.append(logits.argmax(-1))
+    assert rows.mask[1].sum() == short.shape[1] < rows.width           # the short row was moved right
+    mask = np.pad(rows.mask, ((0, 0), (0, 1)), constant_values=1)
+    got, _ = eng._step_np(np.array(last), mask, mask.sum(1, keepdims=True) - 1, rows.step_cache())
+    n = short.shape[1]
+    _, cache = eng._step_np(short, np.ones_like(short), np.arange(n)[None], eng.runner.start(1, n + 1))
+    want, _ = eng._step_np(last[1][None], np.ones((1, n + 1), np.int64), np.array([[n]]), cache)
+    return np.abs(got[1] - want[0]).max(), np.abs(want).max()
+
+
+def test_a_row_joins_in_place_with_its_keys_rotated(arts, monkeypatch):
+    eng = load(arts, "ort-gqa")
+    err, scale = slot_join_error(eng)
+    assert err < 1e-5 * max(scale, 1), err
+    monkeypatch.setattr(ort_session, "rotate_slots", lambda keys, shift, inv: keys)         # negative control
+    err, scale = slot_join_error(eng)
+    assert err > 1e-3 * max(scale, 1), err
+
+
+def test_in_place_rows_copy_only_the_rows_that_join_or_move(arts, monkeypatch):
+    eng = load(arts, "ort-gqa")
+    copies = []
+    real = eng.runner.slot_copy
+    monkeypatch.setattr(eng.runner, "slot_copy", lambda dst, rows, *a: (copies.append(len(rows)), real(dst, rows, *a)))
+    settings = [GenerationSettings(max_new_tokens=n, stop_at_eos=False) for n in (9, 3, 6, 6)]
+    b = Batcher(eng, max_prefill_tokens=3)
+    prompts = [eng._text.encode([p])[0] for p in PROMPTS] + [eng._text.encode(["one more"])[0]]
+    reqs = [b.submit(p, s) for p, s in zip(prompts, settings)]
+    orders = []
+    while b.busy:
+        b.step(b._admit())
+        orders.append([reqs.index(r) for r in b.running])
+    assert [r.seq.tokens for r in reqs] == [alone(eng, p, s) for p, s in zip(prompts, settings)]
+    assert [0, 2] in orders and [3, 2] in orders          # the last row filled the hole the first left
+    assert copies and max(copies) == 1 and b.rows.capacity > 0         # never the whole batch
