@@ -4,7 +4,8 @@
   builder's layout (``bench.cpu``'s ``ort-int4-tied4-acc4``: INT4 g64 layers, the tied embedding and head as one
   INT4 table, MatMulNBits accuracy level 4) or ``--lowbit q4_0`` with Q4_0's (``ort-q4_0-head8-acc4``: symmetric
   INT4 in blocks of 32, the head INT8 as llama.cpp keeps its tied table; ``--lowbit gptq-q4_0``: the same with
-  GPTQ), served by ``lowbit serve`` (continuous batching, ``--max-batch`` = the most streams).
+  GPTQ), served by ``lowbit serve`` (continuous batching; ``--lowbit-serve`` lists its ``--max-batch`` and
+  ``--max-prefill-tokens`` settings, one server each, default the most streams and 256).
 - llama.cpp: ``python -m llama_cpp.server`` (``pip install 'llama-cpp-python[server]'``, which builds llama.cpp;
   not a CI dependency) on the GGUF Q4_0 that llama.cpp's own quantizer makes of the same weights (the demo's
   SmolLM2 GGUF, requantized: its Q4_1 values are exactly the demo model's float weights).
@@ -165,7 +166,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=2, help="rounds per level, the servers alternating (default 2)")
     ap.add_argument("--ppl-windows", type=int, default=20, help="eval.txt windows of 512 for perplexity (0: skip)")
     ap.add_argument("--decode-reps", type=int, default=3, help="batch-1 decode timings per runtime (0: skip)")
-    ap.add_argument("--max-prefill-tokens", type=int, default=256, help="lowbit serve's (default 256)")
+    ap.add_argument("--lowbit-serve", default="",
+                    help="comma list of lowbit serve settings MAX_BATCH:MAX_PREFILL_TOKENS, one server each, all "
+                         "measured in the same run (default: the most streams:256)")
     ap.add_argument("--lowbit", default="tied4", choices=sorted(VARIANTS),
                     help="lowbit's artifact: tied4 (the onnxruntime-genai builder's layout, default), q4_0 "
                          "(Q4_0's layout, the head in INT8 as llama.cpp keeps it) or gptq-q4_0 (the same, GPTQ)")
@@ -179,6 +182,11 @@ def main() -> int:
                          "'lowbit[serve]'")
     import llama_cpp
     levels = [int(s) for s in args.streams.split(",")]
+    try:
+        configs = [tuple(int(v) for v in c.split(":")) for c in (args.lowbit_serve or f"{max(levels)}:256").split(",")]
+        assert all(len(c) == 2 and min(c) >= 1 for c in configs)
+    except (ValueError, AssertionError):
+        raise SystemExit("--lowbit-serve takes MAX_BATCH:MAX_PREFILL_TOKENS pairs, e.g. 16:256,4:16") from None
     out_dir = Path(args.out_dir)
     paths = ensure_assets()
     variant = VARIANTS[args.lowbit]
@@ -218,18 +226,20 @@ def main() -> int:
     prompts = [tok.decode(text_ids[i * args.prompt_tokens:(i + 1) * args.prompt_tokens])
                for i in range(max(levels) * args.requests)]
     eos = load_tokenizer(art / "tokenizer").eos_token_id
-    ports = {"lowbit": free_port(), "llama.cpp": free_port()}
+    names = [f"lowbit {b}:{p}" for b, p in configs]
+    ports = {k: free_port() for k in names + ["llama.cpp"]}
     servers = {
-        "lowbit": [sys.executable, "-m", "lowbit", "serve", str(art), "--port", str(ports["lowbit"]), "--name",
-                   "demo", "--max-batch", str(max(levels)), "--max-prefill-tokens", str(args.max_prefill_tokens)],
+        **{k: [sys.executable, "-m", "lowbit", "serve", str(art), "--port", str(ports[k]), "--name", "demo",
+               "--max-batch", str(b), "--max-prefill-tokens", str(p)] for k, (b, p) in zip(names, configs)},
         "llama.cpp": [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "demo",
                       "--host", "127.0.0.1", "--port", str(ports["llama.cpp"]), "--n_ctx", "4096",
                       "--n_threads", str(THREADS), "--n_threads_batch", str(THREADS),
                       "--interrupt_requests", "False"],       # its default cuts a request short when another comes
     }
     # Greedy to exactly --new-tokens tokens: lowbit takes vLLM's ignore_eos, llama.cpp a logit bias on EOS.
-    extra = {"lowbit": {"ignore_eos": True}, "llama.cpp": {"logit_bias": {str(eos): -100.0}}}
-    procs = {k: start(cmd, ports[k], out_dir / f"{k}.log") for k, cmd in servers.items()}
+    extra = {**{k: {"ignore_eos": True} for k in names}, "llama.cpp": {"logit_bias": {str(eos): -100.0}}}
+    procs = {k: start(cmd, ports[k], out_dir / f"{k.replace(' ', '-').replace(':', '-')}.log")
+             for k, cmd in servers.items()}
     rows = []
     try:
         for k in procs:                                       # untimed: first requests set up
@@ -244,7 +254,7 @@ def main() -> int:
                 row = {"server": k, "streams": streams,
                        **{m: statistics.median(x[m] for x in r) for m in r[0]}}
                 rows.append(row)
-                print(f"{k:>9} x{streams:<3} {row['tokens_per_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50'] * 1e3:7.0f} "
+                print(f"{k:>16} x{streams:<3} {row['tokens_per_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50'] * 1e3:7.0f} "
                       f"p99 {row['ttft_p99'] * 1e3:7.0f} ms  ITL p50 {row['itl_p50'] * 1e3:6.1f} p99 "
                       f"{row['itl_p99'] * 1e3:6.1f} ms  ({row['chunks_per_request']:.1f} chunks/request)", flush=True)
     finally:
@@ -257,9 +267,11 @@ def main() -> int:
                 p.kill()
     result["load"] = rows
     for streams in levels:
-        a, b = (next(r for r in rows if r["server"] == k and r["streams"] == streams) for k in ("lowbit", "llama.cpp"))
-        print(f"x{streams}: lowbit / llama.cpp throughput {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
-              f"ITL p99 {a['itl_p99'] / b['itl_p99']:.2f}x, TTFT p50 {a['ttft_p50'] / b['ttft_p50']:.2f}x")
+        b = next(r for r in rows if r["server"] == "llama.cpp" and r["streams"] == streams)
+        for k in names:
+            a = next(r for r in rows if r["server"] == k and r["streams"] == streams)
+            print(f"x{streams}: {k} / llama.cpp throughput {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, "
+                  f"ITL p99 {a['itl_p99'] / b['itl_p99']:.2f}x, TTFT p50 {a['ttft_p50'] / b['ttft_p50']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
