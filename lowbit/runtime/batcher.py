@@ -158,9 +158,10 @@ class Batcher:
                 self._fail(list(dict.fromkeys(admitted + self.prefilling + self.running)), e)
 
     def _admit(self) -> list[Request]:
-        """The waiting requests that start prefilling now, first come first served, while rows are free."""
+        """The waiting requests that start prefilling now, first come first served, while rows are free, and one
+        more: it prefills ahead, all but its last token, so it joins as soon as a row frees."""
         admitted = []
-        while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_batch:
+        while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) <= self.max_batch:
             admitted.append(self.waiting.popleft())
         return admitted
 
@@ -185,8 +186,11 @@ class Batcher:
                 self._drop(r)
                 continue
             prompt = r.seq.prompt
-            if r.prefilled < len(prompt):
-                take = len(prompt) - r.prefilled if budget is None else min(budget, len(prompt) - r.prefilled)
+            # Without a free row the last token waits: its logits pick the first token, and the next would only
+            # come once the request has a row.
+            end = len(prompt) - (len(self.running) >= self.max_batch)
+            if r.prefilled < end:
+                take = end - r.prefilled if budget is None else min(budget, end - r.prefilled)
                 if take == 0:
                     return
                 if r.cache is None:
@@ -198,6 +202,8 @@ class Batcher:
                 if end < len(prompt):
                     return
                 self._pick([r], logits)
+            elif r.prefilled < len(prompt):                 # prefilled ahead, still no free row
+                return
             if not self._fits(r):           # waits for rows to leave, and the ones behind it wait too
                 return
             if self._gone(r):
@@ -214,7 +220,7 @@ class Batcher:
         no position in a graph that rotates by slot)."""
         if not self.running:
             return True
-        return max(self.rows.width, len(r.seq.prompt)) + self._remaining(self.running + [r]) \
+        return len(self.running) < self.max_batch and max(self.rows.width, len(r.seq.prompt)) + self._remaining(self.running + [r]) \
             <= self.engine.max_positions
 
     def _drop(self, r: Request) -> None:

@@ -119,10 +119,10 @@ class SlotRows:
     def join(self, cache, length: int, remaining: int) -> None:
         """Add one row, copied from ``cache`` (from ``prefill_cache``: ``length`` tokens in slots [0, length))."""
         n = len(self.mask)
+        self._reserve(max(self.width, length) + remaining)
         if length > self.width and n:           # the joiner is wider than the batch: every row moves right
-            self._move(length - self.width, remaining)
+            self._shift(length - self.width)
         width = max(self.width, length)
-        self._reserve(width + remaining)
         self.runner.slot_copy(self.buffers, [n], width - length, cache.host, [0], 0, length)
         row = np.zeros((1, width), np.int64)
         row[:, width - length:] = 1
@@ -130,7 +130,7 @@ class SlotRows:
 
     def leave(self, keep: list[int], remaining: int) -> list[int]:
         """Keep rows ``keep``: the last rows fill the holes the others leave. Returns which old row each new row
-        is."""
+        is. (Leading slots no row reads stay until the buffers run out of slots.)"""
         n, kept = len(keep), set(keep)
         holes = [i for i in range(n) if i not in kept]
         movers = [i for i in keep if i >= n]
@@ -139,28 +139,29 @@ class SlotRows:
             order[hole] = src
         if holes:
             self.runner.slot_copy(self.buffers, holes, 0, self.buffers, movers, 0, self.width)
-        self.mask = self.mask[order]
-        if n:
-            first = _leading(self.mask)
-            if first:
-                self._move(-first, remaining)
+        self.mask = self.mask[order] if n else np.zeros((0, 0), np.int64)
         return order
 
-    def _move(self, shift: int, remaining: int) -> None:
-        """Every row's slots moved by ``shift`` (> 0: empty slots added at the front, < 0: dropped)."""
+    def _shift(self, shift: int) -> None:
+        """Every row's slots moved by ``shift`` (> 0: empty slots added at the front, < 0: dropped), in place."""
         length = self.width - max(-shift, 0)
-        self._reserve(length + max(shift, 0) + remaining)
         rows = list(range(len(self.mask)))
         self.runner.slot_copy(self.buffers, rows, max(shift, 0), self.buffers, rows, max(-shift, 0), length)
         self.mask = np.pad(self.mask, ((0, 0), (shift, 0))) if shift > 0 else self.mask[:, -shift:]
 
     def _reserve(self, slots: int) -> None:
-        """Buffers of at least ``slots`` slots: reallocated with slack (the rows copied) when smaller."""
+        """Room for ``slots`` slots: the leading slots no row reads dropped (every row moves), or when that is not
+        enough, buffers reallocated with slack (the rows copied, without those slots)."""
         if slots <= self.capacity:
             return
+        first = int(np.argmax(self.mask.any(0))) if len(self.mask) else self.width
+        if first and slots - first <= self.capacity:
+            self._shift(-first)
+            return
+        slots -= first
         capacity = slots + max(SLACK_SLOTS, slots // 2)
         buffers = self.runner.slot_buffers(self.max_batch, capacity)
-        if self.buffers is not None and len(self.mask):
+        if len(self.mask):
             rows = list(range(len(self.mask)))
-            self.runner.slot_copy(buffers, rows, 0, self.buffers, rows, 0, self.width)
-        self.buffers, self.capacity = buffers, capacity
+            self.runner.slot_copy(buffers, rows, 0, self.buffers, rows, first, self.width - first)
+        self.buffers, self.capacity, self.mask = buffers, capacity, self.mask[:, first:]
