@@ -3,7 +3,8 @@ settings, random stream, text and KV cache rows (``runtime.generation.Sequence``
 
 One thread (``Batcher.start``) owns the engine and runs the loop, each turn:
 
-1. waiting requests are admitted while fewer than ``max_batch`` are running or prefilling;
+1. waiting requests are admitted while fewer than ``max_batch`` are running or prefilling, and one more, which
+   prefills ahead of a free row (all but its last token);
 2. prefill: the admitted prompts, in order, each in its own cache, in chunks of at most ``max_prefill_tokens``
    prompt tokens per turn in all while rows are decoding (the running streams wait for them, so a chunk bounds
    that wait); a prompt prefilled whole picks its first token and its row joins the running batch;

@@ -8,8 +8,9 @@ when it has fewer tokens than the widest.
 - ``MergedRows``: the cache the runner returns each step (the torch program, ONNX graphs that concatenate their
   cache): a join pads the narrower of the two caches on the left and concatenates them, a leave selects rows.
 
-Both drop the leading slots no row reads once there are many (every row moves then). Positions come from the
-mask, except in a graph that rotates by slot: there the runner rotates moved keys by the move.
+Both drop the leading slots no row reads (every row moves then): ``MergedRows`` once there are many,
+``SlotRows`` when its buffers run out of slots. Positions come from the mask, except in a graph that rotates by
+slot: there the runner rotates moved keys by the move.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ SLACK_SLOTS = 64        # SlotRows' buffers grow by at least this many slots (or
 def for_runner(runner, max_batch: int):
     """The rows a runner batches in: ``SlotRows`` where its cache lives in host buffers the graph writes in place."""
     return SlotRows(runner, max_batch) if getattr(runner, "host_slots", False) else MergedRows(runner)
+
+
+def slack(slots: int) -> int:
+    """Slots ``SlotRows`` buffers get beyond the ``slots`` they need: at least SLACK_SLOTS, or half."""
+    return max(SLACK_SLOTS, slots // 2)
 
 
 def _leading(mask: np.ndarray) -> int:
@@ -159,7 +165,7 @@ class SlotRows:
             self._shift(-first)
             return
         slots -= first
-        capacity = slots + max(SLACK_SLOTS, slots // 2)
+        capacity = slots + slack(slots)
         buffers = self.runner.slot_buffers(self.max_batch, capacity)
         if len(self.mask):
             rows = list(range(len(self.mask)))

@@ -47,13 +47,13 @@ def alone(eng, prompt, settings):
     return out[0, len(ids):].tolist()
 
 
-def batched(eng, settings, schedule=SCHEDULE, max_batch=16, max_prefill_tokens=256):
+def batched(eng, settings, schedule=SCHEDULE, max_batch=16, max_prefill_tokens=256, prompts=PROMPTS):
     b = Batcher(eng, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens)
     b.kinds = set()
     reqs, step = [], 0
-    while len(reqs) < len(PROMPTS) or b.busy:
-        while len(reqs) < len(PROMPTS) and schedule[len(reqs)] <= step:
-            reqs.append(b.submit(eng._text.encode([PROMPTS[len(reqs)]])[0], settings))
+    while len(reqs) < len(prompts) or b.busy:
+        while len(reqs) < len(prompts) and schedule[len(reqs)] <= step:
+            reqs.append(b.submit(eng._text.encode([prompts[len(reqs)]])[0], settings))
         b.step(b._admit())
         b.kinds.add(type(b.cache).__name__)
         step += 1
@@ -266,3 +266,19 @@ def test_in_place_rows_copy_only_the_rows_that_join_or_move(arts, monkeypatch):
     assert [r.seq.tokens for r in reqs] == [alone(eng, p, s) for p, s in zip(prompts, settings)]
     assert [0, 2] in orders and [3, 2] in orders          # the last row filled the hole the first left
     assert copies and max(copies) == 1 and b.rows.capacity > 0         # never the whole batch
+
+
+def test_in_place_rows_that_run_out_of_slots_drop_leading_ones_or_grow(arts, monkeypatch):
+    eng = load(arts, "ort-gqa")
+    monkeypatch.setattr(kv_rows, "slack", lambda slots: 1)             # buffers full at every turn
+    events = []
+    for name in ("_shift", "_reserve"):
+        real = getattr(kv_rows.SlotRows, name)
+        monkeypatch.setattr(kv_rows.SlotRows, name, lambda self, n, _real=real, _name=name:
+                            events.append((_name, n, self.capacity, _real(self, n) or self.capacity)))
+    for prompts, schedule, chunk in ((PROMPTS, [0, 1, 6], 4), (PROMPTS[::-1], [0, 1, 2], 256)):
+        reqs, b = batched(eng, GREEDY, schedule=schedule, max_prefill_tokens=chunk, prompts=prompts)
+        assert [r.seq.tokens for r in reqs] == [alone(eng, p, GREEDY) for p in prompts]
+    assert any(e[0] == "_shift" and e[1] < 0 for e in events)            # leading slots dropped in place
+    assert any(e[0] == "_shift" and e[1] > 0 for e in events)            # rows moved right for a wider joiner
+    assert any(e[0] == "_reserve" and 0 < e[2] < e[3] for e in events)     # and the buffers grew, rows copied
