@@ -396,8 +396,9 @@ def _add_serve(sub) -> None:
     r.add_argument("--default-max-tokens", action=_COUNT, default=256,
                    help="tokens generated when a request names no max_tokens (default 256)")
     r.add_argument("--max-prefill-tokens", action=_COUNT, default=256,
-                   help="prompt tokens that join the running batch per decode step: fewer keeps the running "
-                        "streams' token gaps short, more shortens the time to a first token (default 256)")
+                   help="prompt tokens prefilled per decode step while sequences decode (longer prompts "
+                        "prefill in chunks): fewer keeps the running streams' token gaps short, more shortens the "
+                        "time to a first token (default 256)")
     r.add_argument("--backend", default="auto", help="auto | torch | ort")
     r.add_argument("--provider", default="auto", help="ONNX Runtime provider for --backend ort: auto | cpu | cuda")
     _runtime_device_args(r)

@@ -28,19 +28,22 @@ import numpy as np
 from lowbit.errors import LowbitError
 from lowbit.runtime import kv_rows
 from lowbit.runtime.generation import Sequence, check_context
-from lowbit.runtime.sampling import GenerationSettings
+from lowbit.runtime.sampling import GenerationSettings, token_logprobs
 
 DONE = object()
+MAX_LOGPROBS = 20        # alternatives per token (OpenAI's top_logprobs limit)
 
 
 class Request:
-    """One prompt's place in the batcher: iterate it for ``(text, finish reason or None)`` events as they come,
-    or ``result()`` for the whole text; ``cancel()`` frees its row at the next step. With a ``sink``, the events
-    go to ``sink(event)`` instead (called on the batcher's thread; an asyncio server forwards them to its loop):
-    ``(text, finish reason)`` tuples, a LowbitError if generation failed, then ``DONE``."""
+    """One prompt's place in the batcher: iterate it for ``(text, finish reason or None, logprobs or None)``
+    events, one per token, as they come, or ``result()`` for the whole text; ``cancel()`` frees its row at the
+    next step. With a ``sink``, the events go to ``sink(event)`` instead (called on the batcher's thread; an
+    asyncio server forwards them to its loop): those tuples, a LowbitError if generation failed, then ``DONE``.
+    ``logprobs`` (top alternatives, 0 or more): each event carries ``(token id, its log-probability, [(id,
+    log-probability)] of the likeliest)`` (``sampling.token_logprobs``)."""
 
-    def __init__(self, seq: Sequence, sink: Optional[Callable] = None):
-        self.seq = seq
+    def __init__(self, seq: Sequence, sink: Optional[Callable] = None, logprobs: Optional[int] = None):
+        self.seq, self.logprobs = seq, logprobs
         self.events: "queue.Queue" = queue.Queue()
         self.put = sink or self.events.put
         self.cancelled = threading.Event()
@@ -71,7 +74,7 @@ class Request:
             yield item
 
     def result(self) -> str:
-        return "".join(text for text, _ in self)
+        return "".join(event[0] for event in self)
 
 
 class Batcher:
@@ -113,13 +116,15 @@ class Batcher:
 
     # ---- the caller's side -------------------------------------------------------------------
     def submit(self, prompt: list[int], settings: GenerationSettings, index: int = 0,
-               sink: Optional[Callable] = None) -> Request:
+               sink: Optional[Callable] = None, logprobs: Optional[int] = None) -> Request:
         """Queue one prompt (token ids), sequence ``index`` of its call (its random stream); refused at once when
-        it cannot run (empty, longer than the context)."""
+        it cannot run (empty, longer than the context). ``logprobs``: see ``Request``."""
         if not prompt:
             raise LowbitError("empty prompt; give some text to continue")
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= MAX_LOGPROBS):
+            raise LowbitError(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {logprobs!r}")
         check_context(len(prompt), settings.max_new_tokens, self.engine.max_positions)
-        req = Request(Sequence(prompt, settings, self.engine._eos, index, self.decode), sink)
+        req = Request(Sequence(prompt, settings, self.engine._eos, index, self.decode), sink, logprobs)
         with self.cond:
             if self.closed:
                 raise LowbitError("the batcher is shut down")
@@ -242,8 +247,9 @@ class Batcher:
     def _pick(self, reqs: list[Request], logits: np.ndarray) -> None:
         for row, r in enumerate(reqs):
             if r.seq.finish_reason is None and not r.cancelled.is_set():
-                piece = r.seq.push(r.seq.next_token(logits[row]))
-                r.put((piece, r.seq.finish_reason))
+                token = r.seq.next_token(logits[row])
+                lp = None if r.logprobs is None else (token, *token_logprobs(logits[row], token, r.logprobs))
+                r.put((r.seq.push(token), r.seq.finish_reason, lp))
 
     def _leave(self) -> None:
         keep = [i for i, r in enumerate(self.running) if not self._gone(r)]

@@ -165,3 +165,14 @@ def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
     out = np.zeros_like(p)
     out[order[keep]] = sorted_p[keep]
     return out / out.sum()
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under the model's own distribution (the raw logits' log-softmax, before
+    any penalty or cut: what OpenAI's and vLLM's ``logprobs`` report), and the ``top`` likeliest tokens' (id,
+    log-probability), likeliest first."""
+    x = logits.astype(np.float64)
+    lp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+    best = np.argpartition(-lp, top - 1)[:top] if 0 < top < len(lp) else np.arange(len(lp) if top else 0)
+    best = best[np.argsort(-lp[best], kind="stable")]
+    return float(lp[token]), [(int(i), float(lp[i])) for i in best]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lowbit.errors import LowbitError
-from lowbit.runtime.batcher import DONE, Batcher
+from lowbit.runtime.batcher import DONE, MAX_LOGPROBS, Batcher
 from lowbit.runtime.chat import check_messages
 from lowbit.runtime.sampling import GenerationSettings
 
@@ -30,7 +30,7 @@ class ServeLimits:
     max_waiting: int = 256            # sequences queued beyond the batch before requests get HTTP 503
     request_timeout: float = 600.0    # seconds a request may run (then HTTP 504, or an error event mid-stream)
     default_max_tokens: int = 256     # when a request names none (within the context)
-    max_prefill_tokens: int = 256     # prompt tokens that join the batch per decode step
+    max_prefill_tokens: int = 256     # prompt tokens prefilled per decode step while sequences decode
 
 
 class BadRequest(Exception):
@@ -106,9 +106,16 @@ class Server:
         if body.get("model") not in (None, self.name):
             raise BadRequest(f"model '{body.get('model')}' is not served here; this server serves '{self.name}'",
                              "model", 404)
-        for field in ("logprobs", "top_logprobs", "tools", "functions", "suffix", "logit_bias"):
+        for field in ("tools", "functions", "suffix", "logit_bias"):
             if body.get(field) not in (None, False, 0, {}, []):
                 raise BadRequest(f"{field} is not supported by lowbit serve", field)
+        logprobs = requested_logprobs(body, chat)
+        options = body.get("stream_options")
+        if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}
+                                    or not isinstance(options.get("include_usage", False), bool)):
+            raise BadRequest("stream_options takes only include_usage (true or false)", "stream_options")
+        if options is not None and not body.get("stream"):
+            raise BadRequest("stream_options is only allowed when stream is true", "stream_options")
         if body.get("echo"):
             raise BadRequest("echo is not supported by lowbit serve", "echo")
         n = body.get("n", 1)
@@ -131,12 +138,66 @@ class Server:
         try:
             for r, s in zip(rows, settings):
                 for i in range(n):
-                    reqs.append(self.batcher.submit(r, s, index=i, sink=sink_for(len(reqs))))
+                    reqs.append(self.batcher.submit(r, s, index=i, sink=sink_for(len(reqs)), logprobs=logprobs))
         except LowbitError as e:
             for q in reqs:
                 q.cancel()
             raise BadRequest(str(e)) from None
         return reqs
+
+
+def requested_logprobs(body: dict, chat: bool) -> Optional[int]:
+    """Alternatives per token the request wants log-probabilities of (None: no logprobs): chat's ``logprobs``
+    (true / false) and ``top_logprobs``, completions' ``logprobs`` (a count)."""
+    if chat:
+        on, top = body.get("logprobs"), body.get("top_logprobs")
+        if on not in (None, True, False):
+            raise BadRequest("logprobs must be true or false", "logprobs")
+        if top is not None and not on:
+            raise BadRequest("top_logprobs needs logprobs set to true", "top_logprobs")
+        if top is not None and not (type(top) is int and 0 <= top <= MAX_LOGPROBS):
+            raise BadRequest(f"top_logprobs must be an integer in 0..{MAX_LOGPROBS}", "top_logprobs")
+        return (top or 0) if on else None
+    count = body.get("logprobs")
+    if count is not None and not (type(count) is int and 0 <= count <= MAX_LOGPROBS):
+        raise BadRequest(f"logprobs must be an integer in 0..{MAX_LOGPROBS}", "logprobs")
+    return count
+
+
+class Logprobs:
+    """One choice's token log-probabilities in OpenAI's shapes: ``chat()`` ({"content": [{"token", "logprob",
+    "bytes", "top_logprobs"}]}) or ``completion()`` (tokens, token_logprobs, top_logprobs, text_offset); each
+    call takes the entries added since the last, so a stream sends each token's once."""
+
+    def __init__(self, token_text):
+        self.text, self.pending, self.offset = token_text, [], 0
+
+    def add(self, entry) -> None:
+        if entry is not None:
+            self.pending.append(entry)
+
+    def _take(self) -> list:
+        out, self.pending = self.pending, []
+        return out
+
+    def chat(self) -> dict:
+        def one(token, lp):
+            text = self.text(token)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in top]}
+                            for t, lp, top in self._take()]}
+
+    def completion(self) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp, top in self._take():
+            text = self.text(t)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({self.text(i): v for i, v in top})
+            out["text_offset"].append(self.offset)
+            self.offset += len(text)
+        return out
 
 
 def usage(reqs, n: int) -> dict:
@@ -183,7 +244,8 @@ def create_app(server: Server):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": len(server.batcher.running), "waiting": len(server.batcher.waiting)}
+        b = server.batcher
+        return {"status": "ok", "running": len(b.running), "prefilling": len(b.prefilling), "waiting": len(b.waiting)}
 
     @app.get("/v1/models")
     async def models():
@@ -213,9 +275,12 @@ def create_app(server: Server):
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": server.name}
         if body.get("stream"):
-            return StreamingResponse(stream(reqs, queues, head, chat, request), media_type="text/event-stream")
+            with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(stream(reqs, queues, head, chat, body.get("n", 1) if with_usage else 0),
+                                     media_type="text/event-stream")
+        logprobs = [Logprobs(token_text) for _ in reqs]
         try:
-            texts = await asyncio.wait_for(asyncio.gather(*(collect(q) for q in queues)),
+            texts = await asyncio.wait_for(asyncio.gather(*(collect(q, lp) for q, lp in zip(queues, logprobs))),
                                            server.limits.request_timeout)
         except asyncio.TimeoutError:
             return fail(BadRequest(f"the request ran past {server.limits.request_timeout:g} s", None, 504))
@@ -224,12 +289,17 @@ def create_app(server: Server):
         finally:
             for r in reqs:
                 r.cancel()
-        choices = [{"index": i, "finish_reason": r.finish_reason, "logprobs": None,
+        wants = reqs[0].logprobs is not None
+        choices = [{"index": i, "finish_reason": r.finish_reason,
+                    "logprobs": (lp.chat() if chat else lp.completion()) if wants else None,
                     **({"message": {"role": "assistant", "content": t}} if chat else {"text": t})}
-                   for i, (r, t) in enumerate(zip(reqs, texts))]
+                   for i, (r, t, lp) in enumerate(zip(reqs, texts, logprobs))]
         return {**head, "choices": choices, "usage": usage(reqs, body.get("n", 1))}
 
-    async def collect(q: asyncio.Queue) -> str:
+    def token_text(token: int) -> str:
+        return server.engine._text.decode([token])
+
+    async def collect(q: asyncio.Queue, logprobs: Logprobs) -> str:
         text = ""
         while True:
             item = await q.get()
@@ -238,9 +308,15 @@ def create_app(server: Server):
             if isinstance(item, BaseException):
                 raise item
             text += item[0]
+            logprobs.add(item[2])
 
-    async def stream(reqs, queues, head, chat: bool, request: Request):
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    async def stream(reqs, queues, head, chat: bool, usage_n: int):
+        """Server-sent chunks; with ``usage_n`` (the request's n, when it asked for stream_options.include_usage)
+        every chunk carries ``usage`` null and a last one, without choices, the usage."""
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion",
+                **({"usage": None} if usage_n else {})}
+        wants = reqs[0].logprobs is not None
+        logprobs = [Logprobs(token_text) for _ in reqs]
         merged: asyncio.Queue = asyncio.Queue()
 
         async def forward(i, q):
@@ -270,12 +346,17 @@ def create_app(server: Server):
                 if isinstance(item, BaseException):
                     yield sse(error_body(str(item), "server_error"))
                     break
-                text, finish = item
+                text, finish, lp = item
+                logprobs[i].add(lp)
                 if not text and finish is None:
                     continue
-                choice = {"index": i, "finish_reason": finish, "logprobs": None}
+                choice = {"index": i, "finish_reason": finish,
+                          "logprobs": (logprobs[i].chat() if chat else logprobs[i].completion()) if wants else None}
                 choice.update({"delta": {"content": text} if text else {}} if chat else {"text": text})
                 yield sse({**head, "choices": [choice]})
+            else:
+                if usage_n:
+                    yield sse({**head, "choices": [], "usage": usage(reqs, usage_n)})
             yield "data: [DONE]\n\n"
         finally:
             # Reached on completion and when the client goes away (Starlette cancels this generator): the rows

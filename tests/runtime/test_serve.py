@@ -9,7 +9,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+import torch
 
 import lowbit
 
@@ -118,12 +120,63 @@ def test_concurrent_requests_each_get_their_own_text(served):
     (json.dumps({"prompt": "x", "max_tokens": 100000}).encode(), 400, "exceeds the model's context"),
     (json.dumps({"prompt": 7}).encode(), 400, "prompt must be"),
     (json.dumps({"prompt": [1, 10 ** 9]}).encode(), 400, "token ids must be"),
-    (json.dumps({"prompt": "x", "logprobs": 3}).encode(), 400, "logprobs is not supported"),
+    (json.dumps({"prompt": "x", "logprobs": 99}).encode(), 400, "logprobs must be"),
+    (json.dumps({"prompt": "x", "stream_options": {"include_usage": True}}).encode(), 400, "only allowed when"),
+    (json.dumps({"prompt": "x", "stream": True, "stream_options": {"x": 1}}).encode(), 400, "include_usage"),
+    (json.dumps({"prompt": "x", "logit_bias": {"1": 5}}).encode(), 400, "logit_bias is not supported"),
     (json.dumps({"prompt": "x", "model": "gpt-9"}).encode(), 404, "is not served here"),
 ])
 def test_malformed_requests_get_4xx_with_a_json_error(served, body, status, needle):
     code, doc = post(served[3] + "/v1/completions", body)
     assert code == status and needle in doc["error"]["message"], doc
+
+
+def model_logprobs(engine, prompt_ids, tokens, shift=0):
+    """log-softmax of the engine's own logits at each generated token's position (``shift``: a wrong position,
+    the control), and the generated tokens' entries."""
+    ids = torch.tensor([list(prompt_ids) + list(tokens)])
+    logits = engine.forward(ids)[0].double()
+    lp = torch.log_softmax(logits, -1)[len(prompt_ids) - 1 - shift:len(prompt_ids) - 1 - shift + len(tokens)]
+    return lp, lp[torch.arange(len(tokens)), torch.tensor(tokens)]
+
+
+def test_logprobs_are_the_models_own(served):
+    client, _, engine, _ = served
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=3,
+                                    extra_body={"ignore_eos": True})
+    c = got.choices[0]
+    ids = engine._text.encode([PROMPTS[0]])[0]
+    tokens = [engine._text.encode([t], add_special_tokens=False)[0] for t in c.logprobs.tokens]
+    assert all(len(t) == 1 for t in tokens) and "".join(c.logprobs.tokens) == c.text
+    tokens = [t[0] for t in tokens]
+    full, want = model_logprobs(engine, ids, tokens)
+    assert np.allclose(c.logprobs.token_logprobs, want.numpy(), atol=1e-4)
+    _, wrong = model_logprobs(engine, ids, tokens, shift=1)                       # the check can fail
+    assert not np.allclose(c.logprobs.token_logprobs, wrong.numpy(), atol=1e-4)
+    for step, top in enumerate(c.logprobs.top_logprobs):
+        assert len(top) == 3 and list(top.values()) == sorted(top.values(), reverse=True)
+        assert np.isclose(max(top.values()), full[step].max().item(), atol=1e-4)   # greedy: the likeliest
+    assert c.logprobs.text_offset == list(np.cumsum([0] + [len(t) for t in c.logprobs.tokens[:-1]]))
+    messages = [{"role": "user", "content": "Hi"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                           logprobs=True, top_logprobs=2).choices[0]
+    assert len(whole.logprobs.content) == 8 and all(len(e.top_logprobs) == 2 for e in whole.logprobs.content)
+    assert "".join(e.token for e in whole.logprobs.content) == whole.message.content
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in whole.logprobs.content]
+
+
+def test_a_stream_can_end_with_its_usage(served):
+    client = served[0]
+    whole = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=5, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=5, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = list(client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=5, temperature=0, stream=True))
+    assert all(c.choices for c in plain)
 
 
 def test_malformed_chat_is_refused_by_the_client_too(served):
