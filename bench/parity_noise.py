@@ -8,6 +8,7 @@ backend. A backend difference inside the noise draws' spread is rounding, not a 
 
     python -m bench.parity_noise                       # zq-w8a8 --target onnx and --target tensorrt, 8 x 256
     python -m bench.parity_noise --recipe rtn-w4g64 --windows 4 --draws 2
+    python -m bench.parity_noise --model gemma-3-270m --targets onnx --windows 10 --seq-len 512 --draws 2
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 import lowbit
+from bench.second_model import ensure_gemma3_270m
 from lowbit.cli import run_script
 from lowbit.demo.assets import ensure_assets
 from lowbit.metrics import perplexity, read_text, windows
@@ -43,6 +45,8 @@ def row(label: str, nll: list, base: list) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="demo", choices=["demo", "gemma-3-270m"],
+                    help="the demo LM or Gemma-3-270M (bench.second_model builds it)")
     ap.add_argument("--recipe", default="zq-w8a8")
     ap.add_argument("--targets", default="onnx,tensorrt", help="comma list of targets with an ONNX model")
     ap.add_argument("--windows", type=int, default=8)
@@ -52,14 +56,16 @@ def main() -> int:
     ap.add_argument("--out", default="out/parity-noise")
     args = ap.parse_args()
     paths = ensure_assets(quiet=True)
-    arts = {t: lowbit.compile("demo", args.recipe, out=Path(args.out) / f"{args.recipe}-{t}", target=t, force=True,
-                              quiet=True, **({"trt_precision": "float32"} if t == "tensorrt" else {}))
+    model = "demo" if args.model == "demo" else str(ensure_gemma3_270m(quiet=True))
+    prefix = "" if args.model == "demo" else f"{args.model}-"
+    arts = {t: lowbit.compile(model, args.recipe, out=Path(args.out) / f"{prefix}{args.recipe}-{t}", target=t,
+                              force=True, quiet=True, **({"trt_precision": "float32"} if t == "tensorrt" else {}))
             for t in args.targets.split(",")}
     # The torch backend once: every target ships the same program to it.
     torch_engine = lowbit.load(next(iter(arts.values())), backend="torch", kernels="reference")
     wins = windows(torch_engine.tokenizer, read_text(paths["eval"]), args.seq_len, args.windows)
     base = window_nll(torch_engine, wins)
-    print(f"CPU: {describe_cpu()}; torch {torch.__version__}; {args.recipe}, {args.windows} windows x "
+    print(f"CPU: {describe_cpu()}; torch {torch.__version__}; {args.model}, {args.recipe}, {args.windows} windows x "
           f"{args.seq_len} of eval.txt; ratios to the torch backend (reference kernels), percent\n")
     print("| run | mean | per window |\n|---|---|---|")
     gm = torch_engine.runner.gm

@@ -76,7 +76,10 @@ def _drop_unused_outputs(graph) -> None:
 
 
 def _unfuse_rms_norm(graph, node) -> None:
-    """SimplifiedLayerNormalization(x, w) over the last axis -> w * x / sqrt(mean(x * x) + eps), in float32."""
+    """SimplifiedLayerNormalization(x, w) over the last axis -> w * (x * 1 / sqrt(mean(x ^ 2) + eps)), in float32:
+    the exported norm's own ops in its order (``ops.rms_norm_reference``'s). Rounded differently, a norm that
+    feeds a per-token INT8 quantization moves codes across rounding boundaries, and W8A8 models amplify such
+    flips (tests/lowering/onnx/test_onnx.py, Gemma-3)."""
     import numpy as np
     import onnx_ir as ir
 
@@ -92,11 +95,13 @@ def _unfuse_rms_norm(graph, node) -> None:
 
     axes = const("axes", np.array([-1], np.int64))
     eps = const("eps", np.array(attrs.get("epsilon", 1e-5), np.float32))
-    square = ir.Node("", "Mul", [x, x])
+    two = const("two", np.array(2.0, np.float32))
+    square = ir.Node("", "Pow", [x, two])
     mean = ir.Node("", "ReduceMean", [square.outputs[0], axes], [ir.AttrInt64("keepdims", 1)])
-    rms = ir.Node("", "Sqrt", [ir.Node("", "Add", [mean.outputs[0], eps]).outputs[0]])
-    add = rms.inputs[0].producer()
-    normed = ir.Node("", "Div", [x, rms.outputs[0]])
+    add = ir.Node("", "Add", [mean.outputs[0], eps])
+    rms = ir.Node("", "Sqrt", [add.outputs[0]])
+    inv = ir.Node("", "Reciprocal", [rms.outputs[0]])
+    normed = ir.Node("", "Mul", [x, inv.outputs[0]])
     out = ir.Node("", "Mul", [w, normed.outputs[0]])
-    ir.convenience.replace_nodes_and_values(graph, node, [node], [square, mean, add, rms, normed, out],
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [square, mean, add, rms, inv, normed, out],
                                             [node.outputs[0]], [out.outputs[0]])

@@ -197,6 +197,13 @@ def test_w8a8_parity(arch, model_dirs, tokenizer, tmp_path):
     assert onnx_info["integer_matmuls"] == {"u8u8": onnx_info["ops"]["MatMulInteger"]}
 
 
+@pytest.mark.parametrize("arch", ["gemma", "gemma3_text"])
+def test_gemma_w8a8_parity(arch, more_model_dirs, tokenizer, tmp_path):
+    """Gemma's norm (its ``1 + w`` weight folded), scaled embedding and GELU-tanh MLP before per-token INT8
+    quantization, through ONNX Runtime's integer GEMMs: the same logits and tokens as the torch backend."""
+    _check_parity(_compile_onnx(more_model_dirs[arch], "zq-w8a8", tmp_path / "w"), tokenizer)
+
+
 def test_w4a8_mixed_parity_and_old_artifacts_refused(model_dirs, tokenizer, tmp_path):
     """INT4 MLP weights (|w| <= 8) keep ONNX Runtime's faster uint8 x int8 GEMM, INT8 attention weights go
     uint8 x uint8. An artifact without the record of its integer matmul forms predates the exactness check
