@@ -226,8 +226,9 @@ class Batcher:
         no position in a graph that rotates by slot)."""
         if not self.running:
             return True
-        return len(self.running) < self.max_batch and max(self.rows.width, len(r.seq.prompt)) + self._remaining(self.running + [r]) \
-            <= self.engine.max_positions
+        width = max(self.rows.width, len(r.seq.prompt))
+        return len(self.running) < self.max_batch and \
+            width + self._remaining(self.running + [r]) <= self.engine.max_positions
 
     def _drop(self, r: Request) -> None:
         self.prefilling.remove(r)

@@ -39,9 +39,9 @@ def _leading(mask: np.ndarray) -> int:
 
 class MergedRows:
     """The cache the runner returns each step. ``mask`` [n, width]; ``step_cache()`` for the next decode step and
-    ``stepped(cache)`` after it; ``prefill_cache(length)`` for a request's own prompt; ``join(cache, length,
-    remaining)``; ``leave(keep, remaining) -> order``. ``remaining``: the most tokens any row may still make, which
-    sizes the buffers of a graph that writes its cache in place."""
+    ``stepped(cache)`` after it; ``prefill_cache(length, remaining)`` for a request's own prompt; ``join(cache,
+    length, remaining)``; ``leave(keep, remaining) -> order``. ``remaining``: the most tokens any row may still
+    make, which sizes the buffers of a graph that writes its cache in place."""
 
     def __init__(self, runner):
         self.runner = runner
