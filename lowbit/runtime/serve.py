@@ -354,7 +354,7 @@ def create_app(server: Server):
                           "logprobs": (logprobs[i].chat() if chat else logprobs[i].completion()) if wants else None}
                 choice.update({"delta": {"content": text} if text else {}} if chat else {"text": text})
                 yield sse({**head, "choices": [choice]})
-            else:
+            else:                                   # every choice finished (no timeout, no error)
                 if usage_n:
                     yield sse({**head, "choices": [], "usage": usage(reqs, usage_n)})
             yield "data: [DONE]\n\n"
