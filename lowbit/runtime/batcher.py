@@ -194,9 +194,9 @@ class Batcher:
             prompt = r.seq.prompt
             # Without a free row the last token waits: its logits pick the first token, and the next would only
             # come once the request has a row.
-            end = len(prompt) - (len(self.running) >= self.max_batch)
-            if r.prefilled < end:
-                take = end - r.prefilled if budget is None else min(budget, end - r.prefilled)
+            upto = len(prompt) - (len(self.running) >= self.max_batch)
+            if r.prefilled < upto:
+                take = upto - r.prefilled if budget is None else min(budget, upto - r.prefilled)
                 if take == 0:
                     return
                 if r.cache is None:

@@ -31,9 +31,14 @@ def slack(slots: int) -> int:
     return max(SLACK_SLOTS, slots // 2)
 
 
+def _unread(mask: np.ndarray) -> int:
+    """The leading slots no row reads (all of them when there are no rows)."""
+    return int(np.argmax(mask.any(0))) if len(mask) else mask.shape[1]
+
+
 def _leading(mask: np.ndarray) -> int:
     """The leading slots no row reads, when there are enough to be worth moving every row."""
-    first = int(np.argmax(mask.any(0)))
+    first = _unread(mask)
     return first if first >= max(TRIM_SLOTS, mask.shape[1] // 4) else 0
 
 
@@ -160,7 +165,7 @@ class SlotRows:
         enough, buffers reallocated with slack (the rows copied, without those slots)."""
         if slots <= self.capacity:
             return
-        first = int(np.argmax(self.mask.any(0))) if len(self.mask) else self.width
+        first = _unread(self.mask)
         if first and slots - first <= self.capacity:
             self._shift(-first)
             return
