@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT = ["rtn-w4g64", "zq-w8a8", "gptq-w4g64", "rtn-w4g64-sym:onnx", "gptq-w4g64:hf-gptq"]
+DEFAULT = ["rtn-w4g64", "zq-w8a8", "gptq-w4g64", "rtn-w4g64-sym:onnx", "rtn-w4g64-sym:hf-gptq"]
 VOLATILE = {"seconds", "timings", "files", "tools", "recipe", "source", "export_seconds", "streamed"}
 
 

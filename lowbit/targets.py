@@ -36,8 +36,12 @@ TARGETS = {t.name: t for t in (
     Target("tensorrt", "the torch target plus tensorrt/model.onnx (TensorRT's dialect, lowbit plugins) for TensorRT",
            "lowbit.lowering.tensorrt.lower:LOWERING", ("tensorrt", "ort", "torch"),
            "lowbit.lowering.tensorrt.options:TensorRTOptions"),
-    Target("hf-gptq", "a transformers GPTQ checkpoint folder (for other runtimes)",
+    Target("hf-gptq", "a transformers GPTQ checkpoint folder, symmetric 4/8-bit (vLLM, transformers, GPTQModel)",
            "lowbit.lowering.hf_gptq:LOWERING", ()),
+    Target("hf-awq", "a transformers AWQ checkpoint folder, 4-bit with zero points (vLLM, transformers, GPTQModel)",
+           "lowbit.lowering.hf_awq:LOWERING", ()),
+    Target("compressed-tensors", "a compressed-tensors checkpoint folder: 2-8 bit weights, W8A8 (vLLM, transformers)",
+           "lowbit.lowering.compressed_tensors:LOWERING", ()),
 )}
 LOWERINGS = Registry("target", {t.name: t.lowering for t in TARGETS.values()})
 OPTIONS = Registry("target options", {t.name: t.options for t in TARGETS.values() if t.options})

@@ -255,3 +255,18 @@ class OrtA8(torch.nn.Module):
             return torch.ops.lowbit.ort_matmul_a8(x, self.w, self.scales, self.bias, *self.args)
         xq, sx = torch.ops.lowbit.rmsnorm_quant_int8(x, self.norm_weight, 1e-6)
         return torch.ops.lowbit.ort_matmul_a8_codes(xq, sx, self.w, self.scales, self.bias, *self.args, torch.float32)
+
+
+def dequantized_layers(artifact) -> dict[str, torch.Tensor]:
+    """{layer: float32 weight [N, K]} of a torch artifact compiled with fuse=False, from its own stored codes."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from lowbit.ops import dequantized_weight
+
+    t = load_file(str(Path(artifact) / "weights.safetensors"))
+    layers = json.loads((Path(artifact) / "graph.json").read_text())["layers"]
+    return {name: dequantized_weight(t[f"{name}.qweight"], t[f"{name}.scales"], t[f"{name}.zeros"], spec["bits"],
+                                     spec["group_size"], spec["in_features"]) for name, spec in layers.items()}

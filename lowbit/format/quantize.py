@@ -43,8 +43,6 @@ class QuantSpec:
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    # Smallest allowed asymmetric zero point: 1 for formats that store "zero - 1" (the GPTQ checkpoint).
-    min_zero: int = 0
     # Activations at this matmul's input: 0 keeps them float (weight-only, "a16"); 8 quantizes them per token
     # to symmetric INT8 at run time (W8A8), which needs symmetric weights so both operands are integers.
     act_bits: int = 0
@@ -151,13 +149,6 @@ def qparams_from_range(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec, 
         hi = torch.clamp(wmax, min=0.0)
         scale = _safe_scale((hi - lo) / maxq)
         zero = torch.clamp(rnd(-lo / scale), 0, maxq)
-        if spec.min_zero:
-            # Groups that would get a smaller zero keep it at min_zero and stretch the scale so that the
-            # group's max still lands on the top code.
-            low = zero < spec.min_zero
-            stretched = _safe_scale(hi / (maxq - spec.min_zero))
-            scale = torch.where(low, torch.maximum(stretched, scale), scale)
-            zero = torch.clamp(zero, min=spec.min_zero)
     if ste:
         return scale, zero
     return scale.to(SCALE_DTYPE), zero.to(torch.uint8)

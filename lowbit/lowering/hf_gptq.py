@@ -1,29 +1,25 @@
-"""Lowering to the standard GPTQ checkpoint (target ``hf-gptq``), servable by transformers, vLLM, GPTQModel.
+"""Lowering to the standard GPTQ checkpoint (target ``hf-gptq``), servable by vLLM, transformers, GPTQModel.
 
-The artifact is an ordinary transformers model folder (``config.json`` with ``quantization_config``,
-``model.safetensors``, tokenizer) plus lowbit's manifest. Layout per quantized linear ``L`` (GPTQ "v1",
-``checkpoint_format: gptq``), bits b in {4, 8}, f = 32 / b codes per int32:
+The artifact is an ordinary transformers model folder (``lowering/hf_checkpoint.py``). Layout per quantized
+linear ``L`` (GPTQ "v1", ``checkpoint_format: gptq``), bits b in {4, 8}, f = 32 / b codes per int32:
 
 - ``L.qweight`` int32 [K / f, N]: ``qweight[i, n] = sum_j code[n, f*i + j] << (b*j)`` (packed along K)
 - ``L.qzeros``  int32 [G, N / f]: ``qzeros[g, i] = sum_j (zero[f*i + j, g] - 1) << (b*j)`` (along N, minus one)
 - ``L.scales``  float16 [G, N];  ``L.g_idx`` int32 [K] = k // group_size;  ``L.bias`` float16 [N]
 
-G = ceil(K / group_size). lowbit's act-order uses static groups, so groups are contiguous and g_idx is
-the identity grouping: ``desc_act`` is written as false (readers then need no reordering); the
-``lowbit`` entry of the config records that act-order was used. Zero points are at least 1 (the
-pipeline asks the passes for ``min_zero = 1``) so "zero - 1" never underflows.
+G = ceil(K / group_size). Symmetric weights only: their zero point 2^(b-1) is what GPTQ readers assume, and vLLM
+takes no other (``sym=False`` is rejected). Asymmetric zero points of 0, which "zero - 1" cannot store, are
+common, so asymmetric recipes go to hf-awq or compressed-tensors, which store the real zero point. lowbit's
+act-order uses static groups, so groups are contiguous and g_idx is the identity grouping: ``desc_act`` is
+written as false (readers then need no reordering); the ``lowbit`` entry of the config records that act-order
+was used.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
-
 import torch
-from safetensors.torch import save_file
 
-from lowbit.errors import LowbitError
-from lowbit.format.quantize import unpack_codes
+from lowbit.lowering.hf_checkpoint import CheckpointLowering, codes_of
 
 SUPPORTED_BITS = (4, 8)
 
@@ -39,110 +35,43 @@ def pack_along_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def check_exportable(graph, recipe):
-    """Before any pass runs: refuse what the GPTQ config (one bits/group setting for all) cannot say."""
-    from lowbit.passes.rtn import quantizable
+class HfGptqLowering(CheckpointLowering):
+    """The ``hf-gptq`` target (``lowbit.targets``)."""
+    name, title = "hf-gptq", "the GPTQ checkpoint"
 
-    planned = list(quantizable(graph, recipe))
-    if not planned:
-        raise LowbitError("target hf-gptq needs quantized weights; use a gptq or rtn recipe, not 'fp'")
-    if recipe.scheme.quantize_embeddings:
-        raise LowbitError("target hf-gptq cannot store a quantized embedding; set quantize_embeddings = false")
-    first_site, first = planned[0]
-    for site, spec in planned:
+    def spec_refusal(self, spec):
         if spec.act_bits:
-            raise LowbitError(f"target hf-gptq is weight-only; layer {site.name} has INT{spec.act_bits} activations "
-                              "(use --target torch or onnx for W8A8 recipes)")
+            return f"GPTQ is weight-only, and the recipe has INT{spec.act_bits} activations"
         if spec.bits not in SUPPORTED_BITS:
-            raise LowbitError(f"target hf-gptq supports {' and '.join(map(str, SUPPORTED_BITS))}-bit weights; "
-                              f"layer {site.name} would have {spec.bits} bits")
+            return f"GPTQ checkpoints hold 4 and 8-bit weights, not {spec.bits}-bit"
+        if not spec.sym:
+            return ("vLLM loads only symmetric GPTQ (sym = true), and GPTQ's 'zero - 1' cannot store a zero point "
+                    "of 0")
+        return None
+
+    def shape_refusal(self, name, k, n, spec):
         f = 32 // spec.bits
-        if site.in_features % f or site.out_features % f:
-            raise LowbitError(f"target hf-gptq packs {f} codes per int32: layer {site.name} has K={site.in_features}, "
-                              f"N={site.out_features}, which must both be multiples of {f}")
-        if (spec.bits, max(spec.group_size, 0), spec.sym) != (first.bits, max(first.group_size, 0), first.sym):
-            raise LowbitError("target hf-gptq needs one bits/group/sym setting for every quantized layer; "
-                              f"{first_site.name} and {site.name} differ (remove the recipe's overrides)")
-    names = {site.name for site, _ in planned}
-    unquantized = [s.name for s in graph.sites.values() if s.name not in names and s.name != "lm_head"]
-    if unquantized:
-        raise LowbitError(f"target hf-gptq needs every block linear quantized; {unquantized[0]} would stay float "
-                          "(remove 'skip' overrides)")
+        if k % f or n % f:
+            return f"GPTQ packs {f} codes per int32, and K={k}, N={n} must both be multiples of {f}"
+        return None
 
+    def layer_tensors(self, q):
+        out = {"qweight": pack_along_rows(codes_of(q).t().contiguous(), q.spec.bits),
+               "qzeros": pack_along_rows((q.zeros.to(torch.int64) - 1).to(torch.uint8), q.spec.bits).t(),
+               "scales": q.scales.t().to(torch.float16),
+               "g_idx": (torch.arange(q.in_features, dtype=torch.int32) // q.group_size).to(torch.int32)}
+        if q.bias is not None:
+            out["bias"] = q.bias.to(torch.float16)
+        return out
 
-def layer_tensors(q) -> dict[str, torch.Tensor]:
-    codes = unpack_codes(q.qweight, q.spec.bits, q.in_features)          # [N, K]
-    k = q.in_features
-    out = {"qweight": pack_along_rows(codes.t().contiguous(), q.spec.bits),
-           "qzeros": _pack_zeros(q),
-           "scales": q.scales.t().contiguous().to(torch.float16),
-           "g_idx": (torch.arange(k, dtype=torch.int32) // q.group_size).to(torch.int32)}
-    if q.bias is not None:
-        out["bias"] = q.bias.to(torch.float16)
-    return out
-
-
-def _pack_zeros(q) -> torch.Tensor:
-    """zeros uint8 [N, G] -> int32 [G, N * bits / 32] holding zero - 1, packed along N."""
-    z = (q.zeros.to(torch.int64) - 1)                     # >= 0: zero points are at least 1
-    if int(z.min()) < 0:
-        raise LowbitError(f"layer {q.name} has a zero point of 0, which the GPTQ layout (zero - 1) cannot store; "
-                          "recompile with --target hf-gptq so the passes keep zero points >= 1")
-    return pack_along_rows(z.to(torch.uint8), q.spec.bits).t().contiguous()     # [N/f, G] -> [G, N/f]
-
-
-def write_hf_gptq(tmp, graph, loaded, recipe) -> dict:
-    """Write the GPTQ checkpoint folder into ``tmp``; returns size accounting for the manifest."""
-    from lowbit.lowering.program import artifact_tensors, size_report
-
-    tensors = {}
-    for key, t in artifact_tensors(graph, loaded.model).items():
-        name, _, leaf = key.rpartition(".")
-        if name in graph.quantized:
-            continue
-        tensors[key] = t.to(torch.float16) if t.is_floating_point() else t
-    for name, q in graph.quantized.items():
-        for leaf, t in layer_tensors(q).items():
-            tensors[f"{name}.{leaf}"] = t
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    first = next(iter(graph.quantized.values()))
-    config = loaded.config.to_dict()
-    config["torch_dtype"] = config["dtype"] = "float16"
-    config["quantization_config"] = {
-        "quant_method": "gptq", "bits": first.spec.bits,
-        "group_size": first.spec.group_size if first.spec.group_size > 0 else -1,
-        "desc_act": False, "sym": first.spec.sym, "true_sequential": True, "damp_percent": recipe.gptq.damp,
-        "static_groups": recipe.gptq.static_groups, "checkpoint_format": "gptq", "lm_head": "lm_head" in graph.quantized,
-        "lowbit": {"method": recipe.method, "act_order": recipe.gptq.act_order, "mse": recipe.scheme.mse}}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if loaded.tokenizer is not None:
-        loaded.tokenizer.save_pretrained(tmp)
-    return size_report(graph, loaded.model, (tmp / "model.safetensors").stat().st_size)
-
-
-class HfGptqLowering:
-    """The ``hf-gptq`` target (``lowbit.targets``): transformers' layer layout, so no fusion rewrites."""
-    fuse = False
-    streams = False          # writes from the transformers model's state dict
-    dtypes = ("auto", "float16")         # the GPTQ checkpoint's float16
-
-    def prepare(self, recipe, options=None):
-        for key, what in (("awq", "the norm weights it scales (awq)"),
-                          ("rotate", "the rotated embedding and norms (rotate)")):
-            if getattr(recipe, key):
-                raise LowbitError(f"target hf-gptq writes the model's own float tensors, not {what} of recipe "
-                                  f"'{recipe.name}'; use --target torch or onnx, or a recipe without {key}")
-        # The GPTQ layout stores "zero - 1": ask the passes for zero points >= 1.
-        return replace(recipe, scheme=replace(recipe.scheme, min_zero=1))
-
-    def check(self, graph, recipe):
-        check_exportable(graph, recipe)
-
-    def write(self, tmp, graph, loaded, recipe, options, timings: dict, quiet: bool) -> dict:
-        from lowbit.progress import timed
-
-        with timed(timings, "write", quiet, "writing the GPTQ checkpoint"):
-            return {"sizes": write_hf_gptq(tmp, graph, loaded, recipe)}
+    def quantization_config(self, graph, recipe):
+        first = next(iter(graph.quantized.values()))
+        return {"quant_method": "gptq", "bits": first.spec.bits,
+                "group_size": first.spec.group_size if first.spec.group_size > 0 else -1,
+                "desc_act": False, "sym": True, "true_sequential": True, "damp_percent": recipe.gptq.damp,
+                "static_groups": recipe.gptq.static_groups, "checkpoint_format": "gptq",
+                "lm_head": "lm_head" in graph.quantized,
+                "lowbit": {"method": recipe.method, "act_order": recipe.gptq.act_order, "mse": recipe.scheme.mse}}
 
 
 LOWERING = HfGptqLowering()

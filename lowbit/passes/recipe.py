@@ -148,7 +148,7 @@ class Recipe:
 
 
 # The flat form: the scheme's and GPTQ's fields by name, LKD's as "lkd_<field>" with "lkd = true" to distil.
-SCHEME_KEYS = tuple(f.name for f in fields(Scheme) if f.name not in ("overrides", "min_zero"))
+SCHEME_KEYS = tuple(f.name for f in fields(Scheme) if f.name != "overrides")
 GPTQ_KEYS = tuple(f.name for f in fields(GPTQSettings))
 LKD_KEYS = {f"lkd_{f.name}": f.name for f in fields(LKDSettings)}
 _FIELDS = {"name", "method", "awq", "rotate", "budget_bits", "lkd", "overrides", *SCHEME_KEYS, *GPTQ_KEYS, *LKD_KEYS}
@@ -159,7 +159,6 @@ _TYPES = {"name": str, "method": str, "awq": bool, "rotate": bool, "budget_bits"
           **field_types(GPTQSettings), **{k: field_types(LKDSettings)[v] for k, v in LKD_KEYS.items()},
           **field_types(Override)}
 _NOT_RECIPE_FIELDS = {
-    "min_zero": "'min_zero' is not a recipe field: the target sets it (hf-gptq stores zero points as zero - 1)",
     "fuse": "'fuse' is not a recipe field: fusion is a compile option (lowbit compile --no-fuse, or "
             "lowbit.compile(..., fuse=False))"}
 
@@ -214,6 +213,10 @@ def _builtin() -> dict[str, Recipe]:
         r[f"{base}-noact"] = Recipe(f"{base}-noact", "gptq", Scheme(bits, group),
                                     GPTQSettings(act_order=False, static_groups=False))
         r[f"{base}-mse"] = Recipe(f"{base}-mse", "gptq", Scheme(bits, group, mse=True))
+    # Symmetric GPTQ: what GPTQ checkpoints hold for vLLM (--target hf-gptq) and, at g32, GGUF's Q4_0 grid.
+    for bits, group in [(8, 128), (4, 128), (4, 64), (4, 32)]:
+        name = f"gptq-w{bits}g{group}-sym"
+        r[name] = Recipe(name, "gptq", Scheme(bits, group, sym=True))
     # Activation-aware scaling (AWQ) folded into the graph, then RTN ("awq-") or GPTQ ("awq-gptq-").
     for bits, group in [(4, 128), (4, 64), (3, 64), (2, 64)]:
         r[f"awq-w{bits}g{group}"] = Recipe(f"awq-w{bits}g{group}", "rtn", Scheme(bits, group), awq=True)

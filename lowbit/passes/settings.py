@@ -15,7 +15,6 @@ from lowbit.options import option
 
 HEAD_NAMES = ("lm_head",)
 HESSIAN_DTYPES = ("float32", "float64")
-MIN_ZEROS = (0, 1)
 LKD_DATA = ("calib", "random")
 LKD_LOSSES = ("token", "mse")
 LKD_INPUTS = ("quantized", "float")
@@ -47,9 +46,6 @@ class Scheme:
     quantize_lm_head: bool = False
     quantize_embeddings: bool = False
     overrides: tuple[Override, ...] = ()
-    # A floor on stored asymmetric zero points, set by a target whose format stores "zero - 1" (hf-gptq), never by
-    # a recipe file: above 1 it would only shrink the grid.
-    min_zero: int = 0
 
     def __post_init__(self):
         from lowbit.format.quantize import ACT_BITS, MAX_BITS, MIN_BITS
@@ -73,8 +69,6 @@ class Scheme:
             if act and not sym:
                 raise LowbitError(f"{who}act_bits={act} needs symmetric weights (sym = true) so both matmul operands "
                                   "are plain integers")
-        if self.min_zero not in MIN_ZEROS:
-            raise LowbitError(f"min_zero={self.min_zero} is out of range; valid: 0..1")
 
     def spec_for(self, layer: str, embedding: bool = False):
         """The QuantSpec for a layer name (a matmul, or the token embedding), or None when it stays float."""
@@ -84,7 +78,7 @@ class Scheme:
             return None
         if layer in HEAD_NAMES and not self.quantize_lm_head:
             return None
-        spec = QuantSpec(self.bits, self.group_size, self.sym, self.min_zero, self.act_bits)
+        spec = QuantSpec(self.bits, self.group_size, self.sym, self.act_bits)
         for o in self.overrides:
             if fnmatch.fnmatchcase(layer, o.pattern):
                 return None if o.skip else replace(spec, **o.changes())

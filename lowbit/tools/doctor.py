@@ -169,7 +169,10 @@ def usability(versions: dict, torch_info: dict, ort_info: dict) -> dict:
         "torch": (compile_base is None, compile_base or "lowbit's torch runtime artifact"),
         "onnx": (onnx_base is None, onnx_base or "onnx/model.onnx for ONNX Runtime"),
         "tensorrt": (onnx_base is None, onnx_base or f"tensorrt/model.onnx; {engine}"),
-        "hf-gptq": (compile_base is None, compile_base or "GPTQ checkpoint for transformers / vLLM"),
+        "hf-gptq": (compile_base is None, compile_base or "GPTQ checkpoint for vLLM / transformers (symmetric)"),
+        "hf-awq": (compile_base is None, compile_base or "AWQ checkpoint for vLLM / transformers (4-bit)"),
+        "compressed-tensors": (compile_base is None, compile_base or "compressed-tensors checkpoint for vLLM / "
+                               "transformers (2-8 bit, W8A8)"),
     }
 
     providers = ort_info.get("providers", [])

@@ -12,9 +12,8 @@ from dataclasses import replace
 from lowbit.passes.recipe import load_recipe
 from lowbit.cli import main
 from lowbit.compiler.pipeline import CalibrationArgs
-from lowbit.ops import dequantized_weight
 
-from tests.conftest import sample_text
+from tests.conftest import dequantized_layers, sample_text
 
 
 def read_gptq_layer(t: dict, name: str, bits: int) -> torch.Tensor:
@@ -30,40 +29,43 @@ def read_gptq_layer(t: dict, name: str, bits: int) -> torch.Tensor:
     return w.t()
 
 
-@pytest.mark.parametrize("recipe,sym", [("gptq-w4g64", False), ("rtn-w8g128", False), ("gptq-w4g64", True),
-                                        ("ar-w4g64", False)])
-def test_export_reads_back_bit_exactly(recipe, sym, model_dirs, tmp_path):
+@pytest.mark.parametrize("recipe", ["gptq-w4g64", "rtn-w8g128", "ar-w4g64"])
+def test_export_reads_back_bit_exactly(recipe, model_dirs, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(sample_text(6000, 3))
     r = load_recipe(recipe)
-    r = replace(r, scheme=replace(r.scheme, sym=sym, group_size=64, min_zero=1))   # min_zero=1: what hf-gptq asks for
-    if r.lkd is not None:               # learnt rounding: its codes, learnt on the grid hf-gptq can store
+    r = replace(r, scheme=replace(r.scheme, sym=True, group_size=64))          # GPTQ checkpoints are symmetric
+    if r.lkd is not None:               # learnt rounding: its codes, learnt on the symmetric grid
         r = replace(r, lkd=replace(r.lkd, steps=20, samples=8, seq_len=48))
     kw = dict(calib=CalibrationArgs(str(calib), 8, 48), quiet=True)
     # fuse=False: the torch artifact keeps one tensor per layer, to compare layer by layer.
     ours = lowbit.compile(str(model_dirs["llama"]), r, out=tmp_path / "torch", fuse=False, **kw)
     exp = lowbit.compile(str(model_dirs["llama"]), r, out=tmp_path / "hf", target="hf-gptq", **kw)
     qc = json.loads((exp / "config.json").read_text())["quantization_config"]
-    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"]) == ("gptq", r.scheme.bits, 64, sym)
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["sym"]) == ("gptq", r.scheme.bits, 64, True)
     assert qc["desc_act"] is False and qc["checkpoint_format"] == "gptq"
     t = load_file(str(exp / "model.safetensors"))
-    mine = load_file(str(ours / "weights.safetensors"))
-    layers = json.loads((ours / "graph.json").read_text())["layers"]
-    assert len(layers) == 14
-    for name, spec in layers.items():
-        k, n = spec["in_features"], spec["out_features"]
+    ref = dequantized_layers(ours)
+    assert len(ref) == 14
+    for name, w in ref.items():
+        n, k = w.shape
         assert t[f"{name}.qweight"].dtype == torch.int32 and t[f"{name}.qweight"].shape == (k * r.scheme.bits // 32, n)
         assert t[f"{name}.qzeros"].shape == (-(-k // 64), n * r.scheme.bits // 32)
         assert t[f"{name}.scales"].shape == (-(-k // 64), n) and t[f"{name}.g_idx"].shape == (k,)
-        ref = dequantized_weight(mine[f"{name}.qweight"], mine[f"{name}.scales"], mine[f"{name}.zeros"], r.scheme.bits,
-                                 spec["group_size"], k)
-        assert torch.equal(read_gptq_layer(t, name, r.scheme.bits), ref), name
+        assert torch.equal(read_gptq_layer(t, name, r.scheme.bits), w), name
+    # The control: the stored zero points without GPTQ's "+ 1" miss by one step.
+    name = next(iter(ref))
+    t[f"{name}.qzeros"] = t[f"{name}.qzeros"] + sum(1 << (r.scheme.bits * j) for j in range(32 // r.scheme.bits))
+    assert not torch.equal(read_gptq_layer(t, name, r.scheme.bits), ref[name])
     assert t["model.embed_tokens.weight"].dtype == torch.float16
     assert (exp / "tokenizer.json").is_file()
 
 
 def test_export_refuses_what_the_format_cannot_hold(model_dirs, tmp_path, capsys):
-    for recipe, needle in (("rtn-w3g64", "supports 4 and 8-bit"), ("fp", "needs quantized weights")):
+    for recipe, needle in (("rtn-w3g64", "hold 4 and 8-bit weights, not 3-bit; --target compressed-tensors can"),
+                           ("fp", "needs quantized weights"),
+                           ("gptq-w4g64", "only symmetric GPTQ (sym = true)"),
+                           ("zq-w8a8", "weight-only")):
         code = main(["compile", str(model_dirs["llama"]), "-r", recipe, "-t", "hf-gptq", "-o", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and needle in err[0], err

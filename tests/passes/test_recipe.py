@@ -48,7 +48,7 @@ def test_toml_with_overrides(tmp_path):
     ('[[overrides]]\npattern = 3\n', "field 'pattern' must be str, got 3"),
     ('[[overrides]]\npattern = "*"\nbits = 1\n', "bad.toml': override '*': bits=1 is out of range; valid: 2..8"),
     ('[[overrides]]\npattern = "*"\nsym = "yes"\n', "field 'sym' must be bool, got 'yes'"),
-    ("min_zero = 1\n", "'min_zero' is not a recipe field: the target sets it"),
+    ("min_zero = 1\n", "unknown field(s) min_zero; valid:"),
     ("fuse = false\n", "'fuse' is not a recipe field: fusion is a compile option (lowbit compile --no-fuse"),
     ("act_bits = 4\n", "act_bits=4; valid: 0, 8"),
     ("bits = true\n", "field 'bits' must be int, got True"),

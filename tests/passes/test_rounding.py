@@ -17,8 +17,7 @@ from lowbit.passes.rtn import quantize_layer
 
 from tests.conftest import sample_text
 
-SPECS = [QuantSpec(3, 64), QuantSpec(4, 32), QuantSpec(4, 64, sym=True), QuantSpec(8, 0, sym=True),
-         QuantSpec(4, 64, min_zero=1), QuantSpec(2, 64)]
+SPECS = [QuantSpec(3, 64), QuantSpec(4, 32), QuantSpec(4, 64, sym=True), QuantSpec(8, 0, sym=True), QuantSpec(2, 64)]
 
 
 def _weight(n=24, k=200, seed=0):

@@ -1,0 +1,170 @@
+"""The hf-awq and compressed-tensors exports: each layer read back (AWQ by an independent unpacking of AutoAWQ's
+GEMM layout, compressed-tensors by the compressed-tensors library's own decompressors) equals the torch artifact
+of the same recipe bit for bit; whole checkpoints load in transformers; what a format cannot hold is refused."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lowbit
+from lowbit.cli import main
+from lowbit.compiler.pipeline import CalibrationArgs
+from lowbit.passes.recipe import load_recipe
+from lowbit.passes.settings import Override
+
+from tests.conftest import dequantized_layers, sample_text
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def unpack_awq(words: torch.Tensor, order=AWQ_ORDER) -> torch.Tensor:
+    """int32 [R, C/8] -> codes [R, C]: nibble i of each word is column ``order[i]`` of its eight."""
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    nibbles = torch.stack([(u >> (4 * i)) & 15 for i in range(8)], dim=2)        # [R, C/8, 8] by nibble
+    out = torch.empty_like(nibbles)
+    out[:, :, list(order)] = nibbles
+    return out.reshape(words.shape[0], -1)
+
+
+def read_awq_layer(t: dict, name: str, group: int, order=AWQ_ORDER) -> torch.Tensor:
+    codes = unpack_awq(t[f"{name}.qweight"], order)                 # [K, N]
+    zeros = unpack_awq(t[f"{name}.qzeros"], order)                  # [G, N]
+    scales = t[f"{name}.scales"].float()                            # [G, N]
+    g = torch.arange(codes.shape[0]) // group
+    return ((codes - zeros[g]).float() * scales[g]).t()
+
+
+def _compile_both(model_dir, recipe, target, tmp_path, calib=False):
+    kw = dict(quiet=True)
+    if calib:
+        text = tmp_path / "calib.txt"
+        text.write_text(sample_text(6000, 3))
+        kw["calib"] = CalibrationArgs(str(text), 8, 48)
+    # fuse=False: the torch artifact keeps one tensor per layer, to compare layer by layer.
+    ours = lowbit.compile(str(model_dir), recipe, out=tmp_path / "torch", fuse=False, **kw)
+    exp = lowbit.compile(str(model_dir), recipe, out=tmp_path / target, target=target, **kw)
+    return dequantized_layers(ours), exp
+
+
+def _scheme(name, **changes):
+    r = load_recipe(name)
+    return replace(r, name=f"{name}-test", scheme=replace(r.scheme, **changes))
+
+
+@pytest.mark.parametrize("recipe,calib", [("rtn-w4g32", False), ("gptq-w4g32-sym", True)])
+def test_awq_export_reads_back_bit_exactly(recipe, calib, model_dirs, tmp_path):
+    r = _scheme("gptq-w4g64", group_size=32, sym=True) if recipe == "gptq-w4g32-sym" else load_recipe(recipe)
+    ref, exp = _compile_both(model_dirs["llama"], r, "hf-awq", tmp_path, calib)
+    qc = json.loads((exp / "config.json").read_text())["quantization_config"]
+    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "zero_point", "version")} == \
+        {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+    t = load_file(str(exp / "model.safetensors"))
+    assert len(ref) == 14
+    for name, w in ref.items():
+        n, k = w.shape
+        assert t[f"{name}.qweight"].dtype == torch.int32 and t[f"{name}.qweight"].shape == (k, n // 8)
+        assert t[f"{name}.qzeros"].shape == (k // 32, n // 8) and t[f"{name}.scales"].shape == (k // 32, n)
+        assert t[f"{name}.scales"].dtype == torch.float16
+        assert torch.equal(read_awq_layer(t, name, 32), w), name
+    # The control: the same words read in plain nibble order give other weights.
+    name = next(iter(ref))
+    assert not torch.equal(read_awq_layer(t, name, 32, order=tuple(range(8))), ref[name])
+    assert t["model.embed_tokens.weight"].dtype == torch.float16 and (exp / "tokenizer.json").is_file()
+
+
+def _ct_layer(t: dict, name: str, qc: dict) -> torch.Tensor:
+    """One layer decompressed by the compressed-tensors library, with the scheme its config gives the layer."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    config = QuantizationConfig.model_validate({k: v for k, v in qc.items() if k != "lowbit"})
+    scheme = next(s for s in config.config_groups.values() if s.targets in (["Linear"], ) or name in s.targets)
+    fmt = next(g["format"] for g in qc["config_groups"].values() if g["targets"] == scheme.targets)
+    local = {k[len(name) + 1:]: v for k, v in t.items() if k.startswith(name + ".")}
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    assert ct is not None and compressor is not None
+    return compressor.decompress(local, scheme)["weight"]
+
+
+CT_CASES = {          # recipe -> (what it tests, group formats expected)
+    "rtn-w4g32": ("asymmetric 4-bit: packed zero points", {"pack-quantized"}),
+    "rtn-w3g32": ("3-bit: codes crossing 32-bit words", {"pack-quantized"}),
+    "rtn-w8": ("asymmetric 8-bit per channel", {"pack-quantized"}),
+    "zq-w8a8": ("W8A8: int8 weights, per-token INT8 activations", {"int-quantized"}),
+    "mixed": ("INT8 attention, symmetric INT4 MLP, lm_head float", {"pack-quantized"}),
+}
+
+
+@pytest.mark.parametrize("recipe", list(CT_CASES))
+def test_compressed_tensors_export_reads_back_bit_exactly(recipe, model_dirs, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    if recipe == "mixed":
+        r = _scheme("rtn-w4g32", sym=True, overrides=(Override("*.self_attn.*", bits=8),))
+    else:
+        r = _scheme("rtn-w3g64", group_size=32) if recipe == "rtn-w3g32" else load_recipe(recipe)
+    ref, exp = _compile_both(model_dirs["llama"], r, "compressed-tensors", tmp_path)
+    qc = json.loads((exp / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["quantization_status"] == "compressed"
+    assert {g["format"] for g in qc["config_groups"].values()} == CT_CASES[recipe][1]
+    assert qc["ignore"] == ["lm_head"]
+    if recipe == "zq-w8a8":
+        (group,) = qc["config_groups"].values()
+        assert group["input_activations"] == {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                                              "dynamic": True}
+    if recipe == "mixed":
+        assert len(qc["config_groups"]) == 2
+    t = load_file(str(exp / "model.safetensors"))
+    assert len(ref) == 14
+    for name, w in ref.items():         # the library dequantizes in float16, the scales' dtype: one rounding
+        assert torch.equal(_ct_layer(t, name, qc), w.half()), name
+    # The control: zero points (or codes) one step off read back as other weights.
+    name = next(iter(ref))
+    key = next(k for k in (f"{name}.weight_zero_point", f"{name}.weight_packed", f"{name}.weight") if k in t)
+    t[key] = t[key] ^ 1
+    assert not torch.equal(_ct_layer(t, name, qc), ref[name].half())
+
+
+def test_compressed_tensors_checkpoint_loads_in_transformers(model_dirs, tmp_path):
+    """transformers (with the compressed-tensors package) loads a symmetric export and computes lowbit's logits.
+    Asymmetric pack-quantized checkpoints are not loaded here: transformers' loader expects unpacked zero points,
+    unlike the format's own compressor and vLLM (llm-compressor issue 1618)."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    r = _scheme("rtn-w4g32", sym=True)
+    # The same float16 weights on both sides: float16 is what the export stores, and rounding to it first can move
+    # a code by one step.
+    kw = dict(quiet=True, dtype="float16")
+    exp = lowbit.compile(str(model_dirs["llama"]), r, out=tmp_path / "ct", target="compressed-tensors", **kw)
+    ours = lowbit.compile(str(model_dirs["llama"]), r, out=tmp_path / "torch", **kw)
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(exp, dtype=torch.float32)
+    theirs = model(ids).logits.float()
+    mine = lowbit.load(ours, backend="torch", kernels="reference").forward(ids).float()
+    assert (theirs - mine).norm() / mine.norm() < 1e-3
+    assert torch.equal(theirs.argmax(-1), mine.argmax(-1))
+    # The control: the float model's logits are further from the export's than that.
+    float_model = AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.float32)
+    assert (float_model(ids).logits - mine).norm() / mine.norm() > 1e-2
+
+
+@pytest.mark.parametrize("target,recipe,needle", [
+    ("hf-awq", "rtn-w3g64", "AWQ checkpoints hold 4-bit weights, not 3-bit; --target compressed-tensors can hold it"),
+    ("hf-awq", "zq-w8a8", "AWQ is weight-only"),
+    ("hf-awq", "rtn-w8", "not 8-bit"),
+    ("hf-awq", "rtn-w4g64", "K=160 is not a multiple of group_size 64"),
+    ("hf-awq", "zq-w4a16-mixed", "AWQ checkpoints hold 4-bit weights, not 8-bit"),
+    ("compressed-tensors", "rtn-w4g64", "K=160 is not a multiple of group_size 64"),
+    ("compressed-tensors", "fp", "needs quantized weights"),
+    ("compressed-tensors", "awq-w4g64", "not the norm weights it scales (awq); use --target torch or onnx"),
+    ("hf-gptq", "rtn-w4g64", "--target hf-awq or --target compressed-tensors can hold it"),
+])
+def test_exports_refuse_what_the_format_cannot_hold(target, recipe, needle, model_dirs, tmp_path, capsys):
+    code = main(["compile", str(model_dirs["llama"]), "-r", recipe, "-t", target, "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()
