@@ -42,6 +42,8 @@ TARGETS = {t.name: t for t in (
            "lowbit.lowering.hf_awq:LOWERING", ()),
     Target("compressed-tensors", "a compressed-tensors checkpoint folder: 2-8 bit weights, W8A8 (vLLM, transformers)",
            "lowbit.lowering.compressed_tensors:LOWERING", ()),
+    Target("gguf", "model.gguf for llama.cpp: Q4_0 / Q8_0 blocks from the recipe's own codes (gptq-q4_0)",
+           "lowbit.lowering.gguf_model:LOWERING", ()),
 )}
 LOWERINGS = Registry("target", {t.name: t.lowering for t in TARGETS.values()})
 OPTIONS = Registry("target options", {t.name: t.options for t in TARGETS.values() if t.options})

@@ -217,6 +217,12 @@ def _builtin() -> dict[str, Recipe]:
     for bits, group in [(8, 128), (4, 128), (4, 64), (4, 32)]:
         name = f"gptq-w{bits}g{group}-sym"
         r[name] = Recipe(name, "gptq", Scheme(bits, group, sym=True))
+    # GGUF's Q4_0 file (llama.cpp's own layout): symmetric INT4 in groups of 32 for the block linears, the
+    # embedding and head in Q8_0 (symmetric INT8, groups of 32), found by GPTQ or by RTN as llama.cpp's quantizer does.
+    q8_0 = tuple(Override(p, bits=8) for p in ("*embed_tokens", "lm_head"))
+    for method in ("gptq", "rtn"):
+        r[f"{method}-q4_0"] = Recipe(f"{method}-q4_0", method, Scheme(4, 32, sym=True, quantize_lm_head=True,
+                                                                      quantize_embeddings=True, overrides=q8_0))
     # Activation-aware scaling (AWQ) folded into the graph, then RTN ("awq-") or GPTQ ("awq-gptq-").
     for bits, group in [(4, 128), (4, 64), (3, 64), (2, 64)]:
         r[f"awq-w{bits}g{group}"] = Recipe(f"awq-w{bits}g{group}", "rtn", Scheme(bits, group), awq=True)

@@ -173,6 +173,7 @@ def usability(versions: dict, torch_info: dict, ort_info: dict) -> dict:
         "hf-awq": (compile_base is None, compile_base or "AWQ checkpoint for vLLM / transformers (4-bit)"),
         "compressed-tensors": (compile_base is None, compile_base or "compressed-tensors checkpoint for vLLM / "
                                "transformers (2-8 bit, W8A8)"),
+        "gguf": (compile_base is None, compile_base or "model.gguf for llama.cpp (Q4_0 / Q8_0)"),
     }
 
     providers = ort_info.get("providers", [])

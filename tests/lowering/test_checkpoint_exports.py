@@ -162,9 +162,94 @@ def test_compressed_tensors_checkpoint_loads_in_transformers(model_dirs, tmp_pat
     ("compressed-tensors", "fp", "needs quantized weights"),
     ("compressed-tensors", "awq-w4g64", "not the norm weights it scales (awq); use --target torch or onnx"),
     ("hf-gptq", "rtn-w4g64", "--target hf-awq or --target compressed-tensors can hold it"),
+    ("gguf", "gptq-w4g64", "GGUF blocks hold symmetric 4 or 8-bit groups of 32 (Q4_0, Q8_0), not w4g64"),
+    ("gguf", "fp", "needs quantized weights"),
 ])
 def test_exports_refuse_what_the_format_cannot_hold(target, recipe, needle, model_dirs, tmp_path, capsys):
     code = main(["compile", str(model_dirs["llama"]), "-r", recipe, "-t", target, "-o", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_gguf_refuses_another_architecture(model_dirs, tmp_path, capsys):
+    code = main(["compile", str(model_dirs["qwen2"]), "-r", "rtn-q4_0", "-t", "gguf", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "writes the llama architecture; this model is 'qwen2'" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def _untied_llama(tmp_path, tokenizer):
+    from tests.conftest import make_config
+    import transformers as tf
+
+    config = make_config("llama")
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    folder = tmp_path / "untied"
+    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_export_computes_the_torch_artifacts_logits(tied, model_dirs, tokenizer, tmp_path, monkeypatch):
+    """transformers' own GGUF reader (dequantizing Q4_0 / Q8_0 with the gguf package, undoing llama.cpp's rotary
+    row order) gives the torch artifact's logits; the blocks hold the recipe's codes and scales."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.lowering import gguf_model
+
+    folder = model_dirs["llama"] if tied else _untied_llama(tmp_path, tokenizer)
+    exp = lowbit.compile(str(folder), "rtn-q4_0", out=tmp_path / "gguf", target="gguf", quiet=True)
+    ours = lowbit.compile(str(folder), "rtn-q4_0", out=tmp_path / "torch", quiet=True)
+    reader = gguf.GGUFReader(str(exp / "model.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"
+    assert types["blk.1.ffn_down.weight"] == "Q4_0" and types["output_norm.weight"] == "F32"
+    assert ("output.weight" in types) == (not tied) and types.get("output.weight", "Q8_0") == "Q8_0"
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.block_count"] == 2
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    mine = lowbit.load(ours, backend="torch", kernels="reference").forward(ids).float()
+    theirs = AutoModelForCausalLM.from_pretrained(exp, gguf_file="model.gguf", dtype=torch.float32)(ids).logits
+    assert (theirs.float() - mine).norm() / mine.norm() < 1e-5
+    # The control: without llama.cpp's rotary row order the reader's attention is another one.
+    monkeypatch.setattr(gguf_model, "rope_pairs", lambda heads, rows: torch.arange(rows))
+    plain = lowbit.compile(str(folder), "rtn-q4_0", out=tmp_path / "plain", target="gguf", quiet=True)
+    theirs = AutoModelForCausalLM.from_pretrained(plain, gguf_file="model.gguf", dtype=torch.float32)(ids).logits
+    assert (theirs.float() - mine).norm() / mine.norm() > 1e-3
+
+
+def test_gguf_tokenizer_metadata_tokenizes_like_the_model(model_dirs, tokenizer, tmp_path):
+    """transformers rebuilds a tokenizer from the GGUF's metadata alone; it gives the model's own token ids."""
+    from transformers import AutoTokenizer
+
+    exp = lowbit.compile(str(model_dirs["llama"]), "rtn-q4_0", out=tmp_path / "gguf", target="gguf", quiet=True)
+    theirs = AutoTokenizer.from_pretrained(exp, gguf_file="model.gguf")
+    text = sample_text(300, 7) + " 12 + 345 = 357, <eos>"
+    assert theirs(text).input_ids == tokenizer(text).input_ids
+    assert theirs.eos_token_id == tokenizer.eos_token_id
+
+
+def test_gguf_block_bytes_against_a_reference_dequantizer():
+    """One layer's blocks read back by the gguf package's own Q4_0 / Q8_0 dequantizers equal lowbit's weights."""
+    import gguf
+
+    from lowbit.format.quantize import QuantSpec, pack_codes, quantize_weight, dequantize_codes
+    from lowbit.ir.graph import QuantizedLayer
+    from lowbit.lowering.gguf_model import block_bytes
+
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(3))
+    for bits, kind in ((4, gguf.GGMLQuantizationType.Q4_0), (8, gguf.GGMLQuantizationType.Q8_0)):
+        spec = QuantSpec(bits, 32, sym=True)
+        q, s, z = quantize_weight(w, spec)
+        layer = QuantizedLayer("l", "wna16_linear", spec, 96, 48, 32, pack_codes(q, bits), s, z, None, "rtn")
+        ref = dequantize_codes(q, s, z, 32)
+        got = torch.from_numpy(gguf.quants.dequantize(block_bytes(layer), kind))
+        assert torch.equal(got, ref)
+        swapped = block_bytes(layer).copy()
+        swapped[:, [2, 3]] = swapped[:, [3, 2]]                  # the control: two code bytes of the first block
+        assert not torch.equal(torch.from_numpy(gguf.quants.dequantize(swapped, kind)), ref)
