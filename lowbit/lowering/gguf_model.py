@@ -76,7 +76,7 @@ def pre_tokenizer(tokenizer_json: dict) -> str:
     model, pre = tokenizer_json.get("model") or {}, tokenizer_json.get("pre_tokenizer") or {}
     if (model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
             and not pre.get("add_prefix_space", False) and tokenizer_json.get("normalizer") is None):
-        return "gpt2"
+        return "gpt-2"
     raise LowbitError("target gguf writes byte-level BPE tokenizers with GPT-2's split; this model's tokenizer.json "
                       f"has model {model.get('type')!r} and pre-tokenizer {pre.get('type')!r}")
 

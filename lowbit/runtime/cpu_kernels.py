@@ -40,8 +40,10 @@ def use_cpu_kernels(gm: torch.fx.GraphModule) -> dict:
         swapped += 1
         for n in (qweight, scales, zeros, bias):        # the packed form leaves memory as its copy is made
             if n is not None and not n.users and n.target in gm._buffers:
-                del gm._buffers[n.target]
                 gm.graph.erase_node(n)
+                # A tied table (a quantized embedding and its head) is read by another node too: kept for it.
+                if not any(m.op == "get_attr" and m.target == n.target for m in gm.graph.nodes):
+                    del gm._buffers[n.target]
     gm.graph.eliminate_dead_code()
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name in [b for b in gm._buffers if b not in read]:
