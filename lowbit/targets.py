@@ -4,7 +4,8 @@ Each target names its compiler lowering and the runtime backends that run its ar
 ("module:attribute"), resolved on use, so this module imports neither ``compiler`` nor ``runtime`` and each
 side loads only its own half. A lowering (``compiler/lower_*.py``) provides ``fuse`` (whether the fusion rules
 rewrite the graph first), ``prepare(recipe, options) -> recipe`` (before any work), ``check(graph, recipe)``
-(after tracing, before the passes) and ``write(tmp, graph, loaded, recipe, options, timings, quiet) -> dict``
+(after tracing, before the passes), optionally ``check_model(loaded)`` (then too: what it needs of the model's
+config and tokenizer) and ``write(tmp, graph, loaded, recipe, options, timings, quiet) -> dict``
 (the manifest entries it adds), with ``options`` the target's options object (its class named here, fields
 declared with ``lowbit.options.option``: the CLI derives the flags, ``lowbit.compile`` the keywords). A backend
 (``runtime/*``) provides ``open(path, manifest, options) -> runner``. Adding a target is one entry here, one

@@ -319,6 +319,8 @@ def _load_and_trace(job: _Job, inputs: _Inputs):
     if inputs.lkd is not None and not any(site.block for site, _ in quantizable(graph, recipe)):
         raise LowbitError(f"LKD needs quantized weights in the model's blocks; recipe '{recipe.name}' quantizes none")
     job.lowering.check(graph, recipe)
+    if hasattr(job.lowering, "check_model"):          # what a target reads from the model itself (config, tokenizer)
+        job.lowering.check_model(loaded)
     if recipe.rotate:
         find_plan(graph)                # refuses a model whose residual stream a rotation cannot pass
     if recipe.budget_bits:

@@ -120,6 +120,17 @@ class GgufLowering:
                 raise LowbitError(f"target gguf stores blocks of {BLOCK} along K; layer {site.name} has "
                                   f"K={site.in_features}")
 
+    def check_model(self, loaded):
+        """Before the passes: the rotary embedding and the tokenizer this target writes."""
+        rope = rope_parameters(loaded.config)
+        if rope.get("rope_type", "default") != "default":
+            raise LowbitError(f"target gguf writes plain rotary embeddings; this model's are "
+                              f"'{rope.get('rope_type')}'")
+        vocab, _ = tokenizer_vocab(loaded)
+        if max(vocab.values()) >= loaded.config.vocab_size:
+            raise LowbitError(f"the tokenizer has ids up to {max(vocab.values())}, past the model's "
+                              f"{loaded.config.vocab_size} embedding rows")
+
     def write(self, tmp, graph, loaded, recipe, options, timings: dict, quiet: bool) -> dict:
         from lowbit.progress import timed
 
@@ -134,9 +145,7 @@ def write_gguf(path, graph, loaded) -> dict:
 
     config = loaded.config
     arch = ARCHITECTURES[graph.model_type]
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    if rope.get("rope_type", "default") != "default":
-        raise LowbitError(f"target gguf writes plain rotary embeddings; this model's are scaled ({rope})")
+    rope = rope_parameters(config)
     n_heads, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or \
         config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
@@ -190,21 +199,28 @@ def write_gguf(path, graph, loaded) -> dict:
     return size_report(graph, loaded.model, path.stat().st_size)
 
 
-def _add_tokenizer(writer, loaded, vocab_size: int) -> None:
-    """Byte-level BPE metadata from the model folder's tokenizer.json, padded to the embedding's rows."""
+def rope_parameters(config) -> dict:
+    return dict(getattr(config, "rope_parameters", None) or {})
+
+
+def tokenizer_vocab(loaded) -> tuple[dict, dict]:
+    """({token: id} with the added tokens, tokenizer.json) of a byte-level BPE tokenizer; others refused."""
     file = loaded.path / "tokenizer.json"
     if loaded.tokenizer is None or not file.is_file():
         raise LowbitError("target gguf needs the model's tokenizer.json (llama.cpp tokenizes from the GGUF itself)")
     data = json.loads(file.read_text(encoding="utf-8"))
+    pre_tokenizer(data)
+    vocab = dict(data["model"]["vocab"])
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return vocab, data
+
+
+def _add_tokenizer(writer, loaded, vocab_size: int) -> None:
+    """Byte-level BPE metadata from the model folder's tokenizer.json, padded to the embedding's rows."""
+    vocab, data = tokenizer_vocab(loaded)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer(data))
-    vocab = dict(data["model"]["vocab"])
     added = {t["content"]: t for t in data.get("added_tokens", [])}
-    for content, t in added.items():
-        vocab[content] = t["id"]
-    if max(vocab.values()) >= vocab_size:
-        raise LowbitError(f"the tokenizer has ids up to {max(vocab.values())}, past the model's {vocab_size} "
-                          "embedding rows")
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [UNUSED] * vocab_size
     for token, i in vocab.items():

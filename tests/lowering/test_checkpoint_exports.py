@@ -253,3 +253,20 @@ def test_gguf_block_bytes_against_a_reference_dequantizer():
         swapped = block_bytes(layer).copy()
         swapped[:, [2, 3]] = swapped[:, [3, 2]]                  # the control: two code bytes of the first block
         assert not torch.equal(torch.from_numpy(gguf.quants.dequantize(swapped, kind)), ref)
+
+
+def test_gguf_refuses_a_tokenizer_it_cannot_write_before_any_pass(model_dirs, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dirs["llama"], folder)
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                  data["pre_tokenizer"]]}
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    code = main(["compile", str(folder), "-r", "gptq-q4_0", "-t", "gguf", "-o", str(tmp_path / "o"),
+                 "--calib-seq-len", "64"])
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "GPT-2's split; this model's tokenizer.json" in err[0], err
+    assert "gptq" not in captured.err.replace("gptq-q4_0", "") and not (tmp_path / "o").exists()
