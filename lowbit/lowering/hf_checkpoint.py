@@ -11,6 +11,7 @@ the exports that can hold it.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import torch
 from safetensors.torch import save_file
@@ -28,11 +29,9 @@ def recipe_specs(recipe) -> list[QuantSpec]:
     base = QuantSpec(s.bits, s.group_size, s.sym, s.act_bits)
     out = [base]
     for o in s.overrides:
-        if not o.skip:
-            spec = QuantSpec(**{**dict(bits=base.bits, group_size=base.group_size, sym=base.sym,
-                                       act_bits=base.act_bits), **o.changes()})
-            if spec not in out:
-                out.append(spec)
+        spec = replace(base, **o.changes())
+        if not o.skip and spec not in out:
+            out.append(spec)
     return out
 
 
