@@ -134,7 +134,10 @@ class GgufLowering:
     def write(self, tmp, graph, loaded, recipe, options, timings: dict, quiet: bool) -> dict:
         from lowbit.progress import timed
 
+        from lowbit.lowering.program import write_layers
+
         with timed(timings, "write", quiet, "writing the GGUF file"):
+            write_layers(tmp, graph)
             return {"sizes": write_gguf(tmp / "model.gguf", graph, loaded)}
 
 

@@ -143,7 +143,7 @@ class CheckpointLowering:
     def write_folder(self, tmp, graph, loaded, recipe) -> dict:
         """The model folder in ``tmp``: float16 float tensors, each quantized layer's tensors, config, tokenizer;
         returns size accounting for the manifest."""
-        from lowbit.lowering.program import artifact_tensors, size_report
+        from lowbit.lowering.program import artifact_tensors, size_report, write_layers
 
         tensors = {}
         for key, t in artifact_tensors(graph, loaded.model).items():
@@ -160,4 +160,5 @@ class CheckpointLowering:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
+        write_layers(tmp, graph)
         return size_report(graph, loaded.model, (tmp / "model.safetensors").stat().st_size)

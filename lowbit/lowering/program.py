@@ -97,6 +97,11 @@ def weight_writer(tmp: Path) -> ShardWriter:
     return ShardWriter(tmp, metadata={"format": program_format.FORMAT})
 
 
+def write_layers(tmp: Path, graph: Graph) -> None:
+    """``graph.json``: each quantized layer's format and statistics (``lowbit inspect``, the report)."""
+    (tmp / GRAPH_FILE).write_text(json.dumps(graph_description(graph), indent=1) + "\n")
+
+
 def write_torch_target(tmp: Path, graph: Graph, loaded) -> dict:
     """Write the torch target files into ``tmp`` (the weights through ``graph.writer`` when a streaming compile
     wrote some already); returns size accounting for the manifest."""
@@ -106,7 +111,7 @@ def write_torch_target(tmp: Path, graph: Graph, loaded) -> dict:
         writer.add(key, t)
     files = writer.close()
     (tmp / PROGRAM_FILE).write_text(json.dumps(doc) + "\n")
-    (tmp / GRAPH_FILE).write_text(json.dumps(graph_description(graph), indent=1) + "\n")
+    write_layers(tmp, graph)
     loaded.config.save_pretrained(tmp)
     src_tok = [f for f in loaded.path.iterdir() if f.name.startswith(("tokenizer", "special_tokens", "vocab",
                                                                         "merges", "added_tokens"))]

@@ -73,6 +73,7 @@ def test_awq_export_reads_back_bit_exactly(recipe, calib, model_dirs, tmp_path):
     name = next(iter(ref))
     assert not torch.equal(read_awq_layer(t, name, 32, order=tuple(range(8))), ref[name])
     assert t["model.embed_tokens.weight"].dtype == torch.float16 and (exp / "tokenizer.json").is_file()
+    assert len(json.loads((exp / "graph.json").read_text())["layers"]) == 14        # what lowbit inspect lists
 
 
 def _ct_layer(t: dict, name: str, qc: dict) -> torch.Tensor:
