@@ -107,7 +107,21 @@ def lowbit_side(art: Path, prompts: list[list[int]], wins: torch.Tensor, new_tok
         ids = torch.tensor([p])
         out = eng.generate_ids(ids, torch.ones_like(ids), max_new_tokens=new_tokens, stop_at_eos=False)
         tokens.append(out[0, len(p):].tolist())
-    return {"tokens": tokens, "ppl": perplexity(eng.forward, wins, show_progress=False)["ppl"]}
+    return {"tokens": tokens, "ppl": perplexity(eng.forward, wins, show_progress=False)["ppl"], "engine": eng}
+
+
+def margins(eng, prompts: list[list[int]], theirs: list[list[int]], mine: list[list[int]]) -> list:
+    """Where a client's greedy tokens first differ from lowbit's: lowbit's logit of its own token minus its logit
+    of the client's, at that position (a near tie, which another engine's rounding can flip, is a small number)."""
+    out = []
+    for p, a, b in zip(prompts, theirs, mine):
+        n = agreement(a, b)
+        if n == min(len(a), len(b)):
+            out.append(None)
+            continue
+        logits = eng.forward(torch.tensor([p + b[:n]]))[0, -1].float()
+        out.append(round(float(logits[b[n]] - logits[a[n]]), 4))
+    return out
 
 
 def llama_cpp_side(path: Path, prompts: list[list[int]], wins: torch.Tensor, new_tokens: int) -> dict:
@@ -213,7 +227,8 @@ def main() -> int:
             row["error"] = theirs["error"]
         else:
             row.update(client_ppl=theirs["ppl"], ppl_diff_pct=100 * (theirs["ppl"] / mine["ppl"] - 1),
-                       tokens_agreeing=[agreement(a, b) for a, b in zip(theirs["tokens"], mine["tokens"])])
+                       tokens_agreeing=[agreement(a, b) for a, b in zip(theirs["tokens"], mine["tokens"])],
+                       margin_at_difference=margins(mine["engine"], prompts, theirs["tokens"], mine["tokens"]))
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -238,19 +253,21 @@ def main() -> int:
             if key in decode:
                 row["decode_ms"] = statistics.median(decode[key])
 
-    print("\n| export | client | MiB | client ppl | lowbit ppl | diff | greedy tokens agreeing | decode ms/token |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| export | client | MiB | client ppl | lowbit ppl | diff | greedy tokens agreeing | lowbit's logit "
+          "margin where they differ | decode ms/token |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['export']} | {r['client']} | {r['mib']:.1f} | did not load: {r['error']} | "
-                  f"{r['lowbit_ppl']:.3f} | | | |")
+                  f"{r['lowbit_ppl']:.3f} | | | | |")
             continue
         agree = ", ".join(f"{n}/{args.new_tokens}" for n in r.get("tokens_agreeing", []))
+        margin = ", ".join("-" if m is None else f"{m:.3f}" for m in r.get("margin_at_difference", []))
         lowbit_ppl = f"{r['lowbit_ppl']:.3f}" if "lowbit_ppl" in r else ""
         diff = f"{r['ppl_diff_pct']:+.3f}%" if "ppl_diff_pct" in r else ""
         dec = f"{r['decode_ms']:.2f}" if "decode_ms" in r else ""
         print(f"| {r['export']} | {r['client']} | {r['mib']:.1f} | {r['client_ppl']:.3f} | {lowbit_ppl} | {diff} | "
-              f"{agree} | {dec} |")
+              f"{agree} | {margin} | {dec} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": describe_cpu(), "rows": rows}, indent=2))
     return 0
