@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.format.quantize import pack_codes
-from lowbit.lowering.hf_checkpoint import CheckpointLowering, codes_of
+from lowbit.lowering.hf_checkpoint import CheckpointLowering, as_int32, codes_of
 
 
 def words_of(packed: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,7 @@ def words_of(packed: torch.Tensor) -> torch.Tensor:
     r, b = packed.shape
     padded = torch.cat([packed, packed.new_zeros(r, (-b) % 4)], dim=1).to(torch.int64).view(r, -1, 4)
     words = (padded << (torch.arange(4, dtype=torch.int64) * 8)).sum(dim=2)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return as_int32(words)
 
 
 def layer_format(spec) -> str:

@@ -24,7 +24,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import QuantSpec
-from lowbit.lowering.hf_checkpoint import codes_of, recipe_specs
+from lowbit.lowering.hf_checkpoint import codes_of, fold_refusal, recipe_specs
 
 BLOCK = 32
 ARCHITECTURES = {"llama": "llama"}         # transformers model_type -> GGUF architecture
@@ -91,9 +91,9 @@ class GgufLowering:
     def refusal(self, recipe) -> str | None:
         if not recipe.quantizes:
             return "it needs quantized weights; use gptq-q4_0 or rtn-q4_0, not 'fp'"
-        for key in ("awq", "rotate"):
-            if getattr(recipe, key):
-                return f"it writes the model's own float tensors, which do not hold what {key} folds into them"
+        folded = fold_refusal(recipe)
+        if folded:
+            return folded
         for spec in recipe_specs(recipe):
             if ggml_type(spec) is None:
                 return (f"GGUF blocks hold symmetric 4 or 8-bit groups of 32 (Q4_0, Q8_0), not {spec.describe()}; "
@@ -126,7 +126,7 @@ class GgufLowering:
         if rope.get("rope_type", "default") != "default":
             raise LowbitError(f"target gguf writes plain rotary embeddings; this model's are "
                               f"'{rope.get('rope_type')}'")
-        vocab, _ = tokenizer_vocab(loaded)
+        vocab, _, _ = tokenizer_vocab(loaded)
         if max(vocab.values()) >= loaded.config.vocab_size:
             raise LowbitError(f"the tokenizer has ids up to {max(vocab.values())}, past the model's "
                               f"{loaded.config.vocab_size} embedding rows")
@@ -206,23 +206,24 @@ def rope_parameters(config) -> dict:
     return dict(getattr(config, "rope_parameters", None) or {})
 
 
-def tokenizer_vocab(loaded) -> tuple[dict, dict]:
-    """({token: id} with the added tokens, tokenizer.json) of a byte-level BPE tokenizer; others refused."""
+def tokenizer_vocab(loaded) -> tuple[dict, dict, str]:
+    """({token: id} with the added tokens, tokenizer.json, llama.cpp's pre-tokenizer name) of a byte-level BPE
+    tokenizer; others refused."""
     file = loaded.path / "tokenizer.json"
     if loaded.tokenizer is None or not file.is_file():
         raise LowbitError("target gguf needs the model's tokenizer.json (llama.cpp tokenizes from the GGUF itself)")
     data = json.loads(file.read_text(encoding="utf-8"))
-    pre_tokenizer(data)
+    pre = pre_tokenizer(data)
     vocab = dict(data["model"]["vocab"])
     vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
-    return vocab, data
+    return vocab, data, pre
 
 
 def _add_tokenizer(writer, loaded, vocab_size: int) -> None:
     """Byte-level BPE metadata from the model folder's tokenizer.json, padded to the embedding's rows."""
-    vocab, data = tokenizer_vocab(loaded)
+    vocab, data, pre = tokenizer_vocab(loaded)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer(data))
+    writer.add_tokenizer_pre(pre)
     added = {t["content"]: t for t in data.get("added_tokens", [])}
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [UNUSED] * vocab_size

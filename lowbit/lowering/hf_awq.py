@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.lowering.hf_checkpoint import CheckpointLowering, codes_of
+from lowbit.lowering.hf_checkpoint import CheckpointLowering, as_int32, codes_of
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -27,7 +27,7 @@ def pack_awq(codes: torch.Tensor) -> torch.Tensor:
     r, c = codes.shape
     grouped = codes.to(torch.int64).view(r, c // 8, 8)[:, :, list(AWQ_ORDER)]
     words = (grouped << (torch.arange(8, dtype=torch.int64) * 4)).sum(dim=2)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return as_int32(words)
 
 
 class HfAwqLowering(CheckpointLowering):

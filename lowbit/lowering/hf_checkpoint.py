@@ -35,6 +35,19 @@ def recipe_specs(recipe) -> list[QuantSpec]:
     return out
 
 
+def fold_refusal(recipe) -> str | None:
+    """Why an export written from the model's own float tensors cannot hold ``recipe``'s graph folds, or None."""
+    for key, what in FOLDS:
+        if getattr(recipe, key):
+            return f"it writes the model's own float tensors, not {what}"
+    return None
+
+
+def as_int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit words (in int64) reinterpreted as int32, two's complement, as the readers store them."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 def codes_of(q) -> torch.Tensor:
     """A quantized layer's unsigned codes, uint8 [N, K]."""
     return unpack_codes(q.qweight, q.spec.bits, q.in_features)
@@ -79,9 +92,9 @@ class CheckpointLowering:
         """Why this format cannot hold ``recipe`` whatever the model, or None."""
         if not recipe.quantizes:
             return "it needs quantized weights; use a gptq or rtn recipe, not 'fp'"
-        for key, what in FOLDS:
-            if getattr(recipe, key):
-                return f"it writes the model's own float tensors, not {what}"
+        folded = fold_refusal(recipe)
+        if folded:
+            return folded
         if recipe.scheme.quantize_embeddings:
             return "it cannot store a quantized embedding; set quantize_embeddings = false"
         if self.uniform and recipe.budget_bits:

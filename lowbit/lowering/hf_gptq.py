@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.lowering.hf_checkpoint import CheckpointLowering, codes_of
+from lowbit.lowering.hf_checkpoint import CheckpointLowering, as_int32, codes_of
 
 SUPPORTED_BITS = (4, 8)
 
@@ -31,8 +31,7 @@ def pack_along_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     grouped = codes.to(torch.int64).view(r // f, f, c)
     shifts = (torch.arange(f, dtype=torch.int64) * bits).view(1, f, 1)
     words = (grouped << shifts).sum(dim=1)
-    # Reinterpret the unsigned 32-bit word as int32 (two's complement), as GPTQ readers do.
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return as_int32(words)
 
 
 class HfGptqLowering(CheckpointLowering):
