@@ -24,7 +24,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import QuantSpec
-from lowbit.lowering.hf_checkpoint import codes_of, fold_refusal, recipe_specs
+from lowbit.lowering.hf_checkpoint import codes_of, recipe_specs
 
 BLOCK = 32
 ARCHITECTURES = {"llama": "llama"}         # transformers model_type -> GGUF architecture
@@ -91,9 +91,6 @@ class GgufLowering:
     def refusal(self, recipe) -> str | None:
         if not recipe.quantizes:
             return "it needs quantized weights; use gptq-q4_0 or rtn-q4_0, not 'fp'"
-        folded = fold_refusal(recipe)
-        if folded:
-            return folded
         for spec in recipe_specs(recipe):
             if ggml_type(spec) is None:
                 return (f"GGUF blocks hold symmetric 4 or 8-bit groups of 32 (Q4_0, Q8_0), not {spec.describe()}; "
@@ -144,9 +141,10 @@ class GgufLowering:
 def write_gguf(path, graph, loaded) -> dict:
     import gguf
 
-    from lowbit.lowering.program import artifact_tensors, size_report
+    from lowbit.lowering.program import artifact_tensors, size_report, untied_head
 
     config = loaded.config
+    tied = config.tie_word_embeddings and not untied_head(graph, config)
     arch = ARCHITECTURES[graph.model_type]
     rope = rope_parameters(config)
     n_heads, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or \
@@ -184,12 +182,12 @@ def write_gguf(path, graph, loaded) -> dict:
 
     for key, t in artifact_tensors(graph, loaded.model).items():
         layer, _, leaf = key.rpartition(".")
-        if layer in graph.quantized or (leaf == "weight" and layer == "lm_head" and config.tie_word_embeddings):
+        if layer in graph.quantized or (leaf == "weight" and layer == "lm_head" and tied):
             continue
         array, kind = float_array(t)
         writer.add_tensor(gguf_name(key), reorder(layer, array), raw_dtype=kind)
     for layer, q in graph.quantized.items():
-        if layer == "lm_head" and config.tie_word_embeddings:
+        if layer == "lm_head" and tied:
             continue                       # llama.cpp reads the output from token_embd
         kind = getattr(gguf.GGMLQuantizationType, ggml_type(q.spec))
         writer.add_tensor(gguf_name(f"{layer}.weight"), reorder(layer, block_bytes(q)), raw_dtype=kind)

@@ -1,7 +1,8 @@
 """What the transformers checkpoint exports share (targets hf-gptq, hf-awq, compressed-tensors).
 
-Each writes an ordinary transformers model folder that other engines load: the model's own float tensors
-(float16), its quantized linears in the format's layout, ``config.json`` whose ``quantization_config`` names the
+Each writes an ordinary transformers model folder that other engines load: the model's float tensors as the passes
+left them (float16; AWQ's scaled norms, a rotated embedding and head: every graph-level fold is an ordinary weight),
+its quantized linears in the format's layout, ``config.json`` whose ``quantization_config`` names the
 format, and the tokenizer. A format holds some recipes and not others, and the weights it stores are exactly the
 ones the passes produced (no target changes them): a subclass states what it holds with ``spec_refusal`` (one
 layer's format) and ``shape_refusal`` (its shape), and a recipe it cannot hold is refused before any work, naming
@@ -19,10 +20,6 @@ from safetensors.torch import save_file
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import QuantSpec, unpack_codes
 
-# What the exports write from: the transformers model's own tensors, which the graph-level folds do not reach.
-FOLDS = (("awq", "the norm weights it scales (awq)"), ("rotate", "the rotated embedding and norms (rotate)"))
-
-
 def recipe_specs(recipe) -> list[QuantSpec]:
     """Every format a recipe can give a matmul: its scheme's, and each (non-skip) override's."""
     s = recipe.scheme
@@ -33,14 +30,6 @@ def recipe_specs(recipe) -> list[QuantSpec]:
         if not o.skip and spec not in out:
             out.append(spec)
     return out
-
-
-def fold_refusal(recipe) -> str | None:
-    """Why an export written from the model's own float tensors cannot hold ``recipe``'s graph folds, or None."""
-    for key, what in FOLDS:
-        if getattr(recipe, key):
-            return f"it writes the model's own float tensors, not {what}"
-    return None
 
 
 def as_int32(words: torch.Tensor) -> torch.Tensor:
@@ -92,9 +81,6 @@ class CheckpointLowering:
         """Why this format cannot hold ``recipe`` whatever the model, or None."""
         if not recipe.quantizes:
             return "it needs quantized weights; use a gptq or rtn recipe, not 'fp'"
-        folded = fold_refusal(recipe)
-        if folded:
-            return folded
         if recipe.scheme.quantize_embeddings:
             return "it cannot store a quantized embedding; set quantize_embeddings = false"
         if self.uniform and recipe.budget_bits:
@@ -106,13 +92,9 @@ class CheckpointLowering:
         return None
 
     def refuse(self, recipe, why: str) -> LowbitError:
-        if any(getattr(recipe, key) for key, _ in FOLDS):
-            hint = "use --target torch or onnx, or a recipe without " + " or ".join(k for k, _ in FOLDS
-                                                                                     if getattr(recipe, k))
-        else:
-            able = exports_holding(recipe, self.name)
-            hint = (f"--target {' or --target '.join(able)} can hold it" if able else
-                    "lowbit's own targets (torch, onnx) run it")
+        able = exports_holding(recipe, self.name)
+        hint = (f"--target {' or --target '.join(able)} can hold it" if able else
+                "lowbit's own targets (torch, onnx) run it")
         return LowbitError(f"target {self.name} cannot hold recipe '{recipe.name}': {why}; {hint}")
 
     def prepare(self, recipe, options=None):
@@ -156,7 +138,7 @@ class CheckpointLowering:
     def write_folder(self, tmp, graph, loaded, recipe) -> dict:
         """The model folder in ``tmp``: float16 float tensors, each quantized layer's tensors, config, tokenizer;
         returns size accounting for the manifest."""
-        from lowbit.lowering.program import artifact_tensors, size_report, write_layers
+        from lowbit.lowering.program import artifact_tensors, size_report, untied_head, write_layers
 
         tensors = {}
         for key, t in artifact_tensors(graph, loaded.model).items():
@@ -169,6 +151,8 @@ class CheckpointLowering:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = loaded.config.to_dict()
         config["torch_dtype"] = config["dtype"] = "float16"
+        if untied_head(graph, loaded.config):
+            config["tie_word_embeddings"] = False
         config["quantization_config"] = self.quantization_config(graph, recipe)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if loaded.tokenizer is not None:

@@ -27,9 +27,11 @@ from lowbit.lowering import deferred
 
 
 def artifact_tensors(graph: Graph, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of the transformers model with its quantized layers packed, by transformers name, tied
-    (shared) tensors once: what a transformers-layout checkpoint (hf-gptq) holds."""
+    """Every tensor of the transformers model by transformers name, as the graph holds it now (the passes' folds:
+    AWQ's scaled norms, a rotated embedding), its quantized layers packed, tied (shared) tensors once unless a pass
+    gave a user its own copy (a rotated head: see ``untied_head``): what a transformers-layout checkpoint holds."""
     replaced = {f"{name}.weight" for name in graph.quantized} | {f"{name}.bias" for name in graph.quantized}
+    held = {name: attr for attr, name in graph.stored_names().items()}
     out: dict[str, torch.Tensor] = {}
     seen: set = set()
     for key, t in model.state_dict().items():
@@ -39,11 +41,22 @@ def artifact_tensors(graph: Graph, model: torch.nn.Module) -> dict[str, torch.Te
         if ptr in seen:          # tied weights (lm_head <- embed_tokens): the runtime re-ties them
             continue
         seen.add(ptr)
-        out[key] = t.detach().contiguous()
+        out[key] = (graph.attr(held[key]) if key in held else t).detach().contiguous()
+    for attr, key in graph.tensor_names.items():
+        if key not in out and key not in replaced and key.rpartition(".")[0] not in graph.quantized:
+            out[key] = graph.attr(attr).detach().contiguous()
     for name, q in graph.quantized.items():
         for suffix, t in q.tensors().items():
             out[f"{name}.{suffix}"] = t.detach().contiguous()
     return out
+
+
+def untied_head(graph: Graph, config) -> bool:
+    """Whether a model that ties its head to the embedding has a head of its own in the graph (the rotation gives
+    it ``W diag(g) Q`` while the table becomes ``E Q``): a checkpoint of it must not tie them."""
+    head, table = graph.sites.get("lm_head"), graph.embeddings.get(graph.input_embedding)
+    return (bool(getattr(config, "tie_word_embeddings", False)) and head is not None and table is not None
+            and head.weight_attr != table.weight_attr)
 
 
 def graph_description(graph: Graph) -> dict:

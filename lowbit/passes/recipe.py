@@ -223,6 +223,7 @@ def _builtin() -> dict[str, Recipe]:
     for method in ("gptq", "rtn"):
         r[f"{method}-q4_0"] = Recipe(f"{method}-q4_0", method, Scheme(4, 32, sym=True, quantize_lm_head=True,
                                                                       quantize_embeddings=True, overrides=q8_0))
+    r["awq-gptq-q4_0"] = Recipe("awq-gptq-q4_0", "gptq", r["gptq-q4_0"].scheme, awq=True)
     # Activation-aware scaling (AWQ) folded into the graph, then RTN ("awq-") or GPTQ ("awq-gptq-").
     for bits, group in [(4, 128), (4, 64), (3, 64), (2, 64)]:
         r[f"awq-w{bits}g{group}"] = Recipe(f"awq-w{bits}g{group}", "rtn", Scheme(bits, group), awq=True)

@@ -3,11 +3,12 @@ GEMM layout, compressed-tensors by the compressed-tensors library's own decompre
 of the same recipe bit for bit; whole checkpoints load in transformers; what a format cannot hold is refused."""
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lowbit
 from lowbit.cli import main
@@ -153,6 +154,49 @@ def test_compressed_tensors_checkpoint_loads_in_transformers(model_dirs, tmp_pat
     assert (float_model(ids).logits - mine).norm() / mine.norm() > 1e-2
 
 
+def _folding(name: str, **changes):
+    """A built-in recipe with AWQ's scales and the rotations folded into the graph first."""
+    return replace(_scheme(name, **changes), awq=True, rotate=True)
+
+
+def _calibration(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text(6000, 3))
+    return CalibrationArgs(str(text), 8, 48)
+
+
+def test_checkpoint_exports_carry_the_graph_folds(tokenizer, tmp_path):
+    """AWQ's scaled norms and the rotated embedding, norms and (untied) head are ordinary weights of the export:
+    transformers loads a rotated AWQ compressed-tensors checkpoint of a tied model at the torch artifact's logits."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    folder = _llama(tmp_path, tokenizer)
+    r = _folding("rtn-w4g32", sym=True)
+    kw = dict(quiet=True, dtype="float16", calib=_calibration(tmp_path))
+    exp = lowbit.compile(str(folder), r, out=tmp_path / "ct", target="compressed-tensors", **kw)
+    ours = lowbit.compile(str(folder), r, out=tmp_path / "torch", **kw)
+    assert json.loads((exp / "config.json").read_text())["tie_word_embeddings"] is False
+    t = load_file(str(exp / "model.safetensors"))
+    assert torch.equal(t["model.norm.weight"], torch.ones(64, dtype=torch.float16))     # folded into the head
+    ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    mine = lowbit.load(ours, backend="torch", kernels="reference").forward(ids).float()
+    theirs = AutoModelForCausalLM.from_pretrained(exp, dtype=torch.float32)(ids).logits.float()
+    assert (theirs - mine).norm() / mine.norm() < 1e-3
+    # The control: the same quantized layers beside the model's own float tensors compute something else.
+    float_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    own = {k: v.half() for k, v in float_model.state_dict().items() if k.rpartition(".")[0] + ".weight_packed" not in t}
+    t.update(own)
+    t.pop("lm_head.weight")
+    plain = tmp_path / "plain"
+    shutil.copytree(exp, plain)
+    save_file(t, str(plain / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((plain / "config.json").read_text())
+    (plain / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    theirs = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)(ids).logits.float()
+    assert (theirs - mine).norm() / mine.norm() > 1e-2
+
+
 @pytest.mark.parametrize("target,recipe,needle", [
     ("hf-awq", "rtn-w3g64", "AWQ checkpoints hold 4-bit weights, not 3-bit; --target compressed-tensors can hold it"),
     ("hf-awq", "zq-w8a8", "AWQ is weight-only"),
@@ -161,7 +205,6 @@ def test_compressed_tensors_checkpoint_loads_in_transformers(model_dirs, tmp_pat
     ("hf-awq", "zq-w4a16-mixed", "AWQ checkpoints hold 4-bit weights, not 8-bit"),
     ("compressed-tensors", "rtn-w4g64", "K=160 is not a multiple of group_size 64"),
     ("compressed-tensors", "fp", "needs quantized weights"),
-    ("compressed-tensors", "awq-w4g64", "not the norm weights it scales (awq); use --target torch or onnx"),
     ("hf-gptq", "rtn-w4g64", "--target hf-awq or --target compressed-tensors can hold it"),
     ("gguf", "gptq-w4g64", "GGUF blocks hold symmetric 4 or 8-bit groups of 32 (Q4_0, Q8_0), not w4g64"),
     ("gguf", "fp", "needs quantized weights"),
@@ -180,36 +223,45 @@ def test_gguf_refuses_another_architecture(model_dirs, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def _untied_llama(tmp_path, tokenizer):
-    from tests.conftest import make_config
-    import transformers as tf
+def _llama(tmp_path, tokenizer, tied: bool = True):
+    """The tiny Llama with norm weights other than ones (what rotations and AWQ fold), tied or not."""
+    from tests.conftest import make_model
 
-    config = make_config("llama")
-    config.tie_word_embeddings = False
-    torch.manual_seed(1)
-    folder = tmp_path / "untied"
-    tf.LlamaForCausalLM(config).save_pretrained(folder)
+    model = make_model("llama", seed=1)
+    model.config.tie_word_embeddings = tied
+    if not tied:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone().normal_(0, 0.05))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    folder = tmp_path / ("tied" if tied else "untied")
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_gguf_export_computes_the_torch_artifacts_logits(tied, model_dirs, tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("case", ["tied", "untied", "folded"])
+def test_gguf_export_computes_the_torch_artifacts_logits(case, model_dirs, tokenizer, tmp_path, monkeypatch):
     """transformers' own GGUF reader (dequantizing Q4_0 / Q8_0 with the gguf package, undoing llama.cpp's rotary
-    row order) gives the torch artifact's logits; the blocks hold the recipe's codes and scales."""
+    row order) gives the torch artifact's logits; the blocks hold the recipe's codes and scales. "folded": AWQ and
+    the rotations first, so the rotated head of a tied model is a tensor of its own."""
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from lowbit.lowering import gguf_model
+    from lowbit.lowering import gguf_model, program
 
-    folder = model_dirs["llama"] if tied else _untied_llama(tmp_path, tokenizer)
-    exp = lowbit.compile(str(folder), "rtn-q4_0", out=tmp_path / "gguf", target="gguf", quiet=True)
-    ours = lowbit.compile(str(folder), "rtn-q4_0", out=tmp_path / "torch", quiet=True)
+    folder = _llama(tmp_path, tokenizer, tied=case != "untied")
+    recipe, kw = "rtn-q4_0", dict(quiet=True)
+    if case == "folded":
+        recipe, kw["calib"] = _folding("rtn-q4_0"), _calibration(tmp_path)
+    exp = lowbit.compile(str(folder), recipe, out=tmp_path / "gguf", target="gguf", **kw)
+    ours = lowbit.compile(str(folder), recipe, out=tmp_path / "torch", **kw)
     reader = gguf.GGUFReader(str(exp / "model.gguf"))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.weight"] == "Q4_0"
     assert types["blk.1.ffn_down.weight"] == "Q4_0" and types["output_norm.weight"] == "F32"
-    assert ("output.weight" in types) == (not tied) and types.get("output.weight", "Q8_0") == "Q8_0"
+    assert ("output.weight" in types) == (case != "tied") and types.get("output.weight", "Q8_0") == "Q8_0"
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     assert fields["general.architecture"] == "llama" and fields["tokenizer.ggml.model"] == "gpt2"
     assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.block_count"] == 2
@@ -217,9 +269,11 @@ def test_gguf_export_computes_the_torch_artifacts_logits(tied, model_dirs, token
     mine = lowbit.load(ours, backend="torch", kernels="reference").forward(ids).float()
     theirs = AutoModelForCausalLM.from_pretrained(exp, gguf_file="model.gguf", dtype=torch.float32)(ids).logits
     assert (theirs.float() - mine).norm() / mine.norm() < 1e-5
-    # The control: without llama.cpp's rotary row order the reader's attention is another one.
-    monkeypatch.setattr(gguf_model, "rope_pairs", lambda heads, rows: torch.arange(rows))
-    plain = lowbit.compile(str(folder), "rtn-q4_0", out=tmp_path / "plain", target="gguf", quiet=True)
+    if case == "folded":     # the control: the rotated head dropped for the (rotated) embedding's table
+        monkeypatch.setattr(program, "untied_head", lambda graph, config: False)
+    else:                    # the control: without llama.cpp's rotary row order the reader's attention is another one
+        monkeypatch.setattr(gguf_model, "rope_pairs", lambda heads, rows: torch.arange(rows))
+    plain = lowbit.compile(str(folder), recipe, out=tmp_path / "plain", target="gguf", **kw)
     theirs = AutoModelForCausalLM.from_pretrained(plain, gguf_file="model.gguf", dtype=torch.float32)(ids).logits
     assert (theirs.float() - mine).norm() / mine.norm() > 1e-3
 
@@ -257,8 +311,6 @@ def test_gguf_block_bytes_against_a_reference_dequantizer():
 
 
 def test_gguf_refuses_a_tokenizer_it_cannot_write_before_any_pass(model_dirs, tmp_path, capsys):
-    import shutil
-
     folder = tmp_path / "model"
     shutil.copytree(model_dirs["llama"], folder)
     data = json.loads((folder / "tokenizer.json").read_text())

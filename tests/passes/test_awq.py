@@ -132,13 +132,13 @@ def test_awq_compiles_and_records_its_folds(model_dirs, tmp_path):
 
 
 def test_awq_refusals(model_dirs, tmp_path, capsys):
-    """hf-gptq writes the transformers model's float tensors, which do not hold the folded norms: refused before
-    any pass; a recipe file with awq on a float method is refused; one line each, nothing left behind."""
+    """A recipe file with awq on a float method and awq with lkd are refused; one line each, nothing left behind.
+    An export refuses an awq recipe only for its scheme, naming the exports that hold it."""
     before = set(tmp_path.iterdir())
     code = main(["compile", str(model_dirs["llama"]), "-o", str(tmp_path / "o"), "-r", "awq-gptq-w4g64",
                  "--target", "hf-gptq"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "awq" in err[0] and "--target torch" in err[0], err
+    assert code == 2 and len(err) == 1 and "sym = true" in err[0] and "--target hf-awq" in err[0], err
     bad = tmp_path / "fp.toml"
     bad.write_text('method = "fp"\nawq = true\n')
     code = main(["compile", str(model_dirs["llama"]), "-o", str(tmp_path / "o"), "-r", str(bad)])

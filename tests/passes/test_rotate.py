@@ -135,7 +135,7 @@ def test_rotated_recipes_compile(model_dirs, tmp_path):
 
 
 def test_rotate_refusals(model_dirs, tmp_path, capsys):
-    """hf-gptq, a float method, rotate with lkd and a model that cannot be rotated: one line each, exit 2, nothing
+    """hf-gptq (for the asymmetric scheme, not the rotation), a float method, rotate with lkd and a model that cannot be rotated: one line each, exit 2, nothing
     left behind."""
     before = set(tmp_path.iterdir())
     files = {}
@@ -146,7 +146,7 @@ def test_rotate_refusals(model_dirs, tmp_path, capsys):
         files[name] = tmp_path / f"{name}.toml"
         files[name].write_text(body)
     for model, recipe, target, expect in (
-            ("llama", "gptq", "hf-gptq", "rotated embedding"), ("llama", "fp", "torch", "rotate = true"),
+            ("llama", "gptq", "hf-gptq", "--target hf-awq or --target compressed-tensors can hold it"), ("llama", "fp", "torch", "rotate = true"),
             ("llama", "lkd", "torch", "rotate and lkd"), ("opt", "rtn", "torch", "cannot be folded")):
         code = main(["compile", str(model_dirs[model]), "-o", str(tmp_path / "o"), "-r", str(files[recipe]),
                      "--target", target])
