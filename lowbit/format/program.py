@@ -239,49 +239,70 @@ def check_document(doc, where: str):
         raise LowbitError(f"{where}: widen must be a list of tensor names; recompile")
 
 
-# Casts whose dtype argument can be the traced float dtype.
-_CASTS = {"aten::to.dtype", "aten::to.dtype_layout", "aten::_to_copy.default"}
+# Casts whose dtype argument can be the traced float dtype (``aten::to.device`` carries one too).
+_CASTS = {"aten::to.dtype", "aten::to.dtype_layout", "aten::_to_copy.default", "aten::to.device"}
+_VIEWS = {torch.ops.aten.unsqueeze.default, torch.ops.aten.expand.default, torch.ops.aten.slice.Tensor,
+          torch.ops.aten.view.default, torch.ops.aten.reshape.default}
 
 
-def keep_norm_upcasts(casts: list, traced: torch.dtype) -> None:
-    """Give the traced dtype back to each of ``casts`` (mapped to a narrower dtype) that an RMSNorm squares: its
-    variance, which transformers computes in float32 whatever the model's dtype (in float16 SmolLM2's residual of
-    281 squares past the range, 65504). A float32 trace cannot tell this upcast from the model's casts to its own
-    dtype by their arguments; the cast back after the norm stays mapped. In the trace ``x.float()`` returned x
-    itself, so whatever read x after it reads the cast (the residual add, Gemma's ``type_as(x)``): those read x
-    again, and only the norm's square and its product with the reciprocal root read the upcast."""
+def keep_upcasts(casts: list, traced: torch.dtype) -> set:
+    """Give the traced dtype back to the model's precision upcasts among ``casts`` (mapped to a narrower dtype),
+    which transformers computes in float32 whatever the model's dtype; returns the constants they read, to keep in
+    the traced dtype. A float32 trace cannot tell them from the model's casts to its own dtype by their arguments,
+    so they are found by what reads them; the casts back to the model's dtype after them stay mapped.
+    - RMSNorm's variance: a cast that is squared (in float16 the demo LM's residual of 281 squares past 65504). In
+      the trace ``x.float()`` returned x itself, so whatever read x after it reads the cast (the residual add,
+      Gemma's ``type_as(x)``): those read x again; only the square and the product with the root read the cast.
+    - Rotary angles: a cast of the position ids and the frequencies it multiplies (bfloat16 holds integers
+      exactly only to 256, float16 to 2048)."""
     square, mul, rsqrt = torch.ops.aten.pow.Tensor_Scalar, torch.ops.aten.mul.Tensor, torch.ops.aten.rsqrt.default
+    products = (mul, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
 
-    def own(u, n) -> bool:
-        return (u.target is square and u.args[1] == 2 or u.target is mul and (
-            u.args == (n, n) or any(isinstance(a, fx.Node) and a.target is rsqrt for a in u.args)))
+    def keep(n):
+        n.target, n.args, n.kwargs = torch.ops.aten.to.dtype, (n.args[0], traced), {}
 
+    def source(n):
+        while isinstance(n, fx.Node) and n.target in _VIEWS:
+            n = n.args[0]
+        return n
+
+    wide = set()
     for n in casts:
-        if not any(u.target is square and u.args[1] == 2 or u.target is mul and u.args == (n, n) for u in n.users):
-            continue
         x = n.args[0]
-        n.target, n.args, n.kwargs = torch.ops.aten.to.dtype, (x, traced), {}
-        for u in list(n.users):
-            if not own(u, n):
-                u.replace_input_with(n, x)
+        if any(u.target is square and u.args[1] == 2 or u.target is mul and u.args == (n, n) for u in n.users):
+            keep(n)
+            for u in list(n.users):
+                if not (u.target is square or u.target is mul and (u.args == (n, n) or any(
+                        isinstance(a, fx.Node) and a.target is rsqrt for a in u.args))):
+                    u.replace_input_with(n, x)
+        elif getattr(source(x), "target", None) == "position_ids" and source(x).op == "placeholder":
+            keep(n)
+            for u in n.users:
+                for other in (a for a in u.args if u.target in products and isinstance(a, fx.Node) and a is not n):
+                    if other in casts:
+                        keep(other)
+                        other = other.args[0]
+                    if source(other).op == "get_attr":
+                        wide.add(source(other).target)
+    return wide
 
 
 def decode(doc: dict, tensors: dict[str, torch.Tensor], device="cpu", dtype: Optional[torch.dtype] = None,
            where: str = "program", narrow_tables: bool = False, narrow_heads: bool = True,
-           norm_upcasts: bool = False) -> fx.GraphModule:
+           keep_precision: bool = False) -> fx.GraphModule:
     """The GraphModule of a document on ``device``; with ``dtype``, float tensors and float dtype arguments that
     were the traced dtype become ``dtype``. Refuses (LowbitError) anything outside the format. ``tensors`` is
     emptied as they move into the module (so a caller's dict does not hold a second copy). ``narrow_tables``: a
     ``widen`` tensor read only as the table of ``aten.embedding`` stays in its stored dtype and the looked-up rows
     are converted instead (the same values, in half the memory for a bfloat16 vocabulary table); so does one read
     as the weight of ``aten.linear`` (a head, ``lowbit::narrow_linear``) unless ``narrow_heads`` is False.
-    ``norm_upcasts``: in a ``dtype`` narrower than the traced one, RMSNorm's upcast keeps the traced dtype
-    (``keep_norm_upcasts``)."""
+    ``keep_precision``: in a ``dtype`` narrower than the traced one, the model's precision upcasts (RMSNorm's, the
+    rotary angles') keep the traced dtype (``keep_upcasts``)."""
     check_document(doc, where)
     device = torch.device(device)
     traced = _torch_attr(doc["dtype"], torch.dtype)
     dtype_map = {traced: dtype} if dtype is not None and dtype != traced else {}
-    narrower = norm_upcasts and dtype_map and dtype.itemsize < traced.itemsize
+    narrower = keep_precision and dtype_map and dtype.itemsize < traced.itemsize
     try:
         return _build(doc, tensors, device, dtype_map, where, narrow_tables, narrow_heads, bool(narrower))
     except RecursionError:
@@ -289,7 +310,7 @@ def decode(doc: dict, tensors: dict[str, torch.Tensor], device="cpu", dtype: Opt
 
 
 def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, where: str,
-           narrow_tables: bool = False, narrow_heads: bool = True, norm_upcasts: bool = False) -> fx.GraphModule:
+           narrow_tables: bool = False, narrow_heads: bool = True, keep_precision: bool = False) -> fx.GraphModule:
     table = doc.get("op_table", 1)
     traced_tag, casts = {"dtype": doc["dtype"]}, []
     g = fx.Graph()
@@ -331,7 +352,7 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
             if target in _PACKED:
                 _check_packed_call(target, call_args, call_kwargs, by_attr, f"{at} ({name})")
             env[name] = g.call_function(fn, call_args, call_kwargs)
-            if norm_upcasts and target in _CASTS and (traced_tag in args["list"] or traced_tag in kwargs.values()):
+            if keep_precision and target in _CASTS and (traced_tag in args["list"] or traced_tag in kwargs.values()):
                 casts.append(env[name])
         elif op == "output":
             g.output(_decode_value(nd.get("args"), env, device, dtype_map, where))
@@ -342,7 +363,7 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
         raise LowbitError(f"{where} has no output node; recompile")
     root = torch.nn.Module()
     traced = _torch_attr(doc["dtype"], torch.dtype)
-    keep_norm_upcasts(casts, traced)
+    wide = keep_upcasts(casts, traced) if casts else set()
     widen = set(doc.get("widen", []))
     narrow = (_narrow_tables(g, constants, widen, dtype_map.get(traced, traced), narrow_heads) if narrow_tables
               else set())
@@ -355,7 +376,8 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
                 root.register_buffer(attr, t.to(device=device))
                 continue
             t = t.to(traced)               # stored in the checkpoint's narrower dtype: the value the trace held
-        root.register_buffer(attr, t.to(device=device, dtype=dtype_map.get(t.dtype, t.dtype)))
+        root.register_buffer(attr, t.to(device=device, dtype=t.dtype if attr in wide else dtype_map.get(t.dtype,
+                                                                                                          t.dtype)))
         del t
     gm = fx.GraphModule(root, g)
     gm.meta["tensor_keys"] = {attr: key for key, attr in constants.items()}     # attribute -> stored tensor

@@ -72,7 +72,7 @@ class TorchRunner:
         tensors = load_weights(path, files, f"artifact '{path}'")
         # decode empties ``tensors`` as it builds the module: the stored form is not held beside the running one.
         gm = program_format.decode(program, tensors, device=device, dtype=dtype, where=where, narrow_tables=True,
-                                   norm_upcasts=True)
+                                   keep_precision=True)
         swapped = use_cpu_kernels(gm) if kernels == "auto" and torch.device(device).type == "cpu" else None
         runner = cls(gm, program, device, dtype, swapped)
         runner.where = where

@@ -48,6 +48,34 @@ def test_float16_keeps_the_norms_upcast_past_its_range(tokenizer, tmp_path, monk
     ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(4))
     ref = lowbit.load(art, kernels="reference").forward(ids)
     assert _rel(lowbit.load(art, kernels="reference", dtype="float16").forward(ids), ref) < TOL["float16"]
-    monkeypatch.setattr(program_format, "keep_norm_upcasts", lambda casts, traced: None)
+    monkeypatch.setattr(program_format, "keep_upcasts", lambda casts, traced: set())
     plain = lowbit.load(art, kernels="reference", dtype="float16").forward(ids)
     assert not torch.isfinite(plain).all() or _rel(plain, ref) > 0.1
+
+
+def test_bfloat16_keeps_rotary_angles_past_256_positions(tokenizer, tmp_path, monkeypatch):
+    """bfloat16 holds integers exactly only to 256: the position ids and frequencies stay float32 as transformers
+    computes them, so a long sequence's last tokens keep the float32 logits to bfloat16's rounding of sharp
+    attention (0.07 here). The control maps them too (0.88 here)."""
+    import transformers as tf
+
+    from tests.conftest import make_config
+
+    config = make_config("llama")
+    config.max_position_embeddings = 1024
+    torch.manual_seed(5)
+    model = tf.LlamaForCausalLM(config)
+    with torch.no_grad():                        # sharp attention: the scores depend on the angles
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(25)
+            layer.self_attn.k_proj.weight.mul_(25)
+    folder = tmp_path / "long"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    art = lowbit.compile(str(folder), "fp", out=tmp_path / "a", quiet=True)
+    ids = torch.randint(3, 300, (1, 700), generator=torch.Generator().manual_seed(6))
+    ref = lowbit.load(art, kernels="reference").forward(ids)[:, 600:]
+    kept = _rel(lowbit.load(art, kernels="reference", dtype="bfloat16").forward(ids)[:, 600:], ref)
+    monkeypatch.setattr(program_format, "keep_upcasts", lambda casts, traced: set())
+    plain = _rel(lowbit.load(art, kernels="reference", dtype="bfloat16").forward(ids)[:, 600:], ref)
+    assert kept < 0.1 and plain > 3 * kept
