@@ -261,6 +261,9 @@ def keep_upcasts(casts: list, traced: torch.dtype) -> set:
     def keep(n):
         n.target, n.args, n.kwargs = torch.ops.aten.to.dtype, (n.args[0], traced), {}
 
+    def squares(u, n) -> bool:
+        return u.target is square and u.args[1] == 2 or u.target is mul and u.args == (n, n)
+
     def source(n):
         while isinstance(n, fx.Node) and n.target in _VIEWS:
             n = n.args[0]
@@ -269,11 +272,10 @@ def keep_upcasts(casts: list, traced: torch.dtype) -> set:
     wide = set()
     for n in casts:
         x = n.args[0]
-        if any(u.target is square and u.args[1] == 2 or u.target is mul and u.args == (n, n) for u in n.users):
+        if any(squares(u, n) for u in n.users):
             keep(n)
             for u in list(n.users):
-                if not (u.target is square or u.target is mul and (u.args == (n, n) or any(
-                        isinstance(a, fx.Node) and a.target is rsqrt for a in u.args))):
+                if not (squares(u, n) or u.target is mul and any(getattr(a, "target", None) is rsqrt for a in u.args)):
                     u.replace_input_with(n, x)
         elif getattr(source(x), "target", None) == "position_ids" and source(x).op == "placeholder":
             keep(n)
