@@ -100,8 +100,9 @@ def agreement(theirs: list[int], mine: list[int]) -> int:
     return n
 
 
-def lowbit_side(art: Path, prompts: list[list[int]], wins: torch.Tensor, new_tokens: int) -> dict:
-    eng = lowbit.load(art, backend="torch")
+def lowbit_side(art: Path, prompts: list[list[int]], wins: torch.Tensor, new_tokens: int,
+                dtype: str = "float32") -> dict:
+    eng = lowbit.load(art, backend="torch", dtype=dtype)
     tokens = []
     for p in prompts:
         ids = torch.tensor([p])
@@ -192,6 +193,8 @@ def main() -> int:
     ap.add_argument("--windows", type=int, default=20, help="eval.txt windows of 512 for perplexity")
     ap.add_argument("--new-tokens", type=int, default=24, help="greedy tokens per prompt")
     ap.add_argument("--decode-reps", type=int, default=3, help="rounds of batch-1 decode timing per GGUF")
+    ap.add_argument("--lowbit-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="what lowbit's torch artifact computes in (vLLM runs the checkpoints in float16)")
     ap.add_argument("--out", default=str(ROOT / "out" / "interop"))
     ap.add_argument("--rebuild", action="store_true", help="compile again even when an artifact is there")
     ap.add_argument("--json", help="also write the results here")
@@ -206,7 +209,7 @@ def main() -> int:
     wins = torch.stack([text[i * 512:(i + 1) * 512] for i in range(args.windows)])
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     print(f"CPU: {describe_cpu()}; {THREADS} threads; {args.windows} eval.txt windows of 512, "
-          f"{len(prompts)} prompts x {args.new_tokens} greedy tokens", flush=True)
+          f"{len(prompts)} prompts x {args.new_tokens} greedy tokens; lowbit in {args.lowbit_dtype}", flush=True)
 
     rows, ggufs = [], {}
     for spec in args.exports:
@@ -215,7 +218,7 @@ def main() -> int:
         dtype = "auto" if target == "gguf" else "float16"
         ref = compile_once(recipe, "torch", dtype, out / f"{recipe}-torch-{dtype}", args.rebuild)
         exp = compile_once(recipe, target, dtype, out / f"{recipe}-{target}", args.rebuild)
-        mine = lowbit_side(ref, prompts, wins, args.new_tokens)
+        mine = lowbit_side(ref, prompts, wins, args.new_tokens, args.lowbit_dtype)
         if client == "llama.cpp":
             theirs = llama_cpp_side(exp / "model.gguf", prompts, wins, args.new_tokens)
             ggufs[spec] = (exp / "model.gguf", theirs.pop("llm"))

@@ -76,21 +76,23 @@ def program(graph: Graph) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def staged_program(tmp: Path, dtype: torch.dtype, defer: bool = False,
-                   narrow_lookups: bool = False) -> tuple[dict, torch.fx.GraphModule]:
+                   narrow_lookups: bool = False, keep_precision: bool = False) -> tuple[dict, torch.fx.GraphModule]:
     """(document, GraphModule in ``dtype``) of the program a staged artifact in ``tmp`` holds: what the ONNX and
     TensorRT lowerings read, so they lower exactly what the torch runtime runs. ``defer``: the module's tensors of
     ``deferred.DEFER_BYTES`` or more are ``lowering.deferred.Deferred`` attributes, read from the weight files
     when they are used, not now. ``narrow_lookups``: a vocabulary table stored narrower than ``dtype`` and only
-    looked up stays narrow, its rows converted after the lookup (``format.program.decode(narrow_tables=True)``)."""
+    looked up stays narrow, its rows converted after the lookup (``format.program.decode(narrow_tables=True)``).
+    ``keep_precision``: in a narrower ``dtype``, the model's float32 upcasts stay (``format.program.keep_upcasts``)."""
     doc = json.loads((tmp / PROGRAM_FILE).read_text())
     files = weight_files(p.name for p in tmp.iterdir())
     if not defer:
         return doc, program_format.decode(doc, load_weights(tmp, files, "staged artifact"), dtype=dtype,
-                                          narrow_tables=narrow_lookups, narrow_heads=False)
+                                          narrow_tables=narrow_lookups, narrow_heads=False,
+                                          keep_precision=keep_precision)
     stored = weight_entries(tmp, files, "staged artifact")
     gm = program_format.decode(doc, {k: torch.empty(e.shape, dtype=DTYPES[e.dtype], device="meta")
                                     for k, (_, e) in stored.items()}, device="meta", dtype=dtype,
-                               narrow_tables=narrow_lookups, narrow_heads=False)
+                               narrow_tables=narrow_lookups, narrow_heads=False, keep_precision=keep_precision)
     cpu = torch.device("cpu")
     for node in gm.graph.nodes:                  # device arguments back on the CPU: only the tensors were meta
         node.args, node.kwargs = torch.fx.node.map_aggregate(
