@@ -224,10 +224,14 @@ def _builtin() -> dict[str, Recipe]:
         r[f"{method}-q4_0"] = Recipe(f"{method}-q4_0", method, Scheme(4, 32, sym=True, quantize_lm_head=True,
                                                                       quantize_embeddings=True, overrides=q8_0))
     r["awq-gptq-q4_0"] = Recipe("awq-gptq-q4_0", "gptq", r["gptq-q4_0"].scheme, awq=True)
-    # Activation-aware scaling (AWQ) folded into the graph, then RTN ("awq-") or GPTQ ("awq-gptq-").
+    # Activation-aware scaling (AWQ) folded into the graph, then RTN ("awq-") or GPTQ ("awq-gptq-"); "-sym" for
+    # the exports that hold symmetric grids only (hf-gptq).
     for bits, group in [(4, 128), (4, 64), (3, 64), (2, 64)]:
         r[f"awq-w{bits}g{group}"] = Recipe(f"awq-w{bits}g{group}", "rtn", Scheme(bits, group), awq=True)
         r[f"awq-gptq-w{bits}g{group}"] = Recipe(f"awq-gptq-w{bits}g{group}", "gptq", Scheme(bits, group), awq=True)
+    for group in (128, 64):
+        name = f"awq-gptq-w4g{group}-sym"
+        r[name] = Recipe(name, "gptq", Scheme(4, group, sym=True), awq=True)
     # Rotations of the residual stream and values folded into the weights (RMSNorm models), then GPTQ
     # ("rot-gptq-") or AWQ + GPTQ ("rot-awq-gptq-"). Not then RTN: on the demo LM rotated RTN w4g64 is 1.70x float
     # perplexity against RTN's 1.28x (docs/benchmarks.md).
