@@ -378,8 +378,8 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
                 root.register_buffer(attr, t.to(device=device))
                 continue
             t = t.to(traced)               # stored in the checkpoint's narrower dtype: the value the trace held
-        root.register_buffer(attr, t.to(device=device, dtype=t.dtype if attr in wide else dtype_map.get(t.dtype,
-                                                                                                          t.dtype)))
+        kept = t.dtype if attr in wide else dtype_map.get(t.dtype, t.dtype)      # wide: read by precision upcasts
+        root.register_buffer(attr, t.to(device=device, dtype=kept))
         del t
     gm = fx.GraphModule(root, g)
     gm.meta["tensor_keys"] = {attr: key for key, attr in constants.items()}     # attribute -> stored tensor
