@@ -304,9 +304,9 @@ def decode(doc: dict, tensors: dict[str, torch.Tensor], device="cpu", dtype: Opt
     device = torch.device(device)
     traced = _torch_attr(doc["dtype"], torch.dtype)
     dtype_map = {traced: dtype} if dtype is not None and dtype != traced else {}
-    narrower = keep_precision and dtype_map and dtype.itemsize < traced.itemsize
+    keep_precision = keep_precision and bool(dtype_map) and dtype.itemsize < traced.itemsize
     try:
-        return _build(doc, tensors, device, dtype_map, where, narrow_tables, narrow_heads, bool(narrower))
+        return _build(doc, tensors, device, dtype_map, where, narrow_tables, narrow_heads, keep_precision)
     except RecursionError:
         raise LowbitError(f"{where}: argument values nested too deeply; refusing it") from None
 
@@ -365,7 +365,7 @@ def _build(doc: dict, tensors: dict, device: torch.device, dtype_map: dict, wher
         raise LowbitError(f"{where} has no output node; recompile")
     root = torch.nn.Module()
     traced = _torch_attr(doc["dtype"], torch.dtype)
-    wide = keep_upcasts(casts, traced) if casts else set()
+    wide = keep_upcasts(casts, traced)
     widen = set(doc.get("widen", []))
     narrow = (_narrow_tables(g, constants, widen, dtype_map.get(traced, traced), narrow_heads) if narrow_tables
               else set())
