@@ -38,12 +38,16 @@ def read_awq_layer(t: dict, name: str, group: int, order=AWQ_ORDER) -> torch.Ten
     return ((codes - zeros[g]).float() * scales[g]).t()
 
 
+def _calibration(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(sample_text(6000, 3))
+    return CalibrationArgs(str(text), 8, 48)
+
+
 def _compile_both(model_dir, recipe, target, tmp_path, calib=False):
     kw = dict(quiet=True)
     if calib:
-        text = tmp_path / "calib.txt"
-        text.write_text(sample_text(6000, 3))
-        kw["calib"] = CalibrationArgs(str(text), 8, 48)
+        kw["calib"] = _calibration(tmp_path)
     # fuse=False: the torch artifact keeps one tensor per layer, to compare layer by layer.
     ours = lowbit.compile(str(model_dir), recipe, out=tmp_path / "torch", fuse=False, **kw)
     exp = lowbit.compile(str(model_dir), recipe, out=tmp_path / target, target=target, **kw)
@@ -159,12 +163,6 @@ def _folding(name: str, **changes):
     return replace(_scheme(name, **changes), awq=True, rotate=True)
 
 
-def _calibration(tmp_path):
-    text = tmp_path / "calib.txt"
-    text.write_text(sample_text(6000, 3))
-    return CalibrationArgs(str(text), 8, 48)
-
-
 def test_checkpoint_exports_carry_the_graph_folds(tokenizer, tmp_path):
     """AWQ's scaled norms and the rotated embedding, norms and (untied) head are ordinary weights of the export:
     transformers loads a rotated AWQ compressed-tensors checkpoint of a tied model at the torch artifact's logits."""
@@ -242,7 +240,7 @@ def _llama(tmp_path, tokenizer, tied: bool = True):
 
 
 @pytest.mark.parametrize("case", ["tied", "untied", "folded"])
-def test_gguf_export_computes_the_torch_artifacts_logits(case, model_dirs, tokenizer, tmp_path, monkeypatch):
+def test_gguf_export_computes_the_torch_artifacts_logits(case, tokenizer, tmp_path, monkeypatch):
     """transformers' own GGUF reader (dequantizing Q4_0 / Q8_0 with the gguf package, undoing llama.cpp's rotary
     row order) gives the torch artifact's logits; the blocks hold the recipe's codes and scales. "folded": AWQ and
     the rotations first, so the rotated head of a tied model is a tensor of its own."""
