@@ -354,7 +354,8 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
         recipe = job.recipe
         job.lowering.check(graph, recipe)
         say(f"budget plan: {job.budget_info['bits_per_weight']:.3f} bits per weight, "
-            + ", ".join(f"{n} {f}" for f, n in sorted(job.budget_info["formats"].items())), quiet)
+            + ", ".join(f"{n} {f}" for f, n in sorted(job.budget_info["formats"].items()))
+            + f"; estimated perplexity {job.budget_info['estimated_ppl_ratio']:.3f}x float", quiet)
     if inputs.lkd is not None:      # after the plan: each layer distils in the format it will have
         job.lkd_info = _distil(job, inputs, loaded, graph, fingerprint, resume)
     if recipe.awq:         # every process measures all the windows itself: the scaling is not split yet

@@ -86,6 +86,8 @@ def write_report(path: Path, body: dict, graph) -> None:
         lines.append(f"- size budget {b['budget_bits']:g} bits per weight: {b['bits_per_weight']:.3f} used, "
                      + ", ".join(f"{n} layers {f}" for f, n in sorted(b["formats"].items()))
                      + " (plan.toml: the plan as a recipe)")
+        lines.append(f"- the plan's estimated perplexity: {b['estimated_ppl_ratio']:.3f}x float on the calibration "
+                     "windows; other budgets: " + ", ".join(f"{k} bits {v:.3f}x" for k, v in b["other_budgets"].items()))
     for key, label in (("ppl_before", "perplexity before"), ("ppl_after", "perplexity after")):
         if key in body.get("metrics", {}):
             m = body["metrics"][key]

@@ -4,10 +4,14 @@ stay within the budget.
 
 The estimate is second order in the loss L (next-token cross-entropy on the calibration windows, summed over
 tokens), with the Fisher information of each matmul's outputs and its inputs' second moments as if independent:
-``dL ~ 1/2 sum_t (D x_t)^T diag(f) (D x_t) ~ 1/(2T) f^T (D * D) h``, D = W - Q(W) the round-to-nearest error of a
-candidate format, ``f_o = sum_t (dL/dy_to)^2`` and ``h_i = sum_t x_ti^2`` measured by one forward and backward pass
-of the float graph per calibration chunk. Unlike a layer's own output error, it weighs each layer's error by how
-much the loss moves with its outputs, so the layers the loss is most sensitive to keep more bits.
+``dL ~ 1/2 sum_t (D x_t)^T diag(f) (D x_t) ~ 1/(2T) sum_o f_o (D S D^T)_oo``, with ``f_o = sum_t (dL/dy_to)^2``
+from one forward and backward pass of the float graph per calibration window, ``S = sum_t x_t x_t^T`` the
+inputs' second moments (GPTQ's Hessian, from a streaming pass over the float graph, one block at a time), and
+D = W - Q(W) the error the recipe's own rounding leaves in a candidate format: GPTQ's (which spreads each
+column's error where ``S`` makes it cost least) for GPTQ and for learnt rounding, round-to-nearest's otherwise.
+Unlike a layer's own output error, it weighs each layer's error by how much the loss moves with its outputs, so
+the layers the loss is most sensitive to keep more bits; unlike round-to-nearest's error, it sees how much of a
+narrow format's error GPTQ compensates in each layer.
 
 The choice is a multiple-choice knapsack, solved the usual way: every layer starts at its smallest format and the
 upgrade with the largest loss decrease per added byte (along each layer's lower convex hull of bytes against
@@ -18,7 +22,8 @@ which a later compile reruns without measuring again.
 from __future__ import annotations
 
 import heapq
-from dataclasses import replace
+import math
+from dataclasses import asdict, replace
 
 import torch
 import torch.fx as fx
@@ -30,6 +35,7 @@ from lowbit.ir.graph import Graph
 # The formats a plan chooses from: (bits, group size). A target that cannot hold one drops it (``candidates``).
 FORMATS = ((2, 64), (3, 128), (3, 64), (3, 32), (4, 128), (4, 64), (4, 32), (8, 128))
 WINDOWS = 32                 # calibration windows the sensitivities are measured on (the first ones)
+OTHER_BUDGETS = (3.0, 3.25, 3.5, 3.75, 4.0, 4.25, 4.5, 5.0)    # other budgets whose estimate the report shows
 
 
 def candidates(graph: Graph, recipe, accepts) -> list[tuple[int, int]]:
@@ -63,27 +69,18 @@ def check_fits(graph: Graph, recipe, formats: list) -> None:
 
 class _Fisher(fx.Interpreter):
     """Runs the float graph keeping what the estimate needs: the residual stream requires grad from the token
-    embedding on, each quantized matmul's input gets its squared sum, each output a hook summing squared
-    gradients."""
+    embedding on, and each quantized matmul's output gets a hook summing its squared gradients."""
 
     def __init__(self, graph: Graph, names: list[str]):
         super().__init__(graph.gm)
         self.sites = {graph.sites[n].node: graph.sites[n] for n in names}
-        self.inputs = {}
-        for site in self.sites.values():
-            self.inputs.setdefault(site.input_node, []).append(site.name)
         self.embedding = graph.embeddings[graph.input_embedding].node if graph.input_embedding else None
-        self.h: dict[str, torch.Tensor] = {}
         self.f: dict[str, torch.Tensor] = {}
 
     def run_node(self, n):
         out = super().run_node(n)
         if n is self.embedding:
             out = out.detach().requires_grad_()
-        if n in self.inputs:
-            sq = out.detach().float().pow(2).reshape(-1, out.shape[-1]).sum(0)
-            for name in self.inputs[n]:
-                self.h[name] = self.h.get(name, 0) + sq
         site = self.sites.get(n)
         if site is not None and out.requires_grad:
             out.register_hook(lambda g, name=site.name: self._grad(name, g))
@@ -95,9 +92,9 @@ class _Fisher(fx.Interpreter):
 
 
 def measure(graph: Graph, names: list[str], calib_ids: torch.Tensor, chunk: int = 1,
-            show_progress: bool = False) -> dict:
-    """{layer: (f [N], h [K])} over the calibration windows ``calib_ids`` (forward and backward, ``chunk`` windows
-    at a time)."""
+            show_progress: bool = False) -> dict[str, torch.Tensor]:
+    """{layer: f [N]} over the calibration windows ``calib_ids`` (forward and backward, ``chunk`` windows at a
+    time)."""
     from lowbit.progress import progress_bar
 
     if graph.kv is None or graph.input_embedding is None:
@@ -108,16 +105,55 @@ def measure(graph: Graph, names: list[str], calib_ids: torch.Tensor, chunk: int 
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
                                                  reduction="sum")
         loss.backward()
-    missing = [n for n in names if n not in fisher.f or n not in fisher.h]
+    missing = [n for n in names if n not in fisher.f]
     if missing:
         raise LowbitError(f"the loss does not depend on {missing[0]} ({len(missing)} layers); drop --budget-bits")
-    return {n: (fisher.f[n], fisher.h[n]) for n in names}
+    return dict(fisher.f)
 
 
-def estimate(w: torch.Tensor, spec, f: torch.Tensor, h: torch.Tensor, tokens: int) -> float:
-    """``1/(2T) f^T (D * D) h`` for the weight ``w`` [N, K] quantized round-to-nearest to ``spec``."""
-    d = w.float() - fake_quantize(w.float(), spec)
-    return float(f @ (d * d) @ h) / (2 * tokens)
+def estimate(d: torch.Tensor, f: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``1/(2T) sum_o f_o (D S D^T)_oo`` for the error ``d`` [N, K], with GPTQ's ``hessian`` = 2/T S [K, K]."""
+    d = d.to(hessian.dtype)
+    return float(((d @ hessian) * d).sum(1).to(f.dtype) @ f) / 4
+
+
+def rounds_like_gptq(recipe) -> bool:
+    """Whether the recipe's rounding answers to its layers' inputs (GPTQ, learnt rounding) rather than to the
+    nearest grid point: the error a plan estimates is then GPTQ's."""
+    return recipe.method == "gptq" or (recipe.lkd is not None and recipe.lkd.learn == "rounding")
+
+
+def errors(graph: Graph, recipe, layers: list, formats: list, fisher: dict, calib_ids: torch.Tensor,
+           chunk: int = 8, show_progress: bool = False) -> dict[str, list[tuple[int, float, tuple]]]:
+    """{layer: [(stored bytes, estimated loss, (bits, group))]} for every candidate format of each of ``layers``
+    [(site, spec)], from one streaming pass of the float graph over ``calib_ids`` (the weights stay float)."""
+    from lowbit.ir.calibration import StreamingCalibrator
+    from lowbit.passes.gptq import GPTQOptions, gptq_quantize
+    from lowbit.progress import progress_bar
+
+    specs = dict((site.name, spec) for site, spec in layers)
+    opts = GPTQOptions(**asdict(recipe.gptq), mse=recipe.scheme.mse) if rounds_like_gptq(recipe) else None
+    options: dict[str, list] = {}
+    bar = progress_bar(None, desc="format errors", total=len(specs), disable=not show_progress)
+
+    def measure_formats(site, hessian):
+        w = graph.weight(site).detach().float().cpu()
+        hessian = hessian.cpu()
+        options[site.name] = []
+        for bits, group in formats:
+            if group > site.in_features:
+                continue
+            fmt = replace(specs[site.name], bits=bits, group_size=group)
+            q = fake_quantize(w, fmt) if opts is None else gptq_quantize(w, hessian, fmt, opts, site.name).dequant
+            size = storage_bytes(site.out_features, site.in_features, fmt)
+            options[site.name].append((size, estimate(w - q, fisher[site.name], hessian), (bits, group)))
+        bar.update(1)
+        return None                                    # the graph keeps its float weights
+
+    hdtype = torch.float64 if recipe.gptq.hessian_dtype == "float64" else torch.float32
+    StreamingCalibrator(graph, calib_ids, chunk=chunk, hessian_dtype=hdtype).run(list(specs), measure_formats)
+    bar.close()
+    return options
 
 
 def _hull(points: list[tuple[int, float, tuple]]) -> list[tuple[int, float, tuple]]:
@@ -172,21 +208,11 @@ def plan(graph: Graph, recipe, calib_ids: torch.Tensor, formats: list, budget_bi
     from lowbit.passes.settings import Override
     from lowbit.passes.rtn import quantizable
 
-    layers = [(site, spec) for site, spec in quantizable(graph, recipe)]
+    layers = list(quantizable(graph, recipe))
     calib_ids = calib_ids[:WINDOWS]
-    stats = measure(graph, [s.name for s, _ in layers], calib_ids, show_progress=show_progress)
-    tokens = int(calib_ids.numel())
-    options, weights = {}, 0
-    for site, spec in layers:
-        w = graph.weight(site).detach()
-        weights += site.in_features * site.out_features
-        options[site.name] = []
-        for bits, group in formats:
-            if group > site.in_features:
-                continue
-            fmt = replace(spec, bits=bits, group_size=group)
-            size = storage_bytes(site.out_features, site.in_features, fmt)
-            options[site.name].append((size, estimate(w, fmt, *stats[site.name], tokens), (bits, group)))
+    fisher = measure(graph, [s.name for s, _ in layers], calib_ids, show_progress=show_progress)
+    options = errors(graph, recipe, layers, formats, fisher, calib_ids, show_progress=show_progress)
+    weights = sum(site.in_features * site.out_features for site, _ in layers)
     try:
         chosen = choose(options, budget_bits * weights / 8)
     except ValueError as e:
@@ -195,15 +221,35 @@ def plan(graph: Graph, recipe, calib_ids: torch.Tensor, formats: list, budget_bi
     overrides = tuple(Override(_exact(name), bits=b, group_size=g) for name, (b, g) in chosen.items())
     planned = replace(recipe, name=f"{recipe.name}-plan{budget_bits:g}", budget_bits=0.0,
                       scheme=replace(recipe.scheme, overrides=overrides + recipe.scheme.overrides))
-    sizes = {n: next(o[0] for o in options[n] if o[2] == chosen[n]) for n in chosen}
-    losses = {n: next(o[1] for o in options[n] if o[2] == chosen[n]) for n in chosen}
+    predicted = int(calib_ids[:, 1:].numel())
     counts: dict[str, int] = {}
     for b, g in chosen.values():
         counts[f"w{b}g{g}"] = counts.get(f"w{b}g{g}", 0) + 1
-    report = {"budget_bits": budget_bits, "bits_per_weight": round(sum(sizes.values()) * 8 / weights, 4),
-              "formats": counts, "estimated_loss": float(f"{sum(losses.values()):.6g}"),
+    bits, loss = _totals(options, chosen, weights)
+    report = {"budget_bits": budget_bits, "bits_per_weight": round(bits, 4), "formats": counts,
+              "estimated_loss": float(f"{loss:.6g}"), "estimated_ppl_ratio": round(math.exp(loss / predicted), 4),
+              "other_budgets": _other_budgets(options, weights, predicted),
               "layers": {n: f"w{b}g{g}" for n, (b, g) in chosen.items()}}
     return planned, report
+
+
+def _totals(options: dict, chosen: dict, weights: int) -> tuple[float, float]:
+    """(stored bits per weight, estimated loss) of the plan ``chosen``."""
+    picked = [next(o for o in options[n] if o[2] == f) for n, f in chosen.items()]
+    return sum(o[0] for o in picked) * 8 / weights, sum(o[1] for o in picked)
+
+
+def _other_budgets(options: dict, weights: int, predicted: int) -> dict[str, float]:
+    """{budget: estimated perplexity ratio to float} of the plans at OTHER_BUDGETS (those that fit), from the
+    same measurements: what another budget would cost, without compiling it."""
+    out = {}
+    for budget in OTHER_BUDGETS:
+        try:
+            chosen = choose(options, budget * weights / 8)
+        except ValueError:
+            continue
+        out[f"{budget:g}"] = round(math.exp(_totals(options, chosen, weights)[1] / predicted), 4)
+    return out
 
 
 def _exact(name: str) -> str:

@@ -3,6 +3,7 @@ estimate is the second-order loss change it claims, the knapsack meets the budge
 its own estimate, and a budgeted compile writes a plan that compiles again to the same artifact."""
 
 import json
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from lowbit.errors import LowbitError
 from lowbit.format.quantize import QuantSpec, fake_quantize, storage_bytes
 from lowbit.frontend.load import LoadedModel
 from lowbit.frontend.trace import trace
-from lowbit.passes.budget import _hull, choose, estimate, measure
+from lowbit.passes.budget import _hull, choose, errors, estimate, measure
+from lowbit.passes.gptq import GPTQOptions, gptq_quantize
+from lowbit.passes.rtn import quantizable
 from lowbit.passes.recipe import from_toml, load_recipe, to_toml
 
 from tests.conftest import make_model
@@ -24,13 +27,9 @@ def _graph():
     return trace(LoadedModel(model, None, model.config, None, "causal-lm")), model
 
 
-def test_fisher_statistics_are_the_loss_gradients():
-    """f and h of one matmul equal the squared gradients of the summed next-token loss with respect to its output
-    (autograd on the transformers model, eager attention) and its inputs' squared sums; the control: another
-    layer's statistics differ."""
-    graph, model = _graph()
-    ids = torch.randint(2, graph.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
-    stats = measure(graph, ["model.layers.1.mlp.down_proj", "model.layers.0.self_attn.o_proj"], ids)
+def _down_proj_run(model, ids):
+    """(inputs [T, K], output gradients [T, N]) of layer 1's down_proj in the transformers model (eager attention)
+    under the summed next-token loss."""
     seen = {}
     layer = model.model.layers[1].mlp.down_proj
 
@@ -41,21 +40,58 @@ def test_fisher_statistics_are_the_loss_gradients():
     logits = model(input_ids=ids, use_cache=False).logits
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
     handle.remove()
-    f, h = stats["model.layers.1.mlp.down_proj"]
-    assert torch.allclose(f, seen["g"].pow(2).flatten(0, 1).sum(0), rtol=1e-3, atol=1e-9)
-    assert torch.allclose(h, seen["x"].pow(2).flatten(0, 1).sum(0), rtol=1e-4)
-    assert not torch.allclose(stats["model.layers.0.self_attn.o_proj"][0], f)
+    return seen["x"].flatten(0, 1), seen["g"].flatten(0, 1)
 
 
-def test_estimate_is_the_weighted_error():
-    """estimate = 1/(2T) sum_o f_o sum_i D_oi^2 h_i, computed directly; zero for a weight already on the grid."""
+DOWN = "model.layers.1.mlp.down_proj"
+
+
+def test_fisher_statistics_are_the_loss_gradients():
+    """f of one matmul equals the squared gradients of the summed next-token loss with respect to its output
+    (autograd on the transformers model); the control: another layer's statistics differ."""
+    graph, model = _graph()
+    ids = torch.randint(2, graph.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    f = measure(graph, [DOWN, "model.layers.0.self_attn.o_proj"], ids)
+    _, g = _down_proj_run(model, ids)
+    assert torch.allclose(f[DOWN], g.pow(2).sum(0), rtol=1e-3, atol=1e-9)
+    assert not torch.allclose(f["model.layers.0.self_attn.o_proj"], f[DOWN])
+
+
+def test_estimate_is_the_weighted_output_error():
+    """estimate = 1/(2T) sum_t sum_o f_o (D x_t)_o^2, computed token by token from the inputs; zero for no error."""
     gen = torch.Generator().manual_seed(0)
-    w, f, h = torch.randn(8, 64, generator=gen), torch.rand(8, generator=gen), torch.rand(64, generator=gen)
-    spec = QuantSpec(3, 32)
-    d = w - fake_quantize(w, spec)
-    direct = sum(float(f[o] * (d[o] ** 2 * h).sum()) for o in range(8)) / (2 * 10)
-    assert estimate(w, spec, f, h, 10) == pytest.approx(direct, rel=1e-5)
-    assert estimate(fake_quantize(w, spec), spec, f, h, 10) == pytest.approx(0, abs=1e-9)
+    d, f, x = torch.randn(8, 64, generator=gen), torch.rand(8, generator=gen), torch.randn(10, 64, generator=gen)
+    direct = float(((x @ d.T) ** 2 * f).sum()) / (2 * 10)
+    assert estimate(d, f, 2 / 10 * x.T @ x) == pytest.approx(direct, rel=1e-5)
+    assert estimate(torch.zeros_like(d), f, 2 / 10 * x.T @ x) == 0
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_format_errors_are_the_methods_error_on_the_layers_inputs(method):
+    """Each format's estimate for down_proj is the recipe's own rounding (GPTQ with the Hessian of the layer's
+    inputs in the transformers model, or round-to-nearest) weighed per token; GPTQ's is the smaller, and the
+    narrower format costs more. The control: the other method's error gives another estimate."""
+    graph, model = _graph()
+    ids = torch.randint(2, graph.vocab_size, (2, 16), generator=torch.Generator().manual_seed(2))
+    recipe = replace(load_recipe("gptq-w4g64"), method=method)
+    layers = [(s, spec) for s, spec in quantizable(graph, recipe) if s.name == DOWN]
+    fisher = measure(graph, [DOWN], ids)
+    options = errors(graph, recipe, layers, [(3, 32), (4, 32)], fisher, ids)[DOWN]
+    x, g = _down_proj_run(model, ids)
+    w = model.model.layers[1].mlp.down_proj.weight.detach().float()
+    hessian = 2 / len(x) * x.T @ x
+    opts = GPTQOptions(**asdict(recipe.gptq), mse=recipe.scheme.mse)
+    per_token = lambda q: float(((x @ (w - q).T) ** 2 * g.pow(2).sum(0)).sum()) / (2 * len(x))
+    for (size, est, fmt), (bits, group) in zip(options, [(3, 32), (4, 32)]):
+        spec = replace(layers[0][1], bits=bits, group_size=group)
+        gptq = gptq_quantize(w, hessian, spec, opts).dequant
+        rtn = fake_quantize(w, spec)
+        assert fmt == (bits, group) and size == storage_bytes(w.shape[0], w.shape[1], spec)
+        mine, other = (gptq, rtn) if method == "gptq" else (rtn, gptq)
+        assert est == pytest.approx(per_token(mine), rel=1e-3)
+        assert est != pytest.approx(per_token(other), rel=1e-2)
+        assert per_token(gptq) < per_token(rtn)
+    assert options[0][1] > options[1][1]
 
 
 def test_choose_meets_the_budget_and_beats_uniform():
@@ -118,6 +154,10 @@ def test_budget_compile_writes_a_plan_that_recompiles(recipe, lkd, model_dirs, t
     stored = sum(storage_bytes(v["out_features"], v["in_features"], QuantSpec(v["bits"], v["recipe_group_size"]))
                  for v in layers.values())
     assert stored * 8 / weights == pytest.approx(m["budget"]["bits_per_weight"], abs=1e-3)
+    ratios = m["budget"]["other_budgets"]                  # the same knapsack at other budgets: loss falls with size
+    assert ratios["3.5"] == m["budget"]["estimated_ppl_ratio"] >= 1
+    assert list(ratios.values()) == sorted(ratios.values(), reverse=True) and ratios["5"] < ratios["3"]
+    assert f"{m['budget']['estimated_ppl_ratio']:.3f}x float" in (out / "report.md").read_text()
     again = lowbit.compile(model_dirs["llama"], recipe=str(out / "plan.toml"), out=tmp_path / "again", quiet=True,
                            calib=calib)
     assert (again / "weights.safetensors").read_bytes() == (out / "weights.safetensors").read_bytes()
