@@ -45,6 +45,12 @@ Ops
     -> (codes, scales)`` is the same followed by the per-token INT8 quantization of ``w8a8_linear``: what the
     fusion rule ``act_mul`` substitutes so the product never travels through memory in float.
 
+``lowbit::rotate(x, signs, left, right) -> y``
+    An orthogonal rotation of x's last dimension K = m p, ``y = x diag(signs) (left^T (x) right)``: x times
+    ``signs`` [K], viewed as m x p blocks X, and ``left @ X @ right`` (left [m, m], right [p, p]) viewed back. The
+    online rotation before a down projection whose weight holds the inverse (``passes/rotate.online_pass``); with
+    right a normalized Hadamard matrix it costs ``p + m`` multiply-adds per element instead of K.
+
 ``lowbit::narrow_linear(x, weight, bias) -> y``
     ``F.linear(x, weight.to(x.dtype), bias)`` for a float weight stored narrower than ``x`` (a bfloat16 head run in
     float32): the weight is widened a block of rows at a time, so memory holds it narrow plus one block. Each
@@ -430,6 +436,25 @@ layernorm_quant_int8.register_kernel("cuda")(layernorm_quant_int8_triton)
 @layernorm_quant_int8.register_fake
 def _layernorm_quant_int8_fake(x, weight, bias, eps):
     return torch.empty_like(x, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def rotate_reference(x: torch.Tensor, signs: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    k, m, p = x.shape[-1], left.shape[-1], right.shape[-1]
+    if signs.shape != (k,) or left.shape != (m, m) or right.shape != (p, p) or m * p != k:
+        raise ValueError(f"rotate: signs {list(signs.shape)}, left {list(left.shape)} and right {list(right.shape)} "
+                         f"do not rotate a last dimension of {k} (signs [K], left [m, m], right [p, p], m p = K)")
+    blocks = (x * signs.to(x.dtype)).reshape(*x.shape[:-1], m, p)
+    return (left.to(x.dtype) @ blocks @ right.to(x.dtype)).reshape(x.shape)
+
+
+@torch.library.custom_op("lowbit::rotate", mutates_args=())
+def rotate(x: torch.Tensor, signs: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    return rotate_reference(x, signs, left, right)
+
+
+@rotate.register_fake
+def _rotate_fake(x, signs, left, right):
+    return torch.empty_like(x)
 
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}

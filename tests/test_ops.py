@@ -154,3 +154,23 @@ def test_fusion_ops_equal_their_unfused_forms():
     assert out.shape == (2, 3, 6, 16) and torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
     torch.library.opcheck(torch.ops.lowbit.attention.default, (q, k, v, mask, 0.25, 3),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_rotate_is_the_dense_rotation():
+    """lowbit::rotate equals x @ diag(signs) (left^T (x) right) computed densely, in float64 and float16 inputs;
+    the control: left not transposed is another rotation. Operands that do not fit are refused."""
+    from lowbit.passes.rotate import orthogonal_parts
+
+    g = torch.Generator().manual_seed(7)
+    signs, r, h = orthogonal_parts(96)                    # 96 = 3 x 32
+    x = torch.randn(2, 5, 96, generator=g, dtype=torch.float64)
+    q = signs[:, None] * torch.kron(r, h)
+    y = torch.ops.lowbit.rotate(x, signs, r.t().contiguous(), h)
+    assert torch.allclose(y, x @ q, atol=1e-12) and torch.allclose(y.norm(dim=-1), x.norm(dim=-1))
+    assert not torch.allclose(torch.ops.lowbit.rotate(x, signs, r, h), x @ q, atol=1e-3)
+    half = torch.ops.lowbit.rotate(x.half(), signs.float(), r.t().float(), h.float())
+    assert half.dtype == torch.float16 and torch.allclose(half.double(), x @ q, atol=2e-2)
+    with pytest.raises(ValueError, match="do not rotate a last dimension of 96"):
+        torch.ops.lowbit.rotate(x, signs, r.t(), h[:16, :16])
+    torch.library.opcheck(torch.ops.lowbit.rotate.default, (x.float(), signs.float(), r.t().float(), h.float()),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -24,7 +24,7 @@ from lowbit.errors import LowbitError
 from lowbit.passes import PASSES
 from lowbit.passes.awq import awq_pass
 from lowbit.passes.budget import candidates, check_fits, plan
-from lowbit.passes.rotate import find_plan, rotate_pass
+from lowbit.passes.rotate import check_online, find_plan, online_pass, rotate_pass
 from lowbit.passes.rtn import quantizable
 
 
@@ -93,6 +93,7 @@ class _Job:
     lkd_info: Optional[dict] = None
     awq_info: Optional[dict] = None
     rotate_info: Optional[dict] = None
+    online_info: Optional[dict] = None
     budget_info: Optional[dict] = None
     formats: list = field(default_factory=list)  # the (bits, group) formats a size budget chooses from
     rules_info: Optional[dict] = None
@@ -268,7 +269,8 @@ def _streams(job: _Job, inputs: _Inputs) -> bool:
     checkpoints not in safetensors or whose loading converts tensors (``_open``)."""
     recipe = job.recipe
     return (recipe.method in ("rtn", "gptq", "fp") and (inputs.lkd is None or recipe.method == "rtn")
-            and not (recipe.awq or recipe.rotate or recipe.budget_bits) and inputs.eval_windows is None
+            and not (recipe.awq or recipe.rotate or recipe.online_rotate or recipe.budget_bits)
+            and inputs.eval_windows is None
             and getattr(job.lowering, "streams", False)
             and not recipe.scheme.quantize_embeddings and checkpoint_dtype(inputs.model_path) is not None)
 
@@ -323,6 +325,8 @@ def _load_and_trace(job: _Job, inputs: _Inputs):
         job.lowering.check_model(loaded)
     if recipe.rotate:
         find_plan(graph)                # refuses a model whose residual stream a rotation cannot pass
+    if recipe.online_rotate:
+        check_online(graph)
     if recipe.budget_bits:
         job.formats = candidates(graph, recipe, lambda r: job.lowering.check(graph, r))
         check_fits(graph, recipe, job.formats)
@@ -347,6 +351,9 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
     if recipe.rotate:
         with timed(timings, "rotate", quiet, "rotations folded into the weights"):
             job.rotate_info = rotate_pass(graph)
+    if recipe.online_rotate:
+        with timed(timings, "online_rotate", quiet, "online rotations before the down projections"):
+            job.online_info = online_pass(graph)
     if recipe.budget_bits:
         with timed(timings, "budget", quiet, f"formats planned within {recipe.budget_bits:g} bits per weight"):
             job.recipe, job.budget_info = plan(graph, recipe, inputs.calib_ids, job.formats, recipe.budget_bits,
@@ -500,6 +507,8 @@ def _manifest_body(job: _Job, loaded, source_hash: str, lowered: dict) -> dict:
         body["awq"] = job.awq_info
     if job.rotate_info is not None:
         body["rotate"] = job.rotate_info
+    if job.online_info is not None:
+        body["online_rotate"] = job.online_info
     if job.budget_info is not None:
         body["budget"] = job.budget_info
     if job.recipe.needs_calibration:

@@ -81,6 +81,9 @@ def write_report(path: Path, body: dict, graph) -> None:
         lines.append(f"- rotations: residual stream ({o['dim']} channels, {o['norms']} norms, {o['writers']} writers), "
                      f"{o['values']} attentions' values"
                      + (f"; untied: {', '.join(o['untied'])}" if o["untied"] else ""))
+    if "online_rotate" in body:
+        o = body["online_rotate"]
+        lines.append(f"- online rotations: {o['matmuls']} down projections (inputs of {', '.join(map(str, o['dims']))})")
     if "budget" in body:
         b = body["budget"]
         lines.append(f"- size budget {b['budget_bits']:g} bits per weight: {b['bits_per_weight']:.3f} used, "

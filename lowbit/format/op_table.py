@@ -8,7 +8,8 @@ test holds it), reads or writes files, or returns uninitialized memory (``empty*
 process's own memory to the program's outputs).
 
 The table is versioned: a program names the table it needs (``op_table``); a reader refuses one newer than
-its own. Adding an operator means a new ``TABLE_VERSION``.
+its own. Adding an operator means a new ``TABLE_VERSION`` (the operator listed in ``ADDED``); a program names the
+oldest table that holds every operator it calls, so older readers still load the programs they can run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from lowbit.errors import LowbitError
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+ADDED = {'lowbit::rotate.default': 2}          # operators newer than table 1, by the table that added them
 
 # name -> the operator's schema (torch's own syntax; tests/format/test_untrusted_artifacts.py holds them equal to the
 # installed torch's, so a torch that changed one is noticed).
@@ -295,6 +297,8 @@ SCHEMAS: dict[str, str] = {
         'lowbit::layernorm_quant_int8(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)',
     'lowbit::rmsnorm_quant_int8.default':
         'lowbit::rmsnorm_quant_int8(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)',
+    'lowbit::rotate.default':
+        'lowbit::rotate(Tensor x, Tensor signs, Tensor left, Tensor right) -> Tensor',
     'lowbit::w8a8_linear.default':
         'lowbit::w8a8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, SymInt bits, SymInt group_size, SymInt in_features, Tensor? residual=None) -> Tensor',
     'lowbit::w8a8_linear_codes.default':
@@ -328,6 +332,11 @@ def arguments(name: str) -> tuple:
     return tuple((a.name, str(a.real_type), a.has_default_value(), a.kwarg_only) for a in schema.arguments)
 
 
+def needed(targets) -> int:
+    """The oldest table version that holds every operator in ``targets``."""
+    return max([1, *(ADDED.get(t, 1) for t in targets)])
+
+
 def resolve(name: str, version: int, where: str):
     """The callable for a program's call target ``name``: a table operator (``torch.ops``) or a size function."""
     if version > TABLE_VERSION:
@@ -335,6 +344,9 @@ def resolve(name: str, version: int, where: str):
                           "upgrade lowbit")
     if name in PY_FUNCTIONS:
         return PY_FUNCTIONS[name]
+    if ADDED.get(name, 1) > version:
+        raise LowbitError(f"{where} calls '{name}', which operator table {ADDED[name]} added, but names table {version}; "
+                          "refusing it (recompile it)")
     if name not in SCHEMAS:
         raise LowbitError(f"{where} calls '{name}', which is not in lowbit's operator table; refusing to load it "
                           "(a program may call only the operators the compiler emits; if this lowbit compiled it "

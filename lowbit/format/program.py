@@ -159,7 +159,8 @@ def encode(gm: fx.GraphModule, dtype: torch.dtype, names: Optional[dict] = None,
         else:
             raise LowbitError(f"graph node {n.name} is a {n.op} ({n.target}); the lowbit graph format stores "
                               "flat graphs of operator calls")
-    doc = {"format": FORMAT, "version": WIDEN_VERSION if widen else 2, "op_table": op_table.TABLE_VERSION,
+    table = op_table.needed(nd["target"] for nd in nodes if nd["op"] == "call")
+    doc = {"format": FORMAT, "version": WIDEN_VERSION if widen else 2, "op_table": table,
            "dtype": str(dtype).removeprefix("torch."), "nodes": canonical_names(nodes)}
     if widen:
         doc["widen"] = widen

@@ -24,7 +24,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.format.quantize import QuantSpec
-from lowbit.lowering.hf_checkpoint import codes_of, recipe_specs
+from lowbit.lowering.hf_checkpoint import ONLINE_REFUSAL, codes_of, recipe_specs
 
 BLOCK = 32
 ARCHITECTURES = {"llama": "llama"}         # transformers model_type -> GGUF architecture
@@ -91,6 +91,8 @@ class GgufLowering:
     def refusal(self, recipe) -> str | None:
         if not recipe.quantizes:
             return "it needs quantized weights; use gptq-q4_0 or rtn-q4_0, not 'fp'"
+        if recipe.online_rotate:
+            return ONLINE_REFUSAL
         for spec in recipe_specs(recipe):
             if ggml_type(spec) is None:
                 return (f"GGUF blocks hold symmetric 4 or 8-bit groups of 32 (Q4_0, Q8_0), not {spec.describe()}; "

@@ -42,6 +42,11 @@ def codes_of(q) -> torch.Tensor:
     return unpack_codes(q.qweight, q.spec.bits, q.in_features)
 
 
+# The exports are read by engines that run the model's own layers: no operator rotates activations.
+ONLINE_REFUSAL = ("its engines run the model's own layers, with no operator for the online rotation before each down "
+                  "projection; drop online_rotate")
+
+
 def exports_holding(recipe, besides: str) -> list[str]:
     """The export targets (those lowbit's runtime does not run) other than ``besides`` that hold ``recipe``."""
     from lowbit import targets
@@ -83,6 +88,8 @@ class CheckpointLowering:
             return "it needs quantized weights; use a gptq or rtn recipe, not 'fp'"
         if recipe.scheme.quantize_embeddings:
             return "it cannot store a quantized embedding; set quantize_embeddings = false"
+        if recipe.online_rotate:
+            return ONLINE_REFUSAL
         if self.uniform and recipe.budget_bits:
             return "its config states one format for every layer, and a size budget plans one per layer"
         for spec in recipe_specs(recipe):

@@ -28,6 +28,9 @@ file is the flat form of the same fields (``Recipe.to_dict``, which the manifest
     # orthogonal rotations of the residual stream and of each attention's values folded into the weights, first
     # (passes/rotate.py; RMSNorm models)
     rotate = false
+    # an orthogonal rotation of each gated MLP's product, run on the activations (lowbit::rotate) and undone in the
+    # down projection's weight: for per-token INT8 activations; the exports (transformers, GGUF) cannot hold it
+    online_rotate = false
     # each quantized matmul's bits and group chosen to minimize the estimated loss within this many stored bits
     # per weight (scales and zero points included: w4g64 is 4.375, w3g64 3.375): lowbit compile --budget-bits
     budget_bits = 3.5
@@ -75,11 +78,12 @@ class Recipe:
     awq: bool = False                     # activation-aware scaling before the weight pass (passes/awq.py)
     rotate: bool = False                  # rotations of the residual stream and values first (passes/rotate.py)
     budget_bits: float = 0.0              # > 0: each layer's format planned within this size (passes/budget.py)
+    online_rotate: bool = False           # rotate each gated MLP's product online, undone in its down projection
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise LowbitError(f"recipe '{self.name}': unknown method '{self.method}'; valid: {', '.join(METHODS)}")
-        for key in ("awq", "rotate"):
+        for key in ("awq", "rotate", "online_rotate"):
             if getattr(self, key) and self.lkd is not None:
                 raise LowbitError(f"recipe '{self.name}': {key} and lkd do not combine yet (LKD learns on the "
                                   f"transformers model's blocks, which the {key} rewrite of the graph leaves as they "
@@ -121,6 +125,7 @@ class Recipe:
         if self.method == "gptq":
             out += ", act-order + static groups" if self.gptq.act_order else ", column order"
         out = ("activation-aware scaling, then " if self.awq else "") + out
+        out = ("online rotations before the down projections, then " if self.online_rotate else "") + out
         out = ("rotations, then " if self.rotate else "") + out
         out += f", formats planned within {self.budget_bits:g} bits per weight" if self.budget_bits else ""
         if self.lkd is not None and self.lkd.learn == "rounding":
@@ -132,7 +137,8 @@ class Recipe:
         out = {"name": self.name, "method": self.method}
         out.update({k: getattr(self.scheme, k) for k in SCHEME_KEYS})
         out.update({k: getattr(self.gptq, k) for k in GPTQ_KEYS})
-        for key in ("awq", "rotate", "budget_bits"):   # absent when unset: other recipes' manifests stay as they were
+        # absent when unset: other recipes' manifests stay as they were
+        for key in ("awq", "rotate", "online_rotate", "budget_bits"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         out["lkd"] = self.lkd is not None
@@ -151,10 +157,12 @@ class Recipe:
 SCHEME_KEYS = tuple(f.name for f in fields(Scheme) if f.name != "overrides")
 GPTQ_KEYS = tuple(f.name for f in fields(GPTQSettings))
 LKD_KEYS = {f"lkd_{f.name}": f.name for f in fields(LKDSettings)}
-_FIELDS = {"name", "method", "awq", "rotate", "budget_bits", "lkd", "overrides", *SCHEME_KEYS, *GPTQ_KEYS, *LKD_KEYS}
+_FIELDS = {"name", "method", "awq", "rotate", "online_rotate", "budget_bits", "lkd", "overrides", *SCHEME_KEYS,
+           *GPTQ_KEYS, *LKD_KEYS}
 _OVERRIDE_FIELDS = {f.name for f in fields(Override)}
 _SCHEME_TYPES = field_types(Scheme)
-_TYPES = {"name": str, "method": str, "awq": bool, "rotate": bool, "budget_bits": float, "lkd": bool, "pattern": str,
+_TYPES = {"name": str, "method": str, "awq": bool, "rotate": bool, "online_rotate": bool, "budget_bits": float,
+          "lkd": bool, "pattern": str,
           **_SCHEME_TYPES,
           **field_types(GPTQSettings), **{k: field_types(LKDSettings)[v] for k, v in LKD_KEYS.items()},
           **field_types(Override)}
@@ -187,11 +195,12 @@ def _from_flat(data: dict, where: str) -> Recipe:
     except LowbitError as e:
         raise LowbitError(f"{where}: {e}") from None
     recipe = Recipe(data.get("name", "custom"), data.get("method", "rtn"), scheme, gptq, lkd, data.get("awq", False),
-                    data.get("rotate", False), float(data.get("budget_bits", 0.0)))
+                    data.get("rotate", False), float(data.get("budget_bits", 0.0)), data.get("online_rotate", False))
     if recipe.awq and not recipe.quantizes:
         raise LowbitError(f"{where}: awq = true scales activations for quantized weights; method 'fp' has none")
-    if recipe.rotate and not recipe.quantizes:
-        raise LowbitError(f"{where}: rotate = true rotates weights for their quantization; method 'fp' has none")
+    for key in ("rotate", "online_rotate"):
+        if getattr(recipe, key) and not recipe.quantizes:
+            raise LowbitError(f"{where}: {key} = true rotates weights for their quantization; method 'fp' has none")
     return recipe
 
 
@@ -255,6 +264,9 @@ def _builtin() -> dict[str, Recipe]:
                          ("zq-w4a8-mixed", Scheme(4, 32, sym=True, mse=True, act_bits=8, overrides=attention))]:
         r[name] = Recipe(name, "rtn", scheme)
         r[name + "-lkd"] = Recipe(name + "-lkd", "rtn", scheme, lkd=LKDSettings())
+    # W8A8 after the rotations: the residual stream's and the values' folded into the weights, and each MLP's product
+    # rotated online before its down projection, so per-token INT8 sees no outlier channel.
+    r["rot-zq-w8a8"] = Recipe("rot-zq-w8a8", "rtn", r["zq-w8a8"].scheme, rotate=True, online_rotate=True)
     return r
 
 

@@ -7,8 +7,13 @@ folded into the matmuls that read it, the residual stream r can be carried as ``
 ``Q^T W`` (bias ``b Q``). Attention is linear in its values, so a head-dimension rotation H turns the value
 projection's rows of each head into ``H^T W_v`` and the output projection's columns of each head into ``W_o H``.
 The outputs are unchanged in float; the weights' columns lose their outliers (a random Hadamard matrix spreads
-each over all channels), which is what a per-group grid needs. The rotation before a gated MLP's down projection
-would have to run on activations (an online Hadamard op), so it is not made.
+each over all channels), which is what a per-group grid needs.
+
+A gated MLP's product ``act(gate) * up`` is not linear in anything a weight can absorb, so its rotation runs on the
+activations (``online_pass``, QuaRot's online Hadamard): ``lowbit::rotate`` multiplies it by an orthogonal Q before
+the down projection, whose weight becomes ``W Q`` (``W Q Q^T x = W x``). The product's outliers, the largest
+activations of the model, are spread over all of it before per-token INT8 quantization reads them. Q has the
+structure below, so the op costs m + p multiply-adds per element.
 
 Q is ``diag(signs) (R_m ⊗ H_p)`` for ``d = m p`` with p the largest power of two dividing d: H_p Sylvester's
 Hadamard matrix, R_m a random orthogonal matrix of the odd rest (1 x 1 when d is a power of two), from a fixed
@@ -41,8 +46,8 @@ class Plan:
     values: list = field(default_factory=list)       # [(value site, output site)]
 
 
-def orthogonal(n: int, seed: int = SEED) -> torch.Tensor:
-    """A random orthogonal n x n matrix in float64: ``diag(signs) (R_m ⊗ H_p)`` (see the module's docstring)."""
+def orthogonal_parts(n: int, seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(signs [n], R_m, H_p / sqrt(p)) in float64, the factors of ``orthogonal(n)`` (see the module's docstring)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + n)
     p = n & -n
     h = torch.ones(1, 1, dtype=torch.float64)
@@ -52,7 +57,13 @@ def orthogonal(n: int, seed: int = SEED) -> torch.Tensor:
     r, tri = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
     r = r * torch.sign(torch.diagonal(tri)).where(torch.diagonal(tri) != 0, torch.ones(m, dtype=torch.float64))
     signs = torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
-    return signs[:, None] * torch.kron(r.contiguous(), h / math.sqrt(p))
+    return signs, r.contiguous(), h / math.sqrt(p)
+
+
+def orthogonal(n: int, seed: int = SEED) -> torch.Tensor:
+    """A random orthogonal n x n matrix in float64: ``diag(signs) (R_m ⊗ H_p)`` (see the module's docstring)."""
+    signs, r, h = orthogonal_parts(n, seed)
+    return signs[:, None] * torch.kron(r, h)
 
 
 def _identity(n) -> bool:
@@ -229,6 +240,65 @@ def apply_plan(graph: Graph, plan: Plan, q: torch.Tensor) -> list:
         _rotate_rows(graph, v, torch.block_diag(*[h] * (v.out_features // dim)))
         _rotate_columns(graph, o, torch.block_diag(*[h] * (o.in_features // dim)))
     return untied
+
+
+def down_projections(graph: Graph) -> list[MatmulSite]:
+    """The matmuls that read an elementwise product of two activations (through casts): a gated MLP's
+    ``act(gate) * up``, or a GELU written as a product (BLOOM, GPT-J). Where the online rotation goes: the MLP's
+    largest activations. The rewrite is exact for any matmul; these are the ones it is for."""
+    out = []
+    for site in graph.sites.values():
+        x = skip_casts(site.input_node)
+        if call(x, aten.mul.Tensor) and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in x.args[:2]):
+            out.append(site)
+    return out
+
+
+def check_online(graph: Graph) -> None:
+    """Refuse a model with no gated MLP (before any pass: one line)."""
+    if not down_projections(graph):
+        raise LowbitError("online_rotate rotates an MLP's elementwise product (a gated MLP's act(gate) * up) before "
+                          "the matmul that reads it; this model has none; drop online_rotate")
+
+
+def _constant(graph: Graph, attr: str, stored: str, value: torch.Tensor) -> str:
+    """Register ``value`` once as the constant ``attr``, stored under ``stored``."""
+    if attr not in graph.gm._buffers:
+        graph.gm.register_buffer(attr, value.to(graph.dtype).contiguous())
+        graph.tensor_names[attr] = stored
+    return attr
+
+
+def _rotate_online(graph: Graph, site: MatmulSite) -> None:
+    """``x -> lowbit::rotate(x)`` before ``site`` and its weight ``W -> W Q``: the same Q for every input width."""
+    k = site.in_features
+    signs, r, h = orthogonal_parts(k, SEED + 2)
+    attrs = [_constant(graph, f"lowbit_online_{part}_{k}", f"lowbit.online_rotation.{k}.{part}", t)
+             for part, t in (("signs", signs), ("left", r.t()), ("right", h))]
+    x = site.input_node
+    with graph.gm.graph.inserting_before(site.node):
+        rotated = graph.gm.graph.call_function(torch.ops.lowbit.rotate.default,
+                                               (x, *(graph.gm.graph.get_attr(a) for a in attrs)))
+    if "val" in x.meta:
+        rotated.meta["val"] = x.meta["val"]
+    site.node.replace_input_with(x, rotated)
+    _rotate_columns(graph, site, signs[:, None] * torch.kron(r, h))
+
+
+def online_pass(graph: Graph) -> dict:
+    """Rotate each gated MLP's product online before its down projection (exact in float: checked on the logits
+    of 32 random token ids); returns what was rotated."""
+    from lowbit.passes.exact import check_unchanged
+
+    sites = down_projections(graph)
+    check_online(graph)
+    probe = torch.randint(0, graph.vocab_size, (1, 32), generator=torch.Generator().manual_seed(SEED))
+    before = check_unchanged(graph, probe)
+    for site in sites:
+        _rotate_online(graph, site)
+    graph.gm.recompile()
+    diff = check_unchanged(graph, probe, before, "online rotation")
+    return {"matmuls": len(sites), "dims": sorted({s.in_features for s in sites}), "max_rel_diff": diff}
 
 
 def rotate_pass(graph: Graph) -> dict:

@@ -13,7 +13,8 @@ from lowbit.errors import LowbitError
 from lowbit.frontend.load import LoadedModel
 from lowbit.frontend.trace import trace
 from lowbit.passes.exact import check_unchanged
-from lowbit.passes.rotate import _rotate_rows, apply_plan, find_plan, orthogonal, rotate_pass
+from lowbit.passes.rotate import (_rotate_columns, _rotate_rows, apply_plan, check_online, down_projections, find_plan,
+                                  online_pass, orthogonal, orthogonal_parts, rotate_pass)
 
 from tests.conftest import make_model
 
@@ -104,10 +105,61 @@ def test_refused_with_the_reason(arch):
     assert REFUSED[arch] in msg and "without rotate" in msg and "\n" not in msg, msg
 
 
+# The matmul that reads each MLP's elementwise product (a gated MLP's act(gate) * up; BLOOM's and GPT-J's GELU
+# written as a product).
+PRODUCTS = {"llama": "mlp.down_proj", "qwen2": "mlp.down_proj", "mistral": "mlp.down_proj", "phi3": "mlp.down_proj",
+            "gemma": "mlp.down_proj", "gemma3_text": "mlp.down_proj", "stablelm": "mlp.down_proj",
+            "bloom": "mlp.dense_4h_to_h", "gptj": "mlp.fc_out"}
+
+
+@pytest.mark.parametrize("arch", sorted(PRODUCTS))
+def test_online_rotation_is_exact_in_float(arch):
+    """Every MLP's output projection reads a lowbit::rotate of the product and holds W Q: the logits stay the float
+    graph's, with or without the residual rotation before it."""
+    graph = _graph(arch)
+    probe = _probe(graph)
+    before = check_unchanged(graph, probe)
+    if arch in ROTATED:
+        rotate_pass(graph)
+    sites = down_projections(graph)
+    assert len(sites) == 2 and all(s.name.endswith(PRODUCTS[arch]) for s in sites), [s.name for s in sites]
+    info = online_pass(graph)
+    assert check_unchanged(graph, probe, before, "test") < 1e-5
+    assert info["matmuls"] == len(sites) and info["max_rel_diff"] < 1e-5
+    assert all(s.input_node.target is torch.ops.lowbit.rotate.default for s in sites)
+
+
+def test_online_rotation_needs_the_weight_side():
+    """The control: the activations rotated but the down projections' weights left as they were change the logits
+    (and the check names it); the rotation the op computes is the Q the weights hold."""
+    graph = _graph("llama")
+    probe = _probe(graph)
+    before = check_unchanged(graph, probe)
+    sites = down_projections(graph)
+    online_pass(graph)
+    signs, r, h = orthogonal_parts(sites[0].in_features, 2)
+    q = signs[:, None] * torch.kron(r, h)
+    for site in sites:
+        _rotate_columns(graph, site, q.t())                   # W Q -> W: the weights undo their half
+    with pytest.raises(LowbitError, match="changed the float model's logits"):
+        check_unchanged(graph, probe, before, "online rotation")
+    for site in sites:
+        _rotate_columns(graph, site, q)
+    assert check_unchanged(graph, probe, before, "test") < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "falcon"])
+def test_online_rotation_refused_without_a_product(arch):
+    with pytest.raises(LowbitError, match="this model has none; drop online_rotate") as e:
+        check_online(_graph(arch))
+    assert "\n" not in str(e.value)
+
+
 def test_rotated_recipes_compile(model_dirs, tmp_path):
     """A rotated 8-bit RTN recipe stays at the float model's logits through the whole pipeline (fusion rules and
     lowering included) and rotated 4-bit GPTQ near them; the manifest records the rotation; the ONNX target's logits
-    under ONNX Runtime are the torch reference kernels'."""
+    under ONNX Runtime are the torch reference kernels', online rotations (lowbit::rotate as ONNX operators)
+    included."""
     from lowbit.compiler.pipeline import CalibrationArgs
     from tests.conftest import sample_text
 
@@ -118,13 +170,18 @@ def test_rotated_recipes_compile(model_dirs, tmp_path):
     ref = lowbit.load(lowbit.compile(model_dirs["llama"], recipe="fp", out=tmp_path / "fp", quiet=True))
     ref_logits = ref.forward(ids).float()
     for name, body, bound in (("w8", 'method = "rtn"\nbits = 8\ngroup_size = 0\n', 0.02),
-                              ("gptq", 'method = "gptq"\nbits = 4\ngroup_size = 32\n', 0.5)):
+                              ("w8a8-online", 'method = "rtn"\nbits = 8\ngroup_size = 0\nsym = true\nact_bits = 8\n'
+                                              'online_rotate = true\n', 0.05),
+                              ("gptq", 'method = "gptq"\nbits = 4\ngroup_size = 32\nonline_rotate = true\n', 0.5)):
         recipe = tmp_path / f"rot-{name}.toml"
         recipe.write_text(body + "rotate = true\n")
         out = lowbit.compile(model_dirs["llama"], recipe=str(recipe), out=tmp_path / name, quiet=True, calib=calib)
         m = json.loads((out / "manifest.json").read_text())
         assert m["recipe"]["rotate"] is True and m["rotate"]["untied"] == ["lm_head"]
         assert m["rotate"]["max_rel_diff"] < 1e-4
+        online = "online_rotate" in body
+        assert ("online_rotate" in m) == online and (not online or m["online_rotate"]["max_rel_diff"] < 1e-4)
+        assert json.loads((out / "program.json").read_text())["op_table"] == (2 if online else 1)
         rel = float((lowbit.load(out).forward(ids).float() - ref_logits).abs().max() / ref_logits.abs().max())
         assert rel < bound, (name, rel)
     onnx = lowbit.compile(model_dirs["llama"], recipe=str(recipe), target="onnx", out=tmp_path / "onnx", quiet=True,
@@ -135,19 +192,25 @@ def test_rotated_recipes_compile(model_dirs, tmp_path):
 
 
 def test_rotate_refusals(model_dirs, tmp_path, capsys):
-    """hf-gptq (for the asymmetric scheme, not the rotation), a float method, rotate with lkd and a model that cannot be rotated: one line each, exit 2, nothing
-    left behind."""
+    """hf-gptq (for the asymmetric scheme, not the rotation), a float method, rotate with lkd and a model that cannot
+    be rotated; the online rotation in the exports (no engine of theirs runs it), with lkd and on a model without an
+    MLP product: one line each, exit 2, nothing left behind."""
     before = set(tmp_path.iterdir())
     files = {}
     for name, body in (("gptq", 'method = "gptq"\nrotate = true\n'),
                        ("rtn", 'method = "rtn"\ngroup_size = 32\nrotate = true\n'),
                        ("fp", 'method = "fp"\nrotate = true\n'),
-                       ("lkd", 'method = "rtn"\nrotate = true\nlkd = true\n')):
+                       ("lkd", 'method = "rtn"\nrotate = true\nlkd = true\n'),
+                       ("online", 'method = "rtn"\ngroup_size = 32\nsym = true\nonline_rotate = true\n'),
+                       ("online-lkd", 'method = "rtn"\nonline_rotate = true\nlkd = true\n')):
         files[name] = tmp_path / f"{name}.toml"
         files[name].write_text(body)
     for model, recipe, target, expect in (
             ("llama", "gptq", "hf-gptq", "--target hf-awq or --target compressed-tensors can hold it"), ("llama", "fp", "torch", "rotate = true"),
-            ("llama", "lkd", "torch", "rotate and lkd"), ("opt", "rtn", "torch", "cannot be folded")):
+            ("llama", "lkd", "torch", "rotate and lkd"), ("opt", "rtn", "torch", "cannot be folded"),
+            ("llama", "online", "hf-gptq", "drop online_rotate; lowbit's own targets (torch, onnx) run it"),
+            ("llama", "online", "gguf", "no operator for the online rotation"),
+            ("llama", "online-lkd", "torch", "online_rotate and lkd"), ("opt", "online", "torch", "has none")):
         code = main(["compile", str(model_dirs[model]), "-o", str(tmp_path / "o"), "-r", str(files[recipe]),
                      "--target", target])
         err = capsys.readouterr().err.strip().splitlines()

@@ -10,6 +10,8 @@ emitter's (``lowering.onnx.fx_onnx``).
 - ``rmsnorm_quant_int8``, ``layernorm_quant_int8`` -> the norm, then the per-token INT8 quantization
 - ``act_mul``, ``act_mul_quant_int8`` -> ``Split``, the activation (SiLU as ``x * Sigmoid(x)``, GELU by its
   erf or tanh formula), ``Mul``; then the per-token INT8 quantization
+- ``rotate``                -> ``Mul`` by the signs, ``Reshape`` to m x p blocks, ``MatMul`` left and right,
+  ``Reshape`` back
 
 The quantization steps are those of ``ops.quantize_rows_int8`` (float32 max|x| / 127 floored at
 ACT_EPS, divide, round half to even, clip), so ONNX Runtime computes the same codes as the torch runtime.
@@ -55,6 +57,15 @@ def activation(op, x, act: str, scalar=None):
     else:
         raise ValueError(f"activation {act!r}")
     return op.Mul(op.Mul(x, scalar(0.5)), op.Add(inner, scalar(1.0)))
+
+
+def rotation(op, x, signs, left, right):
+    """``ops.rotate``: x [..., K] times ``signs``, as [..., m, p] blocks X, ``left @ X @ right``, back to [..., K];
+    the block shape comes from the operands' shapes (left [m, m], right [p, p])."""
+    blocks = op.Concat(op.Shape(x, start=0, end=-1), op.Shape(left, start=0, end=1), op.Shape(right, start=0, end=1),
+                       axis=0)
+    y = op.MatMul(op.MatMul(left, op.Reshape(op.Mul(x, signs), blocks)), right)
+    return op.Reshape(y, op.Shape(x))
 
 
 def scaled_dot_product(op, q, k, v, mask, scale: float, kv_groups: int, scalar=None,
@@ -171,8 +182,11 @@ def lowbit_op_functions(op, ms) -> dict:
     def act_mul_quant_int8(y, act):
         return codes(act_mul(y, act))
 
+    def rotate(x, signs, left, right):
+        return rotation(op, x, signs, left, right)
+
     return {L.ort_matmul_nbits.default: matmul_nbits, L.ort_matmul_a8.default: matmul_a8,
             L.ort_matmul_a8_codes.default: matmul_a8_codes, L.ort_gather_nbits.default: gather_nbits,
             L.attention.default: attention, L.rmsnorm_quant_int8.default: rmsnorm_quant_int8,
             L.layernorm_quant_int8.default: layernorm_quant_int8, L.act_mul.default: act_mul,
-            L.act_mul_quant_int8.default: act_mul_quant_int8}
+            L.act_mul_quant_int8.default: act_mul_quant_int8, L.rotate.default: rotate}

@@ -224,6 +224,14 @@ def _act_mul(e, node):
     return e.op("Mul", activation(e.onnx, gate, act, _scalar(e, e.dtype(y))), up)
 
 
+def _rotate(e, node):
+    from lowbit.lowering.onnx.translations import rotation
+
+    x, signs, left, right = node.args
+    dtype = e.dtype(x)
+    return rotation(e.onnx, e.v(x), e.tensor(signs, dtype), e.tensor(left, dtype), e.tensor(right, dtype))
+
+
 def _attention(e, node):
     from lowbit.lowering.onnx.translations import scaled_dot_product
 
@@ -239,7 +247,7 @@ def handlers() -> dict:
     return {L.wna16_linear.default: _wna16_linear, L.w8a8_linear.default: _w8a8_linear,
             L.w8a8_linear_codes.default: _w8a8_linear_codes, L.rmsnorm_quant_int8.default: _rmsnorm_quant_int8,
             L.layernorm_quant_int8.default: _layernorm_quant_int8, L.act_mul_quant_int8.default: _act_mul_quant_int8,
-            L.act_mul.default: _act_mul, L.attention.default: _attention}
+            L.act_mul.default: _act_mul, L.attention.default: _attention, L.rotate.default: _rotate}
 
 
 # ---- export -----------------------------------------------------------------------------------------------------

@@ -96,6 +96,16 @@ def test_tensorrt_onnx_matches_torch(arch, recipe, compiled):
     _check_parity(art)
 
 
+def test_online_rotation(compiled):
+    """rot-zq-w8a8: the online rotation before each down projection (lowbit::rotate) as standard ONNX operators of
+    TensorRT's table, within 1e-3 of the torch backend (a wrong rotation garbles the logits:
+    tests/passes/test_rotate.py's control)."""
+    art = compiled("llama", "rot-zq-w8a8")
+    info = _tensorrt_info(art)
+    assert info["plugins"]["int8_linear"] >= 8 and info["ops"]["MatMul"] >= 4
+    _check_parity(art)
+
+
 def test_encoder_and_two_bit_weights(model_dirs, tmp_path):
     """BERT's forward, and 3-bit codes, which fit INT4 exactly (no plugin needed for fewer bits)."""
     _check_parity(_compile(model_dirs["bert"], "rtn-w4g64-sym", tmp_path / "bert"))
