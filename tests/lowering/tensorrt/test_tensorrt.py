@@ -362,8 +362,6 @@ def test_ort_reference_model_maps_every_plugin_node(compiled):
     import onnx
 
     art = compiled("llama", "zq-w8a8", "float16")
-    import onnx
-
     model = onnx.load(str(art / "tensorrt" / "model.onnx"))
     plugin_nodes = [n for n in model.graph.node if n.domain == PLUGIN_DOMAIN]
     assert plugin_nodes and all({a.name for a in n.attribute} >= {"plugin_namespace", "aot"} for n in plugin_nodes)
