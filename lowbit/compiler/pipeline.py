@@ -16,7 +16,7 @@ from lowbit.frontend.trace import trace
 from lowbit.frontend.weights import checkpoint_dtype
 from lowbit.progress import say, timed
 from lowbit.compiler.output_path import check_output_path
-from lowbit.passes.recipe import load_recipe, to_toml
+from lowbit.passes.recipe import ONLINE_ROTATIONS, load_recipe, to_toml
 from lowbit.compiler.report import outlier_lines, write_report
 from lowbit.device import dtype_name, named_dtype, pick_device
 from lowbit import distributed, targets
@@ -24,7 +24,7 @@ from lowbit.errors import LowbitError
 from lowbit.passes import PASSES
 from lowbit.passes.awq import awq_pass
 from lowbit.passes.budget import candidates, check_fits, plan
-from lowbit.passes.rotate import check_online, find_plan, online_pass, rotate_pass
+from lowbit.passes.rotate import find_plan, online_pass, online_sites, rotate_pass
 from lowbit.passes.rtn import quantizable
 
 
@@ -326,7 +326,7 @@ def _load_and_trace(job: _Job, inputs: _Inputs):
     if recipe.rotate:
         find_plan(graph)                # refuses a model whose residual stream a rotation cannot pass
     if recipe.online_rotate:
-        check_online(graph)
+        online_sites(graph, recipe)     # refuses a model with nothing to rotate
     if recipe.budget_bits:
         job.formats = candidates(graph, recipe, lambda r: job.lowering.check(graph, r))
         check_fits(graph, recipe, job.formats)
@@ -352,8 +352,9 @@ def _quantize(job: _Job, inputs: _Inputs, loaded, graph, source_hash: str, resum
         with timed(timings, "rotate", quiet, "rotations folded into the weights"):
             job.rotate_info = rotate_pass(graph)
     if recipe.online_rotate:
-        with timed(timings, "online_rotate", quiet, "online rotations before the down projections"):
-            job.online_info = online_pass(graph)
+        with timed(timings, "online_rotate", quiet,
+                   f"online rotations before {ONLINE_ROTATIONS[recipe.online_rotate]}"):
+            job.online_info = online_pass(graph, recipe)
     if recipe.budget_bits:
         with timed(timings, "budget", quiet, f"formats planned within {recipe.budget_bits:g} bits per weight"):
             job.recipe, job.budget_info = plan(graph, recipe, inputs.calib_ids, job.formats, recipe.budget_bits,

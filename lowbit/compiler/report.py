@@ -83,7 +83,8 @@ def write_report(path: Path, body: dict, graph) -> None:
                      + (f"; untied: {', '.join(o['untied'])}" if o["untied"] else ""))
     if "online_rotate" in body:
         o = body["online_rotate"]
-        lines.append(f"- online rotations: {o['matmuls']} down projections (inputs of {', '.join(map(str, o['dims']))})")
+        lines.append(f"- online rotations ({o['which']}): {o['rotations']} inputs of {o['matmuls']} matmuls (widths "
+                     f"{', '.join(map(str, o['dims']))})")
     if "budget" in body:
         b = body["budget"]
         lines.append(f"- size budget {b['budget_bits']:g} bits per weight: {b['bits_per_weight']:.3f} used, "

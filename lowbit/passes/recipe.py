@@ -28,9 +28,10 @@ file is the flat form of the same fields (``Recipe.to_dict``, which the manifest
     # orthogonal rotations of the residual stream and of each attention's values folded into the weights, first
     # (passes/rotate.py; RMSNorm models)
     rotate = false
-    # an orthogonal rotation of each gated MLP's product, run on the activations (lowbit::rotate) and undone in the
-    # down projection's weight: for per-token INT8 activations; the exports (transformers, GGUF) cannot hold it
-    online_rotate = false
+    # orthogonal rotations run on the activations (lowbit::rotate), each undone in the weight of the matmul that reads
+    # them: "down" before each MLP's down projection, "all" before every quantized matmul (any architecture); for
+    # per-token INT8 activations. The exports (transformers, GGUF) cannot hold them
+    online_rotate = "down"
     # each quantized matmul's bits and group chosen to minimize the estimated loss within this many stored bits
     # per weight (scales and zero points included: w4g64 is 4.375, w3g64 3.375): lowbit compile --budget-bits
     budget_bits = 3.5
@@ -61,6 +62,8 @@ from lowbit.errors import LowbitError
 from lowbit.passes.settings import GPTQSettings, LKDSettings, Override, Scheme, check_types, field_types
 
 METHODS = ("fp", "rtn", "gptq")
+# online_rotate's values: which matmuls' inputs are rotated at run time ("" none).
+ONLINE_ROTATIONS = {"": "", "down": "each MLP's down projection", "all": "every quantized matmul"}
 ATTENTION_PATTERNS = ("*.self_attn.*", "*.attn.*", "*.attention.*")
 # The built-in learnt-rounding settings: 100 steps on 32 sequences at 4 bits; 200 on 64 below (AutoRound's step
 # count), which takes the demo LM's w3g64 from 1.390x to 1.336x float perplexity (docs/benchmarks.md).
@@ -78,11 +81,14 @@ class Recipe:
     awq: bool = False                     # activation-aware scaling before the weight pass (passes/awq.py)
     rotate: bool = False                  # rotations of the residual stream and values first (passes/rotate.py)
     budget_bits: float = 0.0              # > 0: each layer's format planned within this size (passes/budget.py)
-    online_rotate: bool = False           # rotate each gated MLP's product online, undone in its down projection
+    online_rotate: str = ""               # "down" | "all": rotate those matmuls' inputs online (passes/rotate.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise LowbitError(f"recipe '{self.name}': unknown method '{self.method}'; valid: {', '.join(METHODS)}")
+        if self.online_rotate not in ONLINE_ROTATIONS:
+            raise LowbitError(f"recipe '{self.name}': online_rotate must be one of "
+                              f"{', '.join(repr(v) for v in ONLINE_ROTATIONS if v)}, got {self.online_rotate!r}")
         for key in ("awq", "rotate", "online_rotate"):
             if getattr(self, key) and self.lkd is not None:
                 raise LowbitError(f"recipe '{self.name}': {key} and lkd do not combine yet (LKD learns on the "
@@ -125,7 +131,8 @@ class Recipe:
         if self.method == "gptq":
             out += ", act-order + static groups" if self.gptq.act_order else ", column order"
         out = ("activation-aware scaling, then " if self.awq else "") + out
-        out = ("online rotations before the down projections, then " if self.online_rotate else "") + out
+        out = (f"online rotations before {ONLINE_ROTATIONS[self.online_rotate]}, then " if self.online_rotate
+               else "") + out
         out = ("rotations, then " if self.rotate else "") + out
         out += f", formats planned within {self.budget_bits:g} bits per weight" if self.budget_bits else ""
         if self.lkd is not None and self.lkd.learn == "rounding":
@@ -161,7 +168,7 @@ _FIELDS = {"name", "method", "awq", "rotate", "online_rotate", "budget_bits", "l
            *GPTQ_KEYS, *LKD_KEYS}
 _OVERRIDE_FIELDS = {f.name for f in fields(Override)}
 _SCHEME_TYPES = field_types(Scheme)
-_TYPES = {"name": str, "method": str, "awq": bool, "rotate": bool, "online_rotate": bool, "budget_bits": float,
+_TYPES = {"name": str, "method": str, "awq": bool, "rotate": bool, "online_rotate": str, "budget_bits": float,
           "lkd": bool, "pattern": str,
           **_SCHEME_TYPES,
           **field_types(GPTQSettings), **{k: field_types(LKDSettings)[v] for k, v in LKD_KEYS.items()},
@@ -195,12 +202,13 @@ def _from_flat(data: dict, where: str) -> Recipe:
     except LowbitError as e:
         raise LowbitError(f"{where}: {e}") from None
     recipe = Recipe(data.get("name", "custom"), data.get("method", "rtn"), scheme, gptq, lkd, data.get("awq", False),
-                    data.get("rotate", False), float(data.get("budget_bits", 0.0)), data.get("online_rotate", False))
+                    data.get("rotate", False), float(data.get("budget_bits", 0.0)), data.get("online_rotate", ""))
     if recipe.awq and not recipe.quantizes:
         raise LowbitError(f"{where}: awq = true scales activations for quantized weights; method 'fp' has none")
     for key in ("rotate", "online_rotate"):
         if getattr(recipe, key) and not recipe.quantizes:
-            raise LowbitError(f"{where}: {key} = true rotates weights for their quantization; method 'fp' has none")
+            shown = "true" if getattr(recipe, key) is True else json.dumps(getattr(recipe, key))
+            raise LowbitError(f"{where}: {key} = {shown} rotates weights for their quantization; method 'fp' has none")
     return recipe
 
 
@@ -266,7 +274,7 @@ def _builtin() -> dict[str, Recipe]:
         r[name + "-lkd"] = Recipe(name + "-lkd", "rtn", scheme, lkd=LKDSettings())
     # W8A8 after the rotations: the residual stream's and the values' folded into the weights, and each MLP's product
     # rotated online before its down projection, so per-token INT8 sees no outlier channel.
-    r["rot-zq-w8a8"] = Recipe("rot-zq-w8a8", "rtn", r["zq-w8a8"].scheme, rotate=True, online_rotate=True)
+    r["rot-zq-w8a8"] = Recipe("rot-zq-w8a8", "rtn", r["zq-w8a8"].scheme, rotate=True, online_rotate="down")
     return r
 
 

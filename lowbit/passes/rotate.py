@@ -12,8 +12,10 @@ each over all channels), which is what a per-group grid needs.
 A gated MLP's product ``act(gate) * up`` is not linear in anything a weight can absorb, so its rotation runs on the
 activations (``online_pass``, QuaRot's online Hadamard): ``lowbit::rotate`` multiplies it by an orthogonal Q before
 the down projection, whose weight becomes ``W Q`` (``W Q Q^T x = W x``). The product's outliers, the largest
-activations of the model, are spread over all of it before per-token INT8 quantization reads them. Q has the
-structure below, so the op costs m + p multiply-adds per element.
+activations of the model, are spread over all of it before per-token INT8 quantization reads them. The same
+rewrite before every quantized matmul (``online_rotate = "all"``) needs nothing of the model's structure: it serves
+the models the residual rotation refuses (LayerNorm, Gemma-3's norms after attention and MLP). Q has the structure
+below, so the op costs m + p multiply-adds per element.
 
 Q is ``diag(signs) (R_m ⊗ H_p)`` for ``d = m p`` with p the largest power of two dividing d: H_p Sylvester's
 Hadamard matrix, R_m a random orthogonal matrix of the odd rest (1 x 1 when d is a power of two), from a fixed
@@ -254,11 +256,22 @@ def down_projections(graph: Graph) -> list[MatmulSite]:
     return out
 
 
-def check_online(graph: Graph) -> None:
-    """Refuse a model with no gated MLP (before any pass: one line)."""
-    if not down_projections(graph):
-        raise LowbitError("online_rotate rotates an MLP's elementwise product (a gated MLP's act(gate) * up) before "
-                          "the matmul that reads it; this model has none; drop online_rotate")
+def online_sites(graph: Graph, recipe) -> list[MatmulSite]:
+    """The matmuls whose inputs ``recipe.online_rotate`` rotates: "down", the ``down_projections``; "all", every one
+    the recipe quantizes. Refused (one line, before any pass) when there is none."""
+    from lowbit.passes.rtn import quantizable
+
+    if recipe.online_rotate == "all":
+        sites = [site for site, _ in quantizable(graph, recipe)]
+        if not sites:
+            raise LowbitError("online_rotate = \"all\" rotates the inputs of the quantized matmuls; this recipe "
+                              "quantizes none of this model's")
+        return sites
+    sites = down_projections(graph)
+    if not sites:
+        raise LowbitError("online_rotate = \"down\" rotates an MLP's elementwise product (a gated MLP's act(gate) * "
+                          "up) before the matmul that reads it; this model has none; use online_rotate = \"all\"")
+    return sites
 
 
 def _constant(graph: Graph, attr: str, stored: str, value: torch.Tensor) -> str:
@@ -269,36 +282,40 @@ def _constant(graph: Graph, attr: str, stored: str, value: torch.Tensor) -> str:
     return attr
 
 
-def _rotate_online(graph: Graph, site: MatmulSite) -> None:
-    """``x -> lowbit::rotate(x)`` before ``site`` and its weight ``W -> W Q``: the same Q for every input width."""
-    k = site.in_features
+def _rotate_input(graph: Graph, sites: list[MatmulSite]) -> None:
+    """``x -> lowbit::rotate(x)`` for the matmuls ``sites`` that read x, and each weight ``W -> W Q``; the same Q for
+    every input width."""
+    k, x = sites[0].in_features, sites[0].input_node
     signs, r, h = orthogonal_parts(k, SEED + 2)
     attrs = [_constant(graph, f"lowbit_online_{part}_{k}", f"lowbit.online_rotation.{k}.{part}", t)
              for part, t in (("signs", signs), ("left", r.t()), ("right", h))]
-    x = site.input_node
-    with graph.gm.graph.inserting_before(site.node):
+    with graph.gm.graph.inserting_before(sites[0].node):
         rotated = graph.gm.graph.call_function(torch.ops.lowbit.rotate.default,
                                                (x, *(graph.gm.graph.get_attr(a) for a in attrs)))
     if "val" in x.meta:
         rotated.meta["val"] = x.meta["val"]
-    site.node.replace_input_with(x, rotated)
-    _rotate_columns(graph, site, signs[:, None] * torch.kron(r, h))
+    q = signs[:, None] * torch.kron(r, h)
+    for site in sites:
+        site.node.replace_input_with(x, rotated)
+        _rotate_columns(graph, site, q)
 
 
-def online_pass(graph: Graph) -> dict:
-    """Rotate each gated MLP's product online before its down projection (exact in float: checked on the logits
-    of 32 random token ids); returns what was rotated."""
+def online_pass(graph: Graph, recipe) -> dict:
+    """Rotate the inputs of the recipe's ``online_sites`` at run time, one rotation per input the matmuls share
+    (Q/K/V, gate/up); exact in float, checked on the logits of 32 random token ids. Returns what was rotated."""
     from lowbit.passes.exact import check_unchanged
 
-    sites = down_projections(graph)
-    check_online(graph)
+    by_input: dict[fx.Node, list[MatmulSite]] = {}
+    for site in online_sites(graph, recipe):
+        by_input.setdefault(site.input_node, []).append(site)
     probe = torch.randint(0, graph.vocab_size, (1, 32), generator=torch.Generator().manual_seed(SEED))
     before = check_unchanged(graph, probe)
-    for site in sites:
-        _rotate_online(graph, site)
+    for sites in by_input.values():
+        _rotate_input(graph, sites)
     graph.gm.recompile()
     diff = check_unchanged(graph, probe, before, "online rotation")
-    return {"matmuls": len(sites), "dims": sorted({s.in_features for s in sites}), "max_rel_diff": diff}
+    return {"which": recipe.online_rotate, "matmuls": sum(map(len, by_input.values())), "rotations": len(by_input),
+            "dims": sorted({k.in_features for sites in by_input.values() for k in sites}), "max_rel_diff": diff}
 
 
 def rotate_pass(graph: Graph) -> dict:

@@ -3,6 +3,7 @@ not ones and zeros, so a missed fold shows), wrong when any part is left out, re
 a rotated recipe compiles to the torch and ONNX targets, and is refused where it cannot be held."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from lowbit.errors import LowbitError
 from lowbit.frontend.load import LoadedModel
 from lowbit.frontend.trace import trace
 from lowbit.passes.exact import check_unchanged
-from lowbit.passes.rotate import (_rotate_columns, _rotate_rows, apply_plan, check_online, down_projections, find_plan,
-                                  online_pass, orthogonal, orthogonal_parts, rotate_pass)
+from lowbit.passes.recipe import load_recipe
+from lowbit.passes.rotate import (_rotate_columns, _rotate_rows, apply_plan, down_projections, find_plan, online_pass,
+                                  online_sites, orthogonal, orthogonal_parts, rotate_pass)
 
 from tests.conftest import make_model
 
@@ -112,6 +114,10 @@ PRODUCTS = {"llama": "mlp.down_proj", "phi3": "mlp.down_proj", "gemma3_text": "m
             "stablelm": "mlp.down_proj", "bloom": "mlp.dense_4h_to_h", "gptj": "mlp.fc_out"}
 
 
+def _online(which):
+    return replace(load_recipe("zq-w8a8"), online_rotate=which)
+
+
 @pytest.mark.parametrize("arch", sorted(PRODUCTS))
 def test_online_rotation_is_exact_in_float(arch):
     """Every MLP's output projection reads a lowbit::rotate of the product and holds W Q: the logits stay the float
@@ -123,9 +129,26 @@ def test_online_rotation_is_exact_in_float(arch):
         rotate_pass(graph)
     sites = down_projections(graph)
     assert len(sites) == 2 and all(s.name.endswith(PRODUCTS[arch]) for s in sites), [s.name for s in sites]
-    info = online_pass(graph)
+    info = online_pass(graph, _online("down"))
     assert check_unchanged(graph, probe, before, "test") < 1e-5
-    assert info["matmuls"] == len(sites) and info["max_rel_diff"] < 1e-5
+    assert info["matmuls"] == info["rotations"] == len(sites) and info["max_rel_diff"] < 1e-5
+    assert all(s.input_node.target is torch.ops.lowbit.rotate.default for s in sites)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt", "gemma3_text", "falcon"])
+def test_online_rotation_of_every_input_is_exact(arch):
+    """online_rotate = "all": every quantized matmul reads a rotation, one per input it shares with others (Q/K/V,
+    gate/up), on models the residual rotation refuses (GPT-2's Conv1D weights stored [K, N] included)."""
+    graph = _graph(arch)
+    probe = _probe(graph)
+    before = check_unchanged(graph, probe)
+    recipe = _online("all")
+    sites = online_sites(graph, recipe)
+    inputs = {s.input_node for s in sites}
+    info = online_pass(graph, recipe)
+    assert check_unchanged(graph, probe, before, "test") < 1e-5
+    assert info["matmuls"] == len(sites) and info["rotations"] == len(inputs)
+    assert arch == "gpt2" or len(inputs) < len(sites)             # GPT-2's Q/K/V is one matmul
     assert all(s.input_node.target is torch.ops.lowbit.rotate.default for s in sites)
 
 
@@ -136,7 +159,7 @@ def test_online_rotation_needs_the_weight_side():
     probe = _probe(graph)
     before = check_unchanged(graph, probe)
     sites = down_projections(graph)
-    online_pass(graph)
+    online_pass(graph, _online("down"))
     signs, r, h = orthogonal_parts(sites[0].in_features, 2)
     q = signs[:, None] * torch.kron(r, h)
     for site in sites:
@@ -150,8 +173,8 @@ def test_online_rotation_needs_the_weight_side():
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt", "falcon"])
 def test_online_rotation_refused_without_a_product(arch):
-    with pytest.raises(LowbitError, match="this model has none; drop online_rotate") as e:
-        check_online(_graph(arch))
+    with pytest.raises(LowbitError, match="this model has none; use online_rotate = \"all\"") as e:
+        online_sites(_graph(arch), _online("down"))
     assert "\n" not in str(e.value)
 
 
@@ -171,8 +194,8 @@ def test_rotated_recipes_compile(model_dirs, tmp_path):
     ref_logits = ref.forward(ids).float()
     for name, body, bound in (("w8", 'method = "rtn"\nbits = 8\ngroup_size = 0\n', 0.02),
                               ("w8a8-online", 'method = "rtn"\nbits = 8\ngroup_size = 0\nsym = true\nact_bits = 8\n'
-                                              'online_rotate = true\n', 0.05),
-                              ("gptq", 'method = "gptq"\nbits = 4\ngroup_size = 32\nonline_rotate = true\n', 0.5)):
+                                              'online_rotate = "down"\n', 0.05),
+                              ("gptq", 'method = "gptq"\nbits = 4\ngroup_size = 32\nonline_rotate = "all"\n', 0.5)):
         recipe = tmp_path / f"rot-{name}.toml"
         recipe.write_text(body + "rotate = true\n")
         out = lowbit.compile(model_dirs["llama"], recipe=str(recipe), out=tmp_path / name, quiet=True, calib=calib)
@@ -201,8 +224,9 @@ def test_rotate_refusals(model_dirs, tmp_path, capsys):
                        ("rtn", 'method = "rtn"\ngroup_size = 32\nrotate = true\n'),
                        ("fp", 'method = "fp"\nrotate = true\n'),
                        ("lkd", 'method = "rtn"\nrotate = true\nlkd = true\n'),
-                       ("online", 'method = "rtn"\ngroup_size = 32\nsym = true\nonline_rotate = true\n'),
-                       ("online-lkd", 'method = "rtn"\nonline_rotate = true\nlkd = true\n')):
+                       ("online", 'method = "rtn"\ngroup_size = 32\nsym = true\nonline_rotate = "down"\n'),
+                       ("online-lkd", 'method = "rtn"\nonline_rotate = "down"\nlkd = true\n'),
+                       ("online-bad", 'method = "rtn"\nonline_rotate = "mlp"\n')):
         files[name] = tmp_path / f"{name}.toml"
         files[name].write_text(body)
     for model, recipe, target, expect in (
@@ -210,7 +234,8 @@ def test_rotate_refusals(model_dirs, tmp_path, capsys):
             ("llama", "lkd", "torch", "rotate and lkd"), ("opt", "rtn", "torch", "cannot be folded"),
             ("llama", "online", "hf-gptq", "drop online_rotate; lowbit's own targets (torch, onnx) run it"),
             ("llama", "online", "gguf", "no operator for the online rotation"),
-            ("llama", "online-lkd", "torch", "online_rotate and lkd"), ("opt", "online", "torch", "has none")):
+            ("llama", "online-lkd", "torch", "online_rotate and lkd"), ("opt", "online", "torch", "has none"),
+            ("llama", "online-bad", "torch", "online_rotate must be one of 'down', 'all', got 'mlp'")):
         code = main(["compile", str(model_dirs[model]), "-o", str(tmp_path / "o"), "-r", str(files[recipe]),
                      "--target", target])
         err = capsys.readouterr().err.strip().splitlines()
