@@ -64,8 +64,8 @@ def run(recipes, seq_len: int, max_windows, workdir: Path, calib, model: str = "
     rows.append({"recipe": "fp", "ppl": fp["ppl"], "ratio": 1.0, "quant_s": 0.0, "layers_mib": None,
                  "file_mib": model_bytes / 2**20, "eval_s": time.perf_counter() - t0, "tokens": fp["tokens"]})
     for name in recipes:
-        art = workdir / name
         recipe, _, bits = name.partition("@")
+        art = workdir / (Path(recipe).stem + (f"@{bits}" if bits else ""))     # a recipe file's artifact beside it
         lowbit.compile(model, recipe=recipe, out=art, force=True, quiet=True, calib=calib,
                        budget_bits=float(bits) if bits else None)
         m = read_manifest(art)
