@@ -65,7 +65,7 @@ def run(recipes, seq_len: int, max_windows, workdir: Path, calib, model: str = "
                  "file_mib": model_bytes / 2**20, "eval_s": time.perf_counter() - t0, "tokens": fp["tokens"]})
     for name in recipes:
         recipe, _, bits = name.partition("@")
-        art = workdir / (Path(recipe).stem + (f"@{bits}" if bits else ""))     # a recipe file's artifact beside it
+        art = workdir / (Path(recipe).stem + (f"@{bits}" if bits else ""))     # a recipe file: its stem, in the workdir
         lowbit.compile(model, recipe=recipe, out=art, force=True, quiet=True, calib=calib,
                        budget_bits=float(bits) if bits else None)
         m = read_manifest(art)
