@@ -274,7 +274,10 @@ def _builtin() -> dict[str, Recipe]:
         r[name + "-lkd"] = Recipe(name + "-lkd", "rtn", scheme, lkd=LKDSettings())
     # W8A8 after the rotations: the residual stream's and the values' folded into the weights, and each MLP's product
     # rotated online before its down projection, so per-token INT8 sees no outlier channel.
+    # "online-": every quantized matmul's input rotated at run time instead, for any architecture (Gemma-3, LayerNorm
+    # models).
     r["rot-zq-w8a8"] = Recipe("rot-zq-w8a8", "rtn", r["zq-w8a8"].scheme, rotate=True, online_rotate="down")
+    r["online-zq-w8a8"] = Recipe("online-zq-w8a8", "rtn", r["zq-w8a8"].scheme, online_rotate="all")
     return r
 
 
