@@ -295,8 +295,11 @@ def _rotate_input(graph: Graph, sites: list[MatmulSite]) -> None:
     if "val" in x.meta:
         rotated.meta["val"] = x.meta["val"]
     q = signs[:, None] * torch.kron(r, h)
+    uses = constant_uses(graph.gm.graph)
     for site in sites:
         site.node.replace_input_with(x, rotated)
+        if uses.get(site.weight_attr, 0) > 1:
+            _untie(graph, site)                   # a quantized head tied to the embedding: only the head turns
         _rotate_columns(graph, site, q)
 
 
@@ -315,7 +318,7 @@ def online_pass(graph: Graph, recipe) -> dict:
     graph.gm.recompile()
     diff = check_unchanged(graph, probe, before, "online rotation")
     return {"which": recipe.online_rotate, "matmuls": sum(map(len, by_input.values())), "rotations": len(by_input),
-            "dims": sorted({k.in_features for sites in by_input.values() for k in sites}), "max_rel_diff": diff}
+            "dims": sorted({s.in_features for sites in by_input.values() for s in sites}), "max_rel_diff": diff}
 
 
 def rotate_pass(graph: Graph) -> dict:

@@ -152,6 +152,19 @@ def test_online_rotation_of_every_input_is_exact(arch):
     assert all(s.input_node.target is torch.ops.lowbit.rotate.default for s in sites)
 
 
+def test_online_rotation_unties_a_quantized_head():
+    """"all" with the head quantized: the head tied to the embedding gets its own table before its columns turn, so
+    the embedding stays the model's (the logits check would refuse otherwise)."""
+    graph = _graph("llama")
+    probe = _probe(graph)
+    before = check_unchanged(graph, probe)
+    recipe = replace(_online("all"), scheme=replace(load_recipe("zq-w8a8").scheme, quantize_lm_head=True))
+    assert "lm_head" in {s.name for s in online_sites(graph, recipe)}
+    online_pass(graph, recipe)
+    assert check_unchanged(graph, probe, before, "test") < 1e-5
+    assert graph.sites["lm_head"].weight_attr != graph.embeddings[graph.input_embedding].weight_attr
+
+
 def test_online_rotation_needs_the_weight_side():
     """The control: the activations rotated but the down projections' weights left as they were change the logits
     (and the check names it); the rotation the op computes is the Q the weights hold."""
