@@ -100,9 +100,10 @@ def test_onnx_int4_parity_on_demo(w4_onnx):
 # differ by rounding. Weight-only INT4 passes that on unchanged: one window, 0.5%. Per-token INT8 activations
 # amplify it: 1e-6 relative noise on the torch backend's own embeddings moves one window's zq-w8a8 perplexity by
 # up to 3.7% (1.7% typical) and the mean of 8 windows by up to 0.44% (3 draws; python -m bench.parity_noise), so
-# W8A8 is held to 2% over 8 windows, over 3 standard deviations of that noise (+0.14% on an AVX-512/AMX Xeon,
-# where one window differed by 1.06% and failed the 0.5% this test once held it to).
-@pytest.mark.parametrize("recipe,windows,bar", [("rtn-w4g64", 1, 0.005), ("zq-w8a8", 8, 0.02)])
+# W8A8 is held to 2% over 4 windows, still several standard deviations of that noise's mean over 4 (+0.14% over 8
+# on an AVX-512/AMX Xeon, where one window differed by 1.06% and failed the 0.5% this test once held it to). Four,
+# not eight: the plugins' Python references take about 7 s a window under ONNX Runtime.
+@pytest.mark.parametrize("recipe,windows,bar", [("rtn-w4g64", 1, 0.005), ("zq-w8a8", 4, 0.02)])
 def test_tensorrt_onnx_perplexity_on_demo(recipe, windows, bar, tmp_path):
     """The TensorRT target on the real model: its ONNX (native INT4 DequantizeLinear with the asymmetric zero points
     folded, which symmetric weights skip; W8A8 plugins on their reference implementations) in ONNX Runtime scores
