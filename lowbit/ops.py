@@ -48,8 +48,8 @@ Ops
 ``lowbit::rotate(x, signs, left, right) -> y``
     An orthogonal rotation of x's last dimension K = m p, ``y = x diag(signs) (left^T (x) right)``: x times
     ``signs`` [K], viewed as m x p blocks X, and ``left @ X @ right`` (left [m, m], right [p, p]) viewed back. The
-    online rotation before a down projection whose weight holds the inverse (``passes/rotate.online_pass``); with
-    right a normalized Hadamard matrix it costs ``p + m`` multiply-adds per element instead of K.
+    online rotation before the matmuls whose weights hold its inverse (``passes/rotate.online_pass``); with right
+    a normalized Hadamard matrix it costs ``p + m`` multiply-adds per element instead of K.
 
 ``lowbit::narrow_linear(x, weight, bias) -> y``
     ``F.linear(x, weight.to(x.dtype), bias)`` for a float weight stored narrower than ``x`` (a bfloat16 head run in

@@ -345,8 +345,8 @@ def resolve(name: str, version: int, where: str):
     if name in PY_FUNCTIONS:
         return PY_FUNCTIONS[name]
     if ADDED.get(name, 1) > version:
-        raise LowbitError(f"{where} calls '{name}', which operator table {ADDED[name]} added, but names table {version}; "
-                          "refusing it (recompile it)")
+        raise LowbitError(f"{where} calls '{name}', which operator table {ADDED[name]} added, but names table "
+                          f"{version}; refusing it (recompile it)")
     if name not in SCHEMAS:
         raise LowbitError(f"{where} calls '{name}', which is not in lowbit's operator table; refusing to load it "
                           "(a program may call only the operators the compiler emits; if this lowbit compiled it "

@@ -43,8 +43,8 @@ def codes_of(q) -> torch.Tensor:
 
 
 # The exports are read by engines that run the model's own layers: no operator rotates activations.
-ONLINE_REFUSAL = ("its engines run the model's own layers, with no operator for the online rotation before each down "
-                  "projection; drop online_rotate")
+ONLINE_REFUSAL = ("its engines run the model's own layers, with no operator for the online rotation of activations; "
+                  "drop online_rotate")
 
 
 def exports_holding(recipe, besides: str) -> list[str]:
