@@ -207,8 +207,8 @@ def _from_flat(data: dict, where: str) -> Recipe:
         raise LowbitError(f"{where}: awq = true scales activations for quantized weights; method 'fp' has none")
     for key in ("rotate", "online_rotate"):
         if getattr(recipe, key) and not recipe.quantizes:
-            shown = "true" if getattr(recipe, key) is True else json.dumps(getattr(recipe, key))
-            raise LowbitError(f"{where}: {key} = {shown} rotates weights for their quantization; method 'fp' has none")
+            raise LowbitError(f"{where}: {key} = {json.dumps(getattr(recipe, key))} rotates weights for their "
+                              "quantization; method 'fp' has none")
     return recipe
 
 

@@ -202,6 +202,16 @@ def _untie(graph: Graph, site: MatmulSite) -> None:
     graph.gm.recompile()
 
 
+def _untie_shared(graph: Graph, sites: list[MatmulSite]) -> list[str]:
+    """``_untie`` each of ``sites`` whose weight another op also reads (a head tied to the embedding), so turning its
+    columns leaves the other's alone; returns their names."""
+    uses = constant_uses(graph.gm.graph)
+    shared = [site for site in sites if uses.get(site.weight_attr, 0) > 1]
+    for site in shared:
+        _untie(graph, site)
+    return [site.name for site in shared]
+
+
 def _set(graph: Graph, attr: str, value: torch.Tensor) -> None:
     graph.set_constant(attr, value.to(graph.attr(attr).dtype))
 
@@ -223,11 +233,7 @@ def _rotate_rows(graph: Graph, site: MatmulSite, m: torch.Tensor) -> None:
 def apply_plan(graph: Graph, plan: Plan, q: torch.Tensor) -> list:
     """Rotate the residual stream by ``q`` [d, d] and each attention's values by a head-dimension rotation; returns
     the matmuls given their own copy of a weight they shared (a head tied to the embedding)."""
-    uses, untied = constant_uses(graph.gm.graph), []
-    for site in (s for _, _, sites in plan.norms for s in sites):
-        if uses.get(site.weight_attr, 0) > 1:
-            _untie(graph, site)
-            untied.append(site.name)
+    untied = _untie_shared(graph, [s for _, _, sites in plan.norms for s in sites])
     _set(graph, plan.embedding, graph.attr(plan.embedding).detach().double() @ q)
     for weight, offset, sites in plan.norms:
         g = graph.attr(weight).detach().double() + offset
@@ -295,11 +301,8 @@ def _rotate_input(graph: Graph, sites: list[MatmulSite]) -> None:
     if "val" in x.meta:
         rotated.meta["val"] = x.meta["val"]
     q = signs[:, None] * torch.kron(r, h)
-    uses = constant_uses(graph.gm.graph)
     for site in sites:
         site.node.replace_input_with(x, rotated)
-        if uses.get(site.weight_attr, 0) > 1:
-            _untie(graph, site)                   # a quantized head tied to the embedding: only the head turns
         _rotate_columns(graph, site, q)
 
 
@@ -308,11 +311,13 @@ def online_pass(graph: Graph, recipe) -> dict:
     (Q/K/V, gate/up); exact in float, checked on the logits of 32 random token ids. Returns what was rotated."""
     from lowbit.passes.exact import check_unchanged
 
+    sites = online_sites(graph, recipe)
     by_input: dict[fx.Node, list[MatmulSite]] = {}
-    for site in online_sites(graph, recipe):
+    for site in sites:
         by_input.setdefault(site.input_node, []).append(site)
     probe = torch.randint(0, graph.vocab_size, (1, 32), generator=torch.Generator().manual_seed(SEED))
     before = check_unchanged(graph, probe)
+    _untie_shared(graph, sites)                   # a quantized head tied to the embedding: only the head turns
     for sites in by_input.values():
         _rotate_input(graph, sites)
     graph.gm.recompile()
